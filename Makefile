@@ -1,0 +1,46 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv
+# when it is missing, installs the pinned toolchain (requirements/pins.txt),
+# builds the compiled extension against it, then runs. Re-running is quick:
+# nothing is reinstalled or rebuilt unless its inputs changed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.pyodlog-deps
+BUILD_STAMP := $(VENV)/.pyodlog-build
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null) setup.py pyproject.toml
+export MAX_JOBS ?= 2
+
+.PHONY: all demo test bench build clean distclean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements/pins.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements/pins.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	$(PY) setup.py --quiet build_ext --inplace
+	$(PY) -c "import pyodlog; print('pyodlog built:', pyodlog.build_info())"
+	touch $@
+
+build: $(BUILD_STAMP)
+
+demo: $(BUILD_STAMP)
+	$(PY) -m pyodlog.demo
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest tests
+
+bench: $(BUILD_STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
+
+clean:
+	rm -rf build pyodlog/_C*.so $(BUILD_STAMP)
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,30 @@
+"""Shared test fixtures: the devices every operator test runs on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyodlog
+
+CUDA = torch.cuda.is_available() and pyodlog.build_info()["cuda"]
+
+# Every operator test is parametrised over these; the CUDA case is skipped only
+# when no GPU is present (or the CUDA kernels were not compiled).
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU present")]),
+]
+
+
+def pytest_report_header(config):
+    info = pyodlog.build_info()
+    return [
+        f"pyodlog build: torch {info['torch']}, CUDA kernels compiled: {info['cuda']} "
+        f"(archs {info['cuda_archs'] or '-'}), GPU present: {info['cuda_available']}"
+    ]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
