@@ -23,8 +23,10 @@ $(DEPS_STAMP): requirements/pins.txt | $(PY)
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) setup.py --quiet build_ext --inplace
+	# Make this checkout importable from the venv (what an editable install does,
+	# without compiling a second time).
+	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'pyodlog-checkout.pth').write_text('$(CURDIR)\n')"
 	$(PY) -c "import pyodlog; print('pyodlog built:', pyodlog.build_info())"
 	touch $@
 

@@ -94,10 +94,12 @@ def _cuda_library_include_dirs() -> list[str]:
 
 def _extension():
     with_cuda = _want_cuda()
-    sources = sorted(glob.glob(str(CSRC / "**" / "*.cpp"), recursive=True))
+    # Relative paths: setuptools refuses absolute source paths when it builds a wheel.
+    os.chdir(ROOT)
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-DPYODLOG_TORCH_VERSION=\"" + torch.__version__ + "\""]
     if with_cuda:
-        sources += sorted(glob.glob(str(CSRC / "**" / "*.cu"), recursive=True))
+        sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         cxx_flags += ["-DPYODLOG_WITH_CUDA", f"-DPYODLOG_CUDA_ARCHS=\"{archs}\""]

@@ -5,5 +5,6 @@ that it traces under ``torch.compile`` and ``torch.library.opcheck``.
 """
 
 from pyodlog.ops.boxes import scale_boxes
+from pyodlog.ops.nms import batched_nms
 
-__all__ = ["scale_boxes"]
+__all__ = ["batched_nms", "scale_boxes"]
