@@ -6,5 +6,6 @@ that it traces under ``torch.compile`` and ``torch.library.opcheck``.
 
 from pyodlog.ops.boxes import scale_boxes
 from pyodlog.ops.nms import batched_nms
+from pyodlog.ops.postprocess import PostprocessedDetections, postprocess_detections
 
-__all__ = ["batched_nms", "scale_boxes"]
+__all__ = ["PostprocessedDetections", "batched_nms", "postprocess_detections", "scale_boxes"]

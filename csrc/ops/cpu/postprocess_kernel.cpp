@@ -1,0 +1,224 @@
+// postprocess_detections on the CPU: images in parallel; inside an image, the
+// (candidate, class) pairs that pass the score filter are collected once, cut
+// to the top-k of their group, suppressed per class with the same greedy NMS as
+// batched_nms, and the best max_detections written out scaled to the original
+// image size.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "ops/common/box_math.h"
+#include "ops/common/nms_order.h"
+#include "ops/common/postprocess_math.h"
+#include "ops/cpu/greedy_nms.h"
+#include "ops/cpu/nms_kernel.h"
+#include "ops/postprocess.h"
+
+namespace pyodlog {
+namespace cpu {
+namespace {
+
+template <typename T>
+struct Pair {
+  uint64_t visit;  // visiting order key: score descending, then flat index (row * C + class)
+  int64_t group;   // top-k group
+  T box[4];        // clipped, in network-input coordinates
+  T score;
+  int64_t row;
+  int64_t label;
+};
+
+template <typename T>
+uint64_t visit_of(T score, uint32_t flat) {
+  if constexpr (std::is_same_v<T, float>) {
+    return common::visit_key(score, flat);
+  } else {
+    return common::visit_key(static_cast<float>(score), flat);
+  }
+}
+
+template <typename T>
+bool visits_before(const Pair<T>& a, const Pair<T>& b) {
+  if (a.visit != b.visit) {
+    // Keys from float scores order correctly; double scores that round to the
+    // same float are settled exactly below.
+    if constexpr (std::is_same_v<T, float>) {
+      return a.visit < b.visit;
+    }
+  }
+  return common::visits_before(a.score, static_cast<int64_t>(a.visit & 0xffffffffu), b.score,
+                               static_cast<int64_t>(b.visit & 0xffffffffu));
+}
+
+template <typename T, typename S, typename B>
+void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, int64_t n_classes,
+                       const std::vector<int64_t>& rows, const int64_t* topk_group, T net_h, T net_w, float ratio_h,
+                       float ratio_w, const PostprocessConfig& config, B* out_boxes, S* out_scores,
+                       int64_t* out_labels, int64_t* out_candidates, int64_t* out_count) {
+  const T score_thresh = static_cast<T>(config.score_thresh);
+  const T min_size = static_cast<T>(config.min_size);
+  std::vector<Pair<T>> pairs;
+  for (const int64_t row : rows) {
+    for (int64_t c = config.first_label; c < n_classes; ++c) {
+      const T score = static_cast<T>(scores[row * n_classes + c]);
+      if (!common::passes_score(score, score_thresh)) {
+        continue;
+      }
+      Pair<T> p;
+      const B* b = per_class_boxes ? boxes + (row * n_classes + c) * 4 : boxes + row * 4;
+      for (int k = 0; k < 4; ++k) {
+        p.box[k] = static_cast<T>(b[k]);
+      }
+      if (config.clip) {
+        common::clip_box(p.box, net_w, net_h);
+      }
+      if (!common::large_enough(p.box, min_size)) {
+        continue;
+      }
+      p.visit = visit_of(score, static_cast<uint32_t>(row * n_classes + c));
+      p.group = topk_group ? topk_group[row] : 0;
+      if (config.topk_per_class) {
+        p.group = p.group * n_classes + c;
+      }
+      p.score = score;
+      p.row = row;
+      p.label = c;
+      pairs.push_back(p);
+    }
+  }
+
+  if (config.topk > 0) {
+    std::sort(pairs.begin(), pairs.end(), [](const Pair<T>& a, const Pair<T>& b) {
+      return a.group != b.group ? a.group < b.group : visits_before(a, b);
+    });
+    size_t out = 0;
+    for (size_t i = 0, rank = 0; i < pairs.size(); ++i) {
+      rank = (i > 0 && pairs[i].group == pairs[i - 1].group) ? rank + 1 : 0;
+      if (static_cast<int64_t>(rank) < config.topk) {
+        pairs[out++] = pairs[i];
+      }
+    }
+    pairs.resize(out);
+  }
+
+  // Per-class greedy NMS, classes one after the other.
+  std::sort(pairs.begin(), pairs.end(), [](const Pair<T>& a, const Pair<T>& b) {
+    return a.label != b.label ? a.label < b.label : visits_before(a, b);
+  });
+  const T threshold = common::nms_threshold<T>(config.iou_thresh);
+  GreedyNms<T> nms;
+  size_t n_kept = 0;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    if (i == 0 || pairs[i].label != pairs[i - 1].label) {
+      nms.reset();
+    }
+    const T* b = pairs[i].box;
+    if (nms.offer(b[0], b[1], b[2], b[3], threshold)) {
+      pairs[n_kept++] = pairs[i];
+    }
+  }
+  pairs.resize(n_kept);
+
+  const size_t n_out = std::min<size_t>(pairs.size(), static_cast<size_t>(config.max_detections));
+  std::partial_sort(pairs.begin(), pairs.begin() + n_out, pairs.end(), visits_before<T>);
+  for (size_t i = 0; i < n_out; ++i) {
+    const Pair<T>& p = pairs[i];
+    B in[4];
+    for (int k = 0; k < 4; ++k) {
+      in[k] = static_cast<B>(p.box[k]);
+    }
+    common::scale_box(in, out_boxes + 4 * i, ratio_w, ratio_h, /*clip=*/false, 0.0f, 0.0f);
+    out_scores[i] = static_cast<S>(p.score);
+    out_labels[i] = p.label;
+    out_candidates[i] = p.row;
+  }
+  *out_count = static_cast<int64_t>(n_out);
+}
+
+PostprocessResult postprocess_detections_cpu(const at::Tensor& scores, const at::Tensor& boxes,
+                                             const at::Tensor& image_index, const at::Tensor& net_sizes,
+                                             const at::Tensor& orig_sizes, double score_thresh, double iou_thresh,
+                                             int64_t max_detections, int64_t first_label, double min_size,
+                                             int64_t topk, const std::optional<at::Tensor>& topk_group,
+                                             bool topk_per_class, bool clip) {
+  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
+                                 min_size,     topk,       topk_per_class, clip};
+  const int64_t n_images =
+      check_postprocess_args(scores, boxes, image_index, net_sizes, orig_sizes, topk_group, config);
+  auto result = empty_postprocess_result(scores, boxes, n_images, max_detections);
+  auto& [out_boxes, out_scores, out_labels, out_candidates, out_counts] = result;
+  if (n_images == 0 || max_detections == 0 || scores.size(0) == 0) {
+    return result;
+  }
+  const at::Tensor net = net_sizes.to(at::kFloat).contiguous();
+  const at::Tensor orig = orig_sizes.to(at::kFloat).contiguous();
+  const at::Tensor image = image_index.to(at::kLong).contiguous();
+  const at::Tensor group = topk_group.has_value() ? topk_group->to(at::kLong).contiguous() : at::Tensor();
+  const at::Tensor scores_c = scores.contiguous();
+  const at::Tensor boxes_c = boxes.contiguous();
+  const int64_t n = scores.size(0), n_classes = scores.size(1);
+
+  const int64_t* img = image.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(img[i] >= 0 && img[i] < n_images, "image_index[", i, "] = ", img[i], " is out of range for ",
+                n_images, " images");
+  }
+  const float* net_hw = net.data_ptr<float>();
+  const float* orig_hw = orig.data_ptr<float>();
+  for (int64_t b = 0; b < n_images; ++b) {
+    TORCH_CHECK(net_hw[2 * b] > 0 && net_hw[2 * b + 1] > 0 && orig_hw[2 * b] > 0 && orig_hw[2 * b + 1] > 0,
+                "image sizes must be positive, got net_sizes[", b, "] = (", net_hw[2 * b], ", ", net_hw[2 * b + 1],
+                ") and orig_sizes[", b, "] = (", orig_hw[2 * b], ", ", orig_hw[2 * b + 1], ")");
+  }
+  std::vector<int64_t> starts;
+  const std::vector<int64_t> by_image = bucket_by_category(img, n, starts);
+  // Rows of each image, in row order (empty images have no bucket).
+  std::vector<std::vector<int64_t>> rows(n_images);
+  for (size_t s = 0; s + 1 < starts.size(); ++s) {
+    const int64_t b = img[by_image[starts[s]]];
+    rows[b].assign(by_image.begin() + starts[s], by_image.begin() + starts[s + 1]);
+  }
+  const int64_t* group_ptr = group.defined() ? group.data_ptr<int64_t>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "postprocess_detections_cpu", [&] {
+    using S = scalar_t;
+    using B = scalar_t;
+    {
+      const bool as_double = scores.scalar_type() == at::kDouble;
+      at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          const float rh = common::size_ratio(orig_hw[2 * b], net_hw[2 * b]);
+          const float rw = common::size_ratio(orig_hw[2 * b + 1], net_hw[2 * b + 1]);
+          auto run = [&](auto compute_tag) {
+            using T = decltype(compute_tag);
+            postprocess_image<T, S, B>(
+                scores_c.data_ptr<S>(), boxes_c.data_ptr<B>(), boxes.dim() == 3, n_classes, rows[b], group_ptr,
+                static_cast<T>(net_hw[2 * b]), static_cast<T>(net_hw[2 * b + 1]), rh, rw, config,
+                out_boxes.data_ptr<B>() + b * max_detections * 4, out_scores.data_ptr<S>() + b * max_detections,
+                out_labels.data_ptr<int64_t>() + b * max_detections,
+                out_candidates.data_ptr<int64_t>() + b * max_detections, out_counts.data_ptr<int64_t>() + b);
+          };
+          if (as_double) {
+            run(double{});
+          } else {
+            run(float{});
+          }
+        }
+      });
+    }
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyodlog, CPU, m) {
+  m.impl("postprocess_detections", &postprocess_detections_cpu);
+}
+
+}  // namespace cpu
+}  // namespace pyodlog

@@ -1,0 +1,190 @@
+// postprocess_detections on the GPU, for the whole batch in one sequence of
+// launches: no per-image or per-class loop. The decisions go through the same
+// helpers as the CPU kernel (common::passes_score, clip_box, large_enough, the
+// group NMS of batched_nms, scale_box).
+//
+// One host synchronisation remains: the number of (candidate, class) pairs that
+// pass the score filter, which sizes the working arrays (as torchvision's own
+// post-processing does on every image).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "ops/common/box_math.h"
+#include "ops/common/postprocess_math.h"
+#include "ops/cuda/group_nms.cuh"
+#include "ops/postprocess.h"
+
+namespace pyodlog {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
+}
+
+// Clips each passing pair's box to its network input and checks its size.
+template <typename T>
+__global__ void admit_pairs_kernel(T* __restrict__ box, const int64_t* __restrict__ image, const float* __restrict__ net,
+                                   int64_t n_pairs, bool clip, T min_size, bool* __restrict__ admitted) {
+  for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < n_pairs;
+       p += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    T* b = box + 4 * p;
+    if (clip) {
+      const int64_t i = image[p];
+      common::clip_box(b, static_cast<T>(net[2 * i + 1]), static_cast<T>(net[2 * i]));
+    }
+    admitted[p] = common::large_enough(b, min_size);
+  }
+}
+
+// Rank of each sorted position inside its run of equal keys.
+inline at::Tensor rank_in_runs(const at::Tensor& sorted_key) {
+  const int64_t n = sorted_key.size(0);
+  const at::Tensor position = at::arange(n, sorted_key.options());
+  at::Tensor run_start = at::ones({n}, sorted_key.options().dtype(at::kBool));
+  if (n > 1) {
+    run_start.narrow(0, 1, n - 1).copy_(sorted_key.narrow(0, 1, n - 1).ne(sorted_key.narrow(0, 0, n - 1)));
+  }
+  const at::Tensor start = std::get<0>(at::where(run_start, position, at::zeros_like(position)).cummax(0));
+  return position - start;
+}
+
+template <typename T, typename S>
+__global__ void write_detections_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ rank,
+                                        const int64_t* __restrict__ key, int64_t none_key, int64_t n_pairs,
+                                        int64_t max_detections, const T* __restrict__ box, const T* __restrict__ score,
+                                        const int64_t* __restrict__ image, const int64_t* __restrict__ row,
+                                        const int64_t* __restrict__ label, const float* __restrict__ net,
+                                        const float* __restrict__ orig, S* __restrict__ out_boxes,
+                                        S* __restrict__ out_scores, int64_t* __restrict__ out_labels,
+                                        int64_t* __restrict__ out_candidates,
+                                        unsigned long long* __restrict__ out_counts) {
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n_pairs;
+       q += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    if (key[q] == none_key || rank[q] >= max_detections) {
+      continue;
+    }
+    const int64_t p = order[q];
+    const int64_t i = image[p];
+    const int64_t slot = i * max_detections + rank[q];
+    S in[4];
+    for (int k = 0; k < 4; ++k) {
+      in[k] = static_cast<S>(box[4 * p + k]);
+    }
+    common::scale_box(in, out_boxes + 4 * slot, common::size_ratio(orig[2 * i + 1], net[2 * i + 1]),
+                      common::size_ratio(orig[2 * i], net[2 * i]), /*clip=*/false, 0.0f, 0.0f);
+    out_scores[slot] = static_cast<S>(score[p]);
+    out_labels[slot] = label[p];
+    out_candidates[slot] = row[p];
+    atomicAdd(out_counts + i, 1ull);
+  }
+}
+
+PostprocessResult postprocess_detections_cuda(const at::Tensor& scores, const at::Tensor& boxes,
+                                              const at::Tensor& image_index, const at::Tensor& net_sizes,
+                                              const at::Tensor& orig_sizes, double score_thresh, double iou_thresh,
+                                              int64_t max_detections, int64_t first_label, double min_size,
+                                              int64_t topk, const std::optional<at::Tensor>& topk_group,
+                                              bool topk_per_class, bool clip) {
+  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
+                                 min_size,     topk,       topk_per_class, clip};
+  const int64_t n_images =
+      check_postprocess_args(scores, boxes, image_index, net_sizes, orig_sizes, topk_group, config);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  auto result = empty_postprocess_result(scores, boxes, n_images, max_detections);
+  const int64_t n_classes = scores.size(1);
+  if (n_images == 0 || max_detections == 0 || scores.size(0) == 0 || first_label >= n_classes) {
+    return result;
+  }
+  auto& [out_boxes, out_scores, out_labels, out_candidates, out_counts] = result;
+  const at::ScalarType compute = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor net = net_sizes.to(at::kFloat).contiguous();
+  const at::Tensor orig = orig_sizes.to(at::kFloat).contiguous();
+  const at::Tensor image_of_row = image_index.to(at::kLong);
+  const int64_t n_fg = n_classes - first_label;
+
+  // Pairs above the score threshold, in (row, class) order. The one host sync.
+  const at::Tensor fg_scores = scores.narrow(1, first_label, n_fg).to(compute);
+  const at::Tensor pair = fg_scores.reshape({-1}).gt(at::Scalar(score_thresh)).nonzero().squeeze(1);
+  const int64_t n_pairs = pair.size(0);
+  if (n_pairs == 0) {
+    return result;
+  }
+  const at::Tensor row = pair.div(n_fg, "floor");
+  const at::Tensor label = pair.remainder(n_fg).add_(first_label);
+  const at::Tensor score = fg_scores.reshape({-1}).index_select(0, pair);
+  const at::Tensor image = image_of_row.index_select(0, row);
+  at::Tensor box = boxes.dim() == 3 ? boxes.to(compute).index({row, label}) : boxes.to(compute).index_select(0, row);
+  box = box.contiguous();
+  at::Tensor admitted = at::empty({n_pairs}, scores.options().dtype(at::kBool));
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(compute, "admit_pairs", [&] {
+    admit_pairs_kernel<scalar_t><<<blocks_for(n_pairs), kThreads, 0, stream>>>(
+        box.data_ptr<scalar_t>(), image.data_ptr<int64_t>(), net.data_ptr<float>(), n_pairs, clip,
+        static_cast<scalar_t>(min_size), admitted.data_ptr<bool>());
+  });
+  AT_CUDA_CHECK(cudaGetLastError());
+  const int64_t none = std::numeric_limits<int64_t>::max();
+  const at::Tensor none_t = at::full({}, none, row.options());
+
+  // Top-k of each group: rank inside the group in visiting order.
+  if (topk > 0) {
+    at::Tensor group = topk_group.has_value() ? topk_group->to(at::kLong).index_select(0, row) : image;
+    if (topk_per_class) {
+      group = group * n_classes + label;
+    }
+    group = at::where(admitted, group, none_t);
+    const at::Tensor order = sort_by_key_then_score(group, score);
+    const at::Tensor in_topk = rank_in_runs(group.index_select(0, order)).lt(topk);
+    at::Tensor keep = at::empty_like(admitted);
+    keep.index_copy_(0, order, in_topk);
+    admitted = admitted.logical_and(keep);
+  }
+
+  // NMS per (image, class).
+  const at::Tensor nms_group = at::where(admitted, image * n_classes + label, none_t);
+  const at::Tensor nms_order = sort_by_key_then_score(nms_group, score);
+  const at::Tensor sorted_box = box.index_select(0, nms_order).contiguous();
+  const at::Tensor sorted_group = nms_group.index_select(0, nms_order).contiguous();
+  at::Tensor kept_sorted;
+  AT_DISPATCH_FLOATING_TYPES(compute, "group_nms", [&] {
+    kept_sorted = launch_group_nms<scalar_t>(sorted_box, sorted_group, iou_thresh, none);
+  });
+  at::Tensor kept = at::zeros_like(kept_sorted);
+  kept.index_copy_(0, nms_order, kept_sorted);
+
+  // The best max_detections of each image.
+  const at::Tensor final_key = at::where(kept.to(at::kBool), image, none_t);
+  const at::Tensor final_order = sort_by_key_then_score(final_key, score);
+  const at::Tensor sorted_key = final_key.index_select(0, final_order).contiguous();
+  const at::Tensor rank = rank_in_runs(sorted_key).contiguous();
+  at::Tensor counts = at::zeros({n_images}, out_counts.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "write_detections", [&] {
+    using S = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(compute, "write_detections_compute", [&] {
+      write_detections_kernel<scalar_t, S><<<blocks_for(n_pairs), kThreads, 0, stream>>>(
+          final_order.data_ptr<int64_t>(), rank.data_ptr<int64_t>(), sorted_key.data_ptr<int64_t>(), none, n_pairs,
+          max_detections, box.data_ptr<scalar_t>(), score.data_ptr<scalar_t>(), image.data_ptr<int64_t>(),
+          row.data_ptr<int64_t>(), label.data_ptr<int64_t>(), net.data_ptr<float>(), orig.data_ptr<float>(),
+          out_boxes.data_ptr<S>(), out_scores.data_ptr<S>(), out_labels.data_ptr<int64_t>(),
+          out_candidates.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
+    });
+  });
+  AT_CUDA_CHECK(cudaGetLastError());
+  out_counts.copy_(counts);
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyodlog, CUDA, m) {
+  m.impl("postprocess_detections", &postprocess_detections_cuda);
+}
+
+}  // namespace cuda
+}  // namespace pyodlog
