@@ -97,7 +97,9 @@ def _extension():
     # Relative paths: setuptools refuses absolute source paths when it builds a wheel.
     os.chdir(ROOT)
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-DPYODLOG_TORCH_VERSION=\"" + torch.__version__ + "\""]
+    # -fopenmp: at::parallel_for is a header template over OpenMP; without the
+    # flag it silently runs on one thread.
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-DPYODLOG_TORCH_VERSION=\"" + torch.__version__ + "\""]
     if with_cuda:
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
@@ -116,12 +118,14 @@ def _extension():
             sources=sources,
             include_dirs=[str(CSRC)] + _cuda_library_include_dirs(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
         )
     return cpp_extension.CppExtension(
         name="pyodlog._C",
         sources=sources,
         include_dirs=[str(CSRC)],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 

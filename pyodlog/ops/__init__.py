@@ -5,7 +5,24 @@ that it traces under ``torch.compile`` and ``torch.library.opcheck``.
 """
 
 from pyodlog.ops.boxes import scale_boxes
+from pyodlog.ops.compression import (
+    CompressedFeature,
+    compress_features,
+    decompress_features,
+    dequantize_uint8,
+    quantize_uint8,
+)
 from pyodlog.ops.nms import batched_nms
 from pyodlog.ops.postprocess import PostprocessedDetections, postprocess_detections
 
-__all__ = ["PostprocessedDetections", "batched_nms", "postprocess_detections", "scale_boxes"]
+__all__ = [
+    "CompressedFeature",
+    "PostprocessedDetections",
+    "batched_nms",
+    "compress_features",
+    "decompress_features",
+    "dequantize_uint8",
+    "postprocess_detections",
+    "quantize_uint8",
+    "scale_boxes",
+]

@@ -1,0 +1,186 @@
+"""Compression of captured activations: per-channel uint8 quantisation,
+half/bfloat16 casts and spatial pooling, each with its inverse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import pyodlog._extension  # noqa: F401  (registers torch.ops.pyodlog)
+
+__all__ = [
+    "CODE_NAN",
+    "CODE_NEG_INF",
+    "CODE_POS_INF",
+    "MAX_CODE",
+    "METHODS",
+    "CompressedFeature",
+    "compress_features",
+    "decompress_features",
+    "dequantize_uint8",
+    "quantize_uint8",
+]
+
+#: Finite values use codes 0..MAX_CODE; the three codes above are -inf, +inf and NaN.
+MAX_CODE = 252
+CODE_NEG_INF, CODE_POS_INF, CODE_NAN = 253, 254, 255
+METHODS = ("uint8", "float16", "bfloat16", "none")
+
+
+def _rows(shape: torch.Size) -> Tuple[int, int]:
+    """How a tensor is cut into quantisation rows: one per (sample, channel)."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    rows = shape[0] * shape[1]
+    return rows, (int(torch.Size(shape).numel()) // rows if rows else 0)
+
+
+def quantize_uint8(
+    x: Tensor, out: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-channel affine uint8 quantisation.
+
+    Each row — a (sample, channel) of an ``[N, C, ...]`` activation, a sample of
+    ``[N, D]`` — gets ``offset`` = its smallest finite value and ``scale`` =
+    (largest - smallest) / 252. A finite ``v`` becomes ``round((v - offset) / scale)``
+    in 0..252, so ``code * scale + offset`` is within ``scale / 2`` of ``v`` (plus
+    float32 rounding of that expression). ``-inf``, ``+inf`` and NaN get codes
+    253, 254 and 255 and come back exactly. A constant row has ``scale = 0`` and
+    comes back exactly; a row with no finite value has ``scale = offset = 0``.
+
+    Args:
+        x: floating tensor of any shape.
+        out: optional preallocated ``(q, scale, offset)``: ``q`` uint8 of
+            ``x``'s shape, ``scale`` and ``offset`` float32 of shape ``[R]``.
+            Reusing them avoids fresh large allocations (which page-fault).
+
+    Returns:
+        ``(q, scale, offset)``: ``q`` uint8 with ``x``'s shape, ``scale`` and
+        ``offset`` float32 ``[R]``.
+    """
+    rows, cols = _rows(x.shape)
+    if out is None:
+        q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        scale = torch.empty(rows, dtype=torch.float32, device=x.device)
+        offset = torch.empty(rows, dtype=torch.float32, device=x.device)
+    else:
+        q, scale, offset = out
+    torch.ops.pyodlog.quantize_uint8_out.default(x.reshape(rows, cols), q.view(rows, cols), scale, offset)
+    return q, scale, offset
+
+
+def dequantize_uint8(q: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`quantize_uint8`: ``Tensor`` of ``q``'s shape and ``dtype``."""
+    rows, cols = _rows(q.shape)
+    return torch.ops.pyodlog.dequantize_uint8.default(q.reshape(rows, cols), scale, offset, dtype).reshape(q.shape)
+
+
+@dataclass
+class CompressedFeature:
+    """A captured activation in compressed form, with what restores it.
+
+    Attributes:
+        method: ``"uint8"``, ``"float16"``, ``"bfloat16"`` or ``"none"``.
+        payload: the stored values (uint8 codes, or the cast tensor).
+        scale: ``Tensor[R]`` float32 per-row scale (``uint8`` only).
+        offset: ``Tensor[R]`` float32 per-row offset (``uint8`` only).
+        dtype: dtype of the original activation.
+        original_shape: shape of the original activation.
+        pooled_to: ``(h, w)`` grid the activation was average-pooled to, or None.
+    """
+
+    method: str
+    payload: Tensor
+    scale: Optional[Tensor]
+    offset: Optional[Tensor]
+    dtype: torch.dtype
+    original_shape: Tuple[int, ...]
+    pooled_to: Optional[Tuple[int, int]] = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors."""
+        total = self.payload.numel() * self.payload.element_size()
+        for t in (self.scale, self.offset):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def decompress(self) -> Tensor:
+        """The activation, restored (pooled, if it was pooled)."""
+        return decompress_features(self)
+
+
+def compress_features(
+    x: Tensor,
+    method: str = "uint8",
+    pool_to: Optional[Tuple[int, int]] = None,
+    out: Optional[CompressedFeature] = None,
+) -> CompressedFeature:
+    """Compresses an activation for storage.
+
+    Args:
+        x: floating activation, e.g. ``Tensor[N, C, H, W]``.
+        method: ``"uint8"`` (per-channel quantisation, see
+            :func:`quantize_uint8`), ``"float16"``/``"bfloat16"`` (cast), or
+            ``"none"`` (a copy).
+        pool_to: average-pool ``[N, C, H, W]`` to this ``(h, w)`` grid first
+            (``adaptive_avg_pool2d``), e.g. ``(7, 7)``.
+        out: a :class:`CompressedFeature` of the same method and shape whose
+            tensors are reused (no fresh allocation).
+
+    Returns:
+        :class:`CompressedFeature`. Its tensors are new (or ``out``'s); ``x`` is
+        not referenced, so changing ``x`` afterwards does not change them.
+
+    Raises:
+        ValueError: an unknown method, a non-floating tensor, or ``pool_to``
+            for a tensor that is not ``[N, C, H, W]``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"only floating-point activations can be compressed, got {x.dtype}")
+    original_shape = tuple(x.shape)
+    if pool_to is not None:
+        if x.dim() != 4:
+            raise ValueError(f"pool_to needs an [N, C, H, W] activation, got shape {original_shape}")
+        x = F.adaptive_avg_pool2d(x, pool_to)
+        pool_to = (int(pool_to[0]), int(pool_to[1]))
+    if method == "uint8":
+        buffers = None if out is None else (out.payload, out.scale, out.offset)
+        q, scale, offset = quantize_uint8(x, buffers)
+        return CompressedFeature("uint8", q, scale, offset, x.dtype, original_shape, pool_to)
+    target = {"float16": torch.float16, "bfloat16": torch.bfloat16, "none": x.dtype}[method]
+    payload = torch.empty(x.shape, dtype=target, device=x.device) if out is None else out.payload
+    payload.copy_(x)
+    return CompressedFeature(method, payload, None, None, x.dtype, original_shape, pool_to)
+
+
+def decompress_features(c: CompressedFeature) -> Tensor:
+    """Restores a :class:`CompressedFeature` to its original dtype."""
+    if c.method == "uint8":
+        return dequantize_uint8(c.payload, c.scale, c.offset, c.dtype)
+    return c.payload.to(c.dtype)
+
+
+@torch.library.register_fake("pyodlog::quantize_uint8_out")
+def _quantize_uint8_out_fake(x, q, scale, offset):
+    torch._check(x.dim() == 2, lambda: f"x must have shape [R, S], got {tuple(x.shape)}")
+    torch._check(q.shape == x.shape and q.dtype == torch.uint8, lambda: "q must be uint8 of x's shape")
+    torch._check(scale.shape == (x.shape[0],) and offset.shape == (x.shape[0],), lambda: "scale and offset must be [R]")
+    return None
+
+
+@torch.library.register_fake("pyodlog::dequantize_uint8")
+def _dequantize_uint8_fake(q, scale, offset, dtype):
+    torch._check(q.dim() == 2 and q.dtype == torch.uint8, lambda: "q must be a uint8 tensor of shape [R, S]")
+    return q.new_empty(q.shape, dtype=dtype)
