@@ -39,7 +39,10 @@ test: $(BUILD_STAMP)
 	$(PY) -m pytest tests
 
 bench: $(BUILD_STAMP)
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,mean,rounds -p no:cacheprovider
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only --benchmark-max-time=0.5 \
+		--benchmark-columns=min,median,rounds --benchmark-json=.benchmarks/latest.json -p no:cacheprovider
+	$(PY) benchmarks/report.py .benchmarks/latest.json
 
 clean:
 	rm -rf build pyodlog/_C*.so $(BUILD_STAMP)

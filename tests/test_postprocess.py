@@ -199,3 +199,45 @@ def test_opcheck(device):
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.pyodlog.postprocess_detections.default, args)
+
+
+def test_topk_among_tied_scores_keeps_the_lowest_candidates(device):
+    # 20 far-apart boxes with one score: the top-3 are candidates 0, 1, 2 (the
+    # CPU kernel prunes while scanning; ties must still resolve by index).
+    n = 20
+    scores = torch.full((n, 1), 0.5, device=device)
+    x = torch.arange(n, dtype=torch.float32, device=device)[:, None] * 20
+    boxes = torch.cat([x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)], 1)
+    out = postprocess_detections(scores, boxes, torch.zeros(n, dtype=torch.long, device=device),
+                                 torch.tensor([[100, 1000]], device=device), torch.tensor([[100, 1000]], device=device),
+                                 0.1, 0.5, 10, topk=3)
+    assert out.candidates[0, : int(out.counts[0])].tolist() == [0, 1, 2]
+
+
+def test_topk_prunes_to_the_same_result_as_a_full_sort(device):
+    g = torch.Generator().manual_seed(9)
+    n, c = 3000, 7
+    scores = torch.rand(n, c, generator=g)
+    scores[::5] = 0.25  # many ties
+    xy = torch.rand(n, 2, generator=g) * 500
+    boxes = torch.cat([xy, xy + 30], 1)
+    group = torch.randint(0, 4, (n,), generator=g)
+    args = (torch.zeros(n, dtype=torch.long), torch.tensor([[600, 600]]), torch.tensor([[600, 600]]), 0.2, 0.5, 1000)
+    out = postprocess_detections(scores.to(device), boxes.to(device), *(a.to(device) if torch.is_tensor(a) else a for a in args),
+                                 topk=50, topk_group=group.to(device))
+    # Reference: the top-50 of each group by (score desc, flat index asc), then NMS per class.
+    import torchvision
+
+    flat_scores = scores.reshape(-1)
+    flat = torch.arange(n * c)
+    passing = flat[flat_scores > 0.2]
+    chosen = []
+    for gid in range(4):
+        members = passing[group[passing // c] == gid]
+        order = sorted(members.tolist(), key=lambda f: (-float(flat_scores[f]), f))
+        chosen += order[:50]
+    chosen = torch.tensor(chosen)
+    keep = torchvision.ops.batched_nms(boxes[chosen // c], flat_scores[chosen], chosen % c, 0.5)
+    ref = chosen[keep]
+    got = (out.candidates[0, : int(out.counts[0])] * c + out.labels[0, : int(out.counts[0])]).cpu()
+    assert sorted(got.tolist()) == sorted(ref.tolist())

@@ -54,6 +54,76 @@ bool visits_before(const Pair<T>& a, const Pair<T>& b) {
                                static_cast<int64_t>(b.visit & 0xffffffffu));
 }
 
+// Keeps the `topk` keys that visit first (in any order); returns the one of
+// them that visits last.
+template <typename T, typename S>
+uint64_t keep_topk(std::vector<uint64_t>& keys, int64_t topk, const S* scores) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::nth_element(keys.begin(), keys.begin() + (topk - 1), keys.end());
+    keys.resize(topk);
+    return keys[topk - 1];
+  } else {
+    // Keys hold float-rounded scores: rank float64 scores exactly.
+    const auto before = [&](uint64_t a, uint64_t b) {
+      const int64_t fa = static_cast<int64_t>(a & 0xffffffffu), fb = static_cast<int64_t>(b & 0xffffffffu);
+      return common::visits_before(static_cast<T>(scores[fa]), fa, static_cast<T>(scores[fb]), fb);
+    };
+    std::nth_element(keys.begin(), keys.begin() + (topk - 1), keys.end(), before);
+    keys.resize(topk);
+    return keys[topk - 1];
+  }
+}
+
+// Collects, for the rows of one top-k group, the visiting keys of the pairs that
+// pass the score filter (and min_size), keeping only the best `topk` of them
+// (all when topk <= 0). Only keys are handled here (8 bytes a pair): a dense
+// head passes millions of pairs, and boxes are built for the survivors only.
+// Rows arrive in increasing order, so a later pair visits after an earlier one
+// of equal score: once `topk` are held, only a strictly higher score than the
+// worst of them can enter, and the score filter is raised to that.
+template <typename T, typename S, typename B>
+void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_t n_classes, int64_t first_label,
+                   int64_t last_label, const int64_t* rows_begin, const int64_t* rows_end, T score_thresh,
+                   T min_size, bool clip, T net_h, T net_w, int64_t topk, std::vector<uint64_t>& scratch,
+                   std::vector<uint64_t>& out) {
+  scratch.clear();
+  T cutoff = score_thresh;
+  const size_t prune_at = topk > 0 ? static_cast<size_t>(2 * topk) : SIZE_MAX;
+  for (const int64_t* r = rows_begin; r != rows_end; ++r) {
+    const int64_t row = *r;
+    const S* row_scores = scores + row * n_classes;
+    for (int64_t c = first_label; c < last_label; ++c) {
+      const T score = static_cast<T>(row_scores[c]);
+      if (!common::passes_score(score, cutoff)) {
+        continue;
+      }
+      if (min_size > T(0)) {
+        T box[4];
+        const B* b = per_class_boxes ? boxes + (row * n_classes + c) * 4 : boxes + row * 4;
+        for (int k = 0; k < 4; ++k) {
+          box[k] = static_cast<T>(b[k]);
+        }
+        if (clip) {
+          common::clip_box(box, net_w, net_h);
+        }
+        if (!common::large_enough(box, min_size)) {
+          continue;
+        }
+      }
+      scratch.push_back(visit_of(score, static_cast<uint32_t>(row * n_classes + c)));
+      if (scratch.size() >= prune_at) {
+        const uint64_t worst = keep_topk<T, S>(scratch, topk, scores);
+        const T worst_score = static_cast<T>(scores[worst & 0xffffffffu]);
+        cutoff = worst_score > cutoff ? worst_score : cutoff;
+      }
+    }
+  }
+  if (topk > 0 && static_cast<int64_t>(scratch.size()) > topk) {
+    keep_topk<T, S>(scratch, topk, scores);
+  }
+  out.insert(out.end(), scratch.begin(), scratch.end());
+}
+
 template <typename T, typename S, typename B>
 void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, int64_t n_classes,
                        const std::vector<int64_t>& rows, const int64_t* topk_group, T net_h, T net_w, float ratio_h,
@@ -61,48 +131,53 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
                        int64_t* out_labels, int64_t* out_candidates, int64_t* out_count) {
   const T score_thresh = static_cast<T>(config.score_thresh);
   const T min_size = static_cast<T>(config.min_size);
-  std::vector<Pair<T>> pairs;
-  for (const int64_t row : rows) {
-    for (int64_t c = config.first_label; c < n_classes; ++c) {
-      const T score = static_cast<T>(scores[row * n_classes + c]);
-      if (!common::passes_score(score, score_thresh)) {
-        continue;
+
+  // Rows grouped by their top-k group (one group when there is no top-k).
+  std::vector<int64_t> grouped_rows = rows;
+  std::vector<int64_t> group_starts{0, static_cast<int64_t>(rows.size())};
+  if (config.topk > 0 && topk_group != nullptr && !rows.empty()) {
+    std::vector<int64_t> row_group(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      row_group[i] = topk_group[rows[i]];
+    }
+    const std::vector<int64_t> order = bucket_by_category(row_group.data(), static_cast<int64_t>(rows.size()), group_starts);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      grouped_rows[i] = rows[order[i]];
+    }
+  }
+  std::vector<uint64_t> keys, scratch;
+  const int64_t topk = config.topk > 0 ? config.topk : 0;
+  for (size_t g = 0; g + 1 < group_starts.size(); ++g) {
+    const int64_t* begin = grouped_rows.data() + group_starts[g];
+    const int64_t* end = grouped_rows.data() + group_starts[g + 1];
+    if (config.topk_per_class) {
+      for (int64_t c = config.first_label; c < n_classes; ++c) {
+        collect_group<T, S, B>(scores, boxes, per_class_boxes, n_classes, c, c + 1, begin, end, score_thresh, min_size,
+                               config.clip, net_h, net_w, topk, scratch, keys);
       }
-      Pair<T> p;
-      const B* b = per_class_boxes ? boxes + (row * n_classes + c) * 4 : boxes + row * 4;
-      for (int k = 0; k < 4; ++k) {
-        p.box[k] = static_cast<T>(b[k]);
-      }
-      if (config.clip) {
-        common::clip_box(p.box, net_w, net_h);
-      }
-      if (!common::large_enough(p.box, min_size)) {
-        continue;
-      }
-      p.visit = visit_of(score, static_cast<uint32_t>(row * n_classes + c));
-      p.group = topk_group ? topk_group[row] : 0;
-      if (config.topk_per_class) {
-        p.group = p.group * n_classes + c;
-      }
-      p.score = score;
-      p.row = row;
-      p.label = c;
-      pairs.push_back(p);
+    } else {
+      collect_group<T, S, B>(scores, boxes, per_class_boxes, n_classes, config.first_label, n_classes, begin, end,
+                             score_thresh, min_size, config.clip, net_h, net_w, topk, scratch, keys);
     }
   }
 
-  if (config.topk > 0) {
-    std::sort(pairs.begin(), pairs.end(), [](const Pair<T>& a, const Pair<T>& b) {
-      return a.group != b.group ? a.group < b.group : visits_before(a, b);
-    });
-    size_t out = 0;
-    for (size_t i = 0, rank = 0; i < pairs.size(); ++i) {
-      rank = (i > 0 && pairs[i].group == pairs[i - 1].group) ? rank + 1 : 0;
-      if (static_cast<int64_t>(rank) < config.topk) {
-        pairs[out++] = pairs[i];
-      }
+  // The survivors, with their clipped boxes.
+  std::vector<Pair<T>> pairs(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    Pair<T>& p = pairs[i];
+    const int64_t flat = static_cast<int64_t>(keys[i] & 0xffffffffu);
+    p.visit = keys[i];
+    p.row = flat / n_classes;
+    p.label = flat % n_classes;
+    p.score = static_cast<T>(scores[flat]);
+    p.group = 0;
+    const B* b = per_class_boxes ? boxes + flat * 4 : boxes + p.row * 4;
+    for (int k = 0; k < 4; ++k) {
+      p.box[k] = static_cast<T>(b[k]);
     }
-    pairs.resize(out);
+    if (config.clip) {
+      common::clip_box(p.box, net_w, net_h);
+    }
   }
 
   // Per-class greedy NMS, classes one after the other.
