@@ -1,12 +1,61 @@
 """pyodlog: a drop-in monitoring logger for PyTorch object-detection models.
 
+    import pyodlog
+    logger = pyodlog.create_logger(model, model_name="detector", version_name="v1")
+    detections = logger(images)          # exactly what model(images) returns
+
 Importing pyodlog loads its compiled operators (``torch.ops.pyodlog.*``);
 :func:`build_info` says how they were built.
 """
 
 from pyodlog._extension import ExtensionNotBuiltError, build_info
 from pyodlog import ops
+from pyodlog.models import (
+    FCOSLogger,
+    RetinaNetLogger,
+    SSDLogger,
+    TorchvisionRCNNLogger,
+    UnsupportedModelError,
+    create_logger,
+    register_logger,
+    registered_loggers,
+)
+from pyodlog.monitoring import (
+    InMemorySink,
+    LoggerClosedError,
+    MonitoringLogger,
+    NmsConfig,
+    ObjectDetectionTorchLogger,
+    ObjectDetectionTorchTracer,
+    SchemaMismatchError,
+    Sink,
+)
+from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "build_info", "ExtensionNotBuiltError", "ops"]
+__all__ = [
+    "CallRecord",
+    "DetectionBatch",
+    "DetectionOutput",
+    "ExtensionNotBuiltError",
+    "FCOSLogger",
+    "InMemorySink",
+    "LoggerClosedError",
+    "MonitoringLogger",
+    "NmsConfig",
+    "ObjectDetectionTorchLogger",
+    "ObjectDetectionTorchTracer",
+    "RetinaNetLogger",
+    "SSDLogger",
+    "SchemaMismatchError",
+    "Sink",
+    "TorchvisionRCNNLogger",
+    "UnsupportedModelError",
+    "__version__",
+    "build_info",
+    "create_logger",
+    "ops",
+    "register_logger",
+    "registered_loggers",
+]

@@ -1,0 +1,169 @@
+"""torchvision's one-stage detectors: RetinaNet (v1, v2), FCOS, SSD and SSDlite.
+
+They share a layout: ``model.head(features)`` returns per-anchor outputs for the
+whole batch and ``model.anchor_generator(images, features)`` the anchors; the
+model's post-processing filters, keeps a top-k, runs NMS per class and keeps
+the best ``detections_per_img``. The logger captures both with hooks and
+reproduces that post-processing in one fused call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.fcos import FCOS
+from torchvision.models.detection.retinanet import RetinaNet
+from torchvision.models.detection.ssd import SSD
+
+from pyodlog.models.common import gather_rows, host_tensor, level_roi_features, local_index
+from pyodlog.models.registry import register_logger
+from pyodlog.monitoring.detection_logger import ObjectDetectionTorchLogger
+from pyodlog.ops import postprocess_detections
+from pyodlog.structures import DetectionBatch
+
+__all__ = ["FCOSLogger", "RetinaNetLogger", "SSDLogger"]
+
+
+class _DenseHeadLogger(ObjectDetectionTorchLogger):
+    """The shared part of the one-stage families; subclasses say how scores and boxes come about."""
+
+    #: Classes below this are background (SSD's class 0).
+    first_label = 0
+    #: SSD keeps a top-k per class; RetinaNet and FCOS per FPN level over all classes.
+    topk_per_class = False
+    #: Whether the levels share a channel count, so an RoI feature can serve as embedding.
+    fpn_embeddings = True
+
+    def _register_model_hooks(self, model: nn.Module) -> None:
+        self._add_forward_hook(model.head, self._on_head)
+        self._add_forward_hook(model.anchor_generator, self._on_anchors)
+
+    def _on_head(self, module, inputs, output) -> None:
+        self._state["features"] = inputs[0]
+        self._state["head"] = output
+
+    def _on_anchors(self, module, inputs, output) -> None:
+        image_list = inputs[0]
+        self._state["net_sizes"] = image_list.image_sizes
+        self._state["padded_size"] = tuple(image_list.tensors.shape[-2:])
+        self._state["anchors"] = output
+
+    def _scores(self, head: dict) -> Tensor:
+        raise NotImplementedError
+
+    def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _anchor_levels(self, features: List[Tensor], n_anchors: int, device: torch.device) -> Tensor:
+        """``Tensor[A]``: the FPN level of each anchor of an image."""
+        sizes = [f.shape[-2] * f.shape[-1] for f in features]
+        per_location = n_anchors // sum(sizes)
+        return torch.cat([torch.full((n * per_location,), lvl, dtype=torch.long, device=device) for lvl, n in enumerate(sizes)])
+
+    def _parse_model_output(self, model_output: Any, img_sizes: List[Tuple[int, int]]) -> DetectionBatch:
+        model = self._core
+        head = self._state["head"]
+        cls_logits = head["cls_logits"]
+        n_images, n_anchors, n_classes = cls_logits.shape
+        device = cls_logits.device
+        anchors = torch.stack(self._state["anchors"]).reshape(-1, 4)
+        boxes = self._decode(head["bbox_regression"].reshape(-1, 4), anchors)
+        image_index = torch.arange(n_images, device=device).repeat_interleave(n_anchors)
+        features = self._state["features"]
+        levels = None if self.topk_per_class else self._anchor_levels(features, n_anchors, device)
+        topk_group = None
+        if levels is not None:
+            topk_group = (torch.arange(n_images, device=device)[:, None] * len(features) + levels[None, :]).reshape(-1)
+        net_sizes = host_tensor(self._state["net_sizes"], torch.long, device)
+        out = postprocess_detections(
+            self._scores(head).reshape(-1, n_classes), boxes, image_index, net_sizes,
+            host_tensor(img_sizes, torch.long, device), model.score_thresh, model.nms_thresh, model.detections_per_img,
+            first_label=self.first_label, topk=model.topk_candidates, topk_group=topk_group,
+            topk_per_class=self.topk_per_class,
+        )
+        first_row = torch.arange(n_images, device=device) * n_anchors
+        local = local_index(out.candidates, first_row)
+        embeddings = None
+        if self.log_embeddings and self.fpn_embeddings and levels is not None:
+            net_boxes = gather_rows(boxes, out.candidates)
+            h = net_sizes[:, 0].to(net_boxes.dtype)[:, None, None]
+            w = net_sizes[:, 1].to(net_boxes.dtype)[:, None, None]
+            zero = torch.zeros((), dtype=net_boxes.dtype, device=device)
+            net_boxes = torch.stack([
+                net_boxes[..., 0].clamp(min=0).unsqueeze(-1).minimum(w), net_boxes[..., 1].clamp(min=0).unsqueeze(-1).minimum(h),
+                net_boxes[..., 2].clamp(min=0).unsqueeze(-1).minimum(w), net_boxes[..., 3].clamp(min=0).unsqueeze(-1).minimum(h),
+            ], dim=-1).squeeze(-2).maximum(zero)
+            level_of = torch.where(local >= 0, levels[local.clamp(min=0)], local)
+            embeddings = level_roi_features(features, net_boxes, level_of, self._state["padded_size"])
+        return DetectionBatch(
+            out.boxes, out.scores, out.labels, gather_rows(cls_logits.reshape(-1, n_classes), out.candidates),
+            local, out.counts, list(img_sizes), embeddings,
+        )
+
+
+@register_logger(priority=10)
+class RetinaNetLogger(_DenseHeadLogger):
+    """torchvision RetinaNet (v1 and v2): sigmoid class scores per anchor; logits are the anchor's class row."""
+
+    family = "torchvision RetinaNet (v1, v2)"
+
+    @staticmethod
+    def detect(model: nn.Module) -> bool:
+        return isinstance(model, RetinaNet)
+
+    def _get_n_class(self, model: nn.Module) -> int:
+        return int(model.head.classification_head.num_classes)
+
+    def _scores(self, head: dict) -> Tensor:
+        return torch.sigmoid(head["cls_logits"])
+
+    def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self._core.box_coder.decode_single(regression, anchors)
+
+
+@register_logger(priority=10)
+class FCOSLogger(_DenseHeadLogger):
+    """torchvision FCOS: score = sqrt(sigmoid(class) * sigmoid(centerness)); logits are the location's class row."""
+
+    family = "torchvision FCOS"
+
+    @staticmethod
+    def detect(model: nn.Module) -> bool:
+        return isinstance(model, FCOS)
+
+    def _get_n_class(self, model: nn.Module) -> int:
+        return int(model.head.classification_head.num_classes)
+
+    def _scores(self, head: dict) -> Tensor:
+        return torch.sqrt(torch.sigmoid(head["cls_logits"]) * torch.sigmoid(head["bbox_ctrness"]))
+
+    def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self._core.box_coder.decode(regression, anchors)
+
+
+@register_logger(priority=10)
+class SSDLogger(_DenseHeadLogger):
+    """torchvision SSD and SSDlite: softmax over classes, class 0 is background, top-k per class.
+
+    No embedding: SSD's feature maps have different channel counts per level.
+    """
+
+    family = "torchvision SSD, SSDlite"
+    first_label = 1
+    topk_per_class = True
+    fpn_embeddings = False
+
+    @staticmethod
+    def detect(model: nn.Module) -> bool:
+        return isinstance(model, SSD)
+
+    def _get_n_class(self, model: nn.Module) -> int:
+        return int(model.head.classification_head.num_columns)
+
+    def _scores(self, head: dict) -> Tensor:
+        return torch.softmax(head["cls_logits"], dim=-1)
+
+    def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
+        return self._core.box_coder.decode_single(regression, anchors)

@@ -1,0 +1,139 @@
+"""MonitoringLogger: the model-agnostic part of a logger.
+
+Names and result, epoch resolution, the sink that records go to, the API
+endpoint and key, and the lifecycle (``close()``, context manager).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Union
+
+from pyodlog.monitoring.sink import InMemorySink, Sink
+from pyodlog.monitoring.validation import check_n_epoch, check_name
+from pyodlog.structures import CallRecord
+
+__all__ = ["LoggerClosedError", "MonitoringLogger"]
+
+
+class LoggerClosedError(RuntimeError):
+    """The logger was closed; create a new one."""
+
+
+class MonitoringLogger:
+    """Model-agnostic logger state. Subclasses call :meth:`_init_monitoring` once."""
+
+    def _init_monitoring(
+        self,
+        model_name: str,
+        version_name: str,
+        result_name: Optional[str],
+        n_epoch: Union[str, int, None],
+        schema: Dict[str, Any],
+        force_table_recreate: bool,
+        auto_sync: bool,
+        api_endpoint: Optional[str],
+        api_key: Optional[str],
+        sink: Optional[Sink],
+    ) -> None:
+        self.model_name = check_name(model_name, "model_name")
+        self.version_name = check_name(version_name, "version_name")
+        check_name(result_name, "result_name", allow_none=True)
+        n_epoch = check_n_epoch(n_epoch)
+        if not isinstance(auto_sync, bool):
+            raise ValueError(f"auto_sync must be True or False, got {auto_sync!r}")
+        if not isinstance(force_table_recreate, bool):
+            raise ValueError(f"force_table_recreate must be True or False, got {force_table_recreate!r}")
+        endpoint = api_endpoint if api_endpoint is not None else os.environ.get("PYODLOG_API_ENDPOINT") or None
+        if endpoint is not None and (not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://"))):
+            raise ValueError(f"api_endpoint must be an http:// or https:// URL, got {endpoint!r}")
+        key = api_key if api_key is not None else os.environ.get("PYODLOG_API_KEY") or None
+        if key is not None and not isinstance(key, str):
+            raise ValueError(f"api_key must be a string, got {type(key).__name__}")
+        self.api_endpoint: Optional[str] = endpoint
+        # Name-mangled and never part of repr(), str() or an error message.
+        self.__api_key = key
+        self.auto_sync = auto_sync and endpoint is not None
+        self.schema = schema
+        self._sink: Sink = sink if sink is not None else InMemorySink()
+        self._closed = False
+        info = self._sink.open_result(self.model_name, self.version_name, result_name, schema, force_table_recreate)
+        self.result_name: str = info.result_name
+        # 'latest' resolves once, here: the highest epoch already in the result, 0 if none.
+        self.n_epoch: Optional[int] = (info.latest_epoch or 0) if n_epoch == "latest" else n_epoch
+
+    @property
+    def has_api_key(self) -> bool:
+        """Whether an API key was given (the key itself is never exposed)."""
+        return self.__api_key is not None
+
+    @property
+    def sink(self) -> Sink:
+        """Where this logger's records go."""
+        return self._sink
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LoggerClosedError(f"{type(self).__name__} for {self.model_name}/{self.version_name} is closed: create a new logger")
+
+    def _submit(self, record: CallRecord) -> None:
+        record.model_name, record.version_name, record.result_name = self.model_name, self.version_name, self.result_name
+        self._sink.submit(record)
+
+    def wait_for_save(self, interval: float = 3) -> None:
+        """Blocks until every record submitted so far is stored by the sink.
+
+        Args:
+            interval: seconds between progress reports.
+        """
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+            raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
+        self._sink.wait_for_save(interval)
+
+    def export(self, output_path: Optional[str] = None):
+        """Exports the records of the resolved ``n_epoch`` as a ZIP archive.
+
+        Needs a sink that stores records on disk (the HDF5 store); the in-memory
+        sink keeps them in memory only: read them with ``logger.sink.records(...)``.
+        """
+        exporter = getattr(self._sink, "export", None)
+        if exporter is None:
+            raise NotImplementedError(
+                f"export() needs records on disk, but this logger's sink ({type(self._sink).__name__}) keeps them "
+                f"in memory: read them with logger.sink.records(model_name, version_name, result_name)"
+            )
+        self.wait_for_save()
+        return exporter(self, output_path)
+
+    def upload(self):
+        """Sends every record not yet synced to ``api_endpoint``."""
+        if self.api_endpoint is None:
+            raise RuntimeError("upload() needs an endpoint: pass api_endpoint=... or set PYODLOG_API_ENDPOINT")
+        uploader = getattr(self._sink, "upload", None)
+        if uploader is None:
+            raise NotImplementedError(
+                f"upload() sends stored segments, but this logger's sink ({type(self._sink).__name__}) stores none"
+            )
+        return uploader(self, self.__api_key)
+
+    def _close_monitoring(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sink.close()
+
+    def close(self) -> None:
+        """Removes hooks, flushes and releases everything; idempotent."""
+        self._close_monitoring()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model_name={self.model_name!r}, version_name={self.version_name!r}, "
+            f"result_name={self.result_name!r}, n_epoch={self.n_epoch!r}, api_endpoint={self.api_endpoint!r}, "
+            f"api_key={'<set>' if self.has_api_key else None})"
+        )

@@ -1,0 +1,134 @@
+"""Where a logger's records go.
+
+The logger builds one :class:`~pyodlog.structures.CallRecord` per call and
+hands it to a :class:`Sink`; the sink owns everything after that (copying off
+the device, storage, upload). :class:`InMemorySink` keeps records in memory:
+for tests, notebooks and quick inspection.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from pyodlog.structures import CallRecord
+
+__all__ = ["InMemorySink", "ResultInfo", "SchemaMismatchError", "Sink"]
+
+
+class SchemaMismatchError(ValueError):
+    """An existing result was created with another schema (fields, n_class, layers)."""
+
+
+@dataclass
+class ResultInfo:
+    """What a sink knows of a result when a logger opens it."""
+
+    result_name: str
+    latest_epoch: Optional[int]
+
+
+class Sink:
+    """The interface between the logger and what stores its records.
+
+    A sink must never block :meth:`submit` on disk or network I/O for long: the
+    logger calls it on the inference path.
+    """
+
+    def open_result(self, model_name: str, version_name: str, result_name: Optional[str],
+                    schema: Dict[str, Any], force_recreate: bool) -> ResultInfo:
+        """Opens (or creates) a result. ``result_name=None``: the most recent one, or a new one.
+
+        Raises:
+            SchemaMismatchError: the result exists with another schema and
+                ``force_recreate`` is False.
+        """
+        raise NotImplementedError
+
+    def submit(self, record: CallRecord) -> None:
+        """Takes one call's record (quickly: this runs on the inference path)."""
+        raise NotImplementedError
+
+    def wait_for_save(self, interval: float = 3.0) -> None:
+        """Blocks until every record submitted so far is stored."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flushes and releases everything; idempotent."""
+        raise NotImplementedError
+
+
+def new_result_name() -> str:
+    """A result name from the current UTC time, e.g. ``20261124T230102Z``."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+class InMemorySink(Sink):
+    """Keeps records in memory, per (model, version, result).
+
+    Args:
+        max_records: keep at most this many records per result, dropping the
+            oldest (None: keep all). Dropped records are counted in
+            :attr:`dropped`.
+
+    Results live as long as the sink; pass one sink to several loggers to share
+    them.
+    """
+
+    def __init__(self, max_records: Optional[int] = None) -> None:
+        if max_records is not None and (not isinstance(max_records, int) or max_records < 1):
+            raise ValueError(f"max_records must be an int >= 1 or None, got {max_records!r}")
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self._results: Dict[Tuple[str, str, str], Deque[CallRecord]] = {}
+        self._schemas: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+        self._order: List[Tuple[str, str, str]] = []
+        self.dropped = 0
+        self.closed = False
+
+    def open_result(self, model_name, version_name, result_name, schema, force_recreate) -> ResultInfo:
+        with self._lock:
+            if result_name is None:
+                mine = [k for k in self._order if k[:2] == (model_name, version_name)]
+                result_name = mine[-1][2] if mine else new_result_name()
+            key = (model_name, version_name, result_name)
+            if key in self._schemas and self._schemas[key] != schema:
+                if not force_recreate:
+                    raise SchemaMismatchError(
+                        f"result {result_name!r} of {model_name}/{version_name} was created with another schema "
+                        f"(additional_fields, n_class or target_layers differ): pass "
+                        f"force_table_recreate=True to drop its records and start again, or use another result_name"
+                    )
+            if force_recreate or key not in self._schemas:
+                self._results[key] = deque(maxlen=self.max_records)
+                self._schemas[key] = schema
+                if key in self._order:
+                    self._order.remove(key)
+                self._order.append(key)
+            epochs = [r.n_epoch for r in self._results[key] if r.n_epoch is not None]
+            return ResultInfo(result_name, max(epochs) if epochs else None)
+
+    def submit(self, record: CallRecord) -> None:
+        key = (record.model_name, record.version_name, record.result_name)
+        with self._lock:
+            records = self._results.setdefault(key, deque(maxlen=self.max_records))
+            if records.maxlen is not None and len(records) == records.maxlen:
+                self.dropped += 1
+            records.append(record)
+
+    def records(self, model_name: str, version_name: str, result_name: str,
+                n_epoch: Optional[int] = None) -> List[CallRecord]:
+        """The records of a result (of one epoch when ``n_epoch`` is given)."""
+        with self._lock:
+            records = list(self._results.get((model_name, version_name, result_name), ()))
+        return [r for r in records if n_epoch is None or r.n_epoch == n_epoch]
+
+    def wait_for_save(self, interval: float = 3.0) -> None:
+        return None  # records are stored as soon as they are submitted
+
+    def close(self) -> None:
+        self.closed = True

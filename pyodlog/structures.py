@@ -1,0 +1,169 @@
+"""What pyodlog records: per-image detections and the record of one logged call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from pyodlog.ops.compression import CompressedFeature
+
+__all__ = ["CallRecord", "DetectionBatch", "DetectionOutput"]
+
+
+class DetectionOutput:
+    """The detections of one image; every per-detection field has the same length.
+
+    Like detectron2's ``Instances``: fields are checked for length when set, and
+    indexing (a slice, a boolean mask, an index tensor) applies to all of them.
+
+    Attributes:
+        boxes: ``Tensor[N, 4]`` float32 xyxy boxes in original-image coordinates.
+        scores: ``Tensor[N]``.
+        labels: ``Tensor[N]`` int64.
+        logits: ``Tensor[N, C]`` the full class vector the head produced for the
+            candidate each detection came from.
+        candidate_index: ``Tensor[N]`` int64, which pre-NMS candidate (row of the
+            head's output for this image) each detection came from.
+        embeddings: ``Tensor[N, D]`` or None, a per-detection feature.
+        image_size: ``(height, width)`` of the original image.
+    """
+
+    _FIELDS = ("boxes", "scores", "labels", "logits", "candidate_index", "embeddings")
+
+    def __init__(
+        self,
+        boxes: Tensor,
+        scores: Tensor,
+        labels: Tensor,
+        logits: Tensor,
+        candidate_index: Tensor,
+        image_size: Tuple[int, int],
+        embeddings: Optional[Tensor] = None,
+    ) -> None:
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self._n: Optional[int] = None
+        for name, value in (("boxes", boxes), ("scores", scores), ("labels", labels), ("logits", logits),
+                            ("candidate_index", candidate_index), ("embeddings", embeddings)):
+            setattr(self, name, value)
+        if self.boxes.dim() != 2 or self.boxes.shape[1] != 4:
+            raise ValueError(f"boxes must have shape [N, 4], got {tuple(self.boxes.shape)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._FIELDS and value is not None:
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+            n = value.shape[0] if value.dim() else None
+            if n is None or (self._n is not None and n != self._n):
+                raise ValueError(f"{name} has {n} rows, but the other fields of this image have {self._n}")
+            object.__setattr__(self, "_n", n)
+        object.__setattr__(self, name, value)
+
+    def __len__(self) -> int:
+        return int(self._n or 0)
+
+    def __getitem__(self, item) -> "DetectionOutput":
+        return DetectionOutput(
+            self.boxes[item], self.scores[item], self.labels[item], self.logits[item], self.candidate_index[item],
+            self.image_size, None if self.embeddings is None else self.embeddings[item],
+        )
+
+    def to(self, device) -> "DetectionOutput":
+        return DetectionOutput(
+            *(getattr(self, f).to(device) for f in self._FIELDS[:5]), self.image_size,
+            None if self.embeddings is None else self.embeddings.to(device),
+        )
+
+    def __repr__(self) -> str:
+        extra = "" if self.embeddings is None else f", embeddings={tuple(self.embeddings.shape)}"
+        return f"DetectionOutput(n={len(self)}, image_size={self.image_size}, n_class={self.logits.shape[-1]}{extra})"
+
+
+@dataclass
+class DetectionBatch:
+    """The detections of a batch, padded to ``D`` per image: what the hot path produces.
+
+    Padding keeps every shape fixed, so building it needs no host
+    synchronisation; :meth:`unbind` cuts it into :class:`DetectionOutput` per
+    image (off the inference path: it reads ``counts``).
+
+    Attributes:
+        boxes: ``Tensor[B, D, 4]`` in original-image coordinates.
+        scores: ``Tensor[B, D]``.
+        labels: ``Tensor[B, D]`` int64, -1 in padding.
+        logits: ``Tensor[B, D, C]``.
+        candidate_index: ``Tensor[B, D]`` int64, -1 in padding.
+        counts: ``Tensor[B]`` int64 detections per image.
+        image_sizes: original ``(h, w)`` of each image.
+        embeddings: ``Tensor[B, D, E]`` or None.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    logits: Tensor
+    candidate_index: Tensor
+    counts: Tensor
+    image_sizes: List[Tuple[int, int]]
+    embeddings: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def tensors(self) -> Dict[str, Tensor]:
+        out = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels, "logits": self.logits,
+               "candidate_index": self.candidate_index, "counts": self.counts}
+        if self.embeddings is not None:
+            out["embeddings"] = self.embeddings
+        return out
+
+    def to(self, device, non_blocking: bool = False) -> "DetectionBatch":
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
+        return DetectionBatch(image_sizes=list(self.image_sizes), **moved)
+
+    def unbind(self) -> List[DetectionOutput]:
+        """Per-image :class:`DetectionOutput` (reads ``counts``: a host sync on GPU)."""
+        counts = self.counts.tolist()
+        return [
+            DetectionOutput(
+                self.boxes[b, :n], self.scores[b, :n], self.labels[b, :n], self.logits[b, :n],
+                self.candidate_index[b, :n], self.image_sizes[b],
+                None if self.embeddings is None else self.embeddings[b, :n],
+            )
+            for b, n in enumerate(counts)
+        ]
+
+
+@dataclass
+class CallRecord:
+    """Everything one logged call produced, handed to a :class:`~pyodlog.monitoring.Sink`.
+
+    Attributes:
+        input_ids: one identifier per image.
+        dataset_type: e.g. ``"deploying"``.
+        n_epoch: the epoch tag (None: untagged).
+        timestamp: seconds since the epoch (UTC), when the call started.
+        image_sizes: original ``(h, w)`` per image (what boxes refer to).
+        detections: the batch's detections.
+        features: ``{alias: CompressedFeature}`` captured from ``target_layers``
+            (nested outputs get ``alias/key`` names).
+        fields: ``{name: list of one value per image}`` for ``additional_fields``.
+        model_name, version_name, result_name: where the record belongs.
+    """
+
+    input_ids: List[str]
+    dataset_type: str
+    n_epoch: Optional[int]
+    timestamp: float
+    image_sizes: List[Tuple[int, int]]
+    detections: DetectionBatch
+    features: Dict[str, CompressedFeature] = field(default_factory=dict)
+    fields: Dict[str, List[Any]] = field(default_factory=dict)
+    model_name: str = ""
+    version_name: str = ""
+    result_name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
