@@ -13,7 +13,28 @@ from pyodlog.monitoring.sink import InMemorySink, Sink
 from pyodlog.monitoring.validation import check_n_epoch, check_name
 from pyodlog.structures import CallRecord
 
-__all__ = ["LoggerClosedError", "MonitoringLogger"]
+__all__ = ["LoggerClosedError", "MonitoringLogger", "Secret"]
+
+
+class Secret:
+    """Holds a credential so that no repr, str, vars() dump or log line shows it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The credential, for the one place that sends it (an Authorization header)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<hidden>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("a Secret cannot be pickled: pass the key again where it is needed")
 
 
 class LoggerClosedError(RuntimeError):
@@ -51,8 +72,8 @@ class MonitoringLogger:
         if key is not None and not isinstance(key, str):
             raise ValueError(f"api_key must be a string, got {type(key).__name__}")
         self.api_endpoint: Optional[str] = endpoint
-        # Name-mangled and never part of repr(), str() or an error message.
-        self.__api_key = key
+        # Never part of repr(), str() or an error message.
+        self._api_key = None if key is None else Secret(key)
         self.auto_sync = auto_sync and endpoint is not None
         self.schema = schema
         self._sink: Sink = sink if sink is not None else InMemorySink()
@@ -65,7 +86,7 @@ class MonitoringLogger:
     @property
     def has_api_key(self) -> bool:
         """Whether an API key was given (the key itself is never exposed)."""
-        return self.__api_key is not None
+        return self._api_key is not None
 
     @property
     def sink(self) -> Sink:
@@ -114,7 +135,7 @@ class MonitoringLogger:
             raise NotImplementedError(
                 f"upload() sends stored segments, but this logger's sink ({type(self._sink).__name__}) stores none"
             )
-        return uploader(self, self.__api_key)
+        return uploader(self, self._api_key)
 
     def _close_monitoring(self) -> None:
         if not self._closed:

@@ -169,6 +169,12 @@ def check_field_values(specs: Sequence[FieldSpec], kwargs: Mapping[str, Any], n_
             out[spec.name] = [spec.default] * n_images
             continue
         value = kwargs[spec.name]
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            # Reading a device tensor would wait for the device: check what the
+            # metadata tells and keep the tensor; the sink converts it later.
+            _check_device_field(spec, value, n_images)
+            out[spec.name] = value
+            continue
         if isinstance(value, torch.Tensor):
             if value.dim() == 0:
                 value = value.item()
@@ -181,6 +187,15 @@ def check_field_values(specs: Sequence[FieldSpec], kwargs: Mapping[str, Any], n_
         else:
             out[spec.name] = [spec.convert(value, spec.name)] * n_images
     return out
+
+
+def _check_device_field(spec: FieldSpec, value: torch.Tensor, n_images: int) -> None:
+    if spec.dtype == "str" or (spec.dtype == "bool") != (value.dtype == torch.bool) or (
+        spec.dtype.startswith("int") and (value.dtype.is_floating_point or value.dtype == torch.bool)
+    ):
+        raise ValueError(f"additional field {spec.name!r} is declared as {spec.dtype}, but got a {value.dtype} tensor")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n_images):
+        raise ValueError(f"{spec.name} has shape {tuple(value.shape)}: pass one value per image ({n_images}) or a scalar")
 
 
 def check_input_ids(input_ids: Any, n_images: int) -> Optional[List[str]]:
