@@ -40,6 +40,7 @@ class ObjectDetectionTorchTracer:
         self._hooks: List[RemovableHandle] = []
         self._layer_specs = layers
         self._capturing = False
+        self._calls_made = False
         self._latest_raw: Dict[str, Any] = {}
         self._call_raw: Dict[str, List[Any]] = {}
         self._captured: Dict[str, CompressedFeature] = {}
@@ -88,6 +89,7 @@ class ObjectDetectionTorchTracer:
         self._captured = {}
         self._state = {}
         self._capturing = True
+        self._calls_made = True
 
     def _end_capture(self) -> Dict[str, CompressedFeature]:
         """Stops capturing; returns this call's compressed features by name."""
@@ -121,7 +123,13 @@ class ObjectDetectionTorchTracer:
         """
         if layer_name not in self._latest_raw:
             known = [s.alias for s in self._layer_specs]
-            state = "no call has captured it yet" if layer_name in known else "it is not a target_layers alias"
+            if layer_name not in known:
+                state = "it is not a target_layers alias"
+            elif self._calls_made:
+                state = ("its module did not run in the logged calls: a container such as nn.ModuleList whose "
+                         "children the model calls directly never runs itself; hook one of its children")
+            else:
+                state = "no call has captured it yet"
             raise KeyError(f"no activation captured for {layer_name!r} ({state}); known aliases: {known}")
         return self._latest_raw[layer_name]
 

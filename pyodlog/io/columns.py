@@ -1,0 +1,153 @@
+"""The tables of a segment file and how a CallRecord becomes rows of them.
+
+A segment holds three groups, each a set of equal-length columns:
+
+* ``images``: one row per image — ``input_id``, ``dataset_type``, ``n_epoch``
+  (-1: untagged), ``timestamp``, ``image_size`` (h, w), ``det_offset`` and
+  ``det_count`` into ``detections``, and one ``fields/<name>`` column per
+  additional field.
+* ``detections``: one row per detection — ``boxes`` [4], ``scores``,
+  ``labels``, ``candidate_index``, ``logits`` [C], ``embeddings`` [E].
+* ``features``: one row per (image, captured tensor) — ``image_row``,
+  ``name``, ``method``, ``dtype``, ``shape`` [8] / ``original_shape`` [8]
+  (-1 padded; without the batch axis when ``per_image``), ``per_image``
+  (the image's slice of a batch tensor), ``pooled_to`` [2], ``payload_offset``/``payload_nbytes`` into the
+  flat byte column ``features_payload``, and ``qrow_offset``/``qrow_count``
+  into ``features_scale``/``features_offset`` (uint8 quantisation).
+
+Strings are stored as ragged bytes: a flat ``<name>.bytes`` uint8 column and a
+``<name>.spans`` int64 [2] column (offset, length): SWMR appends need
+fixed-size types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from pyodlog.ops.compression import METHODS
+from pyodlog.structures import CallRecord
+
+__all__ = ["ColumnBatch", "MAX_DIMS", "STRING", "record_to_columns"]
+
+MAX_DIMS = 8
+STRING = "str"
+FIELD_NUMPY = {"int32": np.int32, "int64": np.int64, "float32": np.float32, "float64": np.float64, "bool": np.bool_}
+
+
+@dataclass
+class ColumnBatch:
+    """Rows for each column, accumulated over several records, ready to append.
+
+    Numeric columns collect arrays whose first axis is rows; string columns
+    collect lists of str. :meth:`finish` concatenates them.
+    """
+
+    numeric: Dict[str, List[np.ndarray]] = field(default_factory=dict)
+    strings: Dict[str, List[str]] = field(default_factory=dict)
+    payload: List[np.ndarray] = field(default_factory=list)  # uint8 pieces of features_payload
+    n_images: int = 0
+    n_detections: int = 0
+    n_features: int = 0
+    n_qrows: int = 0
+    payload_bytes: int = 0
+    n_records: int = 0
+
+    def rows(self, name: str, value: np.ndarray) -> None:
+        self.numeric.setdefault(name, []).append(value)
+
+    def text(self, name: str, values: List[str]) -> None:
+        self.strings.setdefault(name, []).extend(values)
+
+    @property
+    def nbytes(self) -> int:
+        return self.payload_bytes + sum(a.nbytes for arrays in self.numeric.values() for a in arrays)
+
+    def finish(self) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]], np.ndarray]:
+        numeric = {k: np.concatenate(v) for k, v in self.numeric.items()}
+        payload = np.concatenate(self.payload) if self.payload else np.empty(0, np.uint8)
+        return numeric, self.strings, payload
+
+
+def _pad(shape, fill=-1) -> np.ndarray:
+    out = np.full(MAX_DIMS, fill, dtype=np.int64)
+    out[: len(shape)] = shape
+    return out
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
+    """Appends one record's rows to ``batch`` (vectorised per record: no loop over detections).
+
+    Cross-table offsets (``det_offset``, ``image_row``, ``payload_offset``,
+    ``qrow_offset``) count from the start of the batch; the segment writer
+    shifts them by where the batch lands in the file.
+    """
+    det = record.detections
+    n = len(record)
+    counts = _host(det.counts).astype(np.int64)
+    d = det.boxes.shape[1]
+    valid = np.arange(d)[None, :] < counts[:, None]
+    batch.rows("images/det_offset", batch.n_detections + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+    batch.rows("images/det_count", counts)
+    batch.rows("images/n_epoch", np.full(n, -1 if record.n_epoch is None else int(record.n_epoch), np.int64))
+    batch.rows("images/timestamp", np.full(n, float(record.timestamp), np.float64))
+    batch.rows("images/image_size", np.asarray(record.image_sizes, dtype=np.int32).reshape(n, 2))
+    batch.text("images/input_id", list(record.input_ids))
+    batch.text("images/dataset_type", [record.dataset_type] * n)
+    for name, values in record.fields.items():
+        if isinstance(values, torch.Tensor):
+            values = (values.expand(n) if values.dim() == 0 else values).tolist()
+        if values and isinstance(values[0], str):
+            batch.text(f"images/fields/{name}", list(values))
+        else:
+            batch.rows(f"images/fields/{name}", np.asarray(values))
+    batch.rows("detections/boxes", _host(det.boxes)[valid].astype(np.float32, copy=False))
+    batch.rows("detections/scores", _host(det.scores)[valid].astype(np.float32, copy=False))
+    batch.rows("detections/labels", _host(det.labels)[valid].astype(np.int64, copy=False))
+    batch.rows("detections/candidate_index", _host(det.candidate_index)[valid].astype(np.int64, copy=False))
+    batch.rows("detections/logits", _host(det.logits)[valid].astype(np.float32, copy=False))
+    if det.embeddings is not None:
+        batch.rows("detections/embeddings", _host(det.embeddings)[valid].astype(np.float32, copy=False))
+
+    for name, feature in record.features.items():
+        payload = _host(feature.payload)
+        per_image = payload.ndim >= 1 and payload.shape[0] == n
+        pieces = n if per_image else 1
+        piece_shape = payload.shape[1:] if per_image else payload.shape
+        raw = np.ascontiguousarray(payload).view(np.uint8).reshape(pieces, -1)
+        piece_bytes = raw.shape[1]
+        qrows = 0
+        if feature.method == "uint8":
+            scale, offset = _host(feature.scale), _host(feature.offset)
+            qrows = len(scale) // pieces
+            batch.rows("features_scale", scale)
+            batch.rows("features_offset", offset)
+        batch.payload.append(raw.reshape(-1))
+        image_rows = batch.n_images + (np.arange(n) if per_image else np.zeros(1, np.int64))
+        batch.rows("features/image_row", image_rows.astype(np.int64))
+        batch.text("features/name", [name] * pieces)
+        batch.text("features/dtype", [str(feature.dtype).replace("torch.", "")] * pieces)
+        batch.text("features/payload_dtype", [str(payload.dtype)] * pieces)
+        batch.rows("features/method", np.full(pieces, METHODS.index(feature.method), np.int8))
+        batch.rows("features/per_image", np.full(pieces, 1 if per_image else 0, np.int8))
+        batch.rows("features/shape", np.tile(_pad(piece_shape), (pieces, 1)))
+        original = feature.original_shape[1:] if per_image else feature.original_shape
+        batch.rows("features/original_shape", np.tile(_pad(original), (pieces, 1)))
+        batch.rows("features/pooled_to", np.tile(np.asarray(feature.pooled_to or (-1, -1), np.int64), (pieces, 1)))
+        batch.rows("features/payload_offset", batch.payload_bytes + np.arange(pieces, dtype=np.int64) * piece_bytes)
+        batch.rows("features/payload_nbytes", np.full(pieces, piece_bytes, np.int64))
+        batch.rows("features/qrow_offset", batch.n_qrows + np.arange(pieces, dtype=np.int64) * qrows)
+        batch.rows("features/qrow_count", np.full(pieces, qrows, np.int64))
+        batch.payload_bytes += raw.size
+        batch.n_qrows += qrows * pieces
+        batch.n_features += pieces
+    batch.n_images += n
+    batch.n_detections += int(counts.sum())
+    batch.n_records += 1

@@ -1,0 +1,69 @@
+"""export(): the records of one epoch, from closed segments, into a self-describing ZIP."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import h5py
+import numpy as np
+
+from pyodlog.io.reader import Tables, merge_tables, read_segment
+
+__all__ = ["write_tables", "export_zip"]
+
+
+def write_tables(path: Path, tables: Tables, attrs: Dict[str, Any]) -> None:
+    """Writes tables as one plain (non-SWMR) HDF5 file in the segment layout."""
+    with h5py.File(path, "w") as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        for name, values in tables.numeric.items():
+            f.create_dataset(name, data=values, chunks=True if values.size else None, maxshape=(None, *values.shape[1:]))
+        for name, texts in tables.strings.items():
+            encoded = [t.encode("utf-8") for t in texts]
+            lengths = np.asarray([len(e) for e in encoded], np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else np.empty(0, np.int64)
+            f.create_dataset(name + ".bytes", data=np.frombuffer(b"".join(encoded), np.uint8))
+            f.create_dataset(name + ".spans", data=np.stack([offsets, lengths], 1) if len(lengths) else np.empty((0, 2), np.int64))
+        f.create_dataset("features_payload", data=tables.payload)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_zip(segments: List[Path], output: Path, n_epoch: Optional[int], meta: Dict[str, Any]) -> Path:
+    """Merges the images of ``n_epoch`` (None: all) from ``segments`` into ``output``, atomically."""
+    tables = merge_tables([read_segment(s) for s in segments], n_epoch, use_epoch_filter=n_epoch is not None)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
+        records = Path(tmp) / "records.h5"
+        write_tables(records, tables, dict(meta, n_epoch=-1 if n_epoch is None else n_epoch))
+        manifest = dict(
+            meta,
+            n_epoch=n_epoch,
+            exported=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            counts={"images": tables.n_images, "detections": int(len(tables.numeric.get("detections/scores", []))),
+                    "features": int(len(tables.strings.get("features/name", []))), "segments": len(segments)},
+            segments=[s.name for s in segments],
+            members={"records.h5": {"sha256": _sha256(records), "bytes": records.stat().st_size}},
+        )
+        partial = Path(tmp) / (output.name + ".partial")
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as z:
+            z.writestr("manifest.json", json.dumps(manifest, indent=2, default=str))
+            z.write(records, "records.h5")
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, output)  # never a half ZIP under the final name
+    return output

@@ -1,0 +1,165 @@
+"""One segment file: an HDF5 file written by one process in SWMR mode.
+
+While open it is ``<name>.h5.part``: every dataset is created first, then the
+file switches to SWMR mode, so a crash leaves it readable up to its last
+completed flush. Closing it fsyncs the file, renames it to ``<name>.h5`` and
+fsyncs the folder; a closed segment is never written again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import h5py
+import numpy as np
+
+from pyodlog.io.columns import ColumnBatch
+
+__all__ = ["SegmentWriter", "fsync_dir", "STRING_SUFFIXES"]
+
+STRING_SUFFIXES = (".bytes", ".spans")
+CHUNK_BYTES = 1 << 20
+# Where each cross-table offset points, to shift batch-relative offsets.
+_SHIFTS = {
+    "images/det_offset": "detections",
+    "features/image_row": "images",
+    "features/payload_offset": "payload",
+    "features/qrow_offset": "qrows",
+}
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rows_per_chunk(row_bytes: int) -> int:
+    return int(max(64, min(1 << 20, CHUNK_BYTES // max(row_bytes, 1))))
+
+
+class SegmentWriter:
+    """Appends column batches to one SWMR segment file.
+
+    Args:
+        path: the final ``.h5`` path; the file is written as ``path + '.part'``.
+        attrs: file attributes (model, version, result, schema, rank, ...).
+        first: the first batch, which fixes the segment's columns.
+    """
+
+    def __init__(self, path: Path, attrs: Dict[str, Any], first: ColumnBatch) -> None:
+        self.path = Path(path)
+        self.part = self.path.with_name(self.path.name + ".part")
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        # Held while the segment is open: recovery never touches a live writer's file.
+        self._lock_fd = os.open(str(self.lock_path), os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self.opened_at = time.monotonic()
+        self.counts = {"images": 0, "detections": 0, "payload": 0, "qrows": 0, "features": 0, "records": 0}
+        self.nbytes = 0
+        self._file = h5py.File(self.part, "w", libver="latest", rdcc_nbytes=8 * CHUNK_BYTES)
+        for key, value in attrs.items():
+            self._file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        numeric, strings, _ = first.finish()
+        self.numeric_columns = {name: (arr.dtype, arr.shape[1:]) for name, arr in numeric.items()}
+        self.string_columns = sorted(strings)
+        for name, (dtype, row_shape) in self.numeric_columns.items():
+            self._create(name, dtype, row_shape)
+        for name in self.string_columns:
+            self._create(name + ".bytes", np.uint8, ())
+            self._create(name + ".spans", np.int64, (2,))
+        self._create("features_payload", np.uint8, ())
+        for name in ("features_scale", "features_offset"):
+            if name not in self.numeric_columns:
+                self._create(name, np.float32, ())
+                self.numeric_columns[name] = (np.dtype(np.float32), ())
+        self._file.swmr_mode = True
+        self._sync_fd: Optional[int] = None
+
+    def _create(self, name: str, dtype, row_shape) -> None:
+        row_bytes = int(np.dtype(dtype).itemsize * int(np.prod(row_shape, dtype=np.int64)))
+        self._file.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
+                                  chunks=(_rows_per_chunk(row_bytes), *row_shape))
+
+    def accepts(self, batch: ColumnBatch) -> bool:
+        """Whether the batch has exactly this segment's columns."""
+        return (set(batch.numeric) | {"features_scale", "features_offset"}) == set(self.numeric_columns) and sorted(batch.strings) == self.string_columns
+
+    def _append(self, name: str, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        ds = self._file[name]
+        old = ds.shape[0]
+        ds.resize(old + len(values), axis=0)
+        ds[old:] = values
+
+    def append(self, batch: ColumnBatch) -> None:
+        """Writes a batch (one resize + one write per column) and flushes it."""
+        numeric, strings, payload = batch.finish()
+        for name, values in numeric.items():
+            base = _SHIFTS.get(name)
+            if base is not None:
+                values = values + self.counts[base]
+            self._append(name, values)
+        for name, texts in strings.items():
+            encoded = [t.encode("utf-8") for t in texts]
+            lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+            start = self._file[name + ".bytes"].shape[0]
+            spans = np.stack([start + np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths], axis=1) if encoded else np.empty((0, 2), np.int64)
+            self._append(name + ".bytes", np.frombuffer(b"".join(encoded), dtype=np.uint8))
+            self._append(name + ".spans", spans.astype(np.int64))
+        self._append("features_payload", payload)
+        self._file.flush()
+        self.counts["images"] += batch.n_images
+        self.counts["detections"] += batch.n_detections
+        self.counts["payload"] += batch.payload_bytes
+        self.counts["qrows"] += batch.n_qrows
+        self.counts["features"] += batch.n_features
+        self.counts["records"] += batch.n_records
+        self.nbytes += batch.nbytes
+
+    def sync(self) -> None:
+        """Makes everything flushed so far durable (h5py's flush never fsyncs)."""
+        if self._sync_fd is None:
+            self._sync_fd = os.open(str(self.part), os.O_RDONLY)
+        os.fsync(self._sync_fd)
+
+    def close(self) -> Path:
+        """Closes, fsyncs, renames to ``.h5`` and fsyncs the folder; returns the final path."""
+        self._file.close()
+        if self._sync_fd is None:
+            self._sync_fd = os.open(str(self.part), os.O_RDONLY)
+        os.fsync(self._sync_fd)
+        os.close(self._sync_fd)
+        self._sync_fd = None
+        os.replace(self.part, self.path)
+        fsync_dir(self.path.parent)
+        self._release_lock()
+        return self.path
+
+    def _release_lock(self) -> None:
+        try:
+            os.unlink(self.lock_path)
+        except FileNotFoundError:
+            pass
+        os.close(self._lock_fd)
+
+    def abandon(self) -> None:
+        """For a forked child: forget the parent's file without closing or flushing it.
+
+        The h5py object is kept alive for good: collecting it would close the
+        HDF5 file and write to the parent's segment.
+        """
+        _ABANDONED.append(self._file)
+        self._file = None
+        self._sync_fd = None
+
+
+_ABANDONED: List[Any] = []
