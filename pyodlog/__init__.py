@@ -31,6 +31,7 @@ from pyodlog.monitoring import (
     Sink,
 )
 from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
+from pyodlog.io import HDF5Store, ResultData, StorageError, WriterConfig, WriterFailedError, open_result
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,12 @@ __all__ = [
     "DetectionOutput",
     "ExtensionNotBuiltError",
     "FCOSLogger",
+    "HDF5Store",
+    "ResultData",
+    "StorageError",
+    "WriterConfig",
+    "WriterFailedError",
+    "open_result",
     "InMemorySink",
     "LoggerClosedError",
     "MonitoringLogger",

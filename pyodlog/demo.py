@@ -1,13 +1,16 @@
-"""`make demo`: log a real torchvision detector on generated images.
+"""`make demo`: the full logging job on the embedded default.
 
-Random weights (no download), generated images of different sizes, the
-embedded default sink (in memory). Prints what was recorded per call and
-checks that it equals what the model returned.
+A real torchvision detector (random weights, no download) over a few dozen
+generated images through the logger, into local HDF5 (``PYODLOG_HOME`` or
+``./pyodlog_data``); then ``wait_for_save``, ``export`` and a summary read back
+from the ZIP, checked against what the model returned.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 import torchvision
@@ -52,39 +55,52 @@ def main() -> None:
     print(f"pyodlog {pyodlog.__version__}: torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"CUDA kernels compiled: {info['cuda']} ({info['cuda_archs'] or 'none'}), GPU: {info['cuda_available']}")
     model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).eval()
-    images = generated_images(24, torch.Generator().manual_seed(0))
+    images = generated_images(32, torch.Generator().manual_seed(0))
     logger = pyodlog.create_logger(
         model, model_name="demo-detector", version_name="v1", score_thresh=0.01,
         target_layers={"fpn": {"path": "backbone.fpn", "compression": "uint8"}},
         additional_fields=[{"name": "camera", "dtype": "str", "default": "cam-0"}],
     )
-    print(f"{type(logger).__name__} for {type(model).__name__}: result {logger.result_name!r}, epoch {logger.n_epoch}")
+    print(f"{type(logger).__name__} for {type(model).__name__}: result {logger.result_name!r}, epoch {logger.n_epoch}, "
+          f"data in {logger.sink.directory}")
     bare = logged = 0.0
     identical = True
+    last_output = None
     with logger, torch.inference_mode():
         for start in range(0, len(images), 8):
             batch = images[start : start + 8]
             t0 = time.perf_counter()
             want = model(batch)
             t1 = time.perf_counter()
-            got = logger(batch, input_ids=[f"image-{start + i:03d}" for i in range(len(batch))], camera="cam-1")
+            got = logger(batch, input_ids=[f"image-{start + i:03d}" for i in range(len(batch))], camera=f"cam-{start // 8}")
             t2 = time.perf_counter()
             bare, logged = bare + t1 - t0, logged + t2 - t1
             identical &= all(torch.equal(g["boxes"], w["boxes"]) and torch.equal(g["scores"], w["scores"]) for g, w in zip(got, want))
-        records = logger.sink.records(logger.model_name, logger.version_name, logger.result_name)
-        n_images = sum(len(r) for r in records)
-        per_image = [d for r in records for d in r.detections.unbind()]
-        matches = all(same_up_to_ties(d, w) for d, w in zip(records[-1].detections.unbind(), got))
-        feature_bytes = sum(f.nbytes for r in records for f in r.features.values())
-        print(f"{len(records)} calls, {n_images} images, {sum(len(d) for d in per_image)} detections recorded")
-        example = per_image[0]
-        print(f"  image {records[0].input_ids[0]!r} {example.image_size}: boxes {tuple(example.boxes.shape)}, "
-              f"logits {tuple(example.logits.shape)}, embeddings {tuple(example.embeddings.shape)}, "
-              f"candidates {example.candidate_index[:5].tolist()}...")
-        print(f"  layer 'fpn': {len(records[0].features)} tensors per call, {feature_bytes / 2**20:.1f} MiB compressed in all")
-        print(f"  fields: {records[0].fields}")
-        print(f"time: bare model {bare * 1e3:.0f} ms, with pyodlog {logged * 1e3:.0f} ms (x{logged / bare:.2f})")
-        print(f"outputs unchanged by logging: {identical}; recorded detections equal the model's (up to tied scores): {matches}")
+            last_output = got
+        t0 = time.perf_counter()
+        logger.wait_for_save()
+        t1 = time.perf_counter()
+        zip_path = logger.export(os.environ.get("PYODLOG_EXPORT_DIR", "exports"))
+        t2 = time.perf_counter()
+        stats = logger.sink.stats()
+    result = pyodlog.open_result(zip_path)
+    n = len(result)
+    counts = result.manifest["counts"]
+    print(f"logged {n} images in {stats['submitted']} calls: {counts['detections']} detections, "
+          f"{counts['features']} layer tensors, {stats['dropped']} dropped")
+    print(f"time: bare model {bare * 1e3:.0f} ms, with pyodlog {logged * 1e3:.0f} ms (x{logged / bare:.2f}); "
+          f"wait_for_save {1e3 * (t1 - t0):.0f} ms, export {1e3 * (t2 - t1):.0f} ms")
+    print(f"export: {zip_path} ({Path(zip_path).stat().st_size / 2**20:.1f} MiB), members {list(result.manifest['members'])}")
+    first = result.image_detections(0)
+    print(f"read back image {result.images['input_id'][0]!r} {tuple(int(v) for v in result.images['image_size'][0])} camera "
+          f"{result.images['camera'][0]!r}: boxes {tuple(first['boxes'].shape)}, logits {tuple(first['logits'].shape)}, "
+          f"embeddings {tuple(first['embeddings'].shape)}")
+    print(f"layers: {result.feature_names()}; 'fpn/0' of image 0 restores to {tuple(result.feature(0, 'fpn/0').shape)}")
+    matches = all(
+        same_up_to_ties(pyodlog.DetectionOutput(d["boxes"], d["scores"], d["labels"], d["logits"], d["candidate_index"], (1, 1)), w)
+        for d, w in ((result.image_detections(n - len(last_output) + i), w) for i, w in enumerate(last_output))
+    )
+    print(f"outputs unchanged by logging: {identical}; the ZIP's detections equal the model's (up to tied scores): {matches}")
     if not (identical and matches):
         raise SystemExit("the logger changed or misrecorded the model's output: this is a bug, please report it")
 

@@ -28,3 +28,11 @@ def pytest_report_header(config):
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_root(tmp_path, monkeypatch):
+    """Every test writes its HDF5 data under its own temporary PYODLOG_HOME."""
+    home = tmp_path / "pyodlog_home"
+    monkeypatch.setenv("PYODLOG_HOME", str(home))
+    return home

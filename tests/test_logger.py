@@ -17,6 +17,12 @@ from pyodlog import InMemorySink, LoggerClosedError, SchemaMismatchError, Unsupp
 SMALL = dict(min_size=256, max_size=416)
 
 
+def create_logger(*args, **kwargs):
+    """These tests read records from memory; the HDF5 store has tests of its own."""
+    kwargs.setdefault("sink", InMemorySink())
+    return pyodlog.create_logger(*args, **kwargs)
+
+
 def distinct_init(model: nn.Module, seed: int = 0) -> nn.Module:
     """He-normal weights: torchvision's initialisation of SSDlite gives many
     exactly tied scores, and equality of outputs needs distinct ones."""
@@ -73,7 +79,7 @@ def assert_outputs_equal(got, want):
 def test_logged_detections_equal_what_the_model_returned(name):
     model = model_of(name)
     thresh = BUILDERS[name][1]
-    with pyodlog.create_logger(model, "m", "v1", score_thresh=thresh) as logger:
+    with create_logger(model, "m", "v1", score_thresh=thresh) as logger:
         assert type(logger) is EXPECTED_CLASS[name]
         imgs = images()
         with torch.inference_mode():
@@ -109,7 +115,7 @@ def test_faster_rcnn_embedding_is_the_box_head_feature_of_the_proposal():
     captured = {}
     handle = model.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: captured.update(features=i[0]))
     try:
-        with pyodlog.create_logger(model, "m", "v1", score_thresh=0.001) as logger, torch.inference_mode():
+        with create_logger(model, "m", "v1", score_thresh=0.001) as logger, torch.inference_mode():
             imgs = images(sizes=((240, 320), (200, 300)))
             logger(imgs)
     finally:
@@ -124,7 +130,7 @@ def test_img_sizes_log_boxes_in_those_coordinates():
     model = model_of("retinanet_resnet50_fpn")
     imgs = images(sizes=((240, 320), (300, 260)))
     originals = [(480, 640), (150, 130)]
-    with pyodlog.create_logger(model, "m", "v1", score_thresh=0.0102) as logger, torch.inference_mode():
+    with create_logger(model, "m", "v1", score_thresh=0.0102) as logger, torch.inference_mode():
         want = model(imgs)
         logger(imgs, img_sizes=originals)
     for d, w, img, orig in zip(last_record(logger).detections.unbind(), want, imgs, originals):
@@ -138,13 +144,13 @@ def test_thresholds_are_applied_to_the_model_so_output_and_log_agree():
     model = model_of("fcos_resnet50_fpn")
     saved = (model.score_thresh, model.nms_thresh, model.detections_per_img)
     try:
-        with pyodlog.create_logger(model, "m", "v1", score_thresh=0.1, iou_thresh=0.3, max_detections_per_image=7) as logger:
+        with create_logger(model, "m", "v1", score_thresh=0.1, iou_thresh=0.3, max_detections_per_image=7) as logger:
             assert (model.score_thresh, model.nms_thresh, model.detections_per_img) == (0.1, 0.3, 7)
             with torch.inference_mode():
                 out = logger(images())
             assert all(len(o["boxes"]) <= 7 and (o["scores"] > 0.1).all() for o in out)
             assert [len(d) for d in last_record(logger).detections.unbind()] == [len(o["boxes"]) for o in out]
-        with pyodlog.create_logger(model, "m", "v1"):  # None keeps the model's values
+        with create_logger(model, "m", "v1"):  # None keeps the model's values
             assert (model.score_thresh, model.nms_thresh, model.detections_per_img) == (0.1, 0.3, 7)
     finally:
         model.score_thresh, model.nms_thresh, model.detections_per_img = saved
@@ -152,7 +158,7 @@ def test_thresholds_are_applied_to_the_model_so_output_and_log_agree():
 
 def test_faster_rcnn_thresholds_go_to_the_roi_heads():
     model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).eval()
-    with pyodlog.create_logger(model, "m", "v1", score_thresh=0.2, iou_thresh=0.4, max_detections_per_image=11):
+    with create_logger(model, "m", "v1", score_thresh=0.2, iou_thresh=0.4, max_detections_per_image=11):
         assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == (0.2, 0.4, 11)
 
 
@@ -160,7 +166,7 @@ def test_faster_rcnn_thresholds_go_to_the_roi_heads():
 def test_mask_and_keypoint_rcnn(builder):
     torch.manual_seed(0)
     model = builder(weights=None, weights_backbone=None, min_size=200, max_size=300, box_score_thresh=0.0).eval()
-    with pyodlog.create_logger(model, "m", "v1") as logger, torch.inference_mode():
+    with create_logger(model, "m", "v1") as logger, torch.inference_mode():
         imgs = images(sizes=((200, 260),))
         want = model(imgs)
         got = logger(imgs)
@@ -172,7 +178,7 @@ def test_mask_and_keypoint_rcnn(builder):
 
 def test_works_under_no_grad_and_inference_mode_and_refuses_training_mode():
     model = model_of("ssdlite320_mobilenet_v3_large")
-    with pyodlog.create_logger(model, "m", "v1") as logger:
+    with create_logger(model, "m", "v1") as logger:
         with torch.no_grad():
             a = logger(images())
         with torch.inference_mode():
@@ -190,7 +196,7 @@ def test_target_layers_are_compressed_at_hook_time_and_returned_by_get_hooked_fe
     model = model_of("retinanet_resnet50_fpn")
     layers = {"fpn": "backbone.fpn", "cls": {"path": "head.classification_head.cls_logits", "compression": "float16"},
               "body": {"path": "backbone.body.layer2", "compression": "uint8", "pool_to": [4, 4]}}
-    with pyodlog.create_logger(model, "m", "v1", target_layers=layers) as logger:
+    with create_logger(model, "m", "v1", target_layers=layers) as logger:
         with pytest.raises(KeyError, match=r"no call has captured it yet.*\['fpn', 'cls', 'body'\]"):
             logger.get_hooked_features("fpn")
         with torch.inference_mode():
@@ -246,7 +252,7 @@ class InplaceNetLogger(pyodlog.ObjectDetectionTorchLogger):
 def test_an_in_place_op_after_the_hooked_layer_does_not_change_what_is_recorded():
     torch.manual_seed(0)
     model = InplaceNet().eval()
-    with pyodlog.create_logger(model, "m", "v1", target_layers={"conv": {"path": "conv", "compression": "none"}}) as logger:
+    with create_logger(model, "m", "v1", target_layers={"conv": {"path": "conv", "compression": "none"}}) as logger:
         imgs = [torch.randn(3, 8, 8)]
         with torch.no_grad():
             logger(imgs)
@@ -259,21 +265,21 @@ def test_an_in_place_op_after_the_hooked_layer_does_not_change_what_is_recorded(
 def test_hooks_are_removed_on_close_and_calls_after_close_fail():
     model = model_of("ssdlite320_mobilenet_v3_large")
     counts_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    logger = pyodlog.create_logger(model, "m", "v1", target_layers={"b": "backbone"})
+    logger = create_logger(model, "m", "v1", target_layers={"b": "backbone"})
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) > counts_before
     logger.close()
     logger.close()  # idempotent
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == counts_before
     with pytest.raises(LoggerClosedError):
         logger(images())
-    with pyodlog.create_logger(model, "m", "v1") as ctx:
+    with create_logger(model, "m", "v1") as ctx:
         pass
     assert ctx._closed and sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == counts_before
 
 
 def test_hooks_do_nothing_when_the_model_is_called_directly():
     model = model_of("ssdlite320_mobilenet_v3_large")
-    with pyodlog.create_logger(model, "m", "v1", target_layers={"b": "backbone"}) as logger, torch.inference_mode():
+    with create_logger(model, "m", "v1", target_layers={"b": "backbone"}) as logger, torch.inference_mode():
         model(images())
         with pytest.raises(KeyError):
             logger.get_hooked_features("b")
@@ -282,11 +288,11 @@ def test_hooks_do_nothing_when_the_model_is_called_directly():
 
 def test_wrapped_models_are_detected():
     model = model_of("ssdlite320_mobilenet_v3_large")
-    with pyodlog.create_logger(nn.DataParallel(model), "m", "v1") as logger, torch.inference_mode():
+    with create_logger(nn.DataParallel(model), "m", "v1") as logger, torch.inference_mode():
         assert type(logger) is pyodlog.SSDLogger
         assert_outputs_equal(logger(images()), model(images()))
     compiled = torch.compile(model)
-    with pyodlog.create_logger(compiled, "m", "v1") as logger:
+    with create_logger(compiled, "m", "v1") as logger:
         assert type(logger) is pyodlog.SSDLogger and logger.model is compiled
 
 
@@ -297,7 +303,7 @@ def test_distributed_data_parallel_is_detected(tmp_path):
     try:
         model = detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
         ddp = nn.parallel.DistributedDataParallel(model)
-        with pyodlog.create_logger(ddp, "m", "v1") as logger:
+        with create_logger(ddp, "m", "v1") as logger:
             assert type(logger) is pyodlog.SSDLogger
     finally:
         dist.destroy_process_group()
@@ -305,7 +311,7 @@ def test_distributed_data_parallel_is_detected(tmp_path):
 
 def test_an_unsupported_model_gets_the_list_of_families():
     with pytest.raises(UnsupportedModelError, match=r"(?s)no pyodlog logger handles Linear.*RetinaNet.*SSD.*README"):
-        pyodlog.create_logger(nn.Linear(2, 2), "m", "v1")
+        create_logger(nn.Linear(2, 2), "m", "v1")
 
 
 def test_memory_is_flat_over_1000_calls():
@@ -339,7 +345,7 @@ def test_records_carry_ids_fields_epoch_and_dataset_type():
     model = model_of("ssdlite320_mobilenet_v3_large")
     fields = [{"name": "camera", "dtype": "str"}, {"name": "exposure", "dtype": "float32", "default": 1.0},
               {"name": "frame", "dtype": "int64", "default": 0}, {"name": "flagged", "dtype": "bool", "default": False}]
-    with pyodlog.create_logger(model, "m", "v1", additional_fields=fields, n_epoch=3) as logger, torch.inference_mode():
+    with create_logger(model, "m", "v1", additional_fields=fields, n_epoch=3) as logger, torch.inference_mode():
         logger(images(), input_ids=["x", "y", "z"], dataset_type="val", camera="c1", frame=torch.tensor([1, 2, 3]))
         record = last_record(logger)
     assert record.input_ids == ["x", "y", "z"] and record.dataset_type == "val" and record.n_epoch == 3
@@ -349,7 +355,7 @@ def test_records_carry_ids_fields_epoch_and_dataset_type():
 
 def test_generated_input_ids_are_unique():
     model = model_of("ssdlite320_mobilenet_v3_large")
-    with pyodlog.create_logger(model, "m", "v1") as logger, torch.inference_mode():
+    with create_logger(model, "m", "v1") as logger, torch.inference_mode():
         logger(images())
         logger(images())
         ids = [i for r in logger.sink.records("m", "v1", logger.result_name) for i in r.input_ids]
@@ -359,28 +365,28 @@ def test_generated_input_ids_are_unique():
 def test_result_and_epoch_resolution_and_schema_checks():
     model = model_of("ssdlite320_mobilenet_v3_large")
     sink = InMemorySink()
-    with pyodlog.create_logger(model, "m", "v1", sink=sink) as first:
+    with create_logger(model, "m", "v1", sink=sink) as first:
         assert first.n_epoch == 0 and first.result_name
-    with pyodlog.create_logger(model, "m", "v1", n_epoch=4, sink=sink) as second, torch.inference_mode():
+    with create_logger(model, "m", "v1", n_epoch=4, sink=sink) as second, torch.inference_mode():
         assert second.result_name == first.result_name  # None: the most recent result
         second(images())
-    with pyodlog.create_logger(model, "m", "v1", sink=sink) as third:
+    with create_logger(model, "m", "v1", sink=sink) as third:
         assert third.n_epoch == 4  # 'latest': the highest epoch recorded
-    with pyodlog.create_logger(model, "m", "v1", n_epoch=None, sink=sink) as untagged:
+    with create_logger(model, "m", "v1", n_epoch=None, sink=sink) as untagged:
         assert untagged.n_epoch is None
     fields = [{"name": "camera", "dtype": "str", "default": ""}]
     with pytest.raises(SchemaMismatchError, match="force_table_recreate=True"):
-        pyodlog.create_logger(model, "m", "v1", additional_fields=fields, sink=sink)
-    with pyodlog.create_logger(model, "m", "v1", additional_fields=fields, force_table_recreate=True, sink=sink) as fresh:
+        create_logger(model, "m", "v1", additional_fields=fields, sink=sink)
+    with create_logger(model, "m", "v1", additional_fields=fields, force_table_recreate=True, sink=sink) as fresh:
         assert fresh.n_epoch == 0 and sink.records("m", "v1", fresh.result_name) == []
-    with pyodlog.create_logger(model, "m", "v1", result_name="run-2", sink=sink) as named:
+    with create_logger(model, "m", "v1", result_name="run-2", sink=sink) as named:
         assert named.result_name == "run-2"
 
 
 def test_the_api_key_never_shows(monkeypatch):
     model = model_of("ssdlite320_mobilenet_v3_large")
     monkeypatch.setenv("PYODLOG_API_KEY", "s3cr3t-key-value")
-    with pyodlog.create_logger(model, "m", "v1", api_endpoint="http://127.0.0.1:9") as logger:
+    with create_logger(model, "m", "v1", api_endpoint="http://127.0.0.1:9") as logger:
         assert logger.has_api_key
         assert "s3cr3t" not in repr(logger) + str(logger) + repr(vars(logger))
         with pytest.raises(TypeError, match="cannot be pickled"):
@@ -415,7 +421,7 @@ def test_constructor_validation(kwargs, message):
     args.update(kwargs)
     before = sum(len(m._forward_hooks) for m in model.modules())
     with pytest.raises(ValueError, match=message):
-        pyodlog.create_logger(model, **args)
+        create_logger(model, **args)
     assert sum(len(m._forward_hooks) for m in model.modules()) == before  # nothing left behind
 
 
@@ -435,7 +441,7 @@ def test_constructor_validation(kwargs, message):
 )
 def test_call_validation(call, message):
     model = model_of("ssdlite320_mobilenet_v3_large")
-    with pyodlog.create_logger(model, "m", "v1", additional_fields=[{"name": "camera", "dtype": "str"}]) as logger:
+    with create_logger(model, "m", "v1", additional_fields=[{"name": "camera", "dtype": "str"}]) as logger:
         with pytest.raises(ValueError, match=message), torch.inference_mode():
             logger(images(), **call)
         assert logger.sink.records("m", "v1", logger.result_name) == []
@@ -443,14 +449,14 @@ def test_call_validation(call, message):
 
 def test_wrong_model_input_is_a_clear_error():
     model = model_of("ssdlite320_mobilenet_v3_large")
-    with pyodlog.create_logger(model, "m", "v1") as logger:
+    with create_logger(model, "m", "v1") as logger:
         with pytest.raises(ValueError, match=r"model_input must be a non-empty list of \[C, H, W\] image tensors"):
             logger("not images")
 
 
 def test_export_and_upload_say_what_is_missing():
     model = model_of("ssdlite320_mobilenet_v3_large")
-    with pyodlog.create_logger(model, "m", "v1") as logger:
+    with create_logger(model, "m", "v1") as logger:
         with pytest.raises(NotImplementedError, match="keeps them in memory"):
             logger.export()
         with pytest.raises(RuntimeError, match="upload\\(\\) needs an endpoint"):

@@ -95,7 +95,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         n_class: number of classes; read from the model when None.
         score_thresh, iou_thresh, max_detections_per_image: set the model's own
             thresholds, so the output and the log agree. None keeps the model's.
-        sink: where records go (keyword only); default an in-memory sink.
+        sink: where records go (keyword only); default :class:`pyodlog.HDF5Store`
+            (local HDF5 under ``PYODLOG_HOME`` or ``./pyodlog_data``).
         log_embeddings: record a per-detection embedding where the family has one.
     """
 

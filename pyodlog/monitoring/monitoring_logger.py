@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Union
 
-from pyodlog.monitoring.sink import InMemorySink, Sink
+from pyodlog.monitoring.sink import Sink
 from pyodlog.monitoring.validation import check_n_epoch, check_name
 from pyodlog.structures import CallRecord
 
@@ -76,7 +76,11 @@ class MonitoringLogger:
         self._api_key = None if key is None else Secret(key)
         self.auto_sync = auto_sync and endpoint is not None
         self.schema = schema
-        self._sink: Sink = sink if sink is not None else InMemorySink()
+        if sink is None:
+            from pyodlog.io.store import HDF5Store  # the embedded default: local HDF5 files
+
+            sink = HDF5Store()
+        self._sink: Sink = sink
         self._closed = False
         info = self._sink.open_result(self.model_name, self.version_name, result_name, schema, force_table_recreate)
         self.result_name: str = info.result_name
@@ -114,8 +118,18 @@ class MonitoringLogger:
     def export(self, output_path: Optional[str] = None):
         """Exports the records of the resolved ``n_epoch`` as a ZIP archive.
 
-        Needs a sink that stores records on disk (the HDF5 store); the in-memory
-        sink keeps them in memory only: read them with ``logger.sink.records(...)``.
+        Waits for pending saves, closes the open segment, and writes a ZIP with
+        ``manifest.json`` (names, epoch, counts, schema, checksums) and
+        ``records.h5`` (the selected records in the segment layout), atomically.
+        Read it back with :func:`pyodlog.open_result`.
+
+        Args:
+            output_path: a ``.zip`` path, or a folder (the default file name
+                ``<model>_<version>_<result>_epoch<N>.zip`` is appended);
+                default the current directory.
+
+        Returns:
+            The ZIP's path.
         """
         exporter = getattr(self._sink, "export", None)
         if exporter is None:
