@@ -1,6 +1,7 @@
 """One segment file: an HDF5 file written by one process in SWMR mode.
 
-While open it is ``<name>.h5.part``: every dataset is created first, then the
+While open it is ``<name>.h5.part`` (``<name>.h5.creating`` until its
+datasets exist): every dataset is created first, then the
 file switches to SWMR mode, so a crash leaves it readable up to its last
 completed flush. Closing it fsyncs the file, renames it to ``<name>.h5`` and
 fsyncs the folder; a closed segment is never written again.
@@ -64,7 +65,10 @@ class SegmentWriter:
         self.opened_at = time.monotonic()
         self.counts = {"images": 0, "detections": 0, "payload": 0, "qrows": 0, "features": 0, "records": 0}
         self.nbytes = 0
-        self._file = h5py.File(self.part, "w", libver="latest", rdcc_nbytes=8 * CHUNK_BYTES)
+        # Created under a third name and renamed once in SWMR mode: a crash before
+        # that leaves a '.creating' file, which never held a record.
+        creating = self.path.with_name(self.path.name + ".creating")
+        self._file = h5py.File(creating, "w", libver="latest", rdcc_nbytes=8 * CHUNK_BYTES)
         for key, value in attrs.items():
             self._file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
         numeric, strings, _ = first.finish()
@@ -81,6 +85,7 @@ class SegmentWriter:
                 self._create(name, np.float32, ())
                 self.numeric_columns[name] = (np.dtype(np.float32), ())
         self._file.swmr_mode = True
+        os.replace(creating, self.part)
         self._sync_fd: Optional[int] = None
 
     def _create(self, name: str, dtype, row_shape) -> None:

@@ -62,6 +62,19 @@ def recover_segments(directory: Path) -> List[Path]:
     cannot be read is moved to ``quarantine/`` (never deleted) and logged.
     """
     recovered = []
+    for creating in sorted(directory.glob("*.h5.creating")):
+        lock_path = creating.with_name(creating.name[: -len(".creating")] + ".lock")
+        fd = os.open(str(lock_path), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        # Died while creating its datasets, before any record could be written.
+        creating.unlink()
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+        log.warning("pyodlog removed %s: its writer died before writing any record", creating.name)
     for part in sorted(directory.glob("*.h5.part")):
         lock_path = part.with_name(part.name[: -len(".part")] + ".lock")
         fd = os.open(str(lock_path), os.O_CREAT | os.O_RDWR, 0o644)
@@ -112,6 +125,8 @@ class HDF5Store(Sink):
         self._writer: Optional[RecordWriter] = None
         self._attrs: Dict[str, Any] = {}
         self._pid = os.getpid()
+        self._child_warned = False
+        self.dropped_in_child = 0
         self.closed = False
         _LIVE.add(self)
 
@@ -177,31 +192,54 @@ class HDF5Store(Sink):
         """The closed segments of the open result."""
         return sorted(self.directory.glob("*.h5")) if self.directory else []
 
-    def _writer_for_this_process(self) -> RecordWriter:
-        if os.getpid() != self._pid:
-            # A forked child never touches the parent's open segment: it starts its own.
-            log.warning("pyodlog: running in a forked child (pid %d): it writes its own segments", os.getpid())
+    def _in_forked_child(self) -> bool:
+        """After os.fork() the child must never touch the parent's open segment.
+
+        The parent's writer thread does not exist in the child and may have held
+        h5py's global lock at the fork, so the child makes no HDF5 call at all:
+        logging is disabled there, with a warning, and its calls are counted as
+        dropped.
+        """
+        if os.getpid() == self._pid:
+            return False
+        if not self._child_warned:
+            self._child_warned = True
             if self._writer is not None:
                 self._writer.abandon()
-            self._pid = os.getpid()
-            self._writer = RecordWriter(self.directory, self._attrs, self.rank, self.config)
+            log.warning("pyodlog: logging is disabled in this forked child (pid %d); create a new logger in the "
+                        "child to log from it", os.getpid())
+        return True
+
+    def _writer_or_error(self) -> RecordWriter:
         if self._writer is None:
             raise RuntimeError("HDF5Store.open_result() must be called before records are submitted")
         return self._writer
 
     def submit(self, record: CallRecord) -> None:
-        self._writer_for_this_process().submit(record)
+        if self._in_forked_child():
+            self.dropped_in_child += 1
+            return
+        self._writer_or_error().submit(record)
 
     def wait_for_save(self, interval: float = 3.0) -> None:
-        self._writer_for_this_process().barrier(rotate=False, interval=interval)
+        if self._in_forked_child():
+            return
+        self._writer_or_error().barrier(rotate=False, interval=interval)
 
     def rotate(self, interval: float = 3.0) -> None:
         """Closes the open segment once everything submitted is in it."""
-        self._writer_for_this_process().barrier(rotate=True, interval=interval)
+        if self._in_forked_child():
+            return
+        self._writer_or_error().barrier(rotate=True, interval=interval)
 
     def stats(self) -> Dict[str, int]:
-        """Counts of calls: submitted = written + dropped + queued; durable ones; closed segments."""
+        """Counts of calls: ``submitted == written + dropped + queued``; ``durable``; closed segments."""
         return self._writer.stats() if self._writer else {}
+
+    @property
+    def writer(self) -> Optional[RecordWriter]:
+        """The writer thread's state (for tests and diagnostics)."""
+        return self._writer
 
     def export(self, logger, output_path: Optional[str]) -> Path:
         self.rotate()

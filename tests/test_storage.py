@@ -1,0 +1,324 @@
+"""The HDF5 store: round trips, durability under SIGKILL, disk errors, backpressure, fork, export."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import pyodlog
+from pyodlog.io import HDF5Store, StorageError, WriterConfig, WriterFailedError, open_result, recover_segments
+from pyodlog.io.reader import read_segment
+from tiny_models import TinyDetector, TinyDetectorLogger
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_logger(root, config=None, **kwargs):
+    torch.manual_seed(0)
+    store = HDF5Store(root, config=config or WriterConfig(flush_interval=0.05))
+    kwargs.setdefault("target_layers", {"b": {"path": "backbone.0", "compression": "uint8"},
+                                        "h": {"path": "box_head", "compression": "float16"}})
+    return TinyDetectorLogger(TinyDetector().eval(), "tiny", "v1", sink=store, **kwargs), store
+
+
+def batch(n=3, seed=0, size=(96, 128)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, *size, generator=g) for _ in range(n)]
+
+
+def test_round_trip_is_exact_for_detections_and_within_the_bound_for_features(tmp_path):
+    fields = [{"name": "camera", "dtype": "str", "default": "?"}, {"name": "gain", "dtype": "float64", "default": 1.5}]
+    logger, store = make_logger(tmp_path, additional_fields=fields)
+    outputs, hooked = [], []
+    with torch.no_grad():
+        for i in range(4):
+            outputs.append(logger(batch(seed=i), input_ids=[f"c{i}-{j}" for j in range(3)], camera=f"cam{i}"))
+            hooked.append((logger.get_hooked_features("b"), logger.get_hooked_features("h")))
+    zip_path = logger.export(tmp_path / "out")
+    logger.close()
+    result = open_result(zip_path)
+    assert len(result) == 12
+    assert result.images["input_id"] == [f"c{i}-{j}" for i in range(4) for j in range(3)]
+    assert result.images["camera"] == [f"cam{i}" for i in range(4) for _ in range(3)]
+    assert list(result.images["gain"]) == [1.5] * 12
+    assert (result.images["image_size"] == np.array([96, 128])).all()
+    for i in range(4):
+        for j in range(3):
+            row = i * 3 + j
+            got, want = result.image_detections(row), outputs[i][j]
+            assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(got["scores"], want["scores"])
+            assert torch.equal(got["labels"], want["labels"])
+            restored = result.feature(row, "b")
+            q = result.feature(row, "b", decompress=False)
+            assert ((restored - hooked[i][0][j]).abs().amax((1, 2)) <= q.scale / 2 * 1.001 + 1e-7).all()
+            assert torch.equal(result.feature(row, "h"), hooked[i][1][j].half().float())
+    members = zipfile.ZipFile(zip_path).namelist()
+    assert members == ["manifest.json", "records.h5"]
+    manifest = result.manifest
+    assert manifest["counts"]["images"] == 12 and manifest["model_name"] == "tiny" and manifest["n_epoch"] == 0
+    import hashlib
+
+    digest = hashlib.sha256(zipfile.ZipFile(zip_path).read("records.h5")).hexdigest()
+    assert manifest["members"]["records.h5"]["sha256"] == digest
+
+
+def test_segment_files_are_self_describing(tmp_path):
+    logger, store = make_logger(tmp_path)
+    with torch.no_grad():
+        logger(batch())
+    store.rotate()
+    logger.close()
+    (segment,) = store.segments()
+    with h5py.File(segment, "r") as f:
+        assert f.attrs["model_name"] == "tiny" and f.attrs["n_class"] == 5
+        assert json.loads(f.attrs["schema"])["n_class"] == 5
+        assert f.attrs["pyodlog_version"] == pyodlog.__version__
+        assert {"images", "detections", "features"} <= set(f)
+    assert (segment.parent / "result.json").exists()
+
+
+def test_wait_for_save_makes_records_durable_in_the_open_segment(tmp_path):
+    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=60, batch_images=10_000))
+    with torch.no_grad():
+        for i in range(5):
+            logger(batch(seed=i))
+    logger.wait_for_save()
+    # Another process reads the open SWMR segment: everything acknowledged is there.
+    (part,) = store.directory.glob("*.h5.part")
+    code = f"import h5py; f = h5py.File({str(part)!r}, 'r', swmr=True, libver='latest'); print(f['images/det_count'].shape[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) == 15
+    assert store.stats() == {"submitted": 5, "written": 5, "dropped": 0, "queued": 0, "durable": 5, "segments_closed": 0}
+    logger.close()
+    assert not list(store.directory.glob("*.part")) and len(store.segments()) == 1
+
+
+def test_segments_rotate_by_record_count_and_each_closes_cleanly(tmp_path):
+    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1, segment_max_records=2))
+    with torch.no_grad():
+        for i in range(7):
+            logger(batch(n=1, seed=i), input_ids=[f"id{i}"])
+    logger.close()
+    segments = store.segments()
+    assert len(segments) == 4
+    assert [i for s in segments for i in read_segment(s).strings["images/input_id"]] == [f"id{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_sigkill_at_a_random_moment_loses_nothing_acknowledged(tmp_path, trial):
+    rng = random.Random(trial)
+    child = subprocess.Popen([sys.executable, str(HERE / "crash_child.py"), str(tmp_path), "2"],
+                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    acked = submitted = 0
+    deadline = time.monotonic() + 60
+    kill_after_acks = rng.randint(1, 6)
+    extra_lines = rng.randint(0, 5)
+    n_acks = 0
+    try:
+        for line in child.stdout:
+            kind, value = line.split()
+            if kind == "ACKED":
+                acked, n_acks = int(value), n_acks + 1
+            else:
+                submitted = int(value)
+            if n_acks >= kill_after_acks:
+                if extra_lines == 0:
+                    break
+                extra_lines -= 1
+            assert time.monotonic() < deadline, "the child logged too slowly"
+        time.sleep(rng.random() * 0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    # What the child printed before it died (still in the pipe) bounds what it submitted.
+    for line in child.stdout.read().splitlines():
+        kind, value = line.split()
+        if kind == "SUBMITTED":
+            submitted = int(value)
+    directory = tmp_path / "crash" / "v1" / "run"
+    # Every closed segment reads back completely.
+    for segment in directory.glob("*.h5"):
+        read_segment(segment)
+    # The next logger on the same result recovers without manual steps.
+    TinyDetectorLogger(TinyDetector().eval(), "crash", "v1", result_name="run", sink=HDF5Store(tmp_path),
+                       target_layers={"b": {"path": "backbone.0", "compression": "uint8"}}).close()
+    assert not list(directory.glob("*.part")) and not (directory / "quarantine").exists()
+    ids = open_result(directory).images["input_id"]
+    assert len(ids) >= acked, f"acknowledged {acked} images, found {len(ids)}"
+    assert len(ids) <= submitted
+    # Written in order: what survives is a prefix, each image once.
+    assert ids == [f"{i:08d}" for i in range(len(ids))]
+
+
+def test_an_unreadable_leftover_is_quarantined_not_deleted(tmp_path, caplog):
+    directory = tmp_path / "tiny" / "v1" / "r"
+    directory.mkdir(parents=True)
+    junk = directory / "seg-r000-p1-abc-000001.h5.part"
+    junk.write_bytes(b"not an hdf5 file")
+    with caplog.at_level(logging.ERROR, logger="pyodlog"):
+        recover_segments(directory)
+    assert (directory / "quarantine" / junk.name).read_bytes() == b"not an hdf5 file"
+    assert "could not read" in caplog.text
+
+
+def test_disk_errors_are_reported_and_logging_resumes_when_space_returns(tmp_path, caplog):
+    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1))
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    store.writer.fault_injection = disk_full
+    with torch.no_grad():
+        outputs = [logger(batch(n=1, seed=i), input_ids=[f"x{i}"]) for i in range(3)]
+    assert all(len(o) == 1 for o in outputs)  # inference goes on
+    with pytest.raises(StorageError, match="No space left on device"):
+        logger.wait_for_save(interval=0.5)
+    with caplog.at_level(logging.ERROR, logger="pyodlog"), torch.no_grad():
+        logger(batch(n=1, seed=3), input_ids=["x3"])  # the user is told on the next call
+    assert "cannot write records" in caplog.text
+    store.writer.fault_injection = None  # space returns
+    time.sleep(1.0)
+    logger.wait_for_save(interval=0.5)
+    logger.close()
+    assert open_result(store.directory).images["input_id"] == ["x0", "x1", "x2", "x3"]
+
+
+def test_drop_backpressure_keeps_the_invariant_and_counts(tmp_path):
+    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1, queue_size=1, backpressure="drop"))
+    store.writer.fault_injection = lambda: time.sleep(0.2)  # a slow disk
+    with torch.no_grad():
+        for i in range(10):
+            logger(batch(n=1, seed=i))
+    stats = store.stats()
+    assert stats["dropped"] > 0
+    assert stats["submitted"] == stats["written"] + stats["dropped"] + stats["queued"] == 10
+    store.writer.fault_injection = None
+    logger.wait_for_save()
+    stats = store.stats()
+    assert stats["queued"] == 0 and stats["written"] + stats["dropped"] == 10
+    logger.close()
+    assert len(open_result(store.directory)) == stats["written"]
+
+
+def test_a_dead_writer_never_blocks_and_its_error_is_raised(tmp_path):
+    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1))
+
+    def bug():
+        raise ValueError("a bug in the writer")
+
+    store.writer.fault_injection = bug
+    with torch.no_grad():
+        logger(batch(n=1))
+        store.writer._thread.join(5)
+        with pytest.raises(WriterFailedError, match="a bug in the writer"):
+            logger(batch(n=1))
+    with pytest.raises(WriterFailedError):
+        logger.wait_for_save(interval=0.1)
+
+
+def test_a_forked_child_never_touches_the_parents_segment(tmp_path):
+    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1))
+    with torch.no_grad():
+        logger(batch(n=1), input_ids=["parent-0"])
+    logger.wait_for_save()
+    pid = os.fork()
+    if pid == 0:  # the child: log, then leave without cleanup
+        code = 0
+        try:
+            torch.set_num_threads(1)  # GNU OpenMP's thread pool does not survive fork
+            with torch.no_grad():
+                logger(batch(n=1), input_ids=["child"])
+            logger.wait_for_save()
+            code = 0 if store.dropped_in_child == 1 else 3
+        except BaseException:  # noqa: BLE001
+            code = 4
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with torch.no_grad():
+        logger(batch(n=1), input_ids=["parent-1"])
+    logger.close()
+    assert open_result(store.directory).images["input_id"] == ["parent-0", "parent-1"]
+
+
+def test_a_logger_left_open_is_closed_at_exit(tmp_path):
+    code = f"""
+import sys; sys.path.insert(0, {str(HERE)!r})
+import torch
+from pyodlog.io import HDF5Store
+from tiny_models import TinyDetector, TinyDetectorLogger
+logger = TinyDetectorLogger(TinyDetector().eval(), "tiny", "v1", result_name="r", sink=HDF5Store({str(tmp_path)!r}))
+with torch.no_grad():
+    logger([torch.rand(3, 64, 64)], input_ids=["only"])
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    directory = tmp_path / "tiny" / "v1" / "r"
+    assert not list(directory.glob("*.part")) and len(list(directory.glob("*.h5"))) == 1
+    assert open_result(directory).images["input_id"] == ["only"]
+
+
+def test_an_unwritable_root_is_a_clear_error_at_construction(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="cannot write to .*PYODLOG_HOME"):
+        HDF5Store(blocker / "data")
+
+
+def test_epochs_select_what_export_contains(tmp_path):
+    first, _ = make_logger(tmp_path, n_epoch=1, result_name="r")
+    with torch.no_grad():
+        first(batch(n=2), input_ids=["e1-a", "e1-b"])
+    first.close()
+    second, _ = make_logger(tmp_path, n_epoch=2, result_name="r")
+    with torch.no_grad():
+        second(batch(n=1), input_ids=["e2-a"])
+    assert open_result(second.export(tmp_path / "x.zip")).images["input_id"] == ["e2-a"]
+    second.close()
+    latest, _ = make_logger(tmp_path, result_name="r")
+    assert latest.n_epoch == 2  # 'latest' resolves from the stored records
+    latest.close()
+    untagged, _ = make_logger(tmp_path, result_name="r", n_epoch=None)
+    assert open_result(untagged.export(tmp_path)).images["input_id"] == ["e1-a", "e1-b", "e2-a"]
+    untagged.close()
+
+
+def test_export_writes_atomically_to_the_path_or_folder_given(tmp_path):
+    logger, store = make_logger(tmp_path)
+    with torch.no_grad():
+        logger(batch(n=1))
+    named = logger.export(tmp_path / "exports" / "mine.zip")
+    folder = logger.export(tmp_path / "exports")
+    default = Path.cwd()
+    logger.close()
+    assert named.name == "mine.zip" and folder.parent == tmp_path / "exports"
+    assert folder.name == f"tiny_v1_{logger.result_name}_epoch0.zip"
+    assert not [p for p in (tmp_path / "exports").iterdir() if p.suffix != ".zip"]  # no temporary leftovers
+    del default
+
+
+def test_schema_changes_need_force_table_recreate_which_drops_the_data(tmp_path, caplog):
+    logger, store = make_logger(tmp_path, result_name="r")
+    with torch.no_grad():
+        logger(batch(n=1))
+    logger.close()
+    with pytest.raises(pyodlog.SchemaMismatchError, match="force_table_recreate=True"):
+        make_logger(tmp_path, result_name="r", additional_fields=[{"name": "c", "dtype": "str", "default": ""}])
+    with caplog.at_level(logging.WARNING, logger="pyodlog"):
+        fresh, store = make_logger(tmp_path, result_name="r", force_table_recreate=True,
+                                   additional_fields=[{"name": "c", "dtype": "str", "default": ""}])
+    assert "removes the records" in caplog.text and store.segments() == []
+    fresh.close()
