@@ -17,13 +17,29 @@ from pyodlog.io import HDF5Store, WriterConfig  # noqa: E402
 from tiny_models import TinyDetector, TinyDetectorLogger  # noqa: E402
 
 
+def crash_logger(root, config=None) -> TinyDetectorLogger:
+    """The logger of the crash tests' result (crash/v1/run); opening it recovers a dead writer's segment."""
+    torch.manual_seed(0)
+    return TinyDetectorLogger(TinyDetector().eval(), "crash", "v1", result_name="run", sink=HDF5Store(root, config=config),
+                              target_layers={"b": {"path": "backbone.0", "compression": "uint8"}})
+
+
+def kill(child, submitted: int) -> int:
+    """SIGKILLs the child; returns how many images it had submitted (its last words are still in the pipe)."""
+    import signal
+
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    for line in child.stdout.read().splitlines():
+        kind, value = line.split()
+        if kind == "SUBMITTED":
+            submitted = int(value)
+    return submitted
+
+
 def main() -> None:
     root, batch = sys.argv[1], int(sys.argv[2])
-    torch.manual_seed(0)
-    model = TinyDetector().eval()
-    store = HDF5Store(root, config=WriterConfig(flush_interval=0.05, batch_images=8, segment_max_records=7))
-    logger = TinyDetectorLogger(model, "crash", "v1", result_name="run", sink=store,
-                                target_layers={"b": {"path": "backbone.0", "compression": "uint8"}})
+    logger = crash_logger(root, WriterConfig(flush_interval=0.05, batch_images=8, segment_max_records=7))
     images = [torch.rand(3, 64, 64) for _ in range(batch)]
     sent = 0
     with torch.no_grad():

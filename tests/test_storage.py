@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 import pyodlog
 from pyodlog.io import HDF5Store, StorageError, WriterConfig, WriterFailedError, open_result, recover_segments
 from pyodlog.io.reader import read_segment
+from crash_child import crash_logger, kill
 from tiny_models import TinyDetector, TinyDetectorLogger
 
 HERE = Path(__file__).resolve().parent
@@ -142,20 +142,13 @@ def test_sigkill_at_a_random_moment_loses_nothing_acknowledged(tmp_path, trial):
             assert time.monotonic() < deadline, "the child logged too slowly"
         time.sleep(rng.random() * 0.05)
     finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    # What the child printed before it died (still in the pipe) bounds what it submitted.
-    for line in child.stdout.read().splitlines():
-        kind, value = line.split()
-        if kind == "SUBMITTED":
-            submitted = int(value)
+        submitted = kill(child, submitted)
     directory = tmp_path / "crash" / "v1" / "run"
     # Every closed segment reads back completely.
     for segment in directory.glob("*.h5"):
         read_segment(segment)
     # The next logger on the same result recovers without manual steps.
-    TinyDetectorLogger(TinyDetector().eval(), "crash", "v1", result_name="run", sink=HDF5Store(tmp_path),
-                       target_layers={"b": {"path": "backbone.0", "compression": "uint8"}}).close()
+    crash_logger(tmp_path).close()
     assert not list(directory.glob("*.part")) and not (directory / "quarantine").exists()
     ids = open_result(directory).images["input_id"]
     assert len(ids) >= acked, f"acknowledged {acked} images, found {len(ids)}"
@@ -260,6 +253,7 @@ def test_a_logger_left_open_is_closed_at_exit(tmp_path):
 import sys; sys.path.insert(0, {str(HERE)!r})
 import torch
 from pyodlog.io import HDF5Store
+from crash_child import crash_logger, kill
 from tiny_models import TinyDetector, TinyDetectorLogger
 logger = TinyDetectorLogger(TinyDetector().eval(), "tiny", "v1", result_name="r", sink=HDF5Store({str(tmp_path)!r}))
 with torch.no_grad():

@@ -90,8 +90,13 @@ class SegmentWriter:
 
     def _create(self, name: str, dtype, row_shape) -> None:
         row_bytes = int(np.dtype(dtype).itemsize * int(np.prod(row_shape, dtype=np.int64)))
-        self._file.create_dataset(name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
-                                  chunks=(_rows_per_chunk(row_bytes), *row_shape))
+        if not hasattr(self, "_datasets"):
+            self._datasets: Dict[str, Any] = {}
+            self._lengths: Dict[str, int] = {}
+        self._datasets[name] = self._file.create_dataset(
+            name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
+            chunks=(_rows_per_chunk(row_bytes), *row_shape))
+        self._lengths[name] = 0
 
     def accepts(self, batch: ColumnBatch) -> bool:
         """Whether the batch has exactly this segment's columns."""
@@ -100,10 +105,11 @@ class SegmentWriter:
     def _append(self, name: str, values: np.ndarray) -> None:
         if len(values) == 0:
             return
-        ds = self._file[name]
-        old = ds.shape[0]
+        ds = self._datasets[name]
+        old = self._lengths[name]
         ds.resize(old + len(values), axis=0)
         ds[old:] = values
+        self._lengths[name] = old + len(values)
 
     def append(self, batch: ColumnBatch) -> None:
         """Writes a batch (one resize + one write per column) and flushes it."""
@@ -114,12 +120,18 @@ class SegmentWriter:
                 values = values + self.counts[base]
             self._append(name, values)
         for name, texts in strings.items():
-            encoded = [t.encode("utf-8") for t in texts]
-            lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-            start = self._file[name + ".bytes"].shape[0]
-            spans = np.stack([start + np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths], axis=1) if encoded else np.empty((0, 2), np.int64)
-            self._append(name + ".bytes", np.frombuffer(b"".join(encoded), dtype=np.uint8))
-            self._append(name + ".spans", spans.astype(np.int64))
+            joined = "".join(texts)
+            if joined.isascii():  # the common case: one encode, lengths in characters are bytes
+                data = joined.encode("ascii")
+                lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+            else:
+                encoded = [t.encode("utf-8") for t in texts]
+                data = b"".join(encoded)
+                lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            start = self._lengths[name + ".bytes"]
+            starts = start + np.cumsum(lengths) - lengths
+            self._append(name + ".bytes", np.frombuffer(data, dtype=np.uint8))
+            self._append(name + ".spans", np.stack([starts, lengths], axis=1) if len(texts) else np.empty((0, 2), np.int64))
         self._append("features_payload", payload)
         self._file.flush()
         self.counts["images"] += batch.n_images

@@ -257,7 +257,8 @@ class RecordWriter:
             self._close_segment()
         if self._segment is None:
             self._segment_seq += 1
-            name = f"seg-r{self.rank:03d}-p{os.getpid()}-{self._token}-{self._segment_seq:06d}.h5"
+            # Names sort in creation order (nanoseconds first), across processes too.
+            name = f"seg-{time.time_ns():020d}-r{self.rank:03d}-p{os.getpid()}-{self._token}-{self._segment_seq:06d}.h5"
             attrs = dict(self.attrs, rank=self.rank, pid=os.getpid(), created=time.time())
             self._segment = SegmentWriter(self.directory / name, attrs, batch)
         self._segment.append(batch)
