@@ -102,7 +102,8 @@ def test_wait_for_save_makes_records_durable_in_the_open_segment(tmp_path):
     code = f"import h5py; f = h5py.File({str(part)!r}, 'r', swmr=True, libver='latest'); print(f['images/det_count'].shape[0])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out) == 15
-    assert store.stats() == {"submitted": 5, "written": 5, "dropped": 0, "queued": 0, "durable": 5, "segments_closed": 0}
+    assert store.stats() == {"submitted": 5, "written": 5, "dropped": 0, "queued": 0, "durable": 5, "segments_closed": 0,
+                             "dropped_device_copies": 0}
     logger.close()
     assert not list(store.directory.glob("*.part")) and len(store.segments()) == 1
 
@@ -316,3 +317,31 @@ def test_schema_changes_need_force_table_recreate_which_drops_the_data(tmp_path,
                                    additional_fields=[{"name": "c", "dtype": "str", "default": ""}])
     assert "removes the records" in caplog.text and store.segments() == []
     fresh.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
+def test_cuda_records_are_copied_on_a_side_stream_and_stored_exactly(tmp_path):
+    logger, store = make_logger(tmp_path)
+    model = logger.model.cuda()
+    images = [t.cuda() for t in batch(n=2)]
+    with torch.no_grad():
+        out = logger(images, input_ids=["g0", "g1"])
+    logger.wait_for_save()
+    result = open_result(logger.export(tmp_path))
+    for i in range(2):
+        assert torch.equal(result.image_detections(i)["boxes"], out[i]["boxes"].cpu())
+    assert store.copier.inflight_bytes == 0  # every pinned buffer was released by the writer
+    logger.close()
+    del model
+
+
+def test_cpu_records_pass_the_copier_unchanged():
+    from pyodlog.io.copier import DeviceCopier
+
+    copier = DeviceCopier(max_inflight_bytes=1, policy="drop")
+    det = pyodlog.DetectionBatch(torch.zeros(1, 0, 4), torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.long),
+                                 torch.zeros(1, 0, 3), torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.long), [(4, 4)])
+    record = pyodlog.CallRecord(["a"], "test", 0, 0.0, [(4, 4)], det)
+    pending = copier.to_host(record)
+    assert pending.record is record and pending.ready is None and copier.dropped == 0

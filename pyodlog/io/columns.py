@@ -66,10 +66,25 @@ class ColumnBatch:
     def nbytes(self) -> int:
         return self.payload_bytes + sum(a.nbytes for arrays in self.numeric.values() for a in arrays)
 
-    def finish(self) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]], np.ndarray]:
-        numeric = {k: np.concatenate(v) for k, v in self.numeric.items()}
-        payload = np.concatenate(self.payload) if self.payload else np.empty(0, np.uint8)
-        return numeric, self.strings, payload
+    def finish(self) -> Tuple[Dict[str, List[np.ndarray]], Dict[str, List[str]], List[np.ndarray]]:
+        """Each column as a list of pieces to write in order.
+
+        Small pieces are concatenated (one write instead of many); large ones
+        (a record's logits, a feature payload) stay separate so that they are
+        written without an extra copy.
+        """
+        numeric = {k: _coalesce(v) for k, v in self.numeric.items()}
+        return numeric, self.strings, _coalesce(self.payload) if self.payload else []
+
+
+# Pieces at least this large are written one by one rather than concatenated.
+LARGE_PIECE = 256 << 10
+
+
+def _coalesce(pieces: List[np.ndarray]) -> List[np.ndarray]:
+    if len(pieces) <= 1 or sum(p.nbytes for p in pieces) >= LARGE_PIECE * len(pieces):
+        return pieces
+    return [np.concatenate(pieces)]
 
 
 def _pad(shape, fill=-1) -> np.ndarray:

@@ -72,7 +72,7 @@ class SegmentWriter:
         for key, value in attrs.items():
             self._file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
         numeric, strings, _ = first.finish()
-        self.numeric_columns = {name: (arr.dtype, arr.shape[1:]) for name, arr in numeric.items()}
+        self.numeric_columns = {name: (pieces[0].dtype, pieces[0].shape[1:]) for name, pieces in numeric.items()}
         self.string_columns = sorted(strings)
         for name, (dtype, row_shape) in self.numeric_columns.items():
             self._create(name, dtype, row_shape)
@@ -102,23 +102,30 @@ class SegmentWriter:
         """Whether the batch has exactly this segment's columns."""
         return (set(batch.numeric) | {"features_scale", "features_offset"}) == set(self.numeric_columns) and sorted(batch.strings) == self.string_columns
 
-    def _append(self, name: str, values: np.ndarray) -> None:
-        if len(values) == 0:
+    def _append(self, name: str, values) -> None:
+        """Appends an array, or a list of arrays (one resize, then each piece in place)."""
+        pieces = values if isinstance(values, list) else [values]
+        total = sum(len(p) for p in pieces)
+        if total == 0:
             return
         ds = self._datasets[name]
         old = self._lengths[name]
-        ds.resize(old + len(values), axis=0)
-        ds[old:] = values
-        self._lengths[name] = old + len(values)
+        ds.resize(old + total, axis=0)
+        cursor = old
+        for piece in pieces:
+            if len(piece):
+                ds[cursor : cursor + len(piece)] = piece
+                cursor += len(piece)
+        self._lengths[name] = old + total
 
     def append(self, batch: ColumnBatch) -> None:
         """Writes a batch (one resize + one write per column) and flushes it."""
         numeric, strings, payload = batch.finish()
-        for name, values in numeric.items():
+        for name, pieces in numeric.items():
             base = _SHIFTS.get(name)
             if base is not None:
-                values = values + self.counts[base]
-            self._append(name, values)
+                pieces = [p + self.counts[base] for p in pieces]
+            self._append(name, pieces)
         for name, texts in strings.items():
             joined = "".join(texts)
             if joined.isascii():  # the common case: one encode, lengths in characters are bytes

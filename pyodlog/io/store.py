@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 import h5py
 import numpy as np
 
+from pyodlog.io.copier import DeviceCopier
 from pyodlog.io.export import export_zip, write_tables
 from pyodlog.io.reader import read_segment
 from pyodlog.io.segment import fsync_dir
@@ -121,6 +122,7 @@ class HDF5Store(Sink):
         _check_writable(self.root)
         self.rank = rank if rank is not None else _default_rank()
         self.config = config or WriterConfig()
+        self.copier = DeviceCopier(policy=self.config.backpressure, block_timeout=self.config.block_timeout)
         self.directory: Optional[Path] = None
         self._writer: Optional[RecordWriter] = None
         self._attrs: Dict[str, Any] = {}
@@ -175,6 +177,7 @@ class HDF5Store(Sink):
                        "result_name": result_name, "n_class": schema.get("n_class", -1), "schema": schema,
                        "class_names": json.dumps(schema.get("class_names"))}
         self._writer = RecordWriter(directory, self._attrs, self.rank, self.config)
+        self._writer.copier = self.copier
         return ResultInfo(result_name, self.latest_epoch())
 
     def latest_epoch(self) -> Optional[int]:
@@ -219,7 +222,12 @@ class HDF5Store(Sink):
         if self._in_forked_child():
             self.dropped_in_child += 1
             return
-        self._writer_or_error().submit(record)
+        pending = self.copier.to_host(record)  # CUDA: copies start on a side stream; CPU: as is
+        if pending is None:
+            log.warning("pyodlog dropped a call's records: %d bytes of device copies are in flight (max %d)",
+                        self.copier.inflight_bytes, self.copier.max_inflight_bytes)
+            return
+        self._writer_or_error().submit(pending if pending.ready is not None else record)
 
     def wait_for_save(self, interval: float = 3.0) -> None:
         if self._in_forked_child():
@@ -234,7 +242,11 @@ class HDF5Store(Sink):
 
     def stats(self) -> Dict[str, int]:
         """Counts of calls: ``submitted == written + dropped + queued``; ``durable``; closed segments."""
-        return self._writer.stats() if self._writer else {}
+        if not self._writer:
+            return {}
+        stats = self._writer.stats()
+        stats["dropped_device_copies"] = self.copier.dropped
+        return stats
 
     @property
     def writer(self) -> Optional[RecordWriter]:

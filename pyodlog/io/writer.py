@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from pyodlog.io.columns import ColumnBatch, record_to_columns
+from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.segment import SegmentWriter
 from pyodlog.structures import CallRecord
 
@@ -110,6 +111,7 @@ class RecordWriter:
         self._segment_seq = 0
         self._token = secrets.token_hex(3)
         self.fault_injection: Optional[Callable[[], None]] = None  # tests: raise at the writer's boundary
+        self.copier: Optional[DeviceCopier] = None
         self._thread = threading.Thread(target=self._run, name=f"pyodlog-writer-{self.directory.name}", daemon=True)
         self._thread.start()
 
@@ -128,7 +130,7 @@ class RecordWriter:
     def queued(self) -> int:
         return self.submitted - self.written - self.dropped
 
-    def submit(self, record: CallRecord) -> None:
+    def submit(self, record: "CallRecord | PendingRecord") -> None:
         self.raise_if_failed()
         with self._lock:
             self.submitted += 1
@@ -197,7 +199,13 @@ class RecordWriter:
                     seq, record = item
                     if not pending.n_records:
                         first_pending_at = time.monotonic()
-                    record_to_columns(record, pending)
+                    if isinstance(record, PendingRecord):
+                        # Device copies: wait for them here, on the writer thread.
+                        record_to_columns(record.wait(), pending)
+                        if self.copier is not None:
+                            self.copier.release(record)
+                    else:
+                        record_to_columns(record, pending)
                     pending_upto = seq
                     if pending.n_images < self.config.batch_images and pending.nbytes < self.config.batch_bytes:
                         continue

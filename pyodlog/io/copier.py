@@ -1,0 +1,127 @@
+"""The async copier: moves a record's device tensors to pinned host memory on a side stream.
+
+The inference thread only enqueues copies: it records an event on the current
+(compute) stream, the side stream waits for that event and copies every CUDA
+tensor of the record into pinned host buffers with ``non_blocking=True``, and a
+second event marks the copies done. The writer thread waits on that event
+before it reads the buffers; the inference thread never synchronises with the
+device. ``record_stream`` keeps the caching allocator from reusing a source
+tensor's memory before the side stream has read it.
+
+Pinned memory is bounded: at most ``max_inflight_bytes`` may be in flight; past
+that the policy applies (``"block"`` waits up to ``block_timeout`` seconds for
+the writer to release buffers, then drops; ``"drop"`` drops at once), and
+dropped records are counted. Records without CUDA tensors pass through
+unchanged: on the CPU the pipeline is the same, without streams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from pyodlog.ops.compression import CompressedFeature
+from pyodlog.structures import CallRecord, DetectionBatch
+
+__all__ = ["DeviceCopier", "PendingRecord"]
+
+
+@dataclasses.dataclass
+class PendingRecord:
+    """A record whose host copies are ready once ``ready`` (a CUDA event, or None) has completed."""
+
+    record: CallRecord
+    ready: Optional[Any] = None
+    nbytes: int = 0
+
+    def wait(self) -> CallRecord:
+        if self.ready is not None:
+            self.ready.synchronize()  # the writer thread waits, never the inference thread
+        return self.record
+
+
+def _cuda_tensors(record: CallRecord):
+    for t in record.detections.tensors().values():
+        yield t
+    for feature in record.features.values():
+        for t in (feature.payload, feature.scale, feature.offset):
+            if t is not None:
+                yield t
+
+
+class DeviceCopier:
+    """Copies records off the GPU without blocking the caller (see the module docstring)."""
+
+    def __init__(self, max_inflight_bytes: int = 1 << 30, policy: str = "block", block_timeout: float = 30.0) -> None:
+        if policy not in ("block", "drop"):
+            raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
+        self.max_inflight_bytes = int(max_inflight_bytes)
+        self.policy = policy
+        self.block_timeout = block_timeout
+        self.inflight_bytes = 0
+        self.dropped = 0
+        self._cond = threading.Condition()
+        self._streams: Dict[torch.device, Any] = {}
+
+    def release(self, pending: PendingRecord) -> None:
+        """Called by the writer once it no longer needs the record's host buffers."""
+        if pending.nbytes:
+            with self._cond:
+                self.inflight_bytes -= pending.nbytes
+                self._cond.notify_all()
+
+    def _reserve(self, nbytes: int) -> bool:
+        with self._cond:
+            if self.policy == "drop":
+                ok = self.inflight_bytes + nbytes <= self.max_inflight_bytes or self.inflight_bytes == 0
+            else:
+                ok = self._cond.wait_for(
+                    lambda: self.inflight_bytes + nbytes <= self.max_inflight_bytes or self.inflight_bytes == 0,
+                    timeout=self.block_timeout,
+                )
+            if ok:
+                self.inflight_bytes += nbytes
+            else:
+                self.dropped += 1
+            return ok
+
+    def to_host(self, record: CallRecord) -> Optional[PendingRecord]:
+        """Starts the copies; returns the pending record, or None if it was dropped (pool exhausted)."""
+        devices = {t.device for t in _cuda_tensors(record) if t.is_cuda}
+        if not devices:
+            return PendingRecord(record)
+        nbytes = sum(t.numel() * t.element_size() for t in _cuda_tensors(record) if t.is_cuda)
+        if not self._reserve(nbytes):
+            return None
+        device = next(iter(devices))
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        produced = torch.cuda.Event()
+        produced.record(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            stream.wait_event(produced)
+
+            def host(t):
+                if t is None or not t.is_cuda:
+                    return t
+                out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                out.copy_(t, non_blocking=True)
+                t.record_stream(stream)
+                return out
+
+            det = record.detections
+            detections = DetectionBatch(**{k: host(v) for k, v in det.tensors().items()},
+                                        image_sizes=list(det.image_sizes))
+            features = {
+                name: dataclasses.replace(f, payload=host(f.payload), scale=host(f.scale), offset=host(f.offset))
+                for name, f in record.features.items()
+            }
+            fields = {k: host(v) if isinstance(v, torch.Tensor) else v for k, v in record.fields.items()}
+            done = torch.cuda.Event()
+            done.record(stream)
+        copied = dataclasses.replace(record, detections=detections, features=features, fields=fields)
+        return PendingRecord(copied, done, nbytes)
