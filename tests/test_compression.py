@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyodlog.ops import compress_features, decompress_features, dequantize_uint8, quantize_uint8
+from pyodlog.ops import compress_features, dequantize_uint8, quantize_uint8
 from pyodlog.ops.compression import CODE_NAN, CODE_NEG_INF, CODE_POS_INF, MAX_CODE
 
 # Half a step, plus the float32 rounding of code * scale + offset.

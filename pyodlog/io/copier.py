@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
-from pyodlog.ops.compression import CompressedFeature
 from pyodlog.structures import CallRecord, DetectionBatch
 
 __all__ = ["DeviceCopier", "PendingRecord"]

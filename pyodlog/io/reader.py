@@ -13,7 +13,6 @@ import h5py
 import numpy as np
 import torch
 
-from pyodlog.io.columns import MAX_DIMS
 from pyodlog.ops.compression import METHODS, CompressedFeature
 
 __all__ = ["ResultData", "merge_tables", "open_result", "read_segment"]

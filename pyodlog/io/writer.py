@@ -182,7 +182,6 @@ class RecordWriter:
 
     def _run(self) -> None:
         pending = ColumnBatch()
-        pending_upto = 0
         first_pending_at = 0.0
         retry_at = 0.0
         backoff = 0.5
@@ -206,7 +205,6 @@ class RecordWriter:
                             self.copier.release(record)
                     else:
                         record_to_columns(record, pending)
-                    pending_upto = seq
                     if pending.n_images < self.config.batch_images and pending.nbytes < self.config.batch_bytes:
                         continue
                     if time.monotonic() < retry_at:
@@ -220,7 +218,7 @@ class RecordWriter:
                     if pending.n_records:
                         self._write(pending)
                         self.written += pending.n_records
-                        pending, pending_upto = ColumnBatch(), 0
+                        pending = ColumnBatch()
                     if isinstance(item, _Barrier) or item is _STOP:
                         if self._segment is not None:
                             if (isinstance(item, _Barrier) and item.rotate) or item is _STOP:
