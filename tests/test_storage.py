@@ -345,3 +345,29 @@ def test_cpu_records_pass_the_copier_unchanged():
     record = pyodlog.CallRecord(["a"], "test", 0, 0.0, [(4, 4)], det)
     pending = copier.to_host(record)
     assert pending.record is record and pending.ready is None and copier.dropped == 0
+
+
+def test_feature_bytes_written_as_whole_chunks_read_back_exactly(tmp_path):
+    from pyodlog.io.columns import ColumnBatch
+    from pyodlog.io.segment import CHUNK_BYTES, SegmentWriter
+
+    rng = np.random.default_rng(0)
+    sizes = [[5, CHUNK_BYTES - 5, 3], [2 * CHUNK_BYTES + 7], [1, 1, CHUNK_BYTES], [0, 123]]
+    first = ColumnBatch()
+    first.rows("images/det_count", np.zeros(0, np.int64))
+    writer = SegmentWriter(tmp_path / "s.h5", {"model_name": "t"}, first)
+    expected = []
+    for batch_sizes in sizes:
+        batch = ColumnBatch()
+        batch.rows("images/det_count", np.zeros(0, np.int64))
+        pieces = [rng.integers(0, 256, n, dtype=np.uint8) for n in batch_sizes]
+        batch.payload = pieces
+        batch.payload_bytes = sum(batch_sizes)
+        writer.append(batch)
+        expected += pieces
+        # Readable up to here by a SWMR reader, while open.
+        with h5py.File(writer.part, "r", swmr=True, libver="latest") as f:
+            assert np.array_equal(f["features_payload"][()], np.concatenate(expected))
+    path = writer.close()
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["features_payload"][()], np.concatenate(expected))

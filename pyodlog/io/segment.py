@@ -93,6 +93,7 @@ class SegmentWriter:
         if not hasattr(self, "_datasets"):
             self._datasets: Dict[str, Any] = {}
             self._lengths: Dict[str, int] = {}
+            self._tails: Dict[str, np.ndarray] = {}
         self._datasets[name] = self._file.create_dataset(
             name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
             chunks=(_rows_per_chunk(row_bytes), *row_shape))
@@ -103,20 +104,47 @@ class SegmentWriter:
         return (set(batch.numeric) | {"features_scale", "features_offset"}) == set(self.numeric_columns) and sorted(batch.strings) == self.string_columns
 
     def _append(self, name: str, values) -> None:
-        """Appends an array, or a list of arrays (one resize, then each piece in place)."""
-        pieces = values if isinstance(values, list) else [values]
+        """Appends an array, or a list of arrays, in whole chunks."""
+        self._append_direct(name, values if isinstance(values, list) else [values])
+
+    def _append_direct(self, name: str, pieces: List[np.ndarray]) -> None:
+        """Appends rows as whole chunks with ``write_direct_chunk``.
+
+        Full chunks go straight from the source arrays to the file (no chunk
+        cache, no filter pipeline, no copy); rows that do not fill a chunk wait
+        in the column's tail buffer, which is written as a whole chunk (the part
+        beyond the dataset's extent is ignored) and rewritten once more rows
+        arrive — what HDF5's chunk cache would write at a flush anyway.
+        """
         total = sum(len(p) for p in pieces)
         if total == 0:
             return
         ds = self._datasets[name]
-        old = self._lengths[name]
-        ds.resize(old + total, axis=0)
-        cursor = old
+        rows = ds.chunks[0]
+        tail = self._tails.get(name)
+        if tail is None:
+            tail = self._tails[name] = np.zeros(ds.chunks, ds.dtype)
+        length = self._lengths[name]
+        ds.resize(length + total, axis=0)
+        chunk, filled = divmod(length, rows)
+        zeros = (0,) * (len(ds.chunks) - 1)
         for piece in pieces:
-            if len(piece):
-                ds[cursor : cursor + len(piece)] = piece
-                cursor += len(piece)
-        self._lengths[name] = old + total
+            piece = np.ascontiguousarray(piece, dtype=ds.dtype)
+            pos = 0
+            while pos < len(piece):
+                if filled == 0 and len(piece) - pos >= rows:
+                    ds.id.write_direct_chunk((chunk * rows, *zeros), piece[pos : pos + rows])
+                    chunk, pos = chunk + 1, pos + rows
+                    continue
+                take = min(rows - filled, len(piece) - pos)
+                tail[filled : filled + take] = piece[pos : pos + take]
+                filled, pos = filled + take, pos + take
+                if filled == rows:
+                    ds.id.write_direct_chunk((chunk * rows, *zeros), tail)
+                    chunk, filled = chunk + 1, 0
+        if filled:
+            ds.id.write_direct_chunk((chunk * rows, *zeros), tail)
+        self._lengths[name] = length + total
 
     def append(self, batch: ColumnBatch) -> None:
         """Writes a batch (one resize + one write per column) and flushes it."""
@@ -139,7 +167,7 @@ class SegmentWriter:
             starts = start + np.cumsum(lengths) - lengths
             self._append(name + ".bytes", np.frombuffer(data, dtype=np.uint8))
             self._append(name + ".spans", np.stack([starts, lengths], axis=1) if len(texts) else np.empty((0, 2), np.int64))
-        self._append("features_payload", payload)
+        self._append_direct("features_payload", payload)
         self._file.flush()
         self.counts["images"] += batch.n_images
         self.counts["detections"] += batch.n_detections
