@@ -371,3 +371,25 @@ def test_feature_bytes_written_as_whole_chunks_read_back_exactly(tmp_path):
     path = writer.close()
     with h5py.File(path, "r") as f:
         assert np.array_equal(f["features_payload"][()], np.concatenate(expected))
+
+
+def test_recovery_keeps_only_complete_images_when_columns_stopped_at_different_lengths(tmp_path):
+    from pyodlog.io.reader import trim_to_consistent
+
+    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1))
+    with torch.no_grad():
+        for i in range(4):
+            logger(batch(n=1, seed=i), input_ids=[f"i{i}"])
+    store.rotate()
+    logger.close()
+    (segment,) = store.segments()
+    full = read_segment(segment)
+    assert len(trim_to_consistent(full).strings["images/input_id"]) == 4
+    # As if the crash hit mid-batch: the last image's detections and features never arrived.
+    last_det = int(full.numeric["images/det_offset"][3])
+    cut = {k: (v[:last_det] if k.startswith("detections/") else v) for k, v in full.numeric.items()}
+    damaged = type(full)(cut, full.strings, full.payload[: int(full.numeric["features/payload_offset"][-1])], full.attrs)
+    trimmed = trim_to_consistent(damaged)
+    assert trimmed.strings["images/input_id"] == ["i0", "i1", "i2"]
+    assert len(trimmed.numeric["detections/scores"]) == last_det
+    assert set(trimmed.numeric["features/image_row"]) == {0, 1, 2}

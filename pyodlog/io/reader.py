@@ -15,7 +15,7 @@ import torch
 
 from pyodlog.ops.compression import METHODS, CompressedFeature
 
-__all__ = ["ResultData", "merge_tables", "open_result", "read_segment"]
+__all__ = ["ResultData", "merge_tables", "open_result", "read_segment", "trim_to_consistent"]
 
 
 @dataclass
@@ -44,10 +44,71 @@ def read_segment(path: Union[str, Path], swmr: bool = False) -> Tables:
     for span_name in spans:
         base = span_name[: -len(".spans")]
         raw = data.pop(base + ".bytes").tobytes()
-        tables.strings[base] = [raw[o : o + n].decode("utf-8") for o, n in data.pop(span_name)]
+        pairs = data.pop(span_name)
+        # A crashed segment may hold spans whose bytes never reached the disk: stop there.
+        complete = pairs[:, 0] + pairs[:, 1] <= len(raw) if len(pairs) else np.ones(0, bool)
+        cut = int(np.flatnonzero(~complete)[0]) if (~complete).any() else len(pairs)
+        tables.strings[base] = [raw[o : o + n].decode("utf-8") for o, n in pairs[:cut]]
     tables.payload = data.pop("features_payload", np.empty(0, np.uint8))
     tables.numeric = data
     return tables
+
+
+def trim_to_consistent(tables: Tables) -> Tables:
+    """Keeps the longest prefix of images whose every row is complete.
+
+    SWMR keeps each dataset readable, but a crash in the middle of appending a
+    batch can leave the columns at different lengths (one dataset's metadata
+    reached the disk, another's did not). The images kept are those present in
+    every image column whose detections and feature rows are all present too.
+    """
+    t = tables
+    image_cols = [v for k, v in t.numeric.items() if k.startswith("images/")]
+    image_cols += [v for k, v in t.strings.items() if k.startswith("images/")]
+    n = min((len(v) for v in image_cols), default=0)
+    det_cols = [v for k, v in t.numeric.items() if k.startswith("detections/")]
+    n_det = min((len(v) for v in det_cols), default=0)
+    if n:
+        ends = t.numeric["images/det_offset"][:n] + t.numeric["images/det_count"][:n]
+        bad = np.flatnonzero(ends > n_det)
+        n = int(bad[0]) if len(bad) else n
+    feat_cols = [v for k, v in t.numeric.items() if k.startswith("features/")]
+    feat_cols += [v for k, v in t.strings.items() if k.startswith("features/")]
+    n_feat = min((len(v) for v in feat_cols), default=0)
+    if n_feat:
+        num = t.numeric
+        complete = ((num["features/payload_offset"][:n_feat] + num["features/payload_nbytes"][:n_feat] <= len(t.payload))
+                    & (num["features/qrow_offset"][:n_feat] + num["features/qrow_count"][:n_feat]
+                       <= min(len(num["features_scale"]), len(num["features_offset"]))))
+        bad = np.flatnonzero(~complete)
+        n_feat = int(bad[0]) if len(bad) else n_feat
+        # An image is complete only with all of its features.
+        first_incomplete_image = num["features/image_row"][n_feat] if n_feat < len(num["features/image_row"]) else n
+        n = min(n, int(first_incomplete_image))
+        n_feat = int(np.searchsorted(num["features/image_row"][:n_feat], n))
+    if n:
+        n_det = int(t.numeric["images/det_offset"][n - 1] + t.numeric["images/det_count"][n - 1])
+    else:
+        n_det, n_feat = 0, 0
+    out = Tables(attrs=t.attrs)
+    for k, v in t.numeric.items():
+        if k.startswith("images/"):
+            out.numeric[k] = v[:n]
+        elif k.startswith("detections/"):
+            out.numeric[k] = v[:n_det]
+        elif k.startswith("features/"):
+            out.numeric[k] = v[:n_feat]
+    for k, v in t.strings.items():
+        out.strings[k] = v[:n] if k.startswith("images/") else v[:n_feat]
+    if n_feat:
+        last_q = int(t.numeric["features/qrow_offset"][n_feat - 1] + t.numeric["features/qrow_count"][n_feat - 1])
+        last_p = int(t.numeric["features/payload_offset"][n_feat - 1] + t.numeric["features/payload_nbytes"][n_feat - 1])
+    else:
+        last_q = last_p = 0
+    out.numeric["features_scale"] = t.numeric.get("features_scale", np.empty(0, np.float32))[:last_q]
+    out.numeric["features_offset"] = t.numeric.get("features_offset", np.empty(0, np.float32))[:last_q]
+    out.payload = t.payload[:last_p]
+    return out
 
 
 def merge_tables(parts: List[Tables], keep_epoch: Optional[int] = None, use_epoch_filter: bool = False) -> Tables:

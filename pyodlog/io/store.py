@@ -24,7 +24,7 @@ import numpy as np
 
 from pyodlog.io.copier import DeviceCopier
 from pyodlog.io.export import export_zip, write_tables
-from pyodlog.io.reader import read_segment
+from pyodlog.io.reader import read_segment, trim_to_consistent
 from pyodlog.io.segment import fsync_dir
 from pyodlog.io.writer import RecordWriter, WriterConfig
 from pyodlog.monitoring.sink import ResultInfo, SchemaMismatchError, Sink, new_result_name
@@ -86,7 +86,7 @@ def recover_segments(directory: Path) -> List[Path]:
                 continue  # a live writer holds it
             final = part.with_name(part.name[: -len(".part")])
             try:
-                tables = read_segment(part, swmr=True)
+                tables = trim_to_consistent(read_segment(part, swmr=True))
                 tmp = final.with_name(final.name + ".recovering")
                 write_tables(tmp, tables, dict(tables.attrs, recovered_from=part.name))
                 with open(tmp, "rb") as f:
