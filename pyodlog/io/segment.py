@@ -24,7 +24,12 @@ from pyodlog.io.columns import ColumnBatch
 __all__ = ["SegmentWriter", "fsync_dir", "STRING_SUFFIXES"]
 
 STRING_SUFFIXES = (".bytes", ".spans")
+# Chunk sizes. A flush writes the partial last chunk of every column again, so
+# small columns (one number per image) get small chunks: at low traffic a flush
+# then rewrites kilobytes, not a megabyte per column. The feature payload,
+# which carries most of the bytes, gets large chunks.
 CHUNK_BYTES = 1 << 20
+SMALL_CHUNK_BYTES = 64 << 10
 # Where each cross-table offset points, to shift batch-relative offsets.
 _SHIFTS = {
     "images/det_offset": "detections",
@@ -42,8 +47,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _rows_per_chunk(row_bytes: int) -> int:
-    return int(max(64, min(1 << 20, CHUNK_BYTES // max(row_bytes, 1))))
+def _rows_per_chunk(name: str, row_bytes: int) -> int:
+    target = CHUNK_BYTES if name == "features_payload" else SMALL_CHUNK_BYTES
+    return int(max(64, min(1 << 20, target // max(row_bytes, 1))))
 
 
 class SegmentWriter:
@@ -96,7 +102,7 @@ class SegmentWriter:
             self._tails: Dict[str, np.ndarray] = {}
         self._datasets[name] = self._file.create_dataset(
             name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
-            chunks=(_rows_per_chunk(row_bytes), *row_shape))
+            chunks=(_rows_per_chunk(name, row_bytes), *row_shape))
         self._lengths[name] = 0
 
     def accepts(self, batch: ColumnBatch) -> bool:
