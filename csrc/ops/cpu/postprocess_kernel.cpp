@@ -260,31 +260,28 @@ PostprocessResult postprocess_detections_cpu(const at::Tensor& scores, const at:
   const int64_t* group_ptr = group.defined() ? group.data_ptr<int64_t>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "postprocess_detections_cpu", [&] {
-    using S = scalar_t;
-    using B = scalar_t;
-    {
-      const bool as_double = scores.scalar_type() == at::kDouble;
-      at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const float rh = common::size_ratio(orig_hw[2 * b], net_hw[2 * b]);
-          const float rw = common::size_ratio(orig_hw[2 * b + 1], net_hw[2 * b + 1]);
-          auto run = [&](auto compute_tag) {
-            using T = decltype(compute_tag);
-            postprocess_image<T, S, B>(
-                scores_c.data_ptr<S>(), boxes_c.data_ptr<B>(), boxes.dim() == 3, n_classes, rows[b], group_ptr,
-                static_cast<T>(net_hw[2 * b]), static_cast<T>(net_hw[2 * b + 1]), rh, rw, config,
-                out_boxes.data_ptr<B>() + b * max_detections * 4, out_scores.data_ptr<S>() + b * max_detections,
-                out_labels.data_ptr<int64_t>() + b * max_detections,
-                out_candidates.data_ptr<int64_t>() + b * max_detections, out_counts.data_ptr<int64_t>() + b);
-          };
-          if (as_double) {
-            run(double{});
-          } else {
-            run(float{});
-          }
+    using S = scalar_t;  // scores and boxes share a dtype (checked)
+    const bool as_double = scores.scalar_type() == at::kDouble;
+    at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const float rh = common::size_ratio(orig_hw[2 * b], net_hw[2 * b]);
+        const float rw = common::size_ratio(orig_hw[2 * b + 1], net_hw[2 * b + 1]);
+        auto run = [&](auto compute_tag) {
+          using T = decltype(compute_tag);
+          postprocess_image<T, S, S>(
+              scores_c.data_ptr<S>(), boxes_c.data_ptr<S>(), boxes.dim() == 3, n_classes, rows[b], group_ptr,
+              static_cast<T>(net_hw[2 * b]), static_cast<T>(net_hw[2 * b + 1]), rh, rw, config,
+              out_boxes.data_ptr<S>() + b * max_detections * 4, out_scores.data_ptr<S>() + b * max_detections,
+              out_labels.data_ptr<int64_t>() + b * max_detections,
+              out_candidates.data_ptr<int64_t>() + b * max_detections, out_counts.data_ptr<int64_t>() + b);
+        };
+        if (as_double) {
+          run(double{});
+        } else {
+          run(float{});
         }
-      });
-    }
+      }
+    });
   });
   return result;
 }
