@@ -27,6 +27,9 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 	# Make this checkout importable from the venv (what an editable install does,
 	# without compiling a second time).
 	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'pyodlog-checkout.pth').write_text('$(CURDIR)\n')"
+	# The `pyodlog` command (the collector; pyproject's [project.scripts] entry).
+	printf '#!%s\nimport sys\nfrom pyodlog_collector.cli import main\nsys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/pyodlog
+	chmod +x $(VENV)/bin/pyodlog
 	$(PY) -c "import pyodlog; print('pyodlog built:', pyodlog.build_info())"
 	touch $@
 

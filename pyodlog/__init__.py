@@ -31,6 +31,7 @@ from pyodlog.monitoring import (
     Sink,
 )
 from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
+from pyodlog.sync import SyncConfig, SyncError, UploadSummary
 from pyodlog.io import HDF5Store, ResultData, StorageError, WriterConfig, WriterFailedError, open_result
 
 __version__ = "0.1.0"
@@ -44,6 +45,9 @@ __all__ = [
     "HDF5Store",
     "ResultData",
     "StorageError",
+    "SyncConfig",
+    "SyncError",
+    "UploadSummary",
     "WriterConfig",
     "WriterFailedError",
     "open_result",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import tempfile
@@ -14,6 +13,7 @@ from typing import Any, Dict, List, Optional
 import h5py
 import numpy as np
 
+from pyodlog_collector.files import sha256_file
 from pyodlog.io.reader import Tables, merge_tables, read_segment
 
 __all__ = ["write_tables", "export_zip"]
@@ -35,14 +35,6 @@ def write_tables(path: Path, tables: Tables, attrs: Dict[str, Any]) -> None:
         f.create_dataset("features_payload", data=tables.payload)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_zip(segments: List[Path], output: Path, n_epoch: Optional[int], meta: Dict[str, Any]) -> Path:
     """Merges the images of ``n_epoch`` (None: all) from ``segments`` into ``output``, atomically."""
     tables = merge_tables([read_segment(s) for s in segments], n_epoch, use_epoch_filter=n_epoch is not None)
@@ -57,7 +49,7 @@ def export_zip(segments: List[Path], output: Path, n_epoch: Optional[int], meta:
             counts={"images": tables.n_images, "detections": int(len(tables.numeric.get("detections/scores", []))),
                     "features": int(len(tables.strings.get("features/name", []))), "segments": len(segments)},
             segments=[s.name for s in segments],
-            members={"records.h5": {"sha256": _sha256(records), "bytes": records.stat().st_size}},
+            members={"records.h5": {"sha256": sha256_file(records), "bytes": records.stat().st_size}},
         )
         partial = Path(tmp) / (output.name + ".partial")
         with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as z:

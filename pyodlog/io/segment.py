@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Optional
 import h5py
 import numpy as np
 
+from pyodlog_collector.files import fsync_path as fsync_dir  # a folder's fsync makes renames durable
+
 from pyodlog.io.columns import ColumnBatch
 
 __all__ = ["SegmentWriter", "fsync_dir", "STRING_SUFFIXES"]
@@ -37,14 +39,6 @@ _SHIFTS = {
     "features/payload_offset": "payload",
     "features/qrow_offset": "qrows",
 }
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rows_per_chunk(name: str, row_bytes: int) -> int:

@@ -191,6 +191,10 @@ class HDF5Store(Sink):
                         best = top
         return best
 
+    def add_segment_listener(self, listener) -> None:
+        """Calls ``listener(path)`` (on the writer thread: return quickly) whenever a segment is closed."""
+        self._writer_or_error().segment_listeners.append(listener)
+
     def segments(self) -> List[Path]:
         """The closed segments of the open result."""
         return sorted(self.directory.glob("*.h5")) if self.directory else []

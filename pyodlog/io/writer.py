@@ -112,6 +112,8 @@ class RecordWriter:
         self._token = secrets.token_hex(3)
         self.fault_injection: Optional[Callable[[], None]] = None  # tests: raise at the writer's boundary
         self.copier: Optional[DeviceCopier] = None
+        # Called on the writer thread with each closed segment's path (the syncer's wake-up).
+        self.segment_listeners: List[Callable[[Path], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"pyodlog-writer-{self.directory.name}", daemon=True)
         self._thread.start()
 
@@ -278,6 +280,11 @@ class RecordWriter:
             path = self._segment.close()
             self._segment = None
             self.segments_closed.append(path)
+            for listener in self.segment_listeners:
+                try:
+                    listener(path)
+                except Exception:  # noqa: BLE001  (a listener never stops the writer)
+                    log.exception("pyodlog: a segment listener failed")
 
     def _drop_broken_segment(self) -> None:
         """After a disk error: close the open segment if possible (recovery handles it otherwise)."""

@@ -6,7 +6,7 @@ import time
 import uuid
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,9 @@ from pyodlog.monitoring.validation import (
     check_thresholds,
 )
 from pyodlog.structures import CallRecord, DetectionBatch
+
+if TYPE_CHECKING:
+    from pyodlog.sync import SyncConfig
 
 __all__ = ["NmsConfig", "ObjectDetectionTorchLogger", "unwrap_model"]
 
@@ -98,6 +101,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         sink: where records go (keyword only); default :class:`pyodlog.HDF5Store`
             (local HDF5 under ``PYODLOG_HOME`` or ``./pyodlog_data``).
         log_embeddings: record a per-detection embedding where the family has one.
+        sync_config: how to reach the collector (keyword only): TLS CA bundle,
+            timeouts, retries, piece size (:class:`pyodlog.SyncConfig`).
     """
 
     #: Human-readable name of the model family, for error messages.
@@ -123,6 +128,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         *,
         sink: Optional[Sink] = None,
         log_embeddings: bool = True,
+        sync_config: Optional["SyncConfig"] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -149,7 +155,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             "family": type(self).__name__,
         }
         self._init_monitoring(model_name, version_name, result_name, n_epoch, schema, force_table_recreate,
-                              auto_sync, api_endpoint, api_key, sink)
+                              auto_sync, api_endpoint, api_key, sink, sync_config)
         self._apply_nms_config(core, nms)
         self._core = core
         self._init_tracer(core, layers)

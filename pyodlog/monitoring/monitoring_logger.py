@@ -7,11 +7,14 @@ endpoint and key, and the lifecycle (``close()``, context manager).
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from pyodlog.monitoring.sink import Sink
 from pyodlog.monitoring.validation import check_n_epoch, check_name
 from pyodlog.structures import CallRecord
+
+if TYPE_CHECKING:
+    from pyodlog.sync import SyncConfig, Syncer, UploadSummary
 
 __all__ = ["LoggerClosedError", "MonitoringLogger", "Secret"]
 
@@ -56,7 +59,10 @@ class MonitoringLogger:
         api_endpoint: Optional[str],
         api_key: Optional[str],
         sink: Optional[Sink],
+        sync_config: Optional["SyncConfig"] = None,
     ) -> None:
+        from pyodlog.sync import CollectorClient, SyncConfig, Syncer, check_endpoint
+
         self.model_name = check_name(model_name, "model_name")
         self.version_name = check_name(version_name, "version_name")
         check_name(result_name, "result_name", allow_none=True)
@@ -65,12 +71,18 @@ class MonitoringLogger:
             raise ValueError(f"auto_sync must be True or False, got {auto_sync!r}")
         if not isinstance(force_table_recreate, bool):
             raise ValueError(f"force_table_recreate must be True or False, got {force_table_recreate!r}")
+        if sync_config is None:
+            sync_config = SyncConfig()
+        elif not isinstance(sync_config, SyncConfig):
+            raise ValueError(f"sync_config must be a pyodlog.SyncConfig, got {type(sync_config).__name__}")
         endpoint = api_endpoint if api_endpoint is not None else os.environ.get("PYODLOG_API_ENDPOINT") or None
-        if endpoint is not None and (not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://"))):
-            raise ValueError(f"api_endpoint must be an http:// or https:// URL, got {endpoint!r}")
+        if endpoint is not None:
+            endpoint = check_endpoint(endpoint, sync_config.allow_insecure_http)
         key = api_key if api_key is not None else os.environ.get("PYODLOG_API_KEY") or None
-        if key is not None and not isinstance(key, str):
-            raise ValueError(f"api_key must be a string, got {type(key).__name__}")
+        if key is not None and (not isinstance(key, str) or not key.strip()):
+            raise ValueError(f"api_key must be a non-empty string, got {type(key).__name__}")
+        if endpoint is not None and key is None:
+            raise ValueError(f"api_endpoint {endpoint!r} needs an API key: pass api_key=... or set PYODLOG_API_KEY")
         self.api_endpoint: Optional[str] = endpoint
         # Never part of repr(), str() or an error message.
         self._api_key = None if key is None else Secret(key)
@@ -86,6 +98,15 @@ class MonitoringLogger:
         self.result_name: str = info.result_name
         # 'latest' resolves once, here: the highest epoch already in the result, 0 if none.
         self.n_epoch: Optional[int] = (info.latest_epoch or 0) if n_epoch == "latest" else n_epoch
+        # Closed segments go to the collector from disk, never from the inference path.
+        self._syncer: Optional[Syncer] = None
+        add_listener = getattr(sink, "add_segment_listener", None)
+        if endpoint is not None and add_listener is not None:
+            self._syncer = Syncer(CollectorClient(endpoint, self._api_key, sync_config), sink.segments, sink.directory,
+                                  self.model_name, self.version_name, self.result_name, sink.rank, self.n_epoch,
+                                  sync_config, auto=self.auto_sync)
+            if self.auto_sync:
+                add_listener(lambda path: self._syncer.notify())
 
     @property
     def has_api_key(self) -> bool:
@@ -140,21 +161,48 @@ class MonitoringLogger:
         self.wait_for_save()
         return exporter(self, output_path)
 
-    def upload(self):
-        """Sends every record not yet synced to ``api_endpoint``."""
+    def upload(self) -> "UploadSummary":
+        """Sends every record not yet acknowledged by the collector at ``api_endpoint``, and waits.
+
+        Waits for pending saves, closes the open segment, then sends every
+        closed segment of the result that holds records of the resolved
+        ``n_epoch`` (all for None) and that the collector has not acknowledged:
+        idempotent, resumable, and a no-op when everything was sent. Shows a
+        progress bar in an interactive terminal.
+
+        Returns:
+            An :class:`~pyodlog.sync.UploadSummary` (segments, bytes, seconds, already stored).
+
+        Raises:
+            RuntimeError: no endpoint is configured.
+            pyodlog.SyncError: the collector could not be reached or refused
+                (the message names the endpoint and why; what was sent stays sent).
+        """
+        self._check_open()
         if self.api_endpoint is None:
-            raise RuntimeError("upload() needs an endpoint: pass api_endpoint=... or set PYODLOG_API_ENDPOINT")
-        uploader = getattr(self._sink, "upload", None)
-        if uploader is None:
+            raise RuntimeError("upload() needs an endpoint: pass api_endpoint=... and api_key=..., or set "
+                               "PYODLOG_API_ENDPOINT and PYODLOG_API_KEY")
+        if self._syncer is None:
             raise NotImplementedError(
                 f"upload() sends stored segments, but this logger's sink ({type(self._sink).__name__}) stores none"
             )
-        return uploader(self, self._api_key)
+        self.wait_for_save()
+        self._sink.rotate()
+        return self._syncer.upload_all()
+
+    @property
+    def syncer(self) -> Optional["Syncer"]:
+        """The uploader (None without an endpoint): ``syncer.stats()``, ``syncer.pending()``."""
+        return self._syncer
 
     def _close_monitoring(self) -> None:
         if not self._closed:
             self._closed = True
-            self._sink.close()
+            try:
+                self._sink.close()  # closes the last segment, which the syncer then sends
+            finally:
+                if self._syncer is not None:
+                    self._syncer.close()
 
     def close(self) -> None:
         """Removes hooks, flushes and releases everything; idempotent."""

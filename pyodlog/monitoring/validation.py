@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from pyodlog_collector.protocol import is_valid_name  # the collector accepts exactly these names
+
 __all__ = [
     "FieldSpec",
     "LayerSpec",
@@ -27,7 +29,6 @@ __all__ = [
     "check_thresholds",
 ]
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 FIELD_DTYPES = ("int32", "int64", "float32", "float64", "bool", "str")
 COMPRESSIONS = ("uint8", "float16", "bfloat16", "none")
 
@@ -38,7 +39,7 @@ def check_name(value: Any, argument: str, allow_none: bool = False) -> Optional[
         return None
     if not isinstance(value, str):
         raise ValueError(f"{argument} must be a string, got {type(value).__name__} {value!r}")
-    if not NAME_PATTERN.match(value) or value in (".", ".."):
+    if not is_valid_name(value):
         raise ValueError(
             f"{argument}={value!r} is not a valid name: use 1 to 128 letters, digits, '-', '_' or '.' "
             f"(no '/', spaces or other characters, and not '.' or '..'), e.g. 'fasterrcnn-v2_2024.1'"

@@ -1,0 +1,7 @@
+"""Sync: sending closed segments to a collector (see ``docs/protocol.md``)."""
+
+from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, check_endpoint
+from pyodlog.sync.state import SyncState
+from pyodlog.sync.syncer import Syncer, UploadSummary
+
+__all__ = ["CollectorClient", "SyncConfig", "SyncError", "SyncState", "Syncer", "UploadSummary", "check_endpoint"]

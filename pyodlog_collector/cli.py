@@ -1,0 +1,155 @@
+"""The ``pyodlog`` command: run the reference collector and look at what it holds.
+
+    pyodlog serve --root DIR --api-key-file FILE [--host 127.0.0.1] [--port 8750]
+    pyodlog list --root DIR [--tenant NAME]
+    pyodlog export --root DIR --tenant NAME MODEL VERSION RESULT [--epoch N] [-o OUT.zip]
+    pyodlog keygen FILE [--tenant NAME]
+
+``serve``, ``list`` and ``keygen`` use the standard library only (no torch):
+the collector starts in well under a second. ``export`` merges a result's
+segments into the same ZIP that ``logger.export()`` writes, with pyodlog's reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+from pyodlog_collector.keys import ApiKeys, KeyFileError, generate_key, write_key_file
+from pyodlog_collector.protocol import is_valid_name
+
+__all__ = ["main"]
+
+DEFAULT_PORT = 8750
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1048576, 64M or 8G") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a size must be positive")
+    return value
+
+
+def _name(text: str) -> str:
+    if not is_valid_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1-128 letters, digits, '-', '_' or '.'")
+    return text
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyodlog", description="pyodlog's reference collector and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the collector (HTTP)")
+    serve.add_argument("--root", required=True, type=Path, help="folder where uploaded segments are stored")
+    serve.add_argument("--api-key-file", required=True, type=Path,
+                       help="file with one 'TENANT:KEY' (or a bare 'KEY') per line")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    serve.add_argument("--max-request-bytes", type=_size, default=64 << 20, help="largest request body (default 64M)")
+    serve.add_argument("--max-segment-bytes", type=_size, default=8 << 30, help="largest segment (default 8G)")
+    serve.add_argument("--quiet", action="store_true", help="log warnings and errors only, not every request")
+    lister = sub.add_parser("list", help="list the results a collector root holds")
+    lister.add_argument("--root", required=True, type=Path)
+    lister.add_argument("--tenant", type=_name, help="only this tenant")
+    export = sub.add_parser("export", help="export a result the collector holds as a pyodlog ZIP")
+    export.add_argument("--root", required=True, type=Path)
+    export.add_argument("--tenant", type=_name, default="default")
+    export.add_argument("model", type=_name)
+    export.add_argument("version", type=_name)
+    export.add_argument("result", type=_name)
+    export.add_argument("--epoch", type=int, default=None, help="only this epoch (default: all)")
+    export.add_argument("-o", "--output", type=Path, help="the ZIP to write (default: ./MODEL_VERSION_RESULT.zip)")
+    keygen = sub.add_parser("keygen", help="append a new random API key to a key file (created 0600)")
+    keygen.add_argument("file", type=Path)
+    keygen.add_argument("--tenant", type=_name, default="default")
+    return parser
+
+
+def _serve(args) -> int:
+    from pyodlog_collector.http import make_server
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        keys = ApiKeys.from_file(args.api_key_file)
+    except KeyFileError as error:
+        print(f"pyodlog serve: {error}", file=sys.stderr)
+        return 2
+    try:
+        server = make_server(args.root, keys, args.host, args.port, args.max_request_bytes, args.max_segment_bytes)
+    except OSError as error:
+        print(f"pyodlog serve: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    # SIGTERM stops the server the way Ctrl-C does; shutdown() must come from another thread.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"pyodlog collector listening on {server.url} (root {server.storage.root}, {len(keys)} key(s), "
+          f"tenants {', '.join(keys.tenants)})", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _list(args) -> int:
+    from pyodlog_collector.storage import CollectorStorage
+
+    if not args.root.is_dir():
+        print(f"pyodlog list: {args.root} is not a folder", file=sys.stderr)
+        return 2
+    storage = CollectorStorage(args.root)
+    rows = [dict(tenant=t, **r) for t in storage.tenants() if args.tenant in (None, t) for r in storage.list_results(t)]
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from pyodlog_collector.storage import CollectorStorage
+
+    storage = CollectorStorage(args.root)
+    folder = storage.result_dir(args.tenant, args.model, args.version, args.result)
+    segments = [folder / s["segment_id"] for s in storage.list_segments(args.tenant, args.model, args.version, args.result)]
+    if not segments:
+        print(f"pyodlog export: no segments for {args.model}/{args.version}/{args.result} of tenant {args.tenant} "
+              f"under {args.root}", file=sys.stderr)
+        return 2
+    from pyodlog.io.export import export_zip  # pyodlog's own reader and writer (imports torch)
+
+    output = args.output or Path(f"{args.model}_{args.version}_{args.result}.zip")
+    meta = {"model_name": args.model, "version_name": args.version, "result_name": args.result,
+            "exported_by": "pyodlog collector"}
+    path = export_zip(sorted(segments), output, args.epoch, meta)
+    print(path)
+    return 0
+
+
+def _keygen(args) -> int:
+    lines = args.file.read_text().splitlines() if args.file.exists() else []
+    lines.append(f"{args.tenant}:{generate_key()}")
+    write_key_file(args.file, lines)
+    print(f"added a key for tenant {args.tenant!r} to {args.file} (the key is in the file, not printed)")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    return {"serve": _serve, "list": _list, "export": _export, "keygen": _keygen}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The pyodlog collector protocol, version 1: what client and server agree on.
+
+Standard library only: the collector imports this without torch, and the
+client (:mod:`pyodlog.sync`) imports the same definitions. The prose
+specification is ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+from urllib.parse import quote
+
+__all__ = [
+    "API_PREFIX",
+    "HEADER_IDEMPOTENCY_KEY",
+    "NAME_PATTERN",
+    "PROTOCOL_VERSION",
+    "SHA256_PATTERN",
+    "is_valid_name",
+    "is_valid_sha256",
+    "results_path",
+    "segment_path",
+    "segments_path",
+]
+
+PROTOCOL_VERSION = 1
+API_PREFIX = f"/v{PROTOCOL_VERSION}"
+HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
+
+#: Model, version, result and segment names: they become folder and file names
+#: on both sides, so only these characters, never '.' or '..'.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+MAX_RANK = 1 << 20
+
+
+def is_valid_name(value: object) -> bool:
+    """Whether ``value`` may be a model, version, result or segment name."""
+    return isinstance(value, str) and bool(NAME_PATTERN.match(value)) and value not in (".", "..")
+
+
+def is_valid_sha256(value: object) -> bool:
+    """Whether ``value`` is a lower-case hex SHA-256 digest."""
+    return isinstance(value, str) and bool(SHA256_PATTERN.match(value))
+
+
+def parse_rank(value: str) -> Optional[int]:
+    """A rank from a URL segment (a decimal int in [0, MAX_RANK)), or None."""
+    if not value.isdigit() or len(value) > 7:
+        return None
+    rank = int(value)
+    return rank if rank < MAX_RANK else None
+
+
+def results_path() -> str:
+    """``GET``: the results this key has uploaded to."""
+    return f"{API_PREFIX}/results"
+
+
+def segments_path(model: str, version: str, result: str) -> str:
+    """``GET``: the segments the server holds for one result."""
+    return f"{API_PREFIX}/segments/{quote(model)}/{quote(version)}/{quote(result)}"
+
+
+def segment_path(model: str, version: str, result: str, rank: int, segment_id: str) -> str:
+    """``GET``: upload status; ``PUT``: upload a piece; ``GET …/content``: the stored bytes."""
+    return f"{segments_path(model, version, result)}/{int(rank)}/{quote(segment_id)}"

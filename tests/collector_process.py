@@ -1,0 +1,136 @@
+"""The reference collector as a real process on loopback, and a flaky proxy in front of it, for the sync tests."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import List, Optional
+
+import requests
+
+KEY_A = "key-of-tenant-a-0123456789abcdef"
+KEY_B = "key-of-tenant-b-fedcba9876543210"
+
+
+def write_keys(path: Path) -> Path:
+    path.write_text(f"# two tenants\ntenant-a:{KEY_A}\ntenant-b:{KEY_B}\n")
+    path.chmod(0o600)
+    return path
+
+
+class CollectorProcess:
+    """``python -m pyodlog_collector serve`` on 127.0.0.1; restartable on the same port and root."""
+
+    def __init__(self, root: Path, key_file: Path, extra_args: Optional[List[str]] = None) -> None:
+        self.root, self.key_file, self.extra_args = root, key_file, extra_args or []
+        self.port = 0
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = root.parent / f"{root.name}-server.log"
+
+    def start(self) -> "CollectorProcess":
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pyodlog_collector", "serve", "--root", str(self.root), "--api-key-file",
+             str(self.key_file), "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args],
+            stdout=subprocess.PIPE, stderr=log, text=True)
+        line = self.proc.stdout.readline()
+        if "listening on" not in line:
+            self.proc.wait(10)
+            raise RuntimeError(f"the collector did not start: {line!r}\n{self.log_path.read_text()}")
+        self.url = line.split("listening on ")[1].split()[0]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def segments(self, tenant: str, model: str, version: str, result: str) -> List[Path]:
+        folder = self.root / tenant / model / version / result
+        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+class FlakyProxy:
+    """Forwards to the collector, but answers the first ``failures`` requests with ``status`` itself."""
+
+    def __init__(self, upstream_port: int, failures: int, status: int = 503, retry_after: Optional[str] = "0") -> None:
+        self.failures_left = failures
+        self.refused: List[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with lock:
+                    fail = proxy.failures_left > 0
+                    proxy.failures_left -= fail
+                if fail:
+                    proxy.refused.append(f"{self.command} {self.path}")
+                    data = b'{"error": "unavailable"}'
+                    self.send_response(status)
+                    if retry_after is not None:
+                        self.send_header("Retry-After", retry_after)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                answer = upstream.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = _handle
+
+        lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def put(url: str, key: Optional[str], data: bytes = b"", **params) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.put(url, data=data, params=params, headers=headers, timeout=30)
+
+
+def get(url: str, key: Optional[str], **params) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.get(url, params=params, headers=headers, timeout=30)
+
