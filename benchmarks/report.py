@@ -31,7 +31,8 @@ def render(data: dict, machine: str, command: str) -> str:
             role = b["extra_info"].get("role", b["name"])
             bandwidth = ""
             if "bytes" in b["extra_info"]:
-                bandwidth = f", {b['extra_info']['bytes'] / median / 1e9:.0f} GB/s"
+                rate = b["extra_info"]["bytes"] / median
+                bandwidth = f", {rate / 1e9:.1f} GB/s" if rate >= 1e9 else f", {rate / 1e6:.0f} MB/s"
             lines.append(f"| {group} | {role} | {median * 1e3:.3f} ms{bandwidth} | {ratio} |")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,100 @@
+"""Upload throughput to the reference collector on loopback, against a plain ``requests.put`` of the same bytes.
+
+Both send a 64 MiB segment to the same collector process, into a fresh result
+each round, and the collector does the same work for both (write, SHA-256
+check, fsync, rename). The baseline is one PUT of the whole body with the
+checksum computed beforehand (outside the timing); pyodlog's ``Syncer``
+computes the checksum, asks what the collector has, and sends 8 MiB pieces
+(each resumable), and writes its acknowledgement marker. Also: how long the
+collector takes from process start to its first answer, against starting a
+bare Python interpreter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from collector_process import KEY_A, CollectorProcess, write_keys
+from pyodlog.monitoring.monitoring_logger import Secret
+from pyodlog.sync import CollectorClient, SyncConfig, Syncer
+from pyodlog_collector.protocol import segment_path
+
+SIZE = 64 << 20
+
+
+@pytest.fixture(scope="module")
+def collector():
+    folder = Path(tempfile.mkdtemp())
+    server = CollectorProcess(folder / "collector", write_keys(folder / "keys"),
+                              ["--quiet", "--max-request-bytes", "128M"]).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def segment():
+    folder = Path(tempfile.mkdtemp())
+    path = folder / "seg-00000000000000000001-r000-p1-bench0-000001.h5"
+    path.write_bytes(os.urandom(SIZE))
+    return path
+
+
+@pytest.mark.parametrize("impl", ["requests.put", "pyodlog Syncer"])
+def test_upload_throughput(benchmark, collector, segment, impl):
+    data = segment.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    session = requests.Session()
+    client = CollectorClient(collector.url, Secret(KEY_A), SyncConfig())
+
+    def plain_put():
+        url = collector.url + segment_path("bench", "v1", uuid.uuid4().hex, 0, segment.name)
+        answer = session.put(url, data=data, params={"sha256": digest, "offset": 0, "total": len(data)},
+                             headers={"Authorization": f"Bearer {KEY_A}"}, timeout=120)
+        assert answer.status_code == 201
+
+    def make_syncer():
+        (segment.parent / ".sync").exists() and [p.unlink() for p in (segment.parent / ".sync").rglob("*.ack")]
+        syncer = Syncer(client, lambda: [segment], segment.parent, "bench", "v1", uuid.uuid4().hex, 0, None,
+                        client.config, auto=False)
+        return (syncer,), {}
+
+    def pyodlog_upload(syncer):
+        assert syncer.sync_once().segments == 1
+
+    benchmark.group = f"upload to the collector on loopback ({SIZE >> 20} MiB segment)"
+    benchmark.extra_info["role"] = "baseline" if impl == "requests.put" else impl
+    benchmark.extra_info["bytes"] = SIZE
+    if impl == "requests.put":
+        benchmark.pedantic(plain_put, rounds=5, warmup_rounds=1)
+    else:
+        benchmark.pedantic(pyodlog_upload, setup=make_syncer, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["python -c pass", "pyodlog serve"])
+def test_collector_start(benchmark, tmp_path, impl):
+    keys = write_keys(tmp_path / "keys")
+
+    def bare_python():
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+    def serve_until_it_answers():
+        server = CollectorProcess(tmp_path / f"root-{uuid.uuid4().hex[:6]}", keys, ["--quiet"])
+        server.start()
+        deadline = time.monotonic() + 30
+        while requests.get(server.url + "/v1/health", timeout=5).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.stop()
+
+    benchmark.group = "collector start: process start to first answer"
+    benchmark.extra_info["role"] = "baseline" if impl == "python -c pass" else impl
+    benchmark.pedantic(bare_python if impl == "python -c pass" else serve_until_it_answers, rounds=5, warmup_rounds=1)
