@@ -31,6 +31,7 @@ from pyodlog.monitoring import (
     Sink,
 )
 from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
+from pyodlog.distributed import DistributedLoggingError
 from pyodlog.sync import SyncConfig, SyncError, UploadSummary
 from pyodlog.io import HDF5Store, ResultData, StorageError, WriterConfig, WriterFailedError, open_result
 
@@ -40,6 +41,7 @@ __all__ = [
     "CallRecord",
     "DetectionBatch",
     "DetectionOutput",
+    "DistributedLoggingError",
     "ExtensionNotBuiltError",
     "FCOSLogger",
     "HDF5Store",

@@ -7,9 +7,11 @@ endpoint and key, and the lifecycle (``close()``, context manager).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
-from pyodlog.monitoring.sink import Sink
+from pyodlog.distributed import DistContext, DistributedLoggingError, agree, current_context
+from pyodlog.monitoring.sink import SchemaMismatchError, Sink
 from pyodlog.monitoring.validation import check_n_epoch, check_name
 from pyodlog.structures import CallRecord
 
@@ -94,10 +96,24 @@ class MonitoringLogger:
             sink = HDF5Store()
         self._sink: Sink = sink
         self._closed = False
-        info = self._sink.open_result(self.model_name, self.version_name, result_name, schema, force_table_recreate)
-        self.result_name: str = info.result_name
-        # 'latest' resolves once, here: the highest epoch already in the result, 0 if none.
-        self.n_epoch: Optional[int] = (info.latest_epoch or 0) if n_epoch == "latest" else n_epoch
+        # Under torch.distributed, rank 0 resolves the result and the epoch and every rank follows.
+        self._dist: Optional[DistContext] = current_context()
+
+        def resolve():
+            info = self._sink.open_result(self.model_name, self.version_name, result_name, schema, force_table_recreate)
+            # 'latest' resolves once, here: the highest epoch already in the result, 0 if none.
+            return info.result_name, (info.latest_epoch or 0) if n_epoch == "latest" else n_epoch
+
+        self.result_name, self.n_epoch = agree(self._dist, resolve)
+        if self._dist is not None and self._dist.rank != 0:
+            try:
+                self._sink.open_result(self.model_name, self.version_name, self.result_name, schema, False)
+            except SchemaMismatchError:
+                if not force_table_recreate:
+                    raise
+                # Rank 0 recreated the result already; a mismatch here means this rank's data folder is not
+                # rank 0's (no shared file system) and holds an older schema.
+                self._sink.open_result(self.model_name, self.version_name, self.result_name, schema, True)
         # Closed segments go to the collector from disk, never from the inference path.
         self._syncer: Optional[Syncer] = None
         add_listener = getattr(sink, "add_segment_listener", None)
@@ -136,7 +152,7 @@ class MonitoringLogger:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self._sink.wait_for_save(interval)
 
-    def export(self, output_path: Optional[str] = None):
+    def export(self, output_path: Optional[str] = None, *, timeout: float = 300.0) -> Optional[Path]:
         """Exports the records of the resolved ``n_epoch`` as a ZIP archive.
 
         Waits for pending saves, closes the open segment, and writes a ZIP with
@@ -144,13 +160,25 @@ class MonitoringLogger:
         ``records.h5`` (the selected records in the segment layout), atomically.
         Read it back with :func:`pyodlog.open_result`.
 
+        Under ``torch.distributed`` it is collective: every rank saves and
+        closes its segment, rank 0 waits for all of them (at most ``timeout``
+        seconds) and exports every rank's records in one ZIP; the other ranks
+        return None. The ranks must share the data folder (``PYODLOG_HOME``);
+        without a shared file system, use ``auto_sync`` to a collector, which
+        merges the ranks by result.
+
         Args:
             output_path: a ``.zip`` path, or a folder (the default file name
                 ``<model>_<version>_<result>_epoch<N>.zip`` is appended);
                 default the current directory.
+            timeout: seconds rank 0 waits for the other ranks (distributed only).
 
         Returns:
-            The ZIP's path.
+            The ZIP's path (None on ranks other than 0).
+
+        Raises:
+            pyodlog.DistributedLoggingError: a rank did not arrive in time, or
+                rank 0 cannot see another rank's segments.
         """
         exporter = getattr(self._sink, "export", None)
         if exporter is None:
@@ -159,6 +187,23 @@ class MonitoringLogger:
                 f"in memory: read them with logger.sink.records(model_name, version_name, result_name)"
             )
         self.wait_for_save()
+        if self._dist is None:
+            return exporter(self, output_path)
+        self._sink.rotate()
+        self._dist.barrier(timeout, "export()")
+        mine = [p.name for p in self._sink.segments() if f"-r{self._dist.rank:03d}-" in p.name]
+        by_rank = self._dist.gather_to_rank0(mine)
+        if self._dist.rank != 0:
+            return None
+        visible = {p.name for p in self._sink.segments()}
+        for rank, names in enumerate(by_rank):
+            missing = [n for n in names if n not in visible]
+            if missing:
+                raise DistributedLoggingError(
+                    f"export() on rank 0 cannot see {len(missing)} segment(s) of rank {rank} in {self._sink.directory} "
+                    f"(e.g. {missing[0]}): the ranks do not share PYODLOG_HOME. Point every rank at one shared "
+                    "folder, or use auto_sync to a collector, which merges the ranks by result"
+                )
         return exporter(self, output_path)
 
     def upload(self) -> "UploadSummary":
