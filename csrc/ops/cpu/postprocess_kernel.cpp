@@ -180,20 +180,50 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     }
   }
 
-  // Per-class greedy NMS, classes one after the other.
-  std::sort(pairs.begin(), pairs.end(), [](const Pair<T>& a, const Pair<T>& b) {
-    return a.label != b.label ? a.label < b.label : visits_before(a, b);
-  });
-  const T threshold = common::nms_threshold<T>(config.iou_thresh);
-  GreedyNms<T> nms;
-  size_t n_kept = 0;
-  for (size_t i = 0; i < pairs.size(); ++i) {
-    if (i == 0 || pairs[i].label != pairs[i - 1].label) {
-      nms.reset();
+  // Per-class greedy NMS. The pairs are bucketed by class (a counting sort),
+  // and the classes -- independent of each other -- are sorted by visiting
+  // order and suppressed in parallel: inside a batch's parallel loop over
+  // images this runs serially, but a single image (the latency-bound case)
+  // uses every thread. Kept pairs are compacted class by class, as a serial
+  // pass over the (class, visit)-sorted pairs would leave them.
+  const int64_t n_labels = n_classes;
+  std::vector<int64_t> label_starts(n_labels + 1, 0);
+  for (const Pair<T>& p : pairs) {
+    ++label_starts[p.label + 1];
+  }
+  for (int64_t c = 0; c < n_labels; ++c) {
+    label_starts[c + 1] += label_starts[c];
+  }
+  std::vector<Pair<T>> by_label(pairs.size());
+  {
+    std::vector<int64_t> cursor(label_starts.begin(), label_starts.end() - 1);
+    for (const Pair<T>& p : pairs) {
+      by_label[cursor[p.label]++] = p;
     }
-    const T* b = pairs[i].box;
-    if (nms.offer(b[0], b[1], b[2], b[3], threshold)) {
-      pairs[n_kept++] = pairs[i];
+  }
+  const T threshold = common::nms_threshold<T>(config.iou_thresh);
+  std::vector<char> kept(by_label.size(), 0);
+  // Small workloads stay on the calling thread (a parallel region costs microseconds).
+  const int64_t grain = by_label.size() < 4096 ? n_labels : 1;
+  at::parallel_for(0, n_labels, grain, [&](int64_t c_begin, int64_t c_end) {
+    GreedyNms<T> nms;
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      auto first = by_label.begin() + label_starts[c], last = by_label.begin() + label_starts[c + 1];
+      if (first == last) {
+        continue;
+      }
+      std::sort(first, last, visits_before<T>);
+      nms.reset();
+      for (auto it = first; it != last; ++it) {
+        const T* b = it->box;
+        kept[it - by_label.begin()] = nms.offer(b[0], b[1], b[2], b[3], threshold) ? 1 : 0;
+      }
+    }
+  });
+  size_t n_kept = 0;
+  for (size_t i = 0; i < by_label.size(); ++i) {
+    if (kept[i]) {
+      pairs[n_kept++] = by_label[i];
     }
   }
   pairs.resize(n_kept);
