@@ -1,0 +1,54 @@
+"""Peak host memory of full logging (detections + logits + embeddings + one FPN level in uint8) over many calls.
+
+Logs ``fasterrcnn_mobilenet_v3_large_320_fpn`` at batch 1 through the HDF5
+store and samples the process's resident memory (psutil) every 50 calls: the
+curve must be flat after warm-up (no leak across calls; the writer's queue and
+the copier's pinned pool bound what is in flight).
+
+Usage: .venv/bin/python benchmarks/memory_soak.py [CALLS]   (default 1000)
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pyodlog  # noqa: E402
+from bench_overhead import FPN_LEVEL, _make  # noqa: E402
+from pyodlog.io import HDF5Store  # noqa: E402
+
+
+def main(calls: int) -> None:
+    process = psutil.Process()
+    model = _make("fasterrcnn_mobilenet_v3_large_320_fpn")
+    images = [torch.rand(3, 480, 640)]
+    logger = pyodlog.create_logger(model, "soak", "v1", sink=HDF5Store(tempfile.mkdtemp()),
+                                   target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}})
+    samples = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(1, calls + 1):
+            logger(images)
+            if i % 50 == 0:
+                samples.append((i, process.memory_info().rss))
+    logger.wait_for_save()
+    elapsed = time.perf_counter() - start
+    stats = logger.sink.stats()
+    logger.close()
+    mib = [rss / 2**20 for _, rss in samples]
+    print(f"{calls} calls in {elapsed:.1f} s; written {stats['written']}, dropped {stats['dropped']}")
+    print("RSS MiB every 50 calls:", " ".join(f"{m:.0f}" for m in mib))
+    after_warmup = mib[len(mib) // 5:]
+    print(f"peak {max(mib):.0f} MiB; after the first fifth: min {min(after_warmup):.0f}, max {max(after_warmup):.0f} "
+          f"(spread {max(after_warmup) - min(after_warmup):.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)
