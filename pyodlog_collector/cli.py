@@ -1,6 +1,6 @@
 """The ``pyodlog`` command: run the reference collector and look at what it holds.
 
-    pyodlog serve --root DIR --api-key-file FILE [--host 127.0.0.1] [--port 8750]
+    pyodlog serve --root DIR --api-key-file FILE [--host 127.0.0.1] [--port 8750] [--tls-cert PEM --tls-key PEM]
     pyodlog list --root DIR [--tenant NAME]
     pyodlog export --root DIR --tenant NAME MODEL VERSION RESULT [--epoch N] [-o OUT.zip]
     pyodlog keygen FILE [--tenant NAME]
@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
     serve.add_argument("--max-request-bytes", type=_size, default=64 << 20, help="largest request body (default 64M)")
     serve.add_argument("--max-segment-bytes", type=_size, default=8 << 30, help="largest segment (default 8G)")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve HTTPS (with --tls-key)")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     serve.add_argument("--quiet", action="store_true", help="log warnings and errors only, not every request")
     lister = sub.add_parser("list", help="list the results a collector root holds")
     lister.add_argument("--root", required=True, type=Path)
@@ -88,8 +90,21 @@ def _serve(args) -> int:
     except KeyFileError as error:
         print(f"pyodlog serve: {error}", file=sys.stderr)
         return 2
+    tls = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("pyodlog serve: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.tls_cert is not None:
+        from pyodlog_collector.http import tls_context
+
+        try:
+            tls = tls_context(str(args.tls_cert), str(args.tls_key))
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            print(f"pyodlog serve: cannot load the TLS certificate or key: {error}", file=sys.stderr)
+            return 2
     try:
-        server = make_server(args.root, keys, args.host, args.port, args.max_request_bytes, args.max_segment_bytes)
+        server = make_server(args.root, keys, args.host, args.port, args.max_request_bytes, args.max_segment_bytes,
+                             tls)
     except OSError as error:
         print(f"pyodlog serve: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         return 2

@@ -3,8 +3,9 @@
 Built on the standard library's ``ThreadingHTTPServer`` on purpose: the
 collector then needs nothing beyond Python, starts in well under a second,
 and its whole request path is in this file. HTTP/1.1 keep-alive lets a
-client's connection pool reuse connections. Put a TLS-terminating proxy in
-front of it for traffic that leaves the machine.
+client's connection pool reuse connections. It speaks HTTPS itself when given
+a certificate and key (``--tls-cert``/``--tls-key``), or sits behind a
+TLS-terminating proxy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import ssl
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +30,7 @@ from pyodlog_collector.protocol import (
 )
 from pyodlog_collector.storage import CollectorStorage, SegmentKey
 
-__all__ = ["CollectorServer", "make_server"]
+__all__ = ["CollectorServer", "make_server", "tls_context"]
 
 log = logging.getLogger("pyodlog.collector")
 # Unread request bodies up to this size are read and discarded before a refusal.
@@ -43,23 +45,39 @@ class CollectorServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: Tuple[str, int], storage: CollectorStorage, keys: ApiKeys,
-                 max_request_bytes: int = 64 << 20, socket_timeout: float = 60.0) -> None:
+                 max_request_bytes: int = 64 << 20, socket_timeout: float = 60.0,
+                 tls: Optional[ssl.SSLContext] = None) -> None:
         self.storage = storage
         self.keys = keys
         self.max_request_bytes = int(max_request_bytes)
         self.socket_timeout = socket_timeout
+        self.tls = tls
         super().__init__(address, CollectorHandler)
+        if tls is not None:
+            # The handshake happens on the handler's thread (first read), never in the accept loop.
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2 or newer) from a PEM certificate chain and its key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 def make_server(root, keys: ApiKeys, host: str = "127.0.0.1", port: int = 0, max_request_bytes: int = 64 << 20,
-                max_segment_bytes: int = 8 << 30) -> CollectorServer:
-    """A collector bound to ``host:port`` (0: any free port), not yet serving (call ``serve_forever``)."""
-    return CollectorServer((host, port), CollectorStorage(root, max_segment_bytes), keys, max_request_bytes)
+                max_segment_bytes: int = 8 << 30, tls: Optional[ssl.SSLContext] = None) -> CollectorServer:
+    """A collector bound to ``host:port`` (0: any free port), not yet serving (call ``serve_forever``).
+
+    With ``tls`` (see :func:`tls_context`) it speaks HTTPS.
+    """
+    return CollectorServer((host, port), CollectorStorage(root, max_segment_bytes), keys, max_request_bytes, tls=tls)
 
 
 class _Reject(Exception):
@@ -79,6 +97,12 @@ class CollectorHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.socket_timeout  # a stalled client cannot hold a thread forever
         super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ssl.SSLError, ConnectionError) as error:  # a client that failed the handshake or went away
+            log.warning("%s connection closed: %s", self.client_address[0], error.__class__.__name__)
 
     # -- plumbing ------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from collector_process import KEY_A, CollectorProcess, FlakyProxy, write_keys
+from collector_process import KEY_A, CollectorProcess, FlakyProxy, make_tls_files, write_keys
 from pyodlog.io import HDF5Store, WriterConfig, open_result
 from pyodlog.sync import CollectorClient, SyncConfig, SyncError
 from tiny_models import TinyDetector, TinyDetectorLogger
@@ -299,3 +299,24 @@ def test_upload_shows_a_progress_bar_when_asked(tmp_path, collector, capsys):
     logger.upload()
     logger.close()
     assert "pyodlog upload run" in capsys.readouterr().err
+
+
+def test_https_is_verified_and_a_private_ca_can_be_given(tmp_path):
+    ca, cert, key = make_tls_files(tmp_path / "tls")
+    server = CollectorProcess(tmp_path / "collector", write_keys(tmp_path / "keys.txt"),
+                              ["--tls-cert", str(cert), "--tls-key", str(key)]).start()
+    try:
+        assert server.url.startswith("https://")
+        endpoint = f"https://localhost:{server.port}"
+        untrusting = make_logger(tmp_path / "local", endpoint)
+        log_calls(untrusting, 1)
+        with pytest.raises(SyncError, match="TLS verification of the collector failed.*ca_bundle"):
+            untrusting.upload()
+        untrusting.close()
+        trusting = make_logger(tmp_path / "local", endpoint, sync=SyncConfig(**dict(FAST, ca_bundle=str(ca))))
+        assert trusting.upload().segments == 1
+        trusting.close()
+        assert len(server.segments("tenant-a", "tiny", "v1", "run")) == 1
+        assert KEY_A not in server.log()
+    finally:
+        server.stop()

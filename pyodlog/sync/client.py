@@ -128,6 +128,13 @@ class _BearerAuth(requests.auth.AuthBase):
         return "_BearerAuth(<hidden>)"
 
 
+def _ssl_reason(error: Exception) -> str:
+    """The certificate problem from a requests SSLError (its text holds the URL and reason, never headers)."""
+    text = str(error)
+    marker = "SSLError("
+    return text[text.find(marker):][:300] if marker in text else error.__class__.__name__
+
+
 def _reason(response: requests.Response) -> str:
     try:
         body = response.json()
@@ -160,7 +167,9 @@ class CollectorClient:
         adapter = HTTPAdapter(max_retries=retry, pool_connections=2, pool_maxsize=8)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        session.verify = self.config.ca_bundle or True
+        # Passed with every request: a session-level verify loses to REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE
+        # in the environment (requests' merge of settings), which would silently ignore ca_bundle.
+        self._verify = self.config.ca_bundle or True
         if api_key is not None:
             session.auth = _BearerAuth(api_key)
         session.headers["User-Agent"] = "pyodlog-sync/1"
@@ -178,10 +187,10 @@ class CollectorClient:
         where = f"{method} {self.endpoint}{path.split('?')[0]}"
         try:
             response = self._session.request(
-                method, self.endpoint + path, allow_redirects=False,
+                method, self.endpoint + path, allow_redirects=False, verify=self._verify,
                 timeout=(self.config.connect_timeout, self.config.read_timeout), **kwargs)
         except requests.exceptions.SSLError as error:
-            raise SyncError(f"TLS verification of the collector failed ({where}): {error.__class__.__name__}; pass "
+            raise SyncError(f"TLS verification of the collector failed ({where}): {_ssl_reason(error)}; pass "
                             "SyncConfig(ca_bundle=...) for a private CA") from None
         except requests.RequestException as error:
             raise SyncError(f"cannot reach the collector ({where}) after {self.config.retries} retries: "
