@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -27,9 +28,23 @@ from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.segment import SegmentWriter
 from pyodlog.structures import CallRecord
 
-__all__ = ["StorageError", "WriterConfig", "WriterFailedError", "RecordWriter"]
+__all__ = ["StorageError", "WriterConfig", "WriterFailedError", "RecordWriter", "segment_name", "segment_rank"]
 
 log = logging.getLogger("pyodlog")
+
+
+_RANK_IN_NAME = re.compile(r"^seg-\d+-r(\d+)-p\d+-")
+
+
+def segment_name(time_ns: int, rank: int, pid: int, token: str, seq: int) -> str:
+    """A segment's file name: sorts in creation order (nanoseconds first), names its rank and writer."""
+    return f"seg-{time_ns:020d}-r{rank:03d}-p{pid}-{token}-{seq:06d}.h5"
+
+
+def segment_rank(name: str) -> Optional[int]:
+    """The rank that wrote a segment, from its file name (None for another name)."""
+    match = _RANK_IN_NAME.match(name)
+    return int(match.group(1)) if match else None
 
 
 class WriterFailedError(RuntimeError):
@@ -266,7 +281,7 @@ class RecordWriter:
         if self._segment is None:
             self._segment_seq += 1
             # Names sort in creation order (nanoseconds first), across processes too.
-            name = f"seg-{time.time_ns():020d}-r{self.rank:03d}-p{os.getpid()}-{self._token}-{self._segment_seq:06d}.h5"
+            name = segment_name(time.time_ns(), self.rank, os.getpid(), self._token, self._segment_seq)
             attrs = dict(self.attrs, rank=self.rank, pid=os.getpid(), created=time.time())
             self._segment = SegmentWriter(self.directory / name, attrs, batch)
         self._segment.append(batch)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from pyodlog.distributed import DistContext, DistributedLoggingError, agree, current_context
+from pyodlog.io.writer import segment_rank
 from pyodlog.monitoring.sink import SchemaMismatchError, Sink
 from pyodlog.monitoring.validation import check_n_epoch, check_name
 from pyodlog.structures import CallRecord
@@ -191,7 +192,7 @@ class MonitoringLogger:
             return exporter(self, output_path)
         self._sink.rotate()
         self._dist.barrier(timeout, "export()")
-        mine = [p.name for p in self._sink.segments() if f"-r{self._dist.rank:03d}-" in p.name]
+        mine = [p.name for p in self._sink.segments() if segment_rank(p.name) == self._dist.rank]
         by_rank = self._dist.gather_to_rank0(mine)
         if self._dist.rank != 0:
             return None

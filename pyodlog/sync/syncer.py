@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import sys
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Set
 import h5py
 import numpy as np
 
+from pyodlog.io.writer import segment_rank
 from pyodlog_collector.files import sha256_file
 from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError
 from pyodlog.sync.state import SyncState
@@ -33,7 +33,6 @@ from pyodlog.sync.state import SyncState
 __all__ = ["Syncer", "UploadSummary"]
 
 log = logging.getLogger("pyodlog")
-_RANK_IN_NAME = re.compile(r"-r(\d+)-p\d+-")
 
 
 @dataclass
@@ -49,12 +48,6 @@ class UploadSummary:
     @property
     def mb_per_s(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e6
-
-
-def segment_rank(path: Path, default: int) -> int:
-    """The rank that wrote a segment, from its name (``seg-…-r<rank>-p<pid>-…``)."""
-    match = _RANK_IN_NAME.search(path.name)
-    return int(match.group(1)) if match else default
 
 
 class Syncer:
@@ -113,7 +106,7 @@ class Syncer:
         for path in self._segments():
             if path.name in acked:
                 continue
-            if own_rank_only and segment_rank(path, self.rank) != self.rank:
+            if own_rank_only and segment_rank(path.name) not in (None, self.rank):
                 continue
             if self._holds_epoch(path):
                 out.append(path)
@@ -123,7 +116,8 @@ class Syncer:
 
     def _send(self, path: Path, summary: UploadSummary, progress) -> None:
         model, version, result = self.names
-        rank = segment_rank(path, self.rank)
+        rank = segment_rank(path.name)
+        rank = self.rank if rank is None else rank
         sha = sha256_file(path)
         size = path.stat().st_size
         status = self.client.status(model, version, result, rank, path.name, sha)
