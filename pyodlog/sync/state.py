@@ -2,7 +2,8 @@
 
 One small marker file per acknowledged segment and endpoint,
 ``<result>/.sync/<endpoint id>/<segment>.ack`` (JSON: SHA-256, bytes, time).
-Markers are written atomically (temporary name, fsync, rename), so several
+Markers are written atomically (temporary name, fsync, rename) and read by
+listing the folder (the JSON is for people), so several
 processes writing into one result never race on a shared file, and a restarted
 process does not send what was acknowledged. A lost marker costs one status
 request: the collector still answers "stored".
@@ -13,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional, Set
 
 __all__ = ["SyncState"]
 
@@ -30,25 +32,16 @@ class SyncState:
     def _marker(self, segment_name: str) -> Path:
         return self.folder / f"{segment_name}.ack"
 
-    def acknowledged(self) -> Dict[str, str]:
-        """``{segment name: sha256}`` of every acknowledged segment."""
-        out = {}
+    def acknowledged_names(self) -> Set[str]:
+        """The names of the acknowledged segments (a folder listing: no file is read)."""
         if not self.folder.is_dir():
-            return out
-        for marker in self.folder.glob("*.ack"):
-            try:
-                out[marker.name[: -len(".ack")]] = json.loads(marker.read_text())["sha256"]
-            except (OSError, ValueError, KeyError):
-                continue  # unreadable: treated as not acknowledged (the collector deduplicates)
-        return out
-
-    def is_acknowledged(self, segment_name: str) -> bool:
-        return self._marker(segment_name).exists()
+            return set()
+        return {entry.name[: -len(".ack")] for entry in os.scandir(self.folder) if entry.name.endswith(".ack")}
 
     def acknowledge(self, segment_name: str, sha256: str, nbytes: int, endpoint: Optional[str] = None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self._marker(segment_name)
-        tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+        tmp = marker.with_name(f"{marker.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "w") as f:
             json.dump({"sha256": sha256, "bytes": nbytes, "acknowledged_at": time.time(), "endpoint": endpoint}, f)
             f.flush()

@@ -101,7 +101,7 @@ class Syncer:
 
     def pending(self, own_rank_only: bool = False) -> List[Path]:
         """Closed segments of the selected epoch that the collector has not acknowledged."""
-        acked = self.state.acknowledged()
+        acked = self.state.acknowledged_names()
         out = []
         for path in self._segments():
             if path.name in acked:
