@@ -75,8 +75,11 @@ def test_upload_round_trip_and_idempotence(tmp_path, collector):
     # Lost acknowledgements (another machine, a wiped .sync folder): the collector says it has them.
     for marker in (logger.sink.directory / ".sync").rglob("*.ack"):
         marker.unlink()
+    status_requests = collector.log().count("GET /v1/segments/tiny/v1/run/0/")
     recheck = logger.upload()
     assert (recheck.segments, recheck.bytes, recheck.already_stored) == (0, 0, 3)
+    # One listing answered for all three: no status request per segment, no PUT.
+    assert collector.log().count("GET /v1/segments/tiny/v1/run/0/") == status_requests
     assert len(collector.segments("tenant-a", "tiny", "v1", "run")) == 3
     # More records later: only the new segment goes.
     log_calls(logger, 2, seed=1)

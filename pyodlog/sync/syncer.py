@@ -114,13 +114,17 @@ class Syncer:
 
     # -- sending ------------------------------------------------------------------------------------
 
-    def _send(self, path: Path, summary: UploadSummary, progress) -> None:
+    def _send(self, path: Path, summary: UploadSummary, progress, stored: Dict[str, str]) -> None:
+        """Sends one segment; ``stored`` is the collector's listing (segment id -> SHA-256) of this pass."""
         model, version, result = self.names
         rank = segment_rank(path.name)
         rank = self.rank if rank is None else rank
         sha = sha256_file(path)
         size = path.stat().st_size
-        status = self.client.status(model, version, result, rank, path.name, sha)
+        if path.name in stored:  # the listing answered: no status request for this segment
+            status = {"status": "stored", "sha256": stored[path.name]}
+        else:  # how much of it the collector has staged (an upload cut off earlier resumes there)
+            status = self.client.status(model, version, result, rank, path.name, sha)
         if status["status"] == "stored":
             if status.get("sha256") != sha:
                 raise SyncError(f"the collector holds {path.name} with another SHA-256 ({status.get('sha256')}) than "
@@ -167,6 +171,8 @@ class Syncer:
         start = time.monotonic()
         with self._pass_lock:
             todo = self.pending(own_rank_only)
+            # One listing tells what the collector holds already (e.g. acknowledgements lost with a disk).
+            stored = {s["segment_id"]: s["sha256"] for s in self.client.list_segments(*self.names)} if todo else {}
             bar = None
             if progress and todo:
                 from tqdm import tqdm
@@ -176,7 +182,7 @@ class Syncer:
             try:
                 for path in todo:
                     try:
-                        self._send(path, summary, bar)
+                        self._send(path, summary, bar, stored)
                     except SyncError:
                         summary.failed.append(path.name)
                         raise
