@@ -4,6 +4,7 @@ Modes:
   export  every rank logs its own images through the logger; export() is called on every rank.
   die     rank 1 SIGKILLs itself after acknowledged calls; rank 0 keeps logging until torchrun stops it.
   skip-export  like export, but rank 1 never calls export() (rank 0 must time out with a clear error).
+  sync    every rank logs with auto_sync to the collector at PYODLOG_API_ENDPOINT and closes (no export).
 Each rank writes what it saw to OUT/rank<r>.json (and, in 'die', its acknowledged input ids as it goes).
 """
 
@@ -36,7 +37,7 @@ LOGGER_ARGS = dict(model_name="det", version_name="v1", score_thresh=0.05, max_d
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["export", "die", "skip-export"])
+    parser.add_argument("mode", choices=["export", "die", "skip-export", "sync"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--separate-homes", action="store_true")
@@ -74,6 +75,12 @@ def main() -> None:
                     break  # bounded: torchrun stops this rank long before
                 time.sleep(0.01)
     report["ids"] = ids
+    if args.mode == "sync":
+        logger.close()  # auto_sync sends the last segment before close() returns
+        report["pending"] = len(logger.syncer.pending())
+        (args.out / f"rank{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+        return
     try:
         if args.mode == "skip-export" and rank == 1:
             time.sleep(8)  # busy elsewhere: never reaches export()

@@ -19,10 +19,10 @@ HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
 
 
-def torchrun(tmp_path, home, *args, timeout=300):
+def torchrun(tmp_path, home, *args, timeout=300, **env_vars):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    env = dict(os.environ, PYODLOG_HOME=str(home), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYODLOG_HOME=str(home), OMP_NUM_THREADS="1", **env_vars)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(HERE / "dist_worker.py"), *args[:1], str(out), *args[1:]],
                          env=env, capture_output=True, text=True, timeout=timeout)
@@ -84,3 +84,20 @@ def test_export_names_a_rank_that_does_not_arrive(tmp_path, isolated_data_root):
     run, reports, _ = torchrun(tmp_path, isolated_data_root, "skip-export", "--calls", "1")
     assert "not every rank arrived within 3 s" in reports[0]["export_error"], run.stderr[-3000:]
     assert "Ranks 1 failed to pass monitoredBarrier" in reports[0]["export_error"]  # names who is missing
+
+
+def test_without_a_shared_folder_auto_sync_merges_the_ranks_on_the_collector(tmp_path, isolated_data_root):
+    from collector_process import KEY_A, CollectorProcess, write_keys
+
+    collector = CollectorProcess(tmp_path / "collector", write_keys(tmp_path / "keys.txt")).start()
+    try:
+        run, reports, _ = torchrun(tmp_path, isolated_data_root, "sync", "--calls", "3", "--separate-homes",
+                                   PYODLOG_API_ENDPOINT=collector.url, PYODLOG_API_KEY=KEY_A)
+    finally:
+        collector.stop()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert reports[0]["pending"] == reports[1]["pending"] == 0
+    assert reports[0]["directory"] != reports[1]["directory"]  # two separate data folders
+    merged = open_result(collector.root / "tenant-a" / "det" / "v1" / reports[0]["result_name"])
+    assert sorted(merged.images["input_id"]) == sorted(reports[0]["ids"] + reports[1]["ids"])
+    assert len(set(merged.images["input_id"])) == 12
