@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from pyodlog_collector.keys import ApiKeys, KeyFileError, generate_key, write_key_file
-from pyodlog_collector.protocol import is_valid_name
+from pyodlog_collector.protocol import is_loopback_host, is_valid_name
 
 __all__ = ["main"]
 
@@ -108,6 +108,10 @@ def _serve(args) -> int:
     except OSError as error:
         print(f"pyodlog serve: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
         return 2
+    if tls is None and not is_loopback_host(args.host):
+        logging.getLogger("pyodlog.collector").warning(
+            "serving plain HTTP on %s: API keys and data cross the network unencrypted; pass --tls-cert/--tls-key "
+            "or put a TLS-terminating proxy in front", args.host)
     # SIGTERM stops the server the way Ctrl-C does; shutdown() must come from another thread.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"pyodlog collector listening on {server.url} (root {server.storage.root}, {len(keys)} key(s), "

@@ -7,6 +7,7 @@ specification is ``docs/protocol.md``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Optional
 from urllib.parse import quote
@@ -17,6 +18,7 @@ __all__ = [
     "NAME_PATTERN",
     "PROTOCOL_VERSION",
     "SHA256_PATTERN",
+    "is_loopback_host",
     "is_valid_name",
     "is_valid_sha256",
     "results_path",
@@ -38,6 +40,16 @@ MAX_RANK = 1 << 20
 def is_valid_name(value: object) -> bool:
     """Whether ``value`` may be a model, version, result or segment name."""
     return isinstance(value, str) and bool(NAME_PATTERN.match(value)) and value not in (".", "..")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback: where plain HTTP stays local."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_valid_sha256(value: object) -> bool:

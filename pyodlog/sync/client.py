@@ -13,7 +13,6 @@ followed, so the key is never sent anywhere but the configured endpoint.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Tuple, Union
@@ -25,6 +24,7 @@ from urllib3.util.retry import Retry
 
 from pyodlog_collector.protocol import (
     HEADER_IDEMPOTENCY_KEY,
+    is_loopback_host,
     results_path,
     segment_path,
     segments_path,
@@ -85,15 +85,6 @@ class SyncConfig:
             raise ValueError(f"SyncConfig.ca_bundle={self.ca_bundle!r} does not exist: pass a CA bundle file or folder")
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_endpoint(endpoint: Any, allow_insecure_http: bool = False) -> str:
     """Validates an endpoint URL: https, or http to loopback (or with the opt-in); no credentials in it."""
     if not isinstance(endpoint, str):
@@ -105,7 +96,7 @@ def check_endpoint(endpoint: Any, allow_insecure_http: bool = False) -> str:
         raise ValueError("api_endpoint must not contain credentials: pass the key as api_key (or PYODLOG_API_KEY)")
     if parts.query or parts.fragment:
         raise ValueError(f"api_endpoint must not have a query or fragment, got {endpoint!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname) and not allow_insecure_http:
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname) and not allow_insecure_http:
         raise ValueError(
             f"api_endpoint {endpoint!r} is plain http:// to a host that is not loopback: the API key and the data "
             "would cross the network unencrypted. Use https://, or pass sync_config=pyodlog.SyncConfig("
