@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import h5py
 import numpy as np
@@ -75,6 +75,7 @@ class Syncer:
         self.n_epoch = n_epoch
         self.config = config
         self._epochs: Dict[str, Set[int]] = {}
+        self._checksums: Dict[str, Tuple[int, int, str]] = {}
         self._pass_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -99,6 +100,14 @@ class Syncer:
             epochs = self._epochs[path.name] = set(int(e) for e in np.unique(column))
         return self.n_epoch in epochs
 
+    def _checksum(self, path: Path) -> Tuple[str, int]:
+        """SHA-256 and size of a closed segment, hashed once (a retried pass does not read it again)."""
+        stat = path.stat()
+        cached = self._checksums.get(path.name)
+        if cached is None or cached[:2] != (stat.st_size, stat.st_mtime_ns):
+            cached = self._checksums[path.name] = (stat.st_size, stat.st_mtime_ns, sha256_file(path))
+        return cached[2], cached[0]
+
     def pending(self, own_rank_only: bool = False) -> List[Path]:
         """Closed segments of the selected epoch that the collector has not acknowledged."""
         acked = self.state.acknowledged_names()
@@ -119,8 +128,7 @@ class Syncer:
         model, version, result = self.names
         rank = segment_rank(path.name)
         rank = self.rank if rank is None else rank
-        sha = sha256_file(path)
-        size = path.stat().st_size
+        sha, size = self._checksum(path)
         if path.name in stored:  # the listing answered: no status request for this segment
             status = {"status": "stored", "sha256": stored[path.name]}
         else:  # how much of it the collector has staged (an upload cut off earlier resumes there)
