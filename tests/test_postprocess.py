@@ -241,3 +241,24 @@ def test_topk_prunes_to_the_same_result_as_a_full_sort(device):
     ref = chosen[keep]
     got = (out.candidates[0, : int(out.counts[0])] * c + out.labels[0, : int(out.counts[0])]).cpu()
     assert sorted(got.tolist()) == sorted(ref.tolist())
+
+
+@pytest.mark.parametrize("family", ["fasterrcnn_resnet50_fpn_v2"])
+def test_one_image_alone_gives_the_same_detections(device, family):
+    # One image per call with thousands of (candidate, class) pairs: the CPU kernel
+    # then suppresses the classes in parallel (a batch runs them serially inside
+    # its parallel loop over images); the detections must not change.
+    c = cached_candidates(family, True)
+    for b, expected in enumerate(c.expected):
+        rows = torch.nonzero(c.image_index == b).squeeze(1)
+        scores, boxes = c.scores[rows], c.boxes[rows]
+        assert int((scores[:, 1:] > c.kwargs["score_thresh"]).sum()) > 4096  # the parallel path's size
+        out = postprocess_detections(scores.to(device), boxes.to(device), torch.zeros(len(rows), dtype=torch.long, device=device),
+                                     c.net_sizes[b : b + 1].to(device), c.orig_sizes[b : b + 1].to(device), **c.kwargs)
+        n = int(out.counts[0])
+        assert n == len(expected["boxes"]) > 0
+        assert torch.equal(out.scores[0, :n].cpu(), expected["scores"])
+        assert torch.equal(out.labels[0, :n].cpu(), expected["labels"])
+        assert torch.equal(out.boxes[0, :n].cpu(), expected["boxes"])
+        picked = out.candidates[0, :n].cpu()  # rows of this call's input
+        assert torch.equal(scores[picked, out.labels[0, :n].cpu()], expected["scores"])

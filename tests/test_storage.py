@@ -393,3 +393,25 @@ def test_recovery_keeps_only_complete_images_when_columns_stopped_at_different_l
     assert trimmed.strings["images/input_id"] == ["i0", "i1", "i2"]
     assert len(trimmed.numeric["detections/scores"]) == last_det
     assert set(trimmed.numeric["features/image_row"]) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("counts", [[5, 5, 5], [5, 2, 0], [0, 0, 0]], ids=["every-image-full", "partial", "empty"])
+def test_detection_rows_are_exactly_the_valid_rows(counts):
+    from pyodlog.io.columns import ColumnBatch, record_to_columns
+    from pyodlog.structures import CallRecord, DetectionBatch
+
+    g = torch.Generator().manual_seed(0)
+    b, d, c, e = 3, 5, 7, 4
+    det = DetectionBatch(torch.rand(b, d, 4, generator=g), torch.rand(b, d, generator=g),
+                         torch.randint(0, c, (b, d), generator=g), torch.randn(b, d, c, generator=g),
+                         torch.randint(0, 99, (b, d), generator=g), torch.tensor(counts), [(10, 10)] * b,
+                         torch.randn(b, d, e, generator=g))
+    batch = ColumnBatch()
+    record_to_columns(CallRecord(["a", "b", "c"], "val", 0, 0.0, [(10, 10)] * b, det, {}), batch)
+    for column, tensor in (("boxes", det.boxes), ("logits", det.logits), ("embeddings", det.embeddings),
+                           ("labels", det.labels), ("candidate_index", det.candidate_index)):
+        (rows,) = batch.numeric[f"detections/{column}"]
+        expected = torch.cat([tensor[i, :n] for i, n in enumerate(counts)]).numpy()
+        np.testing.assert_array_equal(rows, expected)
+    assert batch.n_detections == sum(counts)
+    assert list(batch.numeric["images/det_offset"][0]) == [0, counts[0], counts[0] + counts[1]]

@@ -123,13 +123,22 @@ def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
             batch.text(f"images/fields/{name}", list(values))
         else:
             batch.rows(f"images/fields/{name}", np.asarray(values))
-    batch.rows("detections/boxes", _host(det.boxes)[valid].astype(np.float32, copy=False))
-    batch.rows("detections/scores", _host(det.scores)[valid].astype(np.float32, copy=False))
-    batch.rows("detections/labels", _host(det.labels)[valid].astype(np.int64, copy=False))
-    batch.rows("detections/candidate_index", _host(det.candidate_index)[valid].astype(np.int64, copy=False))
-    batch.rows("detections/logits", _host(det.logits)[valid].astype(np.float32, copy=False))
+    # Every image at its quota (the common case under load): the padded rows are all valid, and a
+    # reshape is a view, where boolean indexing would copy every logit and embedding once more.
+    full = bool(n) and int(counts.min()) == d
+
+    def detection_rows(t: torch.Tensor, dtype) -> np.ndarray:
+        values = _host(t)
+        rows = values.reshape(n * d, *values.shape[2:]) if full else values[valid]
+        return rows.astype(dtype, copy=False)
+
+    batch.rows("detections/boxes", detection_rows(det.boxes, np.float32))
+    batch.rows("detections/scores", detection_rows(det.scores, np.float32))
+    batch.rows("detections/labels", detection_rows(det.labels, np.int64))
+    batch.rows("detections/candidate_index", detection_rows(det.candidate_index, np.int64))
+    batch.rows("detections/logits", detection_rows(det.logits, np.float32))
     if det.embeddings is not None:
-        batch.rows("detections/embeddings", _host(det.embeddings)[valid].astype(np.float32, copy=False))
+        batch.rows("detections/embeddings", detection_rows(det.embeddings, np.float32))
 
     for name, feature in record.features.items():
         payload = _host(feature.payload)
