@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def collector():
                               ["--quiet", "--max-request-bytes", "128M"]).start()
     yield server
     server.stop()
+    shutil.rmtree(folder, ignore_errors=True)  # tmpfs is memory
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,8 @@ def segment():
     folder = Path(tempfile.mkdtemp(dir=SHM))
     path = folder / "seg-00000000000000000001-r000-p1-bench0-000001.h5"
     path.write_bytes(os.urandom(SIZE))
-    return path
+    yield path
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("impl", ["requests.put", "pyodlog Syncer"])
