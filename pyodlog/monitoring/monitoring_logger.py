@@ -187,10 +187,10 @@ class MonitoringLogger:
                 f"export() needs records on disk, but this logger's sink ({type(self._sink).__name__}) keeps them "
                 f"in memory: read them with logger.sink.records(model_name, version_name, result_name)"
             )
-        self.wait_for_save()
         if self._dist is None:
+            self.wait_for_save()
             return exporter(self, output_path)
-        self._sink.rotate()
+        self._sink.rotate()  # saves everything submitted (as wait_for_save does) and closes the segment
         self._dist.barrier(timeout, "export()")
         mine = [p.name for p in self._sink.segments() if segment_rank(p.name) == self._dist.rank]
         by_rank = self._dist.gather_to_rank0(mine)
@@ -232,8 +232,7 @@ class MonitoringLogger:
             raise NotImplementedError(
                 f"upload() sends stored segments, but this logger's sink ({type(self._sink).__name__}) stores none"
             )
-        self.wait_for_save()
-        self._sink.rotate()
+        self._sink.rotate()  # saves everything submitted (as wait_for_save does) and closes the segment
         return self._syncer.upload_all()
 
     @property
