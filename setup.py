@@ -15,10 +15,9 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
-
-import subprocess
 
 from setuptools import find_packages, setup
 
@@ -35,7 +34,10 @@ def _locate_cuda_home() -> None:
     try:
         dry_run = subprocess.run(
             ["nvcc", "--dryrun", "-E", "-x", "cu", os.devnull],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         ).stderr
     except (OSError, subprocess.SubprocessError):
         return
@@ -63,14 +65,18 @@ def _want_cuda() -> bool:
     found = cpp_extension.CUDA_HOME is not None and shutil.which("nvcc") is not None
     if setting in ("1", "true", "on", "yes"):
         if not found:
-            sys.exit("PYODLOG_WITH_CUDA=1 but no CUDA toolkit was found: put nvcc on PATH or set CUDA_HOME.")
+            sys.exit(
+                "PYODLOG_WITH_CUDA=1 but no CUDA toolkit was found: put nvcc on PATH or set CUDA_HOME."
+            )
         return True
     if setting in ("0", "false", "off", "no"):
         return False
     if setting != "auto":
         sys.exit(f"PYODLOG_WITH_CUDA must be 0, 1 or auto, got {setting!r}.")
     if found and torch.version.cuda is None:
-        print("pyodlog: nvcc found but this torch has no CUDA support; building the CPU kernels only.")
+        print(
+            "pyodlog: nvcc found but this torch has no CUDA support; building the CPU kernels only."
+        )
         return False
     return found
 
@@ -99,12 +105,18 @@ def _extension():
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     # -fopenmp: at::parallel_for is a header template over OpenMP; without the
     # flag it silently runs on one thread.
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-DPYODLOG_TORCH_VERSION=\"" + torch.__version__ + "\""]
+    cxx_flags = [
+        "-O3",
+        "-std=c++20",
+        "-fvisibility=hidden",
+        "-fopenmp",
+        '-DPYODLOG_TORCH_VERSION="' + torch.__version__ + '"',
+    ]
     if with_cuda:
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        cxx_flags += ["-DPYODLOG_WITH_CUDA", f"-DPYODLOG_CUDA_ARCHS=\"{archs}\""]
+        cxx_flags += ["-DPYODLOG_WITH_CUDA", f'-DPYODLOG_CUDA_ARCHS="{archs}"']
         nvcc_flags = [
             "-O3",
             "-std=c++20",
@@ -130,7 +142,9 @@ def _extension():
 
 
 setup(
-    packages=find_packages(include=["pyodlog", "pyodlog.*", "pyodlog_collector", "pyodlog_collector.*"]),
+    packages=find_packages(
+        include=["pyodlog", "pyodlog.*", "pyodlog_collector", "pyodlog_collector.*"]
+    ),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -28,7 +28,11 @@ def _variants(device):
     rows = SHAPE[0] * SHAPE[1]
     copy_dst = torch.empty_like(x)
     half_dst = torch.empty_like(x, dtype=torch.float16)
-    q = (torch.empty_like(x, dtype=torch.uint8), torch.empty(rows, device=device), torch.empty(rows, device=device))
+    q = (
+        torch.empty_like(x, dtype=torch.uint8),
+        torch.empty(rows, device=device),
+        torch.empty(rows, device=device),
+    )
     return {
         "copy_ (baseline)": lambda: copy_dst.copy_(x),
         "pyodlog uint8": lambda: quantize_uint8(x, q),
@@ -37,7 +41,9 @@ def _variants(device):
     }
 
 
-@pytest.mark.parametrize("variant", ["copy_ (baseline)", "pyodlog uint8", "float16 cast", "naive pytorch uint8"])
+@pytest.mark.parametrize(
+    "variant", ["copy_ (baseline)", "pyodlog uint8", "float16 cast", "naive pytorch uint8"]
+)
 def test_compress_cpu(benchmark, variant):
     fn = _variants("cpu")[variant]
     benchmark.group = "compression cpu [8, 256, 80, 80] float32"
@@ -47,7 +53,9 @@ def test_compress_cpu(benchmark, variant):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
-@pytest.mark.parametrize("variant", ["copy_ (baseline)", "pyodlog uint8", "float16 cast", "naive pytorch uint8"])
+@pytest.mark.parametrize(
+    "variant", ["copy_ (baseline)", "pyodlog uint8", "float16 cast", "naive pytorch uint8"]
+)
 def test_compress_cuda(benchmark, variant):
     fn = _variants("cuda")[variant]
 
@@ -58,6 +66,11 @@ def test_compress_cuda(benchmark, variant):
     benchmark.group = "compression cuda [8, 256, 80, 80] float32"
     benchmark.extra_info["role"] = "baseline" if variant.startswith("copy_") else variant
     # Bytes moved, for the bandwidth column: read float32, write the output.
-    out_bytes = {"copy_ (baseline)": 4, "pyodlog uint8": 1, "float16 cast": 2, "naive pytorch uint8": 1}[variant]
+    out_bytes = {
+        "copy_ (baseline)": 4,
+        "pyodlog uint8": 1,
+        "float16 cast": 2,
+        "naive pytorch uint8": 1,
+    }[variant]
     benchmark.extra_info["bytes"] = torch.Size(SHAPE).numel() * (4 + out_bytes)
     benchmark(run)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-
 from nms_cases import clustered_boxes, uniform_boxes
+
 from pyodlog.ops import batched_nms
 
 CLASSES = 80
@@ -24,15 +24,20 @@ def _run(benchmark, fn, group, role):
 
 
 @pytest.mark.parametrize("impl", ["torchvision", "pyodlog"])
-@pytest.mark.parametrize("make, n", CASES, ids=[f"{m.__name__.split('_')[0]}-{n}" for m, n in CASES])
+@pytest.mark.parametrize(
+    "make, n", CASES, ids=[f"{m.__name__.split('_')[0]}-{n}" for m, n in CASES]
+)
 def test_batched_nms_cpu(benchmark, make, n, impl):
     boxes, scores, idxs = make(n, CLASSES, seed=0)
     nms = torchvision.ops.batched_nms if impl == "torchvision" else batched_nms
     want = torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
     assert set(nms(boxes, scores, idxs, 0.5).tolist()) == set(want.tolist())
-    _run(benchmark, lambda: nms(boxes, scores, idxs, 0.5),
-         f"batched_nms cpu {make.__name__.split('_')[0]} {n} boxes / {CLASSES} classes",
-         "baseline" if impl == "torchvision" else "pyodlog")
+    _run(
+        benchmark,
+        lambda: nms(boxes, scores, idxs, 0.5),
+        f"batched_nms cpu {make.__name__.split('_')[0]} {n} boxes / {CLASSES} classes",
+        "baseline" if impl == "torchvision" else "pyodlog",
+    )
 
 
 def _batch(make, images=8, n=5000):
@@ -49,12 +54,16 @@ def test_batched_nms_cpu_batch_of_8(benchmark, make, impl):
     parts, boxes, scores, idxs = _batch(make)
     if impl == "torchvision":
         # What a user does for a batch: a loop over images.
-        fn = lambda: [torchvision.ops.batched_nms(b, s, i, 0.5) for b, s, i in parts]  # noqa: E731
+        fn = lambda: [torchvision.ops.batched_nms(b, s, i, 0.5) for b, s, i in parts]
     else:
         # One call: categories are (image, class).
-        fn = lambda: batched_nms(boxes, scores, idxs, 0.5)  # noqa: E731
-    _run(benchmark, fn, f"batched_nms cpu 8 x 5000 boxes {make.__name__.split('_')[0]}",
-         "baseline" if impl == "torchvision" else "pyodlog")
+        fn = lambda: batched_nms(boxes, scores, idxs, 0.5)
+    _run(
+        benchmark,
+        fn,
+        f"batched_nms cpu 8 x 5000 boxes {make.__name__.split('_')[0]}",
+        "baseline" if impl == "torchvision" else "pyodlog",
+    )
 
 
 CUDA = torch.cuda.is_available()
@@ -64,6 +73,7 @@ def _cuda_timed(fn):
     def run():
         fn()
         torch.cuda.synchronize()
+
     return run
 
 
@@ -85,9 +95,15 @@ def test_batched_nms_cuda_batch_of_8(benchmark, n, impl):
     _, boxes, scores, idxs = _batch(clustered_boxes, n=n)
     boxes, scores, idxs = boxes.cuda(), scores.cuda(), idxs.cuda()
     fn = {
-        "torchvision offset": lambda: torchvision.ops.boxes._batched_nms_coordinate_trick(boxes, scores, idxs, 0.5),
+        "torchvision offset": lambda: torchvision.ops.boxes._batched_nms_coordinate_trick(
+            boxes, scores, idxs, 0.5
+        ),
         "torchvision per-class": lambda: _per_class_loop(boxes, scores, idxs, 0.5),
         "pyodlog": lambda: batched_nms(boxes, scores, idxs, 0.5),
     }[impl]
-    _run(benchmark, _cuda_timed(fn), f"batched_nms cuda 8 x {n} boxes clustered",
-         "baseline" if impl == "torchvision offset" else impl)
+    _run(
+        benchmark,
+        _cuda_timed(fn),
+        f"batched_nms cuda 8 x {n} boxes clustered",
+        "baseline" if impl == "torchvision offset" else impl,
+    )

@@ -36,10 +36,19 @@ MODELS = {
     "retinanet_resnet50_fpn": dict(score_thresh=0.01, min_size=512, max_size=683),
 }
 FPN_LEVEL = "backbone.fpn.layer_blocks.0"  # the highest-resolution FPN output
-VARIANTS = ["bare", "pyodlog detections+logits", "pyodlog +embeddings+FPN uint8", "naive h5py logger"]
+VARIANTS = [
+    "bare",
+    "pyodlog detections+logits",
+    "pyodlog +embeddings+FPN uint8",
+    "naive h5py logger",
+]
 # Rounds per (model, batch): as many as the 2-core machine allows in a few minutes.
-ROUNDS = {("fasterrcnn_mobilenet_v3_large_320_fpn", 1): 15, ("fasterrcnn_mobilenet_v3_large_320_fpn", 8): 5,
-          ("retinanet_resnet50_fpn", 1): 5, ("retinanet_resnet50_fpn", 8): 2}
+ROUNDS = {
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", 1): 15,
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", 8): 5,
+    ("retinanet_resnet50_fpn", 1): 5,
+    ("retinanet_resnet50_fpn", 8): 2,
+}
 
 
 class NaiveLogger:
@@ -49,15 +58,22 @@ class NaiveLogger:
         self.model = model
         self.file = h5py.File(path, "w")
         self.feature = None
-        model.get_submodule(layer).register_forward_hook(lambda m, i, out: setattr(self, "feature", out))
+        model.get_submodule(layer).register_forward_hook(
+            lambda m, i, out: setattr(self, "feature", out)
+        )
 
     def _append(self, name: str, value: np.ndarray) -> None:
         if name not in self.file:
-            self.file.create_dataset(name, shape=(0, *value.shape[1:]), maxshape=(None, *value.shape[1:]),
-                                     dtype=value.dtype, chunks=True)
+            self.file.create_dataset(
+                name,
+                shape=(0, *value.shape[1:]),
+                maxshape=(None, *value.shape[1:]),
+                dtype=value.dtype,
+                chunks=True,
+            )
         ds = self.file[name]
         ds.resize(ds.shape[0] + len(value), axis=0)
-        ds[-len(value):] = value
+        ds[-len(value) :] = value
 
     def __call__(self, images):
         out = self.model(images)
@@ -91,8 +107,13 @@ def test_logging_overhead(benchmark, model_name, batch, variant):
     elif variant.startswith("pyodlog"):
         full = "embeddings" in variant
         logger = pyodlog.create_logger(
-            model, "bench", "v1", sink=HDF5Store(folder), log_embeddings=full,
-            target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}} if full else None)
+            model,
+            "bench",
+            "v1",
+            sink=HDF5Store(folder),
+            log_embeddings=full,
+            target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}} if full else None,
+        )
         call = logger
     else:
         logger = call = NaiveLogger(model, folder / "naive.h5", FPN_LEVEL)

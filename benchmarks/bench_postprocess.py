@@ -28,7 +28,9 @@ def _images():
 
 def faster_rcnn_inputs():
     torch.manual_seed(0)
-    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, box_score_thresh=0.02).eval()
+    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.02
+    ).eval()
     imgs = _images()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -36,7 +38,9 @@ def faster_rcnn_inputs():
         feats = model.backbone(t.tensors)
         proposals, _ = model.rpn(t, feats)
         heads = model.roi_heads
-        class_logits, box_regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, proposals, t.image_sizes)))
+        class_logits, box_regression = heads.box_predictor(
+            heads.box_head(heads.box_roi_pool(feats, proposals, t.image_sizes))
+        )
         class_logits = torch.randn(class_logits.shape, generator=g) * 2
         box_regression = torch.randn(box_regression.shape, generator=g) * 0.5
     orig = [tuple(i.shape[-2:]) for i in imgs]
@@ -44,28 +48,43 @@ def faster_rcnn_inputs():
     image_index = torch.cat([torch.full((len(p),), i) for i, p in enumerate(proposals)])
 
     def torchvision_post():
-        boxes, scores, labels = heads.postprocess_detections(class_logits, box_regression, proposals, t.image_sizes)
-        return model.transform.postprocess([{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)], t.image_sizes, orig)
+        boxes, scores, labels = heads.postprocess_detections(
+            class_logits, box_regression, proposals, t.image_sizes
+        )
+        return model.transform.postprocess(
+            [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)],
+            t.image_sizes,
+            orig,
+        )
 
     def activate_decode():
         return F.softmax(class_logits, -1), heads.box_coder.decode(box_regression, proposals)
 
-    kwargs = dict(score_thresh=heads.score_thresh, iou_thresh=heads.nms_thresh, max_detections=heads.detections_per_img,
-                  first_label=1, min_size=1e-2)
+    kwargs = dict(
+        score_thresh=heads.score_thresh,
+        iou_thresh=heads.nms_thresh,
+        max_detections=heads.detections_per_img,
+        first_label=1,
+        min_size=1e-2,
+    )
     return torchvision_post, activate_decode, image_index, net_t, orig_t, kwargs
 
 
 def retinanet_inputs():
     torch.manual_seed(0)
-    model = detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, min_size=256, max_size=416).eval()
+    model = detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=256, max_size=416
+    ).eval()
     imgs = _images()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         t, _ = model.transform(imgs)
         features = list(model.backbone(t.tensors).values())
         head = model.head(features)
-        head = {"cls_logits": torch.randn(head["cls_logits"].shape, generator=g) - 3,
-                "bbox_regression": torch.randn(head["bbox_regression"].shape, generator=g) * 0.5}
+        head = {
+            "cls_logits": torch.randn(head["cls_logits"].shape, generator=g) - 3,
+            "bbox_regression": torch.randn(head["bbox_regression"].shape, generator=g) * 0.5,
+        }
         anchors = model.anchor_generator(t, features)
     hw = [x.size(2) * x.size(3) for x in features]
     a = head["cls_logits"].size(1) // sum(hw)
@@ -79,16 +98,35 @@ def retinanet_inputs():
     image_index = torch.arange(n_images).repeat_interleave(n_anchors)
 
     def torchvision_post():
-        return model.transform.postprocess(model.postprocess_detections(split, split_anchors, t.image_sizes), t.image_sizes, orig)
+        return model.transform.postprocess(
+            model.postprocess_detections(split, split_anchors, t.image_sizes), t.image_sizes, orig
+        )
 
     def activate_decode():
         scores = torch.sigmoid(head["cls_logits"]).reshape(-1, n_classes)
-        boxes = torch.cat([model.box_coder.decode_single(head["bbox_regression"][i], anchors[i]) for i in range(n_images)])
+        boxes = torch.cat(
+            [
+                model.box_coder.decode_single(head["bbox_regression"][i], anchors[i])
+                for i in range(n_images)
+            ]
+        )
         return scores, boxes
 
-    kwargs = dict(score_thresh=model.score_thresh, iou_thresh=model.nms_thresh, max_detections=model.detections_per_img,
-                  topk=model.topk_candidates, topk_group=topk_group)
-    return torchvision_post, activate_decode, image_index, torch.tensor(t.image_sizes), torch.tensor(orig), kwargs
+    kwargs = dict(
+        score_thresh=model.score_thresh,
+        iou_thresh=model.nms_thresh,
+        max_detections=model.detections_per_img,
+        topk=model.topk_candidates,
+        topk_group=topk_group,
+    )
+    return (
+        torchvision_post,
+        activate_decode,
+        image_index,
+        torch.tensor(t.image_sizes),
+        torch.tensor(orig),
+        kwargs,
+    )
 
 
 FAMILIES = {"fasterrcnn": faster_rcnn_inputs, "retinanet": retinanet_inputs}
@@ -112,8 +150,12 @@ def test_postprocess_batch_of_8(benchmark, family, impl):
         assert torch.equal(out.boxes[b, : int(out.counts[b])], w["boxes"])
     fn = {
         "torchvision": torchvision_post,
-        "pyodlog op": lambda: postprocess_detections(scores, boxes, image_index, net, orig, **kwargs),
-        "pyodlog end-to-end": lambda: postprocess_detections(*activate_decode(), image_index, net, orig, **kwargs),
+        "pyodlog op": lambda: postprocess_detections(
+            scores, boxes, image_index, net, orig, **kwargs
+        ),
+        "pyodlog end-to-end": lambda: postprocess_detections(
+            *activate_decode(), image_index, net, orig, **kwargs
+        ),
     }[impl]
     benchmark.group = f"postprocess cpu {family} batch of 8"
     benchmark.extra_info["role"] = "baseline" if impl == "torchvision" else impl

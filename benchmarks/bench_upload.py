@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from collector_process import KEY_A, CollectorProcess, write_keys
+
 from pyodlog.monitoring.monitoring_logger import Secret
 from pyodlog.sync import CollectorClient, SyncConfig, Syncer
 from pyodlog_collector.protocol import segment_path
@@ -42,8 +42,11 @@ SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 @pytest.fixture(scope="module")
 def collector():
     folder = Path(tempfile.mkdtemp(dir=SHM))
-    server = CollectorProcess(folder / "collector", write_keys(folder / "keys"),
-                              ["--quiet", "--max-request-bytes", "128M"]).start()
+    server = CollectorProcess(
+        folder / "collector",
+        write_keys(folder / "keys"),
+        ["--quiet", "--max-request-bytes", "128M"],
+    ).start()
     yield server
     server.stop()
     shutil.rmtree(folder, ignore_errors=True)  # tmpfs is memory
@@ -67,14 +70,31 @@ def test_upload_throughput(benchmark, collector, segment, impl):
 
     def plain_put():
         url = collector.url + segment_path("bench", "v1", uuid.uuid4().hex, 0, segment.name)
-        answer = session.put(url, data=data, params={"sha256": digest, "offset": 0, "total": len(data)},
-                             headers={"Authorization": f"Bearer {KEY_A}"}, timeout=120)
+        answer = session.put(
+            url,
+            data=data,
+            params={"sha256": digest, "offset": 0, "total": len(data)},
+            headers={"Authorization": f"Bearer {KEY_A}"},
+            timeout=120,
+        )
         assert answer.status_code == 201
 
     def make_syncer():
-        (segment.parent / ".sync").exists() and [p.unlink() for p in (segment.parent / ".sync").rglob("*.ack")]
-        syncer = Syncer(client, lambda: [segment], segment.parent, "bench", "v1", uuid.uuid4().hex, 0, None,
-                        client.config, auto=False)
+        (segment.parent / ".sync").exists() and [
+            p.unlink() for p in (segment.parent / ".sync").rglob("*.ack")
+        ]
+        syncer = Syncer(
+            client,
+            lambda: [segment],
+            segment.parent,
+            "bench",
+            "v1",
+            uuid.uuid4().hex,
+            0,
+            None,
+            client.config,
+            auto=False,
+        )
         return (syncer,), {}
 
     def pyodlog_upload(syncer):
@@ -100,10 +120,17 @@ def test_collector_start(benchmark, tmp_path, impl):
         server = CollectorProcess(tmp_path / f"root-{uuid.uuid4().hex[:6]}", keys, ["--quiet"])
         server.start()
         deadline = time.monotonic() + 30
-        while requests.get(server.url + "/v1/health", timeout=5).status_code != 200 and time.monotonic() < deadline:
+        while (
+            requests.get(server.url + "/v1/health", timeout=5).status_code != 200
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         server.stop()
 
     benchmark.group = "collector start: process start to first answer"
     benchmark.extra_info["role"] = "baseline" if impl == "python -c pass" else impl
-    benchmark.pedantic(bare_python if impl == "python -c pass" else serve_until_it_answers, rounds=5, warmup_rounds=1)
+    benchmark.pedantic(
+        bare_python if impl == "python -c pass" else serve_until_it_answers,
+        rounds=5,
+        warmup_rounds=1,
+    )

@@ -29,12 +29,29 @@ def _records(n_calls: int, feature_heavy: bool):
     records = []
     for i in range(n_calls):
         det = DetectionBatch(
-            torch.rand(B, D, 4, generator=g), torch.rand(B, D, generator=g), torch.randint(0, C, (B, D), generator=g),
-            torch.randn(B, D, C, generator=g), torch.randint(0, 1000, (B, D), generator=g), torch.full((B,), D),
-            [(480, 640)] * B, torch.randn(B, D, 256, generator=g) if feature_heavy else None,
+            torch.rand(B, D, 4, generator=g),
+            torch.rand(B, D, generator=g),
+            torch.randint(0, C, (B, D), generator=g),
+            torch.randn(B, D, C, generator=g),
+            torch.randint(0, 1000, (B, D), generator=g),
+            torch.full((B,), D),
+            [(480, 640)] * B,
+            torch.randn(B, D, 256, generator=g) if feature_heavy else None,
         )
-        features = {"fpn": compress_features(torch.randn(B, 256, 40, 40, generator=g), "uint8")} if feature_heavy else {}
-        record = CallRecord([f"{i:06d}-{j}" for j in range(B)], "deploying", 0, time.time(), [(480, 640)] * B, det, features)
+        features = (
+            {"fpn": compress_features(torch.randn(B, 256, 40, 40, generator=g), "uint8")}
+            if feature_heavy
+            else {}
+        )
+        record = CallRecord(
+            [f"{i:06d}-{j}" for j in range(B)],
+            "deploying",
+            0,
+            time.time(),
+            [(480, 640)] * B,
+            det,
+            features,
+        )
         record.model_name, record.version_name, record.result_name = "bench", "v1", "r"
         records.append(record)
     return records
@@ -72,7 +89,9 @@ def test_writer_throughput(benchmark, case, impl):
             os.fsync(f.fileno())
         os.unlink(path)
 
-    sink = HDF5Store(tempfile.mkdtemp(dir=folder), config=WriterConfig(flush_interval=1.0, batch_images=256))
+    sink = HDF5Store(
+        tempfile.mkdtemp(dir=folder), config=WriterConfig(flush_interval=1.0, batch_images=256)
+    )
     sink.open_result("bench", "v1", "r", {"n_class": C}, False)
 
     def store():

@@ -20,17 +20,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pyodlog  # noqa: E402
-from bench_overhead import FPN_LEVEL, _make  # noqa: E402
-from pyodlog.io import HDF5Store  # noqa: E402
+from bench_overhead import FPN_LEVEL, _make
+
+import pyodlog
+from pyodlog.io import HDF5Store
 
 
 def main(calls: int) -> None:
     process = psutil.Process()
     model = _make("fasterrcnn_mobilenet_v3_large_320_fpn")
     images = [torch.rand(3, 480, 640)]
-    logger = pyodlog.create_logger(model, "soak", "v1", sink=HDF5Store(tempfile.mkdtemp()),
-                                   target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}})
+    logger = pyodlog.create_logger(
+        model,
+        "soak",
+        "v1",
+        sink=HDF5Store(tempfile.mkdtemp()),
+        target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}},
+    )
     samples = []
     start = time.perf_counter()
     with torch.inference_mode():
@@ -43,11 +49,15 @@ def main(calls: int) -> None:
     stats = logger.sink.stats()
     logger.close()
     mib = [rss / 2**20 for _, rss in samples]
-    print(f"{calls} calls in {elapsed:.1f} s; written {stats['written']}, dropped {stats['dropped']}")
+    print(
+        f"{calls} calls in {elapsed:.1f} s; written {stats['written']}, dropped {stats['dropped']}"
+    )
     print("RSS MiB every 50 calls:", " ".join(f"{m:.0f}" for m in mib))
-    after_warmup = mib[len(mib) // 5:]
-    print(f"peak {max(mib):.0f} MiB; after the first fifth: min {min(after_warmup):.0f}, max {max(after_warmup):.0f} "
-          f"(spread {max(after_warmup) - min(after_warmup):.0f} MiB)")
+    after_warmup = mib[len(mib) // 5 :]
+    print(
+        f"peak {max(mib):.0f} MiB; after the first fifth: min {min(after_warmup):.0f}, max {max(after_warmup):.0f} "
+        f"(spread {max(after_warmup) - min(after_warmup):.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -22,22 +22,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pyodlog  # noqa: E402
-from bench_overhead import FPN_LEVEL, NaiveLogger, _make  # noqa: E402
-from pyodlog.io import HDF5Store  # noqa: E402
+from bench_overhead import FPN_LEVEL, NaiveLogger, _make
+
+import pyodlog
+from pyodlog.io import HDF5Store
 
 
 def main(name: str, batch: int, rotations: int) -> None:
     model = _make(name)
-    images = [torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(batch)) for _ in range(batch)]
+    images = [
+        torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(batch))
+        for _ in range(batch)
+    ]
     folder = Path(tempfile.mkdtemp())
     variants = {
         "bare": model,
-        "pyodlog detections+logits": pyodlog.create_logger(model, "b", "v1", sink=HDF5Store(folder / "a"),
-                                                           log_embeddings=False),
+        "pyodlog detections+logits": pyodlog.create_logger(
+            model, "b", "v1", sink=HDF5Store(folder / "a"), log_embeddings=False
+        ),
         "pyodlog +embeddings+FPN uint8": pyodlog.create_logger(
-            model, "b", "v2", sink=HDF5Store(folder / "b"),
-            target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}}),
+            model,
+            "b",
+            "v2",
+            sink=HDF5Store(folder / "b"),
+            target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}},
+        ),
         "naive h5py logger": NaiveLogger(model, folder / "naive.h5", FPN_LEVEL),
     }
     times = {k: [] for k in variants}
@@ -53,8 +62,10 @@ def main(name: str, batch: int, rotations: int) -> None:
     print(f"{name}, batch {batch}, {rotations} rotations")
     for key, t in times.items():
         median = statistics.median(t)
-        print(f"{key:30s} median {median * 1e3:9.2f} ms  {median / bare:.3f}x bare  "
-              f"overhead {(median - bare) * 1e3:7.2f} ms  {batch / median:6.1f} images/s")
+        print(
+            f"{key:30s} median {median * 1e3:9.2f} ms  {median / bare:.3f}x bare  "
+            f"overhead {(median - bare) * 1e3:7.2f} ms  {batch / median:6.1f} images/s"
+        )
     for call in variants.values():
         if hasattr(call, "close"):
             call.close()

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from crash_child import crash_logger, kill  # noqa: E402
+
 from pyodlog.io import open_result  # noqa: E402
 from pyodlog.io.reader import read_segment  # noqa: E402
 
@@ -29,8 +30,12 @@ from pyodlog.io.reader import read_segment  # noqa: E402
 def trial(seed: int) -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "crash_child.py"), tmp, "2"],
-                                 stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        child = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "crash_child.py"), tmp, "2"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         acked = submitted = lines = 0
         target = rng.randint(2, 40)
         for line in child.stdout:
@@ -51,10 +56,21 @@ def trial(seed: int) -> dict:
             read_segment(segment)
         crash_logger(tmp).close()
         ids = open_result(directory).images["input_id"]
-        ok = (len(ids) >= acked and len(ids) <= submitted and ids == [f"{i:08d}" for i in range(len(ids))]
-              and not list(directory.glob("*.part")) and not (directory / "quarantine").exists())
-        return {"ok": ok, "acked": acked, "submitted": submitted, "found": len(ids), "open_parts": parts,
-                "closed_before": len(closed)}
+        ok = (
+            len(ids) >= acked
+            and len(ids) <= submitted
+            and ids == [f"{i:08d}" for i in range(len(ids))]
+            and not list(directory.glob("*.part"))
+            and not (directory / "quarantine").exists()
+        )
+        return {
+            "ok": ok,
+            "acked": acked,
+            "submitted": submitted,
+            "found": len(ids),
+            "open_parts": parts,
+            "closed_before": len(closed),
+        }
 
 
 def main() -> None:
@@ -64,8 +80,10 @@ def main() -> None:
     lost_in_flight = [r["submitted"] - r["found"] for r in results]
     recovered = sum(r["open_parts"] for r in results)
     print(f"{trials} SIGKILL trials: {trials - len(failed)} passed, {len(failed)} failed")
-    print(f"acknowledged images lost: 0 in every passing trial; in-flight images lost per kill: "
-          f"max {max(lost_in_flight)}, mean {sum(lost_in_flight) / trials:.1f}")
+    print(
+        f"acknowledged images lost: 0 in every passing trial; in-flight images lost per kill: "
+        f"max {max(lost_in_flight)}, mean {sum(lost_in_flight) / trials:.1f}"
+    )
     print(f"open segments recovered automatically: {recovered}; closed segments all readable")
     if failed:
         print("failures:", failed)

@@ -8,8 +8,17 @@ Importing pyodlog loads its compiled operators (``torch.ops.pyodlog.*``);
 :func:`build_info` says how they were built.
 """
 
-from pyodlog._extension import ExtensionNotBuiltError, build_info
 from pyodlog import ops
+from pyodlog._extension import ExtensionNotBuiltError, build_info
+from pyodlog.distributed import DistributedLoggingError
+from pyodlog.io import (
+    HDF5Store,
+    ResultData,
+    StorageError,
+    WriterConfig,
+    WriterFailedError,
+    open_result,
+)
 from pyodlog.models import (
     FCOSLogger,
     RetinaNetLogger,
@@ -31,9 +40,7 @@ from pyodlog.monitoring import (
     Sink,
 )
 from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
-from pyodlog.distributed import DistributedLoggingError
 from pyodlog.sync import SyncConfig, SyncError, UploadSummary
-from pyodlog.io import HDF5Store, ResultData, StorageError, WriterConfig, WriterFailedError, open_result
 
 __version__ = "0.1.0"
 
@@ -45,29 +52,29 @@ __all__ = [
     "ExtensionNotBuiltError",
     "FCOSLogger",
     "HDF5Store",
-    "ResultData",
-    "StorageError",
-    "SyncConfig",
-    "SyncError",
-    "UploadSummary",
-    "WriterConfig",
-    "WriterFailedError",
-    "open_result",
     "InMemorySink",
     "LoggerClosedError",
     "MonitoringLogger",
     "NmsConfig",
     "ObjectDetectionTorchLogger",
     "ObjectDetectionTorchTracer",
+    "ResultData",
     "RetinaNetLogger",
     "SSDLogger",
     "SchemaMismatchError",
     "Sink",
+    "StorageError",
+    "SyncConfig",
+    "SyncError",
     "TorchvisionRCNNLogger",
     "UnsupportedModelError",
+    "UploadSummary",
+    "WriterConfig",
+    "WriterFailedError",
     "__version__",
     "build_info",
     "create_logger",
+    "open_result",
     "ops",
     "register_logger",
     "registered_loggers",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
-__all__ = ["load_extension", "build_info", "ExtensionNotBuiltError"]
+__all__ = ["ExtensionNotBuiltError", "build_info", "load_extension"]
 
 _REBUILD_HINT = (
     "Rebuild it against the installed torch: `make build` in a checkout, or "
@@ -50,7 +50,7 @@ def load_extension() -> Any:
 _C = load_extension()
 
 
-def build_info() -> Dict[str, Any]:
+def build_info() -> dict[str, Any]:
     """How the compiled extension was built.
 
     Returns:

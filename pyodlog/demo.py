@@ -44,25 +44,38 @@ def same_up_to_ties(recorded: pyodlog.DetectionOutput, returned: dict) -> bool:
     cut = recorded.scores[-1]
 
     def rows(boxes, scores, labels):
-        return {(s, lab, tuple(b)) for b, s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist()) if s > cut}
+        return {
+            (s, lab, tuple(b))
+            for b, s, lab in zip(boxes.tolist(), scores.tolist(), labels.tolist())
+            if s > cut
+        }
 
-    return rows(recorded.boxes, recorded.scores, recorded.labels) == rows(returned["boxes"], returned["scores"], returned["labels"])
+    return rows(recorded.boxes, recorded.scores, recorded.labels) == rows(
+        returned["boxes"], returned["scores"], returned["labels"]
+    )
 
 
 def main() -> None:
     torch.manual_seed(0)
     info = pyodlog.build_info()
-    print(f"pyodlog {pyodlog.__version__}: torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"CUDA kernels compiled: {info['cuda']} ({info['cuda_archs'] or 'none'}), GPU: {info['cuda_available']}")
+    print(
+        f"pyodlog {pyodlog.__version__}: torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"CUDA kernels compiled: {info['cuda']} ({info['cuda_archs'] or 'none'}), GPU: {info['cuda_available']}"
+    )
     model = fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None).eval()
     images = generated_images(32, torch.Generator().manual_seed(0))
     logger = pyodlog.create_logger(
-        model, model_name="demo-detector", version_name="v1", score_thresh=0.01,
+        model,
+        model_name="demo-detector",
+        version_name="v1",
+        score_thresh=0.01,
         target_layers={"fpn": {"path": "backbone.fpn", "compression": "uint8"}},
         additional_fields=[{"name": "camera", "dtype": "str", "default": "cam-0"}],
     )
-    print(f"{type(logger).__name__} for {type(model).__name__}: result {logger.result_name!r}, epoch {logger.n_epoch}, "
-          f"data in {logger.sink.directory}")
+    print(
+        f"{type(logger).__name__} for {type(model).__name__}: result {logger.result_name!r}, epoch {logger.n_epoch}, "
+        f"data in {logger.sink.directory}"
+    )
     bare = logged = 0.0
     identical = True
     last_output = None
@@ -72,10 +85,17 @@ def main() -> None:
             t0 = time.perf_counter()
             want = model(batch)
             t1 = time.perf_counter()
-            got = logger(batch, input_ids=[f"image-{start + i:03d}" for i in range(len(batch))], camera=f"cam-{start // 8}")
+            got = logger(
+                batch,
+                input_ids=[f"image-{start + i:03d}" for i in range(len(batch))],
+                camera=f"cam-{start // 8}",
+            )
             t2 = time.perf_counter()
             bare, logged = bare + t1 - t0, logged + t2 - t1
-            identical &= all(torch.equal(g["boxes"], w["boxes"]) and torch.equal(g["scores"], w["scores"]) for g, w in zip(got, want))
+            identical &= all(
+                torch.equal(g["boxes"], w["boxes"]) and torch.equal(g["scores"], w["scores"])
+                for g, w in zip(got, want)
+            )
             last_output = got
         t0 = time.perf_counter()
         logger.wait_for_save()
@@ -86,23 +106,45 @@ def main() -> None:
     result = pyodlog.open_result(zip_path)
     n = len(result)
     counts = result.manifest["counts"]
-    print(f"logged {n} images in {stats['submitted']} calls: {counts['detections']} detections, "
-          f"{counts['features']} layer tensors, {stats['dropped']} dropped")
-    print(f"time: bare model {bare * 1e3:.0f} ms, with pyodlog {logged * 1e3:.0f} ms (x{logged / bare:.2f}); "
-          f"wait_for_save {1e3 * (t1 - t0):.0f} ms, export {1e3 * (t2 - t1):.0f} ms")
-    print(f"export: {zip_path} ({Path(zip_path).stat().st_size / 2**20:.1f} MiB), members {list(result.manifest['members'])}")
-    first = result.image_detections(0)
-    print(f"read back image {result.images['input_id'][0]!r} {tuple(int(v) for v in result.images['image_size'][0])} camera "
-          f"{result.images['camera'][0]!r}: boxes {tuple(first['boxes'].shape)}, logits {tuple(first['logits'].shape)}, "
-          f"embeddings {tuple(first['embeddings'].shape)}")
-    print(f"layers: {result.feature_names()}; 'fpn/0' of image 0 restores to {tuple(result.feature(0, 'fpn/0').shape)}")
-    matches = all(
-        same_up_to_ties(pyodlog.DetectionOutput(d["boxes"], d["scores"], d["labels"], d["logits"], d["candidate_index"], (1, 1)), w)
-        for d, w in ((result.image_detections(n - len(last_output) + i), w) for i, w in enumerate(last_output))
+    print(
+        f"logged {n} images in {stats['submitted']} calls: {counts['detections']} detections, "
+        f"{counts['features']} layer tensors, {stats['dropped']} dropped"
     )
-    print(f"outputs unchanged by logging: {identical}; the ZIP's detections equal the model's (up to tied scores): {matches}")
+    print(
+        f"time: bare model {bare * 1e3:.0f} ms, with pyodlog {logged * 1e3:.0f} ms (x{logged / bare:.2f}); "
+        f"wait_for_save {1e3 * (t1 - t0):.0f} ms, export {1e3 * (t2 - t1):.0f} ms"
+    )
+    print(
+        f"export: {zip_path} ({Path(zip_path).stat().st_size / 2**20:.1f} MiB), members {list(result.manifest['members'])}"
+    )
+    first = result.image_detections(0)
+    print(
+        f"read back image {result.images['input_id'][0]!r} {tuple(int(v) for v in result.images['image_size'][0])} camera "
+        f"{result.images['camera'][0]!r}: boxes {tuple(first['boxes'].shape)}, logits {tuple(first['logits'].shape)}, "
+        f"embeddings {tuple(first['embeddings'].shape)}"
+    )
+    print(
+        f"layers: {result.feature_names()}; 'fpn/0' of image 0 restores to {tuple(result.feature(0, 'fpn/0').shape)}"
+    )
+    matches = all(
+        same_up_to_ties(
+            pyodlog.DetectionOutput(
+                d["boxes"], d["scores"], d["labels"], d["logits"], d["candidate_index"], (1, 1)
+            ),
+            w,
+        )
+        for d, w in (
+            (result.image_detections(n - len(last_output) + i), w)
+            for i, w in enumerate(last_output)
+        )
+    )
+    print(
+        f"outputs unchanged by logging: {identical}; the ZIP's detections equal the model's (up to tied scores): {matches}"
+    )
     if not (identical and matches):
-        raise SystemExit("the logger changed or misrecorded the model's output: this is a bug, please report it")
+        raise SystemExit(
+            "the logger changed or misrecorded the model's output: this is a bug, please report it"
+        )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ NCCL job needs no device tensors for them, and every wait has a timeout):
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any
 
 __all__ = ["DistContext", "DistributedLoggingError", "current_context"]
 
@@ -50,8 +51,9 @@ class DistContext:
         import torch.distributed as dist
 
         try:
-            dist.monitored_barrier(group=self.group, timeout=datetime.timedelta(seconds=timeout),
-                                   wait_all_ranks=True)
+            dist.monitored_barrier(
+                group=self.group, timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True
+            )
         except RuntimeError as error:
             raise DistributedLoggingError(
                 f"pyodlog {what}: not every rank arrived within {timeout:.0f} s ({error}). Every rank must call "
@@ -59,7 +61,7 @@ class DistContext:
                 "(the next logger recovers its open one)"
             ) from error
 
-    def gather_to_rank0(self, value: Any) -> Optional[List[Any]]:
+    def gather_to_rank0(self, value: Any) -> list[Any] | None:
         """Every rank's ``value`` on rank 0 (a list by rank); None elsewhere."""
         import torch.distributed as dist
 
@@ -68,7 +70,7 @@ class DistContext:
         return out
 
 
-def current_context() -> Optional[DistContext]:
+def current_context() -> DistContext | None:
     """The distributed context when a process group of more than one rank is initialised, else None.
 
     Collective: every rank must call it (it creates pyodlog's gloo group when
@@ -80,11 +82,15 @@ def current_context() -> Optional[DistContext]:
         return None
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
-    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=CONSTRUCTION_TIMEOUT)
+    group = (
+        None
+        if dist.get_backend() == "gloo"
+        else dist.new_group(backend="gloo", timeout=CONSTRUCTION_TIMEOUT)
+    )
     return DistContext(dist.get_rank(), dist.get_world_size(), group)
 
 
-def agree(context: Optional[DistContext], decide: Callable[[], Any]) -> Any:
+def agree(context: DistContext | None, decide: Callable[[], Any]) -> Any:
     """Runs ``decide`` on rank 0 and returns its result on every rank.
 
     An exception on rank 0 is raised on rank 0 and reported on the others

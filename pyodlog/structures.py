@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from torch import Tensor
 
@@ -39,13 +39,19 @@ class DetectionOutput:
         labels: Tensor,
         logits: Tensor,
         candidate_index: Tensor,
-        image_size: Tuple[int, int],
-        embeddings: Optional[Tensor] = None,
+        image_size: tuple[int, int],
+        embeddings: Tensor | None = None,
     ) -> None:
         self.image_size = (int(image_size[0]), int(image_size[1]))
-        self._n: Optional[int] = None
-        for name, value in (("boxes", boxes), ("scores", scores), ("labels", labels), ("logits", logits),
-                            ("candidate_index", candidate_index), ("embeddings", embeddings)):
+        self._n: int | None = None
+        for name, value in (
+            ("boxes", boxes),
+            ("scores", scores),
+            ("labels", labels),
+            ("logits", logits),
+            ("candidate_index", candidate_index),
+            ("embeddings", embeddings),
+        ):
             setattr(self, name, value)
         if self.boxes.dim() != 2 or self.boxes.shape[1] != 4:
             raise ValueError(f"boxes must have shape [N, 4], got {tuple(self.boxes.shape)}")
@@ -56,22 +62,30 @@ class DetectionOutput:
                 raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
             n = value.shape[0] if value.dim() else None
             if n is None or (self._n is not None and n != self._n):
-                raise ValueError(f"{name} has {n} rows, but the other fields of this image have {self._n}")
+                raise ValueError(
+                    f"{name} has {n} rows, but the other fields of this image have {self._n}"
+                )
             object.__setattr__(self, "_n", n)
         object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         return int(self._n or 0)
 
-    def __getitem__(self, item) -> "DetectionOutput":
+    def __getitem__(self, item) -> DetectionOutput:
         return DetectionOutput(
-            self.boxes[item], self.scores[item], self.labels[item], self.logits[item], self.candidate_index[item],
-            self.image_size, None if self.embeddings is None else self.embeddings[item],
+            self.boxes[item],
+            self.scores[item],
+            self.labels[item],
+            self.logits[item],
+            self.candidate_index[item],
+            self.image_size,
+            None if self.embeddings is None else self.embeddings[item],
         )
 
-    def to(self, device) -> "DetectionOutput":
+    def to(self, device) -> DetectionOutput:
         return DetectionOutput(
-            *(getattr(self, f).to(device) for f in self._FIELDS[:5]), self.image_size,
+            *(getattr(self, f).to(device) for f in self._FIELDS[:5]),
+            self.image_size,
             None if self.embeddings is None else self.embeddings.to(device),
         )
 
@@ -105,30 +119,40 @@ class DetectionBatch:
     logits: Tensor
     candidate_index: Tensor
     counts: Tensor
-    image_sizes: List[Tuple[int, int]]
-    embeddings: Optional[Tensor] = None
+    image_sizes: list[tuple[int, int]]
+    embeddings: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
-    def tensors(self) -> Dict[str, Tensor]:
-        out = {"boxes": self.boxes, "scores": self.scores, "labels": self.labels, "logits": self.logits,
-               "candidate_index": self.candidate_index, "counts": self.counts}
+    def tensors(self) -> dict[str, Tensor]:
+        out = {
+            "boxes": self.boxes,
+            "scores": self.scores,
+            "labels": self.labels,
+            "logits": self.logits,
+            "candidate_index": self.candidate_index,
+            "counts": self.counts,
+        }
         if self.embeddings is not None:
             out["embeddings"] = self.embeddings
         return out
 
-    def to(self, device, non_blocking: bool = False) -> "DetectionBatch":
+    def to(self, device, non_blocking: bool = False) -> DetectionBatch:
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
         return DetectionBatch(image_sizes=list(self.image_sizes), **moved)
 
-    def unbind(self) -> List[DetectionOutput]:
+    def unbind(self) -> list[DetectionOutput]:
         """Per-image :class:`DetectionOutput` (reads ``counts``: a host sync on GPU)."""
         counts = self.counts.tolist()
         return [
             DetectionOutput(
-                self.boxes[b, :n], self.scores[b, :n], self.labels[b, :n], self.logits[b, :n],
-                self.candidate_index[b, :n], self.image_sizes[b],
+                self.boxes[b, :n],
+                self.scores[b, :n],
+                self.labels[b, :n],
+                self.logits[b, :n],
+                self.candidate_index[b, :n],
+                self.image_sizes[b],
                 None if self.embeddings is None else self.embeddings[b, :n],
             )
             for b, n in enumerate(counts)
@@ -152,14 +176,14 @@ class CallRecord:
         model_name, version_name, result_name: where the record belongs.
     """
 
-    input_ids: List[str]
+    input_ids: list[str]
     dataset_type: str
-    n_epoch: Optional[int]
+    n_epoch: int | None
     timestamp: float
-    image_sizes: List[Tuple[int, int]]
+    image_sizes: list[tuple[int, int]]
     detections: DetectionBatch
-    features: Dict[str, CompressedFeature] = field(default_factory=dict)
-    fields: Dict[str, List[Any]] = field(default_factory=dict)
+    features: dict[str, CompressedFeature] = field(default_factory=dict)
+    fields: dict[str, list[Any]] = field(default_factory=dict)
     model_name: str = ""
     version_name: str = ""
     result_name: str = ""

@@ -6,8 +6,8 @@ under a second and runs on any machine with Python. Start it with
 ``docs/protocol.md`` and :mod:`pyodlog_collector.protocol`.
 """
 
+from pyodlog_collector.http import CollectorServer, make_server
 from pyodlog_collector.keys import ApiKeys, KeyFileError
 from pyodlog_collector.storage import CollectorStorage
-from pyodlog_collector.http import CollectorServer, make_server
 
 __all__ = ["ApiKeys", "CollectorServer", "CollectorStorage", "KeyFileError", "make_server"]

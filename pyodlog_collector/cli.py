@@ -19,7 +19,6 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
 
 from pyodlog_collector.keys import ApiKeys, KeyFileError, generate_key, write_key_file
 from pyodlog_collector.protocol import is_loopback_host, is_valid_name
@@ -37,7 +36,9 @@ def _size(text: str) -> int:
     try:
         value = int(float(number) * factor)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 1048576, 64M or 8G") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size such as 1048576, 64M or 8G"
+        ) from None
     if value <= 0:
         raise argparse.ArgumentTypeError("a size must be positive")
     return value
@@ -50,19 +51,45 @@ def _name(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyodlog", description="pyodlog's reference collector and tools.")
+    parser = argparse.ArgumentParser(
+        prog="pyodlog", description="pyodlog's reference collector and tools."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the collector (HTTP)")
-    serve.add_argument("--root", required=True, type=Path, help="folder where uploaded segments are stored")
-    serve.add_argument("--api-key-file", required=True, type=Path,
-                       help="file with one 'TENANT:KEY' (or a bare 'KEY') per line")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
-    serve.add_argument("--max-request-bytes", type=_size, default=64 << 20, help="largest request body (default 64M)")
-    serve.add_argument("--max-segment-bytes", type=_size, default=8 << 30, help="largest segment (default 8G)")
-    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve HTTPS (with --tls-key)")
+    serve.add_argument(
+        "--root", required=True, type=Path, help="folder where uploaded segments are stored"
+    )
+    serve.add_argument(
+        "--api-key-file",
+        required=True,
+        type=Path,
+        help="file with one 'TENANT:KEY' (or a bare 'KEY') per line",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; 0: any free port)",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_size,
+        default=64 << 20,
+        help="largest request body (default 64M)",
+    )
+    serve.add_argument(
+        "--max-segment-bytes", type=_size, default=8 << 30, help="largest segment (default 8G)"
+    )
+    serve.add_argument(
+        "--tls-cert", type=Path, help="PEM certificate chain: serve HTTPS (with --tls-key)"
+    )
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    serve.add_argument("--quiet", action="store_true", help="log warnings and errors only, not every request")
+    serve.add_argument(
+        "--quiet", action="store_true", help="log warnings and errors only, not every request"
+    )
     lister = sub.add_parser("list", help="list the results a collector root holds")
     lister.add_argument("--root", required=True, type=Path)
     lister.add_argument("--tenant", type=_name, help="only this tenant")
@@ -73,8 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("version", type=_name)
     export.add_argument("result", type=_name)
     export.add_argument("--epoch", type=int, default=None, help="only this epoch (default: all)")
-    export.add_argument("-o", "--output", type=Path, help="the ZIP to write (default: ./MODEL_VERSION_RESULT.zip)")
-    keygen = sub.add_parser("keygen", help="append a new random API key to a key file (created 0600)")
+    export.add_argument(
+        "-o", "--output", type=Path, help="the ZIP to write (default: ./MODEL_VERSION_RESULT.zip)"
+    )
+    keygen = sub.add_parser(
+        "keygen", help="append a new random API key to a key file (created 0600)"
+    )
     keygen.add_argument("file", type=Path)
     keygen.add_argument("--tenant", type=_name, default="default")
     return parser
@@ -83,8 +114,11 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args) -> int:
     from pyodlog_collector.http import make_server
 
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         keys = ApiKeys.from_file(args.api_key_file)
     except KeyFileError as error:
@@ -100,22 +134,41 @@ def _serve(args) -> int:
         try:
             tls = tls_context(str(args.tls_cert), str(args.tls_key))
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
-            print(f"pyodlog serve: cannot load the TLS certificate or key: {error}", file=sys.stderr)
+            print(
+                f"pyodlog serve: cannot load the TLS certificate or key: {error}", file=sys.stderr
+            )
             return 2
     try:
-        server = make_server(args.root, keys, args.host, args.port, args.max_request_bytes, args.max_segment_bytes,
-                             tls)
+        server = make_server(
+            args.root,
+            keys,
+            args.host,
+            args.port,
+            args.max_request_bytes,
+            args.max_segment_bytes,
+            tls,
+        )
     except OSError as error:
-        print(f"pyodlog serve: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        print(
+            f"pyodlog serve: cannot listen on {args.host}:{args.port}: {error.strerror or error}",
+            file=sys.stderr,
+        )
         return 2
     if tls is None and not is_loopback_host(args.host):
         logging.getLogger("pyodlog.collector").warning(
             "serving plain HTTP on %s: API keys and data cross the network unencrypted; pass --tls-cert/--tls-key "
-            "or put a TLS-terminating proxy in front", args.host)
+            "or put a TLS-terminating proxy in front",
+            args.host,
+        )
     # SIGTERM stops the server the way Ctrl-C does; shutdown() must come from another thread.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    print(f"pyodlog collector listening on {server.url} (root {server.storage.root}, {len(keys)} key(s), "
-          f"tenants {', '.join(keys.tenants)})", flush=True)
+    signal.signal(
+        signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start()
+    )
+    print(
+        f"pyodlog collector listening on {server.url} (root {server.storage.root}, {len(keys)} key(s), "
+        f"tenants {', '.join(keys.tenants)})",
+        flush=True,
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -132,7 +185,12 @@ def _list(args) -> int:
         print(f"pyodlog list: {args.root} is not a folder", file=sys.stderr)
         return 2
     storage = CollectorStorage(args.root)
-    rows = [dict(tenant=t, **r) for t in storage.tenants() if args.tenant in (None, t) for r in storage.list_results(t)]
+    rows = [
+        dict(tenant=t, **r)
+        for t in storage.tenants()
+        if args.tenant in (None, t)
+        for r in storage.list_results(t)
+    ]
     print(json.dumps(rows, indent=2))
     return 0
 
@@ -142,16 +200,26 @@ def _export(args) -> int:
 
     storage = CollectorStorage(args.root)
     folder = storage.result_dir(args.tenant, args.model, args.version, args.result)
-    segments = [folder / s["segment_id"] for s in storage.list_segments(args.tenant, args.model, args.version, args.result)]
+    segments = [
+        folder / s["segment_id"]
+        for s in storage.list_segments(args.tenant, args.model, args.version, args.result)
+    ]
     if not segments:
-        print(f"pyodlog export: no segments for {args.model}/{args.version}/{args.result} of tenant {args.tenant} "
-              f"under {args.root}", file=sys.stderr)
+        print(
+            f"pyodlog export: no segments for {args.model}/{args.version}/{args.result} of tenant {args.tenant} "
+            f"under {args.root}",
+            file=sys.stderr,
+        )
         return 2
     from pyodlog.io.export import export_zip  # pyodlog's own reader and writer (imports torch)
 
     output = args.output or Path(f"{args.model}_{args.version}_{args.result}.zip")
-    meta = {"model_name": args.model, "version_name": args.version, "result_name": args.result,
-            "exported_by": "pyodlog collector"}
+    meta = {
+        "model_name": args.model,
+        "version_name": args.version,
+        "result_name": args.result,
+        "exported_by": "pyodlog collector",
+    }
     path = export_zip(sorted(segments), output, args.epoch, meta)
     print(path)
     return 0
@@ -161,13 +229,17 @@ def _keygen(args) -> int:
     lines = args.file.read_text().splitlines() if args.file.exists() else []
     lines.append(f"{args.tenant}:{generate_key()}")
     write_key_file(args.file, lines)
-    print(f"added a key for tenant {args.tenant!r} to {args.file} (the key is in the file, not printed)")
+    print(
+        f"added a key for tenant {args.tenant!r} to {args.file} (the key is in the file, not printed)"
+    )
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"serve": _serve, "list": _list, "export": _export, "keygen": _keygen}[args.command](args)
+    return {"serve": _serve, "list": _list, "export": _export, "keygen": _keygen}[args.command](
+        args
+    )
 
 
 if __name__ == "__main__":

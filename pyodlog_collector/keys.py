@@ -14,11 +14,10 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
 
 from pyodlog_collector.protocol import is_valid_name
 
-__all__ = ["ApiKeys", "KeyFileError", "MIN_KEY_LENGTH"]
+__all__ = ["MIN_KEY_LENGTH", "ApiKeys", "KeyFileError"]
 
 log = logging.getLogger("pyodlog.collector")
 MIN_KEY_LENGTH = 16
@@ -39,34 +38,44 @@ class ApiKeys:
         entries: ``(tenant, key)`` pairs.
     """
 
-    def __init__(self, entries: List[Tuple[str, str]]) -> None:
+    def __init__(self, entries: list[tuple[str, str]]) -> None:
         if not entries:
-            raise KeyFileError("no API key configured: the key file needs at least one line 'TENANT:KEY' or 'KEY'")
-        self._entries: List[Tuple[str, bytes]] = []
+            raise KeyFileError(
+                "no API key configured: the key file needs at least one line 'TENANT:KEY' or 'KEY'"
+            )
+        self._entries: list[tuple[str, bytes]] = []
         for number, (tenant, key) in enumerate(entries, 1):
             if not is_valid_name(tenant):
-                raise KeyFileError(f"key #{number}: tenant {tenant!r} must be 1-128 letters, digits, '-', '_' or '.'")
+                raise KeyFileError(
+                    f"key #{number}: tenant {tenant!r} must be 1-128 letters, digits, '-', '_' or '.'"
+                )
             if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
-                raise KeyFileError(f"key #{number} (tenant {tenant!r}) is shorter than {MIN_KEY_LENGTH} characters or "
-                                   "contains whitespace: use a long random key, e.g. `python -c 'import secrets; "
-                                   "print(secrets.token_urlsafe(32))'`")
+                raise KeyFileError(
+                    f"key #{number} (tenant {tenant!r}) is shorter than {MIN_KEY_LENGTH} characters or "
+                    "contains whitespace: use a long random key, e.g. `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'`"
+                )
             self._entries.append((tenant, _digest(key)))
         digests = [d for _, d in self._entries]
         if len(set(digests)) != len(digests):
-            raise KeyFileError("the same key appears twice in the key file: give every tenant its own key")
+            raise KeyFileError(
+                "the same key appears twice in the key file: give every tenant its own key"
+            )
 
     @classmethod
-    def from_file(cls, path: Union[str, Path]) -> "ApiKeys":
+    def from_file(cls, path: str | Path) -> ApiKeys:
         """Reads a key file (see the module docstring)."""
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
             mode = path.stat().st_mode
         except OSError as error:
-            raise KeyFileError(f"cannot read the API key file {path}: {error.strerror or error}") from None
+            raise KeyFileError(
+                f"cannot read the API key file {path}: {error.strerror or error}"
+            ) from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("the API key file %s is readable by other users: chmod 600 %s", path, path)
-        entries: List[Tuple[str, str]] = []
+        entries: list[tuple[str, str]] = []
         bare = 0
         for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
@@ -77,19 +86,21 @@ class ApiKeys:
                 tenant, key = "default", line
                 bare += 1
                 if bare > 1:
-                    raise KeyFileError(f"{path} line {number}: more than one bare key; write 'TENANT:KEY' lines to "
-                                       "give each key its own tenant")
+                    raise KeyFileError(
+                        f"{path} line {number}: more than one bare key; write 'TENANT:KEY' lines to "
+                        "give each key its own tenant"
+                    )
             entries.append((tenant.strip(), key.strip()))
         return cls(entries)
 
     @property
-    def tenants(self) -> List[str]:
+    def tenants(self) -> list[str]:
         return sorted({t for t, _ in self._entries})
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def tenant_for(self, key: Optional[str]) -> Optional[str]:
+    def tenant_for(self, key: str | None) -> str | None:
         """The tenant of ``key``, or None. Every entry is compared, in constant time each."""
         if key is None:
             return None
@@ -111,7 +122,7 @@ def generate_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def write_key_file(path: Union[str, Path], lines: List[str]) -> None:
+def write_key_file(path: str | Path, lines: list[str]) -> None:
     """Writes a key file readable by its owner only."""
     fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:

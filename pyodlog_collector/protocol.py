@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Optional
 from urllib.parse import quote
 
 __all__ = [
@@ -57,7 +56,7 @@ def is_valid_sha256(value: object) -> bool:
     return isinstance(value, str) and bool(SHA256_PATTERN.match(value))
 
 
-def parse_rank(value: str) -> Optional[int]:
+def parse_rank(value: str) -> int | None:
     """A rank from a URL segment (a decimal int in [0, MAX_RANK)), or None."""
     if not value.isdigit() or len(value) > 7:
         return None

@@ -9,7 +9,6 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import requests
 
@@ -26,22 +25,40 @@ def write_keys(path: Path) -> Path:
 class CollectorProcess:
     """``python -m pyodlog_collector serve`` on 127.0.0.1; restartable on the same port and root."""
 
-    def __init__(self, root: Path, key_file: Path, extra_args: Optional[List[str]] = None) -> None:
+    def __init__(self, root: Path, key_file: Path, extra_args: list[str] | None = None) -> None:
         self.root, self.key_file, self.extra_args = root, key_file, extra_args or []
         self.port = 0
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.log_path = root.parent / f"{root.name}-server.log"
 
-    def start(self) -> "CollectorProcess":
+    def start(self) -> CollectorProcess:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyodlog_collector", "serve", "--root", str(self.root), "--api-key-file",
-             str(self.key_file), "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args],
-            stdout=subprocess.PIPE, stderr=log, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pyodlog_collector",
+                "serve",
+                "--root",
+                str(self.root),
+                "--api-key-file",
+                str(self.key_file),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *self.extra_args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         if "listening on" not in line:
             self.proc.wait(10)
-            raise RuntimeError(f"the collector did not start: {line!r}\n{self.log_path.read_text()}")
+            raise RuntimeError(
+                f"the collector did not start: {line!r}\n{self.log_path.read_text()}"
+            )
         self.url = line.split("listening on ")[1].split()[0]
         self.port = int(self.url.rsplit(":", 1)[1])
         return self
@@ -62,7 +79,7 @@ class CollectorProcess:
     def log(self) -> str:
         return self.log_path.read_text()
 
-    def segments(self, tenant: str, model: str, version: str, result: str) -> List[Path]:
+    def segments(self, tenant: str, model: str, version: str, result: str) -> list[Path]:
         folder = self.root / tenant / model / version / result
         return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
@@ -70,9 +87,11 @@ class CollectorProcess:
 class FlakyProxy:
     """Forwards to the collector, but answers the first ``failures`` requests with ``status`` itself."""
 
-    def __init__(self, upstream_port: int, failures: int, status: int = 503, retry_after: Optional[str] = "0") -> None:
+    def __init__(
+        self, upstream_port: int, failures: int, status: int = 503, retry_after: str | None = "0"
+    ) -> None:
         self.failures_left = failures
-        self.refused: List[str] = []
+        self.refused: list[str] = []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -98,13 +117,21 @@ class FlakyProxy:
                     self.wfile.write(data)
                     return
                 upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")
+                }
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 answer = upstream.getresponse()
                 data = answer.read()
                 self.send_response(answer.status)
                 for k, v in answer.getheaders():
-                    if k.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):
+                    if k.lower() not in (
+                        "content-length",
+                        "connection",
+                        "transfer-encoding",
+                        "server",
+                        "date",
+                    ):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -117,7 +144,9 @@ class FlakyProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def close(self) -> None:
@@ -125,32 +154,79 @@ class FlakyProxy:
         self.server.server_close()
 
 
-def put(url: str, key: Optional[str], data: bytes = b"", **params) -> requests.Response:
+def put(url: str, key: str | None, data: bytes = b"", **params) -> requests.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return requests.put(url, data=data, params=params, headers=headers, timeout=30)
 
 
-def get(url: str, key: Optional[str], **params) -> requests.Response:
+def get(url: str, key: str | None, **params) -> requests.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return requests.get(url, params=params, headers=headers, timeout=30)
 
 
-
-def make_tls_files(folder: Path) -> Tuple[Path, Path, Path]:
+def make_tls_files(folder: Path) -> tuple[Path, Path, Path]:
     """A throwaway CA and a server certificate for localhost / 127.0.0.1, made with the openssl command."""
     import subprocess
 
     folder.mkdir(parents=True, exist_ok=True)
-    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ca_key, ca, key, csr, cert = (
+        folder / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem")
+    )
     ext = folder / "server.ext"
-    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
-                   "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-                   "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n")
-    run = lambda *args: subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "2",
-        "-subj", "/CN=pyodlog test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=localhost")
-    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "2",
-        "-extfile", ext)
+    ext.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n"
+    )
+    run = lambda *args: subprocess.run(
+        ["openssl", *map(str, args)], check=True, capture_output=True
+    )
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pyodlog test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        csr,
+        "-subj",
+        "/CN=localhost",
+    )
+    run(
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-out",
+        cert,
+        "-days",
+        "2",
+        "-extfile",
+        ext,
+    )
     return ca, cert, key

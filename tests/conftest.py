@@ -13,7 +13,11 @@ CUDA = torch.cuda.is_available() and pyodlog.build_info()["cuda"]
 # when no GPU is present (or the CUDA kernels were not compiled).
 DEVICES = [
     pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU present")]),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="no CUDA GPU present")],
+    ),
 ]
 
 

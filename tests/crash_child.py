@@ -11,17 +11,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
+from tiny_models import TinyDetector, TinyDetectorLogger
 
-from pyodlog.io import HDF5Store, WriterConfig  # noqa: E402
-from tiny_models import TinyDetector, TinyDetectorLogger  # noqa: E402
+from pyodlog.io import HDF5Store, WriterConfig
 
 
 def crash_logger(root, config=None) -> TinyDetectorLogger:
     """The logger of the crash tests' result (crash/v1/run); opening it recovers a dead writer's segment."""
     torch.manual_seed(0)
-    return TinyDetectorLogger(TinyDetector().eval(), "crash", "v1", result_name="run", sink=HDF5Store(root, config=config),
-                              target_layers={"b": {"path": "backbone.0", "compression": "uint8"}})
+    return TinyDetectorLogger(
+        TinyDetector().eval(),
+        "crash",
+        "v1",
+        result_name="run",
+        sink=HDF5Store(root, config=config),
+        target_layers={"b": {"path": "backbone.0", "compression": "uint8"}},
+    )
 
 
 def kill(child, submitted: int) -> int:
@@ -39,7 +45,9 @@ def kill(child, submitted: int) -> int:
 
 def main() -> None:
     root, batch = sys.argv[1], int(sys.argv[2])
-    logger = crash_logger(root, WriterConfig(flush_interval=0.05, batch_images=8, segment_max_records=7))
+    logger = crash_logger(
+        root, WriterConfig(flush_interval=0.05, batch_images=8, segment_max_records=7)
+    )
     images = [torch.rand(3, 64, 64) for _ in range(batch)]
     sent = 0
     with torch.no_grad():

@@ -28,11 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def make_model():
     torch.manual_seed(0)  # the same weights on every rank
     return torchvision.models.detection.ssdlite320_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=5).eval()
+        weights=None, weights_backbone=None, num_classes=5
+    ).eval()
 
 
-LOGGER_ARGS = dict(model_name="det", version_name="v1", score_thresh=0.05, max_detections_per_image=20,
-                   target_layers={"head_in": "backbone.features.0"})
+LOGGER_ARGS = dict(
+    model_name="det",
+    version_name="v1",
+    score_thresh=0.05,
+    max_detections_per_image=20,
+    target_layers={"head_in": "backbone.features.0"},
+)
 
 
 def main() -> None:
@@ -50,7 +56,9 @@ def main() -> None:
 
     report = {"rank": rank}
     logger = pyodlog.create_logger(make_model(), **LOGGER_ARGS)
-    report.update(result_name=logger.result_name, n_epoch=logger.n_epoch, directory=str(logger.sink.directory))
+    report.update(
+        result_name=logger.result_name, n_epoch=logger.n_epoch, directory=str(logger.sink.directory)
+    )
     g = torch.Generator().manual_seed(1000 + rank)  # different inputs on every rank
     acked_path = args.out / f"acked-rank{rank}.txt"
     ids = []
@@ -58,9 +66,11 @@ def main() -> None:
         call = 0
         while args.mode == "die" or call < args.calls:
             batch_ids = [f"r{rank}-c{call}-i{j}" for j in range(2)]
-            detections = logger([torch.rand(3, 160, 200, generator=g), torch.rand(3, 120, 160, generator=g)],
-                                input_ids=batch_ids)
-            report.setdefault("detections", []).extend(int(len(d["boxes"])) for d in detections)
+            detections = logger(
+                [torch.rand(3, 160, 200, generator=g), torch.rand(3, 120, 160, generator=g)],
+                input_ids=batch_ids,
+            )
+            report.setdefault("detections", []).extend(len(d["boxes"]) for d in detections)
             ids += batch_ids
             call += 1
             if args.mode == "die":

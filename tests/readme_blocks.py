@@ -10,7 +10,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_blocks():
     text = README.read_text()
-    return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if not b.lstrip().startswith(">>>")]
+    return [
+        b
+        for b in re.findall(r"```python\n(.*?)```", text, re.S)
+        if not b.lstrip().startswith(">>>")
+    ]
 
 
 def block_starting_with(marker: str) -> str:

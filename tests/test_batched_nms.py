@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-
 from nms_cases import clustered_boxes, uniform_boxes
+
 from pyodlog.ops import batched_nms
 
 
@@ -14,7 +14,10 @@ def oracle_batched_nms(boxes, scores, idxs, iou_threshold):
     """Greedy NMS written plainly: visit by (score desc, NaN first, index asc), per category."""
     boxes, scores = boxes.double().tolist(), scores.double().tolist()
     idxs = idxs.tolist()
-    order = sorted(range(len(scores)), key=lambda i: (scores[i] == scores[i], -scores[i] if scores[i] == scores[i] else 0, i))
+    order = sorted(
+        range(len(scores)),
+        key=lambda i: (scores[i] == scores[i], -scores[i] if scores[i] == scores[i] else 0, i),
+    )
     kept = []
     for i in order:
         ok = True
@@ -23,7 +26,7 @@ def oracle_batched_nms(boxes, scores, idxs, iou_threshold):
                 continue
             a, b = boxes[k], boxes[i]
             # Same arithmetic as torchvision's CPU kernel, in float32.
-            t = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+            t = lambda v: torch.tensor(v, dtype=torch.float32)
             ax1, ay1, ax2, ay2 = map(t, a)
             bx1, by1, bx2, by2 = map(t, b)
             xx1 = bx1 if ax1 < bx1 else ax1
@@ -43,7 +46,9 @@ def oracle_batched_nms(boxes, scores, idxs, iou_threshold):
 
 
 def assert_same_keep(got, want):
-    assert torch.equal(got.cpu(), want.cpu()), f"kept {got.tolist()[:20]}..., expected {want.tolist()[:20]}..."
+    assert torch.equal(got.cpu(), want.cpu()), (
+        f"kept {got.tolist()[:20]}..., expected {want.tolist()[:20]}..."
+    )
 
 
 @pytest.mark.parametrize("n", [1, 2, 10, 100, 1000])
@@ -79,7 +84,12 @@ def test_matches_the_oracle_for_every_threshold(device, threshold):
 
 
 def test_empty_input(device):
-    out = batched_nms(torch.empty(0, 4, device=device), torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device), 0.5)
+    out = batched_nms(
+        torch.empty(0, 4, device=device),
+        torch.empty(0, device=device),
+        torch.empty(0, dtype=torch.long, device=device),
+        0.5,
+    )
     assert out.shape == (0,) and out.dtype == torch.long
 
 
@@ -92,7 +102,9 @@ def test_a_pair_just_over_and_just_under_the_threshold(device):
         idxs = torch.zeros(2, dtype=torch.long, device=device)
         got = batched_nms(boxes, scores, idxs, 0.5).tolist()
         assert got == ([0] if suppressed else [0, 1])
-        assert got == torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), 0.5).tolist()
+        assert (
+            got == torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), 0.5).tolist()
+        )
 
 
 def test_equal_iou_and_threshold_is_not_suppressed(device):
@@ -110,7 +122,10 @@ def test_tied_scores_visit_lower_index_first(device):
     idxs = torch.zeros(5, dtype=torch.long, device=device)
     got = batched_nms(boxes, scores, idxs, 0.5)
     assert got.tolist() == [1, 4]
-    assert got.tolist() == torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), 0.5).tolist()
+    assert (
+        got.tolist()
+        == torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), 0.5).tolist()
+    )
 
 
 def test_categories_never_suppress_each_other(device):
@@ -140,7 +155,13 @@ def test_single_category(device):
 
 def test_zero_area_and_inverted_boxes_follow_torchvision(device):
     boxes = torch.tensor(
-        [[5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0], [10.0, 10.0, 0.0, 0.0], [0.0, 0.0, 10.0, 10.0], [9.0, 9.0, 1.0, 1.0]],
+        [
+            [5.0, 5.0, 5.0, 5.0],
+            [5.0, 5.0, 5.0, 5.0],
+            [10.0, 10.0, 0.0, 0.0],
+            [0.0, 0.0, 10.0, 10.0],
+            [9.0, 9.0, 1.0, 1.0],
+        ],
         device=device,
     )
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5], device=device)
@@ -150,18 +171,30 @@ def test_zero_area_and_inverted_boxes_follow_torchvision(device):
 
 
 def test_nan_scores_are_visited_first_like_torchvision(device):
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [100.0, 100.0, 110.0, 110.0]], device=device)
+    boxes = torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 11.0, 11.0], [100.0, 100.0, 110.0, 110.0]],
+        device=device,
+    )
     scores = torch.tensor([0.9, float("nan"), float("inf")], device=device)
     idxs = torch.zeros(3, dtype=torch.long, device=device)
     got = batched_nms(boxes, scores, idxs, 0.5)
     assert got.tolist() == [1, 2]  # NaN first, then inf; box 0 suppressed by the NaN-scored box
-    assert got.tolist() == torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), 0.5).tolist()
+    assert (
+        got.tolist()
+        == torchvision.ops.batched_nms(boxes.cpu(), scores.cpu(), idxs.cpu(), 0.5).tolist()
+    )
 
 
 def test_nan_and_inf_coordinates_never_suppress_nor_are_suppressed(device):
     nan, inf = float("nan"), float("inf")
     boxes = torch.tensor(
-        [[0.0, 0.0, 10.0, 10.0], [nan, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, nan], [0.0, 0.0, inf, inf], [0.0, 0.0, 10.0, 10.0]],
+        [
+            [0.0, 0.0, 10.0, 10.0],
+            [nan, 0.0, 10.0, 10.0],
+            [0.0, 0.0, 10.0, nan],
+            [0.0, 0.0, inf, inf],
+            [0.0, 0.0, 10.0, 10.0],
+        ],
         device=device,
     )
     scores = torch.tensor([0.5, 0.9, 0.8, 0.7, 0.4], device=device)
@@ -189,18 +222,56 @@ def test_other_dtypes_equal_torchvision_on_upcast_boxes(device, dtype):
 def test_int32_categories(device):
     boxes, scores, idxs = uniform_boxes(200, 4, seed=6)
     want = torchvision.ops.batched_nms(boxes, scores, idxs, 0.5)
-    assert_same_keep(batched_nms(boxes.to(device), scores.to(device), idxs.int().to(device), 0.5), want)
+    assert_same_keep(
+        batched_nms(boxes.to(device), scores.to(device), idxs.int().to(device), 0.5), want
+    )
 
 
 @pytest.mark.parametrize(
     "boxes, scores, idxs, threshold, message",
     [
-        (torch.zeros(3, 5), torch.zeros(3), torch.zeros(3, dtype=torch.long), 0.5, r"boxes must have shape \[N, 4\]"),
-        (torch.zeros(3, 4), torch.zeros(2), torch.zeros(3, dtype=torch.long), 0.5, r"scores must have shape \[3\]"),
-        (torch.zeros(3, 4), torch.zeros(3), torch.zeros(3), 0.5, "idxs must be an int64 or int32 tensor"),
-        (torch.zeros(3, 4), torch.zeros(3), torch.zeros(4, dtype=torch.long), 0.5, r"idxs must have shape \[3\]"),
-        (torch.zeros(3, 4), torch.zeros(3), torch.zeros(3, dtype=torch.long), float("nan"), "iou_threshold must be a number"),
-        (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3), torch.zeros(3, dtype=torch.long), 0.5, "boxes must be a floating-point"),
+        (
+            torch.zeros(3, 5),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.long),
+            0.5,
+            r"boxes must have shape \[N, 4\]",
+        ),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(2),
+            torch.zeros(3, dtype=torch.long),
+            0.5,
+            r"scores must have shape \[3\]",
+        ),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(3),
+            torch.zeros(3),
+            0.5,
+            "idxs must be an int64 or int32 tensor",
+        ),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(3),
+            torch.zeros(4, dtype=torch.long),
+            0.5,
+            r"idxs must have shape \[3\]",
+        ),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.long),
+            float("nan"),
+            "iou_threshold must be a number",
+        ),
+        (
+            torch.zeros(3, 4, dtype=torch.long),
+            torch.zeros(3),
+            torch.zeros(3, dtype=torch.long),
+            0.5,
+            "boxes must be a floating-point",
+        ),
     ],
 )
 def test_wrong_input_gets_a_clear_error(boxes, scores, idxs, threshold, message):
@@ -209,6 +280,13 @@ def test_wrong_input_gets_a_clear_error(boxes, scores, idxs, threshold, message)
 
 
 def test_opcheck(device):
-    samples = [uniform_boxes(50, 3, seed=1), clustered_boxes(120, 4, seed=2), (torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long))]
+    samples = [
+        uniform_boxes(50, 3, seed=1),
+        clustered_boxes(120, 4, seed=2),
+        (torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long)),
+    ]
     for boxes, scores, idxs in samples:
-        torch.library.opcheck(torch.ops.pyodlog.batched_nms.default, (boxes.to(device), scores.to(device), idxs.to(device), 0.5))
+        torch.library.opcheck(
+            torch.ops.pyodlog.batched_nms.default,
+            (boxes.to(device), scores.to(device), idxs.to(device), 0.5),
+        )

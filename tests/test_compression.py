@@ -58,9 +58,14 @@ def test_constant_and_all_zero_channels_come_back_exactly(device):
 
 
 def test_nan_and_inf_round_trip_and_do_not_spoil_the_channel(device):
-    x = torch.tensor([[1.0, float("nan"), 3.0, float("inf"), -float("inf"), 2.0],
-                      [float("nan")] * 6,
-                      [float("inf"), -float("inf"), float("inf"), 5.0, 5.0, 5.0]], device=device)
+    x = torch.tensor(
+        [
+            [1.0, float("nan"), 3.0, float("inf"), -float("inf"), 2.0],
+            [float("nan")] * 6,
+            [float("inf"), -float("inf"), float("inf"), 5.0, 5.0, 5.0],
+        ],
+        device=device,
+    )
     q, scale, offset = quantize_uint8(x)
     assert q[0, 1] == CODE_NAN and q[0, 3] == CODE_POS_INF and q[0, 4] == CODE_NEG_INF
     assert offset[0].item() == 1.0 and scale[0].item() == pytest.approx(2.0 / MAX_CODE)
@@ -73,14 +78,16 @@ def test_nan_and_inf_round_trip_and_do_not_spoil_the_channel(device):
 
 def test_huge_range_does_not_overflow(device):
     x = torch.tensor([[-3e38, 0.0, 3e38]], device=device)
-    q, scale, offset = quantize_uint8(x)
+    q, scale, _offset = quantize_uint8(x)
     assert q.tolist() == [[0, 126, 252]]
     assert torch.isfinite(scale).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_dtypes(device, dtype):
-    x = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    x = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(1)).to(
+        device=device, dtype=dtype
+    )
     c = compress_features(x, "uint8")
     assert c.decompress().dtype == dtype
     # The bound holds for the float32 restoration; casting it back to a 16-bit
@@ -97,7 +104,10 @@ def test_preallocated_buffers_are_reused(device):
     assert_within_half_step((x * 2).cpu(), second.decompress().cpu(), second.scale.cpu())
 
 
-@pytest.mark.parametrize("method, dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16), ("none", torch.float32)])
+@pytest.mark.parametrize(
+    "method, dtype",
+    [("float16", torch.float16), ("bfloat16", torch.bfloat16), ("none", torch.float32)],
+)
 def test_casts(device, method, dtype):
     x = torch.randn(2, 4, 5, 5, device=device)
     c = compress_features(x, method)
@@ -108,7 +118,11 @@ def test_casts(device, method, dtype):
 def test_pooling_to_a_grid_then_quantising(device):
     x = torch.randn(2, 4, 20, 30, device=device)
     c = compress_features(x, "uint8", pool_to=(5, 6))
-    assert c.payload.shape == (2, 4, 5, 6) and c.original_shape == (2, 4, 20, 30) and c.pooled_to == (5, 6)
+    assert (
+        c.payload.shape == (2, 4, 5, 6)
+        and c.original_shape == (2, 4, 20, 30)
+        and c.pooled_to == (5, 6)
+    )
     pooled = F.adaptive_avg_pool2d(x, (5, 6))
     assert_within_half_step(pooled.cpu(), c.decompress().cpu(), c.scale.cpu())
     assert c.nbytes == 2 * 4 * 5 * 6 + 2 * 8 * 4
@@ -135,9 +149,15 @@ def test_wrong_input_gets_a_clear_error():
     with pytest.raises(ValueError, match=r"pool_to needs an \[N, C, H, W\]"):
         compress_features(torch.randn(2, 3), pool_to=(1, 1))
     with pytest.raises(RuntimeError, match="q must be a contiguous uint8 tensor"):
-        torch.ops.pyodlog.quantize_uint8_out(torch.randn(2, 3), torch.empty(2, 3), torch.empty(2), torch.empty(2))
-    with pytest.raises(RuntimeError, match=r"scale must be a contiguous float32 tensor of shape \[2\]"):
-        torch.ops.pyodlog.quantize_uint8_out(torch.randn(2, 3), torch.empty(2, 3, dtype=torch.uint8), torch.empty(3), torch.empty(2))
+        torch.ops.pyodlog.quantize_uint8_out(
+            torch.randn(2, 3), torch.empty(2, 3), torch.empty(2), torch.empty(2)
+        )
+    with pytest.raises(
+        RuntimeError, match=r"scale must be a contiguous float32 tensor of shape \[2\]"
+    ):
+        torch.ops.pyodlog.quantize_uint8_out(
+            torch.randn(2, 3), torch.empty(2, 3, dtype=torch.uint8), torch.empty(3), torch.empty(2)
+        )
 
 
 def test_opcheck(device):
@@ -146,7 +166,9 @@ def test_opcheck(device):
     scale, offset = torch.empty(6, device=device), torch.empty(6, device=device)
     torch.library.opcheck(torch.ops.pyodlog.quantize_uint8_out.default, (x, q, scale, offset))
     quantize_uint8(x, (q, scale, offset))
-    torch.library.opcheck(torch.ops.pyodlog.dequantize_uint8.default, (q, scale, offset, torch.float32))
+    torch.library.opcheck(
+        torch.ops.pyodlog.dequantize_uint8.default, (q, scale, offset, torch.float32)
+    )
 
 
 @pytest.mark.cuda

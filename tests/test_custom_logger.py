@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from readme_blocks import block_starting_with, python_blocks
 
 import pyodlog
-from readme_blocks import block_starting_with, python_blocks
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,10 @@ def guide(tmp_path_factory):
     os.environ["PYODLOG_HOME"] = str(tmp_path_factory.mktemp("guide_home"))
     namespace: dict = {}
     try:
-        exec(compile(block_starting_with("# subclass-guide"), "README.md:subclass-guide", "exec"), namespace)
+        exec(
+            compile(block_starting_with("# subclass-guide"), "README.md:subclass-guide", "exec"),
+            namespace,
+        )
         yield namespace
         namespace["logger"].close()
     finally:
@@ -49,10 +52,19 @@ def test_the_custom_logger_records_what_the_model_returned(guide, tmp_path):
         for key in ("boxes", "scores", "labels"):
             assert torch.equal(g[key], w[key])
         d = result.image_detections(i)
-        assert torch.equal(d["boxes"], w["boxes"]) and torch.equal(d["scores"], w["scores"]) and torch.equal(d["labels"], w["labels"])
+        assert (
+            torch.equal(d["boxes"], w["boxes"])
+            and torch.equal(d["scores"], w["scores"])
+            and torch.equal(d["labels"], w["labels"])
+        )
         # The logit row is the one that produced the score (sigmoid may round
         # differently by an ulp depending on where an element sits in a vector).
-        torch.testing.assert_close(d["logits"].sigmoid().gather(1, d["labels"][:, None]).squeeze(1), d["scores"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            d["logits"].sigmoid().gather(1, d["labels"][:, None]).squeeze(1),
+            d["scores"],
+            rtol=1e-6,
+            atol=0,
+        )
 
 
 def test_registering_the_same_logger_twice_is_an_error(guide):

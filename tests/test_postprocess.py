@@ -6,12 +6,12 @@ import functools
 
 import pytest
 import torch
-
 from detector_candidates import FAMILIES, candidates_of
+
 from pyodlog.ops import postprocess_detections
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_candidates(name, random_head):
     return candidates_of(name, random_head=random_head)
 
@@ -21,15 +21,23 @@ def run(c, device, **overrides):
     if kwargs.get("topk_group") is not None:
         kwargs["topk_group"] = kwargs["topk_group"].to(device)
     kwargs.update(overrides)
-    out = postprocess_detections(c.scores.to(device), c.boxes.to(device), c.image_index.to(device),
-                                 c.net_sizes.to(device), c.orig_sizes.to(device), **kwargs)
+    out = postprocess_detections(
+        c.scores.to(device),
+        c.boxes.to(device),
+        c.image_index.to(device),
+        c.net_sizes.to(device),
+        c.orig_sizes.to(device),
+        **kwargs,
+    )
     return type(out)(*(t.cpu() for t in out))
 
 
 def assert_matches(out, c):
     for b, expected in enumerate(c.expected):
         n = int(out.counts[b])
-        assert n == len(expected["boxes"]), f"image {b}: {n} detections, torchvision {len(expected['boxes'])}"
+        assert n == len(expected["boxes"]), (
+            f"image {b}: {n} detections, torchvision {len(expected['boxes'])}"
+        )
         assert torch.equal(out.scores[b, :n], expected["scores"]), f"image {b}: scores differ"
         assert torch.equal(out.labels[b, :n], expected["labels"]), f"image {b}: labels differ"
         assert torch.equal(out.boxes[b, :n], expected["boxes"]), f"image {b}: boxes differ"
@@ -49,7 +57,9 @@ def test_equals_torchvision_on_random_head_outputs(device, family):
     assert_matches(run(c, device), c)
 
 
-@pytest.mark.parametrize("family", ["fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+@pytest.mark.parametrize(
+    "family", ["fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn", "fcos_resnet50_fpn"]
+)
 def test_equals_torchvision_on_the_models_own_heads(device, family):
     c = cached_candidates(family, False)
     assert sum(len(e["boxes"]) for e in c.expected) > 50
@@ -62,26 +72,49 @@ def test_tied_scores_give_the_same_detections_in_a_tie_order_of_their_own(device
     from torchvision.models import detection
 
     torch.manual_seed(0)
-    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None, box_score_thresh=0.011).eval()
+    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.011
+    ).eval()
     c = faster_rcnn(model, images(0))
     out = run(c, device)
     for b, expected in enumerate(c.expected):
         n = int(out.counts[b])
         assert n == len(expected["scores"]) and n > 0
-        assert torch.equal(out.scores[b, :n], expected["scores"])  # the score sequence is fixed even with ties
+        assert torch.equal(
+            out.scores[b, :n], expected["scores"]
+        )  # the score sequence is fixed even with ties
         # Which of the candidates tied at the cut-off score make the max_detections
         # is a matter of tie order; every detection scoring above it is the same.
         cut = float(expected["scores"][-1])
-        got = {(s, lab, tuple(box)) for s, lab, box in zip(out.scores[b, :n].tolist(), out.labels[b, :n].tolist(), out.boxes[b, :n].tolist()) if s > cut}
-        want = {(s, lab, tuple(box)) for s, lab, box in zip(expected["scores"].tolist(), expected["labels"].tolist(), expected["boxes"].tolist()) if s > cut}
+        got = {
+            (s, lab, tuple(box))
+            for s, lab, box in zip(
+                out.scores[b, :n].tolist(), out.labels[b, :n].tolist(), out.boxes[b, :n].tolist()
+            )
+            if s > cut
+        }
+        want = {
+            (s, lab, tuple(box))
+            for s, lab, box in zip(
+                expected["scores"].tolist(), expected["labels"].tolist(), expected["boxes"].tolist()
+            )
+            if s > cut
+        }
         assert got == want
 
 
 def test_interleaved_candidates_of_several_images_give_the_same_result(device):
     c = cached_candidates("fcos_resnet50_fpn", True)
     perm = torch.randperm(len(c.image_index), generator=torch.Generator().manual_seed(0))
-    shuffled = type(c)(c.scores[perm], c.boxes[perm], c.image_index[perm], c.net_sizes, c.orig_sizes,
-                       dict(c.kwargs, topk_group=c.kwargs["topk_group"][perm]), c.expected)
+    shuffled = type(c)(
+        c.scores[perm],
+        c.boxes[perm],
+        c.image_index[perm],
+        c.net_sizes,
+        c.orig_sizes,
+        dict(c.kwargs, topk_group=c.kwargs["topk_group"][perm]),
+        c.expected,
+    )
     out, ref = run(shuffled, device), run(c, device)
     # Same detections; candidates point at the shuffled rows. Order among equal
     # scores follows the candidate index, which the shuffle changed: compare sets.
@@ -97,8 +130,13 @@ def small_case(device, n=6, n_classes=3, dtype=torch.float32):
     scores = torch.rand(n, n_classes, generator=g, dtype=dtype)
     xy = torch.rand(n, 2, generator=g) * 50
     boxes = torch.cat([xy, xy + 10], 1).to(dtype)
-    return (scores.to(device), boxes.to(device), torch.zeros(n, dtype=torch.long, device=device),
-            torch.tensor([[100, 100]], device=device), torch.tensor([[200, 50]], device=device))
+    return (
+        scores.to(device),
+        boxes.to(device),
+        torch.zeros(n, dtype=torch.long, device=device),
+        torch.tensor([[100, 100]], device=device),
+        torch.tensor([[200, 50]], device=device),
+    )
 
 
 def test_no_candidates_and_no_detections(device):
@@ -109,7 +147,9 @@ def test_no_candidates_and_no_detections(device):
     assert none_pass.counts.tolist() == [0] and (none_pass.labels == -1).all()
     zero_max = postprocess_detections(scores, boxes, index, net, orig, 0.0, 0.5, 0)
     assert zero_max.boxes.shape == (1, 0, 4) and zero_max.counts.tolist() == [0]
-    all_background = postprocess_detections(scores, boxes, index, net, orig, 0.0, 0.5, 5, first_label=3)
+    all_background = postprocess_detections(
+        scores, boxes, index, net, orig, 0.0, 0.5, 5, first_label=3
+    )
     assert all_background.counts.tolist() == [0]
 
 
@@ -122,39 +162,104 @@ def test_an_image_without_candidates_gets_no_detections(device):
 
 
 def test_one_candidate_one_class(device):
-    out = postprocess_detections(torch.tensor([[0.7]], device=device), torch.tensor([[10.0, 20.0, 30.0, 40.0]], device=device),
-                                 torch.tensor([0], device=device), torch.tensor([[100, 100]], device=device),
-                                 torch.tensor([[50, 200]], device=device), 0.5, 0.5, 3)
-    assert out.counts.tolist() == [1] and out.labels[0, 0].item() == 0 and out.candidates[0, 0].item() == 0
+    out = postprocess_detections(
+        torch.tensor([[0.7]], device=device),
+        torch.tensor([[10.0, 20.0, 30.0, 40.0]], device=device),
+        torch.tensor([0], device=device),
+        torch.tensor([[100, 100]], device=device),
+        torch.tensor([[50, 200]], device=device),
+        0.5,
+        0.5,
+        3,
+    )
+    assert (
+        out.counts.tolist() == [1]
+        and out.labels[0, 0].item() == 0
+        and out.candidates[0, 0].item() == 0
+    )
     assert out.boxes[0, 0].tolist() == [20.0, 10.0, 60.0, 20.0]
 
 
 def test_nan_scores_never_pass_and_nan_boxes_never_suppress(device):
     nan = float("nan")
     scores = torch.tensor([[nan], [0.9], [0.8], [0.7]], device=device)
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [nan, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0]], device=device)
-    out = postprocess_detections(scores, boxes, torch.zeros(4, dtype=torch.long, device=device),
-                                 torch.tensor([[100, 100]], device=device), torch.tensor([[100, 100]], device=device), 0.1, 0.5, 10)
-    assert out.candidates[0, : int(out.counts[0])].tolist() == [1, 2]  # 3 is suppressed by 1, NaN box 2 kept
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],
+            [0.0, 0.0, 10.0, 10.0],
+            [nan, 0.0, 10.0, 10.0],
+            [1.0, 1.0, 10.0, 10.0],
+        ],
+        device=device,
+    )
+    out = postprocess_detections(
+        scores,
+        boxes,
+        torch.zeros(4, dtype=torch.long, device=device),
+        torch.tensor([[100, 100]], device=device),
+        torch.tensor([[100, 100]], device=device),
+        0.1,
+        0.5,
+        10,
+    )
+    assert out.candidates[0, : int(out.counts[0])].tolist() == [
+        1,
+        2,
+    ]  # 3 is suppressed by 1, NaN box 2 kept
 
 
 def test_clip_and_min_size(device):
     scores = torch.tensor([[0.9], [0.8]], device=device)
     boxes = torch.tensor([[-20.0, -20.0, 50.0, 200.0], [99.999, 10.0, 150.0, 20.0]], device=device)
-    args = (torch.zeros(2, dtype=torch.long, device=device), torch.tensor([[100, 100]], device=device), torch.tensor([[100, 100]], device=device), 0.1, 0.5, 10)
+    args = (
+        torch.zeros(2, dtype=torch.long, device=device),
+        torch.tensor([[100, 100]], device=device),
+        torch.tensor([[100, 100]], device=device),
+        0.1,
+        0.5,
+        10,
+    )
     clipped = postprocess_detections(scores, boxes, *args, min_size=0.01)
     # Box 1 becomes [99.999, 10, 100, 20]: narrower than 0.01 once clipped.
-    assert clipped.counts.tolist() == [1] and clipped.boxes[0, 0].tolist() == [0.0, 0.0, 50.0, 100.0]
+    assert clipped.counts.tolist() == [1] and clipped.boxes[0, 0].tolist() == [
+        0.0,
+        0.0,
+        50.0,
+        100.0,
+    ]
     unclipped = postprocess_detections(scores, boxes, *args, min_size=0.01, clip=False)
-    assert unclipped.counts.tolist() == [2] and unclipped.boxes[0, 0].tolist() == [-20.0, -20.0, 50.0, 200.0]
+    assert unclipped.counts.tolist() == [2] and unclipped.boxes[0, 0].tolist() == [
+        -20.0,
+        -20.0,
+        50.0,
+        200.0,
+    ]
 
 
 def test_topk_per_group_keeps_the_best_of_each_group(device):
     scores = torch.tensor([[0.9], [0.8], [0.7], [0.6]], device=device)
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0], [60.0, 0.0, 70.0, 10.0]], device=device)
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],
+            [20.0, 0.0, 30.0, 10.0],
+            [40.0, 0.0, 50.0, 10.0],
+            [60.0, 0.0, 70.0, 10.0],
+        ],
+        device=device,
+    )
     group = torch.tensor([0, 0, 1, 1], device=device)
-    out = postprocess_detections(scores, boxes, torch.zeros(4, dtype=torch.long, device=device), torch.tensor([[100, 100]], device=device),
-                                 torch.tensor([[100, 100]], device=device), 0.1, 0.5, 10, topk=1, topk_group=group)
+    out = postprocess_detections(
+        scores,
+        boxes,
+        torch.zeros(4, dtype=torch.long, device=device),
+        torch.tensor([[100, 100]], device=device),
+        torch.tensor([[100, 100]], device=device),
+        0.1,
+        0.5,
+        10,
+        topk=1,
+        topk_group=group,
+    )
     assert out.candidates[0, : int(out.counts[0])].tolist() == [0, 2]
 
 
@@ -172,10 +277,16 @@ def test_other_dtypes_are_accepted_and_kept(device, dtype):
     [
         (dict(scores=torch.zeros(6)), r"scores must have shape \[N, C\]"),
         (dict(boxes=torch.zeros(6, 5)), r"boxes must have shape \[6, 4\]"),
-        (dict(boxes=torch.zeros(6, 4, dtype=torch.float64)), "boxes and scores must have the same dtype"),
+        (
+            dict(boxes=torch.zeros(6, 4, dtype=torch.float64)),
+            "boxes and scores must have the same dtype",
+        ),
         (dict(image_index=torch.zeros(5, dtype=torch.long)), r"image_index must have shape \[6\]"),
         (dict(image_index=torch.full((6,), 3)), "out of range for 1 images"),
-        (dict(net_sizes=torch.tensor([[100, 100], [1, 1]])), "net_sizes and orig_sizes must describe the same images"),
+        (
+            dict(net_sizes=torch.tensor([[100, 100], [1, 1]])),
+            "net_sizes and orig_sizes must describe the same images",
+        ),
         (dict(net_sizes=torch.tensor([[0, 100]])), "image sizes must be positive"),
         (dict(max_detections=-1), "max_detections must be >= 0"),
         (dict(iou_thresh=float("nan")), "iou_thresh must be a number"),
@@ -183,8 +294,16 @@ def test_other_dtypes_are_accepted_and_kept(device, dtype):
 )
 def test_wrong_input_gets_a_clear_error(change, message):
     scores, boxes, index, net, orig = small_case("cpu")
-    args = dict(scores=scores, boxes=boxes, image_index=index, net_sizes=net, orig_sizes=orig,
-                score_thresh=0.1, iou_thresh=0.5, max_detections=10)
+    args = dict(
+        scores=scores,
+        boxes=boxes,
+        image_index=index,
+        net_sizes=net,
+        orig_sizes=orig,
+        score_thresh=0.1,
+        iou_thresh=0.5,
+        max_detections=10,
+    )
     args.update(change)
     with pytest.raises(RuntimeError, match=message):
         postprocess_detections(**args)
@@ -194,8 +313,33 @@ def test_opcheck(device):
     scores, boxes, index, net, orig = small_case(device)
     samples = [
         (scores, boxes, index, net, orig, 0.1, 0.5, 4),
-        (scores, boxes.unsqueeze(1).expand(-1, 3, -1).contiguous(), index, net, orig, 0.0, 0.3, 10, 1, 0.01),
-        (scores, boxes, index, net, orig, 0.0, 0.5, 10, 0, 0.0, 2, torch.tensor([0, 0, 1, 1, 2, 2], device=device), True),
+        (
+            scores,
+            boxes.unsqueeze(1).expand(-1, 3, -1).contiguous(),
+            index,
+            net,
+            orig,
+            0.0,
+            0.3,
+            10,
+            1,
+            0.01,
+        ),
+        (
+            scores,
+            boxes,
+            index,
+            net,
+            orig,
+            0.0,
+            0.5,
+            10,
+            0,
+            0.0,
+            2,
+            torch.tensor([0, 0, 1, 1, 2, 2], device=device),
+            True,
+        ),
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.pyodlog.postprocess_detections.default, args)
@@ -208,9 +352,17 @@ def test_topk_among_tied_scores_keeps_the_lowest_candidates(device):
     scores = torch.full((n, 1), 0.5, device=device)
     x = torch.arange(n, dtype=torch.float32, device=device)[:, None] * 20
     boxes = torch.cat([x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)], 1)
-    out = postprocess_detections(scores, boxes, torch.zeros(n, dtype=torch.long, device=device),
-                                 torch.tensor([[100, 1000]], device=device), torch.tensor([[100, 1000]], device=device),
-                                 0.1, 0.5, 10, topk=3)
+    out = postprocess_detections(
+        scores,
+        boxes,
+        torch.zeros(n, dtype=torch.long, device=device),
+        torch.tensor([[100, 1000]], device=device),
+        torch.tensor([[100, 1000]], device=device),
+        0.1,
+        0.5,
+        10,
+        topk=3,
+    )
     assert out.candidates[0, : int(out.counts[0])].tolist() == [0, 1, 2]
 
 
@@ -222,9 +374,21 @@ def test_topk_prunes_to_the_same_result_as_a_full_sort(device):
     xy = torch.rand(n, 2, generator=g) * 500
     boxes = torch.cat([xy, xy + 30], 1)
     group = torch.randint(0, 4, (n,), generator=g)
-    args = (torch.zeros(n, dtype=torch.long), torch.tensor([[600, 600]]), torch.tensor([[600, 600]]), 0.2, 0.5, 1000)
-    out = postprocess_detections(scores.to(device), boxes.to(device), *(a.to(device) if torch.is_tensor(a) else a for a in args),
-                                 topk=50, topk_group=group.to(device))
+    args = (
+        torch.zeros(n, dtype=torch.long),
+        torch.tensor([[600, 600]]),
+        torch.tensor([[600, 600]]),
+        0.2,
+        0.5,
+        1000,
+    )
+    out = postprocess_detections(
+        scores.to(device),
+        boxes.to(device),
+        *(a.to(device) if torch.is_tensor(a) else a for a in args),
+        topk=50,
+        topk_group=group.to(device),
+    )
     # Reference: the top-50 of each group by (score desc, flat index asc), then NMS per class.
     import torchvision
 
@@ -252,9 +416,17 @@ def test_one_image_alone_gives_the_same_detections(device, family):
     for b, expected in enumerate(c.expected):
         rows = torch.nonzero(c.image_index == b).squeeze(1)
         scores, boxes = c.scores[rows], c.boxes[rows]
-        assert int((scores[:, 1:] > c.kwargs["score_thresh"]).sum()) > 4096  # the parallel path's size
-        out = postprocess_detections(scores.to(device), boxes.to(device), torch.zeros(len(rows), dtype=torch.long, device=device),
-                                     c.net_sizes[b : b + 1].to(device), c.orig_sizes[b : b + 1].to(device), **c.kwargs)
+        assert (
+            int((scores[:, 1:] > c.kwargs["score_thresh"]).sum()) > 4096
+        )  # the parallel path's size
+        out = postprocess_detections(
+            scores.to(device),
+            boxes.to(device),
+            torch.zeros(len(rows), dtype=torch.long, device=device),
+            c.net_sizes[b : b + 1].to(device),
+            c.orig_sizes[b : b + 1].to(device),
+            **c.kwargs,
+        )
         n = int(out.counts[0])
         assert n == len(expected["boxes"]) > 0
         assert torch.equal(out.scores[0, :n].cpu(), expected["scores"])

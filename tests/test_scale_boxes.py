@@ -60,13 +60,20 @@ def test_clip_pulls_boxes_outside_the_image_onto_its_border(device):
 
 def test_empty_input_gives_empty_output(device):
     boxes = torch.empty(0, 4, device=device)
-    out = scale_boxes(boxes, torch.tensor([[10, 10]], device=device), torch.tensor([[20, 20]], device=device))
+    out = scale_boxes(
+        boxes, torch.tensor([[10, 10]], device=device), torch.tensor([[20, 20]], device=device)
+    )
     assert out.shape == (0, 4) and out.device.type == device
 
 
 def test_one_box_and_sizes_given_as_floats(device):
     boxes = torch.tensor([[1.0, 2.0, 3.0, 4.0]], device=device)
-    out = scale_boxes(boxes, torch.tensor([[4.0, 8.0]], device=device), torch.tensor([[2.0, 16.0]], device=device), clip=False)
+    out = scale_boxes(
+        boxes,
+        torch.tensor([[4.0, 8.0]], device=device),
+        torch.tensor([[2.0, 16.0]], device=device),
+        clip=False,
+    )
     torch.testing.assert_close(out.cpu(), torch.tensor([[2.0, 1.0, 6.0, 2.0]]), rtol=0, atol=0)
 
 
@@ -74,7 +81,10 @@ def test_one_box_and_sizes_given_as_floats(device):
 def test_other_dtypes_are_scaled_in_float32_and_keep_their_dtype(device, dtype):
     g = torch.Generator().manual_seed(1)
     boxes = random_boxes(64, 300, 500, "cpu", g).to(device=device, dtype=dtype)
-    sizes_from, sizes_to = torch.tensor([[300, 500]], device=device), torch.tensor([[600, 250]], device=device)
+    sizes_from, sizes_to = (
+        torch.tensor([[300, 500]], device=device),
+        torch.tensor([[600, 250]], device=device),
+    )
     out = scale_boxes(boxes, sizes_from, sizes_to, clip=False)
     assert out.dtype == dtype
     want = reference_scale_boxes(boxes.float(), sizes_from, sizes_to, False, None).to(dtype)
@@ -83,7 +93,9 @@ def test_other_dtypes_are_scaled_in_float32_and_keep_their_dtype(device, dtype):
 
 def test_nan_coordinates_stay_nan_and_do_not_disturb_other_boxes(device):
     boxes = torch.tensor([[float("nan"), 1.0, 2.0, 3.0], [1.0, 1.0, 2.0, 2.0]], device=device)
-    out = scale_boxes(boxes, torch.tensor([[10, 10]], device=device), torch.tensor([[20, 20]], device=device))
+    out = scale_boxes(
+        boxes, torch.tensor([[10, 10]], device=device), torch.tensor([[20, 20]], device=device)
+    )
     assert torch.isnan(out[0, 0]) and torch.equal(out[0, 1:].cpu(), torch.tensor([2.0, 4.0, 6.0]))
     assert torch.equal(out[1].cpu(), torch.tensor([2.0, 2.0, 4.0, 4.0]))
 
@@ -92,9 +104,15 @@ def test_non_contiguous_boxes(device):
     g = torch.Generator().manual_seed(2)
     wide = random_boxes(40, 100, 100, "cpu", g).to(device).repeat(1, 2)[:, 2:6]
     assert not wide.is_contiguous()
-    sizes_from, sizes_to = torch.tensor([[100, 100]], device=device), torch.tensor([[50, 70]], device=device)
+    sizes_from, sizes_to = (
+        torch.tensor([[100, 100]], device=device),
+        torch.tensor([[50, 70]], device=device),
+    )
     torch.testing.assert_close(
-        scale_boxes(wide, sizes_from, sizes_to), scale_boxes(wide.contiguous(), sizes_from, sizes_to), rtol=0, atol=0
+        scale_boxes(wide, sizes_from, sizes_to),
+        scale_boxes(wide.contiguous(), sizes_from, sizes_to),
+        rtol=0,
+        atol=0,
     )
 
 
@@ -102,12 +120,30 @@ def test_non_contiguous_boxes(device):
     "boxes, from_sizes, to_sizes, image_index, message",
     [
         (torch.zeros(3, 5), [[1, 1]], [[1, 1]], None, r"boxes must have shape \[N, 4\]"),
-        (torch.zeros(3, 4, dtype=torch.long), [[1, 1]], [[1, 1]], None, "boxes must be a floating-point tensor"),
+        (
+            torch.zeros(3, 4, dtype=torch.long),
+            [[1, 1]],
+            [[1, 1]],
+            None,
+            "boxes must be a floating-point tensor",
+        ),
         (torch.zeros(3, 4), [[1, 1, 1]], [[1, 1]], None, r"from_sizes must have shape \[B, 2\]"),
         (torch.zeros(3, 4), [[1, 1]], [[1, 1], [2, 2]], None, "same images"),
         (torch.zeros(3, 4), [[1, 1], [2, 2]], [[1, 1], [2, 2]], None, "pass image_index"),
-        (torch.zeros(3, 4), [[1, 1], [2, 2]], [[1, 1], [2, 2]], [0, 1], r"image_index must have shape \[3\]"),
-        (torch.zeros(3, 4), [[1, 1], [2, 2]], [[1, 1], [2, 2]], [0, 1, 2], "out of range for 2 images"),
+        (
+            torch.zeros(3, 4),
+            [[1, 1], [2, 2]],
+            [[1, 1], [2, 2]],
+            [0, 1],
+            r"image_index must have shape \[3\]",
+        ),
+        (
+            torch.zeros(3, 4),
+            [[1, 1], [2, 2]],
+            [[1, 1], [2, 2]],
+            [0, 1, 2],
+            "out of range for 2 images",
+        ),
         (torch.zeros(3, 4), [[0, 1]], [[1, 1]], None, "image sizes must be positive"),
     ],
 )
@@ -120,11 +156,27 @@ def test_wrong_input_gets_a_clear_error(boxes, from_sizes, to_sizes, image_index
 def test_opcheck(device):
     g = torch.Generator().manual_seed(3)
     samples = [
-        (random_boxes(10, 50, 60, "cpu", g).to(device), torch.tensor([[50, 60]], device=device),
-         torch.tensor([[100, 30]], device=device), True, None),
-        (random_boxes(6, 50, 60, "cpu", g).to(device), torch.tensor([[50, 60], [10, 10]], device=device),
-         torch.tensor([[100, 30], [5, 5]], device=device), False, torch.tensor([0, 1, 1, 0, 1, 0], device=device)),
-        (torch.empty(0, 4, device=device), torch.tensor([[5, 5]], device=device), torch.tensor([[6, 6]], device=device), True, None),
+        (
+            random_boxes(10, 50, 60, "cpu", g).to(device),
+            torch.tensor([[50, 60]], device=device),
+            torch.tensor([[100, 30]], device=device),
+            True,
+            None,
+        ),
+        (
+            random_boxes(6, 50, 60, "cpu", g).to(device),
+            torch.tensor([[50, 60], [10, 10]], device=device),
+            torch.tensor([[100, 30], [5, 5]], device=device),
+            False,
+            torch.tensor([0, 1, 1, 0, 1, 0], device=device),
+        ),
+        (
+            torch.empty(0, 4, device=device),
+            torch.tensor([[5, 5]], device=device),
+            torch.tensor([[6, 6]], device=device),
+            True,
+            None,
+        ),
     ]
     for args in samples:
         torch.library.opcheck(torch.ops.pyodlog.scale_boxes.default, args)

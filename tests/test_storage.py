@@ -17,12 +17,19 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
-import pyodlog
-from pyodlog.io import HDF5Store, StorageError, WriterConfig, WriterFailedError, open_result, recover_segments
-from pyodlog.io.reader import read_segment
 from crash_child import crash_logger, kill
 from tiny_models import TinyDetector, TinyDetectorLogger
+
+import pyodlog
+from pyodlog.io import (
+    HDF5Store,
+    StorageError,
+    WriterConfig,
+    WriterFailedError,
+    open_result,
+    recover_segments,
+)
+from pyodlog.io.reader import read_segment
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,8 +37,13 @@ HERE = Path(__file__).resolve().parent
 def make_logger(root, config=None, **kwargs):
     torch.manual_seed(0)
     store = HDF5Store(root, config=config or WriterConfig(flush_interval=0.05))
-    kwargs.setdefault("target_layers", {"b": {"path": "backbone.0", "compression": "uint8"},
-                                        "h": {"path": "box_head", "compression": "float16"}})
+    kwargs.setdefault(
+        "target_layers",
+        {
+            "b": {"path": "backbone.0", "compression": "uint8"},
+            "h": {"path": "box_head", "compression": "float16"},
+        },
+    )
     return TinyDetectorLogger(TinyDetector().eval(), "tiny", "v1", sink=store, **kwargs), store
 
 
@@ -41,12 +53,17 @@ def batch(n=3, seed=0, size=(96, 128)):
 
 
 def test_round_trip_is_exact_for_detections_and_within_the_bound_for_features(tmp_path):
-    fields = [{"name": "camera", "dtype": "str", "default": "?"}, {"name": "gain", "dtype": "float64", "default": 1.5}]
-    logger, store = make_logger(tmp_path, additional_fields=fields)
+    fields = [
+        {"name": "camera", "dtype": "str", "default": "?"},
+        {"name": "gain", "dtype": "float64", "default": 1.5},
+    ]
+    logger, _store = make_logger(tmp_path, additional_fields=fields)
     outputs, hooked = [], []
     with torch.no_grad():
         for i in range(4):
-            outputs.append(logger(batch(seed=i), input_ids=[f"c{i}-{j}" for j in range(3)], camera=f"cam{i}"))
+            outputs.append(
+                logger(batch(seed=i), input_ids=[f"c{i}-{j}" for j in range(3)], camera=f"cam{i}")
+            )
             hooked.append((logger.get_hooked_features("b"), logger.get_hooked_features("h")))
     zip_path = logger.export(tmp_path / "out")
     logger.close()
@@ -60,16 +77,24 @@ def test_round_trip_is_exact_for_detections_and_within_the_bound_for_features(tm
         for j in range(3):
             row = i * 3 + j
             got, want = result.image_detections(row), outputs[i][j]
-            assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(got["scores"], want["scores"])
+            assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(
+                got["scores"], want["scores"]
+            )
             assert torch.equal(got["labels"], want["labels"])
             restored = result.feature(row, "b")
             q = result.feature(row, "b", decompress=False)
-            assert ((restored - hooked[i][0][j]).abs().amax((1, 2)) <= q.scale / 2 * 1.001 + 1e-7).all()
+            assert (
+                (restored - hooked[i][0][j]).abs().amax((1, 2)) <= q.scale / 2 * 1.001 + 1e-7
+            ).all()
             assert torch.equal(result.feature(row, "h"), hooked[i][1][j].half().float())
     members = zipfile.ZipFile(zip_path).namelist()
     assert members == ["manifest.json", "records.h5"]
     manifest = result.manifest
-    assert manifest["counts"]["images"] == 12 and manifest["model_name"] == "tiny" and manifest["n_epoch"] == 0
+    assert (
+        manifest["counts"]["images"] == 12
+        and manifest["model_name"] == "tiny"
+        and manifest["n_epoch"] == 0
+    )
     import hashlib
 
     digest = hashlib.sha256(zipfile.ZipFile(zip_path).read("records.h5")).hexdigest()
@@ -92,7 +117,9 @@ def test_segment_files_are_self_describing(tmp_path):
 
 
 def test_wait_for_save_makes_records_durable_in_the_open_segment(tmp_path):
-    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=60, batch_images=10_000))
+    logger, store = make_logger(
+        tmp_path, config=WriterConfig(flush_interval=60, batch_images=10_000)
+    )
     with torch.no_grad():
         for i in range(5):
             logger(batch(seed=i))
@@ -100,30 +127,47 @@ def test_wait_for_save_makes_records_durable_in_the_open_segment(tmp_path):
     # Another process reads the open SWMR segment: everything acknowledged is there.
     (part,) = store.directory.glob("*.h5.part")
     code = f"import h5py; f = h5py.File({str(part)!r}, 'r', swmr=True, libver='latest'); print(f['images/det_count'].shape[0])"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert int(out) == 15
-    assert store.stats() == {"submitted": 5, "written": 5, "dropped": 0, "queued": 0, "durable": 5, "segments_closed": 0,
-                             "dropped_device_copies": 0}
+    assert store.stats() == {
+        "submitted": 5,
+        "written": 5,
+        "dropped": 0,
+        "queued": 0,
+        "durable": 5,
+        "segments_closed": 0,
+        "dropped_device_copies": 0,
+    }
     logger.close()
     assert not list(store.directory.glob("*.part")) and len(store.segments()) == 1
 
 
 def test_segments_rotate_by_record_count_and_each_closes_cleanly(tmp_path):
-    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1, segment_max_records=2))
+    logger, store = make_logger(
+        tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1, segment_max_records=2)
+    )
     with torch.no_grad():
         for i in range(7):
             logger(batch(n=1, seed=i), input_ids=[f"id{i}"])
     logger.close()
     segments = store.segments()
     assert len(segments) == 4
-    assert [i for s in segments for i in read_segment(s).strings["images/input_id"]] == [f"id{i}" for i in range(7)]
+    assert [i for s in segments for i in read_segment(s).strings["images/input_id"]] == [
+        f"id{i}" for i in range(7)
+    ]
 
 
 @pytest.mark.parametrize("trial", range(20))
 def test_sigkill_at_a_random_moment_loses_nothing_acknowledged(tmp_path, trial):
     rng = random.Random(trial)
-    child = subprocess.Popen([sys.executable, str(HERE / "crash_child.py"), str(tmp_path), "2"],
-                             stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    child = subprocess.Popen(
+        [sys.executable, str(HERE / "crash_child.py"), str(tmp_path), "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     acked = submitted = 0
     deadline = time.monotonic() + 60
     kill_after_acks = rng.randint(1, 6)
@@ -192,7 +236,10 @@ def test_disk_errors_are_reported_and_logging_resumes_when_space_returns(tmp_pat
 
 
 def test_drop_backpressure_keeps_the_invariant_and_counts(tmp_path):
-    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1, queue_size=1, backpressure="drop"))
+    logger, store = make_logger(
+        tmp_path,
+        config=WriterConfig(flush_interval=0.01, batch_images=1, queue_size=1, backpressure="drop"),
+    )
     store.writer.fault_injection = lambda: time.sleep(0.2)  # a slow disk
     with torch.no_grad():
         for i in range(10):
@@ -238,7 +285,7 @@ def test_a_forked_child_never_touches_the_parents_segment(tmp_path):
                 logger(batch(n=1), input_ids=["child"])
             logger.wait_for_save()
             code = 0 if store.dropped_in_child == 1 else 3
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             code = 4
         os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -292,7 +339,7 @@ def test_epochs_select_what_export_contains(tmp_path):
 
 
 def test_export_writes_atomically_to_the_path_or_folder_given(tmp_path):
-    logger, store = make_logger(tmp_path)
+    logger, _store = make_logger(tmp_path)
     with torch.no_grad():
         logger(batch(n=1))
     named = logger.export(tmp_path / "exports" / "mine.zip")
@@ -301,7 +348,9 @@ def test_export_writes_atomically_to_the_path_or_folder_given(tmp_path):
     logger.close()
     assert named.name == "mine.zip" and folder.parent == tmp_path / "exports"
     assert folder.name == f"tiny_v1_{logger.result_name}_epoch0.zip"
-    assert not [p for p in (tmp_path / "exports").iterdir() if p.suffix != ".zip"]  # no temporary leftovers
+    assert not [
+        p for p in (tmp_path / "exports").iterdir() if p.suffix != ".zip"
+    ]  # no temporary leftovers
     del default
 
 
@@ -311,10 +360,18 @@ def test_schema_changes_need_force_table_recreate_which_drops_the_data(tmp_path,
         logger(batch(n=1))
     logger.close()
     with pytest.raises(pyodlog.SchemaMismatchError, match="force_table_recreate=True"):
-        make_logger(tmp_path, result_name="r", additional_fields=[{"name": "c", "dtype": "str", "default": ""}])
+        make_logger(
+            tmp_path,
+            result_name="r",
+            additional_fields=[{"name": "c", "dtype": "str", "default": ""}],
+        )
     with caplog.at_level(logging.WARNING, logger="pyodlog"):
-        fresh, store = make_logger(tmp_path, result_name="r", force_table_recreate=True,
-                                   additional_fields=[{"name": "c", "dtype": "str", "default": ""}])
+        fresh, store = make_logger(
+            tmp_path,
+            result_name="r",
+            force_table_recreate=True,
+            additional_fields=[{"name": "c", "dtype": "str", "default": ""}],
+        )
     assert "removes the records" in caplog.text and store.segments() == []
     fresh.close()
 
@@ -340,8 +397,15 @@ def test_cpu_records_pass_the_copier_unchanged():
     from pyodlog.io.copier import DeviceCopier
 
     copier = DeviceCopier(max_inflight_bytes=1, policy="drop")
-    det = pyodlog.DetectionBatch(torch.zeros(1, 0, 4), torch.zeros(1, 0), torch.zeros(1, 0, dtype=torch.long),
-                                 torch.zeros(1, 0, 3), torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, dtype=torch.long), [(4, 4)])
+    det = pyodlog.DetectionBatch(
+        torch.zeros(1, 0, 4),
+        torch.zeros(1, 0),
+        torch.zeros(1, 0, dtype=torch.long),
+        torch.zeros(1, 0, 3),
+        torch.zeros(1, 0, dtype=torch.long),
+        torch.zeros(1, dtype=torch.long),
+        [(4, 4)],
+    )
     record = pyodlog.CallRecord(["a"], "test", 0, 0.0, [(4, 4)], det)
     pending = copier.to_host(record)
     assert pending.record is record and pending.ready is None and copier.dropped == 0
@@ -388,28 +452,46 @@ def test_recovery_keeps_only_complete_images_when_columns_stopped_at_different_l
     # As if the crash hit mid-batch: the last image's detections and features never arrived.
     last_det = int(full.numeric["images/det_offset"][3])
     cut = {k: (v[:last_det] if k.startswith("detections/") else v) for k, v in full.numeric.items()}
-    damaged = type(full)(cut, full.strings, full.payload[: int(full.numeric["features/payload_offset"][-1])], full.attrs)
+    damaged = type(full)(
+        cut,
+        full.strings,
+        full.payload[: int(full.numeric["features/payload_offset"][-1])],
+        full.attrs,
+    )
     trimmed = trim_to_consistent(damaged)
     assert trimmed.strings["images/input_id"] == ["i0", "i1", "i2"]
     assert len(trimmed.numeric["detections/scores"]) == last_det
     assert set(trimmed.numeric["features/image_row"]) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("counts", [[5, 5, 5], [5, 2, 0], [0, 0, 0]], ids=["every-image-full", "partial", "empty"])
+@pytest.mark.parametrize(
+    "counts", [[5, 5, 5], [5, 2, 0], [0, 0, 0]], ids=["every-image-full", "partial", "empty"]
+)
 def test_detection_rows_are_exactly_the_valid_rows(counts):
     from pyodlog.io.columns import ColumnBatch, record_to_columns
     from pyodlog.structures import CallRecord, DetectionBatch
 
     g = torch.Generator().manual_seed(0)
     b, d, c, e = 3, 5, 7, 4
-    det = DetectionBatch(torch.rand(b, d, 4, generator=g), torch.rand(b, d, generator=g),
-                         torch.randint(0, c, (b, d), generator=g), torch.randn(b, d, c, generator=g),
-                         torch.randint(0, 99, (b, d), generator=g), torch.tensor(counts), [(10, 10)] * b,
-                         torch.randn(b, d, e, generator=g))
+    det = DetectionBatch(
+        torch.rand(b, d, 4, generator=g),
+        torch.rand(b, d, generator=g),
+        torch.randint(0, c, (b, d), generator=g),
+        torch.randn(b, d, c, generator=g),
+        torch.randint(0, 99, (b, d), generator=g),
+        torch.tensor(counts),
+        [(10, 10)] * b,
+        torch.randn(b, d, e, generator=g),
+    )
     batch = ColumnBatch()
     record_to_columns(CallRecord(["a", "b", "c"], "val", 0, 0.0, [(10, 10)] * b, det, {}), batch)
-    for column, tensor in (("boxes", det.boxes), ("logits", det.logits), ("embeddings", det.embeddings),
-                           ("labels", det.labels), ("candidate_index", det.candidate_index)):
+    for column, tensor in (
+        ("boxes", det.boxes),
+        ("logits", det.logits),
+        ("embeddings", det.embeddings),
+        ("labels", det.labels),
+        ("candidate_index", det.candidate_index),
+    ):
         (rows,) = batch.numeric[f"detections/{column}"]
         expected = torch.cat([tensor[i, :n] for i, n in enumerate(counts)]).numpy()
         np.testing.assert_array_equal(rows, expected)

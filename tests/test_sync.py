@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from collector_process import KEY_A, CollectorProcess, FlakyProxy, make_tls_files, write_keys
+from tiny_models import TinyDetector, TinyDetectorLogger
+
 from pyodlog.io import HDF5Store, WriterConfig, open_result
 from pyodlog.sync import CollectorClient, SyncConfig, SyncError
-from tiny_models import TinyDetector, TinyDetectorLogger
 
 FAST = dict(retries=2, backoff=0.01, max_retry_interval=0.2, close_timeout=10)
 
@@ -27,21 +27,35 @@ def collector(tmp_path):
     server.stop()
 
 
-def make_logger(root, endpoint, key=KEY_A, result_name="run", writer=None, sync=None, heavy=False, **kwargs):
+def make_logger(
+    root, endpoint, key=KEY_A, result_name="run", writer=None, sync=None, heavy=False, **kwargs
+):
     torch.manual_seed(0)
     store = HDF5Store(root, config=writer or WriterConfig(flush_interval=0.05))
     layers = {"b": {"path": "backbone.0", "compression": "none" if heavy else "uint8"}}
     kwargs.setdefault("auto_sync", False)
-    return TinyDetectorLogger(TinyDetector().eval(), "tiny", "v1", result_name=result_name, target_layers=layers,
-                              api_endpoint=endpoint, api_key=key, sink=store,
-                              sync_config=sync or SyncConfig(**FAST), **kwargs)
+    return TinyDetectorLogger(
+        TinyDetector().eval(),
+        "tiny",
+        "v1",
+        result_name=result_name,
+        target_layers=layers,
+        api_endpoint=endpoint,
+        api_key=key,
+        sink=store,
+        sync_config=sync or SyncConfig(**FAST),
+        **kwargs,
+    )
 
 
 def log_calls(logger, n, seed=0, size=(96, 128)):
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         for i in range(n):
-            logger([torch.rand(3, *size, generator=g) for _ in range(3)], input_ids=[f"{seed}-{i}-{j}" for j in range(3)])
+            logger(
+                [torch.rand(3, *size, generator=g) for _ in range(3)],
+                input_ids=[f"{seed}-{i}-{j}" for j in range(3)],
+            )
             logger.wait_for_save()  # one batch per call: segment_max_records then counts calls
 
 
@@ -57,7 +71,9 @@ def assert_same_records(a, b):
 
 def test_upload_round_trip_and_idempotence(tmp_path, collector):
     local_root = tmp_path / "local"
-    logger = make_logger(local_root, collector.url, writer=WriterConfig(flush_interval=0.05, segment_max_records=3))
+    logger = make_logger(
+        local_root, collector.url, writer=WriterConfig(flush_interval=0.05, segment_max_records=3)
+    )
     log_calls(logger, 7)
     summary = logger.upload()
     local = sorted(logger.sink.segments())
@@ -66,7 +82,10 @@ def test_upload_round_trip_and_idempotence(tmp_path, collector):
     remote = collector.segments("tenant-a", "tiny", "v1", "run")
     assert [p.name for p in remote] == [p.name for p in local]
     assert [sha_of(p) for p in remote] == [sha_of(p) for p in local]
-    assert_same_records(open_result(collector.root / "tenant-a" / "tiny" / "v1" / "run"), open_result(logger.sink.directory))
+    assert_same_records(
+        open_result(collector.root / "tenant-a" / "tiny" / "v1" / "run"),
+        open_result(logger.sink.directory),
+    )
     # Nothing new: nothing is sent, not even a status request per segment.
     puts = collector.log().count("PUT ")
     again = logger.upload()
@@ -100,7 +119,9 @@ def test_upload_selects_the_resolved_epoch(tmp_path, collector):
         assert set(remote.images["n_epoch"].tolist()) == {1}
     with make_logger(root, collector.url, n_epoch=None) as everything:
         assert everything.upload().segments == 1  # epoch 0's segment
-    assert set(open_result(collector.root / "tenant-a" / "tiny" / "v1" / "run").images["n_epoch"].tolist()) == {0, 1}
+    assert set(
+        open_result(collector.root / "tenant-a" / "tiny" / "v1" / "run").images["n_epoch"].tolist()
+    ) == {0, 1}
 
 
 def test_auto_sync_sends_segments_as_they_close_and_remembers_across_processes(tmp_path, collector):
@@ -109,13 +130,19 @@ def test_auto_sync_sends_segments_as_they_close_and_remembers_across_processes(t
     logger = make_logger(root, collector.url, writer=writer, auto_sync=True)
     log_calls(logger, 6)
     deadline = time.monotonic() + 30
-    while len(collector.segments("tenant-a", "tiny", "v1", "run")) < 3 and time.monotonic() < deadline:
+    while (
+        len(collector.segments("tenant-a", "tiny", "v1", "run")) < 3 and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
-    assert len(collector.segments("tenant-a", "tiny", "v1", "run")) == 3  # sent while the logger kept running
+    assert (
+        len(collector.segments("tenant-a", "tiny", "v1", "run")) == 3
+    )  # sent while the logger kept running
     log_calls(logger, 1, seed=9)
     logger.close()  # closes the last segment and sends it before returning
     local = sorted(p.name for p in root.glob("tiny/v1/run/*.h5"))
-    assert [p.name for p in collector.segments("tenant-a", "tiny", "v1", "run")] == local and len(local) == 4
+    assert [p.name for p in collector.segments("tenant-a", "tiny", "v1", "run")] == local and len(
+        local
+    ) == 4
     puts = collector.log().count("PUT ")
     with make_logger(root, collector.url, auto_sync=True) as again:
         time.sleep(0.5)
@@ -123,12 +150,16 @@ def test_auto_sync_sends_segments_as_they_close_and_remembers_across_processes(t
     assert collector.log().count("PUT ") == puts  # nothing acknowledged is sent twice
 
 
-def test_auto_sync_never_blocks_inference_and_catches_up_when_the_collector_returns(tmp_path, collector):
+def test_auto_sync_never_blocks_inference_and_catches_up_when_the_collector_returns(
+    tmp_path, collector
+):
     root = tmp_path / "local"
     url = collector.url
     collector.stop()
     writer = WriterConfig(flush_interval=0.05, segment_max_records=1)
-    logger = make_logger(root, url, writer=writer, auto_sync=True, sync=SyncConfig(**dict(FAST, close_timeout=1)))
+    logger = make_logger(
+        root, url, writer=writer, auto_sync=True, sync=SyncConfig(**dict(FAST, close_timeout=1))
+    )
     log_calls(logger, 3)  # the collector is down: calls go on
     logger.wait_for_save()
     started = time.monotonic()
@@ -184,7 +215,9 @@ def test_a_collector_killed_mid_upload_is_resumed_without_duplicates(tmp_path, c
 def test_the_client_retries_5xx_and_honours_retry_after(tmp_path, collector):
     proxy = FlakyProxy(collector.port, failures=2, status=503, retry_after="1")
     try:
-        logger = make_logger(tmp_path / "local", proxy.url, sync=SyncConfig(**dict(FAST, retries=5)))
+        logger = make_logger(
+            tmp_path / "local", proxy.url, sync=SyncConfig(**dict(FAST, retries=5))
+        )
         log_calls(logger, 2)
         started = time.monotonic()
         summary = logger.upload()
@@ -212,14 +245,22 @@ def test_persistent_5xx_is_a_clear_error_and_a_later_upload_succeeds(tmp_path, c
         proxy.close()
 
 
-def test_a_wrong_or_missing_key_says_which_endpoint_refused_and_never_shows_the_key(tmp_path, collector, caplog, capsys):
+def test_a_wrong_or_missing_key_says_which_endpoint_refused_and_never_shows_the_key(
+    tmp_path, collector, caplog, capsys
+):
     caplog.set_level(logging.DEBUG)
     wrong = "wrong-key-0123456789-abcdef-SECRET"
     logger = make_logger(tmp_path / "local", collector.url, key=wrong)
     log_calls(logger, 1)
-    with pytest.raises(SyncError, match=rf"refused GET {collector.url}/v1/segments/tiny/v1/run.*HTTP 403") as error:
+    with pytest.raises(
+        SyncError, match=rf"refused GET {collector.url}/v1/segments/tiny/v1/run.*HTTP 403"
+    ) as error:
         logger.upload()
-    assert wrong not in str(error.value) and wrong not in repr(logger) and wrong not in repr(logger.syncer.client)
+    assert (
+        wrong not in str(error.value)
+        and wrong not in repr(logger)
+        and wrong not in repr(logger.syncer.client)
+    )
     no_key = CollectorClient(collector.url, None)
     with pytest.raises(SyncError, match="HTTP 401.*no API key was given"):
         no_key.list_segments("tiny", "v1", "run")
@@ -233,7 +274,11 @@ def test_a_wrong_or_missing_key_says_which_endpoint_refused_and_never_shows_the_
     text = caplog.text + printed.out + printed.err + collector.log()
     for secret in (wrong, KEY_A):
         assert secret not in text
-        for path in list((tmp_path / "local").rglob("*")) + list((tmp_path / "local2").rglob("*")) + list(collector.root.rglob("*")):
+        for path in (
+            list((tmp_path / "local").rglob("*"))
+            + list((tmp_path / "local2").rglob("*"))
+            + list(collector.root.rglob("*"))
+        ):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path
 
@@ -241,24 +286,48 @@ def test_a_wrong_or_missing_key_says_which_endpoint_refused_and_never_shows_the_
 def test_endpoint_rules_are_checked_before_anything_is_sent(tmp_path):
     model = TinyDetector().eval()
     with pytest.raises(ValueError, match="plain http:// to a host that is not loopback"):
-        TinyDetectorLogger(model, "tiny", "v1", api_endpoint="http://collector.example:8750", api_key=KEY_A)
+        TinyDetectorLogger(
+            model, "tiny", "v1", api_endpoint="http://collector.example:8750", api_key=KEY_A
+        )
     with pytest.raises(ValueError, match="must not contain credentials"):
-        TinyDetectorLogger(model, "tiny", "v1", api_endpoint=f"https://user:{KEY_A}@collector.example", api_key=KEY_A)
+        TinyDetectorLogger(
+            model,
+            "tiny",
+            "v1",
+            api_endpoint=f"https://user:{KEY_A}@collector.example",
+            api_key=KEY_A,
+        )
     with pytest.raises(ValueError, match="needs an API key"):
         TinyDetectorLogger(model, "tiny", "v1", api_endpoint="https://collector.example")
     with pytest.raises(ValueError, match="ca_bundle=.* does not exist"):
         SyncConfig(ca_bundle=str(tmp_path / "missing.pem"))
     # Opting in is possible (no traffic here: auto_sync off, nothing uploaded).
-    with TinyDetectorLogger(model, "tiny", "v1", api_endpoint="http://collector.example:8750", api_key=KEY_A,
-                            auto_sync=False, sync_config=SyncConfig(allow_insecure_http=True)) as logger:
+    with TinyDetectorLogger(
+        model,
+        "tiny",
+        "v1",
+        api_endpoint="http://collector.example:8750",
+        api_key=KEY_A,
+        auto_sync=False,
+        sync_config=SyncConfig(allow_insecure_http=True),
+    ) as logger:
         assert logger.api_endpoint == "http://collector.example:8750"
     with TinyDetectorLogger(model, "tiny", "v1", auto_sync=True) as local_only:
-        assert local_only.syncer is None and not local_only.auto_sync  # without an endpoint nothing is sent
+        assert (
+            local_only.syncer is None and not local_only.auto_sync
+        )  # without an endpoint nothing is sent
 
 
 def test_concurrent_uploads_from_several_loggers(tmp_path, collector):
-    loggers = [make_logger(tmp_path / f"local{i}", collector.url, result_name="shared",
-                           writer=WriterConfig(flush_interval=0.05, segment_max_records=2)) for i in range(3)]
+    loggers = [
+        make_logger(
+            tmp_path / f"local{i}",
+            collector.url,
+            result_name="shared",
+            writer=WriterConfig(flush_interval=0.05, segment_max_records=2),
+        )
+        for i in range(3)
+    ]
     for i, logger in enumerate(loggers):
         log_calls(logger, 4, seed=i)
     errors, summaries = [], []
@@ -266,7 +335,7 @@ def test_concurrent_uploads_from_several_loggers(tmp_path, collector):
     def upload(logger):
         try:
             summaries.append(logger.upload())
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             errors.append(error)
 
     threads = [threading.Thread(target=upload, args=(logger,)) for logger in loggers]
@@ -284,7 +353,11 @@ def test_concurrent_uploads_from_several_loggers(tmp_path, collector):
 
 
 def test_the_collector_exports_what_it_holds_as_a_pyodlog_zip(tmp_path, collector):
-    logger = make_logger(tmp_path / "local", collector.url, writer=WriterConfig(flush_interval=0.05, segment_max_records=2))
+    logger = make_logger(
+        tmp_path / "local",
+        collector.url,
+        writer=WriterConfig(flush_interval=0.05, segment_max_records=2),
+    )
     log_calls(logger, 5)
     logger.upload()
     local_zip = logger.export(tmp_path / "local.zip")
@@ -292,15 +365,34 @@ def test_the_collector_exports_what_it_holds_as_a_pyodlog_zip(tmp_path, collecto
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "pyodlog_collector", "export", "--root", str(collector.root),
-                          "--tenant", "tenant-a", "tiny", "v1", "run", "-o", str(tmp_path / "remote.zip")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyodlog_collector",
+            "export",
+            "--root",
+            str(collector.root),
+            "--tenant",
+            "tenant-a",
+            "tiny",
+            "v1",
+            "run",
+            "-o",
+            str(tmp_path / "remote.zip"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert_same_records(open_result(tmp_path / "remote.zip"), open_result(local_zip))
 
 
 def test_upload_shows_a_progress_bar_when_asked(tmp_path, collector, capsys):
-    logger = make_logger(tmp_path / "local", collector.url, sync=SyncConfig(**dict(FAST, progress=True)))
+    logger = make_logger(
+        tmp_path / "local", collector.url, sync=SyncConfig(**dict(FAST, progress=True))
+    )
     log_calls(logger, 2)
     logger.upload()
     logger.close()
@@ -309,8 +401,11 @@ def test_upload_shows_a_progress_bar_when_asked(tmp_path, collector, capsys):
 
 def test_https_is_verified_and_a_private_ca_can_be_given(tmp_path):
     ca, cert, key = make_tls_files(tmp_path / "tls")
-    server = CollectorProcess(tmp_path / "collector", write_keys(tmp_path / "keys.txt"),
-                              ["--tls-cert", str(cert), "--tls-key", str(key)]).start()
+    server = CollectorProcess(
+        tmp_path / "collector",
+        write_keys(tmp_path / "keys.txt"),
+        ["--tls-cert", str(cert), "--tls-key", str(key)],
+    ).start()
     try:
         assert server.url.startswith("https://")
         endpoint = f"https://localhost:{server.port}"
@@ -319,7 +414,9 @@ def test_https_is_verified_and_a_private_ca_can_be_given(tmp_path):
         with pytest.raises(SyncError, match="TLS verification of the collector failed.*ca_bundle"):
             untrusting.upload()
         untrusting.close()
-        trusting = make_logger(tmp_path / "local", endpoint, sync=SyncConfig(**dict(FAST, ca_bundle=str(ca))))
+        trusting = make_logger(
+            tmp_path / "local", endpoint, sync=SyncConfig(**dict(FAST, ca_bundle=str(ca)))
+        )
         assert trusting.upload().segments == 1
         trusting.close()
         assert len(server.segments("tenant-a", "tiny", "v1", "run")) == 1

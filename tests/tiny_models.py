@@ -9,8 +9,16 @@ from __future__ import annotations
 from readme_blocks import block_starting_with
 
 _namespace: dict = {}
-exec(compile(block_starting_with("# subclass-guide").split("\nlogger = pyodlog.create_logger")[0]
-             .replace("@pyodlog.register_logger\n", ""), "README.md:subclass-guide", "exec"), _namespace)
+exec(
+    compile(
+        block_starting_with("# subclass-guide")
+        .split("\nlogger = pyodlog.create_logger")[0]
+        .replace("@pyodlog.register_logger\n", ""),
+        "README.md:subclass-guide",
+        "exec",
+    ),
+    _namespace,
+)
 
 TinyDetector = _namespace["TinyDetector"]
 TinyDetectorLogger = _namespace["TinyDetectorLogger"]

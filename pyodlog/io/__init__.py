@@ -4,4 +4,13 @@ from pyodlog.io.reader import ResultData, open_result
 from pyodlog.io.store import HDF5Store, data_root, recover_segments
 from pyodlog.io.writer import StorageError, WriterConfig, WriterFailedError
 
-__all__ = ["HDF5Store", "ResultData", "StorageError", "WriterConfig", "WriterFailedError", "data_root", "open_result", "recover_segments"]
+__all__ = [
+    "HDF5Store",
+    "ResultData",
+    "StorageError",
+    "WriterConfig",
+    "WriterFailedError",
+    "data_root",
+    "open_result",
+    "recover_segments",
+]

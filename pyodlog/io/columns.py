@@ -23,7 +23,6 @@ fixed-size types.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -31,11 +30,17 @@ import torch
 from pyodlog.ops.compression import METHODS
 from pyodlog.structures import CallRecord
 
-__all__ = ["ColumnBatch", "MAX_DIMS", "STRING", "record_to_columns"]
+__all__ = ["MAX_DIMS", "STRING", "ColumnBatch", "record_to_columns"]
 
 MAX_DIMS = 8
 STRING = "str"
-FIELD_NUMPY = {"int32": np.int32, "int64": np.int64, "float32": np.float32, "float64": np.float64, "bool": np.bool_}
+FIELD_NUMPY = {
+    "int32": np.int32,
+    "int64": np.int64,
+    "float32": np.float32,
+    "float64": np.float64,
+    "bool": np.bool_,
+}
 
 
 @dataclass
@@ -46,9 +51,9 @@ class ColumnBatch:
     collect lists of str. :meth:`finish` concatenates them.
     """
 
-    numeric: Dict[str, List[np.ndarray]] = field(default_factory=dict)
-    strings: Dict[str, List[str]] = field(default_factory=dict)
-    payload: List[np.ndarray] = field(default_factory=list)  # uint8 pieces of features_payload
+    numeric: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    strings: dict[str, list[str]] = field(default_factory=dict)
+    payload: list[np.ndarray] = field(default_factory=list)  # uint8 pieces of features_payload
     n_images: int = 0
     n_detections: int = 0
     n_features: int = 0
@@ -59,14 +64,16 @@ class ColumnBatch:
     def rows(self, name: str, value: np.ndarray) -> None:
         self.numeric.setdefault(name, []).append(value)
 
-    def text(self, name: str, values: List[str]) -> None:
+    def text(self, name: str, values: list[str]) -> None:
         self.strings.setdefault(name, []).extend(values)
 
     @property
     def nbytes(self) -> int:
-        return self.payload_bytes + sum(a.nbytes for arrays in self.numeric.values() for a in arrays)
+        return self.payload_bytes + sum(
+            a.nbytes for arrays in self.numeric.values() for a in arrays
+        )
 
-    def finish(self) -> Tuple[Dict[str, List[np.ndarray]], Dict[str, List[str]], List[np.ndarray]]:
+    def finish(self) -> tuple[dict[str, list[np.ndarray]], dict[str, list[str]], list[np.ndarray]]:
         """Each column as a list of pieces to write in order.
 
         Small pieces are concatenated (one write instead of many); large ones
@@ -81,7 +88,7 @@ class ColumnBatch:
 LARGE_PIECE = 256 << 10
 
 
-def _coalesce(pieces: List[np.ndarray]) -> List[np.ndarray]:
+def _coalesce(pieces: list[np.ndarray]) -> list[np.ndarray]:
     if len(pieces) <= 1 or sum(p.nbytes for p in pieces) >= LARGE_PIECE * len(pieces):
         return pieces
     return [np.concatenate(pieces)]
@@ -109,9 +116,15 @@ def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
     counts = _host(det.counts).astype(np.int64)
     d = det.boxes.shape[1]
     valid = np.arange(d)[None, :] < counts[:, None]
-    batch.rows("images/det_offset", batch.n_detections + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64))
+    batch.rows(
+        "images/det_offset",
+        batch.n_detections + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
+    )
     batch.rows("images/det_count", counts)
-    batch.rows("images/n_epoch", np.full(n, -1 if record.n_epoch is None else int(record.n_epoch), np.int64))
+    batch.rows(
+        "images/n_epoch",
+        np.full(n, -1 if record.n_epoch is None else int(record.n_epoch), np.int64),
+    )
     batch.rows("images/timestamp", np.full(n, float(record.timestamp), np.float64))
     batch.rows("images/image_size", np.asarray(record.image_sizes, dtype=np.int32).reshape(n, 2))
     batch.text("images/input_id", list(record.input_ids))
@@ -164,10 +177,18 @@ def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
         batch.rows("features/shape", np.tile(_pad(piece_shape), (pieces, 1)))
         original = feature.original_shape[1:] if per_image else feature.original_shape
         batch.rows("features/original_shape", np.tile(_pad(original), (pieces, 1)))
-        batch.rows("features/pooled_to", np.tile(np.asarray(feature.pooled_to or (-1, -1), np.int64), (pieces, 1)))
-        batch.rows("features/payload_offset", batch.payload_bytes + np.arange(pieces, dtype=np.int64) * piece_bytes)
+        batch.rows(
+            "features/pooled_to",
+            np.tile(np.asarray(feature.pooled_to or (-1, -1), np.int64), (pieces, 1)),
+        )
+        batch.rows(
+            "features/payload_offset",
+            batch.payload_bytes + np.arange(pieces, dtype=np.int64) * piece_bytes,
+        )
         batch.rows("features/payload_nbytes", np.full(pieces, piece_bytes, np.int64))
-        batch.rows("features/qrow_offset", batch.n_qrows + np.arange(pieces, dtype=np.int64) * qrows)
+        batch.rows(
+            "features/qrow_offset", batch.n_qrows + np.arange(pieces, dtype=np.int64) * qrows
+        )
         batch.rows("features/qrow_count", np.full(pieces, qrows, np.int64))
         batch.payload_bytes += raw.size
         batch.n_qrows += qrows * pieces

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -33,7 +33,7 @@ class PendingRecord:
     """A record whose host copies are ready once ``ready`` (a CUDA event, or None) has completed."""
 
     record: CallRecord
-    ready: Optional[Any] = None
+    ready: Any | None = None
     nbytes: int = 0
 
     def wait(self) -> CallRecord:
@@ -54,7 +54,9 @@ def _cuda_tensors(record: CallRecord):
 class DeviceCopier:
     """Copies records off the GPU without blocking the caller (see the module docstring)."""
 
-    def __init__(self, max_inflight_bytes: int = 1 << 30, policy: str = "block", block_timeout: float = 30.0) -> None:
+    def __init__(
+        self, max_inflight_bytes: int = 1 << 30, policy: str = "block", block_timeout: float = 30.0
+    ) -> None:
         if policy not in ("block", "drop"):
             raise ValueError(f"policy must be 'block' or 'drop', got {policy!r}")
         self.max_inflight_bytes = int(max_inflight_bytes)
@@ -63,7 +65,7 @@ class DeviceCopier:
         self.inflight_bytes = 0
         self.dropped = 0
         self._cond = threading.Condition()
-        self._streams: Dict[torch.device, Any] = {}
+        self._streams: dict[torch.device, Any] = {}
 
     def release(self, pending: PendingRecord) -> None:
         """Called by the writer once it no longer needs the record's host buffers."""
@@ -75,10 +77,16 @@ class DeviceCopier:
     def _reserve(self, nbytes: int) -> bool:
         with self._cond:
             if self.policy == "drop":
-                ok = self.inflight_bytes + nbytes <= self.max_inflight_bytes or self.inflight_bytes == 0
+                ok = (
+                    self.inflight_bytes + nbytes <= self.max_inflight_bytes
+                    or self.inflight_bytes == 0
+                )
             else:
                 ok = self._cond.wait_for(
-                    lambda: self.inflight_bytes + nbytes <= self.max_inflight_bytes or self.inflight_bytes == 0,
+                    lambda: (
+                        self.inflight_bytes + nbytes <= self.max_inflight_bytes
+                        or self.inflight_bytes == 0
+                    ),
                     timeout=self.block_timeout,
                 )
             if ok:
@@ -87,7 +95,7 @@ class DeviceCopier:
                 self.dropped += 1
             return ok
 
-    def to_host(self, record: CallRecord) -> Optional[PendingRecord]:
+    def to_host(self, record: CallRecord) -> PendingRecord | None:
         """Starts the copies; returns the pending record, or None if it was dropped (pool exhausted)."""
         devices = {t.device for t in _cuda_tensors(record) if t.is_cuda}
         if not devices:
@@ -113,14 +121,21 @@ class DeviceCopier:
                 return out
 
             det = record.detections
-            detections = DetectionBatch(**{k: host(v) for k, v in det.tensors().items()},
-                                        image_sizes=list(det.image_sizes))
+            detections = DetectionBatch(
+                **{k: host(v) for k, v in det.tensors().items()}, image_sizes=list(det.image_sizes)
+            )
             features = {
-                name: dataclasses.replace(f, payload=host(f.payload), scale=host(f.scale), offset=host(f.offset))
+                name: dataclasses.replace(
+                    f, payload=host(f.payload), scale=host(f.scale), offset=host(f.offset)
+                )
                 for name, f in record.features.items()
             }
-            fields = {k: host(v) if isinstance(v, torch.Tensor) else v for k, v in record.fields.items()}
+            fields = {
+                k: host(v) if isinstance(v, torch.Tensor) else v for k, v in record.fields.items()
+            }
             done = torch.cuda.Event()
             done.record(stream)
-        copied = dataclasses.replace(record, detections=detections, features=features, fields=fields)
+        copied = dataclasses.replace(
+            record, detections=detections, features=features, fields=fields
+        )
         return PendingRecord(copied, done, nbytes)

@@ -8,36 +8,54 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import h5py
 import numpy as np
 
-from pyodlog_collector.files import sha256_file
 from pyodlog.io.reader import Tables, merge_tables, read_segment
+from pyodlog_collector.files import sha256_file
 
-__all__ = ["write_tables", "export_zip"]
+__all__ = ["export_zip", "write_tables"]
 
 
-def write_tables(path: Path, tables: Tables, attrs: Dict[str, Any]) -> None:
+def write_tables(path: Path, tables: Tables, attrs: dict[str, Any]) -> None:
     """Writes tables as one plain (non-SWMR) HDF5 file in the segment layout."""
     with h5py.File(path, "w") as f:
         for key, value in attrs.items():
             f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
         for name, values in tables.numeric.items():
-            f.create_dataset(name, data=values, chunks=True if values.size else None, maxshape=(None, *values.shape[1:]))
+            f.create_dataset(
+                name,
+                data=values,
+                chunks=True if values.size else None,
+                maxshape=(None, *values.shape[1:]),
+            )
         for name, texts in tables.strings.items():
             encoded = [t.encode("utf-8") for t in texts]
             lengths = np.asarray([len(e) for e in encoded], np.int64)
-            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else np.empty(0, np.int64)
+            offsets = (
+                np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+                if len(lengths)
+                else np.empty(0, np.int64)
+            )
             f.create_dataset(name + ".bytes", data=np.frombuffer(b"".join(encoded), np.uint8))
-            f.create_dataset(name + ".spans", data=np.stack([offsets, lengths], 1) if len(lengths) else np.empty((0, 2), np.int64))
+            f.create_dataset(
+                name + ".spans",
+                data=np.stack([offsets, lengths], 1)
+                if len(lengths)
+                else np.empty((0, 2), np.int64),
+            )
         f.create_dataset("features_payload", data=tables.payload)
 
 
-def export_zip(segments: List[Path], output: Path, n_epoch: Optional[int], meta: Dict[str, Any]) -> Path:
+def export_zip(
+    segments: list[Path], output: Path, n_epoch: int | None, meta: dict[str, Any]
+) -> Path:
     """Merges the images of ``n_epoch`` (None: all) from ``segments`` into ``output``, atomically."""
-    tables = merge_tables([read_segment(s) for s in segments], n_epoch, use_epoch_filter=n_epoch is not None)
+    tables = merge_tables(
+        [read_segment(s) for s in segments], n_epoch, use_epoch_filter=n_epoch is not None
+    )
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         records = Path(tmp) / "records.h5"
@@ -46,10 +64,16 @@ def export_zip(segments: List[Path], output: Path, n_epoch: Optional[int], meta:
             meta,
             n_epoch=n_epoch,
             exported=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            counts={"images": tables.n_images, "detections": int(len(tables.numeric.get("detections/scores", []))),
-                    "features": int(len(tables.strings.get("features/name", []))), "segments": len(segments)},
+            counts={
+                "images": tables.n_images,
+                "detections": len(tables.numeric.get("detections/scores", [])),
+                "features": len(tables.strings.get("features/name", [])),
+                "segments": len(segments),
+            },
             segments=[s.name for s in segments],
-            members={"records.h5": {"sha256": sha256_file(records), "bytes": records.stat().st_size}},
+            members={
+                "records.h5": {"sha256": sha256_file(records), "bytes": records.stat().st_size}
+            },
         )
         partial = Path(tmp) / (output.name + ".partial")
         with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as z:

@@ -9,21 +9,23 @@ fsyncs the folder; a closed segment is never written again.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import h5py
 import numpy as np
 
-from pyodlog_collector.files import fsync_path as fsync_dir  # a folder's fsync makes renames durable
-
 from pyodlog.io.columns import ColumnBatch
+from pyodlog_collector.files import (
+    fsync_path as fsync_dir,  # a folder's fsync makes renames durable
+)
 
-__all__ = ["SegmentWriter", "fsync_dir", "STRING_SUFFIXES"]
+__all__ = ["STRING_SUFFIXES", "SegmentWriter", "fsync_dir"]
 
 STRING_SUFFIXES = (".bytes", ".spans")
 # Chunk sizes. A flush writes the partial last chunk of every column again, so
@@ -55,7 +57,7 @@ class SegmentWriter:
         first: the first batch, which fixes the segment's columns.
     """
 
-    def __init__(self, path: Path, attrs: Dict[str, Any], first: ColumnBatch) -> None:
+    def __init__(self, path: Path, attrs: dict[str, Any], first: ColumnBatch) -> None:
         self.path = Path(path)
         self.part = self.path.with_name(self.path.name + ".part")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
@@ -63,16 +65,27 @@ class SegmentWriter:
         self._lock_fd = os.open(str(self.lock_path), os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self.opened_at = time.monotonic()
-        self.counts = {"images": 0, "detections": 0, "payload": 0, "qrows": 0, "features": 0, "records": 0}
+        self.counts = {
+            "images": 0,
+            "detections": 0,
+            "payload": 0,
+            "qrows": 0,
+            "features": 0,
+            "records": 0,
+        }
         self.nbytes = 0
         # Created under a third name and renamed once in SWMR mode: a crash before
         # that leaves a '.creating' file, which never held a record.
         creating = self.path.with_name(self.path.name + ".creating")
         self._file = h5py.File(creating, "w", libver="latest", rdcc_nbytes=8 * CHUNK_BYTES)
         for key, value in attrs.items():
-            self._file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+            self._file.attrs[key] = (
+                value if not isinstance(value, (dict, list)) else json.dumps(value)
+            )
         numeric, strings, _ = first.finish()
-        self.numeric_columns = {name: (pieces[0].dtype, pieces[0].shape[1:]) for name, pieces in numeric.items()}
+        self.numeric_columns = {
+            name: (pieces[0].dtype, pieces[0].shape[1:]) for name, pieces in numeric.items()
+        }
         self.string_columns = sorted(strings)
         for name, (dtype, row_shape) in self.numeric_columns.items():
             self._create(name, dtype, row_shape)
@@ -86,28 +99,34 @@ class SegmentWriter:
                 self.numeric_columns[name] = (np.dtype(np.float32), ())
         self._file.swmr_mode = True
         os.replace(creating, self.part)
-        self._sync_fd: Optional[int] = None
+        self._sync_fd: int | None = None
 
     def _create(self, name: str, dtype, row_shape) -> None:
         row_bytes = int(np.dtype(dtype).itemsize * int(np.prod(row_shape, dtype=np.int64)))
         if not hasattr(self, "_datasets"):
-            self._datasets: Dict[str, Any] = {}
-            self._lengths: Dict[str, int] = {}
-            self._tails: Dict[str, np.ndarray] = {}
+            self._datasets: dict[str, Any] = {}
+            self._lengths: dict[str, int] = {}
+            self._tails: dict[str, np.ndarray] = {}
         self._datasets[name] = self._file.create_dataset(
-            name, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
-            chunks=(_rows_per_chunk(name, row_bytes), *row_shape))
+            name,
+            shape=(0, *row_shape),
+            maxshape=(None, *row_shape),
+            dtype=dtype,
+            chunks=(_rows_per_chunk(name, row_bytes), *row_shape),
+        )
         self._lengths[name] = 0
 
     def accepts(self, batch: ColumnBatch) -> bool:
         """Whether the batch has exactly this segment's columns."""
-        return (set(batch.numeric) | {"features_scale", "features_offset"}) == set(self.numeric_columns) and sorted(batch.strings) == self.string_columns
+        return (set(batch.numeric) | {"features_scale", "features_offset"}) == set(
+            self.numeric_columns
+        ) and sorted(batch.strings) == self.string_columns
 
     def _append(self, name: str, values) -> None:
         """Appends an array, or a list of arrays, in whole chunks."""
         self._append_direct(name, values if isinstance(values, list) else [values])
 
-    def _append_direct(self, name: str, pieces: List[np.ndarray]) -> None:
+    def _append_direct(self, name: str, pieces: list[np.ndarray]) -> None:
         """Appends rows as whole chunks with ``write_direct_chunk``.
 
         Full chunks go straight from the source arrays to the file (no chunk
@@ -166,7 +185,10 @@ class SegmentWriter:
             start = self._lengths[name + ".bytes"]
             starts = start + np.cumsum(lengths) - lengths
             self._append(name + ".bytes", np.frombuffer(data, dtype=np.uint8))
-            self._append(name + ".spans", np.stack([starts, lengths], axis=1) if len(texts) else np.empty((0, 2), np.int64))
+            self._append(
+                name + ".spans",
+                np.stack([starts, lengths], axis=1) if len(texts) else np.empty((0, 2), np.int64),
+            )
         self._append_direct("features_payload", payload)
         self._file.flush()
         self.counts["images"] += batch.n_images
@@ -197,10 +219,8 @@ class SegmentWriter:
         return self.path
 
     def _release_lock(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.lock_path)
-        except FileNotFoundError:
-            pass
         os.close(self._lock_fd)
 
     def abandon(self) -> None:
@@ -214,4 +234,4 @@ class SegmentWriter:
         self._sync_fd = None
 
 
-_ABANDONED: List[Any] = []
+_ABANDONED: list[Any] = []

@@ -17,7 +17,7 @@ import os
 import shutil
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import h5py
 import numpy as np
@@ -33,10 +33,10 @@ from pyodlog.structures import CallRecord
 __all__ = ["HDF5Store", "data_root", "recover_segments"]
 
 log = logging.getLogger("pyodlog")
-_LIVE: "weakref.WeakSet[HDF5Store]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[HDF5Store] = weakref.WeakSet()
 
 
-def data_root(root: Optional[Union[str, Path]] = None) -> Path:
+def data_root(root: str | Path | None = None) -> Path:
     """``root``, else ``PYODLOG_HOME``, else ``./pyodlog_data``."""
     return Path(root or os.environ.get("PYODLOG_HOME") or "pyodlog_data").absolute()
 
@@ -54,7 +54,7 @@ def _check_writable(directory: Path) -> None:
         ) from error
 
 
-def recover_segments(directory: Path) -> List[Path]:
+def recover_segments(directory: Path) -> list[Path]:
     """Turns leftover ``.h5.part`` files of dead writers into closed segments.
 
     A ``.part`` whose lock is free belongs to a writer that died: what it had
@@ -95,12 +95,18 @@ def recover_segments(directory: Path) -> List[Path]:
                 part.unlink()
                 fsync_dir(directory)
                 recovered.append(final)
-                log.warning("pyodlog recovered %s (%d images flushed before its writer died)", final.name, tables.n_images)
-            except Exception as error:  # noqa: BLE001
+                log.warning(
+                    "pyodlog recovered %s (%d images flushed before its writer died)",
+                    final.name,
+                    tables.n_images,
+                )
+            except Exception as error:
                 quarantine = directory / "quarantine"
                 quarantine.mkdir(exist_ok=True)
                 shutil.move(str(part), quarantine / part.name)
-                log.error("pyodlog could not read %s (%s): moved to %s", part.name, error, quarantine)
+                log.error(
+                    "pyodlog could not read %s (%s): moved to %s", part.name, error, quarantine
+                )
             lock_path.unlink(missing_ok=True)
         finally:
             os.close(fd)
@@ -116,16 +122,22 @@ class HDF5Store(Sink):
         config: batching, rotation and backpressure (:class:`~pyodlog.io.writer.WriterConfig`).
     """
 
-    def __init__(self, root: Optional[Union[str, Path]] = None, rank: Optional[int] = None,
-                 config: Optional[WriterConfig] = None) -> None:
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        rank: int | None = None,
+        config: WriterConfig | None = None,
+    ) -> None:
         self.root = data_root(root)
         _check_writable(self.root)
         self.rank = rank if rank is not None else _default_rank()
         self.config = config or WriterConfig()
-        self.copier = DeviceCopier(policy=self.config.backpressure, block_timeout=self.config.block_timeout)
-        self.directory: Optional[Path] = None
-        self._writer: Optional[RecordWriter] = None
-        self._attrs: Dict[str, Any] = {}
+        self.copier = DeviceCopier(
+            policy=self.config.backpressure, block_timeout=self.config.block_timeout
+        )
+        self.directory: Path | None = None
+        self._writer: RecordWriter | None = None
+        self._attrs: dict[str, Any] = {}
         self._pid = os.getpid()
         self._child_warned = False
         self.dropped_in_child = 0
@@ -134,12 +146,16 @@ class HDF5Store(Sink):
 
     # -- Sink -------------------------------------------------------------------------------
 
-    def open_result(self, model_name, version_name, result_name, schema, force_recreate) -> ResultInfo:
+    def open_result(
+        self, model_name, version_name, result_name, schema, force_recreate
+    ) -> ResultInfo:
         version_dir = self.root / model_name / version_name
         _check_writable(version_dir)
         if result_name is None:
-            existing = sorted((p for p in version_dir.iterdir() if (p / "result.json").exists()),
-                              key=lambda p: json.loads((p / "result.json").read_text()).get("created", ""))
+            existing = sorted(
+                (p for p in version_dir.iterdir() if (p / "result.json").exists()),
+                key=lambda p: json.loads((p / "result.json").read_text()).get("created", ""),
+            )
             result_name = existing[-1].name if existing else new_result_name()
         directory = version_dir / result_name
         directory.mkdir(exist_ok=True)
@@ -164,23 +180,39 @@ class HDF5Store(Sink):
             from pyodlog import __version__
 
             tmp = directory / "result.json.tmp"
-            tmp.write_text(json.dumps({"schema": schema, "model_name": model_name, "version_name": version_name,
-                                       "result_name": result_name, "pyodlog_version": __version__,
-                                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}, indent=2))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "schema": schema,
+                        "model_name": model_name,
+                        "version_name": version_name,
+                        "result_name": result_name,
+                        "pyodlog_version": __version__,
+                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    },
+                    indent=2,
+                )
+            )
             os.replace(tmp, manifest_path)
             fsync_dir(directory)
         recover_segments(directory)
         self.directory = directory
         from pyodlog import __version__
 
-        self._attrs = {"pyodlog_version": __version__, "model_name": model_name, "version_name": version_name,
-                       "result_name": result_name, "n_class": schema.get("n_class", -1), "schema": schema,
-                       "class_names": json.dumps(schema.get("class_names"))}
+        self._attrs = {
+            "pyodlog_version": __version__,
+            "model_name": model_name,
+            "version_name": version_name,
+            "result_name": result_name,
+            "n_class": schema.get("n_class", -1),
+            "schema": schema,
+            "class_names": json.dumps(schema.get("class_names")),
+        }
         self._writer = RecordWriter(directory, self._attrs, self.rank, self.config)
         self._writer.copier = self.copier
         return ResultInfo(result_name, self.latest_epoch())
 
-    def latest_epoch(self) -> Optional[int]:
+    def latest_epoch(self) -> int | None:
         """The highest epoch among the closed segments of the result (None if none)."""
         best = None
         for segment in self.segments():
@@ -195,7 +227,7 @@ class HDF5Store(Sink):
         """Calls ``listener(path)`` (on the writer thread: return quickly) whenever a segment is closed."""
         self._writer_or_error().segment_listeners.append(listener)
 
-    def segments(self) -> List[Path]:
+    def segments(self) -> list[Path]:
         """The closed segments of the open result."""
         return sorted(self.directory.glob("*.h5")) if self.directory else []
 
@@ -213,13 +245,18 @@ class HDF5Store(Sink):
             self._child_warned = True
             if self._writer is not None:
                 self._writer.abandon()
-            log.warning("pyodlog: logging is disabled in this forked child (pid %d); create a new logger in the "
-                        "child to log from it", os.getpid())
+            log.warning(
+                "pyodlog: logging is disabled in this forked child (pid %d); create a new logger in the "
+                "child to log from it",
+                os.getpid(),
+            )
         return True
 
     def _writer_or_error(self) -> RecordWriter:
         if self._writer is None:
-            raise RuntimeError("HDF5Store.open_result() must be called before records are submitted")
+            raise RuntimeError(
+                "HDF5Store.open_result() must be called before records are submitted"
+            )
         return self._writer
 
     def submit(self, record: CallRecord) -> None:
@@ -228,8 +265,11 @@ class HDF5Store(Sink):
             return
         pending = self.copier.to_host(record)  # CUDA: copies start on a side stream; CPU: as is
         if pending is None:
-            log.warning("pyodlog dropped a call's records: %d bytes of device copies are in flight (max %d)",
-                        self.copier.inflight_bytes, self.copier.max_inflight_bytes)
+            log.warning(
+                "pyodlog dropped a call's records: %d bytes of device copies are in flight (max %d)",
+                self.copier.inflight_bytes,
+                self.copier.max_inflight_bytes,
+            )
             return
         self._writer_or_error().submit(pending if pending.ready is not None else record)
 
@@ -244,7 +284,7 @@ class HDF5Store(Sink):
             return
         self._writer_or_error().barrier(rotate=True, interval=interval)
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """Counts of calls: ``submitted == written + dropped + queued``; ``durable``; closed segments."""
         if not self._writer:
             return {}
@@ -253,15 +293,19 @@ class HDF5Store(Sink):
         return stats
 
     @property
-    def writer(self) -> Optional[RecordWriter]:
+    def writer(self) -> RecordWriter | None:
         """The writer thread's state (for tests and diagnostics)."""
         return self._writer
 
-    def export(self, logger, output_path: Optional[str]) -> Path:
+    def export(self, logger, output_path: str | None) -> Path:
         self.rotate()
         output = _zip_path(output_path, logger)
-        return export_zip(self.segments(), output, logger.n_epoch,
-                          dict(self._attrs, schema=self._attrs.get("schema")))
+        return export_zip(
+            self.segments(),
+            output,
+            logger.n_epoch,
+            dict(self._attrs, schema=self._attrs.get("schema")),
+        )
 
     def close(self) -> None:
         if self.closed:
@@ -271,7 +315,7 @@ class HDF5Store(Sink):
             self._writer.stop()
 
 
-def _zip_path(output_path: Optional[str], logger) -> Path:
+def _zip_path(output_path: str | None, logger) -> Path:
     epoch = "all" if logger.n_epoch is None else f"epoch{logger.n_epoch}"
     default = f"{logger.model_name}_{logger.version_name}_{logger.result_name}_{epoch}.zip"
     if output_path is None:
@@ -286,7 +330,7 @@ def _default_rank() -> int:
 
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return 0
 
@@ -296,5 +340,5 @@ def _close_all() -> None:
     for store in list(_LIVE):
         try:
             store.close()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("pyodlog could not close a store at exit")

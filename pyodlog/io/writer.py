@@ -19,16 +19,24 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.segment import SegmentWriter
 from pyodlog.structures import CallRecord
 
-__all__ = ["StorageError", "WriterConfig", "WriterFailedError", "RecordWriter", "segment_name", "segment_rank"]
+__all__ = [
+    "RecordWriter",
+    "StorageError",
+    "WriterConfig",
+    "WriterFailedError",
+    "segment_name",
+    "segment_rank",
+]
 
 log = logging.getLogger("pyodlog")
 
@@ -41,7 +49,7 @@ def segment_name(time_ns: int, rank: int, pid: int, token: str, seq: int) -> str
     return f"seg-{time_ns:020d}-r{rank:03d}-p{pid}-{token}-{seq:06d}.h5"
 
 
-def segment_rank(name: str) -> Optional[int]:
+def segment_rank(name: str) -> int | None:
     """The rank that wrote a segment, from its file name (None for another name)."""
     match = _RANK_IN_NAME.match(name)
     return int(match.group(1)) if match else None
@@ -85,8 +93,16 @@ class WriterConfig:
     def __post_init__(self) -> None:
         if self.backpressure not in ("block", "drop"):
             raise ValueError(f"backpressure must be 'block' or 'drop', got {self.backpressure!r}")
-        for name in ("flush_interval", "batch_images", "batch_bytes", "segment_max_records", "segment_max_bytes",
-                     "segment_max_age", "queue_size", "block_timeout"):
+        for name in (
+            "flush_interval",
+            "batch_images",
+            "batch_bytes",
+            "segment_max_records",
+            "segment_max_bytes",
+            "segment_max_age",
+            "queue_size",
+            "block_timeout",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -97,7 +113,7 @@ class _Barrier:
     upto: int
     rotate: bool
     done: threading.Event = field(default_factory=threading.Event)
-    error: Optional[BaseException] = None
+    error: BaseException | None = None
 
 
 _STOP = object()
@@ -106,48 +122,60 @@ _STOP = object()
 class RecordWriter:
     """Owns the writer thread of one result directory in one process."""
 
-    def __init__(self, directory: Path, attrs: Dict[str, Any], rank: int, config: WriterConfig) -> None:
+    def __init__(
+        self, directory: Path, attrs: dict[str, Any], rank: int, config: WriterConfig
+    ) -> None:
         self.directory = Path(directory)
         self.attrs = attrs
         self.rank = rank
         self.config = config
         self.pid = os.getpid()
-        self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=config.queue_size)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._lock = threading.Lock()
         self.submitted = 0
         self.written = 0
         self.dropped = 0
         self.durable = 0
-        self.segments_closed: List[Path] = []
-        self.last_disk_error: Optional[BaseException] = None
-        self._warned_disk_error: Optional[BaseException] = None
-        self._fatal: Optional[BaseException] = None
-        self._segment: Optional[SegmentWriter] = None
+        self.segments_closed: list[Path] = []
+        self.last_disk_error: BaseException | None = None
+        self._warned_disk_error: BaseException | None = None
+        self._fatal: BaseException | None = None
+        self._segment: SegmentWriter | None = None
         self._segment_seq = 0
         self._token = secrets.token_hex(3)
-        self.fault_injection: Optional[Callable[[], None]] = None  # tests: raise at the writer's boundary
-        self.copier: Optional[DeviceCopier] = None
+        self.fault_injection: Callable[[], None] | None = (
+            None  # tests: raise at the writer's boundary
+        )
+        self.copier: DeviceCopier | None = None
         # Called on the writer thread with each closed segment's path (the syncer's wake-up).
-        self.segment_listeners: List[Callable[[Path], None]] = []
-        self._thread = threading.Thread(target=self._run, name=f"pyodlog-writer-{self.directory.name}", daemon=True)
+        self.segment_listeners: list[Callable[[Path], None]] = []
+        self._thread = threading.Thread(
+            target=self._run, name=f"pyodlog-writer-{self.directory.name}", daemon=True
+        )
         self._thread.start()
 
     # -- called from the inference side -------------------------------------------------
 
     def raise_if_failed(self) -> None:
         if self._fatal is not None:
-            raise WriterFailedError(f"pyodlog's writer thread failed: {self._fatal!r}") from self._fatal
+            raise WriterFailedError(
+                f"pyodlog's writer thread failed: {self._fatal!r}"
+            ) from self._fatal
         error = self.last_disk_error
         if error is not None and error is not self._warned_disk_error:
             self._warned_disk_error = error
-            log.error("pyodlog cannot write records (%s); %d calls are held in memory and retried; "
-                      "inference goes on", error, self.queued)
+            log.error(
+                "pyodlog cannot write records (%s); %d calls are held in memory and retried; "
+                "inference goes on",
+                error,
+                self.queued,
+            )
 
     @property
     def queued(self) -> int:
         return self.submitted - self.written - self.dropped
 
-    def submit(self, record: "CallRecord | PendingRecord") -> None:
+    def submit(self, record: CallRecord | PendingRecord) -> None:
         self.raise_if_failed()
         with self._lock:
             self.submitted += 1
@@ -160,8 +188,13 @@ class RecordWriter:
         except queue.Full:
             with self._lock:
                 self.dropped += 1
-            log.warning("pyodlog dropped a call's records: the writer is %d calls behind (backpressure=%r); "
-                        "%d dropped so far", self.config.queue_size, self.config.backpressure, self.dropped)
+            log.warning(
+                "pyodlog dropped a call's records: the writer is %d calls behind (backpressure=%r); "
+                "%d dropped so far",
+                self.config.queue_size,
+                self.config.backpressure,
+                self.dropped,
+            )
 
     def barrier(self, rotate: bool, interval: float) -> None:
         """Returns once every call submitted before it is durable (and, with rotate, in a closed segment)."""
@@ -173,12 +206,18 @@ class RecordWriter:
         while not barrier.done.wait(interval):
             if self._fatal is not None:
                 break
-            log.info("pyodlog: waiting for records to be saved: %d of %d calls durable (%.0f s)",
-                     self.durable, target, time.monotonic() - start)
+            log.info(
+                "pyodlog: waiting for records to be saved: %d of %d calls durable (%.0f s)",
+                self.durable,
+                target,
+                time.monotonic() - start,
+            )
         self.raise_if_failed()
         if barrier.error is not None:
-            raise StorageError(f"pyodlog could not save the records: {barrier.error}; they are held in memory and "
-                               f"retried when the disk allows it") from barrier.error
+            raise StorageError(
+                f"pyodlog could not save the records: {barrier.error}; they are held in memory and "
+                f"retried when the disk allows it"
+            ) from barrier.error
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -191,9 +230,15 @@ class RecordWriter:
             self._segment.abandon()
             self._segment = None
 
-    def stats(self) -> Dict[str, int]:
-        return {"submitted": self.submitted, "written": self.written, "dropped": self.dropped, "queued": self.queued,
-                "durable": self.durable, "segments_closed": len(self.segments_closed)}
+    def stats(self) -> dict[str, int]:
+        return {
+            "submitted": self.submitted,
+            "written": self.written,
+            "dropped": self.dropped,
+            "queued": self.queued,
+            "durable": self.durable,
+            "segments_closed": len(self.segments_closed),
+        }
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -206,13 +251,17 @@ class RecordWriter:
             while True:
                 timeout = None
                 if pending.n_records:
-                    timeout = max(0.0, max(first_pending_at + self.config.flush_interval, retry_at) - time.monotonic())
+                    timeout = max(
+                        0.0,
+                        max(first_pending_at + self.config.flush_interval, retry_at)
+                        - time.monotonic(),
+                    )
                 try:
                     item = self._queue.get(timeout=timeout)
                 except queue.Empty:
                     item = None
                 if isinstance(item, tuple):
-                    seq, record = item
+                    _seq, record = item
                     if not pending.n_records:
                         first_pending_at = time.monotonic()
                     if isinstance(record, PendingRecord):
@@ -222,7 +271,10 @@ class RecordWriter:
                             self.copier.release(record)
                     else:
                         record_to_columns(record, pending)
-                    if pending.n_images < self.config.batch_images and pending.nbytes < self.config.batch_bytes:
+                    if (
+                        pending.n_images < self.config.batch_images
+                        and pending.nbytes < self.config.batch_bytes
+                    ):
                         continue
                     if time.monotonic() < retry_at:
                         continue
@@ -248,7 +300,9 @@ class RecordWriter:
                     retry_at = 0.0
                     if isinstance(item, _Barrier):
                         item.done.set()
-                except OSError as error:  # disk full, permissions, ...: keep the records, retry later
+                except (
+                    OSError
+                ) as error:  # disk full, permissions, ...: keep the records, retry later
                     self.last_disk_error = error
                     retry_at = time.monotonic() + backoff
                     backoff = min(backoff * 2, 30.0)
@@ -257,11 +311,15 @@ class RecordWriter:
                         item.error = error
                         item.done.set()
                     if item is _STOP:
-                        log.error("pyodlog is closing with %d calls it could not write: %s", pending.n_records, error)
+                        log.error(
+                            "pyodlog is closing with %d calls it could not write: %s",
+                            pending.n_records,
+                            error,
+                        )
                         return
                 if item is _STOP:
                     return
-        except BaseException as error:  # noqa: BLE001  (stored, re-raised on the next public call)
+        except BaseException as error:
             self._fatal = error
             log.exception("pyodlog's writer thread failed")
             # Wake every waiter.
@@ -281,13 +339,18 @@ class RecordWriter:
         if self._segment is None:
             self._segment_seq += 1
             # Names sort in creation order (nanoseconds first), across processes too.
-            name = segment_name(time.time_ns(), self.rank, os.getpid(), self._token, self._segment_seq)
+            name = segment_name(
+                time.time_ns(), self.rank, os.getpid(), self._token, self._segment_seq
+            )
             attrs = dict(self.attrs, rank=self.rank, pid=os.getpid(), created=time.time())
             self._segment = SegmentWriter(self.directory / name, attrs, batch)
         self._segment.append(batch)
         seg = self._segment
-        if (seg.counts["records"] >= self.config.segment_max_records or seg.nbytes >= self.config.segment_max_bytes
-                or time.monotonic() - seg.opened_at >= self.config.segment_max_age):
+        if (
+            seg.counts["records"] >= self.config.segment_max_records
+            or seg.nbytes >= self.config.segment_max_bytes
+            or time.monotonic() - seg.opened_at >= self.config.segment_max_age
+        ):
             self._close_segment()
 
     def _close_segment(self) -> None:
@@ -298,7 +361,7 @@ class RecordWriter:
             for listener in self.segment_listeners:
                 try:
                     listener(path)
-                except Exception:  # noqa: BLE001  (a listener never stops the writer)
+                except Exception:
                     log.exception("pyodlog: a segment listener failed")
 
     def _drop_broken_segment(self) -> None:
@@ -307,7 +370,7 @@ class RecordWriter:
             return
         try:
             self._close_segment()
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.warning("pyodlog left %s for recovery at the next start", self._segment.part)
             self._segment.abandon()
             self._segment = None

@@ -1,6 +1,11 @@
 """One logger subclass per model family, and the registry that picks one."""
 
-from pyodlog.models.registry import UnsupportedModelError, create_logger, register_logger, registered_loggers
+from pyodlog.models.registry import (
+    UnsupportedModelError,
+    create_logger,
+    register_logger,
+    registered_loggers,
+)
 from pyodlog.models.torchvision_dense import FCOSLogger, RetinaNetLogger, SSDLogger
 from pyodlog.models.torchvision_rcnn import TorchvisionRCNNLogger
 

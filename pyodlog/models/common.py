@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -24,7 +24,9 @@ def rows_of_images(counts: Sequence[int], device: torch.device) -> Tensor:
     """``Tensor[sum(counts)]``: the image of each row when images' rows are concatenated."""
     if not counts:
         return torch.empty(0, dtype=torch.long, device=device)
-    return torch.cat([torch.full((int(n),), i, dtype=torch.long, device=device) for i, n in enumerate(counts)])
+    return torch.cat(
+        [torch.full((int(n),), i, dtype=torch.long, device=device) for i, n in enumerate(counts)]
+    )
 
 
 def gather_rows(table: Tensor, candidates: Tensor) -> Tensor:
@@ -44,7 +46,9 @@ def local_index(candidates: Tensor, first_row: Tensor) -> Tensor:
     return torch.where(candidates >= 0, candidates - first_row[:, None], candidates)
 
 
-def level_roi_features(features: List[Tensor], boxes: Tensor, level: Tensor, padded_size: Tuple[int, int]) -> Tensor:
+def level_roi_features(
+    features: list[Tensor], boxes: Tensor, level: Tensor, padded_size: tuple[int, int]
+) -> Tensor:
     """An RoI-pooled feature per detection from the FPN level it was detected on.
 
     Args:
@@ -59,12 +63,27 @@ def level_roi_features(features: List[Tensor], boxes: Tensor, level: Tensor, pad
     b, d, _ = boxes.shape
     if b * d == 0:
         return boxes.new_zeros((b, d, features[0].shape[1]))
-    batch_index = torch.arange(b, device=boxes.device, dtype=boxes.dtype)[:, None, None].expand(b, d, 1)
+    batch_index = torch.arange(b, device=boxes.device, dtype=boxes.dtype)[:, None, None].expand(
+        b, d, 1
+    )
     rois = torch.cat([batch_index, boxes], dim=2).reshape(-1, 5).to(features[0].dtype)
-    pooled = torch.stack([
-        roi_align(f, rois, output_size=1, spatial_scale=f.shape[-1] / padded_size[1], sampling_ratio=2, aligned=True).flatten(1)
-        for f in features
-    ])  # [L, B*D, F]
+    pooled = torch.stack(
+        [
+            roi_align(
+                f,
+                rois,
+                output_size=1,
+                spatial_scale=f.shape[-1] / padded_size[1],
+                sampling_ratio=2,
+                aligned=True,
+            ).flatten(1)
+            for f in features
+        ]
+    )  # [L, B*D, F]
     flat_level = level.reshape(-1).clamp(min=0)
     picked = pooled[flat_level, torch.arange(b * d, device=boxes.device)]
-    return torch.where((level.reshape(-1) >= 0)[:, None], picked, torch.zeros((), dtype=picked.dtype, device=picked.device)).reshape(b, d, -1)
+    return torch.where(
+        (level.reshape(-1) >= 0)[:, None],
+        picked,
+        torch.zeros((), dtype=picked.dtype, device=picked.device),
+    ).reshape(b, d, -1)

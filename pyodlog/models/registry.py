@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple, Type
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -10,25 +11,37 @@ from pyodlog.monitoring.detection_logger import ObjectDetectionTorchLogger, unwr
 
 __all__ = ["UnsupportedModelError", "create_logger", "register_logger", "registered_loggers"]
 
-_REGISTRY: List[Tuple[int, int, Type[ObjectDetectionTorchLogger]]] = []
+_REGISTRY: list[tuple[int, int, type[ObjectDetectionTorchLogger]]] = []
 
 
 class UnsupportedModelError(ValueError):
     """No registered logger handles the model."""
 
 
-def register_logger(cls: Optional[Type[ObjectDetectionTorchLogger]] = None, *, priority: int = 0) -> Callable:
+def register_logger(
+    cls: type[ObjectDetectionTorchLogger] | None = None, *, priority: int = 0
+) -> Callable:
     """Class decorator: makes a logger subclass available to :func:`create_logger`.
 
     Loggers are asked in priority order (highest first, then registration order)
     whether they ``detect`` a model. Registering the same class twice is an error.
     """
 
-    def add(logger_cls: Type[ObjectDetectionTorchLogger]) -> Type[ObjectDetectionTorchLogger]:
-        if not (isinstance(logger_cls, type) and issubclass(logger_cls, ObjectDetectionTorchLogger)):
-            raise TypeError(f"register_logger takes ObjectDetectionTorchLogger subclasses, got {logger_cls!r}")
-        if any(existing is logger_cls or existing.__qualname__ == logger_cls.__qualname__ and existing.__module__ == logger_cls.__module__
-               for _, _, existing in _REGISTRY):
+    def add(logger_cls: type[ObjectDetectionTorchLogger]) -> type[ObjectDetectionTorchLogger]:
+        if not (
+            isinstance(logger_cls, type) and issubclass(logger_cls, ObjectDetectionTorchLogger)
+        ):
+            raise TypeError(
+                f"register_logger takes ObjectDetectionTorchLogger subclasses, got {logger_cls!r}"
+            )
+        if any(
+            existing is logger_cls
+            or (
+                existing.__qualname__ == logger_cls.__qualname__
+                and existing.__module__ == logger_cls.__module__
+            )
+            for _, _, existing in _REGISTRY
+        ):
             raise ValueError(f"{logger_cls.__qualname__} is registered already")
         _REGISTRY.append((priority, len(_REGISTRY), logger_cls))
         return logger_cls
@@ -36,7 +49,7 @@ def register_logger(cls: Optional[Type[ObjectDetectionTorchLogger]] = None, *, p
     return add(cls) if cls is not None else add
 
 
-def registered_loggers() -> List[Type[ObjectDetectionTorchLogger]]:
+def registered_loggers() -> list[type[ObjectDetectionTorchLogger]]:
     """The registered logger classes, in the order they are asked."""
     return [cls for _, _, cls in sorted(_REGISTRY, key=lambda e: (-e[0], e[1]))]
 
@@ -54,7 +67,9 @@ def create_logger(model: nn.Module, *args: Any, **kwargs: Any) -> ObjectDetectio
     for cls in registered_loggers():
         if cls.detect(core):
             return cls(model, *args, **kwargs)
-    families = "\n".join(f"  - {cls.family or cls.__name__} ({cls.__name__})" for cls in registered_loggers())
+    families = "\n".join(
+        f"  - {cls.family or cls.__name__} ({cls.__name__})" for cls in registered_loggers()
+    )
     raise UnsupportedModelError(
         f"no pyodlog logger handles {type(core).__name__}. Supported families:\n{families}\n"
         "To log another detector, subclass pyodlog.ObjectDetectionTorchLogger and register it with "

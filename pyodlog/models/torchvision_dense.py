@@ -9,7 +9,7 @@ reproduces that post-processing in one fused call.
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,13 +56,22 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
     def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _anchor_levels(self, features: List[Tensor], n_anchors: int, device: torch.device) -> Tensor:
+    def _anchor_levels(
+        self, features: list[Tensor], n_anchors: int, device: torch.device
+    ) -> Tensor:
         """``Tensor[A]``: the FPN level of each anchor of an image."""
         sizes = [f.shape[-2] * f.shape[-1] for f in features]
         per_location = n_anchors // sum(sizes)
-        return torch.cat([torch.full((n * per_location,), lvl, dtype=torch.long, device=device) for lvl, n in enumerate(sizes)])
+        return torch.cat(
+            [
+                torch.full((n * per_location,), lvl, dtype=torch.long, device=device)
+                for lvl, n in enumerate(sizes)
+            ]
+        )
 
-    def _parse_model_output(self, model_output: Any, img_sizes: List[Tuple[int, int]]) -> DetectionBatch:
+    def _parse_model_output(
+        self, model_output: Any, img_sizes: list[tuple[int, int]]
+    ) -> DetectionBatch:
         model = self._core
         head = self._state["head"]
         cls_logits = head["cls_logits"]
@@ -75,12 +84,22 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         levels = None if self.topk_per_class else self._anchor_levels(features, n_anchors, device)
         topk_group = None
         if levels is not None:
-            topk_group = (torch.arange(n_images, device=device)[:, None] * len(features) + levels[None, :]).reshape(-1)
+            topk_group = (
+                torch.arange(n_images, device=device)[:, None] * len(features) + levels[None, :]
+            ).reshape(-1)
         net_sizes = host_tensor(self._state["net_sizes"], torch.long, device)
         out = postprocess_detections(
-            self._scores(head).reshape(-1, n_classes), boxes, image_index, net_sizes,
-            host_tensor(img_sizes, torch.long, device), model.score_thresh, model.nms_thresh, model.detections_per_img,
-            first_label=self.first_label, topk=model.topk_candidates, topk_group=topk_group,
+            self._scores(head).reshape(-1, n_classes),
+            boxes,
+            image_index,
+            net_sizes,
+            host_tensor(img_sizes, torch.long, device),
+            model.score_thresh,
+            model.nms_thresh,
+            model.detections_per_img,
+            first_label=self.first_label,
+            topk=model.topk_candidates,
+            topk_group=topk_group,
             topk_per_class=self.topk_per_class,
         )
         first_row = torch.arange(n_images, device=device) * n_anchors
@@ -91,15 +110,32 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             h = net_sizes[:, 0].to(net_boxes.dtype)[:, None, None]
             w = net_sizes[:, 1].to(net_boxes.dtype)[:, None, None]
             zero = torch.zeros((), dtype=net_boxes.dtype, device=device)
-            net_boxes = torch.stack([
-                net_boxes[..., 0].clamp(min=0).unsqueeze(-1).minimum(w), net_boxes[..., 1].clamp(min=0).unsqueeze(-1).minimum(h),
-                net_boxes[..., 2].clamp(min=0).unsqueeze(-1).minimum(w), net_boxes[..., 3].clamp(min=0).unsqueeze(-1).minimum(h),
-            ], dim=-1).squeeze(-2).maximum(zero)
+            net_boxes = (
+                torch.stack(
+                    [
+                        net_boxes[..., 0].clamp(min=0).unsqueeze(-1).minimum(w),
+                        net_boxes[..., 1].clamp(min=0).unsqueeze(-1).minimum(h),
+                        net_boxes[..., 2].clamp(min=0).unsqueeze(-1).minimum(w),
+                        net_boxes[..., 3].clamp(min=0).unsqueeze(-1).minimum(h),
+                    ],
+                    dim=-1,
+                )
+                .squeeze(-2)
+                .maximum(zero)
+            )
             level_of = torch.where(local >= 0, levels[local.clamp(min=0)], local)
-            embeddings = level_roi_features(features, net_boxes, level_of, self._state["padded_size"])
+            embeddings = level_roi_features(
+                features, net_boxes, level_of, self._state["padded_size"]
+            )
         return DetectionBatch(
-            out.boxes, out.scores, out.labels, gather_rows(cls_logits.reshape(-1, n_classes), out.candidates),
-            local, out.counts, list(img_sizes), embeddings,
+            out.boxes,
+            out.scores,
+            out.labels,
+            gather_rows(cls_logits.reshape(-1, n_classes), out.candidates),
+            local,
+            out.counts,
+            list(img_sizes),
+            embeddings,
         )
 
 

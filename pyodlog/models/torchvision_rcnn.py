@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,11 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
     @staticmethod
     def detect(model: nn.Module) -> bool:
         heads = getattr(model, "roi_heads", None)
-        return (isinstance(model, GeneralizedRCNN) and isinstance(heads, RoIHeads)
-                and isinstance(getattr(heads.box_predictor, "cls_score", None), nn.Linear))
+        return (
+            isinstance(model, GeneralizedRCNN)
+            and isinstance(heads, RoIHeads)
+            and isinstance(getattr(heads.box_predictor, "cls_score", None), nn.Linear)
+        )
 
     def _get_n_class(self, model: nn.Module) -> int:
         return int(model.roi_heads.box_predictor.cls_score.out_features)
@@ -58,7 +61,9 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         self._state["box_features"] = inputs[0]
         self._state["class_logits"], self._state["box_regression"] = output
 
-    def _parse_model_output(self, model_output: Any, img_sizes: List[Tuple[int, int]]) -> DetectionBatch:
+    def _parse_model_output(
+        self, model_output: Any, img_sizes: list[tuple[int, int]]
+    ) -> DetectionBatch:
         heads = self._core.roi_heads
         proposals = self._state["proposals"]
         class_logits = self._state["class_logits"]
@@ -71,10 +76,24 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
             rows_of_images(counts, device),
             host_tensor(self._state["net_sizes"], torch.long, device),
             host_tensor(img_sizes, torch.long, device),
-            heads.score_thresh, heads.nms_thresh, heads.detections_per_img, first_label=1, min_size=_MIN_BOX_SIZE,
+            heads.score_thresh,
+            heads.nms_thresh,
+            heads.detections_per_img,
+            first_label=1,
+            min_size=_MIN_BOX_SIZE,
         )
-        embeddings = gather_rows(self._state["box_features"].flatten(1), out.candidates) if self.log_embeddings else None
+        embeddings = (
+            gather_rows(self._state["box_features"].flatten(1), out.candidates)
+            if self.log_embeddings
+            else None
+        )
         return DetectionBatch(
-            out.boxes, out.scores, out.labels, gather_rows(class_logits, out.candidates),
-            local_index(out.candidates, host_tensor(first_row, torch.long, device)), out.counts, list(img_sizes), embeddings,
+            out.boxes,
+            out.scores,
+            out.labels,
+            gather_rows(class_logits, out.candidates),
+            local_index(out.candidates, host_tensor(first_row, torch.long, device)),
+            out.counts,
+            list(img_sizes),
+            embeddings,
         )

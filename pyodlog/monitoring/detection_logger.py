@@ -6,7 +6,7 @@ import time
 import uuid
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +36,9 @@ __all__ = ["NmsConfig", "ObjectDetectionTorchLogger", "unwrap_model"]
 class NmsConfig:
     """The user-visible NMS decisions; None keeps the model's own value."""
 
-    score_thresh: Optional[float] = None
-    iou_thresh: Optional[float] = None
-    max_detections_per_image: Optional[int] = None
+    score_thresh: float | None = None
+    iou_thresh: float | None = None
+    max_detections_per_image: int | None = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -52,16 +52,24 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _image_sizes(model_input: Any) -> List[Tuple[int, int]]:
+def _image_sizes(model_input: Any) -> list[tuple[int, int]]:
     """(h, w) of each input image, from tensor shapes only (no device access)."""
     if isinstance(model_input, Tensor):
         if model_input.dim() != 4:
-            raise ValueError(f"model_input must be a list of [C, H, W] images or a [B, C, H, W] tensor, got shape {tuple(model_input.shape)}")
+            raise ValueError(
+                f"model_input must be a list of [C, H, W] images or a [B, C, H, W] tensor, got shape {tuple(model_input.shape)}"
+            )
         return [tuple(model_input.shape[-2:])] * model_input.shape[0]
-    if isinstance(model_input, (list, tuple)) and model_input and all(isinstance(t, Tensor) and t.dim() == 3 for t in model_input):
+    if (
+        isinstance(model_input, (list, tuple))
+        and model_input
+        and all(isinstance(t, Tensor) and t.dim() == 3 for t in model_input)
+    ):
         return [(int(t.shape[-2]), int(t.shape[-1])) for t in model_input]
-    raise ValueError("model_input must be a non-empty list of [C, H, W] image tensors or a [B, C, H, W] tensor, "
-                     f"got {type(model_input).__name__}")
+    raise ValueError(
+        "model_input must be a non-empty list of [C, H, W] image tensors or a [B, C, H, W] tensor, "
+        f"got {type(model_input).__name__}"
+    )
 
 
 class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, metaclass=ABCMeta):
@@ -113,28 +121,30 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         model: nn.Module,
         model_name: str,
         version_name: str,
-        result_name: Optional[str] = None,
-        n_epoch: Union[str, int, None] = "latest",
-        target_layers: Optional[Dict[str, Any]] = None,
-        additional_fields: Optional[List[dict]] = None,
+        result_name: str | None = None,
+        n_epoch: str | int | None = "latest",
+        target_layers: dict[str, Any] | None = None,
+        additional_fields: list[dict] | None = None,
         auto_sync: bool = True,
         force_table_recreate: bool = False,
-        api_endpoint: Optional[str] = None,
-        api_key: Optional[str] = None,
-        n_class: Optional[int] = None,
-        score_thresh: Optional[float] = None,
-        iou_thresh: Optional[float] = None,
-        max_detections_per_image: Optional[int] = None,
+        api_endpoint: str | None = None,
+        api_key: str | None = None,
+        n_class: int | None = None,
+        score_thresh: float | None = None,
+        iou_thresh: float | None = None,
+        max_detections_per_image: int | None = None,
         *,
-        sink: Optional[Sink] = None,
+        sink: Sink | None = None,
         log_embeddings: bool = True,
-        sync_config: Optional["SyncConfig"] = None,
+        sync_config: SyncConfig | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         core = unwrap_model(model)
         if not type(self).detect(core):
-            raise ValueError(f"{type(self).__name__} does not handle {type(core).__name__} models: use pyodlog.create_logger(model, ...) to pick the right logger")
+            raise ValueError(
+                f"{type(self).__name__} does not handle {type(core).__name__} models: use pyodlog.create_logger(model, ...) to pick the right logger"
+            )
         # Everything is validated before any file is touched or hook registered.
         layers = check_target_layers(target_layers, core)
         self._field_specs = check_field_specs(additional_fields)
@@ -142,7 +152,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         model_n_class = self._get_n_class(core)
         n_class = check_n_class(n_class)
         if n_class is not None and n_class != model_n_class:
-            raise ValueError(f"n_class={n_class} but the model's class head produces {model_n_class} classes: pass n_class={model_n_class} or None")
+            raise ValueError(
+                f"n_class={n_class} but the model's class head produces {model_n_class} classes: pass n_class={model_n_class} or None"
+            )
         if not isinstance(log_embeddings, bool):
             raise ValueError(f"log_embeddings must be True or False, got {log_embeddings!r}")
         self.model = model
@@ -154,8 +166,19 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             "target_layers": {s.alias: s.to_dict() for s in layers},
             "family": type(self).__name__,
         }
-        self._init_monitoring(model_name, version_name, result_name, n_epoch, schema, force_table_recreate,
-                              auto_sync, api_endpoint, api_key, sink, sync_config)
+        self._init_monitoring(
+            model_name,
+            version_name,
+            result_name,
+            n_epoch,
+            schema,
+            force_table_recreate,
+            auto_sync,
+            api_endpoint,
+            api_key,
+            sink,
+            sync_config,
+        )
         self._apply_nms_config(core, nms)
         self._core = core
         self._init_tracer(core, layers)
@@ -177,7 +200,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         """Registers the hooks that capture what per-detection logits need."""
 
     @abstractmethod
-    def _parse_model_output(self, model_output: Any, img_sizes: List[Tuple[int, int]]) -> DetectionBatch:
+    def _parse_model_output(
+        self, model_output: Any, img_sizes: list[tuple[int, int]]
+    ) -> DetectionBatch:
         """Builds the batch's detections (boxes in ``img_sizes`` coordinates) from the output and ``self._state``.
 
         Runs on the inference path: tensor operations only, no host sync, no
@@ -186,17 +211,27 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
 
     def _apply_nms_config(self, model: nn.Module, nms_config: NmsConfig) -> None:
         """Sets the model's own thresholds; the default handles torchvision-style attributes."""
-        for attr, value in (("score_thresh", nms_config.score_thresh), ("nms_thresh", nms_config.iou_thresh),
-                            ("detections_per_img", nms_config.max_detections_per_image)):
+        for attr, value in (
+            ("score_thresh", nms_config.score_thresh),
+            ("nms_thresh", nms_config.iou_thresh),
+            ("detections_per_img", nms_config.max_detections_per_image),
+        ):
             if value is not None:
                 if not hasattr(model, attr):
-                    raise ValueError(f"{type(model).__name__} has no {attr} to set: leave that threshold None")
+                    raise ValueError(
+                        f"{type(model).__name__} has no {attr} to set: leave that threshold None"
+                    )
                 setattr(model, attr, value)
 
     # -- the call ---------------------------------------------------------------
 
-    def __call__(self, model_input: Any, input_ids: Optional[List[str]] = None,
-                 dataset_type: str = "deploying", **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        model_input: Any,
+        input_ids: list[str] | None = None,
+        dataset_type: str = "deploying",
+        **kwargs: Any,
+    ) -> Any:
         """Runs the model once, records the call, and returns the model's raw output unchanged.
 
         Args:
@@ -238,7 +273,11 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 detections = self._parse_model_output(output, img_sizes)
         finally:
             self._state = {}  # drop references to this call's activations
-        self._submit(CallRecord(ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields))
+        self._submit(
+            CallRecord(
+                ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields
+            )
+        )
         return output
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 from pyodlog.distributed import DistContext, DistributedLoggingError, agree, current_context
 from pyodlog.io.writer import segment_rank
@@ -54,15 +54,15 @@ class MonitoringLogger:
         self,
         model_name: str,
         version_name: str,
-        result_name: Optional[str],
-        n_epoch: Union[str, int, None],
-        schema: Dict[str, Any],
+        result_name: str | None,
+        n_epoch: str | int | None,
+        schema: dict[str, Any],
         force_table_recreate: bool,
         auto_sync: bool,
-        api_endpoint: Optional[str],
-        api_key: Optional[str],
-        sink: Optional[Sink],
-        sync_config: Optional["SyncConfig"] = None,
+        api_endpoint: str | None,
+        api_key: str | None,
+        sink: Sink | None,
+        sync_config: SyncConfig | None = None,
     ) -> None:
         from pyodlog.sync import CollectorClient, SyncConfig, Syncer, check_endpoint
 
@@ -73,20 +73,30 @@ class MonitoringLogger:
         if not isinstance(auto_sync, bool):
             raise ValueError(f"auto_sync must be True or False, got {auto_sync!r}")
         if not isinstance(force_table_recreate, bool):
-            raise ValueError(f"force_table_recreate must be True or False, got {force_table_recreate!r}")
+            raise ValueError(
+                f"force_table_recreate must be True or False, got {force_table_recreate!r}"
+            )
         if sync_config is None:
             sync_config = SyncConfig()
         elif not isinstance(sync_config, SyncConfig):
-            raise ValueError(f"sync_config must be a pyodlog.SyncConfig, got {type(sync_config).__name__}")
-        endpoint = api_endpoint if api_endpoint is not None else os.environ.get("PYODLOG_API_ENDPOINT") or None
+            raise ValueError(
+                f"sync_config must be a pyodlog.SyncConfig, got {type(sync_config).__name__}"
+            )
+        endpoint = (
+            api_endpoint
+            if api_endpoint is not None
+            else os.environ.get("PYODLOG_API_ENDPOINT") or None
+        )
         if endpoint is not None:
             endpoint = check_endpoint(endpoint, sync_config.allow_insecure_http)
         key = api_key if api_key is not None else os.environ.get("PYODLOG_API_KEY") or None
         if key is not None and (not isinstance(key, str) or not key.strip()):
             raise ValueError(f"api_key must be a non-empty string, got {type(key).__name__}")
         if endpoint is not None and key is None:
-            raise ValueError(f"api_endpoint {endpoint!r} needs an API key: pass api_key=... or set PYODLOG_API_KEY")
-        self.api_endpoint: Optional[str] = endpoint
+            raise ValueError(
+                f"api_endpoint {endpoint!r} needs an API key: pass api_key=... or set PYODLOG_API_KEY"
+            )
+        self.api_endpoint: str | None = endpoint
         # Never part of repr(), str() or an error message.
         self._api_key = None if key is None else Secret(key)
         self.auto_sync = auto_sync and endpoint is not None
@@ -98,30 +108,45 @@ class MonitoringLogger:
         self._sink: Sink = sink
         self._closed = False
         # Under torch.distributed, rank 0 resolves the result and the epoch and every rank follows.
-        self._dist: Optional[DistContext] = current_context()
+        self._dist: DistContext | None = current_context()
 
         def resolve():
-            info = self._sink.open_result(self.model_name, self.version_name, result_name, schema, force_table_recreate)
+            info = self._sink.open_result(
+                self.model_name, self.version_name, result_name, schema, force_table_recreate
+            )
             # 'latest' resolves once, here: the highest epoch already in the result, 0 if none.
             return info.result_name, (info.latest_epoch or 0) if n_epoch == "latest" else n_epoch
 
         self.result_name, self.n_epoch = agree(self._dist, resolve)
         if self._dist is not None and self._dist.rank != 0:
             try:
-                self._sink.open_result(self.model_name, self.version_name, self.result_name, schema, False)
+                self._sink.open_result(
+                    self.model_name, self.version_name, self.result_name, schema, False
+                )
             except SchemaMismatchError:
                 if not force_table_recreate:
                     raise
                 # Rank 0 recreated the result already; a mismatch here means this rank's data folder is not
                 # rank 0's (no shared file system) and holds an older schema.
-                self._sink.open_result(self.model_name, self.version_name, self.result_name, schema, True)
+                self._sink.open_result(
+                    self.model_name, self.version_name, self.result_name, schema, True
+                )
         # Closed segments go to the collector from disk, never from the inference path.
-        self._syncer: Optional[Syncer] = None
+        self._syncer: Syncer | None = None
         add_listener = getattr(sink, "add_segment_listener", None)
         if endpoint is not None and add_listener is not None:
-            self._syncer = Syncer(CollectorClient(endpoint, self._api_key, sync_config), sink.segments, sink.directory,
-                                  self.model_name, self.version_name, self.result_name, sink.rank, self.n_epoch,
-                                  sync_config, auto=self.auto_sync)
+            self._syncer = Syncer(
+                CollectorClient(endpoint, self._api_key, sync_config),
+                sink.segments,
+                sink.directory,
+                self.model_name,
+                self.version_name,
+                self.result_name,
+                sink.rank,
+                self.n_epoch,
+                sync_config,
+                auto=self.auto_sync,
+            )
             if self.auto_sync:
                 add_listener(lambda path: self._syncer.notify())
 
@@ -137,10 +162,16 @@ class MonitoringLogger:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise LoggerClosedError(f"{type(self).__name__} for {self.model_name}/{self.version_name} is closed: create a new logger")
+            raise LoggerClosedError(
+                f"{type(self).__name__} for {self.model_name}/{self.version_name} is closed: create a new logger"
+            )
 
     def _submit(self, record: CallRecord) -> None:
-        record.model_name, record.version_name, record.result_name = self.model_name, self.version_name, self.result_name
+        record.model_name, record.version_name, record.result_name = (
+            self.model_name,
+            self.version_name,
+            self.result_name,
+        )
         self._sink.submit(record)
 
     def wait_for_save(self, interval: float = 3) -> None:
@@ -153,7 +184,7 @@ class MonitoringLogger:
             raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
         self._sink.wait_for_save(interval)
 
-    def export(self, output_path: Optional[str] = None, *, timeout: float = 300.0) -> Optional[Path]:
+    def export(self, output_path: str | None = None, *, timeout: float = 300.0) -> Path | None:
         """Exports the records of the resolved ``n_epoch`` as a ZIP archive.
 
         Waits for pending saves, closes the open segment, and writes a ZIP with
@@ -207,7 +238,7 @@ class MonitoringLogger:
                 )
         return exporter(self, output_path)
 
-    def upload(self) -> "UploadSummary":
+    def upload(self) -> UploadSummary:
         """Sends every record not yet acknowledged by the collector at ``api_endpoint``, and waits.
 
         Waits for pending saves, closes the open segment, then sends every
@@ -226,8 +257,10 @@ class MonitoringLogger:
         """
         self._check_open()
         if self.api_endpoint is None:
-            raise RuntimeError("upload() needs an endpoint: pass api_endpoint=... and api_key=..., or set "
-                               "PYODLOG_API_ENDPOINT and PYODLOG_API_KEY")
+            raise RuntimeError(
+                "upload() needs an endpoint: pass api_endpoint=... and api_key=..., or set "
+                "PYODLOG_API_ENDPOINT and PYODLOG_API_KEY"
+            )
         if self._syncer is None:
             raise NotImplementedError(
                 f"upload() sends stored segments, but this logger's sink ({type(self._sink).__name__}) stores none"
@@ -236,7 +269,7 @@ class MonitoringLogger:
         return self._syncer.upload_all()
 
     @property
-    def syncer(self) -> Optional["Syncer"]:
+    def syncer(self) -> Syncer | None:
         """The uploader (None without an endpoint): ``syncer.stats()``, ``syncer.pending()``."""
         return self._syncer
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any
 
 from pyodlog.structures import CallRecord
 
@@ -27,7 +27,7 @@ class ResultInfo:
     """What a sink knows of a result when a logger opens it."""
 
     result_name: str
-    latest_epoch: Optional[int]
+    latest_epoch: int | None
 
 
 class Sink:
@@ -37,8 +37,14 @@ class Sink:
     logger calls it on the inference path.
     """
 
-    def open_result(self, model_name: str, version_name: str, result_name: Optional[str],
-                    schema: Dict[str, Any], force_recreate: bool) -> ResultInfo:
+    def open_result(
+        self,
+        model_name: str,
+        version_name: str,
+        result_name: str | None,
+        schema: dict[str, Any],
+        force_recreate: bool,
+    ) -> ResultInfo:
         """Opens (or creates) a result. ``result_name=None``: the most recent one, or a new one.
 
         Raises:
@@ -79,18 +85,20 @@ class InMemorySink(Sink):
     them.
     """
 
-    def __init__(self, max_records: Optional[int] = None) -> None:
+    def __init__(self, max_records: int | None = None) -> None:
         if max_records is not None and (not isinstance(max_records, int) or max_records < 1):
             raise ValueError(f"max_records must be an int >= 1 or None, got {max_records!r}")
         self.max_records = max_records
         self._lock = threading.Lock()
-        self._results: Dict[Tuple[str, str, str], Deque[CallRecord]] = {}
-        self._schemas: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
-        self._order: List[Tuple[str, str, str]] = []
+        self._results: dict[tuple[str, str, str], deque[CallRecord]] = {}
+        self._schemas: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._order: list[tuple[str, str, str]] = []
         self.dropped = 0
         self.closed = False
 
-    def open_result(self, model_name, version_name, result_name, schema, force_recreate) -> ResultInfo:
+    def open_result(
+        self, model_name, version_name, result_name, schema, force_recreate
+    ) -> ResultInfo:
         with self._lock:
             if result_name is None:
                 mine = [k for k in self._order if k[:2] == (model_name, version_name)]
@@ -120,8 +128,9 @@ class InMemorySink(Sink):
                 self.dropped += 1
             records.append(record)
 
-    def records(self, model_name: str, version_name: str, result_name: str,
-                n_epoch: Optional[int] = None) -> List[CallRecord]:
+    def records(
+        self, model_name: str, version_name: str, result_name: str, n_epoch: int | None = None
+    ) -> list[CallRecord]:
         """The records of a result (of one epoch when ``n_epoch`` is given)."""
         with self._lock:
             records = list(self._results.get((model_name, version_name, result_name), ()))

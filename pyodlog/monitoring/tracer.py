@@ -9,7 +9,8 @@ inside a call, never change what a module returns, and are all removed by
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +22,7 @@ from pyodlog.ops.compression import CompressedFeature, compress_features
 __all__ = ["ObjectDetectionTorchTracer"]
 
 
-def flatten_output(output: Any, name: str) -> Iterator[Tuple[str, Tensor]]:
+def flatten_output(output: Any, name: str) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) leaves of a tensor, or a dict/list/tuple of them (``name/key``)."""
     if isinstance(output, Tensor):
         yield name, output
@@ -36,16 +37,16 @@ def flatten_output(output: Any, name: str) -> Iterator[Tuple[str, Tensor]]:
 class ObjectDetectionTorchTracer:
     """The PyTorch hook part of a logger: ``target_layers`` and family hooks."""
 
-    def _init_tracer(self, model: nn.Module, layers: List[LayerSpec]) -> None:
-        self._hooks: List[RemovableHandle] = []
+    def _init_tracer(self, model: nn.Module, layers: list[LayerSpec]) -> None:
+        self._hooks: list[RemovableHandle] = []
         self._layer_specs = layers
         self._capturing = False
         self._calls_made = False
-        self._latest_raw: Dict[str, Any] = {}
-        self._call_raw: Dict[str, List[Any]] = {}
-        self._captured: Dict[str, CompressedFeature] = {}
+        self._latest_raw: dict[str, Any] = {}
+        self._call_raw: dict[str, list[Any]] = {}
+        self._captured: dict[str, CompressedFeature] = {}
         # What the family hooks capture in one call; cleared after each call.
-        self._state: Dict[str, Any] = {}
+        self._state: dict[str, Any] = {}
         for spec in layers:
             self._add_forward_hook(model.get_submodule(spec.path), self._layer_hook(spec))
 
@@ -91,16 +92,16 @@ class ObjectDetectionTorchTracer:
         self._capturing = True
         self._calls_made = True
 
-    def _end_capture(self) -> Dict[str, CompressedFeature]:
+    def _end_capture(self) -> dict[str, CompressedFeature]:
         """Stops capturing; returns this call's compressed features by name."""
         self._capturing = False
         for alias, calls in self._call_raw.items():
             self._latest_raw[alias] = calls[0] if len(calls) == 1 else list(calls)
-        features: Dict[str, CompressedFeature] = {}
+        features: dict[str, CompressedFeature] = {}
         for (name, call_index), feature in self._captured.items():
             alias = name.split("/", 1)[0]
             if len(self._call_raw[alias]) > 1:
-                rest = name[len(alias):]
+                rest = name[len(alias) :]
                 name = f"{alias}/{call_index}{rest}"
             features[name] = feature
         self._captured = {}
@@ -126,11 +127,15 @@ class ObjectDetectionTorchTracer:
             if layer_name not in known:
                 state = "it is not a target_layers alias"
             elif self._calls_made:
-                state = ("its module did not run in the logged calls: a container such as nn.ModuleList whose "
-                         "children the model calls directly never runs itself; hook one of its children")
+                state = (
+                    "its module did not run in the logged calls: a container such as nn.ModuleList whose "
+                    "children the model calls directly never runs itself; hook one of its children"
+                )
             else:
                 state = "no call has captured it yet"
-            raise KeyError(f"no activation captured for {layer_name!r} ({state}); known aliases: {known}")
+            raise KeyError(
+                f"no activation captured for {layer_name!r} ({state}); known aliases: {known}"
+            )
         return self._latest_raw[layer_name]
 
     def _remove_hooks(self) -> None:

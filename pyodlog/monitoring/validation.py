@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,14 +18,14 @@ from pyodlog_collector.protocol import is_valid_name  # the collector accepts ex
 __all__ = [
     "FieldSpec",
     "LayerSpec",
-    "check_name",
     "check_dataset_type",
     "check_field_specs",
     "check_field_values",
     "check_img_sizes",
     "check_input_ids",
-    "check_n_epoch",
     "check_n_class",
+    "check_n_epoch",
+    "check_name",
     "check_target_layers",
     "check_thresholds",
 ]
@@ -33,7 +34,7 @@ FIELD_DTYPES = ("int32", "int64", "float32", "float64", "bool", "str")
 COMPRESSIONS = ("uint8", "float16", "bfloat16", "none")
 
 
-def check_name(value: Any, argument: str, allow_none: bool = False) -> Optional[str]:
+def check_name(value: Any, argument: str, allow_none: bool = False) -> str | None:
     """Names end up in file paths and URLs: letters, digits, '-', '_', '.'; not '.' or '..'."""
     if value is None and allow_none:
         return None
@@ -47,7 +48,7 @@ def check_name(value: Any, argument: str, allow_none: bool = False) -> Optional[
     return value
 
 
-def check_n_epoch(value: Any) -> Union[str, int, None]:
+def check_n_epoch(value: Any) -> str | int | None:
     if value is None or value == "latest":
         return value
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -55,40 +56,56 @@ def check_n_epoch(value: Any) -> Union[str, int, None]:
     return int(value)
 
 
-def check_n_class(value: Any) -> Optional[int]:
+def check_n_class(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"n_class must be an int >= 1 (or None to read it from the model), got {value!r}")
+        raise ValueError(
+            f"n_class must be an int >= 1 (or None to read it from the model), got {value!r}"
+        )
     return int(value)
 
 
-def _probability(value: Any, argument: str) -> Optional[float]:
+def _probability(value: Any, argument: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not (0.0 <= float(value) <= 1.0):
-        raise ValueError(f"{argument} must be a number in [0, 1] (or None to keep the model's), got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not (0.0 <= float(value) <= 1.0)
+    ):
+        raise ValueError(
+            f"{argument} must be a number in [0, 1] (or None to keep the model's), got {value!r}"
+        )
     return float(value)
 
 
-def check_thresholds(score_thresh: Any, iou_thresh: Any, max_detections: Any) -> Tuple[Optional[float], Optional[float], Optional[int]]:
+def check_thresholds(
+    score_thresh: Any, iou_thresh: Any, max_detections: Any
+) -> tuple[float | None, float | None, int | None]:
     score = _probability(score_thresh, "score_thresh")
     iou = _probability(iou_thresh, "iou_thresh")
     if max_detections is not None and (
-        isinstance(max_detections, bool) or not isinstance(max_detections, (int, np.integer)) or max_detections < 1
+        isinstance(max_detections, bool)
+        or not isinstance(max_detections, (int, np.integer))
+        or max_detections < 1
     ):
-        raise ValueError(f"max_detections_per_image must be an int >= 1 (or None to keep the model's), got {max_detections!r}")
+        raise ValueError(
+            f"max_detections_per_image must be an int >= 1 (or None to keep the model's), got {max_detections!r}"
+        )
     return score, iou, None if max_detections is None else int(max_detections)
 
 
 class FieldSpec:
     """One user column: ``{"name", "dtype", "default"?}``."""
 
-    def __init__(self, name: str, dtype: str, default: Any = None, has_default: bool = False) -> None:
+    def __init__(
+        self, name: str, dtype: str, default: Any = None, has_default: bool = False
+    ) -> None:
         self.name, self.dtype, self.default, self.has_default = name, dtype, default, has_default
 
-    def to_dict(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"name": self.name, "dtype": self.dtype}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype}
         if self.has_default:
             out["default"] = self.default
         return out
@@ -111,7 +128,9 @@ class FieldSpec:
                 if not info.min <= int(value) <= info.max:
                     raise TypeError
                 return int(value)
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (int, float, np.integer, np.floating)
+            ):
                 raise TypeError
             return float(value)
         except TypeError:
@@ -121,29 +140,49 @@ class FieldSpec:
             ) from None
 
 
-RESERVED_FIELDS = {"input_id", "dataset_type", "n_epoch", "timestamp", "image_size", "img_sizes", "detections"}
+RESERVED_FIELDS = {
+    "input_id",
+    "dataset_type",
+    "n_epoch",
+    "timestamp",
+    "image_size",
+    "img_sizes",
+    "detections",
+}
 
 
-def check_field_specs(specs: Any) -> List[FieldSpec]:
+def check_field_specs(specs: Any) -> list[FieldSpec]:
     if specs is None:
         return []
     if not isinstance(specs, (list, tuple)):
-        raise ValueError(f"additional_fields must be a list of dicts like {{'name': 'camera', 'dtype': 'str'}}, got {specs!r}")
-    out: List[FieldSpec] = []
+        raise ValueError(
+            f"additional_fields must be a list of dicts like {{'name': 'camera', 'dtype': 'str'}}, got {specs!r}"
+        )
+    out: list[FieldSpec] = []
     for i, spec in enumerate(specs):
         if not isinstance(spec, Mapping) or "name" not in spec or "dtype" not in spec:
-            raise ValueError(f"additional_fields[{i}] must be a dict with 'name' and 'dtype' (and optional 'default'), got {spec!r}")
+            raise ValueError(
+                f"additional_fields[{i}] must be a dict with 'name' and 'dtype' (and optional 'default'), got {spec!r}"
+            )
         unknown = set(spec) - {"name", "dtype", "default"}
         if unknown:
-            raise ValueError(f"additional_fields[{i}] has unknown keys {sorted(unknown)}: only 'name', 'dtype', 'default'")
+            raise ValueError(
+                f"additional_fields[{i}] has unknown keys {sorted(unknown)}: only 'name', 'dtype', 'default'"
+            )
         name = spec["name"]
         if not isinstance(name, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$", name):
-            raise ValueError(f"additional_fields[{i}]['name'] must be an identifier (letters, digits, '_'), got {name!r}")
+            raise ValueError(
+                f"additional_fields[{i}]['name'] must be an identifier (letters, digits, '_'), got {name!r}"
+            )
         if name in RESERVED_FIELDS or name in ("model_input", "input_ids"):
-            raise ValueError(f"additional_fields[{i}]['name']={name!r} is reserved by pyodlog: choose another name")
+            raise ValueError(
+                f"additional_fields[{i}]['name']={name!r} is reserved by pyodlog: choose another name"
+            )
         dtype = str(spec["dtype"]).replace("torch.", "")
         if dtype not in FIELD_DTYPES:
-            raise ValueError(f"additional_fields[{i}]['dtype'] must be one of {FIELD_DTYPES}, got {spec['dtype']!r}")
+            raise ValueError(
+                f"additional_fields[{i}]['dtype'] must be one of {FIELD_DTYPES}, got {spec['dtype']!r}"
+            )
         if any(f.name == name for f in out):
             raise ValueError(f"additional_fields has {name!r} twice: names must be unique")
         field_spec = FieldSpec(name, dtype, spec.get("default"), "default" in spec)
@@ -153,7 +192,9 @@ def check_field_specs(specs: Any) -> List[FieldSpec]:
     return out
 
 
-def check_field_values(specs: Sequence[FieldSpec], kwargs: Mapping[str, Any], n_images: int) -> Dict[str, List[Any]]:
+def check_field_values(
+    specs: Sequence[FieldSpec], kwargs: Mapping[str, Any], n_images: int
+) -> dict[str, list[Any]]:
     """One list of n_images values per field: a scalar applies to every image, a sequence gives one each."""
     known = {f.name for f in specs}
     unknown = sorted(set(kwargs) - known)
@@ -162,11 +203,13 @@ def check_field_values(specs: Sequence[FieldSpec], kwargs: Mapping[str, Any], n_
             f"unknown keyword argument(s) {unknown}: __call__ takes img_sizes and the additional_fields "
             f"declared at construction ({sorted(known) or 'none'})"
         )
-    out: Dict[str, List[Any]] = {}
+    out: dict[str, list[Any]] = {}
     for spec in specs:
         if spec.name not in kwargs:
             if not spec.has_default:
-                raise ValueError(f"additional field {spec.name!r} has no default: pass {spec.name}=... to the call")
+                raise ValueError(
+                    f"additional field {spec.name!r} has no default: pass {spec.name}=... to the call"
+                )
             out[spec.name] = [spec.default] * n_images
             continue
         value = kwargs[spec.name]
@@ -183,7 +226,9 @@ def check_field_values(specs: Sequence[FieldSpec], kwargs: Mapping[str, Any], n_
                 value = value.tolist()
         if isinstance(value, (list, tuple, np.ndarray)):
             if len(value) != n_images:
-                raise ValueError(f"{spec.name} has {len(value)} values for {n_images} images: pass one per image or a single value")
+                raise ValueError(
+                    f"{spec.name} has {len(value)} values for {n_images} images: pass one per image or a single value"
+                )
             out[spec.name] = [spec.convert(v, f"{spec.name}[{i}]") for i, v in enumerate(value)]
         else:
             out[spec.name] = [spec.convert(value, spec.name)] * n_images
@@ -191,46 +236,76 @@ def check_field_values(specs: Sequence[FieldSpec], kwargs: Mapping[str, Any], n_
 
 
 def _check_device_field(spec: FieldSpec, value: torch.Tensor, n_images: int) -> None:
-    if spec.dtype == "str" or (spec.dtype == "bool") != (value.dtype == torch.bool) or (
-        spec.dtype.startswith("int") and (value.dtype.is_floating_point or value.dtype == torch.bool)
+    if (
+        spec.dtype == "str"
+        or (spec.dtype == "bool") != (value.dtype == torch.bool)
+        or (
+            spec.dtype.startswith("int")
+            and (value.dtype.is_floating_point or value.dtype == torch.bool)
+        )
     ):
-        raise ValueError(f"additional field {spec.name!r} is declared as {spec.dtype}, but got a {value.dtype} tensor")
+        raise ValueError(
+            f"additional field {spec.name!r} is declared as {spec.dtype}, but got a {value.dtype} tensor"
+        )
     if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != n_images):
-        raise ValueError(f"{spec.name} has shape {tuple(value.shape)}: pass one value per image ({n_images}) or a scalar")
+        raise ValueError(
+            f"{spec.name} has shape {tuple(value.shape)}: pass one value per image ({n_images}) or a scalar"
+        )
 
 
-def check_input_ids(input_ids: Any, n_images: int) -> Optional[List[str]]:
+def check_input_ids(input_ids: Any, n_images: int) -> list[str] | None:
     if input_ids is None:
         return None
     if isinstance(input_ids, str) or not isinstance(input_ids, Sequence):
-        raise ValueError(f"input_ids must be a list of strings (one per image), got {type(input_ids).__name__}")
+        raise ValueError(
+            f"input_ids must be a list of strings (one per image), got {type(input_ids).__name__}"
+        )
     if len(input_ids) != n_images:
-        raise ValueError(f"input_ids has {len(input_ids)} entries but the batch has {n_images} images: pass one id per image")
+        raise ValueError(
+            f"input_ids has {len(input_ids)} entries but the batch has {n_images} images: pass one id per image"
+        )
     for i, v in enumerate(input_ids):
         if not isinstance(v, str) or not v or len(v) > 1024:
-            raise ValueError(f"input_ids[{i}] must be a non-empty string of at most 1024 characters, got {v!r}")
+            raise ValueError(
+                f"input_ids[{i}] must be a non-empty string of at most 1024 characters, got {v!r}"
+            )
     return list(input_ids)
 
 
 def check_dataset_type(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > 64 or any(ord(ch) < 32 for ch in value):
-        raise ValueError(f"dataset_type must be a non-empty string of at most 64 printable characters such as 'train', 'val', 'test' or 'deploying', got {value!r}")
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > 64
+        or any(ord(ch) < 32 for ch in value)
+    ):
+        raise ValueError(
+            f"dataset_type must be a non-empty string of at most 64 printable characters such as 'train', 'val', 'test' or 'deploying', got {value!r}"
+        )
     return value
 
 
-def check_img_sizes(img_sizes: Any, n_images: int) -> Optional[List[Tuple[int, int]]]:
+def check_img_sizes(img_sizes: Any, n_images: int) -> list[tuple[int, int]] | None:
     if img_sizes is None:
         return None
     if isinstance(img_sizes, torch.Tensor):
         img_sizes = img_sizes.tolist()
     if not isinstance(img_sizes, Sequence) or len(img_sizes) != n_images:
-        raise ValueError(f"img_sizes must give one (height, width) per image ({n_images}), got {img_sizes!r}")
+        raise ValueError(
+            f"img_sizes must give one (height, width) per image ({n_images}), got {img_sizes!r}"
+        )
     out = []
     for i, size in enumerate(img_sizes):
-        if not isinstance(size, Sequence) or len(size) != 2 or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size
+        if (
+            not isinstance(size, Sequence)
+            or len(size) != 2
+            or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size
+            )
         ):
-            raise ValueError(f"img_sizes[{i}] must be (height, width) with positive integers, got {size!r}")
+            raise ValueError(
+                f"img_sizes[{i}] must be (height, width) with positive integers, got {size!r}"
+            )
         out.append((int(size[0]), int(size[1])))
     return out
 
@@ -238,42 +313,73 @@ def check_img_sizes(img_sizes: Any, n_images: int) -> Optional[List[Tuple[int, i
 class LayerSpec:
     """One target layer: alias, dotted module path, compression and optional pooling grid."""
 
-    def __init__(self, alias: str, path: str, compression: str = "uint8", pool_to: Optional[Tuple[int, int]] = None) -> None:
+    def __init__(
+        self,
+        alias: str,
+        path: str,
+        compression: str = "uint8",
+        pool_to: tuple[int, int] | None = None,
+    ) -> None:
         self.alias, self.path, self.compression, self.pool_to = alias, path, compression, pool_to
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"path": self.path, "compression": self.compression, "pool_to": None if self.pool_to is None else list(self.pool_to)}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "compression": self.compression,
+            "pool_to": None if self.pool_to is None else list(self.pool_to),
+        }
 
 
-def check_target_layers(target_layers: Any, model: torch.nn.Module) -> List[LayerSpec]:
+def check_target_layers(target_layers: Any, model: torch.nn.Module) -> list[LayerSpec]:
     """``{alias: "dotted.path"}`` or ``{alias: {"path", "compression"?, "pool_to"?}}``."""
     if target_layers is None:
         return []
     if not isinstance(target_layers, Mapping):
-        raise ValueError(f"target_layers must be a dict {{alias: 'dotted.module.path'}}, got {type(target_layers).__name__}")
+        raise ValueError(
+            f"target_layers must be a dict {{alias: 'dotted.module.path'}}, got {type(target_layers).__name__}"
+        )
     modules = dict(model.named_modules())
     out = []
     for alias, spec in target_layers.items():
         check_name(alias, f"target_layers alias {alias!r}")
         if isinstance(spec, str):
             spec = {"path": spec}
-        if not isinstance(spec, Mapping) or "path" not in spec or set(spec) - {"path", "compression", "pool_to"}:
-            raise ValueError(f"target_layers[{alias!r}] must be a module path or a dict with 'path' and optional 'compression', 'pool_to'; got {spec!r}")
+        if (
+            not isinstance(spec, Mapping)
+            or "path" not in spec
+            or set(spec) - {"path", "compression", "pool_to"}
+        ):
+            raise ValueError(
+                f"target_layers[{alias!r}] must be a module path or a dict with 'path' and optional 'compression', 'pool_to'; got {spec!r}"
+            )
         path = spec["path"]
         if path not in modules or path == "":
             near = difflib.get_close_matches(str(path), [n for n in modules if n], n=5, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else " List them with [n for n, _ in model.named_modules()]."
-            raise ValueError(f"target_layers[{alias!r}] = {path!r} is not a module of the model.{hint}")
+            hint = (
+                f" Did you mean {', '.join(repr(n) for n in near)}?"
+                if near
+                else " List them with [n for n, _ in model.named_modules()]."
+            )
+            raise ValueError(
+                f"target_layers[{alias!r}] = {path!r} is not a module of the model.{hint}"
+            )
         compression = spec.get("compression", "uint8")
         if compression not in COMPRESSIONS:
-            raise ValueError(f"target_layers[{alias!r}]['compression'] must be one of {COMPRESSIONS}, got {compression!r}")
+            raise ValueError(
+                f"target_layers[{alias!r}]['compression'] must be one of {COMPRESSIONS}, got {compression!r}"
+            )
         pool_to = spec.get("pool_to")
         if pool_to is not None:
-            if (not isinstance(pool_to, Sequence) or len(pool_to) != 2
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pool_to)):
-                raise ValueError(f"target_layers[{alias!r}]['pool_to'] must be (height, width) positive ints, got {pool_to!r}")
+            if (
+                not isinstance(pool_to, Sequence)
+                or len(pool_to) != 2
+                or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pool_to
+                )
+            ):
+                raise ValueError(
+                    f"target_layers[{alias!r}]['pool_to'] must be (height, width) positive ints, got {pool_to!r}"
+                )
             pool_to = (int(pool_to[0]), int(pool_to[1]))
         out.append(LayerSpec(alias, path, compression, pool_to))
     return out
-
-

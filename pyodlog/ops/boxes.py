@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -17,7 +15,7 @@ def scale_boxes(
     from_sizes: Tensor,
     to_sizes: Tensor,
     clip: bool = True,
-    image_index: Optional[Tensor] = None,
+    image_index: Tensor | None = None,
 ) -> Tensor:
     """Rescales xyxy boxes from the size their image had to another size.
 
@@ -49,11 +47,26 @@ def scale_boxes(
 
 @torch.library.register_fake("pyodlog::scale_boxes")
 def _scale_boxes_fake(boxes, from_sizes, to_sizes, clip=True, image_index=None):
-    torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
-    torch._check(boxes.dtype.is_floating_point, lambda: f"boxes must be floating point, got {boxes.dtype}")
-    torch._check(from_sizes.dim() == 2 and from_sizes.shape[1] == 2, lambda: "from_sizes must have shape [B, 2]")
-    torch._check(to_sizes.dim() == 2 and to_sizes.shape[1] == 2, lambda: "to_sizes must have shape [B, 2]")
-    torch._check(from_sizes.shape[0] == to_sizes.shape[0], lambda: "from_sizes and to_sizes must describe the same images")
+    torch._check(
+        boxes.dim() == 2 and boxes.shape[1] == 4,
+        lambda: f"boxes must have shape [N, 4], got {tuple(boxes.shape)}",
+    )
+    torch._check(
+        boxes.dtype.is_floating_point, lambda: f"boxes must be floating point, got {boxes.dtype}"
+    )
+    torch._check(
+        from_sizes.dim() == 2 and from_sizes.shape[1] == 2,
+        lambda: "from_sizes must have shape [B, 2]",
+    )
+    torch._check(
+        to_sizes.dim() == 2 and to_sizes.shape[1] == 2, lambda: "to_sizes must have shape [B, 2]"
+    )
+    torch._check(
+        from_sizes.shape[0] == to_sizes.shape[0],
+        lambda: "from_sizes and to_sizes must describe the same images",
+    )
     if image_index is not None:
-        torch._check(image_index.shape == (boxes.shape[0],), lambda: "image_index must have shape [N]")
+        torch._check(
+            image_index.shape == (boxes.shape[0],), lambda: "image_index must have shape [N]"
+        )
     return torch.empty_like(boxes, memory_format=torch.contiguous_format)

@@ -4,7 +4,6 @@ half/bfloat16 casts and spatial pooling, each with its inverse."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ CODE_NEG_INF, CODE_POS_INF, CODE_NAN = 253, 254, 255
 METHODS = ("uint8", "float16", "bfloat16", "none")
 
 
-def _rows(shape: torch.Size) -> Tuple[int, int]:
+def _rows(shape: torch.Size) -> tuple[int, int]:
     """How a tensor is cut into quantisation rows: one per (sample, channel)."""
     if len(shape) == 0:
         return 1, 1
@@ -44,8 +43,8 @@ def _rows(shape: torch.Size) -> Tuple[int, int]:
 
 
 def quantize_uint8(
-    x: Tensor, out: Optional[Tuple[Tensor, Tensor, Tensor]] = None
-) -> Tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, out: tuple[Tensor, Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel affine uint8 quantisation.
 
     Each row — a (sample, channel) of an ``[N, C, ...]`` activation, a sample of
@@ -73,14 +72,20 @@ def quantize_uint8(
         offset = torch.empty(rows, dtype=torch.float32, device=x.device)
     else:
         q, scale, offset = out
-    torch.ops.pyodlog.quantize_uint8_out.default(x.reshape(rows, cols), q.view(rows, cols), scale, offset)
+    torch.ops.pyodlog.quantize_uint8_out.default(
+        x.reshape(rows, cols), q.view(rows, cols), scale, offset
+    )
     return q, scale, offset
 
 
-def dequantize_uint8(q: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize_uint8(
+    q: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Inverse of :func:`quantize_uint8`: ``Tensor`` of ``q``'s shape and ``dtype``."""
     rows, cols = _rows(q.shape)
-    return torch.ops.pyodlog.dequantize_uint8.default(q.reshape(rows, cols), scale, offset, dtype).reshape(q.shape)
+    return torch.ops.pyodlog.dequantize_uint8.default(
+        q.reshape(rows, cols), scale, offset, dtype
+    ).reshape(q.shape)
 
 
 @dataclass
@@ -99,11 +104,11 @@ class CompressedFeature:
 
     method: str
     payload: Tensor
-    scale: Optional[Tensor]
-    offset: Optional[Tensor]
+    scale: Tensor | None
+    offset: Tensor | None
     dtype: torch.dtype
-    original_shape: Tuple[int, ...]
-    pooled_to: Optional[Tuple[int, int]] = None
+    original_shape: tuple[int, ...]
+    pooled_to: tuple[int, int] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -122,8 +127,8 @@ class CompressedFeature:
 def compress_features(
     x: Tensor,
     method: str = "uint8",
-    pool_to: Optional[Tuple[int, int]] = None,
-    out: Optional[CompressedFeature] = None,
+    pool_to: tuple[int, int] | None = None,
+    out: CompressedFeature | None = None,
 ) -> CompressedFeature:
     """Compresses an activation for storage.
 
@@ -152,7 +157,9 @@ def compress_features(
     original_shape = tuple(x.shape)
     if pool_to is not None:
         if x.dim() != 4:
-            raise ValueError(f"pool_to needs an [N, C, H, W] activation, got shape {original_shape}")
+            raise ValueError(
+                f"pool_to needs an [N, C, H, W] activation, got shape {original_shape}"
+            )
         x = F.adaptive_avg_pool2d(x, pool_to)
         pool_to = (int(pool_to[0]), int(pool_to[1]))
     if method == "uint8":
@@ -175,12 +182,19 @@ def decompress_features(c: CompressedFeature) -> Tensor:
 @torch.library.register_fake("pyodlog::quantize_uint8_out")
 def _quantize_uint8_out_fake(x, q, scale, offset):
     torch._check(x.dim() == 2, lambda: f"x must have shape [R, S], got {tuple(x.shape)}")
-    torch._check(q.shape == x.shape and q.dtype == torch.uint8, lambda: "q must be uint8 of x's shape")
-    torch._check(scale.shape == (x.shape[0],) and offset.shape == (x.shape[0],), lambda: "scale and offset must be [R]")
+    torch._check(
+        q.shape == x.shape and q.dtype == torch.uint8, lambda: "q must be uint8 of x's shape"
+    )
+    torch._check(
+        scale.shape == (x.shape[0],) and offset.shape == (x.shape[0],),
+        lambda: "scale and offset must be [R]",
+    )
     return None
 
 
 @torch.library.register_fake("pyodlog::dequantize_uint8")
 def _dequantize_uint8_fake(q, scale, offset, dtype):
-    torch._check(q.dim() == 2 and q.dtype == torch.uint8, lambda: "q must be a uint8 tensor of shape [R, S]")
+    torch._check(
+        q.dim() == 2 and q.dtype == torch.uint8, lambda: "q must be a uint8 tensor of shape [R, S]"
+    )
     return q.new_empty(q.shape, dtype=dtype)

@@ -52,7 +52,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 
 @torch.library.register_fake("pyodlog::batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
-    torch._check(boxes.dim() == 2 and boxes.shape[1] == 4, lambda: f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+    torch._check(
+        boxes.dim() == 2 and boxes.shape[1] == 4,
+        lambda: f"boxes must have shape [N, 4], got {tuple(boxes.shape)}",
+    )
     torch._check(scores.shape == (boxes.shape[0],), lambda: "scores must have shape [N]")
     torch._check(idxs.shape == (boxes.shape[0],), lambda: "idxs must have shape [N]")
     ctx = torch.library.get_ctx()

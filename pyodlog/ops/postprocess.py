@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,7 +45,7 @@ def postprocess_detections(
     first_label: int = 0,
     min_size: float = 0.0,
     topk: int = -1,
-    topk_group: Optional[Tensor] = None,
+    topk_group: Tensor | None = None,
     topk_per_class: bool = False,
     clip: bool = True,
 ) -> PostprocessedDetections:
@@ -97,8 +97,19 @@ def postprocess_detections(
     """
     return PostprocessedDetections(
         *torch.ops.pyodlog.postprocess_detections.default(
-            scores, boxes, image_index, net_sizes, orig_sizes, float(score_thresh), float(iou_thresh),
-            int(max_detections), int(first_label), float(min_size), int(topk), topk_group, bool(topk_per_class),
+            scores,
+            boxes,
+            image_index,
+            net_sizes,
+            orig_sizes,
+            float(score_thresh),
+            float(iou_thresh),
+            int(max_detections),
+            int(first_label),
+            float(min_size),
+            int(topk),
+            topk_group,
+            bool(topk_per_class),
             bool(clip),
         )
     )
@@ -106,12 +117,28 @@ def postprocess_detections(
 
 @torch.library.register_fake("pyodlog::postprocess_detections")
 def _postprocess_detections_fake(
-    scores, boxes, image_index, net_sizes, orig_sizes, score_thresh, iou_thresh, max_detections,
-    first_label=0, min_size=0.0, topk=-1, topk_group=None, topk_per_class=False, clip=True,
+    scores,
+    boxes,
+    image_index,
+    net_sizes,
+    orig_sizes,
+    score_thresh,
+    iou_thresh,
+    max_detections,
+    first_label=0,
+    min_size=0.0,
+    topk=-1,
+    topk_group=None,
+    topk_per_class=False,
+    clip=True,
 ):
-    torch._check(scores.dim() == 2, lambda: f"scores must have shape [N, C], got {tuple(scores.shape)}")
+    torch._check(
+        scores.dim() == 2, lambda: f"scores must have shape [N, C], got {tuple(scores.shape)}"
+    )
     torch._check(boxes.dtype == scores.dtype, lambda: "boxes and scores must have the same dtype")
-    torch._check(net_sizes.dim() == 2 and net_sizes.shape[1] == 2, lambda: "net_sizes must have shape [B, 2]")
+    torch._check(
+        net_sizes.dim() == 2 and net_sizes.shape[1] == 2, lambda: "net_sizes must have shape [B, 2]"
+    )
     torch._check(max_detections >= 0, lambda: "max_detections must be >= 0")
     n_images = net_sizes.shape[0]
     return (

@@ -4,4 +4,12 @@ from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, check_en
 from pyodlog.sync.state import SyncState
 from pyodlog.sync.syncer import Syncer, UploadSummary
 
-__all__ = ["CollectorClient", "SyncConfig", "SyncError", "SyncState", "Syncer", "UploadSummary", "check_endpoint"]
+__all__ = [
+    "CollectorClient",
+    "SyncConfig",
+    "SyncError",
+    "SyncState",
+    "Syncer",
+    "UploadSummary",
+    "check_endpoint",
+]

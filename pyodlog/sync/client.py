@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlsplit
 
 import requests
@@ -61,7 +61,7 @@ class SyncConfig:
         progress: show a progress bar in ``upload()``; None: only in an interactive terminal.
     """
 
-    ca_bundle: Optional[str] = None
+    ca_bundle: str | None = None
     allow_insecure_http: bool = False
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
@@ -70,7 +70,7 @@ class SyncConfig:
     chunk_bytes: int = 8 << 20
     max_retry_interval: float = 60.0
     close_timeout: float = 10.0
-    progress: Optional[bool] = None
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "read_timeout", "chunk_bytes", "max_retry_interval"):
@@ -82,7 +82,9 @@ class SyncConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"SyncConfig.{name} must be a number >= 0, got {value!r}")
         if self.ca_bundle is not None and not os.path.exists(self.ca_bundle):
-            raise ValueError(f"SyncConfig.ca_bundle={self.ca_bundle!r} does not exist: pass a CA bundle file or folder")
+            raise ValueError(
+                f"SyncConfig.ca_bundle={self.ca_bundle!r} does not exist: pass a CA bundle file or folder"
+            )
 
 
 def check_endpoint(endpoint: Any, allow_insecure_http: bool = False) -> str:
@@ -91,9 +93,13 @@ def check_endpoint(endpoint: Any, allow_insecure_http: bool = False) -> str:
         raise ValueError(f"api_endpoint must be a URL string, got {type(endpoint).__name__}")
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"api_endpoint must be an http:// or https:// URL with a host, got {endpoint!r}")
+        raise ValueError(
+            f"api_endpoint must be an http:// or https:// URL with a host, got {endpoint!r}"
+        )
     if parts.username or parts.password:
-        raise ValueError("api_endpoint must not contain credentials: pass the key as api_key (or PYODLOG_API_KEY)")
+        raise ValueError(
+            "api_endpoint must not contain credentials: pass the key as api_key (or PYODLOG_API_KEY)"
+        )
     if parts.query or parts.fragment:
         raise ValueError(f"api_endpoint must not have a query or fragment, got {endpoint!r}")
     if parts.scheme == "http" and not is_loopback_host(parts.hostname) and not allow_insecure_http:
@@ -108,7 +114,7 @@ def check_endpoint(endpoint: Any, allow_insecure_http: bool = False) -> str:
 class _BearerAuth(requests.auth.AuthBase):
     """Adds ``Authorization: Bearer``. requests drops it on redirects to other hosts; we refuse redirects anyway."""
 
-    def __init__(self, key: "Secret") -> None:
+    def __init__(self, key: Secret) -> None:
         self._key = key
 
     def __call__(self, request):
@@ -123,7 +129,7 @@ def _ssl_reason(error: Exception) -> str:
     """The certificate problem from a requests SSLError (its text holds the URL and reason, never headers)."""
     text = str(error)
     marker = "SSLError("
-    return text[text.find(marker):][:300] if marker in text else error.__class__.__name__
+    return text[text.find(marker) :][:300] if marker in text else error.__class__.__name__
 
 
 def _reason(response: requests.Response) -> str:
@@ -143,16 +149,27 @@ class CollectorClient:
         config: timeouts, retries, TLS (:class:`SyncConfig`).
     """
 
-    def __init__(self, endpoint: str, api_key: Optional["Secret"], config: Optional[SyncConfig] = None) -> None:
+    def __init__(
+        self, endpoint: str, api_key: Secret | None, config: SyncConfig | None = None
+    ) -> None:
         self.config = config or SyncConfig()
         self.endpoint = check_endpoint(endpoint, self.config.allow_insecure_http)
         self._has_key = api_key is not None
         retry = Retry(
-            total=self.config.retries, connect=self.config.retries, read=self.config.retries,
-            status=self.config.retries, other=0,
-            backoff_factor=self.config.backoff, backoff_jitter=self.config.backoff / 2, backoff_max=30.0,
-            status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "PUT"}),
-            respect_retry_after_header=True, raise_on_status=False, raise_on_redirect=False, redirect=0,
+            total=self.config.retries,
+            connect=self.config.retries,
+            read=self.config.retries,
+            status=self.config.retries,
+            other=0,
+            backoff_factor=self.config.backoff,
+            backoff_jitter=self.config.backoff / 2,
+            backoff_max=30.0,
+            status_forcelist=RETRY_STATUSES,
+            allowed_methods=frozenset({"GET", "PUT"}),
+            respect_retry_after_header=True,
+            raise_on_status=False,
+            raise_on_redirect=False,
+            redirect=0,
         )
         session = requests.Session()
         adapter = HTTPAdapter(max_retries=retry, pool_connections=2, pool_maxsize=8)
@@ -178,54 +195,90 @@ class CollectorClient:
         where = f"{method} {self.endpoint}{path.split('?')[0]}"
         try:
             response = self._session.request(
-                method, self.endpoint + path, allow_redirects=False, verify=self._verify,
-                timeout=(self.config.connect_timeout, self.config.read_timeout), **kwargs)
+                method,
+                self.endpoint + path,
+                allow_redirects=False,
+                verify=self._verify,
+                timeout=(self.config.connect_timeout, self.config.read_timeout),
+                **kwargs,
+            )
         except requests.exceptions.SSLError as error:
-            raise SyncError(f"TLS verification of the collector failed ({where}): {_ssl_reason(error)}; pass "
-                            "SyncConfig(ca_bundle=...) for a private CA") from None
+            raise SyncError(
+                f"TLS verification of the collector failed ({where}): {_ssl_reason(error)}; pass "
+                "SyncConfig(ca_bundle=...) for a private CA"
+            ) from None
         except requests.RequestException as error:
-            raise SyncError(f"cannot reach the collector ({where}) after {self.config.retries} retries: "
-                            f"{error.__class__.__name__}") from None
+            raise SyncError(
+                f"cannot reach the collector ({where}) after {self.config.retries} retries: "
+                f"{error.__class__.__name__}"
+            ) from None
         if 300 <= response.status_code < 400:
-            raise SyncError(f"the collector redirected {where} to {response.headers.get('Location')!r}: pyodlog does "
-                            "not follow redirects (the API key must not travel elsewhere); set api_endpoint to the "
-                            "final URL")
+            raise SyncError(
+                f"the collector redirected {where} to {response.headers.get('Location')!r}: pyodlog does "
+                "not follow redirects (the API key must not travel elsewhere); set api_endpoint to the "
+                "final URL"
+            )
         if response.status_code == 401:
-            hint = "no API key was given: pass api_key=... or set PYODLOG_API_KEY" if not self._has_key else \
-                f"the API key was not accepted ({_reason(response)})"
+            hint = (
+                "no API key was given: pass api_key=... or set PYODLOG_API_KEY"
+                if not self._has_key
+                else f"the API key was not accepted ({_reason(response)})"
+            )
             raise SyncError(f"the collector refused {where} (HTTP 401): {hint}")
         if response.status_code == 403:
-            raise SyncError(f"the collector refused {where} (HTTP 403): the API key is not accepted by this "
-                            "collector; check api_key / PYODLOG_API_KEY")
+            raise SyncError(
+                f"the collector refused {where} (HTTP 403): the API key is not accepted by this "
+                "collector; check api_key / PYODLOG_API_KEY"
+            )
         return response
 
-    def _json(self, method: str, path: str, expect: Tuple[int, ...] = (200,), **kwargs) -> Tuple[int, Dict[str, Any]]:
+    def _json(
+        self, method: str, path: str, expect: tuple[int, ...] = (200,), **kwargs
+    ) -> tuple[int, dict[str, Any]]:
         response = self._request(method, path, **kwargs)
         if response.status_code not in expect:
-            raise SyncError(f"the collector answered {method} {self.endpoint}{path.split('?')[0]} with HTTP "
-                            f"{response.status_code}: {_reason(response)}")
+            raise SyncError(
+                f"the collector answered {method} {self.endpoint}{path.split('?')[0]} with HTTP "
+                f"{response.status_code}: {_reason(response)}"
+            )
         try:
             return response.status_code, response.json()
         except ValueError:
-            raise SyncError(f"the collector's answer to {method} {self.endpoint}{path.split('?')[0]} is not JSON; is "
-                            "api_endpoint a pyodlog collector?") from None
+            raise SyncError(
+                f"the collector's answer to {method} {self.endpoint}{path.split('?')[0]} is not JSON; is "
+                "api_endpoint a pyodlog collector?"
+            ) from None
 
-    def health(self) -> Dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return self._json("GET", "/v1/health")[1]
 
-    def results(self) -> List[Dict[str, Any]]:
+    def results(self) -> list[dict[str, Any]]:
         return self._json("GET", results_path())[1]["results"]
 
-    def list_segments(self, model: str, version: str, result: str) -> List[Dict[str, Any]]:
+    def list_segments(self, model: str, version: str, result: str) -> list[dict[str, Any]]:
         """The segments the collector holds for a result: ``segment_id``, ``rank``, ``sha256``, ``bytes``."""
         return self._json("GET", segments_path(model, version, result))[1]["segments"]
 
-    def status(self, model: str, version: str, result: str, rank: int, segment_id: str, sha256: str) -> Dict[str, Any]:
+    def status(
+        self, model: str, version: str, result: str, rank: int, segment_id: str, sha256: str
+    ) -> dict[str, Any]:
         """``{"status": "stored"|"partial"|"absent", "received": bytes, ["sha256": ...]}``."""
-        return self._json("GET", segment_path(model, version, result, rank, segment_id), params={"sha256": sha256})[1]
+        return self._json(
+            "GET", segment_path(model, version, result, rank, segment_id), params={"sha256": sha256}
+        )[1]
 
-    def put_piece(self, model: str, version: str, result: str, rank: int, segment_id: str, sha256: str,
-                  offset: int, total: int, data: Union[bytes, BinaryIO]) -> Tuple[int, Dict[str, Any]]:
+    def put_piece(
+        self,
+        model: str,
+        version: str,
+        result: str,
+        rank: int,
+        segment_id: str,
+        sha256: str,
+        offset: int,
+        total: int,
+        data: bytes | BinaryIO,
+    ) -> tuple[int, dict[str, Any]]:
         """Sends bytes ``[offset, offset + len(data))`` of a segment; returns the status and JSON answer.
 
         201: stored (verified); 200: the collector had it; 202: partial
@@ -233,14 +286,22 @@ class CollectorClient:
         ``checksum_conflict``; 422: ``checksum_mismatch``.
         """
         return self._json(
-            "PUT", segment_path(model, version, result, rank, segment_id), expect=(200, 201, 202, 409, 422),
-            params={"sha256": sha256, "offset": offset, "total": total}, data=data,
-            headers={HEADER_IDEMPOTENCY_KEY: sha256, "Content-Type": "application/octet-stream"})
+            "PUT",
+            segment_path(model, version, result, rank, segment_id),
+            expect=(200, 201, 202, 409, 422),
+            params={"sha256": sha256, "offset": offset, "total": total},
+            data=data,
+            headers={HEADER_IDEMPOTENCY_KEY: sha256, "Content-Type": "application/octet-stream"},
+        )
 
     def download(self, model: str, version: str, result: str, rank: int, segment_id: str) -> bytes:
         """The stored bytes of a segment."""
-        response = self._request("GET", segment_path(model, version, result, rank, segment_id) + "/content")
+        response = self._request(
+            "GET", segment_path(model, version, result, rank, segment_id) + "/content"
+        )
         if response.status_code != 200:
-            raise SyncError(f"the collector has no segment {segment_id} of {model}/{version}/{result} "
-                            f"(HTTP {response.status_code})")
+            raise SyncError(
+                f"the collector has no segment {segment_id} of {model}/{version}/{result} "
+                f"(HTTP {response.status_code})"
+            )
         return response.content

@@ -17,7 +17,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Set
 
 __all__ = ["SyncState"]
 
@@ -32,18 +31,32 @@ class SyncState:
     def _marker(self, segment_name: str) -> Path:
         return self.folder / f"{segment_name}.ack"
 
-    def acknowledged_names(self) -> Set[str]:
+    def acknowledged_names(self) -> set[str]:
         """The names of the acknowledged segments (a folder listing: no file is read)."""
         if not self.folder.is_dir():
             return set()
-        return {entry.name[: -len(".ack")] for entry in os.scandir(self.folder) if entry.name.endswith(".ack")}
+        return {
+            entry.name[: -len(".ack")]
+            for entry in os.scandir(self.folder)
+            if entry.name.endswith(".ack")
+        }
 
-    def acknowledge(self, segment_name: str, sha256: str, nbytes: int, endpoint: Optional[str] = None) -> None:
+    def acknowledge(
+        self, segment_name: str, sha256: str, nbytes: int, endpoint: str | None = None
+    ) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self._marker(segment_name)
         tmp = marker.with_name(f"{marker.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "w") as f:
-            json.dump({"sha256": sha256, "bytes": nbytes, "acknowledged_at": time.time(), "endpoint": endpoint}, f)
+            json.dump(
+                {
+                    "sha256": sha256,
+                    "bytes": nbytes,
+                    "acknowledged_at": time.time(),
+                    "endpoint": endpoint,
+                },
+                f,
+            )
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, marker)

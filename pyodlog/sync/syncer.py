@@ -18,17 +18,17 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import h5py
 import numpy as np
 
 from pyodlog.io.writer import segment_rank
-from pyodlog_collector.files import sha256_file
 from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError
 from pyodlog.sync.state import SyncState
+from pyodlog_collector.files import sha256_file
 
 __all__ = ["Syncer", "UploadSummary"]
 
@@ -39,11 +39,11 @@ log = logging.getLogger("pyodlog")
 class UploadSummary:
     """What one ``upload()`` did."""
 
-    segments: int = 0          # segments sent (stored by the collector now)
-    bytes: int = 0             # bytes sent over the network
-    already_stored: int = 0    # segments the collector had already (nothing sent)
+    segments: int = 0  # segments sent (stored by the collector now)
+    bytes: int = 0  # bytes sent over the network
+    already_stored: int = 0  # segments the collector had already (nothing sent)
     seconds: float = 0.0
-    failed: List[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
     @property
     def mb_per_s(self) -> float:
@@ -64,9 +64,19 @@ class Syncer:
         auto: start the background thread.
     """
 
-    def __init__(self, client: CollectorClient, segments: Callable[[], List[Path]], result_dir: Path,
-                 model_name: str, version_name: str, result_name: str, rank: int, n_epoch: Optional[int],
-                 config: SyncConfig, auto: bool) -> None:
+    def __init__(
+        self,
+        client: CollectorClient,
+        segments: Callable[[], list[Path]],
+        result_dir: Path,
+        model_name: str,
+        version_name: str,
+        result_name: str,
+        rank: int,
+        n_epoch: int | None,
+        config: SyncConfig,
+        auto: bool,
+    ) -> None:
         self.client = client
         self._segments = segments
         self.state = SyncState(result_dir, client.endpoint)
@@ -74,17 +84,19 @@ class Syncer:
         self.rank = rank
         self.n_epoch = n_epoch
         self.config = config
-        self._epochs: Dict[str, Set[int]] = {}
-        self._checksums: Dict[str, Tuple[int, int, str]] = {}
+        self._epochs: dict[str, set[int]] = {}
+        self._checksums: dict[str, tuple[int, int, str]] = {}
         self._pass_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self.last_error: Optional[BaseException] = None
+        self.last_error: BaseException | None = None
         self.total = UploadSummary()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._stop_deadline = 0.0
         if auto:
-            self._thread = threading.Thread(target=self._run, name=f"pyodlog-sync-{result_name}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name=f"pyodlog-sync-{result_name}", daemon=True
+            )
             self._thread.start()
             self._wake.set()  # send what earlier processes left unsent
 
@@ -100,15 +112,19 @@ class Syncer:
             epochs = self._epochs[path.name] = set(int(e) for e in np.unique(column))
         return self.n_epoch in epochs
 
-    def _checksum(self, path: Path) -> Tuple[str, int]:
+    def _checksum(self, path: Path) -> tuple[str, int]:
         """SHA-256 and size of a closed segment, hashed once (a retried pass does not read it again)."""
         stat = path.stat()
         cached = self._checksums.get(path.name)
         if cached is None or cached[:2] != (stat.st_size, stat.st_mtime_ns):
-            cached = self._checksums[path.name] = (stat.st_size, stat.st_mtime_ns, sha256_file(path))
+            cached = self._checksums[path.name] = (
+                stat.st_size,
+                stat.st_mtime_ns,
+                sha256_file(path),
+            )
         return cached[2], cached[0]
 
-    def pending(self, own_rank_only: bool = False) -> List[Path]:
+    def pending(self, own_rank_only: bool = False) -> list[Path]:
         """Closed segments of the selected epoch that the collector has not acknowledged."""
         acked = self.state.acknowledged_names()
         out = []
@@ -123,7 +139,7 @@ class Syncer:
 
     # -- sending ------------------------------------------------------------------------------------
 
-    def _send(self, path: Path, summary: UploadSummary, progress, stored: Dict[str, str]) -> None:
+    def _send(self, path: Path, summary: UploadSummary, progress, stored: dict[str, str]) -> None:
         """Sends one segment; ``stored`` is the collector's listing (segment id -> SHA-256) of this pass."""
         model, version, result = self.names
         rank = segment_rank(path.name)
@@ -135,8 +151,10 @@ class Syncer:
             status = self.client.status(model, version, result, rank, path.name, sha)
         if status["status"] == "stored":
             if status.get("sha256") != sha:
-                raise SyncError(f"the collector holds {path.name} with another SHA-256 ({status.get('sha256')}) than "
-                                f"the local file ({sha}): two different files share one segment id")
+                raise SyncError(
+                    f"the collector holds {path.name} with another SHA-256 ({status.get('sha256')}) than "
+                    f"the local file ({sha}): two different files share one segment id"
+                )
             self.state.acknowledge(path.name, sha, size, self.client.endpoint)
             summary.already_stored += 1
             if progress is not None:
@@ -150,7 +168,9 @@ class Syncer:
             while True:
                 f.seek(offset)
                 piece = f.read(min(self.config.chunk_bytes, size - offset))
-                code, answer = self.client.put_piece(model, version, result, rank, path.name, sha, offset, size, piece)
+                code, answer = self.client.put_piece(
+                    model, version, result, rank, path.name, sha, offset, size, piece
+                )
                 if code in (200, 201):
                     summary.bytes += len(piece) if code == 201 else 0
                     if progress is not None:
@@ -163,30 +183,48 @@ class Syncer:
                         progress.update(len(piece))
                     continue
                 if code == 409 and answer.get("error") == "offset_mismatch":
-                    offset = int(answer["received"])  # another sender, or a lost answer: resume there
+                    offset = int(
+                        answer["received"]
+                    )  # another sender, or a lost answer: resume there
                     continue
                 if code == 422 and not restarted:
-                    restarted, offset = True, 0  # bytes were damaged on the way: send once more from the start
+                    restarted, offset = (
+                        True,
+                        0,
+                    )  # bytes were damaged on the way: send once more from the start
                     continue
-                raise SyncError(f"the collector refused {path.name} (HTTP {code}): {answer.get('error')}: "
-                                f"{answer.get('detail', '')}")
+                raise SyncError(
+                    f"the collector refused {path.name} (HTTP {code}): {answer.get('error')}: "
+                    f"{answer.get('detail', '')}"
+                )
         self.state.acknowledge(path.name, sha, size, self.client.endpoint)
         summary.segments += 1
 
-    def sync_once(self, own_rank_only: bool = False, progress: Optional[bool] = False) -> UploadSummary:
+    def sync_once(
+        self, own_rank_only: bool = False, progress: bool | None = False
+    ) -> UploadSummary:
         """Sends every pending segment once; raises :class:`SyncError` on the first failure."""
         summary = UploadSummary()
         start = time.monotonic()
         with self._pass_lock:
             todo = self.pending(own_rank_only)
             # One listing tells what the collector holds already (e.g. acknowledgements lost with a disk).
-            stored = {s["segment_id"]: s["sha256"] for s in self.client.list_segments(*self.names)} if todo else {}
+            stored = (
+                {s["segment_id"]: s["sha256"] for s in self.client.list_segments(*self.names)}
+                if todo
+                else {}
+            )
             bar = None
             if progress and todo:
                 from tqdm import tqdm
 
-                bar = tqdm(total=sum(p.stat().st_size for p in todo), unit="B", unit_scale=True,
-                           desc=f"pyodlog upload {self.names[2]}", file=sys.stderr)
+                bar = tqdm(
+                    total=sum(p.stat().st_size for p in todo),
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"pyodlog upload {self.names[2]}",
+                    file=sys.stderr,
+                )
             try:
                 for path in todo:
                     try:
@@ -211,8 +249,13 @@ class Syncer:
             self.last_error = error
             raise
         self.last_error = None
-        log.info("pyodlog uploaded %d segments (%d bytes) in %.2f s; %d were already stored",
-                 summary.segments, summary.bytes, summary.seconds, summary.already_stored)
+        log.info(
+            "pyodlog uploaded %d segments (%d bytes) in %.2f s; %d were already stored",
+            summary.segments,
+            summary.bytes,
+            summary.seconds,
+            summary.already_stored,
+        )
         return summary
 
     # -- the background thread ------------------------------------------------------------------------
@@ -226,7 +269,9 @@ class Syncer:
         while True:
             delay = None
             if failures:
-                delay = min(self.config.max_retry_interval, self.config.backoff * 2 ** failures) * (0.5 + random.random())
+                delay = min(self.config.max_retry_interval, self.config.backoff * 2**failures) * (
+                    0.5 + random.random()
+                )
                 if self._stopping.is_set():
                     delay = min(delay, max(0.0, self._stop_deadline - time.monotonic()))
             self._wake.wait(delay)
@@ -234,11 +279,13 @@ class Syncer:
             try:
                 self.sync_once(own_rank_only=True)
                 failures, self.last_error = 0, None
-            except Exception as error:  # noqa: BLE001  (kept, logged, retried: never raised into inference)
+            except Exception as error:
                 if self.last_error is None or str(error) != str(self.last_error):
                     log.warning("pyodlog auto-sync failed, retrying with backoff: %s", error)
                 failures, self.last_error = failures + 1, error
-            if self._stopping.is_set() and (failures == 0 or time.monotonic() >= self._stop_deadline):
+            if self._stopping.is_set() and (
+                failures == 0 or time.monotonic() >= self._stop_deadline
+            ):
                 return
 
     def close(self) -> None:
@@ -249,12 +296,19 @@ class Syncer:
             self._wake.set()
             self._thread.join(self.config.close_timeout)
             if self._thread.is_alive() or self.pending(own_rank_only=True):
-                log.warning("pyodlog closed with segments not yet acknowledged by %s; the next logger on this result "
-                            "sends them (or call upload())", self.client.endpoint)
+                log.warning(
+                    "pyodlog closed with segments not yet acknowledged by %s; the next logger on this result "
+                    "sends them (or call upload())",
+                    self.client.endpoint,
+                )
         self.client.close()
 
-    def stats(self) -> Dict[str, object]:
+    def stats(self) -> dict[str, object]:
         """Totals of this process: segments and bytes sent, segments already stored, the last error."""
-        return {"segments_sent": self.total.segments, "bytes_sent": self.total.bytes,
-                "already_stored": self.total.already_stored, "pending": len(self.pending()),
-                "last_error": None if self.last_error is None else str(self.last_error)}
+        return {
+            "segments_sent": self.total.segments,
+            "bytes_sent": self.total.bytes,
+            "already_stored": self.total.already_stored,
+            "pending": len(self.pending()),
+            "last_error": None if self.last_error is None else str(self.last_error),
+        }
