@@ -1,10 +1,7 @@
-"""``python -m pyodlog serve …``: the ``pyodlog`` command (see :mod:`pyodlog_collector.cli`).
-
-The ``pyodlog`` script itself starts faster: it does not import torch.
-"""
+"""``python -m pyodlog COMMAND …``: the ``pyodlog`` command (see :mod:`pyodlog.cli`)."""
 
 import sys
 
-from pyodlog_collector.cli import main
+from pyodlog.cli import main
 
 sys.exit(main())

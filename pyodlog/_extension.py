@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["ExtensionNotBuiltError", "build_info", "load_extension"]
+__all__ = [
+    "ExtensionNotBuiltError",
+    "assert_has_ops",
+    "build_info",
+    "has_ops",
+    "load_extension",
+    "register_fake",
+]
 
 _REBUILD_HINT = (
     "Rebuild it against the installed torch: `make build` in a checkout, or "
@@ -47,7 +55,39 @@ def load_extension() -> Any:
     return module
 
 
-_C = load_extension()
+# Loaded once at import; a failure is kept and raised on first use of an operator (as torchvision's
+# ``_assert_has_ops``), so that ``import pyodlog`` and reading results work without a compiler.
+_C: Any | None = None
+_LOAD_ERROR: ExtensionNotBuiltError | None = None
+try:
+    _C = load_extension()
+except ExtensionNotBuiltError as _error:
+    _LOAD_ERROR = _error
+
+
+def has_ops() -> bool:
+    """Whether the compiled operators ``torch.ops.pyodlog.*`` are available."""
+    return _C is not None
+
+
+def assert_has_ops() -> None:
+    """Raises :class:`ExtensionNotBuiltError` (saying how to build) unless the operators are loaded."""
+    if _C is None:
+        raise ExtensionNotBuiltError(str(_LOAD_ERROR)) from _LOAD_ERROR
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def register_fake(qualname: str) -> Callable[[F], F]:
+    """``torch.library.register_fake`` when the operator exists; a no-op when the extension is missing."""
+
+    def decorate(fake: F) -> F:
+        if _C is not None:
+            torch.library.register_fake(qualname)(fake)
+        return fake
+
+    return decorate
 
 
 def build_info() -> dict[str, Any]:
@@ -59,7 +99,12 @@ def build_info() -> dict[str, Any]:
         ``cuda_runtime`` (CUDART_VERSION compiled against, or None), ``torch``
         (the torch version built against) and ``cuda_available`` (whether a GPU
         can run them now).
+
+    Raises:
+        ExtensionNotBuiltError: the extension is missing or was built for another torch.
     """
+    assert_has_ops()
+    assert _C is not None
     info = dict(_C.build_info())
     info["cuda_available"] = bool(info["cuda"]) and torch.cuda.is_available()
     return info

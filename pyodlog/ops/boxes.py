@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import pyodlog._extension  # noqa: F401  (registers torch.ops.pyodlog)
+from pyodlog._extension import assert_has_ops, register_fake
 
 __all__ = ["scale_boxes"]
 
@@ -42,10 +42,11 @@ def scale_boxes(
             an ``image_index`` out of range (CPU; on CUDA those rows become NaN
             rather than forcing a host sync).
     """
+    assert_has_ops()
     return torch.ops.pyodlog.scale_boxes.default(boxes, from_sizes, to_sizes, clip, image_index)
 
 
-@torch.library.register_fake("pyodlog::scale_boxes")
+@register_fake("pyodlog::scale_boxes")
 def _scale_boxes_fake(boxes, from_sizes, to_sizes, clip=True, image_index=None):
     torch._check(
         boxes.dim() == 2 and boxes.shape[1] == 4,

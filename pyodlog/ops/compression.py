@@ -3,13 +3,14 @@ half/bfloat16 casts and spatial pooling, each with its inverse."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import pyodlog._extension  # noqa: F401  (registers torch.ops.pyodlog)
+from pyodlog._extension import assert_has_ops, has_ops, register_fake
 
 __all__ = [
     "CODE_NAN",
@@ -21,6 +22,7 @@ __all__ = [
     "compress_features",
     "decompress_features",
     "dequantize_uint8",
+    "dequantize_uint8_reference",
     "quantize_uint8",
 ]
 
@@ -72,6 +74,7 @@ def quantize_uint8(
         offset = torch.empty(rows, dtype=torch.float32, device=x.device)
     else:
         q, scale, offset = out
+    assert_has_ops()
     torch.ops.pyodlog.quantize_uint8_out.default(
         x.reshape(rows, cols), q.view(rows, cols), scale, offset
     )
@@ -81,11 +84,34 @@ def quantize_uint8(
 def dequantize_uint8(
     q: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype = torch.float32
 ) -> Tensor:
-    """Inverse of :func:`quantize_uint8`: ``Tensor`` of ``q``'s shape and ``dtype``."""
+    """Inverse of :func:`quantize_uint8`: ``Tensor`` of ``q``'s shape and ``dtype``.
+
+    Without the compiled extension (a machine that only reads results) the same arithmetic runs
+    in plain PyTorch (:func:`dequantize_uint8_reference`, bit-identical).
+    """
     rows, cols = _rows(q.shape)
+    if not has_ops():
+        return dequantize_uint8_reference(q, scale, offset, dtype)
     return torch.ops.pyodlog.dequantize_uint8.default(
         q.reshape(rows, cols), scale, offset, dtype
     ).reshape(q.shape)
+
+
+def dequantize_uint8_reference(
+    q: Tensor, scale: Tensor, offset: Tensor, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """:func:`dequantize_uint8` in plain PyTorch: ``code * scale + offset`` in float32 (two roundings,
+    as the kernels compute it), the special codes back to -inf, +inf and NaN."""
+    rows, cols = _rows(q.shape)
+    codes = q.reshape(rows, cols)
+    values = codes.to(torch.float32) * scale.to(torch.float32).reshape(rows, 1)
+    values = values + offset.to(torch.float32).reshape(rows, 1)
+    special = torch.tensor([-math.inf, math.inf, math.nan], dtype=torch.float32, device=q.device)
+    is_special = codes > MAX_CODE
+    values = torch.where(
+        is_special, special[(codes.to(torch.long) - CODE_NEG_INF).clamp(0, 2)], values
+    )
+    return values.to(dtype).reshape(q.shape)
 
 
 @dataclass
@@ -179,7 +205,7 @@ def decompress_features(c: CompressedFeature) -> Tensor:
     return c.payload.to(c.dtype)
 
 
-@torch.library.register_fake("pyodlog::quantize_uint8_out")
+@register_fake("pyodlog::quantize_uint8_out")
 def _quantize_uint8_out_fake(x, q, scale, offset):
     torch._check(x.dim() == 2, lambda: f"x must have shape [R, S], got {tuple(x.shape)}")
     torch._check(
@@ -192,7 +218,7 @@ def _quantize_uint8_out_fake(x, q, scale, offset):
     return None
 
 
-@torch.library.register_fake("pyodlog::dequantize_uint8")
+@register_fake("pyodlog::dequantize_uint8")
 def _dequantize_uint8_fake(q, scale, offset, dtype):
     torch._check(
         q.dim() == 2 and q.dtype == torch.uint8, lambda: "q must be a uint8 tensor of shape [R, S]"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import pyodlog._extension  # noqa: F401  (registers torch.ops.pyodlog)
+from pyodlog._extension import assert_has_ops, register_fake
 
 __all__ = ["batched_nms"]
 
@@ -47,10 +47,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         ``Tensor[K]`` int64: indices of the kept boxes, by score descending and
         index ascending among equal scores.
     """
+    assert_has_ops()
     return torch.ops.pyodlog.batched_nms.default(boxes, scores, idxs, float(iou_threshold))
 
 
-@torch.library.register_fake("pyodlog::batched_nms")
+@register_fake("pyodlog::batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     torch._check(
         boxes.dim() == 2 and boxes.shape[1] == 4,

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-import pyodlog._extension  # noqa: F401  (registers torch.ops.pyodlog)
+from pyodlog._extension import assert_has_ops, register_fake
 
 __all__ = ["PostprocessedDetections", "postprocess_detections"]
 
@@ -95,6 +95,7 @@ def postprocess_detections(
     Returns:
         :class:`PostprocessedDetections`.
     """
+    assert_has_ops()
     return PostprocessedDetections(
         *torch.ops.pyodlog.postprocess_detections.default(
             scores,
@@ -115,7 +116,7 @@ def postprocess_detections(
     )
 
 
-@torch.library.register_fake("pyodlog::postprocess_detections")
+@register_fake("pyodlog::postprocess_detections")
 def _postprocess_detections_fake(
     scores,
     boxes,

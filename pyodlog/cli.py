@@ -1,0 +1,137 @@
+"""The ``pyodlog`` command: one entry point for every tool.
+
+    pyodlog info [PATH]        what is installed and built; or what a result folder / ZIP holds
+    pyodlog demo               the demo job (a real detector logged into local HDF5)
+    pyodlog serve ...          run the reference collector
+    pyodlog list ...           the results a collector's root holds
+    pyodlog export ...         a result the collector holds, as a pyodlog ZIP
+    pyodlog keygen FILE ...    append a new API key to a collector's key file
+
+This module sits at the top of the layers (docs/architecture.md): it is the one place that puts the
+reference collector behind the same command as the library. The library proper never imports the
+collector. Nothing heavy is imported before a subcommand needs it, so ``pyodlog --help`` and the
+collector's commands start without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+# Subcommands implemented by the reference collector's own command line (stdlib only, no torch).
+COLLECTOR_COMMANDS = {
+    "serve": "run the reference collector (HTTP or HTTPS) that auto_sync/upload() send to",
+    "list": "list the results a collector's root folder holds",
+    "export": "export a result a collector holds as the ZIP that logger.export() writes",
+    "keygen": "append a new random API key to a collector's key file (created 0600)",
+}
+LIBRARY_COMMANDS = {
+    "info": "what is installed and built (no PATH); what a result folder or ZIP holds (PATH)",
+    "demo": "log a real torchvision detector over generated images into local HDF5 (make demo)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyodlog",
+        description="pyodlog: a monitoring logger for PyTorch object detectors, and its tools. "
+        "`pyodlog COMMAND --help` tells more about each command.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = sub.add_parser("info", help=LIBRARY_COMMANDS["info"])
+    info.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        help="a result folder (PYODLOG_HOME/MODEL/VERSION/RESULT) or an exported ZIP",
+    )
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub.add_parser("demo", help=LIBRARY_COMMANDS["demo"])
+    for name, text in COLLECTOR_COMMANDS.items():
+        # Parsed by the collector's own parser: listed here for --help only.
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def _installation() -> dict[str, Any]:
+    import torch
+
+    import pyodlog
+    from pyodlog._extension import ExtensionNotBuiltError, build_info
+    from pyodlog.io.store import data_root
+
+    facts: dict[str, Any] = {"pyodlog": pyodlog.__version__, "torch": torch.__version__}
+    try:
+        facts["extension"] = build_info()
+    except ExtensionNotBuiltError as error:
+        facts["extension"] = f"not available: {error}"
+    root = data_root()
+    facts["data_root"] = str(root)
+    facts["results"] = sorted(
+        str(p.parent.relative_to(root)) for p in root.glob("*/*/*/result.json")
+    )
+    return facts
+
+
+def _result_summary(path: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from pyodlog.io.reader import open_result
+
+    result = open_result(path)
+    images = result.images
+    n = len(result)
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "images": n,
+        "detections": int(np.sum(images["det_count"])) if n else 0,
+        "epochs": sorted({int(e) for e in images["n_epoch"]}) if n else [],
+        "dataset_types": sorted(set(images["dataset_type"])) if n else [],
+        "features": result.feature_names(),
+        "fields": sorted(k for k in result.manifest.get("schema", {}).get("fields", {})),
+    }
+    for key in ("model_name", "version_name", "result_name", "n_class"):
+        if key in result.manifest:
+            summary[key] = result.manifest[key]
+    return summary
+
+
+def _info(args: argparse.Namespace) -> int:
+    try:
+        facts = _result_summary(args.path) if args.path is not None else _installation()
+    except (OSError, ValueError, KeyError) as error:
+        print(f"pyodlog info: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(facts, indent=2, default=str))
+    else:
+        for key, value in facts.items():
+            print(f"{key:>14}: {value}")
+    return 0
+
+
+def _demo(_: argparse.Namespace) -> int:
+    from pyodlog.demo import main as demo_main
+
+    demo_main()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs ``pyodlog COMMAND ...``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COLLECTOR_COMMANDS:
+        from pyodlog_collector.cli import main as collector_main
+
+        return collector_main(argv)
+    args = _parser().parse_args(argv)
+    return {"info": _info, "demo": _demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
