@@ -11,7 +11,7 @@ BUILD_STAMP := $(VENV)/.pyodlog-build
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null) setup.py pyproject.toml
 export MAX_JOBS ?= 2
 
-.PHONY: all demo test bench build clean distclean
+.PHONY: all demo test lint bench build clean distclean
 
 all: test
 
@@ -23,13 +23,10 @@ $(DEPS_STAMP): requirements/pins.txt | $(PY)
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
-	$(PY) setup.py --quiet build_ext --inplace
-	# Make this checkout importable from the venv (what an editable install does,
-	# without compiling a second time).
-	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'pyodlog-checkout.pth').write_text('$(CURDIR)\n')"
-	# The `pyodlog` command (the collector; pyproject's [project.scripts] entry).
-	printf '#!%s\nimport sys\nfrom pyodlog_collector.cli import main\nsys.exit(main())\n' "$(CURDIR)/$(PY)" > $(VENV)/bin/pyodlog
-	chmod +x $(VENV)/bin/pyodlog
+	# An editable install, as torchvision and extension-cpp document it: the extension is compiled
+	# against the pinned torch of the venv (no build isolation), and `pyodlog` ([project.scripts])
+	# lands in .venv/bin.
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps --editable .
 	$(PY) -c "import pyodlog; print('pyodlog built:', pyodlog.build_info())"
 	touch $@
 
@@ -39,7 +36,13 @@ demo: $(BUILD_STAMP)
 	$(PY) -m pyodlog.demo
 
 test: $(BUILD_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest tests
+
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: $(BUILD_STAMP)
 	mkdir -p .benchmarks

@@ -93,7 +93,9 @@ def _result_summary(path: Path) -> dict[str, Any]:
         "epochs": sorted({int(e) for e in images["n_epoch"]}) if n else [],
         "dataset_types": sorted(set(images["dataset_type"])) if n else [],
         "features": result.feature_names(),
-        "fields": sorted(k for k in result.manifest.get("schema", {}).get("fields", {})),
+        "fields": sorted(
+            f["name"] for f in result.manifest.get("schema", {}).get("additional_fields", [])
+        ),
     }
     for key in ("model_name", "version_name", "result_name", "n_class"):
         if key in result.manifest:

@@ -19,6 +19,11 @@
 namespace pyodlog {
 namespace cpu {
 
+// A permutation of [0, n) grouping equal categories together (index order kept
+// inside a group); bucket_starts receives each group's first position and n.
+// The buckets are what GreedyNms suppresses one at a time (in parallel).
+std::vector<int64_t> bucket_by_category(const int64_t* category, int64_t n, std::vector<int64_t>& bucket_starts);
+
 // How many of the boxes [0, n) of the kept arrays overlap the candidate by more
 // than the threshold. Branch-free with restrict pointers so that the compiler
 // vectorises it; the arithmetic is common::iou's.

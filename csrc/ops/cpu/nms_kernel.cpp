@@ -13,51 +13,10 @@
 
 #include "ops/common/nms_order.h"
 #include "ops/cpu/greedy_nms.h"
-#include "ops/cpu/nms_kernel.h"
 #include "ops/nms.h"
 
 namespace pyodlog {
 namespace cpu {
-
-std::vector<int64_t> bucket_by_category(const int64_t* category, int64_t n, std::vector<int64_t>& bucket_starts) {
-  std::vector<int64_t> order(n);
-  bucket_starts.clear();
-  if (n == 0) {
-    bucket_starts.push_back(0);
-    return order;
-  }
-  const auto [lo_it, hi_it] = std::minmax_element(category, category + n);
-  const int64_t lo = *lo_it, hi = *hi_it;
-  // Counting sort when the categories are a compact range (the usual class ids);
-  // a stable comparison sort otherwise. Both keep index order within a bucket.
-  const uint64_t range = static_cast<uint64_t>(hi) - static_cast<uint64_t>(lo) + 1;
-  if (range <= static_cast<uint64_t>(std::max<int64_t>(4 * n, 1 << 16))) {
-    std::vector<int64_t> count(range + 1, 0);
-    for (int64_t i = 0; i < n; ++i) {
-      ++count[category[i] - lo + 1];
-    }
-    for (uint64_t c = 0; c < range; ++c) {
-      if (count[c + 1] > 0) {
-        bucket_starts.push_back(count[c]);
-      }
-      count[c + 1] += count[c];
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      order[count[category[i] - lo]++] = i;
-    }
-  } else {
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t a, int64_t b) { return category[a] < category[b]; });
-    for (int64_t p = 0; p < n; ++p) {
-      if (p == 0 || category[order[p]] != category[order[p - 1]]) {
-        bucket_starts.push_back(p);
-      }
-    }
-  }
-  bucket_starts.push_back(n);
-  return order;
-}
 
 namespace {
 
@@ -135,10 +94,11 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, co
   const at::Tensor boxes_c = boxes.to(compute).contiguous();
   const at::Tensor scores_c = scores.to(compute).contiguous();
   const at::Tensor idxs_c = idxs.to(at::kLong).contiguous();
-  if (compute == at::kDouble) {
-    return batched_nms_impl<double>(boxes_c, scores_c, idxs_c, iou_threshold);
-  }
-  return batched_nms_impl<float>(boxes_c, scores_c, idxs_c, iou_threshold);
+  at::Tensor kept;
+  AT_DISPATCH_FLOATING_TYPES(compute, "batched_nms_cpu", [&] {
+    kept = batched_nms_impl<scalar_t>(boxes_c, scores_c, idxs_c, iou_threshold);
+  });
+  return kept;
 }
 
 }  // namespace

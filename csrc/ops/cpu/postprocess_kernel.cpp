@@ -15,7 +15,6 @@
 #include "ops/common/nms_order.h"
 #include "ops/common/postprocess_math.h"
 #include "ops/cpu/greedy_nms.h"
-#include "ops/cpu/nms_kernel.h"
 #include "ops/postprocess.h"
 
 namespace pyodlog {

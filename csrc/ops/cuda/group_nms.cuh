@@ -115,10 +115,15 @@ at::Tensor launch_group_nms(const at::Tensor& sorted_boxes, const at::Tensor& gr
 
 // Sorts candidates for NMS without leaving the device: returns the permutation
 // ordering them by (key ascending, score descending with NaN first, index
-// ascending). Two stable sorts: by score, then by key.
-inline at::Tensor sort_by_key_then_score(const at::Tensor& key, const at::Tensor& score) {
+// ascending). Two stable sorts: by score, then by key. `by_score_out`, when
+// given, receives the first one (the visiting order over all keys).
+inline at::Tensor sort_by_key_then_score(const at::Tensor& key, const at::Tensor& score,
+                                         at::Tensor* by_score_out = nullptr) {
   const at::Tensor by_score = std::get<1>(score.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
   const at::Tensor by_key = std::get<1>(key.index_select(0, by_score).sort(/*stable=*/true, 0, false));
+  if (by_score_out != nullptr) {
+    *by_score_out = by_score;
+  }
   return by_score.index_select(0, by_key);
 }
 

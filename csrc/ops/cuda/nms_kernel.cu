@@ -1,6 +1,7 @@
 // Batched NMS on the GPU: one launch sequence for all categories and images,
 // no host synchronisation until the kept count sizes the returned tensor.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -23,19 +24,16 @@ at::Tensor batched_nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, c
   const at::ScalarType compute = nms_compute_type(boxes.scalar_type());
   const at::Tensor scores_c = scores.to(compute);
   const at::Tensor category = idxs.to(at::kLong);
-  // Visiting order overall (what the result is ordered by) ...
-  const at::Tensor by_score = std::get<1>(scores_c.sort(/*stable=*/true, 0, /*descending=*/true));
-  // ... and grouped by category for the suppression itself.
-  const at::Tensor by_category = std::get<1>(category.index_select(0, by_score).sort(/*stable=*/true, 0, false));
-  const at::Tensor order = by_score.index_select(0, by_category);
+  // Grouped by category for the suppression itself, and the visiting order overall (what the
+  // result is ordered by).
+  at::Tensor by_score;
+  const at::Tensor order = sort_by_key_then_score(category, scores_c, &by_score);
   const at::Tensor sorted_boxes = boxes.index_select(0, order).to(compute).contiguous();
   const at::Tensor sorted_category = category.index_select(0, order).contiguous();
   at::Tensor kept_sorted;
-  if (compute == at::kDouble) {
-    kept_sorted = launch_group_nms<double>(sorted_boxes, sorted_category, iou_threshold, INT64_MIN);
-  } else {
-    kept_sorted = launch_group_nms<float>(sorted_boxes, sorted_category, iou_threshold, INT64_MIN);
-  }
+  AT_DISPATCH_FLOATING_TYPES(compute, "batched_nms_cuda", [&] {
+    kept_sorted = launch_group_nms<scalar_t>(sorted_boxes, sorted_category, iou_threshold, INT64_MIN);
+  });
   // Back to input indices, then read them off in the visiting order.
   at::Tensor kept = at::zeros({n}, kept_sorted.options());
   kept.index_copy_(0, order, kept_sorted);
