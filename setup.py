@@ -143,7 +143,14 @@ def _extension():
 
 setup(
     packages=find_packages(
-        include=["pyodlog", "pyodlog.*", "pyodlog_collector", "pyodlog_collector.*"]
+        include=[
+            "pyodlog",
+            "pyodlog.*",
+            "pyodlog_protocol",
+            "pyodlog_protocol.*",
+            "pyodlog_collector",
+            "pyodlog_collector.*",
+        ]
     ),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

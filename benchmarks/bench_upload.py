@@ -27,9 +27,9 @@ import pytest
 import requests
 from collector_process import KEY_A, CollectorProcess, write_keys
 
-from pyodlog.monitoring.monitoring_logger import Secret
 from pyodlog.sync import CollectorClient, SyncConfig, Syncer
-from pyodlog_collector.protocol import segment_path
+from pyodlog.sync.secret import Secret
+from pyodlog_protocol import segment_path
 
 SIZE = 64 << 20
 

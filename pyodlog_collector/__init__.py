@@ -3,7 +3,7 @@
 Dependency-free (the standard library only, no torch): it starts in well
 under a second and runs on any machine with Python. Start it with
 ``pyodlog serve --root DIR --api-key-file FILE``; the protocol is
-``docs/protocol.md`` and :mod:`pyodlog_collector.protocol`.
+``docs/protocol.md`` and :mod:`pyodlog_protocol`.
 """
 
 from pyodlog_collector.http import CollectorServer, make_server

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 from pyodlog_collector.keys import ApiKeys, KeyFileError, generate_key, write_key_file
-from pyodlog_collector.protocol import is_loopback_host, is_valid_name
+from pyodlog_protocol import is_loopback_host, is_valid_name
 
 __all__ = ["main"]
 

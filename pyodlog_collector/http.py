@@ -20,14 +20,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pyodlog_collector.keys import ApiKeys
-from pyodlog_collector.protocol import (
+from pyodlog_collector.storage import CollectorStorage, SegmentKey
+from pyodlog_protocol import (
     API_PREFIX,
     PROTOCOL_VERSION,
     is_valid_name,
     is_valid_sha256,
     parse_rank,
 )
-from pyodlog_collector.storage import CollectorStorage, SegmentKey
 
 __all__ = ["CollectorServer", "make_server", "tls_context"]
 

@@ -15,7 +15,7 @@ import os
 import stat
 from pathlib import Path
 
-from pyodlog_collector.protocol import is_valid_name
+from pyodlog_protocol import is_valid_name
 
 __all__ = ["MIN_KEY_LENGTH", "ApiKeys", "KeyFileError"]
 

@@ -11,7 +11,7 @@ matches what the client announced: the staged file is fsynced, its metadata
 written (temporary name, fsync, rename), then the file is renamed into place
 and the folder fsynced. A staged upload survives a restart of the server, so a
 client resumes where the last acknowledged byte ended. Every name was
-validated against :data:`pyodlog_collector.protocol.NAME_PATTERN` before it
+validated against :data:`pyodlog_protocol.NAME_PATTERN` before it
 gets here, so no path leaves the root.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pyodlog_collector.files import READ_BLOCK, fsync_path, sha256_file
+from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
 
 __all__ = ["CollectorStorage", "PieceResult", "SegmentKey"]
 

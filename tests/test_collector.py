@@ -14,7 +14,7 @@ import requests
 from collector_process import KEY_A, KEY_B, CollectorProcess, get, put, write_keys
 
 from pyodlog_collector import ApiKeys, KeyFileError
-from pyodlog_collector.protocol import segment_path, segments_path
+from pyodlog_protocol import segment_path, segments_path
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from pyodlog.io.reader import Tables, merge_tables, read_segment
-from pyodlog_collector.files import sha256_file
+from pyodlog_protocol.files import sha256_file
 
 __all__ = ["export_zip", "write_tables"]
 

@@ -331,3 +331,10 @@ def open_result(
     return ResultData(
         merge_tables([read_segment(s) for s in segments], n_epoch, not all_epochs), manifest
     )
+
+
+def segment_epochs(path: str | Path) -> set[int]:
+    """The epochs (``n_epoch`` values, -1: untagged) of the images a closed segment holds."""
+    with h5py.File(path, "r") as f:
+        column = f["images/n_epoch"][()] if "images/n_epoch" in f else np.empty(0, np.int64)
+    return {int(e) for e in np.unique(column)}

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,28 @@ import h5py
 import numpy as np
 
 from pyodlog.io.columns import ColumnBatch
-from pyodlog_collector.files import (
+from pyodlog_protocol.files import (
     fsync_path as fsync_dir,  # a folder's fsync makes renames durable
 )
 
-__all__ = ["STRING_SUFFIXES", "SegmentWriter", "fsync_dir"]
+__all__ = ["STRING_SUFFIXES", "SegmentWriter", "fsync_dir", "segment_name", "segment_rank"]
 
 STRING_SUFFIXES = (".bytes", ".spans")
+
+_RANK_IN_NAME = re.compile(r"^seg-\d+-r(\d+)-p\d+-")
+
+
+def segment_name(time_ns: int, rank: int, pid: int, token: str, seq: int) -> str:
+    """A segment's file name: sorts in creation order (nanoseconds first), names its rank and writer."""
+    return f"seg-{time_ns:020d}-r{rank:03d}-p{pid}-{token}-{seq:06d}.h5"
+
+
+def segment_rank(name: str) -> int | None:
+    """The rank that wrote a segment, from its file name (None for another name)."""
+    match = _RANK_IN_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
 # Chunk sizes. A flush writes the partial last chunk of every column again, so
 # small columns (one number per image) get small chunks: at low traffic a flush
 # then rewrites kilobytes, not a megabyte per column. The feature payload,

@@ -26,8 +26,8 @@ from pyodlog.io.copier import DeviceCopier
 from pyodlog.io.export import export_zip, write_tables
 from pyodlog.io.reader import read_segment, trim_to_consistent
 from pyodlog.io.segment import fsync_dir
+from pyodlog.io.sink import ResultInfo, SchemaMismatchError, Sink, new_result_name
 from pyodlog.io.writer import RecordWriter, WriterConfig
-from pyodlog.monitoring.sink import ResultInfo, SchemaMismatchError, Sink, new_result_name
 from pyodlog.structures import CallRecord
 
 __all__ = ["HDF5Store", "data_root", "recover_segments"]
@@ -177,7 +177,7 @@ class HDF5Store(Sink):
                 else:
                     item.unlink()
         if not manifest_path.exists():
-            from pyodlog import __version__
+            from pyodlog._version import __version__
 
             tmp = directory / "result.json.tmp"
             tmp.write_text(
@@ -197,7 +197,7 @@ class HDF5Store(Sink):
             fsync_dir(directory)
         recover_segments(directory)
         self.directory = directory
-        from pyodlog import __version__
+        from pyodlog._version import __version__
 
         self._attrs = {
             "pyodlog_version": __version__,

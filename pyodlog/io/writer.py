@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import secrets
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
-from pyodlog.io.segment import SegmentWriter
+from pyodlog.io.segment import SegmentWriter, segment_name
 from pyodlog.structures import CallRecord
 
 __all__ = [
@@ -34,25 +33,9 @@ __all__ = [
     "StorageError",
     "WriterConfig",
     "WriterFailedError",
-    "segment_name",
-    "segment_rank",
 ]
 
 log = logging.getLogger("pyodlog")
-
-
-_RANK_IN_NAME = re.compile(r"^seg-\d+-r(\d+)-p\d+-")
-
-
-def segment_name(time_ns: int, rank: int, pid: int, token: str, seq: int) -> str:
-    """A segment's file name: sorts in creation order (nanoseconds first), names its rank and writer."""
-    return f"seg-{time_ns:020d}-r{rank:03d}-p{pid}-{token}-{seq:06d}.h5"
-
-
-def segment_rank(name: str) -> int | None:
-    """The rank that wrote a segment, from its file name (None for another name)."""
-    match = _RANK_IN_NAME.match(name)
-    return int(match.group(1)) if match else None
 
 
 class WriterFailedError(RuntimeError):

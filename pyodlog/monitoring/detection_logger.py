@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from pyodlog.io.sink import Sink
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
-from pyodlog.monitoring.sink import Sink
 from pyodlog.monitoring.tracer import ObjectDetectionTorchTracer
 from pyodlog.monitoring.validation import (
     check_dataset_type,

@@ -11,36 +11,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyodlog.distributed import DistContext, DistributedLoggingError, agree, current_context
-from pyodlog.io.writer import segment_rank
-from pyodlog.monitoring.sink import SchemaMismatchError, Sink
+from pyodlog.io.segment import segment_rank
+from pyodlog.io.sink import SchemaMismatchError, Sink
 from pyodlog.monitoring.validation import check_n_epoch, check_name
 from pyodlog.structures import CallRecord
+from pyodlog.sync.secret import Secret
 
 if TYPE_CHECKING:
     from pyodlog.sync import SyncConfig, Syncer, UploadSummary
 
-__all__ = ["LoggerClosedError", "MonitoringLogger", "Secret"]
-
-
-class Secret:
-    """Holds a credential so that no repr, str, vars() dump or log line shows it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The credential, for the one place that sends it (an Authorization header)."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret(<hidden>)"
-
-    __str__ = __repr__
-
-    def __reduce__(self):
-        raise TypeError("a Secret cannot be pickled: pass the key again where it is needed")
+__all__ = ["LoggerClosedError", "MonitoringLogger"]
 
 
 class LoggerClosedError(RuntimeError):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyodlog_collector.protocol import is_valid_name  # the collector accepts exactly these names
+from pyodlog_protocol import is_valid_name  # the collector accepts exactly these names
 
 __all__ = [
     "FieldSpec",

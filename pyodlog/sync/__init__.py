@@ -1,11 +1,13 @@
 """Sync: sending closed segments to a collector (see ``docs/protocol.md``)."""
 
 from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, check_endpoint
+from pyodlog.sync.secret import Secret
 from pyodlog.sync.state import SyncState
 from pyodlog.sync.syncer import Syncer, UploadSummary
 
 __all__ = [
     "CollectorClient",
+    "Secret",
     "SyncConfig",
     "SyncError",
     "SyncState",

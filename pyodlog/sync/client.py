@@ -22,7 +22,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from pyodlog_collector.protocol import (
+from pyodlog_protocol import (
     HEADER_IDEMPOTENCY_KEY,
     is_loopback_host,
     results_path,
@@ -31,7 +31,7 @@ from pyodlog_collector.protocol import (
 )
 
 if TYPE_CHECKING:
-    from pyodlog.monitoring.monitoring_logger import Secret
+    from pyodlog.sync.secret import Secret
 
 __all__ = ["CollectorClient", "SyncConfig", "SyncError", "check_endpoint"]
 
@@ -145,7 +145,7 @@ class CollectorClient:
 
     Args:
         endpoint: the collector's base URL (``https://collector.example:8750``).
-        api_key: the key (a :class:`~pyodlog.monitoring.monitoring_logger.Secret`), or None.
+        api_key: the key (a :class:`~pyodlog.sync.secret.Secret`), or None.
         config: timeouts, retries, TLS (:class:`SyncConfig`).
     """
 

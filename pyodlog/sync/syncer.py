@@ -22,13 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
-import numpy as np
-
-from pyodlog.io.writer import segment_rank
+from pyodlog.io.reader import segment_epochs
+from pyodlog.io.segment import segment_rank
 from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError
 from pyodlog.sync.state import SyncState
-from pyodlog_collector.files import sha256_file
+from pyodlog_protocol.files import sha256_file
 
 __all__ = ["Syncer", "UploadSummary"]
 
@@ -107,9 +105,7 @@ class Syncer:
             return True
         epochs = self._epochs.get(path.name)
         if epochs is None:  # closed segments never change: read once
-            with h5py.File(path, "r") as f:
-                column = f["images/n_epoch"][()] if "images/n_epoch" in f else np.empty(0, np.int64)
-            epochs = self._epochs[path.name] = set(int(e) for e in np.unique(column))
+            epochs = self._epochs[path.name] = segment_epochs(path)
         return self.n_epoch in epochs
 
     def _checksum(self, path: Path) -> tuple[str, int]:

@@ -1,4 +1,4 @@
-"""Small file helpers shared by the collector and pyodlog (standard library only)."""
+"""Small file helpers shared by the library and the collector (standard library only)."""
 
 from __future__ import annotations
 

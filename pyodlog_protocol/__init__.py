@@ -1,8 +1,10 @@
 """The pyodlog collector protocol, version 1: what client and server agree on.
 
-Standard library only: the collector imports this without torch, and the
-client (:mod:`pyodlog.sync`) imports the same definitions. The prose
-specification is ``docs/protocol.md``.
+The one package that the library (:mod:`pyodlog`) and the reference collector
+(:mod:`pyodlog_collector`) share; neither imports the other. Standard library
+only: the collector starts without torch. Names, paths and limits are here,
+file helpers in :mod:`pyodlog_protocol.files`. The prose specification is
+``docs/protocol.md``.
 """
 
 from __future__ import annotations
