@@ -189,7 +189,11 @@ def compress_features(
         x = F.adaptive_avg_pool2d(x, pool_to)
         pool_to = (int(pool_to[0]), int(pool_to[1]))
     if method == "uint8":
-        buffers = None if out is None else (out.payload, out.scale, out.offset)
+        buffers = None
+        if out is not None:
+            if out.scale is None or out.offset is None:
+                raise ValueError("out must be a uint8 CompressedFeature (with scale and offset)")
+            buffers = (out.payload, out.scale, out.offset)
         q, scale, offset = quantize_uint8(x, buffers)
         return CompressedFeature("uint8", q, scale, offset, x.dtype, original_shape, pool_to)
     target = {"float16": torch.float16, "bfloat16": torch.bfloat16, "none": x.dtype}[method]
@@ -201,6 +205,8 @@ def compress_features(
 def decompress_features(c: CompressedFeature) -> Tensor:
     """Restores a :class:`CompressedFeature` to its original dtype."""
     if c.method == "uint8":
+        if c.scale is None or c.offset is None:
+            raise ValueError("a uint8 CompressedFeature needs its scale and offset")
         return dequantize_uint8(c.payload, c.scale, c.offset, c.dtype)
     return c.payload.to(c.dtype)
 
