@@ -12,6 +12,7 @@ from pyodlog import ops
 from pyodlog._extension import ExtensionNotBuiltError, build_info
 from pyodlog.distributed import DistributedLoggingError
 from pyodlog.io import (
+    CorruptResultError,
     HDF5Store,
     ResultData,
     StorageError,
@@ -46,6 +47,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallRecord",
+    "CorruptResultError",
     "DetectionBatch",
     "DetectionOutput",
     "DistributedLoggingError",
