@@ -107,8 +107,11 @@ def test_a_running_loggers_acknowledged_records_are_visible(tmp_path):
 
 
 def test_reading_while_a_thread_logs_sees_a_clean_prefix_of_what_was_submitted(tmp_path):
-    """The reader shares this process's open HDF5 file with the writer: it must see whole images only."""
-    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.001, batch_images=1))
+    """The reader shares this process's open HDF5 file with the writer: it must see whole images
+    only, and a segment closed while it is read must not change after its checksum (HDF5 finishes
+    closing a file shared by two handles when the last one closes)."""
+    config = WriterConfig(flush_interval=0.001, batch_images=1, segment_max_records=4)
+    logger, store = make_logger(tmp_path, config=config)
     submitted: list[str] = []
     done = threading.Event()
 
@@ -125,7 +128,9 @@ def test_reading_while_a_thread_logs_sees_a_clean_prefix_of_what_was_submitted(t
     reads = 0
     try:
         while not done.is_set() or reads < 3:
-            result = open_result(store.directory)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no segment is ever reported damaged
+                result = open_result(store.directory)
             ids = result.images["input_id"]
             assert ids == [f"{i:04d}" for i in range(len(ids))]
             ends = result.images["det_offset"] + result.images["det_count"]
@@ -133,8 +138,45 @@ def test_reading_while_a_thread_logs_sees_a_clean_prefix_of_what_was_submitted(t
             reads += 1
     finally:
         thread.join()
+    logger.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_result(store.directory, strict=True).images["input_id"] == submitted
+    segments = sorted(store.directory.glob("*.h5"))
+    assert len(segments) >= 10
+    for segment in segments:
+        digest = segment.with_name(segment.name + CHECKSUM_SUFFIX).read_text().split()[0]
+        assert digest == hashlib.sha256(segment.read_bytes()).hexdigest(), segment.name
+
+
+def test_a_segment_closed_while_this_process_reads_it_keeps_its_checksum(tmp_path, monkeypatch):
+    """HDF5 shares a file opened twice in one process and finishes closing it (writing to it) when
+    the last handle closes: the writer must not close while open_result has the .part open."""
+    from pyodlog.io import reader
+
+    logger, store = make_logger(tmp_path)
+    with torch.no_grad():
+        logger(images(), input_ids=["a0", "a1"])
     logger.wait_for_save()
-    assert open_result(store.directory).images["input_id"] == submitted
+    rotation = threading.Thread(target=store.rotate)
+    real = reader._dataset_names
+
+    def rotate_while_open(f, label, max_bytes):
+        if not rotation.is_alive() and rotation.ident is None:
+            rotation.start()  # the writer closes the segment now, if it can
+            rotation.join(timeout=0.5)
+        return real(f, label, max_bytes)
+
+    monkeypatch.setattr(reader, "_dataset_names", rotate_while_open)
+    assert open_result(store.directory).images["input_id"] == ["a0", "a1"]
+    rotation.join()
+    monkeypatch.undo()
+    (segment,) = store.directory.glob("*.h5")
+    digest = segment.with_name(segment.name + CHECKSUM_SUFFIX).read_text().split()[0]
+    assert digest == hashlib.sha256(segment.read_bytes()).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_result(store.directory, strict=True).images["input_id"] == ["a0", "a1"]
     logger.close()
 
 

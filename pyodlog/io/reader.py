@@ -37,7 +37,7 @@ import torch
 from pyodlog.io.segment import (
     CHECKSUM_SUFFIX,
     SEGMENT_FORMAT,
-    committed_counts,
+    reading_open_segment,
     sha256_file,
 )
 from pyodlog.ops.compression import METHODS, CompressedFeature
@@ -391,14 +391,13 @@ def read_segment(path: str | Path, swmr: bool = False) -> Tables:
         CorruptResultError: the file is damaged or not a pyodlog segment.
     """
     path = Path(path)
-    tables = _read_h5(path, swmr, str(path))
-    if swmr:
-        counts = committed_counts(path)
-        if counts is not None:
-            tables = _cap(tables, counts)
-    else:
+    if not swmr:
+        tables = _read_h5(path, False, str(path))
         _check_consistent(tables, str(path))
-    return tables
+        return tables
+    with reading_open_segment(path) as counts:
+        tables = _read_h5(path, True, str(path))
+    return tables if counts is None else _cap(tables, counts)
 
 
 def read_epochs(path: str | Path) -> np.ndarray:

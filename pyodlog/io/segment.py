@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,10 @@ __all__ = [
     "CHECKSUM_SUFFIX",
     "SEGMENT_FORMAT",
     "SegmentWriter",
-    "committed_counts",
     "encode_strings",
     "fsync_dir",
     "quarantine_segment",
+    "reading_open_segment",
     "sha256_file",
     "write_checksum",
 ]
@@ -51,10 +53,14 @@ log = logging.getLogger("pyodlog")
 SEGMENT_FORMAT = 2
 CHECKSUM_SUFFIX = ".sha256"
 _READ_BLOCK = 1 << 20
-# What each open segment of this process has completed and flushed, by path:
-# a reader in this process shares the writer's open HDF5 file and could
-# otherwise see rows extended a moment before their data is written.
+# What each open segment of this process has completed and flushed, by real
+# path: a reader in this process shares the writer's open HDF5 file and could
+# otherwise see rows extended a moment before their data is written. The lock
+# keeps a writer from closing its file while a reader of this process has it
+# open (HDF5 would finish closing it, and write to it, only when the reader
+# closes: after the rename and the checksum).
 _COMMITTED: dict[str, dict[str, int]] = {}
+_LIVE_LOCK = threading.Lock()
 
 # Chunk sizes. A flush writes the partial last chunk of every column again, so
 # small columns (one number per image) get small chunks: at low traffic a flush
@@ -127,10 +133,24 @@ def write_checksum(path: Path) -> Path | None:
         return None
 
 
-def committed_counts(part: str | Path) -> dict[str, int] | None:
-    """Rows an open segment of this process has completed and flushed (None: not one of ours)."""
-    counts = _COMMITTED.get(os.path.abspath(part))
-    return dict(counts) if counts is not None else None
+@contextlib.contextmanager
+def reading_open_segment(part: str | Path) -> Iterator[dict[str, int] | None]:
+    """For a reader of a ``.part``: the rows its writer in this process completed and flushed.
+
+    Yields None when no writer of this process has it open (another process's
+    segment, or a crashed one). Otherwise the writer cannot close the segment
+    until the block ends: read the file inside it.
+    """
+    _LIVE_LOCK.acquire()
+    counts = _COMMITTED.get(os.path.realpath(part))
+    if counts is None:
+        _LIVE_LOCK.release()
+        yield None
+        return
+    try:
+        yield dict(counts)
+    finally:
+        _LIVE_LOCK.release()
 
 
 def quarantine_segment(path: Path, reason: object) -> Path:
@@ -178,7 +198,7 @@ class SegmentWriter:
             "records": 0,
         }
         self.nbytes = 0
-        self._key = os.path.abspath(self.part)
+        self._key = os.path.realpath(self.part)
         # Created under a third name and renamed once in SWMR mode: a crash before
         # that leaves a '.creating' file, which never held a record.
         creating = self.path.with_name(self.path.name + ".creating")
@@ -204,6 +224,7 @@ class SegmentWriter:
                 self._create(name, np.float32, ())
                 self.numeric_columns[name] = (np.dtype(np.float32), ())
         self._file.swmr_mode = True
+        _COMMITTED[self._key] = dict(self.counts)  # known as ours before its name appears
         os.replace(creating, self.part)
         self._sync_fd: int | None = None
 
@@ -307,14 +328,15 @@ class SegmentWriter:
 
     def close(self) -> Path:
         """Closes, fsyncs, renames to ``.h5``, writes its checksum, fsyncs the folder; returns the final path."""
-        _COMMITTED.pop(self._key, None)
-        self._file.close()
-        if self._sync_fd is None:
-            self._sync_fd = os.open(str(self.part), os.O_RDONLY)
-        os.fsync(self._sync_fd)
-        os.close(self._sync_fd)
-        self._sync_fd = None
-        os.replace(self.part, self.path)
+        with _LIVE_LOCK:  # no reader of this process has the file open now
+            _COMMITTED.pop(self._key, None)
+            self._file.close()
+            if self._sync_fd is None:
+                self._sync_fd = os.open(str(self.part), os.O_RDONLY)
+            os.fsync(self._sync_fd)
+            os.close(self._sync_fd)
+            self._sync_fd = None
+            os.replace(self.part, self.path)
         # After the rename: a crash in between leaves an .h5 read unverified, never a stale checksum.
         write_checksum(self.path)
         fsync_dir(self.path.parent)
