@@ -401,15 +401,35 @@ def read_segment(path: str | Path, swmr: bool = False) -> Tables:
 
 
 def read_epochs(path: str | Path) -> np.ndarray:
-    """The ``n_epoch`` column of a closed segment (checked like :func:`read_segment`, data not read)."""
+    """The ``n_epoch`` column of a closed segment, checked like :func:`read_segment` reads it.
+
+    Only that column is looked at (so a segment of a newer format still gives
+    its epochs). Raises :class:`CorruptResultError` when the file does not open
+    as HDF5 or the column is not what pyodlog writes.
+    """
     path = Path(path)
     label = str(path)
-    limit = _size_limit(path, False)
+    name = "images/n_epoch"
     with _open_h5(path, False, label) as f:
         try:
-            _attrs(f, label)
-            names = _dataset_names(f, label, limit)
-            return f["images/n_epoch"][()] if "images/n_epoch" in names else np.empty(0, np.int64)
+            group = f
+            for key in name.split("/"):
+                if key not in group:
+                    return np.empty(0, np.int64)
+                link = group.get(key, getlink=True)
+                if not isinstance(link, h5py.HardLink):
+                    raise CorruptResultError(
+                        f"{label}: {name!r} passes through a {type(link).__name__}: refusing to follow it"
+                    )
+                group = group[key]
+            if not isinstance(group, h5py.Dataset):
+                raise CorruptResultError(f"{label}: {name!r} is not a dataset")
+            _check_dataset(group, name, _column_spec(name), label)
+            if group.size * group.dtype.itemsize > _size_limit(path, False):
+                raise CorruptResultError(
+                    f"{label}: {name!r} declares more bytes than the file holds"
+                )
+            return group[()]
         except CorruptResultError:
             raise
         except Exception as error:
