@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -484,6 +485,23 @@ def _read_closed(path: Path) -> Tables:
     return read_segment(path)
 
 
+def _read_open(part: Path, attempts: int = 3) -> Tables:
+    """An open segment's complete images; under its final name if it was closed meanwhile.
+
+    Another process's writer may be mid-flush: a failed read is tried again shortly.
+    """
+    for attempt in range(attempts):
+        try:
+            return trim_to_consistent(read_segment(part, swmr=True))
+        except FileNotFoundError:
+            return _read_closed(part.with_name(part.name[: -len(".part")]))
+        except CorruptResultError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
 def read_segments(paths: list[Path], strict: bool = False) -> tuple[list[Tables], list[Path]]:
     """Reads closed (``.h5``) and open (``.h5.part``) segments; returns the tables and the skipped files.
 
@@ -495,11 +513,7 @@ def read_segments(paths: list[Path], strict: bool = False) -> tuple[list[Tables]
     for path in paths:
         try:
             if path.name.endswith(".part"):
-                final = path.with_name(path.name[: -len(".part")])
-                try:
-                    tables.append(trim_to_consistent(read_segment(path, swmr=True)))
-                except FileNotFoundError:
-                    tables.append(_read_closed(final))  # closed while we listed the folder
+                tables.append(_read_open(path))
             else:
                 tables.append(_read_closed(path))
         except (CorruptResultError, FileNotFoundError) as error:
@@ -764,7 +778,7 @@ def _empty_columns(
         name = f"images/fields/{spec['name']}"
         try:
             columns[name] = None if dtype == "str" else (np.dtype(dtype), ())
-        except TypeError:
+        except (TypeError, ValueError):
             columns[name] = None
     return columns
 

@@ -62,6 +62,16 @@ _READ_BLOCK = 1 << 20
 _COMMITTED: dict[str, dict[str, int]] = {}
 _LIVE_LOCK = threading.Lock()
 
+
+def _after_fork_in_child() -> None:
+    """A forked child writes none of its parent's segments, and its lock may have been held at the fork."""
+    global _LIVE_LOCK
+    _LIVE_LOCK = threading.Lock()
+    _COMMITTED.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 # Chunk sizes. A flush writes the partial last chunk of every column again, so
 # small columns (one number per image) get small chunks: at low traffic a flush
 # then rewrites kilobytes, not a megabyte per column. The feature payload,
