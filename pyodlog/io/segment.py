@@ -168,10 +168,12 @@ def quarantine_segment(path: Path, reason: object) -> Path:
     quarantine = path.parent / "quarantine"
     quarantine.mkdir(exist_ok=True)
     target = quarantine / path.name
+    if target.exists():  # never replace what an earlier quarantine kept
+        target = quarantine / f"{path.name}.{time.time_ns()}"
     os.replace(path, target)
     sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
     with contextlib.suppress(FileNotFoundError):
-        os.replace(sidecar, quarantine / sidecar.name)
+        os.replace(sidecar, target.with_name(target.name + CHECKSUM_SUFFIX))
     fsync_dir(path.parent)
     log.warning("pyodlog moved the damaged segment %s to %s: %s", path, quarantine, reason)
     return target
