@@ -180,26 +180,45 @@ def test_a_segment_closed_while_this_process_reads_it_keeps_its_checksum(tmp_pat
     logger.close()
 
 
+# A logger that writes one segment (it never rotates) until it is killed.
+CHILD = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import torch
+from crash_child import crash_logger
+from pyodlog.io import WriterConfig
+logger = crash_logger(sys.argv[1], WriterConfig(flush_interval=0.05, batch_images=8))
+images = [torch.rand(3, 64, 64) for _ in range(2)]
+sent = 0
+with torch.no_grad():
+    while True:
+        logger(images, input_ids=[f"{sent + i:08d}" for i in range(2)])
+        sent += 2
+        logger.wait_for_save(interval=60)
+        print("ACKED", sent, flush=True)
+"""
+
+
 def test_a_crashed_loggers_part_file_is_read_without_being_changed(tmp_path):
     child = subprocess.Popen(
-        [sys.executable, str(HERE / "crash_child.py"), str(tmp_path), "2"],
+        [sys.executable, "-c", CHILD, str(tmp_path), str(HERE)],
         stdout=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     directory = tmp_path / "crash" / "v1" / "run"
     acked = 0
+    deadline = time.monotonic() + 120
     try:
         for line in child.stdout:
-            kind, value = line.split()
-            if kind == "ACKED":
-                acked = int(value)
-                if acked >= 20 and list(directory.glob("*.h5.part")):
-                    # While it runs, from another process: at least what was acknowledged.
-                    ids = open_result(directory).images["input_id"]
-                    assert len(ids) >= acked
-                    assert ids == [f"{i:08d}" for i in range(len(ids))]
-                    break
+            acked = int(line.split()[1])
+            if acked >= 20:
+                # While it runs, from another process: at least what was acknowledged.
+                ids = open_result(directory).images["input_id"]
+                assert len(ids) >= acked
+                assert ids == [f"{i:08d}" for i in range(len(ids))]
+                break
+            assert time.monotonic() < deadline, "the child logged too slowly"
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
