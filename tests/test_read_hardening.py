@@ -637,3 +637,15 @@ def test_strings_that_are_not_utf8_round_trip_through_a_segment(tmp_path):
         "ünïcode",
         "",
     ]
+
+
+def test_a_feature_dtype_read_from_a_file_never_reaches_getattr_unchecked(tmp_path):
+    directory = golden_result(tmp_path)
+    tables = read_segment(directory / "seg-golden.h5")
+    tables.strings["features/dtype"][0] = "load"  # torch.load, not a dtype
+    (directory / "seg-golden.h5").unlink()
+    write_tables(directory / "seg-golden.h5", tables, tables.attrs)
+    result = open_result(directory, strict=True)
+    name = tables.strings["features/name"][0]
+    with pytest.raises(pyodlog.CorruptResultError, match=r"has dtypes .*'load'"):
+        result.feature(int(tables.numeric["features/image_row"][0]), name)

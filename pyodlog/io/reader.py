@@ -145,14 +145,19 @@ _REQUIRED = {
     },
 }
 # What a feature's tensors may be: names read from a file never reach getattr() unchecked.
-_TORCH_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 _PAYLOAD_DTYPES = {
+    "bool": np.bool_,
     "uint8": np.uint8,
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
     "float16": np.float16,
     "bfloat16": np.uint16,
     "float32": np.float32,
     "float64": np.float64,
 }
+_TORCH_DTYPES = set(_PAYLOAD_DTYPES)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
