@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from pyodlog._extension import ExtensionNotBuiltError, build_info
     from pyodlog.distributed import DistributedLoggingError
     from pyodlog.io import (
+        CorruptResultError,
         HDF5Store,
         ResultData,
         StorageError,
@@ -57,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "ExtensionNotBuiltError": "pyodlog._extension",
     "build_info": "pyodlog._extension",
     "DistributedLoggingError": "pyodlog.distributed",
+    "CorruptResultError": "pyodlog.io",
     "HDF5Store": "pyodlog.io",
     "ResultData": "pyodlog.io",
     "StorageError": "pyodlog.io",
@@ -104,6 +106,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CallRecord",
+    "CorruptResultError",
     "DetectionBatch",
     "DetectionOutput",
     "DistributedLoggingError",

@@ -120,19 +120,14 @@ def main() -> None:
     first = result.image_detections(0)
     print(
         f"read back image {result.images['input_id'][0]!r} {tuple(int(v) for v in result.images['image_size'][0])} camera "
-        f"{result.images['camera'][0]!r}: boxes {tuple(first['boxes'].shape)}, logits {tuple(first['logits'].shape)}, "
-        f"embeddings {tuple(first['embeddings'].shape)}"
+        f"{result.images['camera'][0]!r}: boxes {tuple(first.boxes.shape)}, logits {tuple(first.logits.shape)}, "
+        f"embeddings {tuple(first.embeddings.shape)}"
     )
     print(
         f"layers: {result.feature_names()}; 'fpn/0' of image 0 restores to {tuple(result.feature(0, 'fpn/0').shape)}"
     )
     matches = all(
-        same_up_to_ties(
-            pyodlog.DetectionOutput(
-                d["boxes"], d["scores"], d["labels"], d["logits"], d["candidate_index"], (1, 1)
-            ),
-            w,
-        )
+        same_up_to_ties(d, w)
         for d, w in (
             (result.image_detections(n - len(last_output) + i), w)
             for i, w in enumerate(last_output)

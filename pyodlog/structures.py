@@ -72,6 +72,11 @@ class DetectionOutput:
         return int(self._n or 0)
 
     def __getitem__(self, item) -> DetectionOutput:
+        if isinstance(item, str):
+            raise TypeError(
+                f"DetectionOutput fields are attributes: use .{item}, not [{item!r}] "
+                f"(indexing selects detections: a slice, a mask or indices)"
+            )
         return DetectionOutput(
             self.boxes[item],
             self.scores[item],

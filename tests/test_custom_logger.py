@@ -53,15 +53,15 @@ def test_the_custom_logger_records_what_the_model_returned(guide, tmp_path):
             assert torch.equal(g[key], w[key])
         d = result.image_detections(i)
         assert (
-            torch.equal(d["boxes"], w["boxes"])
-            and torch.equal(d["scores"], w["scores"])
-            and torch.equal(d["labels"], w["labels"])
+            torch.equal(d.boxes, w["boxes"])
+            and torch.equal(d.scores, w["scores"])
+            and torch.equal(d.labels, w["labels"])
         )
         # The logit row is the one that produced the score (sigmoid may round
         # differently by an ulp depending on where an element sits in a vector).
         torch.testing.assert_close(
-            d["logits"].sigmoid().gather(1, d["labels"][:, None]).squeeze(1),
-            d["scores"],
+            d.logits.sigmoid().gather(1, d.labels[:, None]).squeeze(1),
+            d.scores,
             rtol=1e-6,
             atol=0,
         )

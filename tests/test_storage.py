@@ -77,10 +77,10 @@ def test_round_trip_is_exact_for_detections_and_within_the_bound_for_features(tm
         for j in range(3):
             row = i * 3 + j
             got, want = result.image_detections(row), outputs[i][j]
-            assert torch.equal(got["boxes"], want["boxes"]) and torch.equal(
-                got["scores"], want["scores"]
-            )
-            assert torch.equal(got["labels"], want["labels"])
+            assert isinstance(got, pyodlog.DetectionOutput)
+            assert torch.equal(got.boxes, want["boxes"]) and torch.equal(got.scores, want["scores"])
+            assert torch.equal(got.labels, want["labels"])
+            assert got.image_size == (96, 128)
             restored = result.feature(row, "b")
             q = result.feature(row, "b", decompress=False)
             assert (
@@ -387,7 +387,7 @@ def test_cuda_records_are_copied_on_a_side_stream_and_stored_exactly(tmp_path):
     logger.wait_for_save()
     result = open_result(logger.export(tmp_path))
     for i in range(2):
-        assert torch.equal(result.image_detections(i)["boxes"], out[i]["boxes"].cpu())
+        assert torch.equal(result.image_detections(i).boxes, out[i]["boxes"].cpu())
     assert store.copier.inflight_bytes == 0  # every pinned buffer was released by the writer
     logger.close()
     del model

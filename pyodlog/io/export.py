@@ -1,4 +1,9 @@
-"""export(): the records of one epoch, from closed segments, into a self-describing ZIP."""
+"""export(): the records of one epoch, from closed segments, into a self-describing ZIP.
+
+Each segment is verified as :func:`pyodlog.open_result` does (its SHA-256,
+its layout); a damaged one is left out with a warning and listed in the
+manifest's ``skipped_segments``.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pyodlog.io.reader import Tables, merge_tables, read_segment
-from pyodlog_protocol.files import sha256_file
+from pyodlog.io.reader import Tables, merge_tables, read_segments
+from pyodlog.io.segment import SEGMENT_FORMAT, encode_strings, sha256_file
 
 __all__ = ["export_zip", "write_tables"]
 
@@ -24,6 +29,7 @@ def write_tables(path: Path, tables: Tables, attrs: dict[str, Any]) -> None:
     with h5py.File(path, "w") as f:
         for key, value in attrs.items():
             f.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        f.attrs["segment_format"] = SEGMENT_FORMAT
         for name, values in tables.numeric.items():
             f.create_dataset(
                 name,
@@ -32,14 +38,9 @@ def write_tables(path: Path, tables: Tables, attrs: dict[str, Any]) -> None:
                 maxshape=(None, *values.shape[1:]),
             )
         for name, texts in tables.strings.items():
-            encoded = [t.encode("utf-8") for t in texts]
-            lengths = np.asarray([len(e) for e in encoded], np.int64)
-            offsets = (
-                np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-                if len(lengths)
-                else np.empty(0, np.int64)
-            )
-            f.create_dataset(name + ".bytes", data=np.frombuffer(b"".join(encoded), np.uint8))
+            data, lengths = encode_strings(texts)
+            offsets = (np.cumsum(lengths) - lengths).astype(np.int64)
+            f.create_dataset(name + ".bytes", data=data)
             f.create_dataset(
                 name + ".spans",
                 data=np.stack([offsets, lengths], 1)
@@ -52,10 +53,12 @@ def write_tables(path: Path, tables: Tables, attrs: dict[str, Any]) -> None:
 def export_zip(
     segments: list[Path], output: Path, n_epoch: int | None, meta: dict[str, Any]
 ) -> Path:
-    """Merges the images of ``n_epoch`` (None: all) from ``segments`` into ``output``, atomically."""
-    tables = merge_tables(
-        [read_segment(s) for s in segments], n_epoch, use_epoch_filter=n_epoch is not None
-    )
+    """Merges the images of ``n_epoch`` (None: all) from ``segments`` into ``output``, atomically.
+
+    A damaged segment is left out with a warning naming it (manifest: ``skipped_segments``).
+    """
+    parts, skipped = read_segments(list(segments))
+    tables = merge_tables(parts, n_epoch, use_epoch_filter=n_epoch is not None)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
         records = Path(tmp) / "records.h5"
@@ -68,9 +71,10 @@ def export_zip(
                 "images": tables.n_images,
                 "detections": len(tables.numeric.get("detections/scores", [])),
                 "features": len(tables.strings.get("features/name", [])),
-                "segments": len(segments),
+                "segments": len(segments) - len(skipped),
             },
-            segments=[s.name for s in segments],
+            segments=[s.name for s in segments if s not in skipped],
+            skipped_segments=[s.name for s in skipped],
             members={
                 "records.h5": {"sha256": sha256_file(records), "bytes": records.stat().st_size}
             },

@@ -1,9 +1,31 @@
-"""Reading logged records back: segment files, result folders and exported ZIPs."""
+"""Reading logged records back: segment files, result folders and exported ZIPs.
+
+Nothing read is trusted. A segment is opened read-only and checked before any
+data is read: only the groups and datasets pyodlog writes, with their dtypes
+and shapes, stored in the file itself (no external storage, soft or external
+links, virtual datasets or filters), no dataset larger than the file. Its
+columns must then agree with each other (offsets contiguous and in range). A
+closed segment's SHA-256 sidecar (``<segment>.h5.sha256``, or the collector's
+``.meta/<segment>.json``) is verified before it is opened. An exported ZIP's
+members are size-limited before anything is expanded and checked against the
+SHA-256 of its manifest. Any failure is a :class:`CorruptResultError` naming
+the file or member.
+
+Open segments (``.h5.part``, a live writer's or a crashed one's) are read
+through HDF5's SWMR reader without taking the writer's lock or changing the
+file, and trimmed to their complete images.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import shutil
 import tempfile
+import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +35,149 @@ import h5py
 import numpy as np
 import torch
 
+from pyodlog.io.segment import (
+    CHECKSUM_SUFFIX,
+    SEGMENT_FORMAT,
+    reading_open_segment,
+    sha256_file,
+)
 from pyodlog.ops.compression import METHODS, CompressedFeature
+from pyodlog.structures import DetectionOutput
 
-__all__ = ["ResultData", "merge_tables", "open_result", "read_segment", "trim_to_consistent"]
+__all__ = [
+    "CorruptResultError",
+    "ResultData",
+    "merge_tables",
+    "open_result",
+    "read_epochs",
+    "read_segment",
+    "trim_to_consistent",
+    "verify_checksum",
+]
+
+MAX_JSON_BYTES = 16 << 20  # manifest.json, result.json, checksum sidecars
+MAX_MEMBER_BYTES = 1 << 40  # records.h5 of an exported ZIP
+MAX_COMPRESSION_RATIO = 100  # pyodlog writes its ZIPs stored (ratio 1)
+_READ_BLOCK = 1 << 20
+# A live segment's datasets may be extended a moment before their chunks reach
+# the file: how far beyond the file size an open (.part) segment's data may go.
+_PART_SLACK_BYTES = 64 << 20
+
+
+class CorruptResultError(ValueError):
+    """A segment, result or exported ZIP is damaged or is not what pyodlog writes.
+
+    The message names the file (or the ZIP member) and what is wrong with it.
+    """
+
+
+# -- what a segment may contain -----------------------------------------------------------------
+
+_GROUPS = {"images", "images/fields", "detections", "features"}
+_I8, _I32, _I64 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.int64)
+_F32, _F64, _U8 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8)
+_FLOATS = {np.dtype(np.float16), _F32, _F64}
+# name: (allowed dtypes, row shape; None in a row shape: any length)
+_NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
+    "images/det_offset": ({_I64}, ()),
+    "images/det_count": ({_I64}, ()),
+    "images/n_epoch": ({_I64}, ()),
+    "images/timestamp": ({_F64}, ()),
+    "images/image_size": ({_I32, _I64}, (2,)),
+    "detections/boxes": ({_F32}, (4,)),
+    "detections/scores": ({_F32}, ()),
+    "detections/labels": ({_I64}, ()),
+    "detections/candidate_index": ({_I64}, ()),
+    "detections/logits": ({_F32}, (None,)),
+    "detections/embeddings": ({_F32}, (None,)),
+    "features/image_row": ({_I64}, ()),
+    "features/method": ({_I8}, ()),
+    "features/per_image": ({_I8}, ()),
+    "features/shape": ({_I64}, (8,)),
+    "features/original_shape": ({_I64}, (8,)),
+    "features/pooled_to": ({_I64}, (2,)),
+    "features/payload_offset": ({_I64}, ()),
+    "features/payload_nbytes": ({_I64}, ()),
+    "features/qrow_offset": ({_I64}, ()),
+    "features/qrow_count": ({_I64}, ()),
+    "features_payload": ({_U8}, ()),
+    "features_scale": (_FLOATS, ()),
+    "features_offset": (_FLOATS, ()),
+}
+_STRINGS = {
+    "images/input_id",
+    "images/dataset_type",
+    "features/name",
+    "features/dtype",
+    "features/payload_dtype",
+}
+_REQUIRED = {
+    "images": {
+        "images/det_offset",
+        "images/det_count",
+        "images/n_epoch",
+        "images/timestamp",
+        "images/image_size",
+        "images/input_id",
+        "images/dataset_type",
+    },
+    "detections": {
+        "detections/boxes",
+        "detections/scores",
+        "detections/labels",
+        "detections/candidate_index",
+        "detections/logits",
+    },
+    "features": {
+        "features/image_row",
+        "features/method",
+        "features/per_image",
+        "features/shape",
+        "features/original_shape",
+        "features/pooled_to",
+        "features/payload_offset",
+        "features/payload_nbytes",
+        "features/qrow_offset",
+        "features/qrow_count",
+        "features/name",
+        "features/dtype",
+        "features/payload_dtype",
+    },
+}
+# What a feature's tensors may be: names read from a file never reach getattr() unchecked.
+_PAYLOAD_DTYPES = {
+    "bool": np.bool_,
+    "uint8": np.uint8,
+    "int8": np.int8,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "float16": np.float16,
+    "bfloat16": np.uint16,
+    "float32": np.float32,
+    "float64": np.float64,
+}
+_TORCH_DTYPES = set(_PAYLOAD_DTYPES)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _column_spec(name: str) -> tuple[str, set[np.dtype] | None, tuple[int | None, ...]] | None:
+    """(column, dtypes, row shape) of a dataset name pyodlog writes; None if it writes no such name."""
+    for suffix, dtypes, row in ((".bytes", {_U8}, ()), (".spans", {_I64}, (2,))):
+        if name.endswith(suffix):
+            column = name[: -len(suffix)]
+            if column in _STRINGS or _is_field(column):
+                return column, dtypes, row
+            return None
+    if name in _NUMERIC:
+        return (name, *_NUMERIC[name])
+    if _is_field(name):
+        return name, None, ()  # a numeric additional field: bool, int or float
+    return None
+
+
+def _is_field(name: str) -> bool:
+    return name.startswith("images/fields/") and "/" not in name[len("images/fields/") :]
 
 
 @dataclass
@@ -36,72 +198,422 @@ class Tables:
         )
 
 
-def read_segment(path: str | Path, swmr: bool = False) -> Tables:
-    """All columns of one segment (``swmr=True`` reads a crashed ``.part`` up to its last flush)."""
-    tables = Tables()
-    with h5py.File(path, "r", swmr=swmr, libver="latest" if swmr else "earliest") as f:
-        tables.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-        names: list[str] = []
-        f.visititems(
-            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
+# -- one segment file ---------------------------------------------------------------------------
+
+
+def _open_h5(path: Path, swmr: bool, label: str) -> h5py.File:
+    try:
+        return h5py.File(path, "r", swmr=swmr, libver="latest" if swmr else "earliest")
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise CorruptResultError(
+            f"{label} is not a readable HDF5 file ({error}): it is truncated, overwritten or not "
+            f"a pyodlog segment"
+        ) from error
+
+
+def _check_dataset(ds: h5py.Dataset, name: str, spec, label: str) -> None:
+    """Refuses, before any data is read, what pyodlog never writes."""
+    dcpl = ds.id.get_create_plist()
+    if ds.is_virtual or dcpl.get_layout() not in (
+        h5py.h5d.CONTIGUOUS,
+        h5py.h5d.CHUNKED,
+        h5py.h5d.COMPACT,
+    ):
+        raise CorruptResultError(
+            f"{label}: {name!r} is a virtual dataset (its data would come from other files): "
+            f"pyodlog never writes one, refusing to read it"
         )
-        data = {name: f[name][()] for name in names}
-    spans = [n for n in data if n.endswith(".spans")]
-    for span_name in spans:
+    if dcpl.get_external_count():
+        raise CorruptResultError(
+            f"{label}: {name!r} keeps its data in an external file ({dcpl.get_external(0)[0]!r}): "
+            f"pyodlog stores every dataset in the segment itself, refusing to read it"
+        )
+    if dcpl.get_nfilters():
+        raise CorruptResultError(
+            f"{label}: {name!r} uses HDF5 filters (compression or plugins): pyodlog writes none"
+        )
+    _, dtypes, row = spec
+    dtype = ds.dtype
+    if dtypes is None:
+        ok = dtype.kind in "biuf" and dtype.isnative and not dtype.fields and not dtype.subdtype
+    else:
+        ok = dtype in dtypes
+    if not ok:
+        raise CorruptResultError(
+            f"{label}: {name!r} has dtype {dtype}, pyodlog writes "
+            f"{'a bool, int or float' if dtypes is None else sorted(map(str, dtypes))}"
+        )
+    shape = ds.shape
+    if (
+        shape is None
+        or len(shape) != 1 + len(row)
+        or any(want is not None and got != want for got, want in zip(shape[1:], row))
+    ):
+        raise CorruptResultError(
+            f"{label}: {name!r} has shape {shape}, pyodlog writes rows of shape {row}"
+        )
+
+
+def _dataset_names(f: h5py.File, label: str, max_bytes: int) -> list[str]:
+    """Every dataset of the file after checking the file holds only the segment layout."""
+    found: list[str] = []
+    total = 0
+
+    def walk(group: h5py.Group, prefix: str) -> None:
+        nonlocal total
+        for key in list(group):
+            name = prefix + key
+            link = group.get(key, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise CorruptResultError(
+                    f"{label}: {name!r} is a {type(link).__name__} (to another place or file): pyodlog "
+                    f"stores every dataset in the segment itself, refusing to follow it"
+                )
+            obj = group[key]
+            if isinstance(obj, h5py.Group):
+                if name not in _GROUPS:
+                    raise CorruptResultError(
+                        f"{label}: unexpected group {name!r} (a segment has {sorted(_GROUPS)})"
+                    )
+                walk(obj, name + "/")
+            elif isinstance(obj, h5py.Dataset):
+                spec = _column_spec(name)
+                if spec is None:
+                    raise CorruptResultError(
+                        f"{label}: unexpected dataset {name!r}: not part of the segment layout pyodlog writes"
+                    )
+                _check_dataset(obj, name, spec, label)
+                total += int(obj.size) * obj.dtype.itemsize
+                found.append(name)
+            else:
+                raise CorruptResultError(
+                    f"{label}: unexpected object {name!r} ({type(obj).__name__})"
+                )
+
+    walk(f, "")
+    if total > max_bytes:
+        raise CorruptResultError(
+            f"{label}: its datasets declare {total} bytes, more than the file holds ({max_bytes})"
+        )
+    return found
+
+
+def _attrs(f: h5py.File, label: str) -> dict[str, Any]:
+    attrs = {
+        k: (v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v)
+        for k, v in f.attrs.items()
+    }
+    version = attrs.get("segment_format", 1)
+    if not isinstance(version, (int, np.integer)) or version < 1:
+        raise CorruptResultError(f"{label}: segment_format {version!r} is not a format version")
+    if version > SEGMENT_FORMAT:
+        raise CorruptResultError(
+            f"{label} was written by a newer pyodlog (segment format {int(version)}; this one reads "
+            f"formats up to {SEGMENT_FORMAT}): upgrade pyodlog to read it"
+        )
+    return attrs
+
+
+def _size_limit(path: Path, swmr: bool) -> int:
+    return os.path.getsize(path) + (_PART_SLACK_BYTES if swmr else 0)
+
+
+def _read_h5(path: Path, swmr: bool, label: str) -> Tables:
+    limit = _size_limit(path, swmr)
+    with _open_h5(path, swmr, label) as f:
+        try:
+            attrs = _attrs(f, label)
+            names = _dataset_names(f, label, limit)
+            data = {name: f[name][()] for name in names}
+        except CorruptResultError:
+            raise
+        except Exception as error:
+            raise CorruptResultError(f"{label} cannot be read ({error})") from error
+    return _to_tables(data, attrs, label, lenient=swmr)
+
+
+def _decode(raw: bytes, pairs: np.ndarray) -> list[str]:
+    """String column values; undecodable bytes come back as lone surrogates (``surrogateescape``)."""
+    return [raw[o : o + n].decode("utf-8", "surrogateescape") for o, n in pairs.tolist()]
+
+
+def _first_false(ok: np.ndarray, n: int) -> int:
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else n
+
+
+def _contiguous(offsets: np.ndarray, sizes: np.ndarray, available: int) -> np.ndarray:
+    """Per row: its offset follows the previous row's end (from 0) and its end is within ``available``."""
+    expected = np.concatenate([[0], np.cumsum(sizes)[:-1]]) if len(sizes) else sizes
+    return (sizes >= 0) & (offsets == expected) & (sizes <= available - offsets)
+
+
+def _to_tables(
+    data: dict[str, np.ndarray], attrs: dict[str, Any], label: str, lenient: bool
+) -> Tables:
+    tables = Tables(attrs=attrs)
+    for span_name in [n for n in data if n.endswith(".spans")]:
         base = span_name[: -len(".spans")]
+        if base + ".bytes" not in data:
+            raise CorruptResultError(f"{label}: {base}.spans has no {base}.bytes")
         raw = data.pop(base + ".bytes").tobytes()
         pairs = data.pop(span_name)
-        # A crashed segment may hold spans whose bytes never reached the disk: stop there.
-        complete = pairs[:, 0] + pairs[:, 1] <= len(raw) if len(pairs) else np.ones(0, bool)
-        cut = int(np.flatnonzero(~complete)[0]) if (~complete).any() else len(pairs)
-        tables.strings[base] = [raw[o : o + n].decode("utf-8") for o, n in pairs[:cut]]
+        n = len(pairs)
+        if n:
+            n = _first_false(_contiguous(pairs[:, 0], pairs[:, 1], len(raw)), n)
+        if n < len(pairs) and not lenient:
+            raise CorruptResultError(
+                f"{label}: string {n} of {base} lies outside its bytes or out of order"
+            )
+        tables.strings[base] = _decode(raw, pairs[:n])
+    stray = [n for n in data if n.endswith(".bytes")]
+    if stray:
+        raise CorruptResultError(f"{label}: {stray[0]} has no .spans column")
     tables.payload = data.pop("features_payload", np.empty(0, np.uint8))
     tables.numeric = data
+    for group, required in _REQUIRED.items():
+        present = {k for k in (*tables.numeric, *tables.strings) if k.startswith(group + "/")}
+        if present and not required <= present:
+            raise CorruptResultError(
+                f"{label}: its {group} columns lack {sorted(required - present)}"
+            )
     return tables
 
 
-def trim_to_consistent(tables: Tables) -> Tables:
-    """Keeps the longest prefix of images whose every row is complete.
+def read_segment(path: str | Path, swmr: bool = False) -> Tables:
+    """All columns of one segment, checked (see the module's docstring).
 
-    SWMR keeps each dataset readable, but a crash in the middle of appending a
-    batch can leave the columns at different lengths (one dataset's metadata
-    reached the disk, another's did not). The images kept are those present in
-    every image column whose detections and feature rows are all present too.
+    Args:
+        path: a segment file.
+        swmr: read an open or crashed ``.part`` through HDF5's SWMR reader, up
+            to its last flush, without changing it; its columns may then stop at
+            different rows (:func:`trim_to_consistent` keeps the complete
+            images). A live segment of this process is cut to what its writer
+            completed. Without ``swmr`` the columns must agree.
+
+    Raises:
+        CorruptResultError: the file is damaged or not a pyodlog segment.
     """
-    t = tables
-    image_cols = [v for k, v in t.numeric.items() if k.startswith("images/")]
-    image_cols += [v for k, v in t.strings.items() if k.startswith("images/")]
-    n = min((len(v) for v in image_cols), default=0)
-    det_cols = [v for k, v in t.numeric.items() if k.startswith("detections/")]
-    n_det = min((len(v) for v in det_cols), default=0)
-    if n:
-        ends = t.numeric["images/det_offset"][:n] + t.numeric["images/det_count"][:n]
-        bad = np.flatnonzero(ends > n_det)
-        n = int(bad[0]) if len(bad) else n
-    feat_cols = [v for k, v in t.numeric.items() if k.startswith("features/")]
-    feat_cols += [v for k, v in t.strings.items() if k.startswith("features/")]
-    n_feat = min((len(v) for v in feat_cols), default=0)
+    path = Path(path)
+    if not swmr:
+        tables = _read_h5(path, False, str(path))
+        _check_consistent(tables, str(path))
+        return tables
+    with reading_open_segment(path) as counts:
+        tables = _read_h5(path, True, str(path))
+    return tables if counts is None else _cap(tables, counts)
+
+
+def read_epochs(path: str | Path) -> np.ndarray:
+    """The ``n_epoch`` column of a closed segment, checked like :func:`read_segment` reads it.
+
+    Only that column is looked at (so a segment of a newer format still gives
+    its epochs). Raises :class:`CorruptResultError` when the file does not open
+    as HDF5 or the column is not what pyodlog writes.
+    """
+    path = Path(path)
+    label = str(path)
+    name = "images/n_epoch"
+    with _open_h5(path, False, label) as f:
+        try:
+            group = f
+            for key in name.split("/"):
+                if key not in group:
+                    return np.empty(0, np.int64)
+                link = group.get(key, getlink=True)
+                if not isinstance(link, h5py.HardLink):
+                    raise CorruptResultError(
+                        f"{label}: {name!r} passes through a {type(link).__name__}: refusing to follow it"
+                    )
+                group = group[key]
+            if not isinstance(group, h5py.Dataset):
+                raise CorruptResultError(f"{label}: {name!r} is not a dataset")
+            _check_dataset(group, name, _column_spec(name), label)
+            if group.size * group.dtype.itemsize > _size_limit(path, False):
+                raise CorruptResultError(
+                    f"{label}: {name!r} declares more bytes than the file holds"
+                )
+            return group[()]
+        except CorruptResultError:
+            raise
+        except Exception as error:
+            raise CorruptResultError(f"{label} cannot be read ({error})") from error
+
+
+def expected_sha256(path: Path) -> tuple[str, Path] | None:
+    """The SHA-256 recorded when the segment was closed, and where: its sidecar or the collector's metadata."""
+    sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
+    if sidecar.exists():
+        words = _read_small(sidecar, 4096, str(sidecar)).decode("ascii", "replace").split()
+        if not words or not _SHA256.fullmatch(words[0]):
+            raise CorruptResultError(
+                f"{sidecar} is not a SHA-256 sidecar (expected '<hex>  <name>')"
+            )
+        return words[0], sidecar
+    meta = path.parent / ".meta" / (path.name + ".json")
+    if meta.exists():
+        try:
+            digest = json.loads(_read_small(meta, MAX_JSON_BYTES, str(meta))).get("sha256")
+        except (ValueError, AttributeError) as error:
+            raise CorruptResultError(f"{meta} is not the collector's metadata ({error})") from error
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise CorruptResultError(f"{meta} has no SHA-256")
+        return digest, meta
+    return None
+
+
+def verify_checksum(path: str | Path) -> bool:
+    """Checks a closed segment against its recorded SHA-256; False if none was recorded (older files).
+
+    Raises:
+        CorruptResultError: the bytes differ from what was recorded at close.
+    """
+    path = Path(path)
+    recorded = expected_sha256(path)
+    if recorded is None:
+        return False
+    digest, source = recorded
+    actual = sha256_file(path)
+    if actual != digest:
+        raise CorruptResultError(
+            f"{path}: its SHA-256 ({actual}) differs from the one recorded when it was closed "
+            f"({digest}, in {source.name}): the file changed after it was written (disk, copy or "
+            f"manual edit)"
+        )
+    return True
+
+
+def _read_closed(path: Path) -> Tables:
+    verify_checksum(path)  # before HDF5 parses a byte of it
+    return read_segment(path)
+
+
+def _read_open(part: Path, attempts: int = 3) -> Tables:
+    """An open segment's complete images; under its final name if it was closed meanwhile.
+
+    Another process's writer may be mid-flush: a failed read is tried again shortly.
+    """
+    for attempt in range(attempts):
+        try:
+            return trim_to_consistent(read_segment(part, swmr=True))
+        except FileNotFoundError:
+            return _read_closed(part.with_name(part.name[: -len(".part")]))
+        except CorruptResultError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+def read_segments(paths: list[Path], strict: bool = False) -> tuple[list[Tables], list[Path]]:
+    """Reads closed (``.h5``) and open (``.h5.part``) segments; returns the tables and the skipped files.
+
+    A damaged segment is skipped with a warning naming it (``strict``: raised).
+    An open segment is read through the SWMR reader and trimmed to its complete
+    images; one closed meanwhile is read under its final name.
+    """
+    tables, skipped = [], []
+    for path in paths:
+        try:
+            if path.name.endswith(".part"):
+                tables.append(_read_open(path))
+            else:
+                tables.append(_read_closed(path))
+        except (CorruptResultError, FileNotFoundError) as error:
+            if strict:
+                if isinstance(error, FileNotFoundError):
+                    raise CorruptResultError(f"{path} vanished while it was read") from error
+                raise
+            warnings.warn(f"pyodlog skipped a segment: {error}", stacklevel=3)
+            skipped.append(path)
+    return tables, skipped
+
+
+def _read_small(path: Path, limit: int, label: str) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CorruptResultError(f"{label} is larger than the {limit} bytes it may have")
+    return data
+
+
+# -- consistency: the complete images ------------------------------------------------------------
+
+
+def _lengths(t: Tables, prefix: str) -> list[int]:
+    return [len(v) for k, v in (*t.numeric.items(), *t.strings.items()) if k.startswith(prefix)]
+
+
+def _prefix(t: Tables) -> tuple[int, int, int, int, int]:
+    """(images, detections, features, quantisation rows, payload bytes) of the complete images.
+
+    An image is complete when every image column has its row, its detections are
+    all present, its offsets continue the previous image's (as the writer
+    wrote them), and all of its feature rows are complete. A call's features
+    follow its images' (per-image tensors one row per image, batch tensors one
+    row on the call's first image), so a cut keeps whole calls: it goes back to
+    the first image of a call (images of one call share its timestamp).
+    """
+    num = t.numeric
+    n_rows = n = min(_lengths(t, "images/"), default=0)
+    n_det_available = min(_lengths(t, "detections/"), default=0)
+    count = num.get("images/det_count", np.empty(0, np.int64))[:n]
+    offset = num.get("images/det_offset", np.empty(0, np.int64))[:n]
+    n = _first_false(_contiguous(offset, count, n_det_available), n)
+    n_feat = min(_lengths(t, "features/"), default=0)
+    most_feat = max(_lengths(t, "features/"), default=0)
+    rows = num.get("features/image_row", np.empty(0, np.int64))
     if n_feat:
-        num = t.numeric
-        complete = (
-            num["features/payload_offset"][:n_feat] + num["features/payload_nbytes"][:n_feat]
-            <= len(t.payload)
-        ) & (
-            num["features/qrow_offset"][:n_feat] + num["features/qrow_count"][:n_feat]
-            <= min(len(num["features_scale"]), len(num["features_offset"]))
+        image_row = rows[:n_feat]
+        scale = num.get("features_scale", np.empty(0, np.float32))
+        shift = num.get("features_offset", np.empty(0, np.float32))
+        method = num["features/method"][:n_feat]
+        ok = (
+            (image_row >= 0)
+            & (image_row < n_rows)
+            & _contiguous(
+                num["features/payload_offset"][:n_feat],
+                num["features/payload_nbytes"][:n_feat],
+                len(t.payload),
+            )
+            & _contiguous(
+                num["features/qrow_offset"][:n_feat],
+                num["features/qrow_count"][:n_feat],
+                min(len(scale), len(shift)),
+            )
+            & (method >= 0)
+            & (method < len(METHODS))
+            & np.isin(num["features/per_image"][:n_feat], (0, 1))
         )
-        bad = np.flatnonzero(~complete)
-        n_feat = int(bad[0]) if len(bad) else n_feat
-        # An image is complete only with all of its features.
-        first_incomplete_image = (
-            num["features/image_row"][n_feat] if n_feat < len(num["features/image_row"]) else n
-        )
-        n = min(n, int(first_incomplete_image))
-        n_feat = int(np.searchsorted(num["features/image_row"][:n_feat], n))
-    if n:
-        n_det = int(t.numeric["images/det_offset"][n - 1] + t.numeric["images/det_count"][n - 1])
-    else:
-        n_det, n_feat = 0, 0
+        n_feat = _first_false(ok, n_feat)
+    if n_feat < most_feat:
+        # Feature rows were cut: the call of the first cut row is incomplete.
+        nxt = int(rows[n_feat]) if n_feat < len(rows) else -1
+        n = min(n, nxt if 0 <= nxt < n_rows else int(rows[n_feat - 1]) if n_feat else 0)
+    if n < n_rows and n:
+        timestamps = num.get("images/timestamp")
+        if timestamps is None or len(timestamps) < n + 1:
+            n = 0
+        else:
+            # Back to the first image of the call that image n belongs to.
+            call = timestamps[n]
+            while n and timestamps[n - 1] == call:
+                n -= 1
+    if not n:
+        return 0, 0, 0, 0, 0
+    n_det = int(offset[n - 1] + count[n - 1])
+    n_feat = _first_false(rows[:n_feat] < n, n_feat)
+    if not n_feat:
+        return n, n_det, 0, 0, 0
+    r = n_feat - 1
+    last_q = int(num["features/qrow_offset"][r] + num["features/qrow_count"][r])
+    last_p = int(num["features/payload_offset"][r] + num["features/payload_nbytes"][r])
+    return n, n_det, n_feat, last_q, last_p
+
+
+def _cut(t: Tables, n: int, n_det: int, n_feat: int, last_q: int, last_p: int) -> Tables:
     out = Tables(attrs=t.attrs)
     for k, v in t.numeric.items():
         if k.startswith("images/"):
@@ -112,25 +624,50 @@ def trim_to_consistent(tables: Tables) -> Tables:
             out.numeric[k] = v[:n_feat]
     for k, v in t.strings.items():
         out.strings[k] = v[:n] if k.startswith("images/") else v[:n_feat]
-    if n_feat:
-        last_q = int(
-            t.numeric["features/qrow_offset"][n_feat - 1]
-            + t.numeric["features/qrow_count"][n_feat - 1]
-        )
-        last_p = int(
-            t.numeric["features/payload_offset"][n_feat - 1]
-            + t.numeric["features/payload_nbytes"][n_feat - 1]
-        )
-    else:
-        last_q = last_p = 0
-    out.numeric["features_scale"] = t.numeric.get("features_scale", np.empty(0, np.float32))[
-        :last_q
-    ]
-    out.numeric["features_offset"] = t.numeric.get("features_offset", np.empty(0, np.float32))[
-        :last_q
-    ]
+    for k in ("features_scale", "features_offset"):
+        out.numeric[k] = t.numeric.get(k, np.empty(0, np.float32))[:last_q]
     out.payload = t.payload[:last_p]
     return out
+
+
+def trim_to_consistent(tables: Tables) -> Tables:
+    """Keeps the longest prefix of images whose every row is complete.
+
+    SWMR keeps each dataset readable, but a crash in the middle of appending a
+    batch can leave the columns at different lengths (one dataset's metadata
+    reached the disk, another's did not), or rows extended before their data
+    arrived. The images kept are those present in every image column, with
+    offsets that continue the previous image's, whose detections and feature
+    rows are all present too.
+    """
+    return _cut(tables, *_prefix(tables))
+
+
+def _check_consistent(t: Tables, label: str) -> None:
+    """A closed segment's columns must agree exactly (what a crash leaves is only in ``.part`` files)."""
+    n, n_det, n_feat, _, _ = _prefix(t)
+    for group, kept in (("images/", n), ("detections/", n_det), ("features/", n_feat)):
+        lengths = _lengths(t, group)
+        if any(length != kept for length in lengths):
+            raise CorruptResultError(
+                f"{label}: its {group[:-1]} columns disagree (rows {sorted(set(lengths))}, "
+                f"{kept} consistent): offsets or counts are damaged"
+            )
+
+
+def _cap(t: Tables, counts: dict[str, int]) -> Tables:
+    """A live segment of this process, cut to the rows its writer completed and flushed."""
+    return _cut(
+        t,
+        min(counts["images"], t.n_images),
+        counts["detections"],
+        counts["features"],
+        counts["qrows"],
+        counts["payload"],
+    )
+
+
+# -- results ----------------------------------------------------------------------------------
 
 
 def merge_tables(
@@ -221,6 +758,51 @@ def merge_tables(
     return out
 
 
+def _empty_columns(
+    schema: dict[str, Any] | None,
+) -> dict[str, tuple[np.dtype, tuple[int, ...]] | None]:
+    """Every column of a result with no rows: ``{name: (dtype, row shape)}``, None for a string column."""
+    schema = schema if isinstance(schema, dict) else {}
+    n_class = schema.get("n_class")
+    columns: dict[str, tuple[np.dtype, tuple[int, ...]] | None] = {
+        name: (sorted(dtypes, key=str)[0] if len(dtypes) > 1 else next(iter(dtypes)), row)
+        for name, (dtypes, row) in _NUMERIC.items()
+        if name not in ("detections/embeddings", "features_payload")
+    }
+    columns["images/image_size"] = (_I32, (2,))
+    columns["features_scale"] = columns["features_offset"] = (_F32, ())
+    columns["detections/logits"] = (
+        _F32,
+        (int(n_class) if isinstance(n_class, int) and n_class >= 0 else 0,),
+    )
+    columns.update({name: None for name in _STRINGS})
+    for spec in schema.get("additional_fields") or []:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            continue
+        dtype = str(spec.get("dtype"))
+        name = f"images/fields/{spec['name']}"
+        try:
+            columns[name] = None if dtype == "str" else (np.dtype(dtype), ())
+        except (TypeError, ValueError):
+            columns[name] = None
+    return columns
+
+
+def _with_all_columns(tables: Tables, schema: dict[str, Any] | None) -> Tables:
+    """Adds the column groups a result lacks entirely: a result with no rows has every column, empty."""
+    present = {*tables.numeric, *tables.strings}
+    groups = {name.split("/", 1)[0] for name in present if "/" in name}
+    for name, spec in _empty_columns(schema).items():
+        if name in present or ("/" in name and name.split("/", 1)[0] in groups):
+            continue
+        if spec is None:
+            tables.strings[name] = []
+        else:
+            dtype, row = spec
+            tables.numeric[name] = np.empty((0, *row), dtype)
+    return tables
+
+
 class ResultData:
     """Logged records read back: tables as arrays, per-image detections, decompressed features.
 
@@ -228,17 +810,30 @@ class ResultData:
         images: ``{column: array or list of str}``, one row per image
             (``input_id``, ``dataset_type``, ``n_epoch`` (-1: untagged),
             ``timestamp``, ``image_size``, ``det_offset``, ``det_count``,
-            ``fields/<name>``).
-        detections: ``{column: array}``, one row per detection.
-        manifest: the export manifest (ZIP) or the result's manifest (folder).
+            and one column per additional field under its own name). A result
+            without records has every column, empty.
+        detections: ``{column: array}``, one row per detection (``boxes``
+            [N, 4] xyxy, ``scores``, ``labels``, ``candidate_index``,
+            ``logits`` [N, C], ``embeddings`` [N, E] when logged).
+        manifest: the export manifest (ZIP) or the result's ``result.json`` (folder).
+        skipped: damaged segments left out of a folder's records (each was warned about).
     """
 
-    def __init__(self, tables: Tables, manifest: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        tables: Tables,
+        manifest: dict[str, Any],
+        source: str | Path = "",
+        skipped: list[Path] | None = None,
+    ) -> None:
         self._t = tables
         self.manifest = manifest
-        strip = lambda d, prefix: {
-            k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)
-        }
+        self.source = str(source)
+        self.skipped = list(skipped or [])
+
+        def strip(d, prefix):
+            return {k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)}
+
         images = {**strip(tables.numeric, "images/"), **strip(tables.strings, "images/")}
         # additional_fields appear under their own names
         self.images: dict[str, Any] = {k.split("/", 1)[-1]: v for k, v in images.items()}
@@ -247,19 +842,47 @@ class ResultData:
     def __len__(self) -> int:
         return self._t.n_images
 
-    def image_detections(self, i: int) -> dict[str, torch.Tensor]:
-        """The detections of image row ``i`` as tensors (boxes, scores, labels, logits, ...)."""
+    def __repr__(self) -> str:
+        return f"ResultData({self.source!r}, images={len(self)}, detections={len(self.detections.get('scores', []))})"
+
+    def image_detections(self, i: int) -> DetectionOutput:
+        """The detections of image row ``i``, as the model returned them.
+
+        Returns:
+            DetectionOutput: ``boxes`` ``Tensor[N, 4]`` xyxy in original-image
+            coordinates, ``scores``, ``labels``, ``logits`` ``Tensor[N, C]``,
+            ``candidate_index``, ``embeddings`` (or None) and ``image_size``.
+        """
+        n_images = len(self)
+        if not -n_images <= i < n_images:
+            raise IndexError(f"image row {i} is out of range: this result has {n_images} images")
+        i = i % n_images
         o, n = int(self.images["det_offset"][i]), int(self.images["det_count"][i])
-        return {
-            k: torch.from_numpy(np.ascontiguousarray(v[o : o + n]))
-            for k, v in self.detections.items()
-        }
+
+        def rows(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(self.detections[name][o : o + n]))
+
+        h, w = (int(v) for v in self.images["image_size"][i])
+        return DetectionOutput(
+            rows("boxes"),
+            rows("scores"),
+            rows("labels"),
+            rows("logits"),
+            rows("candidate_index"),
+            (h, w),
+            rows("embeddings") if "embeddings" in self.detections else None,
+        )
 
     def feature_names(self) -> list[str]:
         return sorted(set(self._t.strings.get("features/name", [])))
 
     def feature(self, i: int, name: str, decompress: bool = True):
-        """The captured tensor ``name`` of image row ``i``, decompressed (or the CompressedFeature)."""
+        """The captured tensor ``name`` of image row ``i``, decompressed (or the CompressedFeature).
+
+        Raises:
+            KeyError: no such feature for that image.
+            CorruptResultError: the feature's stored description does not fit its bytes.
+        """
         t = self._t
         names = t.strings.get("features/name", [])
         rows = [
@@ -277,8 +900,19 @@ class ResultData:
             int(t.numeric["features/payload_nbytes"][r]),
         )
         qo, qn = int(t.numeric["features/qrow_offset"][r]), int(t.numeric["features/qrow_count"][r])
-        payload_dtype = t.strings["features/payload_dtype"][r]
-        np_dtype = {"bfloat16": np.uint16}.get(payload_dtype, payload_dtype)
+        payload_dtype, dtype = (
+            t.strings["features/payload_dtype"][r],
+            t.strings["features/dtype"][r],
+        )
+        where = f"{self.source}: feature {name!r} of image {i}"
+        if payload_dtype not in _PAYLOAD_DTYPES or dtype not in _TORCH_DTYPES:
+            raise CorruptResultError(
+                f"{where} has dtypes {payload_dtype!r}/{dtype!r}: pyodlog writes "
+                f"{sorted(_PAYLOAD_DTYPES)}/{sorted(_TORCH_DTYPES)}"
+            )
+        np_dtype = np.dtype(_PAYLOAD_DTYPES[payload_dtype])
+        if int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize != pn:
+            raise CorruptResultError(f"{where}: shape {shape} does not fit its {pn} bytes")
         payload = torch.from_numpy(t.payload[po : po + pn].copy().view(np_dtype).reshape(shape))
         if payload_dtype == "bfloat16":
             payload = payload.view(torch.bfloat16)
@@ -288,53 +922,250 @@ class ResultData:
         if per_image:
             # The image's slice of a batch tensor: quantisation rows are its channels.
             payload, original = payload.unsqueeze(0), (1, *original)
-        feature = CompressedFeature(
-            method,
-            payload,
-            torch.from_numpy(t.numeric["features_scale"][qo : qo + qn].copy())
-            if method == "uint8"
-            else None,
-            torch.from_numpy(t.numeric["features_offset"][qo : qo + qn].copy())
-            if method == "uint8"
-            else None,
-            getattr(torch, t.strings["features/dtype"][r]),
-            original,
-            None if pooled[0] < 0 else pooled,
-        )
-        if not decompress:
-            return feature
-        restored = feature.decompress()
+        try:
+            feature = CompressedFeature(
+                method,
+                payload,
+                torch.from_numpy(t.numeric["features_scale"][qo : qo + qn].copy())
+                if method == "uint8"
+                else None,
+                torch.from_numpy(t.numeric["features_offset"][qo : qo + qn].copy())
+                if method == "uint8"
+                else None,
+                getattr(torch, dtype),
+                original,
+                None if pooled[0] < 0 else pooled,
+            )
+            if not decompress:
+                return feature
+            restored = feature.decompress()
+        except (RuntimeError, ValueError) as error:
+            raise CorruptResultError(f"{where} cannot be restored ({error})") from error
         return restored[0] if per_image else restored
 
 
-def open_result(
-    path: str | Path, n_epoch: int | None = None, all_epochs: bool = True
-) -> ResultData:
-    """Reads a result folder (its closed segments) or an exported ZIP.
+def _is_result(path: Path) -> bool:
+    try:
+        return path.is_dir() and (
+            (path / "result.json").is_file()
+            or (path / ".meta").is_dir()
+            or any(n.endswith((".h5", ".h5.part")) for n in os.listdir(path))
+        )
+    except OSError:
+        return False
 
-    Args:
-        path: a result folder (``PYODLOG_HOME/model/version/result``) or a ZIP from ``export()``.
-        n_epoch, all_epochs: for a folder, keep only the images of ``n_epoch``
-            (-1/None: untagged) unless ``all_epochs``.
-    """
-    path = Path(path)
-    if path.is_file() and zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as tmp:
-            manifest = json.loads(z.read("manifest.json"))
-            z.extract("records.h5", tmp)
-            return ResultData(read_segment(Path(tmp) / "records.h5"), manifest)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither a result folder nor an exported ZIP")
-    segments = sorted(path.glob("*.h5"))
-    manifest_path = path / "result.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    return ResultData(
-        merge_tables([read_segment(s) for s in segments], n_epoch, not all_epochs), manifest
+
+def _not_a_result(path: Path) -> str:
+    """What a folder that holds no result is, and what to pass instead."""
+    children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    results = [c.name for c in children if _is_result(c)]
+    if results:
+        return (
+            f"{path} is not a result folder but holds the results {results[:20]}"
+            f"{' ...' if len(results) > 20 else ''} (a version folder): pass one of them, e.g. "
+            f"pyodlog.open_result({str(path / results[0])!r})"
+        )
+    versions = [c.name for c in children if any(_is_result(g) for g in c.iterdir() if g.is_dir())]
+    if versions:
+        return (
+            f"{path} is not a result folder but holds the versions {versions[:20]} (a model folder): "
+            f"pass a result folder, <model>/<version>/<result>"
+        )
+    return (
+        f"{path} is not a pyodlog result folder: it has no result.json and no segment files "
+        f"(*.h5): pass a result folder (PYODLOG_HOME/<model>/<version>/<result>) or an exported ZIP"
     )
 
 
-def segment_epochs(path: str | Path) -> set[int]:
-    """The epochs (``n_epoch`` values, -1: untagged) of the images a closed segment holds."""
-    with h5py.File(path, "r") as f:
-        column = f["images/n_epoch"][()] if "images/n_epoch" in f else np.empty(0, np.int64)
-    return {int(e) for e in np.unique(column)}
+def _segment_paths(directory: Path) -> list[Path]:
+    """Closed segments and open ones (``.h5.part``) not closed yet, in name (creation) order."""
+    names = os.listdir(directory)
+    closed = {n for n in names if n.endswith(".h5")}
+    return [
+        directory / n
+        for n in sorted(names)
+        if n in closed or (n.endswith(".h5.part") and n[: -len(".part")] not in closed)
+    ]
+
+
+def open_result(
+    path: str | Path, n_epoch: int | None = None, all_epochs: bool = True, strict: bool = False
+) -> ResultData:
+    """Reads a result folder or an exported ZIP, checking every file (nothing read is trusted).
+
+    A folder's records are those of its closed segments and of its open ones
+    (``.h5.part``: a running logger's, or a crashed one's before a new logger
+    recovers it), read without changing them or taking their writer's lock, up
+    to the last complete image their writer flushed (everything
+    ``wait_for_save()`` acknowledged). A damaged segment (truncated, zeroed, not
+    matching the SHA-256 recorded when it was closed, not pyodlog's layout) is
+    left out with a warning naming it, unless ``strict``.
+
+    Args:
+        path: a result folder (``PYODLOG_HOME/model/version/result``, or a
+            collector's) or a ZIP from ``export()``.
+        n_epoch, all_epochs: for a folder, keep only the images of ``n_epoch``
+            (-1/None: untagged) unless ``all_epochs``.
+        strict: raise on a damaged segment instead of leaving it out.
+
+    Raises:
+        CorruptResultError: a damaged or tampered ZIP (always), or a damaged
+            segment (``strict``); the message names the file or member.
+        ValueError: ``path`` is a folder that is not a result (the message says
+            what it is, e.g. a version folder and its results), or a file that
+            is not a ZIP.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_file():
+        if not zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{path} is a file but not a ZIP exported by pyodlog: pass an export ZIP or a result folder"
+            )
+        return _open_zip(path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is neither a result folder nor an exported ZIP: it does not exist"
+        )
+    if not _is_result(path):
+        raise ValueError(_not_a_result(path))
+    manifest: dict[str, Any] = {}
+    manifest_path = path / "result.json"
+    if manifest_path.exists():
+        try:
+            manifest = json.loads(_read_small(manifest_path, MAX_JSON_BYTES, str(manifest_path)))
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, CorruptResultError) as error:
+            if strict:
+                raise CorruptResultError(f"{manifest_path} is damaged ({error})") from error
+            warnings.warn(f"pyodlog ignored {manifest_path}: damaged ({error})", stacklevel=2)
+            manifest = {}
+    parts, skipped = read_segments(_segment_paths(path), strict=strict)
+    tables = merge_tables(parts, n_epoch, not all_epochs)
+    return ResultData(_with_all_columns(tables, manifest.get("schema")), manifest, path, skipped)
+
+
+# -- exported ZIPs --------------------------------------------------------------------------------
+
+
+def _open_zip(path: Path) -> ResultData:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CorruptResultError(f"{path} is not a readable ZIP ({error})") from error
+    with archive:
+        infos = {info.filename: info for info in archive.infolist()}
+        missing = [m for m in ("manifest.json", "records.h5") if m not in infos]
+        if missing:
+            raise CorruptResultError(
+                f"{path} lacks {missing}: not a ZIP written by pyodlog's export() "
+                f"(its members: {sorted(infos)[:10]})"
+            )
+        manifest = _json_member(archive, infos["manifest.json"], path)
+        entry = (
+            (manifest.get("members") or {}).get("records.h5")
+            if isinstance(manifest.get("members"), dict)
+            else None
+        )
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256.fullmatch(entry["sha256"])
+            and isinstance(entry.get("bytes"), int)
+        ):
+            raise CorruptResultError(
+                f"{path}:manifest.json gives no SHA-256 and size for records.h5 (members.records.h5)"
+            )
+        info = infos["records.h5"]
+        label = f"{path}:records.h5"
+        _check_member_size(info, entry["bytes"], label)
+        with tempfile.TemporaryDirectory(prefix="pyodlog-read-") as tmp:
+            free = shutil.disk_usage(tmp).free
+            if info.file_size > free:
+                raise OSError(
+                    f"{label} needs {info.file_size} bytes in {tmp}, {free} are free: set TMPDIR to a "
+                    f"folder with more space"
+                )
+            target = Path(tmp) / "records.h5"
+            _extract_verified(archive, info, target, entry, label)
+            tables = _read_h5(target, False, label)
+            _check_consistent(tables, label)
+    return ResultData(_with_all_columns(tables, manifest.get("schema")), manifest, path)
+
+
+def _json_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> dict[str, Any]:
+    label = f"{path}:{info.filename}"
+    if info.file_size > MAX_JSON_BYTES:
+        raise CorruptResultError(
+            f"{label} declares {info.file_size} bytes, more than the {MAX_JSON_BYTES} a manifest may have"
+        )
+    try:
+        with archive.open(info) as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise CorruptResultError(f"{label} cannot be read ({error})") from error
+    if len(data) > MAX_JSON_BYTES:
+        raise CorruptResultError(
+            f"{label} is larger than the {MAX_JSON_BYTES} bytes a manifest may have"
+        )
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptResultError(f"{label} is not valid JSON ({error})") from error
+    if not isinstance(manifest, dict):
+        raise CorruptResultError(f"{label} is not a JSON object")
+    return manifest
+
+
+def _check_member_size(info: zipfile.ZipInfo, declared: int, label: str) -> None:
+    """Refuses, before expanding anything, a member larger than its manifest says or than allowed."""
+    if info.file_size != declared:
+        raise CorruptResultError(
+            f"{label} is {info.file_size} bytes in the ZIP's directory, {declared} in its manifest"
+        )
+    if info.file_size > MAX_MEMBER_BYTES:
+        raise CorruptResultError(f"{label} is larger than the {MAX_MEMBER_BYTES} bytes allowed")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_COMPRESSION_RATIO * max(
+        info.compress_size, 1
+    ):
+        raise CorruptResultError(
+            f"{label} would expand {info.compress_size} bytes to {info.file_size} (more than "
+            f"{MAX_COMPRESSION_RATIO}x): refused as a ZIP bomb (pyodlog stores its members uncompressed)"
+        )
+
+
+def _extract_verified(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, entry: dict[str, Any], label: str
+) -> None:
+    """Copies a member out, never more bytes than declared, and checks its size and SHA-256."""
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        with archive.open(info) as src, open(target, "wb") as dst:
+            while True:
+                block = src.read(min(_READ_BLOCK, info.file_size - written + 1))
+                if not block:
+                    break
+                written += len(block)
+                if written > info.file_size:
+                    raise CorruptResultError(
+                        f"{label} holds more bytes than its declared {info.file_size}"
+                    )
+                digest.update(block)
+                dst.write(block)
+    except CorruptResultError:
+        raise
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # a local disk problem, not the ZIP's
+        raise CorruptResultError(f"{label} cannot be read ({error})") from error
+    if written != entry["bytes"]:
+        raise CorruptResultError(
+            f"{label} holds {written} bytes, its manifest says {entry['bytes']}"
+        )
+    if digest.hexdigest() != entry["sha256"]:
+        raise CorruptResultError(
+            f"{label}: its SHA-256 ({digest.hexdigest()}) differs from the manifest's "
+            f"({entry['sha256']}): the ZIP was changed or damaged after export"
+        )

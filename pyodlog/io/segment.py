@@ -3,8 +3,15 @@
 While open it is ``<name>.h5.part`` (``<name>.h5.creating`` until its
 datasets exist): every dataset is created first, then the
 file switches to SWMR mode, so a crash leaves it readable up to its last
-completed flush. Closing it fsyncs the file, renames it to ``<name>.h5`` and
-fsyncs the folder; a closed segment is never written again.
+completed flush. Closing it fsyncs the file, renames it to ``<name>.h5``,
+records its SHA-256 in ``<name>.h5.sha256`` (written under a temporary name,
+fsynced, renamed) and fsyncs the folder; a closed segment is never written
+again, and readers verify it against that checksum.
+
+Segment format (the ``segment_format`` file attribute): 1 (no attribute) is
+pyodlog 0.1.0's layout without a checksum; 2 adds the SHA-256 sidecar. Both
+are read; a segment that lost its sidecar (a crash between the rename and the
+sidecar) is read unverified.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +35,45 @@ from pyodlog.io.columns import ColumnBatch
 from pyodlog_protocol.files import (
     fsync_path as fsync_dir,  # a folder's fsync makes renames durable
 )
+from pyodlog_protocol.files import sha256_file
 
-__all__ = ["STRING_SUFFIXES", "SegmentWriter", "fsync_dir", "segment_name", "segment_rank"]
+__all__ = [
+    "CHECKSUM_SUFFIX",
+    "SEGMENT_FORMAT",
+    "SegmentWriter",
+    "encode_strings",
+    "fsync_dir",
+    "quarantine_segment",
+    "reading_open_segment",
+    "segment_name",
+    "segment_rank",
+    "sha256_file",
+    "write_checksum",
+]
 
-STRING_SUFFIXES = (".bytes", ".spans")
+log = logging.getLogger("pyodlog")
+
+SEGMENT_FORMAT = 2
+CHECKSUM_SUFFIX = ".sha256"
+_READ_BLOCK = 1 << 20
+# What each open segment of this process has completed and flushed, by real
+# path: a reader in this process shares the writer's open HDF5 file and could
+# otherwise see rows extended a moment before their data is written. The lock
+# keeps a writer from closing its file while a reader of this process has it
+# open (HDF5 would finish closing it, and write to it, only when the reader
+# closes: after the rename and the checksum).
+_COMMITTED: dict[str, dict[str, int]] = {}
+_LIVE_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child writes none of its parent's segments, and its lock may have been held at the fork."""
+    global _LIVE_LOCK
+    _LIVE_LOCK = threading.Lock()
+    _COMMITTED.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _RANK_IN_NAME = re.compile(r"^seg-\d+-r(\d+)-p\d+-")
 
@@ -57,6 +102,89 @@ _SHIFTS = {
     "features/payload_offset": "payload",
     "features/qrow_offset": "qrows",
 }
+
+
+def encode_strings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A string column's bytes (uint8) and per-string byte lengths (int64).
+
+    UTF-8 with ``surrogateescape``: a ``str`` that came from undecodable bytes
+    (``os.fsdecode`` of a non-UTF-8 file name) is written back as those bytes,
+    and reads back (decoded with ``surrogateescape``) as the same ``str``.
+    """
+    joined = "".join(texts)
+    if joined.isascii():  # the common case: one encode, lengths in characters are bytes
+        data = joined.encode("ascii")
+        lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    else:
+        encoded = [t.encode("utf-8", "surrogateescape") for t in texts]
+        data = b"".join(encoded)
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    return np.frombuffer(data, dtype=np.uint8), lengths
+
+
+def write_checksum(path: Path) -> Path | None:
+    """Writes ``<path>.sha256`` (``'<hex>  <name>'``, like ``sha256sum``) atomically; None if it could not.
+
+    A sidecar that cannot be written (a full disk) is not an error: the segment
+    stays readable, unverified, like a segment of format 1.
+    """
+    sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    try:
+        text = f"{sha256_file(path)}  {path.name}\n".encode("ascii")
+        fd = os.open(str(tmp), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, text)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, sidecar)
+        return sidecar
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.warning(
+            "pyodlog could not write the checksum of %s (%s): it will be read unverified",
+            path,
+            error,
+        )
+        return None
+
+
+@contextlib.contextmanager
+def reading_open_segment(part: str | Path) -> Iterator[dict[str, int] | None]:
+    """For a reader of a ``.part``: the rows its writer in this process completed and flushed.
+
+    Yields None when no writer of this process has it open (another process's
+    segment, or a crashed one). Otherwise the writer cannot close the segment
+    until the block ends: read the file inside it.
+    """
+    _LIVE_LOCK.acquire()
+    counts = _COMMITTED.get(os.path.realpath(part))
+    if counts is None:
+        _LIVE_LOCK.release()
+        yield None
+        return
+    try:
+        yield dict(counts)
+    finally:
+        _LIVE_LOCK.release()
+
+
+def quarantine_segment(path: Path, reason: object) -> Path:
+    """Moves a damaged closed segment (and its checksum) into ``quarantine/`` beside it, with a warning."""
+    quarantine = path.parent / "quarantine"
+    quarantine.mkdir(exist_ok=True)
+    target = quarantine / path.name
+    if target.exists():  # never replace what an earlier quarantine kept
+        target = quarantine / f"{path.name}.{time.time_ns()}"
+    os.replace(path, target)
+    sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(sidecar, target.with_name(target.name + CHECKSUM_SUFFIX))
+    fsync_dir(path.parent)
+    log.warning("pyodlog moved the damaged segment %s to %s: %s", path, quarantine, reason)
+    return target
 
 
 def _rows_per_chunk(name: str, row_bytes: int) -> int:
@@ -90,6 +218,7 @@ class SegmentWriter:
             "records": 0,
         }
         self.nbytes = 0
+        self._key = os.path.realpath(self.part)
         # Created under a third name and renamed once in SWMR mode: a crash before
         # that leaves a '.creating' file, which never held a record.
         creating = self.path.with_name(self.path.name + ".creating")
@@ -98,6 +227,7 @@ class SegmentWriter:
             self._file.attrs[key] = (
                 value if not isinstance(value, (dict, list)) else json.dumps(value)
             )
+        self._file.attrs["segment_format"] = SEGMENT_FORMAT
         numeric, strings, _ = first.finish()
         self.numeric_columns = {
             name: (pieces[0].dtype, pieces[0].shape[1:]) for name, pieces in numeric.items()
@@ -114,6 +244,7 @@ class SegmentWriter:
                 self._create(name, np.float32, ())
                 self.numeric_columns[name] = (np.dtype(np.float32), ())
         self._file.swmr_mode = True
+        _COMMITTED[self._key] = dict(self.counts)  # known as ours before its name appears
         os.replace(creating, self.part)
         self._sync_fd: int | None = None
 
@@ -190,17 +321,10 @@ class SegmentWriter:
                 pieces = [p + self.counts[base] for p in pieces]
             self._append(name, pieces)
         for name, texts in strings.items():
-            joined = "".join(texts)
-            if joined.isascii():  # the common case: one encode, lengths in characters are bytes
-                data = joined.encode("ascii")
-                lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
-            else:
-                encoded = [t.encode("utf-8") for t in texts]
-                data = b"".join(encoded)
-                lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            data, lengths = encode_strings(texts)
             start = self._lengths[name + ".bytes"]
             starts = start + np.cumsum(lengths) - lengths
-            self._append(name + ".bytes", np.frombuffer(data, dtype=np.uint8))
+            self._append(name + ".bytes", data)
             self._append(
                 name + ".spans",
                 np.stack([starts, lengths], axis=1) if len(texts) else np.empty((0, 2), np.int64),
@@ -214,6 +338,7 @@ class SegmentWriter:
         self.counts["features"] += batch.n_features
         self.counts["records"] += batch.n_records
         self.nbytes += batch.nbytes
+        _COMMITTED[self._key] = dict(self.counts)
 
     def sync(self) -> None:
         """Makes everything flushed so far durable (h5py's flush never fsyncs)."""
@@ -222,14 +347,18 @@ class SegmentWriter:
         os.fsync(self._sync_fd)
 
     def close(self) -> Path:
-        """Closes, fsyncs, renames to ``.h5`` and fsyncs the folder; returns the final path."""
-        self._file.close()
-        if self._sync_fd is None:
-            self._sync_fd = os.open(str(self.part), os.O_RDONLY)
-        os.fsync(self._sync_fd)
-        os.close(self._sync_fd)
-        self._sync_fd = None
-        os.replace(self.part, self.path)
+        """Closes, fsyncs, renames to ``.h5``, writes its checksum, fsyncs the folder; returns the final path."""
+        with _LIVE_LOCK:  # no reader of this process has the file open now
+            _COMMITTED.pop(self._key, None)
+            self._file.close()
+            if self._sync_fd is None:
+                self._sync_fd = os.open(str(self.part), os.O_RDONLY)
+            os.fsync(self._sync_fd)
+            os.close(self._sync_fd)
+            self._sync_fd = None
+            os.replace(self.part, self.path)
+        # After the rename: a crash in between leaves an .h5 read unverified, never a stale checksum.
+        write_checksum(self.path)
         fsync_dir(self.path.parent)
         self._release_lock()
         return self.path
@@ -245,6 +374,7 @@ class SegmentWriter:
         The h5py object is kept alive for good: collecting it would close the
         HDF5 file and write to the parent's segment.
         """
+        _COMMITTED.pop(self._key, None)
         _ABANDONED.append(self._file)
         self._file = None
         self._sync_fd = None

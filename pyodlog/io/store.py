@@ -19,13 +19,12 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from pyodlog.io.copier import DeviceCopier
 from pyodlog.io.export import export_zip, write_tables
-from pyodlog.io.reader import read_segment, trim_to_consistent
-from pyodlog.io.segment import fsync_dir
+from pyodlog.io.reader import CorruptResultError, read_epochs, read_segment, trim_to_consistent
+from pyodlog.io.segment import fsync_dir, quarantine_segment
 from pyodlog.io.sink import ResultInfo, SchemaMismatchError, Sink, new_result_name
 from pyodlog.io.writer import RecordWriter, WriterConfig
 from pyodlog.structures import CallRecord
@@ -213,14 +212,21 @@ class HDF5Store(Sink):
         return ResultInfo(result_name, self.latest_epoch())
 
     def latest_epoch(self) -> int | None:
-        """The highest epoch among the closed segments of the result (None if none)."""
+        """The highest epoch among the closed segments of the result (None if none).
+
+        A segment that cannot be read is moved to ``quarantine/`` with a warning naming it.
+        """
         best = None
         for segment in self.segments():
-            with h5py.File(segment, "r") as f:
-                if "images/n_epoch" in f and f["images/n_epoch"].shape[0]:
-                    top = int(np.max(f["images/n_epoch"][()]))
-                    if top >= 0 and (best is None or top > best):
-                        best = top
+            try:
+                epochs = read_epochs(segment)
+            except CorruptResultError as error:
+                quarantine_segment(segment, error)
+                continue
+            if len(epochs):
+                top = int(np.max(epochs))
+                if top >= 0 and (best is None or top > best):
+                    best = top
         return best
 
     def add_segment_listener(self, listener) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyodlog.io.reader import segment_epochs
+from pyodlog.io.reader import read_epochs
 from pyodlog.io.segment import segment_rank
 from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError
 from pyodlog.sync.state import SyncState
@@ -105,7 +105,7 @@ class Syncer:
             return True
         epochs = self._epochs.get(path.name)
         if epochs is None:  # closed segments never change: read once
-            epochs = self._epochs[path.name] = segment_epochs(path)
+            epochs = self._epochs[path.name] = {int(e) for e in np.unique(read_epochs(path))}
         return self.n_epoch in epochs
 
     def _checksum(self, path: Path) -> tuple[str, int]:
