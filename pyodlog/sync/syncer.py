@@ -105,7 +105,7 @@ class Syncer:
             return True
         epochs = self._epochs.get(path.name)
         if epochs is None:  # closed segments never change: read once
-            epochs = self._epochs[path.name] = {int(e) for e in np.unique(read_epochs(path))}
+            epochs = self._epochs[path.name] = {int(e) for e in read_epochs(path).tolist()}
         return self.n_epoch in epochs
 
     def _checksum(self, path: Path) -> tuple[str, int]:
