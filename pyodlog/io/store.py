@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,8 @@ class HDF5Store(Sink):
         if not manifest_path.exists():
             from pyodlog import __version__
 
-            tmp = directory / "result.json.tmp"
+            # A name of this process and thread: workers starting together each write their own.
+            tmp = directory / f"result.json.{os.getpid()}-{threading.get_ident()}.tmp"
             tmp.write_text(
                 json.dumps(
                     {
