@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from pyodlog.distributed import DistContext, DistributedLoggingError, agree, current_context
 from pyodlog.io.writer import segment_rank
 from pyodlog.monitoring.sink import SchemaMismatchError, Sink
@@ -209,8 +211,14 @@ class MonitoringLogger:
             self._closed = True
             self._calls_lock.wait_for(lambda: not self._calls_in_flight)
 
-    async def acall(self, *args: Any, executor: Executor | None = None, **kwargs: Any) -> Any:
-        """``await logger.acall(...)``: the call of ``logger(...)``, run in a worker thread.
+    async def acall(
+        self,
+        *args: Any,
+        executor: Executor | None = None,
+        inference_mode: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """``await logger.acall(...)``: the call ``logger(...)``, run in a worker thread.
 
         For asyncio servers: the model and the logging both run in ``executor``
         (default: the event loop's default thread pool), so the event loop is
@@ -220,9 +228,13 @@ class MonitoringLogger:
         in the awaiting thread returns what this call captured.
 
         Args:
-            *args, **kwargs: as for ``logger(...)``.
+            *args, **kwargs: as for ``logger(...)`` (``executor`` and
+                ``inference_mode`` are this method's own).
             executor: a ``concurrent.futures`` executor to run the call in
                 (e.g. a ThreadPoolExecutor sized to the device); None: the loop's default.
+            inference_mode: run the call under ``torch.inference_mode()`` (grad
+                mode is per thread: the awaiting thread's does not reach the
+                worker); False: the worker thread's own grad mode.
 
         Returns:
             Exactly what ``model(model_input)`` returns.
@@ -233,7 +245,8 @@ class MonitoringLogger:
         adopt = getattr(self, "_adopt_thread_captures", None)
 
         def work():
-            output = self(*args, **kwargs)
+            with torch.inference_mode(inference_mode):
+                output = self(*args, **kwargs)
             return output, (take() if take is not None else None)
 
         output, captures = await loop.run_in_executor(executor, context.run, work)
