@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from readme_blocks import block_starting_with
 from torch import nn
 from torchvision.models import detection
 
@@ -384,6 +385,14 @@ def test_acall_runs_off_the_event_loop_and_returns_each_calls_output(models):
     for s, out in enumerate(outputs):
         assert_same_detections(result.image_detections(rows[f"a{s}"]), out[0], f"a{s}")
     assert box is last_box_head["out"]  # the 'last' call ran alone: its capture is the latest
+
+
+def test_the_readme_concurrency_example_runs(isolated_data_root):
+    namespace: dict = {}
+    exec(compile(block_starting_with("# concurrency"), "README.md:concurrency", "exec"), namespace)
+    assert len(namespace["answers"]) == 4
+    folder = isolated_data_root / "detector" / "v1" / "serving"
+    assert sorted(open_result(folder).images["input_id"]) == list("abcde")
 
 
 ROUNDS = 8
