@@ -318,6 +318,10 @@ def test_wait_for_save_export_and_stats_from_another_thread_while_threads_log(
             logger.wait_for_save()
             stats = logger.sink.stats()
             assert stats["durable"] >= len(done_before)
+            for _ in range(200):  # counters read while the threads log: always consistent
+                stats = logger.sink.stats()
+                assert stats["submitted"] == stats["written"] + stats["dropped"] + stats["queued"]
+                assert stats["queued"] >= 0 and stats["durable"] <= stats["written"]
             with lock:
                 done_before = list(completed)
             exported = open_result(logger.export(tmp_path / f"e{n}.zip"))

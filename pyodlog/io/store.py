@@ -291,7 +291,16 @@ class HDF5Store(Sink):
         if not self._writer:
             return {}
         stats = self._writer.stats()
-        stats["dropped_device_copies"] = self.copier.dropped
+        # One consistent snapshot while other threads log: outcomes first, then what was submitted.
+        written, dropped = self._writer.written, self._writer.dropped
+        submitted = self._writer.submitted
+        stats.update(
+            submitted=submitted,
+            written=written,
+            dropped=dropped,
+            queued=submitted - written - dropped,
+            dropped_device_copies=self.copier.dropped,
+        )
         return stats
 
     @property
