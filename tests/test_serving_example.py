@@ -14,16 +14,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import fastapi  # noqa: F401 - the example's dependencies (requirements/pins.txt) must be there
 import numpy as np
-import pytest
+import requests
 import torch
+import uvicorn  # noqa: F401
 from PIL import Image
 
 from pyodlog import open_result
-
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-requests = pytest.importorskip("requests")
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS, CLIENTS, REQUESTS = 2, 8, 10
