@@ -88,12 +88,12 @@ class ObjectDetectionTorchTracer:
         call's own dict: calls running at once in other threads have their own.
         Outside a call it is a new empty dict each time (nothing is kept).
         """
-        capture = self._current_call.get()
+        capture = self._capture_now()
         return {} if capture is None else capture.state
 
     @_state.setter
     def _state(self, value: dict[str, Any]) -> None:
-        capture = self._current_call.get()
+        capture = self._capture_now()
         if capture is not None:
             capture.state = value
         elif value:
@@ -101,6 +101,11 @@ class ObjectDetectionTorchTracer:
                 "self._state holds one call's captures: set it only inside a logged call "
                 "(in a hook or in _parse_model_output)"
             )
+
+    def _capture_now(self) -> CallCapture | None:
+        """The capture of the call running in this context (None outside a call, or before ``_init_tracer``)."""
+        current = getattr(self, "_current_call", None)
+        return None if current is None else current.get()
 
     def _add_forward_hook(self, module: nn.Module, hook: Callable) -> None:
         """Registers a forward hook that runs only inside a logged call (of the calling context)."""
