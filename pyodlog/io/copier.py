@@ -1,9 +1,12 @@
 """The async copier: moves a record's device tensors to pinned host memory on a side stream.
 
-The inference thread only enqueues copies: it records an event on the current
-(compute) stream, the side stream waits for that event and copies every CUDA
-tensor of the record into pinned host buffers with ``non_blocking=True``, and a
-second event marks the copies done. The writer thread waits on that event
+The inference thread only enqueues copies: it records an event on its current
+(compute) stream — the caller's own, so threads computing on different streams
+each order their copies after their own work — a side stream waits for that
+event and copies every CUDA tensor of the record into pinned host buffers with
+``non_blocking=True``, and a second event marks the copies done. Each caller
+stream gets a side stream of its own (:class:`CopyStreams`), so one thread's
+copies never queue behind another thread's computation. The writer thread waits on that event
 before it reads the buffers; the inference thread never synchronises with the
 device. ``record_stream`` keeps the caching allocator from reusing a source
 tensor's memory before the side stream has read it.
@@ -19,13 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 
 from pyodlog.structures import CallRecord, DetectionBatch
 
-__all__ = ["DeviceCopier", "PendingRecord"]
+__all__ = ["CopyStreams", "DeviceCopier", "PendingRecord"]
 
 
 @dataclasses.dataclass
@@ -51,6 +56,51 @@ def _cuda_tensors(record: CallRecord):
                 yield t
 
 
+def stream_key(stream: Any) -> Hashable:
+    """What identifies a CUDA stream: its device and id (two ``Stream`` objects of one stream are equal)."""
+    return (stream.device_type, stream.device_index, stream.stream_id)
+
+
+class CopyStreams:
+    """One side (copy) stream per caller stream, made on first use; thread-safe.
+
+    Keyed by :func:`stream_key` of the caller's stream, so calls from threads
+    on different compute streams copy on different side streams, while the
+    calls of one stream share one (their copies stay in order). At most
+    ``max_streams`` are kept (least recently used dropped first: a dropped
+    side stream is only forgotten by this pool, work queued on it completes).
+
+    Args:
+        new_stream: makes a side stream for a device (default ``torch.cuda.Stream``).
+        max_streams: how many side streams to keep.
+    """
+
+    def __init__(
+        self, new_stream: Callable[[Any], Any] | None = None, max_streams: int = 64
+    ) -> None:
+        self._new_stream = new_stream or (lambda device: torch.cuda.Stream(device=device))
+        self.max_streams = max_streams
+        self._lock = threading.Lock()
+        self._streams: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def for_caller(self, caller: Any, device: Any) -> Any:
+        """The side stream that copies what ``caller`` (a stream on ``device``) produced."""
+        key = stream_key(caller)
+        with self._lock:
+            stream = self._streams.get(key)
+            if stream is None:
+                stream = self._streams[key] = self._new_stream(device)
+                while len(self._streams) > self.max_streams:
+                    self._streams.popitem(last=False)
+            else:
+                self._streams.move_to_end(key)
+            return stream
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+
 class DeviceCopier:
     """Copies records off the GPU without blocking the caller (see the module docstring)."""
 
@@ -65,7 +115,7 @@ class DeviceCopier:
         self.inflight_bytes = 0
         self.dropped = 0
         self._cond = threading.Condition()
-        self._streams: dict[torch.device, Any] = {}
+        self.streams = CopyStreams()
 
     def release(self, pending: PendingRecord) -> None:
         """Called by the writer once it no longer needs the record's host buffers."""
@@ -96,7 +146,11 @@ class DeviceCopier:
             return ok
 
     def to_host(self, record: CallRecord) -> PendingRecord | None:
-        """Starts the copies; returns the pending record, or None if it was dropped (pool exhausted)."""
+        """Starts the copies; returns the pending record, or None if it was dropped (pool exhausted).
+
+        Call it on the thread that computed ``record``, with the stream it
+        computed on still current: the copies are ordered after that stream's work.
+        """
         devices = {t.device for t in _cuda_tensors(record) if t.is_cuda}
         if not devices:
             return PendingRecord(record)
@@ -104,11 +158,11 @@ class DeviceCopier:
         if not self._reserve(nbytes):
             return None
         device = next(iter(devices))
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        # The stream this thread computed the record on: the copies wait for it, not for a global one.
+        caller = torch.cuda.current_stream(device)
+        stream = self.streams.for_caller(caller, device)
         produced = torch.cuda.Event()
-        produced.record(torch.cuda.current_stream(device))
+        produced.record(caller)
         with torch.cuda.stream(stream):
             stream.wait_event(produced)
 

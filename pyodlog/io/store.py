@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,8 @@ class HDF5Store(Sink):
         if not manifest_path.exists():
             from pyodlog._version import __version__
 
-            tmp = directory / "result.json.tmp"
+            # A name of this process and thread: workers starting together each write their own.
+            tmp = directory / f"result.json.{os.getpid()}-{threading.get_ident()}.tmp"
             tmp.write_text(
                 json.dumps(
                     {
@@ -295,7 +297,16 @@ class HDF5Store(Sink):
         if not self._writer:
             return {}
         stats = self._writer.stats()
-        stats["dropped_device_copies"] = self.copier.dropped
+        # One consistent snapshot while other threads log: outcomes first, then what was submitted.
+        written, dropped = self._writer.written, self._writer.dropped
+        submitted = self._writer.submitted
+        stats.update(
+            submitted=submitted,
+            written=written,
+            dropped=dropped,
+            queued=submitted - written - dropped,
+            dropped_device_copies=self.copier.dropped,
+        )
         return stats
 
     @property

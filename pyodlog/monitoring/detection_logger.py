@@ -250,7 +250,12 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             ValueError: invalid arguments (nothing is recorded then).
             RuntimeError: the model is in training mode.
         """
-        self._check_open()
+        with self._call_in_flight():  # LoggerClosedError once close() began; close() waits for it
+            return self._logged_call(model_input, input_ids, dataset_type, kwargs)
+
+    def _logged_call(
+        self, model_input: Any, input_ids: list[str] | None, dataset_type: str, kwargs: dict
+    ) -> Any:
         if self._core.training:
             raise RuntimeError(
                 f"the {type(self._core).__name__} is in training mode, where torchvision detectors return losses, not "
@@ -263,16 +268,12 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         dataset_type = check_dataset_type(dataset_type)
         fields = check_field_values(self._field_specs, kwargs, n_images)
         timestamp = time.time()
-        self._begin_capture()
-        try:
+        # This call's own hook captures (self._state): calls in other threads have theirs.
+        with self._call_capture() as capture:
             output = self.model(model_input)
-        finally:
-            features = self._end_capture()
-        try:
+            features = self._end_capture(capture)
             with torch.no_grad():
                 detections = self._parse_model_output(output, img_sizes)
-        finally:
-            self._state = {}  # drop references to this call's activations
         self._submit(
             CallRecord(
                 ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields
@@ -281,6 +282,11 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         return output
 
     def close(self) -> None:
-        """Removes every hook from the model and closes the sink; idempotent."""
+        """Removes every hook from the model and closes the sink; idempotent, callable from any thread.
+
+        Calls running in other threads finish first (their records are stored);
+        new calls raise ``LoggerClosedError``.
+        """
+        self._stop_calls()
         self._remove_hooks()
         self._close_monitoring()

@@ -6,9 +6,17 @@ endpoint and key, and the lifecycle (``close()``, context manager).
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from pyodlog.distributed import DistContext, DistributedLoggingError, agree, current_context
 from pyodlog.io.segment import segment_rank
@@ -87,6 +95,12 @@ class MonitoringLogger:
             sink = HDF5Store()
         self._sink: Sink = sink
         self._closed = False
+        # Calls between _check_open and their submit; close() waits for them.
+        self._calls_lock = threading.Condition()
+        self._calls_in_flight = 0
+        self._calls_in_thread = threading.local()
+        self._close_lock = threading.Lock()
+        self._sink_closed = False
         # Under torch.distributed, rank 0 resolves the result and the epoch and every rank follows.
         self._dist: DistContext | None = current_context()
 
@@ -145,6 +159,80 @@ class MonitoringLogger:
             raise LoggerClosedError(
                 f"{type(self).__name__} for {self.model_name}/{self.version_name} is closed: create a new logger"
             )
+
+    @contextmanager
+    def _call_in_flight(self) -> Iterator[None]:
+        """Admits one call (``LoggerClosedError`` once ``close()`` began) and counts it until it ends.
+
+        ``close()`` waits for every admitted call, so a call that started before
+        it runs to the end and its record is stored; no lock is held meanwhile.
+        """
+        with self._calls_lock:
+            self._check_open()
+            self._calls_in_flight += 1
+        self._calls_in_thread.depth = getattr(self._calls_in_thread, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._calls_in_thread.depth -= 1
+            with self._calls_lock:
+                self._calls_in_flight -= 1
+                if not self._calls_in_flight:
+                    self._calls_lock.notify_all()
+
+    def _stop_calls(self) -> None:
+        """Refuses new calls and waits for those in flight (in other threads) to finish."""
+        if getattr(self._calls_in_thread, "depth", 0):
+            raise RuntimeError(
+                f"close() was called from inside a call of this {type(self).__name__} (e.g. from a model "
+                "hook): close the logger after the call returns"
+            )
+        with self._calls_lock:
+            self._closed = True
+            self._calls_lock.wait_for(lambda: not self._calls_in_flight)
+
+    async def acall(
+        self,
+        *args: Any,
+        executor: Executor | None = None,
+        inference_mode: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """``await logger.acall(...)``: the call ``logger(...)``, run in a worker thread.
+
+        For asyncio servers: the model and the logging both run in ``executor``
+        (default: the event loop's default thread pool), so the event loop is
+        never blocked by inference nor by logging; the arguments and the
+        return value are those of ``logger(...)``. The call runs in a copy of
+        the caller's ``contextvars`` context. After it, ``get_hooked_features``
+        in the awaiting thread returns what this call captured.
+
+        Args:
+            *args, **kwargs: as for ``logger(...)`` (``executor`` and
+                ``inference_mode`` are this method's own).
+            executor: a ``concurrent.futures`` executor to run the call in
+                (e.g. a ThreadPoolExecutor sized to the device); None: the loop's default.
+            inference_mode: run the call under ``torch.inference_mode()`` (grad
+                mode is per thread: the awaiting thread's does not reach the
+                worker); False: the worker thread's own grad mode.
+
+        Returns:
+            Exactly what ``model(model_input)`` returns.
+        """
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        take = getattr(self, "_thread_captures", None)
+        adopt = getattr(self, "_adopt_thread_captures", None)
+
+        def work():
+            with torch.inference_mode(inference_mode):
+                output = self(*args, **kwargs)
+            return output, (take() if take is not None else None)
+
+        output, captures = await loop.run_in_executor(executor, context.run, work)
+        if adopt is not None and captures is not None:
+            adopt(captures)
+        return output
 
     def _submit(self, record: CallRecord) -> None:
         record.model_name, record.version_name, record.result_name = (
@@ -254,8 +342,11 @@ class MonitoringLogger:
         return self._syncer
 
     def _close_monitoring(self) -> None:
-        if not self._closed:
-            self._closed = True
+        self._stop_calls()
+        with self._close_lock:  # a second close() returns once the first one is done
+            if self._sink_closed:
+                return
+            self._sink_closed = True
             try:
                 self._sink.close()  # closes the last segment, which the syncer then sends
             finally:
@@ -263,7 +354,12 @@ class MonitoringLogger:
                     self._syncer.close()
 
     def close(self) -> None:
-        """Removes hooks, flushes and releases everything; idempotent."""
+        """Flushes and releases everything; idempotent, callable from any thread.
+
+        New calls raise ``LoggerClosedError`` from the moment it starts; calls
+        already running in other threads finish and their records are stored
+        before the sink closes.
+        """
         self._close_monitoring()
 
     def __enter__(self):

@@ -5,11 +5,22 @@ the layer's output at hook time, and those a model family registers to capture
 what it needs for per-detection logits. Hooks act only while the logger is
 inside a call, never change what a module returns, and are all removed by
 :meth:`ObjectDetectionTorchTracer._remove_hooks`.
+
+Concurrency: everything a hook captures belongs to one call. Each call opens a
+:class:`CallCapture` and makes it current through a :class:`contextvars.ContextVar`
+of the tracer (one per tracer) for as long as the call runs; hooks write into
+the current call's capture and nowhere else. Module hooks run synchronously in
+the thread (and context) that called the model, so threads calling one logger
+at once never see each other's tensors, and no lock is held while the model
+runs. The capture is dropped when the call ends, also when the model raises.
 """
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from pyodlog.monitoring.validation import LayerSpec
 from pyodlog.ops.compression import CompressedFeature, compress_features
 
-__all__ = ["ObjectDetectionTorchTracer"]
+__all__ = ["CallCapture", "ObjectDetectionTorchTracer"]
 
 
 def flatten_output(output: Any, name: str) -> Iterator[tuple[str, Tensor]]:
@@ -34,82 +45,167 @@ def flatten_output(output: Any, name: str) -> Iterator[tuple[str, Tensor]]:
             yield from flatten_output(value, f"{name}/{i}")
 
 
+class CallCapture:
+    """What the hooks captured during one logged call (private to that call).
+
+    Attributes:
+        state: what the family hooks put there (``self._state`` inside the call).
+        raw: per ``target_layers`` alias, every output of the layer in this call.
+        captured: compressed features by (leaf name, index of the layer's run).
+        capturing: whether hooks record (True while the model runs).
+    """
+
+    __slots__ = ("captured", "capturing", "raw", "state")
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {}
+        self.raw: dict[str, list[Any]] = {}
+        self.captured: dict[tuple[str, int], CompressedFeature] = {}
+        self.capturing = True
+
+
 class ObjectDetectionTorchTracer:
     """The PyTorch hook part of a logger: ``target_layers`` and family hooks."""
 
     def _init_tracer(self, model: nn.Module, layers: list[LayerSpec]) -> None:
         self._hooks: list[RemovableHandle] = []
         self._layer_specs = layers
-        self._capturing = False
         self._calls_made = False
-        self._latest_raw: dict[str, Any] = {}
-        self._call_raw: dict[str, list[Any]] = {}
-        self._captured: dict[str, CompressedFeature] = {}
-        # What the family hooks capture in one call; cleared after each call.
-        self._state: dict[str, Any] = {}
+        # The capture of the call running in the current context; None outside a call.
+        self._current_call: contextvars.ContextVar[CallCapture | None] = contextvars.ContextVar(
+            f"pyodlog_call_{id(self):x}", default=None
+        )
+        # Per thread: the target_layers outputs of that thread's last successful call.
+        self._thread_latest = threading.local()
         for spec in layers:
             self._add_forward_hook(model.get_submodule(spec.path), self._layer_hook(spec))
 
+    @property
+    def _state(self) -> dict[str, Any]:
+        """What the family hooks capture for the call running in this thread (context).
+
+        Inside a logged call (its hooks and ``_parse_model_output``) this is that
+        call's own dict: calls running at once in other threads have their own.
+        Outside a call it is a new empty dict each time (nothing is kept).
+        """
+        capture = self._capture_now()
+        return {} if capture is None else capture.state
+
+    @_state.setter
+    def _state(self, value: dict[str, Any]) -> None:
+        capture = self._capture_now()
+        if capture is not None:
+            capture.state = value
+        elif value:
+            raise RuntimeError(
+                "self._state holds one call's captures: set it only inside a logged call "
+                "(in a hook or in _parse_model_output)"
+            )
+
+    def _capture_now(self) -> CallCapture | None:
+        """The capture of the call running in this context (None outside a call, or before ``_init_tracer``)."""
+        current = getattr(self, "_current_call", None)
+        return None if current is None else current.get()
+
     def _add_forward_hook(self, module: nn.Module, hook: Callable) -> None:
-        """Registers a forward hook that runs only inside a logged call."""
+        """Registers a forward hook that runs only inside a logged call (of the calling context)."""
+        current = self._current_call
 
         def guarded(mod, inputs, output):
-            if self._capturing:
+            capture = current.get()
+            if capture is not None and capture.capturing:
                 hook(mod, inputs, output)
 
         self._hooks.append(module.register_forward_hook(guarded))
 
     def _add_forward_pre_hook(self, module: nn.Module, hook: Callable) -> None:
-        """Registers a forward pre-hook that runs only inside a logged call."""
+        """Registers a forward pre-hook that runs only inside a logged call (of the calling context)."""
+        current = self._current_call
 
         def guarded(mod, inputs):
-            if self._capturing:
+            capture = current.get()
+            if capture is not None and capture.capturing:
                 hook(mod, inputs)
 
         self._hooks.append(module.register_forward_pre_hook(guarded))
 
     def _layer_hook(self, spec: LayerSpec) -> Callable:
         def hook(module, inputs, output):
+            capture = self._current_call.get()
             # A module called several times in one forward (a head shared by the
             # FPN levels) keeps every output: alias/0, alias/1, ...
-            calls = self._call_raw.setdefault(spec.alias, [])
+            calls = capture.raw.setdefault(spec.alias, [])
             calls.append(output)
             with torch.no_grad():
                 for name, tensor in flatten_output(output, spec.alias):
                     if tensor.dtype.is_floating_point:
                         # Compressing copies: an in-place op after this layer
                         # cannot change what is recorded.
-                        self._captured[(name, len(calls) - 1)] = compress_features(
+                        capture.captured[(name, len(calls) - 1)] = compress_features(
                             tensor.detach(), spec.compression, spec.pool_to
                         )
 
         return hook
 
-    def _begin_capture(self) -> None:
-        self._call_raw = {}
-        self._captured = {}
-        self._state = {}
-        self._capturing = True
-        self._calls_made = True
+    @contextmanager
+    def _call_capture(self) -> Iterator[CallCapture]:
+        """Makes a new :class:`CallCapture` current for the ``with`` block, and drops it after.
 
-    def _end_capture(self) -> dict[str, CompressedFeature]:
-        """Stops capturing; returns this call's compressed features by name."""
-        self._capturing = False
-        for alias, calls in self._call_raw.items():
-            self._latest_raw[alias] = calls[0] if len(calls) == 1 else list(calls)
+        The block runs the model and then reads the capture (``_end_capture``,
+        ``_parse_model_output``); the capture is dropped also when it raises.
+        """
+        capture = CallCapture()
+        token = self._current_call.set(capture)
+        self._calls_made = True
+        try:
+            yield capture
+        finally:
+            capture.capturing = False
+            self._current_call.reset(token)
+
+    def _end_capture(self, capture: CallCapture) -> dict[str, CompressedFeature]:
+        """Stops capturing; returns this call's compressed features by name.
+
+        Also makes this call's ``target_layers`` outputs the calling thread's
+        latest (what :meth:`get_hooked_features` returns in this thread).
+        """
+        capture.capturing = False
+        latest = self._latest_of_thread()
+        for alias, calls in capture.raw.items():
+            latest[alias] = calls[0] if len(calls) == 1 else list(calls)
         features: dict[str, CompressedFeature] = {}
-        for (name, call_index), feature in self._captured.items():
+        for (name, call_index), feature in capture.captured.items():
             alias = name.split("/", 1)[0]
-            if len(self._call_raw[alias]) > 1:
+            if len(capture.raw[alias]) > 1:
                 rest = name[len(alias) :]
                 name = f"{alias}/{call_index}{rest}"
             features[name] = feature
-        self._captured = {}
-        self._call_raw = {}
+        capture.captured = {}
+        capture.raw = {}
         return features
 
+    def _latest_of_thread(self) -> dict[str, Any]:
+        latest = getattr(self._thread_latest, "raw", None)
+        if latest is None:
+            latest = self._thread_latest.raw = {}
+        return latest
+
+    def _thread_captures(self) -> dict[str, Any]:
+        """A copy of the calling thread's latest ``target_layers`` outputs (handed over by ``acall``)."""
+        return dict(self._latest_of_thread())
+
+    def _adopt_thread_captures(self, captures: dict[str, Any]) -> None:
+        """Makes ``captures`` (from :meth:`_thread_captures` in another thread) this thread's latest."""
+        self._latest_of_thread().update(captures)
+
     def get_hooked_features(self, layer_name: str) -> Any:
-        """The output captured for a ``target_layers`` alias in the latest call.
+        """The output captured for a ``target_layers`` alias in the calling thread's latest call.
+
+        Each thread sees its own calls only: with one logger shared by many
+        threads, a thread reads what its own last call captured, never another
+        thread's. After ``await logger.acall(...)`` the awaiting thread sees what
+        that call captured. A call whose model raised leaves the thread's latest
+        as it was. Each thread keeps its latest outputs alive until its next call.
 
         Args:
             layer_name: the alias given in ``target_layers``.
@@ -119,28 +215,28 @@ class ObjectDetectionTorchTracer:
             returned; a list of them if the layer ran several times in the call).
 
         Raises:
-            KeyError: nothing was captured for that alias (unknown alias, or no
-                call yet); the message lists the known aliases.
+            KeyError: nothing was captured for that alias in this thread
+                (unknown alias, or no call yet); the message lists the known aliases.
         """
-        if layer_name not in self._latest_raw:
+        latest = self._latest_of_thread()
+        if layer_name not in latest:
             known = [s.alias for s in self._layer_specs]
             if layer_name not in known:
                 state = "it is not a target_layers alias"
             elif self._calls_made:
                 state = (
-                    "its module did not run in the logged calls: a container such as nn.ModuleList whose "
-                    "children the model calls directly never runs itself; hook one of its children"
+                    "no logged call of this thread has captured it: it is captured per thread (call the logger "
+                    "in this thread first), and a container such as nn.ModuleList whose children the model calls "
+                    "directly never runs itself (hook one of its children)"
                 )
             else:
                 state = "no call has captured it yet"
             raise KeyError(
                 f"no activation captured for {layer_name!r} ({state}); known aliases: {known}"
             )
-        return self._latest_raw[layer_name]
+        return latest[layer_name]
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        self._capturing = False
-        self._state = {}
