@@ -20,7 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pyodlog.io.columns import ColumnBatch
+from pyodlog.io.columns import ColumnBatch, encode_str
 from pyodlog_collector.files import (
     fsync_path as fsync_dir,  # a folder's fsync makes renames durable
 )
@@ -179,7 +179,7 @@ class SegmentWriter:
                 data = joined.encode("ascii")
                 lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
             else:
-                encoded = [t.encode("utf-8") for t in texts]
+                encoded = [encode_str(t) for t in texts]  # lossless (surrogateescape)
                 data = b"".join(encoded)
                 lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
             start = self._lengths[name + ".bytes"]
