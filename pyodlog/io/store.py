@@ -472,7 +472,8 @@ class HDF5Store(Sink):
             raise OSError(
                 error.errno,
                 f"pyodlog cannot write the export {output_path if output_path is not None else output} "
-                f"({error.strerror or error}): free space there or pass another output_path",
+                f"({os.strerror(error.errno) if error.errno else error}): free space there or pass another "
+                f"output_path",
             ) from error
 
     def close(self) -> None:

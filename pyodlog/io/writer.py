@@ -13,11 +13,13 @@ What never stops the thread:
 * A record that cannot become rows (any exception in ``record_to_columns``)
   is quarantined: pickled, with a JSON description of why, under
   ``<result>/quarantine/``, and counted (``stats()["quarantined"]``).
-* A disk error (``OSError``, e.g. ENOSPC) while appending rolls the segment
-  back to its last complete batch: the segment is closed as a rewrite of the
-  images it held before the failed append (never renamed torn, never a batch
-  twice), and the batch is retried, with backoff, in a new segment. While the
-  disk fails at most one batch is held; later calls are dropped and counted.
+* A disk error (``OSError``, e.g. ENOSPC) while appending, syncing or
+  closing rolls the segment back to its last complete append: the file is
+  reopened and every dataset cut back to where that append ended (if it cannot
+  be reopened, it is closed as a rewrite of those images instead). A segment
+  is never renamed torn and a batch never lands twice: the failed batch stays
+  pending and is retried, with backoff, after the rollback. While the disk
+  fails at most one batch is held; later calls are dropped and counted.
   Logging resumes by itself when the disk does.
 
 Every wait has a bound or a reason: ``submit`` waits at most ``block_timeout``
@@ -36,6 +38,7 @@ import pickle
 import queue
 import re
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -43,6 +46,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import h5py
 
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
@@ -205,7 +210,7 @@ _STOP = object()
 
 
 class _Segment(SegmentWriter):
-    """A segment as the writer uses it: leaves no litter when it cannot be created, can be let go after a failure.
+    """A segment as the writer uses it: no litter when it cannot be created, and a rollback after a failed write.
 
     ``column_fault`` (tests) is called before each column is appended: raising
     there fails an append half-way, as a full disk does.
@@ -224,11 +229,55 @@ class _Segment(SegmentWriter):
         except BaseException:
             self._discard_unborn()
             raise
+        # Each dataset's length at the end of the last complete append.
+        self._committed = dict(self._lengths)
+
+    def append(self, batch: ColumnBatch) -> None:
+        super().append(batch)
+        self._committed = dict(self._lengths)
 
     def _append_direct(self, name: str, pieces) -> None:
         if self.column_fault is not None:
             self.column_fault(name)
         super()._append_direct(name, pieces)
+
+    def roll_back(self) -> None:
+        """Cuts every dataset back to the end of the last complete append; the segment takes appends again.
+
+        The file is reopened (its failed writes are never trusted), each
+        dataset resized to its committed length, flushed and put back in SWMR
+        mode; the partial last chunk of each column is read back into its tail
+        buffer. Needs almost no free space (metadata only).
+
+        Raises:
+            OSError: the disk still refuses (retry later), or the file cannot
+                be reopened (then close it as its complete prefix instead).
+        """
+        self.let_go()
+        f = h5py.File(self.part, "r+", libver="latest")
+        try:
+            for name, length in self._committed.items():
+                ds = f[name]
+                if ds.shape[0] < length:
+                    raise OSError(f"{self.part.name}: {name} lost rows that were flushed")
+                if ds.shape[0] != length:
+                    ds.resize(length, axis=0)
+            f.flush()
+            f.swmr_mode = True
+            datasets = {name: f[name] for name in self._datasets}
+            for name, ds in datasets.items():
+                tail = self._tails.get(name)
+                length = self._committed[name]
+                filled = length % ds.chunks[0]
+                if tail is not None and filled:
+                    tail[:filled] = ds[length - filled : length]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+        self._file = f
+        self._datasets = datasets
+        self._lengths = dict(self._committed)
 
     def _discard_unborn(self) -> None:
         """Creation failed (e.g. ENOSPC): remove its files; it never held a record."""
@@ -244,8 +293,9 @@ class _Segment(SegmentWriter):
     def let_go(self) -> None:
         """After a failed append, sync or close: close the file, whatever state HDF5 is in.
 
-        The on-disk content past the last complete batch is never trusted: the
-        writer rewrites the segment cut to ``counts["images"]`` (see
+        The on-disk content past the last complete append is never trusted:
+        :meth:`roll_back` cuts it off (or, if the file cannot be reopened, the
+        writer rewrites the segment cut to ``counts["images"]``, see
         :func:`read_complete`). The lock stays held until then.
         """
         if self._file is not None:
@@ -301,6 +351,7 @@ class RecordWriter:
         self._first_pending_at = 0.0
         self._retry_at = 0.0
         self._backoff = FIRST_BACKOFF
+        self._rollbacks = 0  # in this disk error episode (the first is logged)
         self._last_drop_log = -DROP_LOG_INTERVAL
         self._reported = {"dropped": 0, "quarantined": 0}
         # Tests: raise at the writer's boundary (before a batch touches the file) ...
@@ -420,6 +471,8 @@ class RecordWriter:
                             desc="pyodlog: saving",
                             file=sys.stderr,
                             leave=False,
+                            # A terminal that reports no size (0 columns) would show nothing.
+                            ncols=shutil.get_terminal_size().columns,
                         )
                     bar.n = min(self.written, target)
                     bar.refresh()
@@ -558,9 +611,9 @@ class RecordWriter:
         )
 
     def _flush(self) -> bool:
-        """Closes a failed segment, then appends what is pending. False on a disk error (a retry is scheduled)."""
+        """Rolls a failed segment back, then appends what is pending. False on a disk error (a retry is scheduled)."""
         try:
-            self._close_broken()
+            self._recover_broken()
             if self._pending.n_records:
                 self._append_pending()
         except OSError as error:
@@ -643,6 +696,7 @@ class RecordWriter:
         if self.last_disk_error is not None:
             log.warning("pyodlog writes records again (the disk error cleared)")
         self.last_disk_error = None
+        self._rollbacks = 0
         self._backoff = FIRST_BACKOFF
         self._retry_at = 0.0
 
@@ -674,6 +728,7 @@ class RecordWriter:
             )
             attrs = dict(self.attrs, rank=self.rank, pid=os.getpid(), created=time.time())
             self._segment = _Segment(self.directory / name, attrs, batch, self.column_fault)
+        self._segment.column_fault = self.column_fault
         try:
             self._segment.append(batch)
         except BaseException:
@@ -713,6 +768,37 @@ class RecordWriter:
             seg.let_go()
             self._broken = seg
 
+    def _recover_broken(self) -> None:
+        """Rolls a failed segment back to its last complete append and keeps writing it.
+
+        If its file cannot be reopened, it is closed instead as the images it
+        held before the failure (a rewrite, which needs that much free space).
+
+        Raises:
+            OSError: the disk still refuses: retried later.
+        """
+        seg = self._broken
+        if seg is None:
+            return
+        if seg.part.exists():
+            try:
+                seg.roll_back()
+            except OSError as error:
+                if error.errno is not None:  # the disk refused (ENOSPC, EIO, ...): retry later
+                    raise
+                log.warning("pyodlog cannot reopen %s (%s): closing it", seg.part.name, error)
+            else:
+                self._broken, self._segment = None, seg
+                self._rollbacks += 1
+                (log.warning if self._rollbacks == 1 else log.debug)(
+                    "pyodlog rolled %s back to its last complete batch (%d images); the failed "
+                    "batch is written again",
+                    seg.part.name,
+                    seg.counts["images"],
+                )
+                return
+        self._close_broken()
+
     def _close_broken(self) -> None:
         """Closes a failed segment as the images it held before the failure (needs disk space).
 
@@ -747,13 +833,13 @@ class RecordWriter:
             path = seg.path
         seg.unlock()
         self._broken = None
-        log.warning(
-            "pyodlog closed %s after a failed write with its %d complete image(s); the failed "
-            "batch is written again in a new segment",
-            seg.path.name,
-            seg.counts["images"],
-        )
         if path is not None:
+            log.warning(
+                "pyodlog closed %s after a failed write with the %d image(s) written before it; "
+                "the failed batch is written again in a new segment",
+                path.name,
+                seg.counts["images"],
+            )
             self._closed(path)
 
     def _move_to_quarantine(self, path: Path, error: BaseException) -> None:
