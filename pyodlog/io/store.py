@@ -490,6 +490,12 @@ class HDF5Store(Sink):
             if os.getpid() == self._pid and self._writer is not None and self._writer.alive:
                 self._writer.barrier(rotate=False, interval=3.0)
             return
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Stops the writer whoever still uses the store (``close()`` of the last logger, and at exit)."""
+        if self.closed:
+            return
         self.closed = True
         self._users = 0
         self._opening = None
@@ -605,6 +611,6 @@ def _default_rank() -> int:
 def _close_all() -> None:
     for store in list(_LIVE):
         try:
-            store.close()
+            store._shut_down()
         except Exception:
             log.exception("pyodlog could not close a store at exit")

@@ -53,7 +53,7 @@ from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.export import write_tables
 from pyodlog.io.reader import Tables, read_segment, trim_to_consistent
-from pyodlog.io.segment import SegmentWriter, fsync_dir
+from pyodlog.io.segment import CHUNK_BYTES, SegmentWriter, fsync_dir
 from pyodlog.structures import CallRecord
 
 __all__ = [
@@ -254,7 +254,7 @@ class _Segment(SegmentWriter):
                 be reopened (then close it as its complete prefix instead).
         """
         self.let_go()
-        f = h5py.File(self.part, "r+", libver="latest")
+        f = h5py.File(self.part, "r+", libver="latest", rdcc_nbytes=8 * CHUNK_BYTES)
         try:
             for name, length in self._committed.items():
                 ds = f[name]
