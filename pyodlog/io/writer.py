@@ -397,6 +397,8 @@ class RecordWriter:
             else:
                 self._queue.put_nowait((seq, record))
         except queue.Full:
+            if isinstance(record, PendingRecord) and self.copier is not None:
+                self.copier.release(record)  # its pinned buffers are freed once their copy is done
             self._count_drop(
                 1,
                 f"the writer is {self.config.queue_size} calls behind "
@@ -707,15 +709,24 @@ class RecordWriter:
         try:
             self._write(batch)
         except OSError:
-            raise  # kept pending: retried
+            raise  # kept pending: retried after the rollback
         except Exception as error:  # the file refuses this batch: keep it aside, go on
             self._pending = ColumnBatch()
             self._quarantine(batch, batch.n_records, batch.strings.get("images/input_id"), error)
             return
+        # In the segment now: whatever happens to the rotation, it is never appended again.
         self.written += batch.n_records
         self._pending = ColumnBatch()
+        seg = self._segment
+        if (
+            seg.counts["records"] >= self.config.segment_max_records
+            or seg.nbytes >= self.config.segment_max_bytes
+            or time.monotonic() - seg.opened_at >= self.config.segment_max_age
+        ):
+            self._close_segment()
 
     def _write(self, batch: ColumnBatch) -> None:
+        """Appends a batch to the open segment (opened, or rotated for other columns, as needed)."""
         if self.fault_injection is not None:
             self.fault_injection()
         if self._segment is not None and not self._segment.accepts(batch):
@@ -734,13 +745,6 @@ class RecordWriter:
         except BaseException:
             self._segment_failed()
             raise
-        seg = self._segment
-        if (
-            seg.counts["records"] >= self.config.segment_max_records
-            or seg.nbytes >= self.config.segment_max_bytes
-            or time.monotonic() - seg.opened_at >= self.config.segment_max_age
-        ):
-            self._close_segment()
 
     def _close_segment(self) -> None:
         if self._segment is None:
@@ -787,6 +791,8 @@ class RecordWriter:
                 if error.errno is not None:  # the disk refused (ENOSPC, EIO, ...): retry later
                     raise
                 log.warning("pyodlog cannot reopen %s (%s): closing it", seg.part.name, error)
+            except Exception as error:
+                log.warning("pyodlog cannot reopen %s (%r): closing it", seg.part.name, error)
             else:
                 self._broken, self._segment = None, seg
                 self._rollbacks += 1
