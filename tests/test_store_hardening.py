@@ -239,6 +239,25 @@ def test_a_failed_append_rolls_back_to_the_last_complete_batch_injected_enospc(t
     assert litter(store.directory) == []
 
 
+def test_a_failed_rotation_keeps_the_batch_it_closed_on_once(tmp_path, caplog):
+    config = WriterConfig(flush_interval=0.01, batch_images=1, segment_max_records=2)
+    logger, store = make_logger(tmp_path, config=config)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="pyodlog"):
+        logger(images(), input_ids=["a"])
+        logger.wait_for_save()
+        # The append that reaches the rotation succeeds; closing the segment then fails.
+        store.writer.column_fault = lambda name: disk_full() if name == "<close>" else None
+        logger(images(), input_ids=["b"])
+        logger.wait_for_save()  # "b" is durable: the segment was rolled back to include it
+        assert "cannot write records" in caplog.text and "(2 images)" in caplog.text
+        store.writer.column_fault = None
+        logger(images(), input_ids=["c"])
+        logger.wait_for_save()
+    logger.close()
+    assert assert_every_segment_complete(store.directory) == ["a", "b", "c"]  # "b" once
+    assert litter(store.directory) == []
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 12 MiB tmpfs (root may mount one); skipped only where mounting is not permitted."""

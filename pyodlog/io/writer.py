@@ -212,8 +212,9 @@ _STOP = object()
 class _Segment(SegmentWriter):
     """A segment as the writer uses it: no litter when it cannot be created, and a rollback after a failed write.
 
-    ``column_fault`` (tests) is called before each column is appended: raising
-    there fails an append half-way, as a full disk does.
+    ``column_fault`` (tests) is called before each column is appended, and
+    with ``"<close>"`` before the segment is closed: raising there fails an
+    append half-way, or a rotation, as a full disk does.
     """
 
     def __init__(
@@ -240,6 +241,11 @@ class _Segment(SegmentWriter):
         if self.column_fault is not None:
             self.column_fault(name)
         super()._append_direct(name, pieces)
+
+    def close(self) -> Path:
+        if self.column_fault is not None:
+            self.column_fault("<close>")
+        return super().close()
 
     def roll_back(self) -> None:
         """Cuts every dataset back to the end of the last complete append; the segment takes appends again.
