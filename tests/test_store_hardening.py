@@ -258,6 +258,24 @@ def test_a_failed_rotation_keeps_the_batch_it_closed_on_once(tmp_path, caplog):
     assert litter(store.directory) == []
 
 
+def test_closing_on_a_full_disk_says_what_was_lost_and_closes_what_was_written(tmp_path):
+    logger, store = make_logger(tmp_path, config=WriterConfig(flush_interval=0.01, batch_images=1))
+    with torch.no_grad():
+        logger(images(), input_ids=["saved"])
+        logger.wait_for_save()
+        store.writer.fault_injection = disk_full
+        logger(images(), input_ids=["lost-1"])
+        logger(images(), input_ids=["lost-2"])
+    with pytest.raises(StorageError, match=r"could not write 1 call\(s\) when closing"):
+        logger.close()
+    stats = store.stats()
+    # One dropped while the disk failed with a batch held, one lost at close: counted, not hidden.
+    assert stats["dropped"] == 2 and stats["queued"] == 0
+    assert open_result(store.directory).images["input_id"] == ["saved"]
+    assert litter(store.directory) == []  # the open segment was closed all the same
+    run_in_thread(logger.wait_for_save)  # and nothing blocks afterwards
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 12 MiB tmpfs (root may mount one); skipped only where mounting is not permitted."""

@@ -344,6 +344,7 @@ class RecordWriter:
         self.quarantined = 0
         self.durable = 0
         self.lost_at_close = 0
+        self._left_open = False
         self.segments_closed: list[Path] = []
         self.last_disk_error: BaseException | None = None
         self._close_error: BaseException | None = None
@@ -523,8 +524,14 @@ class RecordWriter:
         self.raise_if_failed()
         if self._close_error is not None:
             error, self._close_error = self._close_error, None
+            left = (
+                "; its open segment is recovered by the next logger on this result"
+                if self._left_open
+                else ""
+            )
             raise StorageError(
-                f"pyodlog could not write {self.lost_at_close} call(s) when closing: {error}"
+                f"pyodlog could not write {self.lost_at_close} call(s) when closing ({error}): they "
+                f"are counted in stats()['dropped']{left}"
             ) from error
 
     def abandon(self) -> None:
@@ -658,7 +665,8 @@ class RecordWriter:
 
     def _finish(self) -> None:
         """At stop: one last write attempt and close; what cannot be written is counted and reported."""
-        if self._flush() and self._settle(rotate=True):
+        flushed = self._flush()
+        if self._settle(rotate=True) and flushed:  # the open segment is closed either way
             self.durable = self.written
             return
         lost = self._pending.n_records
@@ -668,11 +676,14 @@ class RecordWriter:
         with self._lock:
             self.dropped += lost
         log.error(
-            "pyodlog is closing with %d call(s) it could not write: %s", lost, self.last_disk_error
+            "pyodlog is closing with %d call(s) it could not write: %s",
+            lost,
+            self.last_disk_error,
         )
         broken = self._broken
         if broken is not None:  # its complete prefix is recovered by the next logger on this result
             self._broken = None
+            self._left_open = True
             broken.unlock()
             log.warning("pyodlog left %s for recovery at the next start", broken.part.name)
 
