@@ -45,8 +45,12 @@ def kill(child, submitted: int) -> int:
 
 def main() -> None:
     root, batch = sys.argv[1], int(sys.argv[2])
+    # Blocking backpressure (opt-in): this child checks durability, so no call may be dropped.
     logger = crash_logger(
-        root, WriterConfig(flush_interval=0.05, batch_images=8, segment_max_records=7)
+        root,
+        WriterConfig(
+            flush_interval=0.05, batch_images=8, segment_max_records=7, backpressure="block"
+        ),
     )
     images = [torch.rand(3, 64, 64) for _ in range(batch)]
     sent = 0

@@ -17,7 +17,10 @@ A segment holds three groups, each a set of equal-length columns:
 
 Strings are stored as ragged bytes: a flat ``<name>.bytes`` uint8 column and a
 ``<name>.spans`` int64 [2] column (offset, length): SWMR appends need
-fixed-size types.
+fixed-size types. Strings are stored losslessly: UTF-8 with ``surrogateescape``
+(:func:`encode_str` / :func:`decode_str`), so a str made from undecodable bytes
+(``os.fsdecode(b"\\xff")``, what ``os.listdir`` gives for a non-UTF-8 file
+name) reads back as the same str.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from pyodlog.ops.compression import METHODS
 from pyodlog.structures import CallRecord
 
-__all__ = ["MAX_DIMS", "STRING", "ColumnBatch", "record_to_columns"]
+__all__ = ["MAX_DIMS", "STRING", "ColumnBatch", "decode_str", "encode_str", "record_to_columns"]
 
 MAX_DIMS = 8
 STRING = "str"
@@ -41,6 +44,28 @@ FIELD_NUMPY = {
     "float64": np.float64,
     "bool": np.bool_,
 }
+
+
+STR_ENCODING = "utf-8"
+STR_ERRORS = "surrogateescape"
+
+
+def encode_str(text: str) -> bytes:
+    """The bytes a string column stores: UTF-8, lone surrogates U+DC80..U+DCFF as the bytes they escape.
+
+    Lossless for every str that ``os.fsdecode`` (or any ``surrogateescape``
+    decode) can produce; :func:`decode_str` gives the same str back.
+
+    Raises:
+        UnicodeEncodeError: another lone surrogate (e.g. ``"\\ud800"``), which
+            no byte string represents.
+    """
+    return text.encode(STR_ENCODING, STR_ERRORS)
+
+
+def decode_str(data: bytes) -> str:
+    """The inverse of :func:`encode_str` (bytes that are not UTF-8 come back as lone surrogates)."""
+    return data.decode(STR_ENCODING, STR_ERRORS)
 
 
 @dataclass
@@ -66,6 +91,29 @@ class ColumnBatch:
 
     def text(self, name: str, values: list[str]) -> None:
         self.strings.setdefault(name, []).extend(values)
+
+    def mark(self) -> tuple:
+        """The batch's current extent, for :meth:`rollback`."""
+        return (
+            {k: len(v) for k, v in self.numeric.items()},
+            {k: len(v) for k, v in self.strings.items()},
+            len(self.payload),
+            (self.n_images, self.n_detections, self.n_features, self.n_qrows),
+            (self.payload_bytes, self.n_records),
+        )
+
+    def rollback(self, mark: tuple) -> None:
+        """Forgets every row added after :meth:`mark` (a record that failed half-way leaves no rows)."""
+        numeric, strings, payload, counts, (payload_bytes, n_records) = mark
+        for table, lengths in ((self.numeric, numeric), (self.strings, strings)):
+            for name in list(table):
+                if name in lengths:
+                    del table[name][lengths[name] :]
+                else:
+                    del table[name]
+        del self.payload[payload:]
+        self.n_images, self.n_detections, self.n_features, self.n_qrows = counts
+        self.payload_bytes, self.n_records = payload_bytes, n_records
 
     @property
     def nbytes(self) -> int:
@@ -110,7 +158,40 @@ def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
     Cross-table offsets (``det_offset``, ``image_row``, ``payload_offset``,
     ``qrow_offset``) count from the start of the batch; the segment writer
     shifts them by where the batch lands in the file.
+
+    All or nothing: a record that cannot become rows (e.g. a str that
+    :func:`encode_str` refuses) raises and leaves ``batch`` as it was.
     """
+    mark = batch.mark()
+    try:
+        _record_rows(record, batch)
+    except BaseException:
+        batch.rollback(mark)
+        raise
+
+
+def _check_strings(name: str, values: list[str]) -> None:
+    """Every string of a column is encodable (one encode per column and record)."""
+    try:
+        encode_str("".join(values))
+    except UnicodeEncodeError as error:
+        bad = next(v for v in values if not _encodable(v))
+        raise ValueError(
+            f"{name} holds {bad!r}, which has no byte representation ({error.reason})"
+        ) from error
+    except TypeError as error:
+        raise ValueError(f"{name} must hold strings, got {values[:3]!r}") from error
+
+
+def _encodable(text: str) -> bool:
+    try:
+        encode_str(text)
+    except (UnicodeEncodeError, TypeError):
+        return False
+    return True
+
+
+def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
     det = record.detections
     n = len(record)
     counts = _host(det.counts).astype(np.int64)
@@ -127,12 +208,16 @@ def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
     )
     batch.rows("images/timestamp", np.full(n, float(record.timestamp), np.float64))
     batch.rows("images/image_size", np.asarray(record.image_sizes, dtype=np.int32).reshape(n, 2))
-    batch.text("images/input_id", list(record.input_ids))
+    input_ids = list(record.input_ids)
+    _check_strings("input_id", input_ids)
+    _check_strings("dataset_type", [record.dataset_type])
+    batch.text("images/input_id", input_ids)
     batch.text("images/dataset_type", [record.dataset_type] * n)
     for name, values in record.fields.items():
         if isinstance(values, torch.Tensor):
             values = (values.expand(n) if values.dim() == 0 else values).tolist()
         if values and isinstance(values[0], str):
+            _check_strings(f"field {name!r}", list(values))
             batch.text(f"images/fields/{name}", list(values))
         else:
             batch.rows(f"images/fields/{name}", np.asarray(values))

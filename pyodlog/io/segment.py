@@ -31,7 +31,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pyodlog.io.columns import ColumnBatch
+from pyodlog.io.columns import ColumnBatch, encode_str
 from pyodlog_protocol.files import (
     fsync_path as fsync_dir,  # a folder's fsync makes renames durable
 )
@@ -116,7 +116,7 @@ def encode_strings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         data = joined.encode("ascii")
         lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
     else:
-        encoded = [t.encode("utf-8", "surrogateescape") for t in texts]
+        encoded = [encode_str(t) for t in texts]  # lossless (surrogateescape)
         data = b"".join(encoded)
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     return np.frombuffer(data, dtype=np.uint8), lengths

@@ -8,6 +8,7 @@ for tests, notebooks and quick inspection.
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -15,11 +16,15 @@ from typing import Any
 
 from pyodlog.structures import CallRecord
 
-__all__ = ["InMemorySink", "ResultInfo", "SchemaMismatchError", "Sink"]
+__all__ = ["InMemorySink", "ResultInUseError", "ResultInfo", "SchemaMismatchError", "Sink"]
 
 
 class SchemaMismatchError(ValueError):
     """An existing result was created with another schema (fields, n_class, layers)."""
+
+
+class ResultInUseError(RuntimeError):
+    """``force_table_recreate`` would replace a result that another live writer still writes."""
 
 
 @dataclass
@@ -45,13 +50,23 @@ class Sink:
         schema: dict[str, Any],
         force_recreate: bool,
     ) -> ResultInfo:
-        """Opens (or creates) a result. ``result_name=None``: the most recent one, or a new one.
+        """Checks and resolves a result. ``result_name=None``: the most recent one, or a new one.
+
+        Nothing is replaced or started yet: the logger calls :meth:`activate`
+        once its constructor passed every check. ``force_recreate`` replaces a
+        result only when its schema differs, and never deletes records (they
+        are kept aside under ``<result>.replaced-<UTC time>``).
 
         Raises:
             SchemaMismatchError: the result exists with another schema and
                 ``force_recreate`` is False.
+            ResultInUseError: ``force_recreate`` would replace a result another
+                live writer still writes.
         """
         raise NotImplementedError
+
+    def activate(self) -> None:
+        """Starts storing for the result :meth:`open_result` resolved (a replacement happens here)."""
 
     def submit(self, record: CallRecord) -> None:
         """Takes one call's record (quickly: this runs on the inference path)."""
@@ -68,8 +83,6 @@ class Sink:
 
 def new_result_name() -> str:
     """A result name from the current UTC time, e.g. ``20261124T230102Z``."""
-    import datetime
-
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
 
 
@@ -93,6 +106,7 @@ class InMemorySink(Sink):
         self._results: dict[tuple[str, str, str], deque[CallRecord]] = {}
         self._schemas: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._order: list[tuple[str, str, str]] = []
+        self._opening: tuple | None = None
         self.dropped = 0
         self.closed = False
 
@@ -104,21 +118,36 @@ class InMemorySink(Sink):
                 mine = [k for k in self._order if k[:2] == (model_name, version_name)]
                 result_name = mine[-1][2] if mine else new_result_name()
             key = (model_name, version_name, result_name)
-            if key in self._schemas and self._schemas[key] != schema:
-                if not force_recreate:
-                    raise SchemaMismatchError(
-                        f"result {result_name!r} of {model_name}/{version_name} was created with another schema "
-                        f"(additional_fields, n_class or target_layers differ): pass "
-                        f"force_table_recreate=True to drop its records and start again, or use another result_name"
-                    )
-            if force_recreate or key not in self._schemas:
-                self._results[key] = deque(maxlen=self.max_records)
-                self._schemas[key] = schema
-                if key in self._order:
-                    self._order.remove(key)
-                self._order.append(key)
-            epochs = [r.n_epoch for r in self._results[key] if r.n_epoch is not None]
+            replace = key in self._schemas and self._schemas[key] != schema
+            if replace and not force_recreate:
+                raise SchemaMismatchError(
+                    f"result {result_name!r} of {model_name}/{version_name} was created with another schema "
+                    f"(additional_fields, n_class or target_layers differ): pass "
+                    f"force_table_recreate=True to start it again (its records are kept under "
+                    f"{result_name}.replaced-<UTC time>), or use another result_name"
+                )
+            self._opening = (key, schema, replace)
+            if replace:
+                return ResultInfo(result_name, None)
+            epochs = [r.n_epoch for r in self._results.get(key, ()) if r.n_epoch is not None]
             return ResultInfo(result_name, max(epochs) if epochs else None)
+
+    def activate(self) -> None:
+        with self._lock:
+            opening, self._opening = self._opening, None
+            if opening is None:
+                return
+            key, schema, replace = opening
+            if replace:  # the old records stay readable under another result name
+                stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+                aside = (*key[:2], f"{key[2]}.replaced-{stamp}")
+                self._results[aside] = self._results.pop(key)
+                self._schemas[aside] = self._schemas.pop(key)
+                self._order[self._order.index(key)] = aside
+            if key not in self._schemas:
+                self._results.setdefault(key, deque(maxlen=self.max_records))
+                self._schemas[key] = schema
+                self._order.append(key)
 
     def submit(self, record: CallRecord) -> None:
         key = (record.model_name, record.version_name, record.result_name)

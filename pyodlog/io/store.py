@@ -9,28 +9,44 @@ life and :mod:`pyodlog.io.writer` for the thread that writes it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import logging
 import os
 import shutil
 import threading
+import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pyodlog.io.copier import DeviceCopier
-from pyodlog.io.export import export_zip, write_tables
-from pyodlog.io.reader import CorruptResultError, read_epochs, read_segment, trim_to_consistent
+from pyodlog.io.export import export_zip
+from pyodlog.io.reader import CorruptResultError, read_epochs
 from pyodlog.io.segment import fsync_dir, quarantine_segment
-from pyodlog.io.sink import ResultInfo, SchemaMismatchError, Sink, new_result_name
-from pyodlog.io.writer import RecordWriter, WriterConfig
+from pyodlog.io.sink import (
+    ResultInfo,
+    ResultInUseError,
+    SchemaMismatchError,
+    Sink,
+    new_result_name,
+)
+from pyodlog.io.writer import (
+    RecordWriter,
+    StorageError,
+    WriterConfig,
+    read_complete,
+    write_closed,
+)
 from pyodlog.structures import CallRecord
 
-__all__ = ["HDF5Store", "data_root", "recover_segments"]
+__all__ = ["HDF5Store", "ResultInUseError", "data_root", "recover_segments"]
 
 log = logging.getLogger("pyodlog")
 _LIVE: weakref.WeakSet[HDF5Store] = weakref.WeakSet()
@@ -41,16 +57,36 @@ def data_root(root: str | Path | None = None) -> Path:
     return Path(root or os.environ.get("PYODLOG_HOME") or "pyodlog_data").absolute()
 
 
+_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
 def _check_writable(directory: Path) -> None:
+    """Creates ``directory`` and writes a probe file there.
+
+    Raises:
+        PermissionError: the folder cannot be written (no permission,
+            read-only file system, a file in the way).
+        StorageError: another OSError, as what it is (e.g. ENOSPC: the disk is full).
+    """
+    probe = directory / f".pyodlog-write-test-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".pyodlog-write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as error:
-        raise PermissionError(
-            f"pyodlog cannot write to {directory} ({error.strerror or error}): set PYODLOG_HOME, or pass root=..., "
-            f"to a folder this process can write"
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        if error.errno in _PERMISSION or isinstance(
+            error, (PermissionError, FileExistsError, NotADirectoryError)
+        ):
+            raise PermissionError(
+                f"pyodlog cannot write to {directory} ({error.strerror or error}): set PYODLOG_HOME, or pass "
+                f"root=..., to a folder this process can write"
+            ) from error
+        raise StorageError(
+            error.errno,
+            f"pyodlog cannot write to {directory} ({error.strerror or error}): free space there (or fix the "
+            f"disk), or set PYODLOG_HOME / pass root=... to another folder",
         ) from error
 
 
@@ -84,22 +120,8 @@ def recover_segments(directory: Path) -> list[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a live writer holds it
-            final = part.with_name(part.name[: -len(".part")])
             try:
-                tables = trim_to_consistent(read_segment(part, swmr=True))
-                tmp = final.with_name(final.name + ".recovering")
-                write_tables(tmp, tables, dict(tables.attrs, recovered_from=part.name))
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-                part.unlink()
-                fsync_dir(directory)
-                recovered.append(final)
-                log.warning(
-                    "pyodlog recovered %s (%d images flushed before its writer died)",
-                    final.name,
-                    tables.n_images,
-                )
+                tables = read_complete(part)
             except Exception as error:
                 quarantine = directory / "quarantine"
                 quarantine.mkdir(exist_ok=True)
@@ -107,19 +129,49 @@ def recover_segments(directory: Path) -> list[Path]:
                 log.error(
                     "pyodlog could not read %s (%s): moved to %s", part.name, error, quarantine
                 )
+            else:
+                final = write_closed(part, tables, recovered_from=part.name)
+                if final is not None:
+                    recovered.append(final)
+                log.warning(
+                    "pyodlog recovered %s (%d images flushed before its writer died)",
+                    part.name[: -len(".part")],
+                    tables.n_images,
+                )
             lock_path.unlink(missing_ok=True)
         finally:
             os.close(fd)
     return recovered
 
 
+@dataclass
+class _Opening:
+    """What :meth:`HDF5Store.open_result` decided; :meth:`HDF5Store.activate` carries it out."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    replace: bool  # force_recreate with another schema: the old result moves aside
+
+
+RESULT_LOCK = "writers.lock"
+# How long activate() waits for a concurrent replacement (which holds its lock for one rename).
+LOCK_WAIT = 10.0
+
+
 class HDF5Store(Sink):
     """Writes records to HDF5 segments off the inference path.
+
+    One store writes one result at a time; loggers on the same result may
+    share it (it closes when the last of them does).
 
     Args:
         root: data root (default ``PYODLOG_HOME`` or ``./pyodlog_data``).
         rank: this writer's rank (default: the ``torch.distributed`` rank, else 0).
         config: batching, rotation and backpressure (:class:`~pyodlog.io.writer.WriterConfig`).
+
+    Raises:
+        PermissionError: ``root`` cannot be written.
+        pyodlog.io.StorageError: another disk error (e.g. ENOSPC), as what it is.
     """
 
     def __init__(
@@ -138,6 +190,10 @@ class HDF5Store(Sink):
         self.directory: Path | None = None
         self._writer: RecordWriter | None = None
         self._attrs: dict[str, Any] = {}
+        self._opening: _Opening | None = None
+        self._users = 0  # loggers that activated this store and have not closed it
+        self._result_lock: int | None = None  # shared flock on <result>/writers.lock while writing
+        self._listeners: list = []
         self._pid = os.getpid()
         self._child_warned = False
         self.dropped_in_child = 0
@@ -149,6 +205,14 @@ class HDF5Store(Sink):
     def open_result(
         self, model_name, version_name, result_name, schema, force_recreate
     ) -> ResultInfo:
+        """Checks and resolves the result; nothing is replaced and no thread starts until :meth:`activate`.
+
+        Raises:
+            SchemaMismatchError: another schema, without ``force_recreate``.
+            ResultInUseError: ``force_recreate`` would replace a result that
+                another live writer (logger, process) still writes.
+            ValueError: this store already writes another result.
+        """
         version_dir = self.root / model_name / version_name
         _check_writable(version_dir)
         if result_name is None:
@@ -158,8 +222,13 @@ class HDF5Store(Sink):
             )
             result_name = existing[-1].name if existing else new_result_name()
         directory = version_dir / result_name
-        directory.mkdir(exist_ok=True)
+        if self._is_writing() and directory != self.directory:
+            raise ValueError(
+                f"this HDF5Store already writes {self.directory} for another logger: pass each logger of "
+                f"another result its own HDF5Store (sink=HDF5Store(...)), or close the first logger"
+            )
         manifest_path = directory / "result.json"
+        replace = False
         if manifest_path.exists():
             stored = json.loads(manifest_path.read_text())
             if stored.get("schema") != json.loads(json.dumps(schema)):
@@ -167,39 +236,30 @@ class HDF5Store(Sink):
                     raise SchemaMismatchError(
                         f"result {result_name!r} in {directory} was created with another schema "
                         f"(additional_fields, n_class or target_layers differ): pass force_table_recreate=True to "
-                        f"drop its records and start again, or use another result_name"
+                        f"start it again (its records are moved aside to {result_name}.replaced-<UTC time>, "
+                        f"never deleted), or use another result_name"
                     )
-        if force_recreate and manifest_path.exists():
-            log.warning("pyodlog: force_table_recreate=True removes the records of %s", directory)
-            for item in directory.iterdir():
-                if item.is_dir():
-                    shutil.rmtree(item)
-                else:
-                    item.unlink()
-        if not manifest_path.exists():
-            from pyodlog._version import __version__
-
-            # A name of this process and thread: workers starting together each write their own.
-            tmp = directory / f"result.json.{os.getpid()}-{threading.get_ident()}.tmp"
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "schema": schema,
-                        "model_name": model_name,
-                        "version_name": version_name,
-                        "result_name": result_name,
-                        "pyodlog_version": __version__,
-                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                    },
-                    indent=2,
+                replace = True
+                self._refuse_if_written(directory)
+            elif force_recreate:
+                log.warning(
+                    "pyodlog: force_table_recreate=True, but result %s already has this schema: it is kept "
+                    "as it is and new records are added to it",
+                    directory,
                 )
-            )
-            os.replace(tmp, manifest_path)
-            fsync_dir(directory)
-        recover_segments(directory)
-        self.directory = directory
         from pyodlog._version import __version__
 
+        manifest = {
+            "schema": schema,
+            "model_name": model_name,
+            "version_name": version_name,
+            "result_name": result_name,
+            "pyodlog_version": __version__,
+        }
+        if directory.exists() and not replace:
+            recover_segments(directory)
+        self._opening = _Opening(directory, manifest, replace)
+        self.directory = directory
         self._attrs = {
             "pyodlog_version": __version__,
             "model_name": model_name,
@@ -209,9 +269,89 @@ class HDF5Store(Sink):
             "schema": schema,
             "class_names": json.dumps(schema.get("class_names")),
         }
-        self._writer = RecordWriter(directory, self._attrs, self.rank, self.config)
+        return ResultInfo(result_name, None if replace else self.latest_epoch())
+
+    def activate(self) -> None:
+        """Starts writing the result :meth:`open_result` resolved (the logger calls it once its constructor passed every check).
+
+        A replacement (``force_recreate`` with another schema) happens here:
+        the old result folder is renamed to ``<result>.replaced-<UTC time>``
+        (named in a warning), never deleted. Loggers on the same result share
+        this store's writer.
+
+        Raises:
+            ResultInUseError: another live writer took the result meanwhile.
+        """
+        opening, self._opening = self._opening, None
+        if opening is None:
+            return
+        if self._is_writing():  # a second logger on the result this store writes
+            self._users += 1
+            return
+        directory = opening.directory
+        if opening.replace:
+            self._move_aside(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        manifest_path = directory / "result.json"
+        if not manifest_path.exists():
+            # A name of this process and thread: workers starting together each write their own.
+            tmp = directory / f"result.json.{os.getpid()}-{threading.get_ident()}.tmp"
+            tmp.write_text(
+                json.dumps(
+                    dict(
+                        opening.manifest,
+                        created=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    ),
+                    indent=2,
+                )
+            )
+            os.replace(tmp, manifest_path)
+            fsync_dir(directory)
+        self._result_lock = _hold_result(directory)
+        self.directory = directory
+        self.closed = False
+        self._writer = RecordWriter(directory, self._attrs, self.rank, self.config, self._listeners)
         self._writer.copier = self.copier
-        return ResultInfo(result_name, self.latest_epoch())
+        self._users = 1
+
+    def _is_writing(self) -> bool:
+        return self._writer is not None and self._writer.alive and not self.closed
+
+    def _refuse_if_written(self, directory: Path, result_lock_held: bool = False) -> None:
+        """A replacement needs the result to itself: no live store holds it, no live writer holds a segment."""
+        busy = _live_writers(directory, result_lock_held)
+        if busy:
+            raise ResultInUseError(
+                f"force_table_recreate=True cannot replace result {directory}: {busy} still writes it. "
+                f"Close that logger (or end that process) first, or use another result_name"
+            )
+
+    def _move_aside(self, directory: Path) -> None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        aside = directory.with_name(f"{directory.name}.replaced-{stamp}")
+        lock_path = directory / RESULT_LOCK
+        fd = os.open(str(lock_path), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ResultInUseError(
+                    f"force_table_recreate=True cannot replace result {directory}: another logger started "
+                    f"writing it. Close it first, or use another result_name"
+                ) from None
+            self._refuse_if_written(directory, result_lock_held=True)
+            os.rename(
+                directory, aside
+            )  # with its lock: a writer that waited for it sees the folder moved
+            fsync_dir(directory.parent)
+        finally:
+            os.close(fd)
+        log.warning(
+            "pyodlog: force_table_recreate=True: result %s had another schema; its records were moved to %s "
+            "(nothing was deleted) and the result starts empty",
+            directory,
+            aside,
+        )
 
     def latest_epoch(self) -> int | None:
         """The highest epoch among the closed segments of the result (None if none).
@@ -233,7 +373,9 @@ class HDF5Store(Sink):
 
     def add_segment_listener(self, listener) -> None:
         """Calls ``listener(path)`` (on the writer thread: return quickly) whenever a segment is closed."""
-        self._writer_or_error().segment_listeners.append(listener)
+        if self.directory is None:
+            raise RuntimeError("HDF5Store.open_result() must be called before adding listeners")
+        self._listeners.append(listener)
 
     def segments(self) -> list[Path]:
         """The closed segments of the open result."""
@@ -262,9 +404,12 @@ class HDF5Store(Sink):
 
     def _writer_or_error(self) -> RecordWriter:
         if self._writer is None:
-            raise RuntimeError(
-                "HDF5Store.open_result() must be called before records are submitted"
-            )
+            if self._opening is not None:
+                self.activate()  # a logger that never called activate(): start at first use
+            if self._writer is None:
+                raise RuntimeError(
+                    "HDF5Store.open_result() must be called before records are submitted"
+                )
         return self._writer
 
     def submit(self, record: CallRecord) -> None:
@@ -282,18 +427,25 @@ class HDF5Store(Sink):
         self._writer_or_error().submit(pending if pending.ready is not None else record)
 
     def wait_for_save(self, interval: float = 3.0) -> None:
+        """Returns once everything submitted is durable; at once after :meth:`close`."""
         if self._in_forked_child():
             return
         self._writer_or_error().barrier(rotate=False, interval=interval)
 
     def rotate(self, interval: float = 3.0) -> None:
-        """Closes the open segment once everything submitted is in it."""
+        """Closes the open segment once everything submitted is in it (nothing to do after :meth:`close`)."""
         if self._in_forked_child():
             return
         self._writer_or_error().barrier(rotate=True, interval=interval)
 
     def stats(self) -> dict[str, int]:
-        """Counts of calls: ``submitted == written + dropped + queued``; ``durable``; closed segments."""
+        """Counts of calls: ``submitted == written + dropped + quarantined + queued``; ``durable``; closed segments.
+
+        ``dropped`` counts calls whose records were not stored: the writer was
+        ``queue_size`` calls behind (backpressure), or the disk failed while a
+        batch was already held; ``quarantined`` counts calls kept under
+        ``<result>/quarantine/`` because they could not become rows.
+        """
         if not self._writer:
             return {}
         stats = self._writer.stats()
@@ -314,31 +466,152 @@ class HDF5Store(Sink):
         """The writer thread's state (for tests and diagnostics)."""
         return self._writer
 
-    def export(self, logger, output_path: str | None) -> Path:
-        self.rotate()
+    def export(self, logger, output_path: str | Path | None) -> Path:
+        """Closes the open segment (unless closed already) and writes the ZIP from the closed segments.
+
+        Raises:
+            OSError: the ZIP cannot be written there (the message names ``output_path``).
+        """
+        if not self.closed:
+            self.rotate()
         output = _zip_path(output_path, logger)
-        return export_zip(
-            self.segments(),
-            output,
-            logger.n_epoch,
-            dict(self._attrs, schema=self._attrs.get("schema")),
-        )
+        _check_export_target(output, output_path)
+        try:
+            return export_zip(
+                self.segments(),
+                output,
+                logger.n_epoch,
+                dict(self._attrs, schema=self._attrs.get("schema")),
+            )
+        except OSError as error:
+            # Name what the user gave, not the temporary name the ZIP is written under.
+            if not _about_export_target(error, output):
+                raise
+            raise OSError(
+                error.errno,
+                f"pyodlog cannot write the export {output_path if output_path is not None else output} "
+                f"({os.strerror(error.errno) if error.errno else error}): free space there or pass another "
+                f"output_path",
+            ) from error
 
     def close(self) -> None:
+        """Writes everything, closes the segment and stops the writer (when the last logger sharing the store closes).
+
+        Raises:
+            pyodlog.io.WriterFailedError: the writer thread had failed.
+            pyodlog.io.StorageError: records could not be written at close.
+        """
+        if self.closed:
+            return
+        if self._users > 1:  # another logger still writes through this store
+            self._users -= 1
+            if os.getpid() == self._pid and self._writer is not None and self._writer.alive:
+                self._writer.barrier(rotate=False, interval=3.0)
+            return
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Stops the writer whoever still uses the store (``close()`` of the last logger, and at exit)."""
         if self.closed:
             return
         self.closed = True
-        if self._writer is not None and os.getpid() == self._pid:
-            self._writer.stop()
+        self._users = 0
+        self._opening = None
+        try:
+            if self._writer is not None and os.getpid() == self._pid:
+                self._writer.stop()
+        finally:
+            if self._result_lock is not None:
+                os.close(self._result_lock)
+                self._result_lock = None
 
 
-def _zip_path(output_path: str | None, logger) -> Path:
+def _hold_result(directory: Path) -> int:
+    """A shared lock on ``<result>/writers.lock``, held while this store writes the result.
+
+    A replacement takes it exclusively for one rename; if the folder moved
+    while this waited, the lock is taken again on the new folder's file.
+    """
+    deadline = time.monotonic() + LOCK_WAIT
+    lock_path = directory / RESULT_LOCK
+    while True:
+        fd = os.open(str(lock_path), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise ResultInUseError(
+                    f"result {directory} is being replaced by another logger (force_table_recreate): "
+                    f"try again, or use another result_name"
+                ) from None
+            time.sleep(0.01)
+            continue
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the folder was moved aside meanwhile: lock the new one's
+        directory.mkdir(parents=True, exist_ok=True)
+
+
+def _live_writers(directory: Path, result_lock_held: bool = False) -> str | None:
+    """Who still writes ``directory``: a store holding its result lock, or a writer holding a segment lock."""
+    candidates = []
+    if not result_lock_held:
+        candidates.append((directory / RESULT_LOCK, "another logger (in this or another process)"))
+    candidates += [
+        (p, f"the writer of {p.name[: -len('.lock')]}") for p in directory.glob("*.h5.lock")
+    ]
+    for path, who in candidates:
+        if not path.exists():
+            continue
+        try:
+            fd = os.open(str(path), os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return who
+        finally:
+            os.close(fd)
+    return None
+
+
+def _about_export_target(error: OSError, output: Path) -> bool:
+    """Whether a failed export's error concerns the ZIP being written (not a segment being read)."""
+    if error.filename is not None:
+        return output.parent in Path(error.filename).parents
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, *_PERMISSION)
+
+
+def _check_export_target(output: Path, given) -> None:
+    """The export's folder exists (created) and is writable; errors name the path the user gave."""
+    probe = output.parent / f".pyodlog-export-test-{os.getpid()}"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        raise OSError(
+            error.errno,
+            f"pyodlog cannot write the export to {given if given is not None else output} "
+            f"({error.strerror or error}): pass an output_path in a folder this process can write",
+        ) from error
+
+
+def _zip_path(output_path: str | Path | None, logger) -> Path:
     epoch = "all" if logger.n_epoch is None else f"epoch{logger.n_epoch}"
     default = f"{logger.model_name}_{logger.version_name}_{logger.result_name}_{epoch}.zip"
     if output_path is None:
         return Path.cwd() / default
     path = Path(output_path)
-    return path if path.suffix == ".zip" else path / default
+    return path if path.suffix.lower() == ".zip" else path / default
 
 
 def _default_rank() -> int:
@@ -356,6 +629,6 @@ def _default_rank() -> int:
 def _close_all() -> None:
     for store in list(_LIVE):
         try:
-            store.close()
+            store._shut_down()
         except Exception:
             log.exception("pyodlog could not close a store at exit")

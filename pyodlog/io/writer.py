@@ -1,21 +1,44 @@
 """The writer thread: the one owner of a process's open segment.
 
-The inference path only enqueues records (a bounded queue); this thread turns
-them into column batches, appends a batch per flush (by size or time), rotates
-segments, and answers barriers (``wait_for_save``) once everything before them
-is fsynced. Like TensorBoard's EventFileWriter it stores its exception and the
-next public call re-raises it. Disk errors (``OSError``, e.g. ENOSPC) are not
-fatal: the batch stays in memory and is retried with backoff, the user is told
-on the next call and by ``wait_for_save``, and logging resumes when the disk
-does.
+The inference path only enqueues records (a bounded queue; when it is full the
+call's records are dropped and counted, or with ``backpressure="block"`` the
+call waits up to ``block_timeout``); this thread turns them into column
+batches, appends a batch per flush (by size or time), rotates segments, and
+answers barriers (``wait_for_save``) once everything before them is fsynced.
+Like TensorBoard's EventFileWriter it stores its exception and the next public
+call re-raises it.
+
+What never stops the thread:
+
+* A record that cannot become rows (any exception in ``record_to_columns``)
+  is quarantined: pickled, with a JSON description of why, under
+  ``<result>/quarantine/``, and counted (``stats()["quarantined"]``).
+* A disk error (``OSError``, e.g. ENOSPC) while appending, syncing or
+  closing rolls the segment back to its last complete append: the file is
+  reopened and every dataset cut back to where that append ended (if it cannot
+  be reopened, it is closed as a rewrite of those images instead). A segment
+  is never renamed torn and a batch never lands twice: the failed batch stays
+  pending and is retried, with backoff, after the rollback. While the disk
+  fails at most one batch is held; later calls are dropped and counted.
+  Logging resumes by itself when the disk does.
+
+Every wait has a bound or a reason: ``submit`` waits at most ``block_timeout``
+(never with the default ``"drop"``); ``barrier`` and ``stop`` wait for the
+thread only while it is alive, and the thread makes one write attempt per
+barrier and at ``stop``, so they return once the disk answers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import pickle
 import queue
 import secrets
+import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,9 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
+
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
-from pyodlog.io.segment import SegmentWriter, segment_name
+from pyodlog.io.export import write_tables
+from pyodlog.io.reader import Tables, read_segment, trim_to_consistent
+from pyodlog.io.segment import CHUNK_BYTES, SegmentWriter, fsync_dir, segment_name, write_checksum
 from pyodlog.structures import CallRecord
 
 __all__ = [
@@ -33,9 +60,72 @@ __all__ = [
     "StorageError",
     "WriterConfig",
     "WriterFailedError",
+    "read_complete",
+    "write_closed",
 ]
 
 log = logging.getLogger("pyodlog")
+
+
+# Retries after a disk error: the first after this many seconds, doubling up to the cap.
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 5.0
+# At most one drop warning per this many seconds (the count is in stats()).
+DROP_LOG_INTERVAL = 10.0
+
+
+def _first_images(tables: Tables, n_images: int) -> Tables:
+    """The tables cut to their first ``n_images`` images (detections and features follow in trimming)."""
+    return Tables(
+        {k: (v[:n_images] if k.startswith("images/") else v) for k, v in tables.numeric.items()},
+        {k: (v[:n_images] if k.startswith("images/") else v) for k, v in tables.strings.items()},
+        tables.payload,
+        tables.attrs,
+    )
+
+
+def read_complete(part: Path, n_images: int | None = None) -> Tables:
+    """The complete images of a ``.part`` (at most its first ``n_images``), read as a SWMR reader would.
+
+    The images of a failed append are cut off by ``n_images`` (they are
+    retried elsewhere); a crash's half-flushed rows by trimming to the images
+    whose every row is present.
+    """
+    tables = read_segment(part, swmr=True)
+    if n_images is not None:
+        tables = _first_images(tables, n_images)
+    return trim_to_consistent(tables)
+
+
+def write_closed(part: Path, tables: Tables, **attrs: Any) -> Path | None:
+    """Writes ``tables`` as the closed segment of ``<name>.h5.part`` (``<name>.h5``) and removes the ``.part``.
+
+    Written under a temporary name, fsynced, renamed; a segment with no image
+    is just removed. On failure (e.g. the disk is still full) the ``.part`` is
+    untouched and no temporary file is left.
+
+    Returns:
+        The closed segment's path, or None when there was no image to keep.
+    """
+    part = Path(part)
+    final = part.with_name(part.name[: -len(".part")])
+    if tables.n_images == 0:
+        part.unlink()
+        fsync_dir(part.parent)
+        return None
+    tmp = final.with_name(final.name + ".recovering")
+    try:
+        write_tables(tmp, tables, dict(tables.attrs, **attrs))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    part.unlink()
+    fsync_dir(part.parent)
+    write_checksum(final)  # verified by readers, like any closed segment
+    return final
 
 
 class WriterFailedError(RuntimeError):
@@ -58,8 +148,11 @@ class WriterConfig:
         segment_max_bytes: ... or this many bytes ...
         segment_max_age: ... or after this many seconds open.
         queue_size: calls queued before backpressure applies.
-        backpressure: ``"block"`` (wait up to ``block_timeout`` seconds, then
-            drop) or ``"drop"`` (drop at once); dropped calls are counted.
+        backpressure: what a call does when ``queue_size`` calls are queued:
+            ``"drop"`` (the default: its records are dropped at once, so a
+            call is never held; counted in ``stats()["dropped"]`` and reported
+            by ``wait_for_save``) or ``"block"`` (opt-in: wait up to
+            ``block_timeout`` seconds for room, then drop).
         block_timeout: see ``backpressure``.
     """
 
@@ -70,7 +163,7 @@ class WriterConfig:
     segment_max_bytes: int = 1 << 30
     segment_max_age: float = 3600.0
     queue_size: int = 64
-    backpressure: str = "block"
+    backpressure: str = "drop"
     block_timeout: float = 30.0
 
     def __post_init__(self) -> None:
@@ -102,11 +195,127 @@ class _Barrier:
 _STOP = object()
 
 
-class RecordWriter:
-    """Owns the writer thread of one result directory in one process."""
+class _Segment(SegmentWriter):
+    """A segment as the writer uses it: no litter when it cannot be created, and a rollback after a failed write.
+
+    ``column_fault`` (tests) is called before each column is appended, and
+    with ``"<close>"`` before the segment is closed: raising there fails an
+    append half-way, or a rotation, as a full disk does.
+    """
 
     def __init__(
-        self, directory: Path, attrs: dict[str, Any], rank: int, config: WriterConfig
+        self,
+        path: Path,
+        attrs: dict[str, Any],
+        first: ColumnBatch,
+        column_fault: Callable[[str], None] | None = None,
+    ) -> None:
+        self.column_fault = column_fault
+        try:
+            super().__init__(path, attrs, first)
+        except BaseException:
+            self._discard_unborn()
+            raise
+        # Each dataset's length at the end of the last complete append.
+        self._committed = dict(self._lengths)
+
+    def append(self, batch: ColumnBatch) -> None:
+        super().append(batch)
+        self._committed = dict(self._lengths)
+
+    def _append_direct(self, name: str, pieces) -> None:
+        if self.column_fault is not None:
+            self.column_fault(name)
+        super()._append_direct(name, pieces)
+
+    def close(self) -> Path:
+        if self.column_fault is not None:
+            self.column_fault("<close>")
+        return super().close()
+
+    def roll_back(self) -> None:
+        """Cuts every dataset back to the end of the last complete append; the segment takes appends again.
+
+        The file is reopened (its failed writes are never trusted), each
+        dataset resized to its committed length, flushed and put back in SWMR
+        mode; the partial last chunk of each column is read back into its tail
+        buffer. Needs almost no free space (metadata only).
+
+        Raises:
+            OSError: the disk still refuses (retry later), or the file cannot
+                be reopened (then close it as its complete prefix instead).
+        """
+        self.let_go()
+        f = h5py.File(self.part, "r+", libver="latest", rdcc_nbytes=8 * CHUNK_BYTES)
+        try:
+            for name, length in self._committed.items():
+                ds = f[name]
+                if ds.shape[0] < length:
+                    raise OSError(f"{self.part.name}: {name} lost rows that were flushed")
+                if ds.shape[0] != length:
+                    ds.resize(length, axis=0)
+            f.flush()
+            f.swmr_mode = True
+            datasets = {name: f[name] for name in self._datasets}
+            for name, ds in datasets.items():
+                tail = self._tails.get(name)
+                length = self._committed[name]
+                filled = length % ds.chunks[0]
+                if tail is not None and filled:
+                    tail[:filled] = ds[length - filled : length]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+        self._file = f
+        self._datasets = datasets
+        self._lengths = dict(self._committed)
+
+    def _discard_unborn(self) -> None:
+        """Creation failed (e.g. ENOSPC): remove its files; it never held a record."""
+        f = getattr(self, "_file", None)
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
+        for suffix in (".creating", ".part"):
+            self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+        if hasattr(self, "_lock_fd"):
+            self._release_lock()
+
+    def let_go(self) -> None:
+        """After a failed append, sync or close: close the file, whatever state HDF5 is in.
+
+        The on-disk content past the last complete append is never trusted:
+        :meth:`roll_back` cuts it off (or, if the file cannot be reopened, the
+        writer rewrites the segment cut to ``counts["images"]``, see
+        :func:`read_complete`). The lock stays held until then.
+        """
+        if self._file is not None:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            self._file = None
+        if self._sync_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._sync_fd)
+            self._sync_fd = None
+
+    def unlock(self) -> None:
+        self._release_lock()
+
+
+class RecordWriter:
+    """Owns the writer thread of one result directory in one process.
+
+    Counts (``stats()``): ``submitted == written + dropped + quarantined + queued``.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        attrs: dict[str, Any],
+        rank: int,
+        config: WriterConfig,
+        segment_listeners: list[Callable[[Path], None]] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.attrs = attrs
@@ -118,20 +327,35 @@ class RecordWriter:
         self.submitted = 0
         self.written = 0
         self.dropped = 0
+        self.quarantined = 0
         self.durable = 0
+        self.lost_at_close = 0
+        self._left_open = False
         self.segments_closed: list[Path] = []
         self.last_disk_error: BaseException | None = None
-        self._warned_disk_error: BaseException | None = None
+        self._close_error: BaseException | None = None
         self._fatal: BaseException | None = None
-        self._segment: SegmentWriter | None = None
+        self._segment: _Segment | None = None
+        self._broken: _Segment | None = None  # failed; to be closed as its complete prefix
         self._segment_seq = 0
+        self._quarantine_seq = 0
         self._token = secrets.token_hex(3)
-        self.fault_injection: Callable[[], None] | None = (
-            None  # tests: raise at the writer's boundary
-        )
+        self._pending = ColumnBatch()
+        self._first_pending_at = 0.0
+        self._retry_at = 0.0
+        self._backoff = FIRST_BACKOFF
+        self._rollbacks = 0  # in this disk error episode (the first is logged)
+        self._last_drop_log = -DROP_LOG_INTERVAL
+        self._reported = {"dropped": 0, "quarantined": 0}
+        # Tests: raise at the writer's boundary (before a batch touches the file) ...
+        self.fault_injection: Callable[[], None] | None = None
+        # ... or before each column of an append (a failure half-way through a batch).
+        self.column_fault: Callable[[str], None] | None = None
         self.copier: DeviceCopier | None = None
         # Called on the writer thread with each closed segment's path (the syncer's wake-up).
-        self.segment_listeners: list[Callable[[Path], None]] = []
+        self.segment_listeners: list[Callable[[Path], None]] = (
+            segment_listeners if segment_listeners is not None else []
+        )
         self._thread = threading.Thread(
             target=self._run, name=f"pyodlog-writer-{self.directory.name}", daemon=True
         )
@@ -139,73 +363,162 @@ class RecordWriter:
 
     # -- called from the inference side -------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """Whether the writer thread runs (False once stopped or dead)."""
+        return self._thread.is_alive()
+
     def raise_if_failed(self) -> None:
         if self._fatal is not None:
             raise WriterFailedError(
                 f"pyodlog's writer thread failed: {self._fatal!r}"
             ) from self._fatal
-        error = self.last_disk_error
-        if error is not None and error is not self._warned_disk_error:
-            self._warned_disk_error = error
-            log.error(
-                "pyodlog cannot write records (%s); %d calls are held in memory and retried; "
-                "inference goes on",
-                error,
-                self.queued,
-            )
 
     @property
     def queued(self) -> int:
-        return self.submitted - self.written - self.dropped
+        return self.submitted - self.written - self.dropped - self.quarantined
 
     def submit(self, record: CallRecord | PendingRecord) -> None:
+        """Enqueues a call's record; never waits with ``backpressure="drop"`` (the default)."""
         self.raise_if_failed()
         with self._lock:
             self.submitted += 1
             seq = self.submitted
         try:
-            if self.config.backpressure == "drop":
-                self._queue.put_nowait((seq, record))
-            else:
+            if self.config.backpressure == "block":
                 self._queue.put((seq, record), timeout=self.config.block_timeout)
+            else:
+                self._queue.put_nowait((seq, record))
         except queue.Full:
-            with self._lock:
-                self.dropped += 1
-            log.warning(
-                "pyodlog dropped a call's records: the writer is %d calls behind (backpressure=%r); "
-                "%d dropped so far",
-                self.config.queue_size,
-                self.config.backpressure,
-                self.dropped,
+            if isinstance(record, PendingRecord) and self.copier is not None:
+                self.copier.release(record)  # its pinned buffers are freed once their copy is done
+            self._count_drop(
+                1,
+                f"the writer is {self.config.queue_size} calls behind "
+                f"(backpressure={self.config.backpressure!r})",
             )
 
+    def _count_drop(self, n: int, why: str) -> None:
+        with self._lock:
+            self.dropped += n
+            now = time.monotonic()
+            if now - self._last_drop_log < DROP_LOG_INTERVAL:
+                return
+            self._last_drop_log = now
+        log.warning(
+            "pyodlog dropped a call's records: %s; %d dropped so far (logger.sink.stats()); "
+            "inference goes on",
+            why,
+            self.dropped,
+        )
+
+    def _put(self, item: Any) -> bool:
+        """Queues a control item; False if the thread has ended (then nobody would take it)."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def barrier(self, rotate: bool, interval: float) -> None:
-        """Returns once every call submitted before it is durable (and, with rotate, in a closed segment)."""
+        """Returns once every call submitted before it is durable (and, with rotate, in a closed segment).
+
+        After :meth:`stop` it returns at once (everything was written at
+        close, or :meth:`stop` reported what could not be). Progress shows as
+        a tqdm bar when stderr is a terminal, else as log lines every
+        ``interval`` seconds.
+        """
         self.raise_if_failed()
         target = self.submitted
         barrier = _Barrier(upto=target, rotate=rotate)
-        self._queue.put(barrier)
-        start = time.monotonic()
-        while not barrier.done.wait(interval):
-            if self._fatal is not None:
-                break
-            log.info(
-                "pyodlog: waiting for records to be saved: %d of %d calls durable (%.0f s)",
-                self.durable,
-                target,
-                time.monotonic() - start,
-            )
+        if self._put(barrier):
+            self._wait(barrier, target, interval)
         self.raise_if_failed()
         if barrier.error is not None:
             raise StorageError(
-                f"pyodlog could not save the records: {barrier.error}; they are held in memory and "
-                f"retried when the disk allows it"
+                f"pyodlog could not save the records: {barrier.error}; up to one batch is held in "
+                f"memory and retried when the disk allows it, later calls are dropped and counted "
+                f"({self.dropped} so far)"
             ) from barrier.error
+        self._report_losses()
+
+    def _wait(self, barrier: _Barrier, target: int, interval: float) -> None:
+        """Waits while the thread lives (it answers every barrier after one write attempt)."""
+        start = time.monotonic()
+        bar = None
+        step = min(interval, 0.25) if sys.stderr.isatty() else interval
+        last_log = start
+        try:
+            while not barrier.done.wait(step):
+                if not self._thread.is_alive():
+                    break
+                now = time.monotonic()
+                if sys.stderr.isatty():
+                    if bar is None:
+                        from tqdm import tqdm
+
+                        bar = tqdm(
+                            total=target,
+                            initial=min(self.durable, target),
+                            unit="call",
+                            desc="pyodlog: saving",
+                            file=sys.stderr,
+                            leave=False,
+                            # A terminal that reports no size (0 columns) would show nothing.
+                            ncols=shutil.get_terminal_size().columns,
+                        )
+                    bar.n = min(self.written, target)
+                    bar.refresh()
+                elif now - last_log >= interval - 1e-3:
+                    last_log = now
+                    log.info(
+                        "pyodlog: waiting for records to be saved: %d of %d calls written (%.0f s)",
+                        self.written,
+                        target,
+                        now - start,
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _report_losses(self) -> None:
+        """Logs what was dropped or quarantined since the last barrier (wait_for_save's report)."""
+        for name in ("dropped", "quarantined"):
+            total = getattr(self, name)
+            new = total - self._reported[name]
+            if new > 0:
+                self._reported[name] = total
+                log.warning(
+                    "pyodlog %s %d call(s) since the last wait_for_save (%d in all; see "
+                    "logger.sink.stats()%s)",
+                    name,
+                    new,
+                    total,
+                    "" if name == "dropped" else f"; kept in {self.directory / 'quarantine'}",
+                )
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+        """Writes everything queued, closes the segment and ends the thread (idempotent).
+
+        Raises:
+            StorageError: calls could not be written (the disk failed at close).
+        """
+        if self._thread.is_alive() and self._put(_STOP):
+            self._thread.join()  # bounded: after _STOP the thread makes one write attempt and ends
+        self.raise_if_failed()
+        if self._close_error is not None:
+            error, self._close_error = self._close_error, None
+            left = (
+                "; its open segment is recovered by the next logger on this result"
+                if self._left_open
+                else ""
+            )
+            raise StorageError(
+                f"pyodlog could not write {self.lost_at_close} call(s) when closing ({error}): they "
+                f"are counted in stats()['dropped']{left}"
+            ) from error
 
     def abandon(self) -> None:
         """After fork, in the child: never touch the parent's open segment."""
@@ -218,103 +531,205 @@ class RecordWriter:
             "submitted": self.submitted,
             "written": self.written,
             "dropped": self.dropped,
+            "quarantined": self.quarantined,
             "queued": self.queued,
             "durable": self.durable,
             "segments_closed": len(self.segments_closed),
         }
 
-    # -- the thread ------------------------------------------------------------------------
+    # -- the thread: one loop over named steps ------------------------------------------------
 
     def _run(self) -> None:
-        pending = ColumnBatch()
-        first_pending_at = 0.0
-        retry_at = 0.0
-        backoff = 0.5
         try:
             while True:
-                timeout = None
-                if pending.n_records:
-                    timeout = max(
-                        0.0,
-                        max(first_pending_at + self.config.flush_interval, retry_at)
-                        - time.monotonic(),
-                    )
-                try:
-                    item = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    item = None
-                if isinstance(item, tuple):
-                    _seq, record = item
-                    if not pending.n_records:
-                        first_pending_at = time.monotonic()
-                    if isinstance(record, PendingRecord):
-                        # Device copies: wait for them here, on the writer thread.
-                        record_to_columns(record.wait(), pending)
-                        if self.copier is not None:
-                            self.copier.release(record)
-                    else:
-                        record_to_columns(record, pending)
-                    if (
-                        pending.n_images < self.config.batch_images
-                        and pending.nbytes < self.config.batch_bytes
-                    ):
-                        continue
-                    if time.monotonic() < retry_at:
-                        continue
-                elif isinstance(item, _Barrier) or item is _STOP:
-                    pass
-                elif item is None and time.monotonic() < retry_at:
-                    continue
-                # Write what is pending (by size, by time, or for a barrier/stop).
-                try:
-                    if pending.n_records:
-                        self._write(pending)
-                        self.written += pending.n_records
-                        pending = ColumnBatch()
-                    if isinstance(item, _Barrier) or item is _STOP:
-                        if self._segment is not None:
-                            if (isinstance(item, _Barrier) and item.rotate) or item is _STOP:
-                                self._close_segment()
-                            else:
-                                self._segment.sync()
-                        self.durable = self.written
-                    self.last_disk_error = None
-                    backoff = 0.5
-                    retry_at = 0.0
-                    if isinstance(item, _Barrier):
-                        item.done.set()
-                except (
-                    OSError
-                ) as error:  # disk full, permissions, ...: keep the records, retry later
-                    self.last_disk_error = error
-                    retry_at = time.monotonic() + backoff
-                    backoff = min(backoff * 2, 30.0)
-                    self._drop_broken_segment()
-                    if isinstance(item, _Barrier):
-                        item.error = error
-                        item.done.set()
-                    if item is _STOP:
-                        log.error(
-                            "pyodlog is closing with %d calls it could not write: %s",
-                            pending.n_records,
-                            error,
-                        )
-                        return
+                item = self._next_item()
                 if item is _STOP:
+                    self._finish()
                     return
-        except BaseException as error:
-            self._fatal = error
-            log.exception("pyodlog's writer thread failed")
-            # Wake every waiter.
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
                 if isinstance(item, _Barrier):
-                    item.done.set()
+                    self._answer(item)
+                    continue
+                if item is not None:
+                    self._take(item[1])
+                if self._due():
+                    self._flush()
+        except BaseException as error:
+            self._die(error)
+
+    def _next_item(self) -> Any:
+        """The next queued item, or None when a pending flush or a retry is due first."""
+        timeout = None
+        if self._pending.n_records or self._broken is not None:
+            wake = max(self._first_pending_at + self.config.flush_interval, self._retry_at)
+            timeout = max(0.0, wake - time.monotonic())
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _held_full(self) -> bool:
+        p = self._pending
+        return p.n_images >= self.config.batch_images or p.nbytes >= self.config.batch_bytes
+
+    def _take(self, record: CallRecord | PendingRecord) -> None:
+        """Turns a record into pending rows; quarantines it if it cannot be; drops it while the disk fails and a batch is held."""
+        if self.last_disk_error is not None and self._held_full():
+            if isinstance(record, PendingRecord) and self.copier is not None:
+                self.copier.release(record)
+            self._count_drop(
+                1,
+                f"the disk fails ({self.last_disk_error.strerror or self.last_disk_error}) and a "
+                f"batch of {self._pending.n_records} calls is already held for retry",
+            )
+            return
+        call = record
+        was_empty = not self._pending.n_records
+        try:
+            if isinstance(record, PendingRecord):
+                try:
+                    call = record.wait()  # device copies: waited for here, on the writer thread
+                    record_to_columns(call, self._pending)
+                finally:
+                    if self.copier is not None:
+                        self.copier.release(record)
+            else:
+                record_to_columns(record, self._pending)
+        except Exception as error:
+            self._quarantine(call, 1, _input_ids_of(call), error)
+            return
+        if was_empty:
+            self._first_pending_at = time.monotonic()
+
+    def _due(self) -> bool:
+        """Whether to write now: a batch is full or old enough, or a failed segment awaits closing."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            return False
+        if self._broken is not None:
+            return True
+        return bool(self._pending.n_records) and (
+            self._held_full() or now >= self._first_pending_at + self.config.flush_interval
+        )
+
+    def _flush(self) -> bool:
+        """Rolls a failed segment back, then appends what is pending. False on a disk error (a retry is scheduled)."""
+        try:
+            self._recover_broken()
+            if self._pending.n_records:
+                self._append_pending()
+        except OSError as error:
+            self._disk_failed(error)
+            return False
+        self._disk_ok()
+        return True
+
+    def _settle(self, rotate: bool) -> bool:
+        """Makes the open segment durable (or closes it); False on a disk error."""
+        if self._segment is None:
+            return True
+        try:
+            if rotate:
+                self._close_segment()
+            else:
+                try:
+                    self._segment.sync()
+                except BaseException:
+                    self._segment_failed()
+                    raise
+        except OSError as error:
+            self._disk_failed(error)
+            return False
+        return True
+
+    def _answer(self, barrier: _Barrier) -> None:
+        """A barrier: one write attempt now (even during backoff), then fsync or rotate."""
+        if self._flush() and self._settle(barrier.rotate):
+            self.durable = self.written
+        else:
+            barrier.error = self.last_disk_error
+        barrier.done.set()
+
+    def _finish(self) -> None:
+        """At stop: one last write attempt and close; what cannot be written is counted and reported."""
+        flushed = self._flush()
+        if self._settle(rotate=True) and flushed:  # the open segment is closed either way
+            self.durable = self.written
+            return
+        lost = self._pending.n_records
+        self._pending = ColumnBatch()
+        self.lost_at_close = lost
+        self._close_error = self.last_disk_error
+        with self._lock:
+            self.dropped += lost
+        log.error(
+            "pyodlog is closing with %d call(s) it could not write: %s",
+            lost,
+            self.last_disk_error,
+        )
+        broken = self._broken
+        if broken is not None:  # its complete prefix is recovered by the next logger on this result
+            self._broken = None
+            self._left_open = True
+            broken.unlock()
+            log.warning("pyodlog left %s for recovery at the next start", broken.part.name)
+
+    def _die(self, error: BaseException) -> None:
+        self._fatal = error
+        log.exception("pyodlog's writer thread failed")
+        # Wake every waiter.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Barrier):
+                item.done.set()
+
+    def _disk_failed(self, error: OSError) -> None:
+        if self.last_disk_error is None:
+            log.error(
+                "pyodlog cannot write records (%s); %d call(s) held in memory and retried, later "
+                "calls dropped and counted until the disk allows writing; inference goes on",
+                error,
+                self._pending.n_records,
+            )
+        self.last_disk_error = error
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def _disk_ok(self) -> None:
+        if self.last_disk_error is not None:
+            log.warning("pyodlog writes records again (the disk error cleared)")
+        self.last_disk_error = None
+        self._rollbacks = 0
+        self._backoff = FIRST_BACKOFF
+        self._retry_at = 0.0
+
+    # -- segments ------------------------------------------------------------------------------
+
+    def _append_pending(self) -> None:
+        batch = self._pending
+        try:
+            self._write(batch)
+        except OSError:
+            raise  # kept pending: retried after the rollback
+        except Exception as error:  # the file refuses this batch: keep it aside, go on
+            self._pending = ColumnBatch()
+            self._quarantine(batch, batch.n_records, batch.strings.get("images/input_id"), error)
+            return
+        # In the segment now: whatever happens to the rotation, it is never appended again.
+        self.written += batch.n_records
+        self._pending = ColumnBatch()
+        seg = self._segment
+        if (
+            seg.counts["records"] >= self.config.segment_max_records
+            or seg.nbytes >= self.config.segment_max_bytes
+            or time.monotonic() - seg.opened_at >= self.config.segment_max_age
+        ):
+            self._close_segment()
 
     def _write(self, batch: ColumnBatch) -> None:
+        """Appends a batch to the open segment (opened, or rotated for other columns, as needed)."""
         if self.fault_injection is not None:
             self.fault_injection()
         if self._segment is not None and not self._segment.accepts(batch):
@@ -326,34 +741,186 @@ class RecordWriter:
                 time.time_ns(), self.rank, os.getpid(), self._token, self._segment_seq
             )
             attrs = dict(self.attrs, rank=self.rank, pid=os.getpid(), created=time.time())
-            self._segment = SegmentWriter(self.directory / name, attrs, batch)
-        self._segment.append(batch)
-        seg = self._segment
-        if (
-            seg.counts["records"] >= self.config.segment_max_records
-            or seg.nbytes >= self.config.segment_max_bytes
-            or time.monotonic() - seg.opened_at >= self.config.segment_max_age
-        ):
-            self._close_segment()
+            self._segment = _Segment(self.directory / name, attrs, batch, self.column_fault)
+        self._segment.column_fault = self.column_fault
+        try:
+            self._segment.append(batch)
+        except BaseException:
+            self._segment_failed()
+            raise
 
     def _close_segment(self) -> None:
-        if self._segment is not None:
-            path = self._segment.close()
-            self._segment = None
-            self.segments_closed.append(path)
-            for listener in self.segment_listeners:
-                try:
-                    listener(path)
-                except Exception:
-                    log.exception("pyodlog: a segment listener failed")
-
-    def _drop_broken_segment(self) -> None:
-        """After a disk error: close the open segment if possible (recovery handles it otherwise)."""
         if self._segment is None:
             return
         try:
-            self._close_segment()
-        except Exception:
-            log.warning("pyodlog left %s for recovery at the next start", self._segment.part)
-            self._segment.abandon()
-            self._segment = None
+            path = self._segment.close()
+        except BaseException:
+            self._segment_failed()
+            raise
+        self._segment = None
+        self._closed(path)
+
+    def _closed(self, path: Path) -> None:
+        self.segments_closed.append(path)
+        for listener in self.segment_listeners:
+            try:
+                listener(path)
+            except Exception:
+                log.exception("pyodlog: a segment listener failed")
+
+    def _segment_failed(self) -> None:
+        """The open segment failed mid-write: let it go; it is closed as its complete prefix later."""
+        seg, self._segment = self._segment, None
+        if seg is not None:
+            seg.let_go()
+            self._broken = seg
+
+    def _recover_broken(self) -> None:
+        """Rolls a failed segment back to its last complete append and keeps writing it.
+
+        If its file cannot be reopened, it is closed instead as the images it
+        held before the failure (a rewrite, which needs that much free space).
+
+        Raises:
+            OSError: the disk still refuses: retried later.
+        """
+        seg = self._broken
+        if seg is None:
+            return
+        if seg.part.exists():
+            try:
+                seg.roll_back()
+            except OSError as error:
+                if error.errno is not None:  # the disk refused (ENOSPC, EIO, ...): retry later
+                    raise
+                log.warning("pyodlog cannot reopen %s (%s): closing it", seg.part.name, error)
+            except Exception as error:
+                log.warning("pyodlog cannot reopen %s (%r): closing it", seg.part.name, error)
+            else:
+                self._broken, self._segment = None, seg
+                self._rollbacks += 1
+                (log.warning if self._rollbacks == 1 else log.debug)(
+                    "pyodlog rolled %s back to its last complete batch (%d images); the failed "
+                    "batch is written again",
+                    seg.part.name,
+                    seg.counts["images"],
+                )
+                return
+        self._close_broken()
+
+    def _close_broken(self) -> None:
+        """Closes a failed segment as the images it held before the failure (needs disk space).
+
+        Raises:
+            OSError: the rewrite failed (the disk is still full): retried later.
+        """
+        seg = self._broken
+        if seg is None:
+            return
+        path: Path | None = None
+        if seg.part.exists():
+            try:
+                tables = read_complete(seg.part, seg.counts["images"])
+            except Exception as error:  # unreadable: kept aside, never deleted
+                tables = None
+                self._move_to_quarantine(seg.part, error)
+            if tables is not None:
+                try:
+                    path = write_closed(seg.part, tables, rolled_back=True)
+                except OSError:
+                    raise
+                except (
+                    Exception
+                ) as error:  # not a disk error: the next start's recovery tries again
+                    log.error(
+                        "pyodlog could not close %s after a failed write (%r): left for recovery "
+                        "at the next start",
+                        seg.part.name,
+                        error,
+                    )
+        elif seg.path.exists():  # the failure came after the rename: it is closed
+            path = seg.path
+        seg.unlock()
+        self._broken = None
+        if path is not None:
+            log.warning(
+                "pyodlog closed %s after a failed write with the %d image(s) written before it; "
+                "the failed batch is written again in a new segment",
+                path.name,
+                seg.counts["images"],
+            )
+            self._closed(path)
+
+    def _move_to_quarantine(self, path: Path, error: BaseException) -> None:
+        quarantine = self.directory / "quarantine"
+        quarantine.mkdir(exist_ok=True)
+        os.replace(path, quarantine / path.name)
+        log.error("pyodlog could not read %s (%s): moved to %s", path.name, error, quarantine)
+
+    def _quarantine(self, what: Any, n_calls: int, input_ids, error: BaseException) -> None:
+        """Keeps records that cannot be written under ``quarantine/`` (pickle + JSON reason); counts them."""
+        with self._lock:
+            self.quarantined += n_calls
+        self._quarantine_seq += 1
+        stem = (
+            f"records-{time.time_ns():020d}-p{os.getpid()}-{self._token}-{self._quarantine_seq:06d}"
+        )
+        folder = self.directory / "quarantine"
+        description = {
+            "reason": f"{type(error).__name__}: {error}",
+            "calls": n_calls,
+            "input_ids": list(input_ids or []),
+            "what": type(what).__name__,
+            "pickle": stem + ".pickle",
+            "time": time.time(),
+            "pyodlog_version": self.attrs.get("pyodlog_version"),
+        }
+        try:
+            folder.mkdir(exist_ok=True)
+            try:
+                data = pickle.dumps(what, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as pickle_error:
+                data = None
+                description["pickle"] = None
+                description["not_pickled"] = repr(pickle_error)
+            if data is not None:
+                _write_atomically(folder / (stem + ".pickle"), data)
+            _write_atomically(
+                folder / (stem + ".json"), json.dumps(description, indent=2).encode("ascii")
+            )
+        except Exception as write_error:
+            log.error(
+                "pyodlog could not store %d call(s) (%s) nor keep them in %s (%s): they are lost; "
+                "counted in stats()['quarantined']",
+                n_calls,
+                description["reason"],
+                folder,
+                write_error,
+            )
+            return
+        log.error(
+            "pyodlog could not store %d call(s) (%s): kept in %s; logging goes on",
+            n_calls,
+            description["reason"],
+            folder / (stem + ".json"),
+        )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _input_ids_of(record: Any) -> list[str]:
+    try:
+        return [str(i) for i in record.input_ids]
+    except Exception:
+        return []

@@ -7,9 +7,11 @@ endpoint and key, and the lifecycle (``close()``, context manager).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import os
 import threading
+from abc import ABCMeta
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -35,8 +37,33 @@ class LoggerClosedError(RuntimeError):
     """The logger was closed; create a new one."""
 
 
-class MonitoringLogger:
-    """Model-agnostic logger state. Subclasses call :meth:`_init_monitoring` once."""
+class _ActivatesSinkWhenBuilt(ABCMeta):
+    """Activates the logger's sink once its whole constructor has returned.
+
+    So a result is replaced (``force_table_recreate``) and a writer thread
+    started only after every check of the constructor passed: a constructor
+    that fails leaves the stored data as it was and no thread running.
+    """
+
+    def __call__(cls, *args, **kwargs):
+        logger = super().__call__(*args, **kwargs)
+        activate = getattr(getattr(logger, "_sink", None), "activate", None)
+        if activate is not None:
+            try:
+                activate()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    logger.close()
+                raise
+        return logger
+
+
+class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
+    """Model-agnostic logger state. Subclasses call :meth:`_init_monitoring` once.
+
+    The sink is activated (a replacement done, its writer started) when the
+    subclass's constructor returns.
+    """
 
     def _init_monitoring(
         self,
@@ -108,6 +135,9 @@ class MonitoringLogger:
             info = self._sink.open_result(
                 self.model_name, self.version_name, result_name, schema, force_table_recreate
             )
+            if self._dist is not None:
+                # The other ranks open the result that rank 0 made: any replacement happens now.
+                getattr(self._sink, "activate", lambda: None)()
             # 'latest' resolves once, here: the highest epoch already in the result, 0 if none.
             return info.result_name, (info.latest_epoch or 0) if n_epoch == "latest" else n_epoch
 
