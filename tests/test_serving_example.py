@@ -142,8 +142,6 @@ def test_the_serving_example_answers_concurrent_clients_and_logs_every_answer(tm
     assert Counter(ids) == Counter(list(want))
     for row, input_id in enumerate(ids):
         got, answer = result.image_detections(row), want[input_id]
-        assert torch.equal(got["boxes"], torch.tensor(answer["boxes"]).reshape(-1, 4)), input_id
-        assert torch.equal(got["scores"], torch.tensor(answer["scores"])), input_id
-        assert torch.equal(got["labels"], torch.tensor(answer["labels"], dtype=torch.long)), (
-            input_id
-        )
+        assert torch.equal(got.boxes, torch.tensor(answer["boxes"]).reshape(-1, 4)), input_id
+        assert torch.equal(got.scores, torch.tensor(answer["scores"])), input_id
+        assert torch.equal(got.labels, torch.tensor(answer["labels"], dtype=torch.long)), input_id
