@@ -231,9 +231,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 self._remove_hooks()
             self._release_model()
             if getattr(self, "_closed", True) is False:
-                with contextlib.suppress(
-                    Exception
-                ):  # the constructor's own error is the one to report
+                # The constructor's own error is the one to report.
+                with contextlib.suppress(Exception):
                     self._close_monitoring()
             raise
 
