@@ -159,3 +159,28 @@ def test_a_single_detection_output_is_taken_for_one_image_and_refused_for_more()
             ):
                 logger([torch.rand(3, 64, 64), torch.rand(3, 64, 64)])
         assert len(logger.sink.records("spec", "v1", logger.result_name)) == 1
+
+
+def test_detection_batch_from_outputs_pads_and_says_what_does_not_fit():
+    def output(n, with_embeddings=True, n_class=3):
+        return pyodlog.DetectionOutput(
+            torch.rand(n, 4),
+            torch.rand(n),
+            torch.arange(n),
+            torch.rand(n, n_class),
+            torch.arange(n),
+            (10, 20),
+            torch.rand(n, 2) if with_embeddings else None,
+        )
+
+    a, b = output(3), output(0)
+    batch = pyodlog.DetectionBatch.from_outputs([a, b])
+    assert batch.boxes.shape == (2, 3, 4) and batch.counts.tolist() == [3, 0]
+    assert batch.labels[1].eq(-1).all() and batch.candidate_index[1].eq(-1).all()
+    back = batch.unbind()
+    assert torch.equal(back[0].logits, a.logits) and torch.equal(back[0].embeddings, a.embeddings)
+    assert len(back[1]) == 0 and back[1].image_size == (10, 20)
+    with pytest.raises(ValueError, match="every DetectionOutput of a batch has embeddings or none"):
+        pyodlog.DetectionBatch.from_outputs([a, output(2, with_embeddings=False)])
+    with pytest.raises(ValueError, match="logits of different widths"):
+        pyodlog.DetectionBatch.from_outputs([a, output(2, n_class=4)])
