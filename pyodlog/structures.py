@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from pyodlog.ops.compression import CompressedFeature
 
@@ -146,6 +148,57 @@ class DetectionBatch:
     def to(self, device, non_blocking: bool = False) -> DetectionBatch:
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
         return DetectionBatch(image_sizes=list(self.image_sizes), **moved)
+
+    @classmethod
+    def from_outputs(
+        cls, outputs: list[DetectionOutput], image_sizes: list[tuple[int, int]] | None = None
+    ) -> DetectionBatch:
+        """Pads per-image :class:`DetectionOutput` into a batch (lengths from shapes: no host sync).
+
+        Args:
+            outputs: one per image, all on one device, with logits of one width
+                and either all or none with embeddings.
+            image_sizes: original ``(h, w)`` per image; default each output's ``image_size``.
+
+        Raises:
+            ValueError: the outputs do not fit together (logit widths, embeddings
+                on some images only, devices).
+        """
+        if not outputs:
+            raise ValueError("from_outputs needs at least one DetectionOutput")
+        device = outputs[0].boxes.device
+        if any(o.boxes.device != device for o in outputs):
+            raise ValueError("every DetectionOutput of a batch must be on one device")
+        widths = {tuple(o.logits.shape[1:]) for o in outputs}
+        if len(widths) > 1:
+            raise ValueError(
+                f"the DetectionOutputs have logits of different widths {sorted(widths)}"
+            )
+        with_embeddings = {o.embeddings is not None for o in outputs}
+        if len(with_embeddings) > 1:
+            raise ValueError("either every DetectionOutput of a batch has embeddings or none has")
+
+        def pad(name: str, value: float = 0) -> Tensor:
+            return pad_sequence(
+                [getattr(o, name) for o in outputs], batch_first=True, padding_value=value
+            )
+
+        lengths = torch.tensor([len(o) for o in outputs], dtype=torch.long)
+        counts = (
+            lengths.pin_memory().to(device, non_blocking=True)
+            if device.type == "cuda"
+            else lengths.to(device)
+        )
+        return cls(
+            pad("boxes").reshape(len(outputs), -1, 4),
+            pad("scores"),
+            pad("labels", -1).to(torch.long),
+            pad("logits"),
+            pad("candidate_index", -1).to(torch.long),
+            counts,
+            list(image_sizes) if image_sizes is not None else [o.image_size for o in outputs],
+            pad("embeddings") if with_embeddings == {True} else None,
+        )
 
     def unbind(self) -> list[DetectionOutput]:
         """Per-image :class:`DetectionOutput` (reads ``counts``: a host sync on GPU)."""

@@ -181,8 +181,14 @@ def test_thresholds_are_applied_to_the_model_so_output_and_log_agree():
             assert [len(d) for d in last_record(logger).detections.unbind()] == [
                 len(o["boxes"]) for o in out
             ]
-        with create_logger(model, "m", "v1"):  # None keeps the model's values
-            assert (model.score_thresh, model.nms_thresh, model.detections_per_img) == (0.1, 0.3, 7)
+            with create_logger(model, "m", "v2"):  # None keeps the model's values
+                assert (model.score_thresh, model.nms_thresh, model.detections_per_img) == (
+                    0.1,
+                    0.3,
+                    7,
+                )
+        # close() gives the model its own thresholds back.
+        assert (model.score_thresh, model.nms_thresh, model.detections_per_img) == saved
     finally:
         model.score_thresh, model.nms_thresh, model.detections_per_img = saved
 

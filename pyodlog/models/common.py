@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import roi_align
 
-__all__ = ["gather_rows", "host_tensor", "level_roi_features", "local_index", "rows_of_images"]
+__all__ = [
+    "ReturnedDetections",
+    "clip_and_resize",
+    "gather_rows",
+    "host_tensor",
+    "image_sizes_of",
+    "level_roi_features",
+    "local_index",
+    "logged_boxes",
+    "match_detections",
+    "returned_detections",
+    "rows_of_images",
+]
 
 
 def host_tensor(values: Sequence, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -87,3 +102,245 @@ def level_roi_features(
         picked,
         torch.zeros((), dtype=picked.dtype, device=picked.device),
     ).reshape(b, d, -1)
+
+
+# -- the returned detections as truth -------------------------------------------
+
+
+class ReturnedDetections(NamedTuple):
+    """What a torchvision-style detector returned, padded to ``D`` (the most of any image).
+
+    Attributes:
+        boxes: ``Tensor[B, D, 4]`` xyxy, zeros in padding.
+        scores: ``Tensor[B, D]``, zeros in padding.
+        labels: ``Tensor[B, D]`` int64, -1 in padding.
+        counts: ``Tensor[B]`` int64 detections per image.
+        lengths: the same counts as host ints (read from shapes, no device access).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    counts: Tensor
+    lengths: list[int]
+
+
+def returned_detections(output: Any, n_images: int, method: str) -> ReturnedDetections:
+    """Pads a detector's ``[{"boxes", "scores", "labels"}, ...]`` output into batch tensors.
+
+    Lengths come from tensor shapes (host metadata), so nothing waits for the
+    device; one copy per field, no Python loop over detections.
+
+    Raises:
+        TypeError: ``output`` is not one such dict per image (``method`` names
+            the logger method that received it).
+    """
+    if (
+        not isinstance(output, (list, tuple))
+        or len(output) != n_images
+        or not all(
+            isinstance(o, Mapping)
+            and all(isinstance(o.get(k), Tensor) for k in ("boxes", "scores", "labels"))
+            for o in output
+        )
+    ):
+        raise TypeError(
+            f"{method} expects the model to return one dict with 'boxes', 'scores' and 'labels' tensors per image "
+            f"({n_images} images), got {type(output).__name__}: a model whose forward returns something else needs "
+            "its own logger subclass"
+        )
+    lengths = [int(o["scores"].shape[0]) for o in output]
+    device = output[0]["scores"].device
+    boxes = pad_sequence([o["boxes"].reshape(-1, 4) for o in output], batch_first=True)
+    scores = pad_sequence([o["scores"] for o in output], batch_first=True)
+    labels = pad_sequence(
+        [o["labels"].to(torch.long) for o in output], batch_first=True, padding_value=-1
+    )
+    return ReturnedDetections(
+        boxes, scores, labels, host_tensor(lengths, torch.long, device), lengths
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def clip_and_resize(
+    boxes: Tensor,
+    rows_per_image: Sequence[int],
+    clip_sizes: Sequence[tuple[int, int]] | None,
+    from_sizes: Sequence[tuple[int, int]],
+    to_sizes: Sequence[tuple[int, int]],
+) -> Tensor:
+    """Boxes clipped to ``clip_sizes`` and rescaled ``from_sizes`` -> ``to_sizes``, per image.
+
+    The same arithmetic as torchvision's ``box_ops.clip_boxes_to_image`` and
+    ``transform.resize_boxes`` (the ratio a float32 division, the product in
+    float32 or wider, then cast back), so applied to a detector's candidates it
+    gives bit for bit the boxes the detector returns. The ratios are computed on
+    the host and copied without waiting for the device.
+
+    Args:
+        boxes: ``Tensor[N, 4]`` or ``Tensor[N, C, 4]`` xyxy, the rows of image 0 first.
+        rows_per_image: how many rows each image has (sums to N).
+        clip_sizes: (h, w) per image to clip to (the network input), or None.
+        from_sizes, to_sizes: (h, w) per image the boxes are in / are brought to.
+
+    Returns:
+        A tensor of ``boxes``' shape and dtype.
+    """
+    device, dtype = boxes.device, boxes.dtype
+    image = rows_of_images(rows_per_image, device)
+    shape = boxes.shape
+    if clip_sizes is not None:
+        hw = host_tensor(clip_sizes, torch.long, device).to(dtype)[image]  # [N, 2]
+        limit = hw.flip(-1).repeat(1, 2).reshape(-1, *([1] * (boxes.dim() - 2)), 4)
+        boxes = torch.clamp(boxes, min=torch.zeros((), dtype=dtype, device=device), max=limit)
+    ratios = [
+        (np.float32(t[1]) / np.float32(f[1]), np.float32(t[0]) / np.float32(f[0]))
+        for f, t in zip(from_sizes, to_sizes)
+    ]
+    compute = _compute_dtype(dtype)
+    ratio = host_tensor(ratios, torch.float32, device).to(compute)[image]  # [N, 2] (w, h)
+    ratio = ratio.repeat(1, 2).reshape(-1, *([1] * (boxes.dim() - 2)), 4)
+    return (boxes.to(compute) * ratio).to(dtype).reshape(shape)
+
+
+_MASKS = {k: (1 << (64 - k)) - 1 for k in (27, 30, 31)}
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping multiplication, logical shifts)."""
+    x = x ^ ((x >> 30) & _MASKS[30])
+    x = x * _M1
+    x = x ^ ((x >> 27) & _MASKS[27])
+    x = x * _M2
+    return x ^ ((x >> 31) & _MASKS[31])
+
+
+def _bits(t: Tensor) -> Tensor:
+    """The bit pattern of each float as int64 (equal bits: the same value, -0.0 and NaN payloads apart)."""
+    view = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.contiguous().view(view).to(torch.int64)
+
+
+def _box_key(boxes: Tensor) -> Tensor:
+    """A 64-bit hash of each box's four coordinates: ``Tensor[..., 4]`` -> ``Tensor[...]``."""
+    bits = _bits(boxes)
+    key = _mix(bits[..., 0])
+    for i in (1, 2, 3):
+        key = _mix(key ^ bits[..., i])
+    return key
+
+
+def match_detections(
+    returned: ReturnedDetections,
+    scores: Tensor,
+    boxes: Tensor,
+    rows_per_image: Sequence[int],
+    first_label: int = 0,
+) -> Tensor:
+    """Which candidate each returned detection came from: the log takes the model's detections as truth.
+
+    A detector's returned detection ``(box, score, label)`` is one candidate
+    ``n`` with ``scores[n, label] == score`` and box ``boxes[n]`` (or
+    ``boxes[n, label]``) equal to it, bit for bit. This finds that candidate
+    for every detection at once: each (candidate, class) pair gets a 64-bit key
+    of its (label, score, box), looked up among the detections' keys (sorted,
+    ``searchsorted``), and the lowest matching pair wins; a match is then
+    checked field by field, so a hash collision can only leave a detection
+    unmatched, never matched wrongly. Tied scores do not matter: the box and
+    label pick the candidate the model picked. Candidates identical in box,
+    score and label are indistinguishable; the lowest row is reported.
+
+    Tensor operations only (a loop over images, none over detections), no host
+    synchronisation on CUDA. On the CPU only pairs scoring at least the image's
+    lowest returned score are keyed; on CUDA all are (masking, not compaction).
+
+    Args:
+        returned: the model's detections (:func:`returned_detections`), boxes in
+            the coordinates of ``boxes``.
+        scores: ``Tensor[N, C]`` activated class scores, computed exactly as the model does.
+        boxes: ``Tensor[N, 4]`` or ``Tensor[N, C, 4]`` candidate boxes as the model
+            returns them (clipped and resized: :func:`clip_and_resize`).
+        rows_per_image: candidate rows of each image (image 0's first).
+        first_label: classes below this are never detected (background).
+
+    Returns:
+        ``Tensor[B, D]`` int64: the row of ``scores`` of each detection, -1 in
+        padding and for a detection no candidate reproduces.
+    """
+    n_images, d = returned.scores.shape
+    device = scores.device
+    out = torch.full((n_images, d), -1, dtype=torch.long, device=device)
+    if d == 0 or scores.shape[0] == 0:
+        return out
+    n_class = scores.shape[1]
+    per_class = boxes.dim() == 3
+    det_scores = returned.scores.to(scores.dtype)
+    det_boxes = returned.boxes.to(boxes.dtype)
+    det_labels = returned.labels
+    det_key = _mix(_mix(_box_key(det_boxes) ^ det_labels) ^ _bits(det_scores))  # [B, D]
+    valid = torch.arange(d, device=device)[None, :] < returned.counts[:, None]
+    lowest = torch.where(
+        valid & ~det_scores.isnan(), det_scores, torch.full_like(det_scores, float("inf"))
+    ).amin(1)  # [B]
+    labels = torch.arange(first_label, n_class, device=device)
+    start = 0
+    for b, n_rows in enumerate(rows_per_image):
+        rows = slice(start, start + int(n_rows))
+        start += int(n_rows)
+        if n_rows == 0 or returned.lengths[b] == 0:
+            continue
+        img_scores = scores[rows, first_label:]  # [n, C']
+        keep = img_scores >= lowest[b]
+        if device.type == "cpu":
+            pair = keep.reshape(-1).nonzero().squeeze(1)  # the CPU compacts for free
+        else:
+            pair = torch.arange(keep.numel(), device=device)
+        row, cls = pair // labels.shape[0], pair % labels.shape[0]
+        box_key = _box_key(boxes[rows][row, cls + first_label] if per_class else boxes[rows])
+        if not per_class:
+            box_key = box_key[row]
+        pair_key = _mix(_mix(box_key ^ labels[cls]) ^ _bits(img_scores.reshape(-1)[pair]))
+        sorted_keys, _ = det_key[b].sort()
+        pos = torch.searchsorted(sorted_keys, pair_key).clamp(max=d - 1)
+        hit = sorted_keys[pos] == pair_key
+        if device.type != "cpu":
+            hit &= keep.reshape(-1)
+        best = torch.full((d + 1,), keep.numel(), dtype=torch.long, device=device)
+        best.scatter_reduce_(0, torch.where(hit, pos, d), pair, "amin", include_self=True)
+        found = best[torch.searchsorted(sorted_keys, det_key[b])]  # [D] pair index or sentinel
+        ok = found < keep.numel()
+        found = found.clamp(max=keep.numel() - 1)
+        f_row, f_cls = found // labels.shape[0], found % labels.shape[0] + first_label
+        f_box = boxes[rows][f_row, f_cls] if per_class else boxes[rows][f_row]
+        ok &= (
+            valid[b]
+            & (f_cls == det_labels[b])
+            & (_bits(scores[rows][f_row, f_cls]) == _bits(det_scores[b]))
+            & (_bits(f_box) == _bits(det_boxes[b])).all(-1)
+        )
+        out[b] = torch.where(ok, f_row + rows.start, -1)
+    return out
+
+
+def logged_boxes(
+    returned: ReturnedDetections,
+    input_sizes: Sequence[tuple[int, int]],
+    img_sizes: Sequence[tuple[int, int]],
+) -> Tensor:
+    """The returned boxes in ``img_sizes`` coordinates (themselves when those are the input sizes)."""
+    if [tuple(s) for s in img_sizes] == [tuple(s) for s in input_sizes]:
+        return returned.boxes
+    n_images, d, _ = returned.boxes.shape
+    return clip_and_resize(
+        returned.boxes.reshape(-1, 4), [d] * n_images, None, input_sizes, img_sizes
+    ).reshape(n_images, d, 4)
+
+
+def image_sizes_of(images: Any) -> list[tuple[int, int]]:
+    """(h, w) of each image of a list of ``[C, H, W]`` tensors or a ``[B, C, H, W]`` tensor."""
+    return [(int(img.shape[-2]), int(img.shape[-1])) for img in images]

@@ -60,16 +60,23 @@ def create_logger(model: nn.Module, *args: Any, **kwargs: Any) -> ObjectDetectio
     Takes the same arguments as :class:`~pyodlog.monitoring.ObjectDetectionTorchLogger`.
 
     Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
         UnsupportedModelError: no registered subclass handles the model; the
             message lists the supported families and how to add one.
     """
+    families = "\n".join(
+        f"  - {cls.family or cls.__name__} ({cls.__name__})" for cls in registered_loggers()
+    )
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"create_logger expects a torch.nn.Module detector (the model object, e.g. "
+            f"torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=...).eval()), got "
+            f"{type(model).__name__} {model!r:.80}. Supported families:\n{families}"
+        )
     core = unwrap_model(model)
     for cls in registered_loggers():
         if cls.detect(core):
             return cls(model, *args, **kwargs)
-    families = "\n".join(
-        f"  - {cls.family or cls.__name__} ({cls.__name__})" for cls in registered_loggers()
-    )
     raise UnsupportedModelError(
         f"no pyodlog logger handles {type(core).__name__}. Supported families:\n{families}\n"
         "To log another detector, subclass pyodlog.ObjectDetectionTorchLogger and register it with "

@@ -3,8 +3,9 @@
 They share a layout: ``model.head(features)`` returns per-anchor outputs for the
 whole batch and ``model.anchor_generator(images, features)`` the anchors; the
 model's post-processing filters, keeps a top-k, runs NMS per class and keeps
-the best ``detections_per_img``. The logger captures both with hooks and
-reproduces that post-processing in one fused call.
+the best ``detections_per_img``. The logger captures both with hooks, logs the
+detections the model returned (ties included) and finds the anchor each came
+from by its box, score and label (:func:`pyodlog.models.common.match_detections`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
-from pyodlog.models.common import gather_rows, host_tensor, level_roi_features, local_index
+from pyodlog.models.common import (
+    clip_and_resize,
+    gather_rows,
+    image_sizes_of,
+    level_roi_features,
+    local_index,
+    logged_boxes,
+    match_detections,
+    returned_detections,
+)
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import ObjectDetectionTorchLogger
-from pyodlog.ops import postprocess_detections
 from pyodlog.structures import DetectionBatch
 
 __all__ = ["FCOSLogger", "RetinaNetLogger", "SSDLogger"]
@@ -31,14 +40,17 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
 
     #: Classes below this are background (SSD's class 0).
     first_label = 0
-    #: SSD keeps a top-k per class; RetinaNet and FCOS per FPN level over all classes.
-    topk_per_class = False
     #: Whether the levels share a channel count, so an RoI feature can serve as embedding.
     fpn_embeddings = True
 
     def _register_model_hooks(self, model: nn.Module) -> None:
+        self._add_forward_pre_hook(model.transform, self._on_transform)
         self._add_forward_hook(model.head, self._on_head)
         self._add_forward_hook(model.anchor_generator, self._on_anchors)
+
+    def _on_transform(self, module, args) -> None:
+        # The sizes the model resizes its boxes back to (its original_image_sizes).
+        self._state["input_sizes"] = image_sizes_of(args[0])
 
     def _on_head(self, module, inputs, output) -> None:
         self._state["features"] = inputs[0]
@@ -72,68 +84,47 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch:
-        model = self._core
+        """The returned detections, each with the anchor it came from (found by box, score and label)."""
+        returned = returned_detections(
+            model_output, len(img_sizes), f"{type(self).__name__}._parse_model_output"
+        )
         head = self._state["head"]
         cls_logits = head["cls_logits"]
         n_images, n_anchors, n_classes = cls_logits.shape
         device = cls_logits.device
         anchors = torch.stack(self._state["anchors"]).reshape(-1, 4)
         boxes = self._decode(head["bbox_regression"].reshape(-1, 4), anchors)
-        image_index = torch.arange(n_images, device=device).repeat_interleave(n_anchors)
         features = self._state["features"]
-        levels = None if self.topk_per_class else self._anchor_levels(features, n_anchors, device)
-        topk_group = None
-        if levels is not None:
-            topk_group = (
-                torch.arange(n_images, device=device)[:, None] * len(features) + levels[None, :]
-            ).reshape(-1)
-        net_sizes = host_tensor(self._state["net_sizes"], torch.long, device)
-        out = postprocess_detections(
+        net_sizes = self._state["net_sizes"]
+        rows = [n_anchors] * n_images
+        # The model's candidates as it returns them: scores activated as it does, boxes decoded,
+        # clipped to the network input and resized to the input images.
+        candidates = match_detections(
+            returned,
             self._scores(head).reshape(-1, n_classes),
-            boxes,
-            image_index,
-            net_sizes,
-            host_tensor(img_sizes, torch.long, device),
-            model.score_thresh,
-            model.nms_thresh,
-            model.detections_per_img,
+            clip_and_resize(boxes, rows, net_sizes, net_sizes, self._state["input_sizes"]),
+            rows,
             first_label=self.first_label,
-            topk=model.topk_candidates,
-            topk_group=topk_group,
-            topk_per_class=self.topk_per_class,
         )
         first_row = torch.arange(n_images, device=device) * n_anchors
-        local = local_index(out.candidates, first_row)
+        local = local_index(candidates, first_row)
         embeddings = None
-        if self.log_embeddings and self.fpn_embeddings and levels is not None:
-            net_boxes = gather_rows(boxes, out.candidates)
-            h = net_sizes[:, 0].to(net_boxes.dtype)[:, None, None]
-            w = net_sizes[:, 1].to(net_boxes.dtype)[:, None, None]
-            zero = torch.zeros((), dtype=net_boxes.dtype, device=device)
-            net_boxes = (
-                torch.stack(
-                    [
-                        net_boxes[..., 0].clamp(min=0).unsqueeze(-1).minimum(w),
-                        net_boxes[..., 1].clamp(min=0).unsqueeze(-1).minimum(h),
-                        net_boxes[..., 2].clamp(min=0).unsqueeze(-1).minimum(w),
-                        net_boxes[..., 3].clamp(min=0).unsqueeze(-1).minimum(h),
-                    ],
-                    dim=-1,
-                )
-                .squeeze(-2)
-                .maximum(zero)
+        if self.log_embeddings and self.fpn_embeddings:
+            levels = self._anchor_levels(features, n_anchors, device)
+            net_boxes = gather_rows(
+                clip_and_resize(boxes, rows, net_sizes, net_sizes, net_sizes), candidates
             )
             level_of = torch.where(local >= 0, levels[local.clamp(min=0)], local)
             embeddings = level_roi_features(
                 features, net_boxes, level_of, self._state["padded_size"]
             )
         return DetectionBatch(
-            out.boxes,
-            out.scores,
-            out.labels,
-            gather_rows(cls_logits.reshape(-1, n_classes), out.candidates),
+            logged_boxes(returned, self._state["input_sizes"], img_sizes),
+            returned.scores,
+            returned.labels,
+            gather_rows(cls_logits.reshape(-1, n_classes), candidates),
             local,
-            out.counts,
+            returned.counts,
             list(img_sizes),
             embeddings,
         )
@@ -188,7 +179,6 @@ class SSDLogger(_DenseHeadLogger):
 
     family = "torchvision SSD, SSDlite"
     first_label = 1
-    topk_per_class = True
     fpn_embeddings = False
 
     @staticmethod

@@ -10,25 +10,32 @@ from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from pyodlog.models.common import gather_rows, host_tensor, local_index, rows_of_images
+from pyodlog.models.common import (
+    clip_and_resize,
+    gather_rows,
+    host_tensor,
+    image_sizes_of,
+    local_index,
+    logged_boxes,
+    match_detections,
+    returned_detections,
+)
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import NmsConfig, ObjectDetectionTorchLogger
-from pyodlog.ops import postprocess_detections
 from pyodlog.structures import DetectionBatch
 
 __all__ = ["TorchvisionRCNNLogger"]
-
-# torchvision's RoIHeads.postprocess_detections removes boxes smaller than this.
-_MIN_BOX_SIZE = 1e-2
 
 
 @register_logger(priority=10)
 class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
     """Logs torchvision's ``GeneralizedRCNN`` models with ``RoIHeads``.
 
-    Per detection: the ``class_logits`` row of the proposal it came from (all
-    classes, background included), and as embedding that proposal's box-head
-    feature (the input of ``box_predictor``, e.g. 1024 values).
+    The logged detections are the ones the model returned (ties included);
+    per detection, the proposal it came from is found by box, score and label
+    among every (proposal, class) pair, and its ``class_logits`` row (all
+    classes, background included) and box-head feature (the input of
+    ``box_predictor``, e.g. 1024 values, as embedding) are logged.
     """
 
     family = "torchvision Faster R-CNN (all backbones, v1 and v2), Mask R-CNN, Keypoint R-CNN"
@@ -49,8 +56,13 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         super()._apply_nms_config(model.roi_heads, nms_config)
 
     def _register_model_hooks(self, model: nn.Module) -> None:
+        self._add_forward_pre_hook(model.transform, self._on_transform)
         self._add_forward_pre_hook(model.roi_heads, self._on_roi_heads)
         self._add_forward_hook(model.roi_heads.box_predictor, self._on_box_predictor)
+
+    def _on_transform(self, module, args) -> None:
+        # The sizes the model resizes its boxes back to (GeneralizedRCNN's original_image_sizes).
+        self._state["input_sizes"] = image_sizes_of(args[0])
 
     def _on_roi_heads(self, module, args) -> None:
         # RoIHeads.forward(features, proposals, image_shapes, targets=None)
@@ -64,36 +76,47 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch:
+        """The returned detections, each with the proposal it came from (found by box, score and label)."""
         heads = self._core.roi_heads
+        returned = returned_detections(
+            model_output, len(img_sizes), f"{type(self).__name__}._parse_model_output"
+        )
         proposals = self._state["proposals"]
         class_logits = self._state["class_logits"]
         device = class_logits.device
+        n_rows, n_class = class_logits.shape
         counts = [int(p.shape[0]) for p in proposals]
         first_row = [sum(counts[:i]) for i in range(len(counts))]
-        out = postprocess_detections(
+        # Exactly RoIHeads.postprocess_detections' scores and boxes, then GeneralizedRCNN's resize.
+        # (decode returns [0, C * 4] for no proposal at all: the reshape makes it [0, C, 4].)
+        boxes = heads.box_coder.decode(self._state["box_regression"], proposals).reshape(
+            n_rows, n_class, 4
+        )
+        candidates = match_detections(
+            returned,
             F.softmax(class_logits, -1),
-            heads.box_coder.decode(self._state["box_regression"], proposals),
-            rows_of_images(counts, device),
-            host_tensor(self._state["net_sizes"], torch.long, device),
-            host_tensor(img_sizes, torch.long, device),
-            heads.score_thresh,
-            heads.nms_thresh,
-            heads.detections_per_img,
+            clip_and_resize(
+                boxes,
+                counts,
+                self._state["net_sizes"],
+                self._state["net_sizes"],
+                self._state["input_sizes"],
+            ),
+            counts,
             first_label=1,
-            min_size=_MIN_BOX_SIZE,
         )
         embeddings = (
-            gather_rows(self._state["box_features"].flatten(1), out.candidates)
+            gather_rows(self._state["box_features"].flatten(1), candidates)
             if self.log_embeddings
             else None
         )
         return DetectionBatch(
-            out.boxes,
-            out.scores,
-            out.labels,
-            gather_rows(class_logits, out.candidates),
-            local_index(out.candidates, host_tensor(first_row, torch.long, device)),
-            out.counts,
+            logged_boxes(returned, self._state["input_sizes"], img_sizes),
+            returned.scores,
+            returned.labels,
+            gather_rows(class_logits, candidates),
+            local_index(candidates, host_tensor(first_row, torch.long, device)),
+            returned.counts,
             list(img_sizes),
             embeddings,
         )

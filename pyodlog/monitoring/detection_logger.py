@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
+import weakref
 from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +27,7 @@ from pyodlog.monitoring.validation import (
     check_target_layers,
     check_thresholds,
 )
-from pyodlog.structures import CallRecord, DetectionBatch
+from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
 
 if TYPE_CHECKING:
     from pyodlog.sync import SyncConfig
@@ -50,6 +53,31 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+class _ModelClaim:
+    """The live loggers of one model and the thresholds they changed on it.
+
+    A model has one set of thresholds, so while a logger is live on a model no
+    other logger may change them; the values changed are restored when the
+    last live logger on the model closes.
+    """
+
+    def __init__(self) -> None:
+        self.loggers: weakref.WeakSet = weakref.WeakSet()
+        #: (object, attribute, original value, value set), by weak reference to the object.
+        self.changes: list[tuple[weakref.ref, str, Any, Any]] = []
+
+
+_CLAIMS: weakref.WeakKeyDictionary[nn.Module, _ModelClaim] = weakref.WeakKeyDictionary()
+_CLAIMS_LOCK = threading.RLock()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(sorted({type(v).__name__ for v in value})) or "nothing"
+        return f"a {type(value).__name__} of {len(value)} ({inner})"
+    return type(value).__name__
 
 
 def _image_sizes(model_input: Any) -> list[tuple[int, int]]:
@@ -86,8 +114,11 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
     * ``_register_model_hooks(model)``: hooks (via ``self._add_forward_hook`` /
       ``self._add_forward_pre_hook``) that put what ``_parse_model_output``
       needs into ``self._state``.
-    * ``_parse_model_output(model_output, img_sizes) -> DetectionBatch``
-    * optionally ``_apply_nms_config(model, nms_config)``.
+    * ``_parse_model_output(model_output, img_sizes)`` -> one
+      :class:`~pyodlog.structures.DetectionOutput` per image, or a padded
+      :class:`~pyodlog.structures.DetectionBatch`.
+    * optionally ``_apply_nms_config(model, nms_config)`` (setting attributes
+      with ``self._set_model_threshold``).
 
     Args (see ``../shared/API.md``):
         model: the detector (``DataParallel``, ``DistributedDataParallel`` and
@@ -105,7 +136,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         api_endpoint, api_key: default to ``PYODLOG_API_ENDPOINT`` / ``PYODLOG_API_KEY``.
         n_class: number of classes; read from the model when None.
         score_thresh, iou_thresh, max_detections_per_image: set the model's own
-            thresholds, so the output and the log agree. None keeps the model's.
+            thresholds; None keeps the model's. ``close()`` restores them (once
+            no other live logger uses the model); while a logger is live on a
+            model, another logger that would change them is refused (ValueError).
         sink: where records go (keyword only); default :class:`pyodlog.HDF5Store`
             (local HDF5 under ``PYODLOG_HOME`` or ``./pyodlog_data``).
         log_embeddings: record a per-detection embedding where the family has one.
@@ -139,7 +172,10 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         sync_config: SyncConfig | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a torch.nn.Module detector (e.g. a torchvision detection model), got "
+                f"{type(model).__name__}: pass the model object itself, not its name or path"
+            )
         core = unwrap_model(model)
         if not type(self).detect(core):
             raise ValueError(
@@ -160,6 +196,61 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         self.model = model
         self.n_class = model_n_class
         self.log_embeddings = log_embeddings
+        self._core = core
+        # Thresholds before anything else is touched: a missing attribute or a conflict with another
+        # live logger on this model refuses the logger before any file is opened or hook registered.
+        with _CLAIMS_LOCK:
+            self._claim: _ModelClaim | None = _CLAIMS.setdefault(core, _ModelClaim())
+            self._threshold_changes: list[tuple[Any, str, Any, Any]] = []
+            try:
+                self._apply_nms_config(core, nms)
+            except BaseException:
+                self._undo_threshold_changes()
+                self._claim = None
+                raise
+            for obj, attr, original, value in self._threshold_changes:
+                self._claim.changes.append((weakref.ref(obj), attr, original, value))
+            self._claim.loggers.add(self)
+        try:
+            self._init_rest(
+                model_name,
+                version_name,
+                result_name,
+                n_epoch,
+                layers,
+                force_table_recreate,
+                auto_sync,
+                api_endpoint,
+                api_key,
+                sink,
+                sync_config,
+            )
+        except BaseException:
+            # Nothing of a logger that failed to start stays behind: hooks, thresholds, sink.
+            if hasattr(self, "_hooks"):
+                self._remove_hooks()
+            self._release_model()
+            if getattr(self, "_closed", True) is False:
+                # The constructor's own error is the one to report.
+                with contextlib.suppress(Exception):
+                    self._close_monitoring()
+            raise
+
+    def _init_rest(
+        self,
+        model_name: str,
+        version_name: str,
+        result_name: str | None,
+        n_epoch: str | int | None,
+        layers: list,
+        force_table_recreate: bool,
+        auto_sync: bool,
+        api_endpoint: str | None,
+        api_key: str | None,
+        sink: Sink | None,
+        sync_config: SyncConfig | None,
+    ) -> None:
+        core = self._core
         schema = {
             "n_class": self.n_class,
             "additional_fields": [f.to_dict() for f in self._field_specs],
@@ -179,8 +270,6 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             sink,
             sync_config,
         )
-        self._apply_nms_config(core, nms)
-        self._core = core
         self._init_tracer(core, layers)
         self._register_model_hooks(core)
 
@@ -202,26 +291,105 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
     @abstractmethod
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]
-    ) -> DetectionBatch:
-        """Builds the batch's detections (boxes in ``img_sizes`` coordinates) from the output and ``self._state``.
+    ) -> list[DetectionOutput] | DetectionBatch:
+        """The batch's detections (boxes in ``img_sizes`` coordinates), from the output and ``self._state``.
+
+        Returns either one :class:`~pyodlog.structures.DetectionOutput` per
+        image (a single one is accepted for a one-image batch) or a padded
+        :class:`~pyodlog.structures.DetectionBatch`; anything else is a
+        ``TypeError`` naming this method. Log what the model returned: the
+        detections of ``model_output`` (ties included), with the logits of the
+        candidate each came from.
 
         Runs on the inference path: tensor operations only, no host sync, no
-        Python loop over detections.
+        Python loop over detections (a loop over images is fine).
         """
 
     def _apply_nms_config(self, model: nn.Module, nms_config: NmsConfig) -> None:
-        """Sets the model's own thresholds; the default handles torchvision-style attributes."""
-        for attr, value in (
-            ("score_thresh", nms_config.score_thresh),
-            ("nms_thresh", nms_config.iou_thresh),
-            ("detections_per_img", nms_config.max_detections_per_image),
+        """Sets the model's own thresholds; the default handles torchvision-style attributes.
+
+        An override sets attributes with :meth:`_set_model_threshold`, so that
+        ``close()`` restores them and another live logger cannot change them.
+        """
+        for argument, attr, value in (
+            ("score_thresh", "score_thresh", nms_config.score_thresh),
+            ("iou_thresh", "nms_thresh", nms_config.iou_thresh),
+            ("max_detections_per_image", "detections_per_img", nms_config.max_detections_per_image),
         ):
             if value is not None:
-                if not hasattr(model, attr):
-                    raise ValueError(
-                        f"{type(model).__name__} has no {attr} to set: leave that threshold None"
-                    )
-                setattr(model, attr, value)
+                self._set_model_threshold(model, attr, value, argument)
+
+    def _set_model_threshold(self, obj: Any, attr: str, value: Any, argument: str) -> None:
+        """Sets ``obj.attr = value`` for this logger; restored when the last logger on the model closes.
+
+        Raises:
+            ValueError: ``obj`` has no such attribute, or another live logger
+                uses this model and ``value`` differs from the model's.
+        """
+        if not hasattr(obj, attr):
+            raise ValueError(
+                f"{type(obj).__name__} has no {attr} to set for {argument}={value!r}: leave {argument} None"
+            )
+        current = getattr(obj, attr)
+        if current == value:
+            return
+        others = [lg for lg in self._claim.loggers if lg is not self]
+        if others:
+            other = others[0]
+            raise ValueError(
+                f"{argument}={value!r} would change {type(obj).__name__}.{attr} from {current!r}, but another "
+                f"live logger uses this model ({type(other).__name__} for {other.model_name}/{other.version_name}, "
+                f"result {other.result_name!r}), and a model has one set of thresholds: close that logger first, "
+                f"or pass {argument}=None to keep the model's {current!r}"
+            )
+        self._threshold_changes.append((obj, attr, current, value))
+        setattr(obj, attr, value)
+
+    def _undo_threshold_changes(self) -> None:
+        for obj, attr, original, _ in reversed(self._threshold_changes):
+            setattr(obj, attr, original)
+        self._threshold_changes = []
+
+    def _release_model(self) -> None:
+        """Leaves the model; the last logger on it restores the thresholds loggers changed."""
+        with _CLAIMS_LOCK:
+            claim, self._claim = getattr(self, "_claim", None), None
+            if claim is None:
+                return
+            claim.loggers.discard(self)
+            if len(claim.loggers):
+                return
+            for ref, attr, original, value in reversed(claim.changes):
+                obj = ref()
+                # A value changed by hand since is the user's: it stays.
+                if obj is not None and getattr(obj, attr, None) == value:
+                    setattr(obj, attr, original)
+            claim.changes.clear()
+
+    def _as_detection_batch(self, parsed: Any, img_sizes: list[tuple[int, int]]) -> DetectionBatch:
+        """What ``_parse_model_output`` returned, as a :class:`DetectionBatch` (checked: shapes only)."""
+        n_images = len(img_sizes)
+        method = f"{type(self).__name__}._parse_model_output"
+        if isinstance(parsed, DetectionOutput) and n_images == 1:
+            parsed = [parsed]
+        if (
+            isinstance(parsed, (list, tuple))
+            and len(parsed) == n_images
+            and all(isinstance(d, DetectionOutput) for d in parsed)
+        ):
+            widths = {int(d.logits.shape[-1]) for d in parsed}
+            if widths - {self.n_class}:
+                raise ValueError(
+                    f"{method} returned logits with {sorted(widths)} columns, but the logger's n_class is "
+                    f"{self.n_class}: each DetectionOutput.logits must be [N, {self.n_class}]"
+                )
+            return DetectionBatch.from_outputs(parsed, img_sizes)
+        if isinstance(parsed, DetectionBatch) and len(parsed) == n_images:
+            return parsed
+        raise TypeError(
+            f"{method} must return a list of one pyodlog.DetectionOutput per image ({n_images}) or a "
+            f"pyodlog.DetectionBatch of {n_images} images, got {_describe(parsed)}"
+        )
 
     # -- the call ---------------------------------------------------------------
 
@@ -273,7 +441,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             output = self.model(model_input)
             features = self._end_capture(capture)
             with torch.no_grad():
-                detections = self._parse_model_output(output, img_sizes)
+                detections = self._as_detection_batch(
+                    self._parse_model_output(output, img_sizes), img_sizes
+                )
         self._submit(
             CallRecord(
                 ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields
@@ -282,11 +452,15 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         return output
 
     def close(self) -> None:
-        """Removes every hook from the model and closes the sink; idempotent, callable from any thread.
+        """Removes every hook from the model, restores what it changed on the model, closes the sink.
 
-        Calls running in other threads finish first (their records are stored);
-        new calls raise ``LoggerClosedError``.
+        Idempotent and callable from any thread: calls running in other threads finish first
+        (their records are stored); new calls raise ``LoggerClosedError``. Thresholds the logger
+        set on the model (``score_thresh``, ``iou_thresh``, ``max_detections_per_image``) get
+        their previous values back once no other live logger uses the model (a value changed by
+        hand since is kept).
         """
         self._stop_calls()
         self._remove_hooks()
+        self._release_model()
         self._close_monitoring()

@@ -19,6 +19,7 @@ __all__ = [
     "FieldSpec",
     "LayerSpec",
     "check_dataset_type",
+    "check_encodable",
     "check_field_specs",
     "check_field_values",
     "check_img_sizes",
@@ -35,16 +36,33 @@ COMPRESSIONS = ("uint8", "float16", "bfloat16", "none")
 
 
 def check_name(value: Any, argument: str, allow_none: bool = False) -> str | None:
-    """Names end up in file paths and URLs: letters, digits, '-', '_', '.'; not '.' or '..'."""
+    """Names end up in file paths and URLs: letters, digits, '-', '_', '.'; not starting with '.'."""
     if value is None and allow_none:
         return None
     if not isinstance(value, str):
         raise ValueError(f"{argument} must be a string, got {type(value).__name__} {value!r}")
-    if not is_valid_name(value):
+    if not is_valid_name(value) or value.startswith("."):
         raise ValueError(
             f"{argument}={value!r} is not a valid name: use 1 to 128 letters, digits, '-', '_' or '.' "
-            f"(no '/', spaces or other characters, and not '.' or '..'), e.g. 'fasterrcnn-v2_2024.1'"
+            f"(no '/', spaces or other characters, and no '.' first: that would be a hidden folder), "
+            f"e.g. 'fasterrcnn-v2_2024.1'"
         )
+    return value
+
+
+def check_encodable(value: str, argument: str) -> str:
+    """A string the store can write: UTF-8, with lone surrogates U+DC80..U+DCFF (``os.fsdecode``'s
+    stand-ins for undecodable bytes) kept losslessly by ``surrogateescape``; any other lone
+    surrogate is refused."""
+    try:
+        value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{argument}={value!r} cannot be stored: {exc.object[exc.start : exc.end]!r} at position "
+            f"{exc.start} is a lone surrogate that is not an escaped byte (only U+DC80..U+DCFF, as "
+            "os.fsdecode makes them, are kept); pass valid text, e.g. value.encode('utf-8', "
+            "'surrogatepass').decode('utf-8', 'replace')"
+        ) from None
     return value
 
 
@@ -116,7 +134,7 @@ class FieldSpec:
             if self.dtype == "str":
                 if not isinstance(value, str):
                     raise TypeError
-                return value
+                return check_encodable(value, f"additional field {self.name!r}: {where}")
             if self.dtype == "bool":
                 if isinstance(value, (bool, np.bool_)):
                     return bool(value)
@@ -269,6 +287,7 @@ def check_input_ids(input_ids: Any, n_images: int) -> list[str] | None:
             raise ValueError(
                 f"input_ids[{i}] must be a non-empty string of at most 1024 characters, got {v!r}"
             )
+        check_encodable(v, f"input_ids[{i}]")
     return list(input_ids)
 
 
@@ -282,7 +301,7 @@ def check_dataset_type(value: Any) -> str:
         raise ValueError(
             f"dataset_type must be a non-empty string of at most 64 printable characters such as 'train', 'val', 'test' or 'deploying', got {value!r}"
         )
-    return value
+    return check_encodable(value, "dataset_type")
 
 
 def check_img_sizes(img_sizes: Any, n_images: int) -> list[tuple[int, int]] | None:
