@@ -7,7 +7,9 @@ in-memory sink (the HDF5 store has tests of its own).
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -250,13 +252,30 @@ class ReturnsDicts(TinyDetectorLogger):
         return model_output  # not what the contract asks
 
 
-def test_a_parse_result_of_another_type_is_a_type_error_naming_the_method():
+def test_a_parse_result_of_another_type_is_reported_naming_the_method_and_the_output_returned(
+    caplog,
+):
     torch.manual_seed(0)
-    with (
-        ReturnsDicts(TinyDetector().eval(), "m", "v1", sink=InMemorySink()) as logger,
-        pytest.raises(TypeError, match=r"ReturnsDicts\._parse_model_output must return a list"),
-    ):
-        logger([torch.rand(3, 64, 64)])
+    model = TinyDetector().eval()
+    images = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        want = model(images)
+    with ReturnsDicts(model, "m", "v1", sink=InMemorySink()) as logger:
+        with torch.no_grad(), caplog.at_level(logging.ERROR, logger="pyodlog"):
+            got = logger(images)
+            again = logger(images)
+        # The call answers as the bare model does; the broken contract is counted and reported.
+        for out in (got, again):
+            assert len(out) == len(want)
+            for g, w in zip(out, want, strict=True):
+                assert all(torch.equal(g[k], w[k]) for k in w)
+        stats = logger.stats()
+        assert stats["logging_errors"] == 2
+        assert re.search(
+            r"ReturnsDicts\._parse_model_output must return a list", stats["last_logging_error"]
+        )
+        assert logger.sink.records("m", "v1", logger.result_name) == []
+    assert "ReturnsDicts._parse_model_output must return a list" in caplog.text
 
 
 # -- 12: what a logger changes on the model does not outlive it ---------------------------------

@@ -268,8 +268,14 @@ def test_a_dead_writer_never_blocks_and_its_error_is_raised(tmp_path):
     with torch.no_grad():
         logger(batch(n=1))
         store.writer._thread.join(5)
-        with pytest.raises(WriterFailedError, match="a bug in the writer"):
-            logger(batch(n=1))
+        # Inference goes on: the call returns the model's output, the failure is counted.
+        images = batch(n=1)
+        want = logger.model(images)
+        got = logger(images)
+    assert all(torch.equal(g["boxes"], w["boxes"]) for g, w in zip(got, want, strict=True))
+    stats = logger.stats()
+    assert stats["logging_errors"] == 1
+    assert "a bug in the writer" in stats["last_logging_error"]
     with pytest.raises(WriterFailedError):
         logger.wait_for_save(interval=0.1)
     with pytest.raises(WriterFailedError, match="a bug in the writer"):

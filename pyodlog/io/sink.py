@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import datetime
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pyodlog.structures import CallRecord
 
-__all__ = ["InMemorySink", "ResultInUseError", "ResultInfo", "SchemaMismatchError", "Sink"]
+__all__ = [
+    "InMemorySink",
+    "ResultInUseError",
+    "ResultInfo",
+    "SchemaMismatchError",
+    "SegmentStore",
+    "Sink",
+]
 
 
 class SchemaMismatchError(ValueError):
@@ -79,6 +89,41 @@ class Sink:
     def close(self) -> None:
         """Flushes and releases everything; idempotent."""
         raise NotImplementedError
+
+    def stats(self) -> dict[str, int]:
+        """Counters of what the sink did with the records (empty when it counts nothing)."""
+        return {}
+
+
+class SegmentStore(Sink, ABC):
+    """A sink that stores records in segment files on disk: what export, upload and sync need.
+
+    :class:`~pyodlog.io.store.HDF5Store` is the one pyodlog ships. The logger
+    exports, uploads and syncs only through these members.
+    """
+
+    directory: Path | None
+    """The result's folder (None until a result is open)."""
+    rank: int
+    """The ``torch.distributed`` rank whose segments this store writes."""
+
+    @abstractmethod
+    def segments(self) -> list[Path]:
+        """The result's closed segments, oldest first."""
+
+    @abstractmethod
+    def rotate(self, interval: float = 3.0) -> None:
+        """Stores everything submitted so far (as :meth:`wait_for_save`) and closes the open segment."""
+
+    @abstractmethod
+    def export(
+        self, n_epoch: int | None, names: tuple[str, str, str], output_path: str | Path | None
+    ) -> Path:
+        """Writes the images of ``n_epoch`` (None: all) as a ZIP; ``names`` = (model, version, result)."""
+
+    @abstractmethod
+    def add_segment_listener(self, listener: Callable[[Path], None]) -> None:
+        """Calls ``listener(path)`` on the writer thread each time a segment is closed."""
 
 
 def new_result_name() -> str:

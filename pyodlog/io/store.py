@@ -34,7 +34,7 @@ from pyodlog.io.sink import (
     ResultInfo,
     ResultInUseError,
     SchemaMismatchError,
-    Sink,
+    SegmentStore,
     new_result_name,
 )
 from pyodlog.io.writer import (
@@ -158,7 +158,7 @@ RESULT_LOCK = "writers.lock"
 LOCK_WAIT = 10.0
 
 
-class HDF5Store(Sink):
+class HDF5Store(SegmentStore):
     """Writes records to HDF5 segments off the inference path.
 
     One store writes one result at a time; loggers on the same result may
@@ -466,21 +466,28 @@ class HDF5Store(Sink):
         """The writer thread's state (for tests and diagnostics)."""
         return self._writer
 
-    def export(self, logger, output_path: str | Path | None) -> Path:
+    def export(
+        self, n_epoch: int | None, names: tuple[str, str, str], output_path: str | Path | None
+    ) -> Path:
         """Closes the open segment (unless closed already) and writes the ZIP from the closed segments.
+
+        Args:
+            n_epoch: the epoch whose images are exported (None: all).
+            names: ``(model_name, version_name, result_name)``, for the default file name.
+            output_path: a ``.zip`` path (any case), a folder, or None (the current folder).
 
         Raises:
             OSError: the ZIP cannot be written there (the message names ``output_path``).
         """
         if not self.closed:
             self.rotate()
-        output = _zip_path(output_path, logger)
+        output = _zip_path(output_path, n_epoch, names)
         _check_export_target(output, output_path)
         try:
             return export_zip(
                 self.segments(),
                 output,
-                logger.n_epoch,
+                n_epoch,
                 dict(self._attrs, schema=self._attrs.get("schema")),
             )
         except OSError as error:
@@ -605,9 +612,11 @@ def _check_export_target(output: Path, given) -> None:
         ) from error
 
 
-def _zip_path(output_path: str | Path | None, logger) -> Path:
-    epoch = "all" if logger.n_epoch is None else f"epoch{logger.n_epoch}"
-    default = f"{logger.model_name}_{logger.version_name}_{logger.result_name}_{epoch}.zip"
+def _zip_path(
+    output_path: str | Path | None, n_epoch: int | None, names: tuple[str, str, str]
+) -> Path:
+    epoch = "all" if n_epoch is None else f"epoch{n_epoch}"
+    default = f"{'_'.join(names)}_{epoch}.zip"
     if output_path is None:
         return Path.cwd() / default
     path = Path(output_path)

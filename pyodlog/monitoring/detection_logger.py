@@ -439,16 +439,30 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         # This call's own hook captures (self._state): calls in other threads have theirs.
         with self._call_capture() as capture:
             output = self.model(model_input)
-            features = self._end_capture(capture)
-            with torch.no_grad():
-                detections = self._as_detection_batch(
-                    self._parse_model_output(output, img_sizes), img_sizes
+            # The model answered: from here on its output is returned whatever logging does.
+            try:
+                features = self._end_capture(capture)
+                with torch.no_grad():
+                    detections = self._as_detection_batch(
+                        self._parse_model_output(output, img_sizes), img_sizes
+                    )
+                record = CallRecord(
+                    ids,
+                    dataset_type,
+                    self.n_epoch,
+                    timestamp,
+                    img_sizes,
+                    detections,
+                    features,
+                    fields,
                 )
-        self._submit(
-            CallRecord(
-                ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields
-            )
-        )
+            except Exception as error:
+                self._logging_failed(error)
+                return output
+        try:
+            self._submit(record)
+        except Exception as error:
+            self._logging_failed(error)
         return output
 
     def close(self) -> None:

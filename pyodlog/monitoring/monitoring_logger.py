@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import os
 import threading
+import time
 from abc import ABCMeta
 from collections.abc import Iterator
 from concurrent.futures import Executor
@@ -22,7 +24,7 @@ import torch
 
 from pyodlog.distributed import DistContext, DistributedLoggingError, agree, current_context
 from pyodlog.io.segment import segment_rank
-from pyodlog.io.sink import SchemaMismatchError, Sink
+from pyodlog.io.sink import SchemaMismatchError, SegmentStore, Sink
 from pyodlog.monitoring.validation import check_n_epoch, check_name
 from pyodlog.structures import CallRecord
 from pyodlog.sync.secret import Secret
@@ -31,6 +33,10 @@ if TYPE_CHECKING:
     from pyodlog.sync import SyncConfig, Syncer, UploadSummary
 
 __all__ = ["LoggerClosedError", "MonitoringLogger"]
+
+log = logging.getLogger("pyodlog")
+# At most one error line per this many seconds when calls cannot be logged (each is counted).
+ERROR_LOG_INTERVAL = 10.0
 
 
 class LoggerClosedError(RuntimeError):
@@ -128,6 +134,10 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         self._calls_in_thread = threading.local()
         self._close_lock = threading.Lock()
         self._sink_closed = False
+        self._errors_lock = threading.Lock()
+        self._logging_errors = 0
+        self._last_logging_error: str | None = None
+        self._last_error_report = -ERROR_LOG_INTERVAL
         # Under torch.distributed, rank 0 resolves the result and the epoch and every rank follows.
         self._dist: DistContext | None = current_context()
 
@@ -157,8 +167,7 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
                 )
         # Closed segments go to the collector from disk, never from the inference path.
         self._syncer: Syncer | None = None
-        add_listener = getattr(sink, "add_segment_listener", None)
-        if endpoint is not None and add_listener is not None:
+        if endpoint is not None and isinstance(sink, SegmentStore):
             self._syncer = Syncer(
                 CollectorClient(endpoint, self._api_key, sync_config),
                 sink.segments,
@@ -172,7 +181,7 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
                 auto=self.auto_sync,
             )
             if self.auto_sync:
-                add_listener(lambda path: self._syncer.notify())
+                sink.add_segment_listener(lambda path: self._syncer.notify())
 
     @property
     def has_api_key(self) -> bool:
@@ -264,6 +273,37 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
             adopt(captures)
         return output
 
+    def _logging_failed(self, error: Exception) -> None:
+        """A logging problem after the model answered: counted, reported, never raised into the call."""
+        now = time.monotonic()
+        with self._errors_lock:
+            self._logging_errors += 1
+            self._last_logging_error = f"{type(error).__name__}: {error}"
+            report = now - self._last_error_report >= ERROR_LOG_INTERVAL
+            if report:
+                self._last_error_report = now
+            count = self._logging_errors
+        if report:  # the first, then at most one line per interval (the count is in stats())
+            log.error(
+                "pyodlog could not log a call of %s/%s (the model's output was returned; %d such call(s) "
+                "so far): %s",
+                self.model_name,
+                self.version_name,
+                count,
+                self._last_logging_error,
+                exc_info=error,
+            )
+
+    def stats(self) -> dict[str, Any]:
+        """What happened to the calls: the sink's counters (``submitted``, ``written``, ``dropped``, …),
+        ``logging_errors`` (calls whose output was returned but whose record could not be made) and
+        ``last_logging_error`` (its message, or None)."""
+        stats: dict[str, Any] = dict(self._sink.stats())
+        with self._errors_lock:
+            stats["logging_errors"] = self._logging_errors
+            stats["last_logging_error"] = self._last_logging_error
+        return stats
+
     def _submit(self, record: CallRecord) -> None:
         record.model_name, record.version_name, record.result_name = (
             self.model_name,
@@ -310,31 +350,32 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
             pyodlog.DistributedLoggingError: a rank did not arrive in time, or
                 rank 0 cannot see another rank's segments.
         """
-        exporter = getattr(self._sink, "export", None)
-        if exporter is None:
+        store = self._sink
+        if not isinstance(store, SegmentStore):
             raise NotImplementedError(
                 f"export() needs records on disk, but this logger's sink ({type(self._sink).__name__}) keeps them "
                 f"in memory: read them with logger.sink.records(model_name, version_name, result_name)"
             )
+        names = (self.model_name, self.version_name, self.result_name)
         if self._dist is None:
             self.wait_for_save()
-            return exporter(self, output_path)
-        self._sink.rotate()  # saves everything submitted (as wait_for_save does) and closes the segment
+            return store.export(self.n_epoch, names, output_path)
+        store.rotate()  # saves everything submitted (as wait_for_save does) and closes the segment
         self._dist.barrier(timeout, "export()")
-        mine = [p.name for p in self._sink.segments() if segment_rank(p.name) == self._dist.rank]
+        mine = [p.name for p in store.segments() if segment_rank(p.name) == self._dist.rank]
         by_rank = self._dist.gather_to_rank0(mine)
         if self._dist.rank != 0:
             return None
-        visible = {p.name for p in self._sink.segments()}
+        visible = {p.name for p in store.segments()}
         for rank, names in enumerate(by_rank):
             missing = [n for n in names if n not in visible]
             if missing:
                 raise DistributedLoggingError(
-                    f"export() on rank 0 cannot see {len(missing)} segment(s) of rank {rank} in {self._sink.directory} "
+                    f"export() on rank 0 cannot see {len(missing)} segment(s) of rank {rank} in {store.directory} "
                     f"(e.g. {missing[0]}): the ranks do not share PYODLOG_HOME. Point every rank at one shared "
                     "folder, or use auto_sync to a collector, which merges the ranks by result"
                 )
-        return exporter(self, output_path)
+        return store.export(self.n_epoch, names, output_path)
 
     def upload(self) -> UploadSummary:
         """Sends every record not yet acknowledged by the collector at ``api_endpoint``, and waits.
@@ -359,7 +400,7 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
                 "upload() needs an endpoint: pass api_endpoint=... and api_key=..., or set "
                 "PYODLOG_API_ENDPOINT and PYODLOG_API_KEY"
             )
-        if self._syncer is None:
+        if self._syncer is None or not isinstance(self._sink, SegmentStore):
             raise NotImplementedError(
                 f"upload() sends stored segments, but this logger's sink ({type(self._sink).__name__}) stores none"
             )
