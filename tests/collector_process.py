@@ -12,6 +12,53 @@ from pathlib import Path
 
 import requests
 
+_SEGMENTS: dict[tuple[int, int], bytes] = {}
+
+
+def real_segment(seed: int = 0, images: int = 2) -> bytes:
+    """The bytes of a small real segment: TinyDetector's records, written by pyodlog itself.
+
+    Logged by ``TinyDetectorLogger`` into a local store, then rewritten compact by
+    pyodlog's ``write_tables`` (the layout of a recovered segment): a few
+    kilobytes instead of the writer's preallocated chunks. Cached per process.
+    """
+    if (seed, images) not in _SEGMENTS:
+        import tempfile
+
+        import torch
+        from tiny_models import TinyDetector, TinyDetectorLogger
+
+        from pyodlog.io import HDF5Store, WriterConfig
+        from pyodlog.io.export import write_tables
+        from pyodlog.io.reader import read_segment
+
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(seed)
+            store = HDF5Store(Path(tmp), config=WriterConfig(flush_interval=0.05))
+            logger = TinyDetectorLogger(
+                TinyDetector().eval(),
+                "tiny",
+                "v1",
+                result_name="run",
+                target_layers={"b": {"path": "backbone.0", "compression": "uint8"}},
+                sink=store,
+                auto_sync=False,
+            )
+            g = torch.Generator().manual_seed(seed)
+            with torch.inference_mode():
+                logger(
+                    [torch.rand(3, 8, 12, generator=g) for _ in range(images)],
+                    input_ids=[f"{seed}-{i}" for i in range(images)],
+                )
+            logger.close()
+            (segment,) = store.segments()
+            tables = read_segment(segment)
+            small = Path(tmp) / "small.h5"
+            write_tables(small, tables, dict(tables.attrs, seed=seed))
+            _SEGMENTS[seed, images] = small.read_bytes()
+    return _SEGMENTS[seed, images]
+
+
 KEY_A = "key-of-tenant-a-0123456789abcdef"
 KEY_B = "key-of-tenant-b-fedcba9876543210"
 
