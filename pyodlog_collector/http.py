@@ -317,6 +317,8 @@ class CollectorHandler(BaseHTTPRequestHandler):
         self._expect_continue = False
         self.command = None
         self.path = ""
+        self.requestline = ""
+        self.request_version = "HTTP/1.0"  # until a request line says otherwise
 
     def handle(self) -> None:
         try:
@@ -415,7 +417,9 @@ class CollectorHandler(BaseHTTPRequestHandler):
         detail = message or default
         if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
             detail = "this collector speaks HTTP/1.0 and HTTP/1.1 only"
-        self._send_json(code, {"error": error, "detail": _printable(detail, 200)})
+        if self.request_version == "HTTP/0.9":  # a garbage request line: answer with a status line
+            self.request_version = "HTTP/1.0"
+        self._send_json(code, {"error": error, "detail": detail[:300]})
 
     def _send_json(
         self, status: int, body: dict[str, object], headers: dict[str, str] | None = None
