@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["CollectorClient", "SyncConfig", "SyncError", "check_api_key", "check_endpoint"]
 
 RETRY_STATUSES = (429, 500, 502, 503, 504, 507)
+#: Any run of this many characters of the API key in a message is redacted.
+REDACT_RUN = 8
 #: Answers to a PUT that refuse that segment for good (or say where to resume: 409, 422): every 4xx
 #: but 401/403 (the key), 404/405 (not a collector endpoint), 408 and 429 (try again later).
 REFUSALS = frozenset(range(400, 500)) - {401, 403, 404, 405, 408, 429}
@@ -196,12 +198,15 @@ class CollectorClient:
         self._has_key = api_key is not None
         if api_key is not None:
             check_api_key(api_key.reveal())
-        # The forms in which a collector (or a proxy) could echo the key back: redacted everywhere.
-        self._key_forms: tuple[str, ...] = ()
+        # The forms in which a collector (or a proxy) could echo the key back, as runs of
+        # REDACT_RUN characters: any such run of the key in a message is redacted, so a key
+        # that was cut off (a truncated answer) or escaped (JSON, URL, repr) is caught too.
+        self._key_runs: frozenset[str] = frozenset()
         if api_key is not None:
             key = api_key.reveal()
-            forms = {key, json.dumps(key)[1:-1], quote(key, safe=""), quote(key)}
-            self._key_forms = tuple(sorted(forms, key=len, reverse=True))
+            forms = {key, json.dumps(key)[1:-1], quote(key, safe=""), quote(key), repr(key)[1:-1]}
+            n = min(REDACT_RUN, len(key))
+            self._key_runs = frozenset(f[i : i + n] for f in forms for i in range(len(f) - n + 1))
         retry = Retry(
             total=self.config.retries,
             connect=self.config.retries,
@@ -234,11 +239,28 @@ class CollectorClient:
         self._session.close()
 
     def redact(self, text: str) -> str:
-        """``text`` with every occurrence of the API key replaced by ``<redacted>``."""
-        for form in self._key_forms:
-            if form:
-                text = text.replace(form, "<redacted>")
-        return text
+        """``text`` with every part of the API key (any run of 8 of its characters) replaced by ``<redacted>``."""
+        if not self._key_runs or not text:
+            return text
+        hidden = bytearray(len(text))
+        n = len(next(iter(self._key_runs)))
+        for run in self._key_runs:
+            at = text.find(run)
+            while at >= 0:
+                hidden[at : at + n] = b"\x01" * n
+                at = text.find(run, at + 1)
+        if not any(hidden):
+            return text
+        out, i = [], 0
+        while i < len(text):
+            if hidden[i]:
+                while i < len(text) and hidden[i]:
+                    i += 1
+                out.append("<redacted>")
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
 
     def _error(self, message: str) -> SyncError:
         return SyncError(self.redact(message))

@@ -256,11 +256,12 @@ class Syncer:
         self.state.acknowledge(path.name, sha, size, self.client.endpoint)
         summary.segments += 1
 
-    def _skip_refused(self, names: list[str], summary: UploadSummary) -> None:
+    def _skip_refused(self, names: list[str], summary: UploadSummary, warn: bool) -> None:
+        """Reports segments refused earlier; warns about each once per process (``warn``: again)."""
         for name in names:
             reason = self.state.refusal(name)
             summary.refused[name] = reason
-            if name not in self._warned:
+            if warn or name not in self._warned:
                 self._warned.add(name)
                 log.warning(
                     "pyodlog: not sending segment %s: %s refused it earlier (%s); delete %s to try again",
@@ -271,9 +272,12 @@ class Syncer:
                 )
 
     def sync_once(
-        self, own_rank_only: bool = False, progress: bool | None = False
+        self, own_rank_only: bool = False, progress: bool | None = False, warn_refused: bool = False
     ) -> UploadSummary:
         """Sends every pending segment once; segments refused for good are recorded and skipped.
+
+        ``warn_refused``: warn again about segments refused earlier (``upload()`` does;
+        the background thread warns once per process).
 
         Raises:
             SyncError: a failure that may pass (network, 5xx, the key); the pass stops there.
@@ -284,7 +288,9 @@ class Syncer:
             selected = self._selected(own_rank_only)
             acked, refused = self.state.acknowledged_names(), self.state.refused_names()
             summary.sent_earlier = sum(p.name in acked for p in selected)
-            self._skip_refused([p.name for p in selected if p.name in refused], summary)
+            self._skip_refused(
+                [p.name for p in selected if p.name in refused], summary, warn_refused
+            )
             todo = [p for p in selected if p.name not in acked and p.name not in refused]
             summary.pending = len(todo)
             # One listing tells what the collector holds already (e.g. acknowledgements lost with a disk).
@@ -339,7 +345,7 @@ class Syncer:
         """``logger.upload()``: sends every pending segment of the result (every rank's), and waits."""
         progress = self.config.progress if self.config.progress is not None else sys.stderr.isatty()
         try:
-            summary = self.sync_once(own_rank_only=False, progress=progress)
+            summary = self.sync_once(own_rank_only=False, progress=progress, warn_refused=True)
         except SyncError as error:
             self.last_error = SyncError(self.client.redact(str(error)))
             raise self.last_error from None
