@@ -223,7 +223,9 @@ class CollectorServer(ThreadingHTTPServer):
         interval = min(max(self.staging_ttl / 2, 0.05), 60.0)
         while True:
             try:
-                self.storage.expire_staged(self.staging_ttl)
+                self.storage.expire_staged(
+                    self.staging_ttl, piece_ttl=self.request_timeout + self.socket_timeout
+                )
             except Exception:
                 log.exception("expiring staged uploads failed")
             if self._stop.wait(interval):

@@ -352,26 +352,36 @@ class CollectorStorage:
                     other.unlink()
         return PieceResult(201, {"status": "stored", "sha256": sha256, "received": total})
 
-    def expire_staged(self, ttl: float, now: float | None = None) -> int:
-        """Removes staged uploads (and leftover request bodies) untouched for ``ttl`` seconds.
+    def expire_staged(
+        self, ttl: float, now: float | None = None, piece_ttl: float | None = None
+    ) -> int:
+        """Removes staged uploads untouched for ``ttl`` seconds, and request bodies for ``piece_ttl``.
 
         Abandoned uploads and the losers of concurrent uploads would otherwise
-        stay forever. Returns how many files were removed.
+        stay forever. A request body in progress is removed by its request; one
+        left by a crash goes after ``piece_ttl`` (default ``ttl``; the server
+        passes at least its request timeout, so no body still arriving is
+        removed). Returns how many files were removed.
         """
-        cutoff = (time.time() if now is None else now) - ttl
+        now = time.time() if now is None else now
+        cutoff = now - ttl
+        piece_cutoff = now - (ttl if piece_ttl is None else max(ttl, piece_ttl))
         removed = 0
         for tenant_dir in self._dirs(self.root):
             staging = tenant_dir / STAGING
             for folder in self._dirs(staging, depth=3):
                 model, version, result = folder.relative_to(staging).parts
                 for entry in self._files(folder):
-                    match = _STAGED_NAME.fullmatch(entry.name) or _PIECE_NAME.fullmatch(entry.name)
+                    match = _STAGED_NAME.fullmatch(entry.name)
+                    limit = cutoff
+                    if match is None:
+                        match, limit = _PIECE_NAME.fullmatch(entry.name), piece_cutoff
                     if match is None or not is_valid_name(match["segment"]):
                         continue
                     key = SegmentKey(tenant_dir.name, model, version, result, 0, match["segment"])
                     with self._lock(key):
                         try:
-                            if entry.stat().st_mtime >= cutoff:
+                            if entry.stat().st_mtime >= limit:
                                 continue
                             entry.unlink()
                         except FileNotFoundError:

@@ -728,3 +728,19 @@ def test_threads_do_not_pile_up_from_refused_connections(collector):
         t.join()
     assert errors == []
     assert "Traceback" not in collector.log()
+
+
+def test_leftover_request_bodies_expire_only_after_the_request_timeout(tmp_path):
+    storage = CollectorStorage(tmp_path / "root")
+    folder = tmp_path / "root" / "t" / ".staging" / "m" / "v" / "r"
+    folder.mkdir(parents=True)
+    staged = folder / f"s.h5.{'a' * 64}.part"
+    piece = folder / f"s.h5.{'a' * 64}.{'b' * 16}.piece"
+    unrelated = folder / "notes.txt"
+    for path in (staged, piece, unrelated):
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - 100, time.time() - 100))
+    assert storage.expire_staged(10, piece_ttl=1000) == 1
+    assert not staged.exists() and piece.exists() and unrelated.exists()
+    assert storage.expire_staged(10, now=time.time() + 2000, piece_ttl=1000) == 1
+    assert not piece.exists() and unrelated.exists()
