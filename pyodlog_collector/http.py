@@ -234,6 +234,7 @@ class CollectorServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         self._stop.set()
         super().server_close()
+        self.storage.close()
 
 
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:

@@ -17,17 +17,26 @@ accepted only when it holds exactly what pyodlog's writer produces
 Anything else (external storage, external or soft links, virtual datasets,
 committed datatypes, references, compound types, unknown names) is refused
 with the reason. This module does not import pyodlog or torch; h5py and numpy
-are imported on first use.
+are imported on first use. The collector runs the check in worker processes
+(:class:`SegmentChecker`), so a file that crashes the HDF5 library ends a
+worker, not the collector.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import select
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InvalidSegment", "check_segment"]
+__all__ = ["InvalidSegment", "SegmentChecker", "check_segment"]
 
 # Numeric columns: (dtype, row shape); None in a row shape is any length >= 0.
 _NUMERIC: dict[str, tuple[str, tuple[int | None, ...]]] = {
@@ -318,3 +327,147 @@ def check_segment(path: str | Path) -> None:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise InvalidSegment(f"not a readable HDF5 file ({error.__class__.__name__})") from None
+
+
+def _serve() -> int:
+    """The worker loop of :class:`SegmentChecker`: one path per line in, one JSON line out."""
+    for line in sys.stdin:
+        path = line.rstrip("\n")
+        try:
+            check_segment(path)
+            answer: dict[str, object] = {"ok": True}
+        except InvalidSegment as error:
+            answer = {"ok": False, "reason": str(error)}
+        except Exception as error:  # the check itself failed: refuse rather than guess
+            answer = {"ok": False, "reason": f"the check failed ({error.__class__.__name__})"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+class SegmentChecker:
+    """Runs :func:`check_segment` in worker processes, so that no file can harm the collector.
+
+    HDF5 is a large C library: a crafted file that crashes it or makes it spin
+    ends a worker (killed after ``timeout`` seconds), never the collector, and
+    the file is refused. Up to ``workers`` checks run at once; workers are
+    started when needed and reused.
+
+    Args:
+        workers: checks that may run at once.
+        timeout: seconds one check may take.
+        command: the worker's command line (default: this module's worker loop).
+    """
+
+    def __init__(
+        self, workers: int = 2, timeout: float = 120.0, command: list[str] | None = None
+    ) -> None:
+        self.workers, self.timeout = int(workers), float(timeout)
+        self.command = command or [sys.executable, "-m", "pyodlog_collector.segment_check"]
+        self._idle: list[subprocess.Popen] = []
+        self._started = 0
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def _spawn(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        # The worker imports this package from where the collector found it.
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+        return subprocess.Popen(
+            self.command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+
+    def check(self, path: str | Path) -> str | None:
+        """None if ``path`` is a valid segment, else why not.
+
+        Raises:
+            OSError: no worker could be started (the collector's trouble, not the file's).
+        """
+        for _ in range(2):
+            worker, fresh = self._acquire()
+            try:
+                answer = self._ask(worker, str(path))
+            except (OSError, ValueError):
+                answer = None
+            if answer is not None:
+                self._release(worker)
+                return None if answer.get("ok") is True else str(answer.get("reason", "refused"))
+            self._discard(worker)
+            if (
+                fresh
+            ):  # a worker that died while idle is replaced once; a fresh one failed on this file
+                break
+        return (
+            f"the segment check did not finish within {self.timeout:g}s or its worker "
+            "crashed: not a file this collector can read safely"
+        )
+
+    def _acquire(self) -> tuple[subprocess.Popen, bool]:
+        with self._cond:
+            while not self._idle and self._started >= self.workers:
+                self._cond.wait()
+            if self._idle:
+                return self._idle.pop(), False
+            self._started += 1
+        try:
+            return self._spawn(), True
+        except BaseException:
+            with self._cond:
+                self._started -= 1
+                self._cond.notify()
+            raise
+
+    def _release(self, worker: subprocess.Popen) -> None:
+        with self._cond:
+            if not self._closed:
+                self._idle.append(worker)
+                self._cond.notify()
+                return
+        self._discard(worker)
+
+    def _discard(self, worker: subprocess.Popen) -> None:
+        worker.kill()
+        worker.wait()
+        for stream in (worker.stdin, worker.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+        with self._cond:
+            self._started -= 1
+            self._cond.notify()
+
+    def _ask(self, worker: subprocess.Popen, path: str) -> dict | None:
+        worker.stdin.write(path.encode() + b"\n")
+        worker.stdin.flush()
+        deadline = time.monotonic() + self.timeout
+        fd = worker.stdout.fileno()
+        data = b""
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            block = os.read(fd, 65536)
+            if not block:
+                return None
+            data += block
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            return None
+        return answer if isinstance(answer, dict) else None
+
+    def close(self) -> None:
+        """Stops the idle workers (a check in progress finishes, then its worker stops)."""
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            self._discard(worker)
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())

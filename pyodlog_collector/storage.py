@@ -104,8 +104,8 @@ class CollectorStorage:
         root: the collector's data folder (created if missing).
         max_segment_bytes: the largest segment accepted (announced ``total``).
         check_segments: check each complete upload with
-            :func:`pyodlog_collector.segment_check.check_segment` before it becomes
-            visible (refused with 422 ``invalid_segment`` otherwise).
+            :func:`pyodlog_collector.segment_check.check_segment` (in a worker process)
+            before it becomes visible (refused with 422 ``invalid_segment`` otherwise).
     """
 
     def __init__(
@@ -116,6 +116,22 @@ class CollectorStorage:
         self.max_segment_bytes = int(max_segment_bytes)
         self.check_segments = check_segments
         self._locks = _KeyedLocks()
+        self._checker = None
+        self._checker_lock = threading.Lock()
+
+    def _segment_checker(self):
+        with self._checker_lock:
+            if self._checker is None:
+                from pyodlog_collector.segment_check import SegmentChecker
+
+                self._checker = SegmentChecker()
+            return self._checker
+
+    def close(self) -> None:
+        """Stops the segment check's worker processes."""
+        with self._checker_lock:
+            if self._checker is not None:
+                self._checker.close()
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -302,11 +318,8 @@ class CollectorStorage:
                 },
             )
         if self.check_segments:
-            from pyodlog_collector.segment_check import InvalidSegment, check_segment
-
-            try:
-                check_segment(staged)
-            except InvalidSegment as error:
+            error = self._segment_checker().check(staged)  # in a worker process
+            if error is not None:
                 staged.unlink()
                 log.warning(
                     "refused segment %s/%s/%s/%s/%s: %s",

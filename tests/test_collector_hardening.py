@@ -26,7 +26,7 @@ import requests
 from collector_process import KEY_A, CollectorProcess, get, put, real_segment, write_keys
 
 from pyodlog_collector.protocol import segment_path
-from pyodlog_collector.segment_check import InvalidSegment, check_segment
+from pyodlog_collector.segment_check import InvalidSegment, SegmentChecker, check_segment
 from pyodlog_collector.storage import CollectorStorage, SegmentKey
 
 SECRET = b"tenant-b:THE-OPERATORS-SECRET-KEY-0123456789"
@@ -744,3 +744,30 @@ def test_leftover_request_bodies_expire_only_after_the_request_timeout(tmp_path)
     assert not staged.exists() and piece.exists() and unrelated.exists()
     assert storage.expire_staged(10, now=time.time() + 2000, piece_ttl=1000) == 1
     assert not piece.exists() and unrelated.exists()
+
+
+def test_the_check_runs_in_workers_a_crash_or_hang_ends_a_worker_not_the_collector(tmp_path):
+    good = tmp_path / "good.h5"
+    good.write_bytes(SEGMENT)
+    bad = _with(tmp_path / "bad.h5", lambda f: f.create_group("extra"))
+    checker = SegmentChecker(workers=1)
+    try:
+        assert checker.check(good) is None
+        assert "unexpected group 'extra'" in checker.check(bad)
+        (worker,) = checker._idle  # one worker, reused
+        worker.kill()  # a worker that died while idle is replaced, the file is not refused
+        worker.wait()
+        assert checker.check(good) is None
+    finally:
+        checker.close()
+    crashing = SegmentChecker(
+        command=[sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    )
+    assert "crashed" in crashing.check(good)
+    hanging = SegmentChecker(
+        timeout=0.5, command=[sys.executable, "-c", "import time; time.sleep(30)"]
+    )
+    started = time.monotonic()
+    assert "did not finish within 0.5s" in hanging.check(good)
+    assert time.monotonic() - started < 5
+    assert hanging._started == 0 and crashing._started == 0  # the failed workers are gone
