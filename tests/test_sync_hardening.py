@@ -330,3 +330,25 @@ def test_upload_after_auto_sync_reports_what_the_collector_holds(tmp_path):
         assert len(server.segments("tenant-a", "tiny", "v1", "run")) == 3
     finally:
         server.stop()
+
+
+def test_a_piece_too_large_for_the_collector_is_a_configuration_error_not_a_refusal(tmp_path):
+    server = CollectorProcess(
+        tmp_path / "collector", write_keys(tmp_path / "keys.txt"), ["--max-request-bytes", "64K"]
+    ).start()
+    try:
+        logger = make_logger(
+            tmp_path / "local", server.url, sync=SyncConfig(**dict(FAST, chunk_bytes=1 << 20))
+        )
+        log_calls(logger, 1)
+        with pytest.raises(SyncError, match=r"HTTP 413 request_too_large.*chunk_bytes"):
+            logger.upload()
+        assert logger.syncer.state.refused_names() == set()  # nothing recorded: fix the setting
+        logger.close()
+        fixed = make_logger(
+            tmp_path / "local", server.url, sync=SyncConfig(**dict(FAST, chunk_bytes=32 << 10))
+        )
+        assert fixed.upload().segments == 1
+        fixed.close()
+    finally:
+        server.stop()

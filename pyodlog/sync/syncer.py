@@ -11,7 +11,8 @@ syncer asks the collector how much of it is already there, so an upload cut
 off by a crash on either side resumes at the last byte the collector kept.
 
 A segment the collector refuses for good (a 4xx other than 401/403/404/405/408/429:
-too large, not a valid segment, another file under its id) is recorded next to
+too large, not a valid segment, another file under its id; a piece too large is a
+setting to fix, not a refusal) is recorded next to
 the acknowledgements, reported and skipped with a warning; the other segments
 are still sent. Errors that may pass (the network, 5xx, the key) stop the pass
 and are retried.
@@ -250,6 +251,14 @@ class Syncer:
                     restarted, offset = True, 0
                     continue
                 detail = answer.get("detail", "")
+                if code == 413 and error != "segment_too_large":
+                    # The piece, not the segment, is too large: every segment would be refused.
+                    raise SyncError(
+                        f"the collector at {self.client.endpoint} refused a piece of "
+                        f"{len(piece)} bytes as too large (HTTP 413 {_describe(error, text=True)}: "
+                        f"{_describe(detail, text=True)}); pass a smaller "
+                        "SyncConfig(chunk_bytes=...) (or raise the collector's --max-request-bytes)"
+                    )
                 raise _Refused(
                     f"HTTP {code} {_describe(error, text=True)}: {_describe(detail, text=True)}"
                 )
