@@ -377,6 +377,14 @@ class CollectorHandler(BaseHTTPRequestHandler):
                     break
                 dropped += len(block)
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # 'GET /path' without a version
+            self.send_error(400, "the request line needs a version: 'METHOD /path HTTP/1.1'")
+            return False
+        return True
+
     def handle_expect_100(self) -> bool:
         # '100 Continue' only once the request passed every check (see do_PUT), never before the key.
         self._expect_continue = True
@@ -613,8 +621,8 @@ class CollectorHandler(BaseHTTPRequestHandler):
             method()
         except _Reject as reject:
             self._reject(reject)
-        except RequestDeadline:
-            raise
+        except (RequestDeadline, ConnectionError, TimeoutError, ssl.SSLError):
+            raise  # the client's side (gone, stalled, too slow): handled and logged as such
         except Exception:
             # A bug, not the client's fault: answer 500 with a reason (and log it), never a silent drop.
             log.exception("internal error on %s %s", self.command, (self.path or "").split("?")[0])

@@ -204,6 +204,7 @@ FUZZ = [
     # 5: what the standard library refuses, answered (not a traceback in log_request)
     ("garbage-request-line", b"\x16\x03\x01\x02\x00garbage\r\n\r\n", 400, "bad_request", True),
     ("three-words-and-more", b"GET /v1/health HTTP/1.1 extra\r\n\r\n", 400, "bad_request", True),
+    ("http-0.9", b"GET /v1/health\r\n\r\n", 400, "bad_request", True),
     ("http2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505, "http_version_not_supported", True),
     ("unknown-method", request("BREW", "/v1/health"), 501, "not_implemented", True),
     ("options", request("OPTIONS", "/v1/health"), 405, "method_not_allowed", True),
@@ -771,3 +772,24 @@ def test_the_check_runs_in_workers_a_crash_or_hang_ends_a_worker_not_the_collect
     assert "did not finish within 0.5s" in hanging.check(good)
     assert time.monotonic() - started < 5
     assert hanging._started == 0 and crashing._started == 0  # the failed workers are gone
+
+
+def test_clients_going_away_mid_request_leave_no_traceback(collector):
+    url = collector.url + segment_path("m", "v", "r", 0, "seg.h5")
+    assert put(url, KEY_A, SEGMENT, sha256=DIGEST, offset=0, total=len(SEGMENT)).status_code == 201
+    cuts = [
+        request("PUT", put_path(segment="other.h5"), BODY) + SEGMENT[:1000],  # half a body
+        b"GET /v1/resu",  # half a request line
+        request("GET", "/v1/segments/m/v/r/0/seg.h5/content", AUTH),  # gone before the answer
+        request("PUT", put_path(), {**AUTH, "Content-Length": "5"}),  # no body at all
+    ]
+    for raw in cuts:
+        with socket.create_connection(("127.0.0.1", collector.port), timeout=5) as sock:
+            sock.sendall(raw)
+    assert requests.get(collector.url + "/v1/health", timeout=5).status_code == 200
+    deadline = time.monotonic() + 5  # the server's log says it noticed the cut body
+    while "the client sent 1000 of" not in collector.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "GET /v1/resu 400" in collector.log()  # no version: not served as HTTP/0.9
+    assert "Traceback" not in collector.log()
+    assert list((collector.root / "tenant-a" / ".staging").rglob("*.piece")) == []
