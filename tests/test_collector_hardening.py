@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import h5py
@@ -427,12 +426,7 @@ def test_export_checks_every_segment_again_and_reads_nothing_outside_them(tmp_pa
     assert "good.h5" not in refused.stderr
     assert not (tmp_path / "out.zip").exists()
     assert SECRET.decode() not in refused.stdout + refused.stderr
-    for kind in HOSTILE:
-        (root / "tenant-b" / "m" / "v" / "r" / f"{kind}.h5").unlink()
-    done = export()
-    assert done.returncode == 0, done.stderr
-    with zipfile.ZipFile(tmp_path / "out.zip") as z:
-        assert all(SECRET not in z.read(name) for name in z.namelist())
+    # (Without the hostile files the export works: test_sync's export test.)
 
 
 class _Bytes:
