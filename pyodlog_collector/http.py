@@ -458,7 +458,11 @@ class CollectorHandler(BaseHTTPRequestHandler):
             return
         self._body_read = True
         length = parse_uint((self.headers.get("Content-Length") or "").strip(" \t"))
-        limit = DRAIN_LIMIT if self._tenant != "-" else UNAUTHENTICATED_DRAIN_LIMIT
+        limit = (
+            min(DRAIN_LIMIT, self.server.max_request_bytes)
+            if self._tenant != "-"
+            else UNAUTHENTICATED_DRAIN_LIMIT
+        )
         if self.close_connection or length is None or length > limit:
             self.close_connection = self._linger = True
             return
