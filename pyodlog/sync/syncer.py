@@ -418,7 +418,8 @@ class Syncer:
         self.client.close()
 
     def stats(self) -> dict[str, object]:
-        """Totals of this process: segments and bytes sent, segments already stored, the last error."""
+        """Totals of this process (segments and bytes sent, segments already stored), segments pending and
+        refused (recorded on disk), and the last error (redacted of the key)."""
         return {
             "segments_sent": self.total.segments,
             "bytes_sent": self.total.bytes,
