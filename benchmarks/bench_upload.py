@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from collector_process import KEY_A, CollectorProcess, write_keys
+from collector_process import KEY_A, CollectorProcess, write_keys, write_segment_of_size
 
 from pyodlog.sync import CollectorClient, SyncConfig, Syncer
 from pyodlog.sync.secret import Secret
@@ -56,7 +56,7 @@ def collector():
 def segment():
     folder = Path(tempfile.mkdtemp(dir=SHM))
     path = folder / "seg-00000000000000000001-r000-p1-bench0-000001.h5"
-    path.write_bytes(os.urandom(SIZE))
+    write_segment_of_size(path, SIZE)  # a valid segment: the collector checks what it stores
     yield path
     shutil.rmtree(folder, ignore_errors=True)
 

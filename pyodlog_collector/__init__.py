@@ -1,7 +1,8 @@
 """pyodlog's reference collector: receives the segments that pyodlog loggers upload.
 
-Dependency-free (the standard library only, no torch): it starts in well
-under a second and runs on any machine with Python. Start it with
+The standard library, plus h5py to check each uploaded segment (in worker
+processes, imported there on first use); never torch or pyodlog: it starts in
+well under a second and runs on any machine with Python and h5py. Start it with
 ``pyodlog serve --root DIR --api-key-file FILE``; the protocol is
 ``docs/protocol.md`` and :mod:`pyodlog_protocol`.
 """

@@ -1,18 +1,22 @@
 """The ``pyodlog`` command: run the reference collector and look at what it holds.
 
     pyodlog serve --root DIR --api-key-file FILE [--host 127.0.0.1] [--port 8750] [--tls-cert PEM --tls-key PEM]
+                  [--request-timeout 300] [--max-connections 1024] [--staging-ttl 24h]
     pyodlog list --root DIR [--tenant NAME]
     pyodlog export --root DIR --tenant NAME MODEL VERSION RESULT [--epoch N] [-o OUT.zip]
     pyodlog keygen FILE [--tenant NAME]
 
-``serve``, ``list`` and ``keygen`` use the standard library only (no torch):
-the collector starts in well under a second. ``export`` merges a result's
-segments into the same ZIP that ``logger.export()`` writes, with pyodlog's reader.
+``serve``, ``list`` and ``keygen`` never import torch or pyodlog: the collector
+starts in well under a second (h5py is imported on the first complete upload,
+to check the segment). ``export`` checks every segment again (nothing outside
+the stored files is read) and merges them into the same ZIP that
+``logger.export()`` writes, with pyodlog's reader.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import signal
@@ -21,7 +25,7 @@ import threading
 from pathlib import Path
 
 from pyodlog_collector.keys import ApiKeys, KeyFileError, generate_key, write_key_file
-from pyodlog_protocol import is_loopback_host, is_valid_name
+from pyodlog_protocol import NAME_RULE, is_loopback_host, is_valid_name
 
 __all__ = ["main"]
 
@@ -44,9 +48,35 @@ def _size(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration such as 30, 30s, 10m, 24h or 7d"
+        ) from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def _name(text: str) -> str:
     if not is_valid_name(text):
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1-128 letters, digits, '-', '_' or '.'")
+        raise argparse.ArgumentTypeError(f"{text!r} must be {NAME_RULE}")
     return text
 
 
@@ -88,6 +118,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     serve.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=300.0,
+        help="seconds from a request's first byte until all of it arrived (default 300; "
+        "slower requests are answered 408 and closed)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=1024,
+        help="connections served at once (default 1024); more are answered 503 and closed",
+    )
+    serve.add_argument(
+        "--staging-ttl",
+        type=_seconds,
+        default=86400.0,
+        help="remove staged (incomplete) uploads untouched for this long (default 24h)",
+    )
+    serve.add_argument(
         "--quiet", action="store_true", help="log warnings and errors only, not every request"
     )
     lister = sub.add_parser("list", help="list the results a collector root holds")
@@ -124,6 +173,13 @@ def _serve(args) -> int:
     except KeyFileError as error:
         print(f"pyodlog serve: {error}", file=sys.stderr)
         return 2
+    if importlib.util.find_spec("h5py") is None:
+        print(
+            "pyodlog serve: h5py is not installed; the collector needs it to check uploaded "
+            "segments: pip install h5py",
+            file=sys.stderr,
+        )
+        return 2
     tls = None
     if (args.tls_cert is None) != (args.tls_key is None):
         print("pyodlog serve: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -147,6 +203,9 @@ def _serve(args) -> int:
             args.max_request_bytes,
             args.max_segment_bytes,
             tls,
+            request_timeout=args.request_timeout,
+            max_connections=args.max_connections,
+            staging_ttl=args.staging_ttl,
         )
     except OSError as error:
         print(
@@ -164,9 +223,10 @@ def _serve(args) -> int:
     signal.signal(
         signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start()
     )
+    # Counts only: a tenant name read from the key file could be the start of a bare key with a ':'.
     print(
         f"pyodlog collector listening on {server.url} (root {server.storage.root}, {len(keys)} key(s), "
-        f"tenants {', '.join(keys.tenants)})",
+        f"{len(keys.tenants)} tenant(s))",
         flush=True,
     )
     try:
@@ -208,6 +268,24 @@ def _export(args) -> int:
         print(
             f"pyodlog export: no segments for {args.model}/{args.version}/{args.result} of tenant {args.tenant} "
             f"under {args.root}",
+            file=sys.stderr,
+        )
+        return 2
+    # Each segment was checked when it arrived; checked again here, since the operator's reader must
+    # never follow anything out of a tenant's file (and the root may predate the check).
+    from pyodlog_collector.segment_check import InvalidSegment, check_segment
+
+    bad = []
+    for segment in segments:
+        try:
+            check_segment(segment)
+        except (InvalidSegment, OSError) as error:
+            bad.append(f"{segment}: {error}")
+    if bad:
+        print(
+            "pyodlog export: refusing to export: these files are not valid pyodlog segments (nothing "
+            "was read from them beyond their structure); remove them from the collector root to export "
+            "the rest:\n  " + "\n  ".join(bad),
             file=sys.stderr,
         )
         return 2

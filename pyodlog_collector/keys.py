@@ -1,9 +1,11 @@
 """API keys of the collector: loaded from a file, compared in constant time.
 
 The key file holds one key per line: ``TENANT:KEY`` (the uploads of that key
-live under ``TENANT``) or a bare ``KEY`` (tenant ``default``; at most one).
+live under ``TENANT``) or a bare ``KEY`` (tenant ``default``; at most one). A
+line with a ':' is always ``TENANT:KEY``, so a key never contains ':'.
 Blank lines and lines starting with ``#`` are ignored. Only SHA-256 digests of
-the keys are kept in memory, and no key is ever logged.
+the keys are kept in memory, and no key, nor any part of one, is ever logged or
+printed (nor a tenant name, which could be the start of a mistyped key).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import stat
 from pathlib import Path
 
-from pyodlog_protocol import is_valid_name
+from pyodlog_protocol import NAME_RULE, is_valid_name
 
 __all__ = ["MIN_KEY_LENGTH", "ApiKeys", "KeyFileError"]
 
@@ -44,14 +46,17 @@ class ApiKeys:
                 "no API key configured: the key file needs at least one line 'TENANT:KEY' or 'KEY'"
             )
         self._entries: list[tuple[str, bytes]] = []
+        # No message names a tenant: in a line meant as a bare key that holds a ':', the "tenant"
+        # is the start of the key.
         for number, (tenant, key) in enumerate(entries, 1):
             if not is_valid_name(tenant):
                 raise KeyFileError(
-                    f"key #{number}: tenant {tenant!r} must be 1-128 letters, digits, '-', '_' or '.'"
+                    f"key #{number}: the part before ':' is not a valid tenant name ({NAME_RULE}); "
+                    "write 'TENANT:KEY', and use keys without ':' (pyodlog keygen makes such keys)"
                 )
-            if len(key) < MIN_KEY_LENGTH or any(c.isspace() for c in key):
+            if len(key) < MIN_KEY_LENGTH or any(c.isspace() or not c.isprintable() for c in key):
                 raise KeyFileError(
-                    f"key #{number} (tenant {tenant!r}) is shorter than {MIN_KEY_LENGTH} characters or "
+                    f"key #{number} is shorter than {MIN_KEY_LENGTH} characters or "
                     "contains whitespace: use a long random key, e.g. `python -c 'import secrets; "
                     "print(secrets.token_urlsafe(32))'`"
                 )
@@ -73,6 +78,8 @@ class ApiKeys:
             raise KeyFileError(
                 f"cannot read the API key file {path}: {error.strerror or error}"
             ) from None
+        except UnicodeDecodeError:
+            raise KeyFileError(f"the API key file {path} is not UTF-8 text") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("the API key file %s is readable by other users: chmod 600 %s", path, path)
         entries: list[tuple[str, str]] = []
@@ -112,7 +119,7 @@ class ApiKeys:
         return found
 
     def __repr__(self) -> str:
-        return f"ApiKeys(<{len(self._entries)} keys hidden>, tenants={self.tenants})"
+        return f"ApiKeys(<{len(self._entries)} keys hidden>, {len(self.tenants)} tenant(s))"
 
 
 def generate_key() -> str:

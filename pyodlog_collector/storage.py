@@ -17,18 +17,36 @@ gets here, so no path leaves the root.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+import secrets
+import shutil
 import threading
 import time
-from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from pyodlog_protocol import is_valid_name
 from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
 
-__all__ = ["CollectorStorage", "PieceResult", "SegmentKey"]
+__all__ = ["BodyReadError", "CollectorStorage", "PieceResult", "SegmentKey"]
+
+log = logging.getLogger("pyodlog.collector")
+STAGING = ".staging"
+META = ".meta"
+# '<segment id>.<sha256>.part' (an upload in progress) and '<segment id>.<sha256>.<token>.piece'
+# (one request's body on its way in).
+_STAGED_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.part")
+_PIECE_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.[0-9a-f]{16}\.piece")
+
+
+class BodyReadError(Exception):
+    """The request body could not be read (the client went away or stalled): not a storage failure."""
 
 
 @dataclass(frozen=True)
@@ -51,20 +69,69 @@ class PieceResult:
     body: dict[str, object]
 
 
+class _KeyedLocks:
+    """One lock per segment, kept only while someone holds or waits for it (the table never grows)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._entries: dict[tuple[str, ...], list] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: tuple[str, ...]) -> Iterator[None]:
+        with self._guard:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = [threading.Lock(), 0]
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._entries[key]
+
+    def __len__(self) -> int:
+        with self._guard:
+            return len(self._entries)
+
+
 class CollectorStorage:
     """Stores uploaded segments under ``root``, one folder tree per tenant.
 
     Args:
         root: the collector's data folder (created if missing).
         max_segment_bytes: the largest segment accepted (announced ``total``).
+        check_segments: check each complete upload with
+            :func:`pyodlog_collector.segment_check.check_segment` (in a worker process)
+            before it becomes visible (refused with 422 ``invalid_segment`` otherwise).
     """
 
-    def __init__(self, root: str | Path, max_segment_bytes: int = 8 << 30) -> None:
+    def __init__(
+        self, root: str | Path, max_segment_bytes: int = 8 << 30, check_segments: bool = True
+    ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_segment_bytes = int(max_segment_bytes)
-        self._locks: dict[tuple[str, ...], threading.Lock] = defaultdict(threading.Lock)
-        self._locks_guard = threading.Lock()
+        self.check_segments = check_segments
+        self._locks = _KeyedLocks()
+        self._checker = None
+        self._checker_lock = threading.Lock()
+
+    def _segment_checker(self):
+        with self._checker_lock:
+            if self._checker is None:
+                from pyodlog_collector.segment_check import SegmentChecker
+
+                self._checker = SegmentChecker()
+            return self._checker
+
+    def close(self) -> None:
+        """Stops the segment check's worker processes."""
+        with self._checker_lock:
+            if self._checker is not None:
+                self._checker.close()
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -77,24 +144,18 @@ class CollectorStorage:
     def _meta(self, key: SegmentKey) -> Path:
         return (
             self.result_dir(key.tenant, key.model, key.version, key.result)
-            / ".meta"
+            / META
             / f"{key.segment_id}.json"
         )
 
-    def _staged(self, key: SegmentKey, sha256: str) -> Path:
-        return (
-            self.root
-            / key.tenant
-            / ".staging"
-            / key.model
-            / key.version
-            / key.result
-            / f"{key.segment_id}.{sha256}.part"
-        )
+    def _staging_dir(self, key: SegmentKey) -> Path:
+        return self.root / key.tenant / STAGING / key.model / key.version / key.result
 
-    def _lock(self, key: SegmentKey) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks[(key.tenant, key.model, key.version, key.result, key.segment_id)]
+    def _staged(self, key: SegmentKey, sha256: str) -> Path:
+        return self._staging_dir(key) / f"{key.segment_id}.{sha256}.part"
+
+    def _lock(self, key: SegmentKey):
+        return self._locks.hold((key.tenant, key.model, key.version, key.result, key.segment_id))
 
     def _stored_meta(self, key: SegmentKey) -> dict[str, object] | None:
         if not self._final(key).exists():
@@ -110,37 +171,48 @@ class CollectorStorage:
                 "bytes": self._final(key).stat().st_size,
             }
 
+    @staticmethod
+    def _size(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
     # -- the protocol's operations -----------------------------------------------------------------
 
     def status(self, key: SegmentKey, sha256: str | None) -> dict[str, object]:
-        """Whether the segment is stored (and with which checksum), or how many bytes of it are staged."""
-        with self._lock(key):
-            meta = self._stored_meta(key)
-            if meta is not None:
-                return {
-                    "status": "stored",
-                    "sha256": meta["sha256"],
-                    "bytes": meta["bytes"],
-                    "received": meta["bytes"],
-                }
-            if sha256 is None:
-                return {"status": "absent", "received": 0}
-            staged = self._staged(key, sha256)
-            received = staged.stat().st_size if staged.exists() else 0
-            return {"status": "partial" if received else "absent", "received": received}
+        """Whether the segment is stored (and with which checksum), or how many bytes of it are staged.
 
-    def write_piece(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, body: BinaryIO, length: int
-    ) -> PieceResult:
-        """Writes ``length`` bytes read from ``body`` at ``offset`` of the segment's ``total`` bytes.
-
-        Repeating a piece is harmless: a piece at an offset below what is staged
-        overwrites the same bytes. A piece beyond what is staged is refused
-        (409, with ``received``) so the client resumes at the right place.
+        Takes no lock: an upload in progress (even a stalled one) never delays it.
+        The metadata is in place before the segment is renamed into place, so a
+        visible segment always has it.
         """
+        meta = self._stored_meta(key)
+        if meta is not None:
+            return {
+                "status": "stored",
+                "sha256": meta["sha256"],
+                "bytes": meta["bytes"],
+                "received": meta["bytes"],
+            }
+        if sha256 is None:
+            return {"status": "absent", "received": 0}
+        received = self._size(self._staged(key, sha256))
+        return {"status": "partial" if received else "absent", "received": received}
+
+    def check_piece(
+        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
+    ) -> PieceResult | None:
+        """The answer to a piece that is refused (or not needed) before its body is read, else None."""
         if total > self.max_segment_bytes:
             return PieceResult(
-                413, {"error": "segment_too_large", "max_segment_bytes": self.max_segment_bytes}
+                413,
+                {
+                    "error": "segment_too_large",
+                    "detail": f"total {total} is above this collector's "
+                    f"--max-segment-bytes {self.max_segment_bytes}",
+                    "max_segment_bytes": self.max_segment_bytes,
+                },
             )
         if offset + length > total:
             return PieceResult(
@@ -150,40 +222,87 @@ class CollectorStorage:
                     "detail": f"offset {offset} + {length} bytes > total {total}",
                 },
             )
-        with self._lock(key):
-            meta = self._stored_meta(key)
-            if meta is not None:
-                if meta["sha256"] == sha256:
-                    return PieceResult(
-                        200, {"status": "exists", "sha256": sha256, "received": meta["bytes"]}
-                    )
+        meta = self._stored_meta(key)
+        if meta is not None:
+            if meta["sha256"] == sha256:
                 return PieceResult(
-                    409,
-                    {
-                        "error": "checksum_conflict",
-                        "detail": "this segment id is stored with another SHA-256",
-                        "sha256": meta["sha256"],
-                    },
+                    200, {"status": "exists", "sha256": sha256, "received": meta["bytes"]}
                 )
-            staged = self._staged(key, sha256)
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            received = staged.stat().st_size if staged.exists() else 0
-            if offset > received:
-                return PieceResult(409, {"error": "offset_mismatch", "received": received})
-            with open(staged, "r+b" if staged.exists() else "w+b") as f:
-                f.truncate(offset)
-                f.seek(offset)
+            return PieceResult(
+                409,
+                {
+                    "error": "checksum_conflict",
+                    "detail": "this segment id is stored with another SHA-256",
+                    "sha256": meta["sha256"],
+                },
+            )
+        received = self._size(self._staged(key, sha256))
+        if offset > received:
+            return PieceResult(409, {"error": "offset_mismatch", "received": received})
+        return None
+
+    def write_piece(
+        self, key: SegmentKey, sha256: str, offset: int, total: int, body: BinaryIO, length: int
+    ) -> PieceResult:
+        """Writes ``length`` bytes read from ``body`` at ``offset`` of the segment's ``total`` bytes.
+
+        The body goes to a file of its own first, without any lock, so a slow or
+        stalled client delays nobody; only then, under the segment's lock, the
+        piece joins the staged upload. Repeating a piece is harmless: a piece at an
+        offset below what is staged overwrites the same bytes. A piece beyond what
+        is staged is refused (409, with ``received``) so the client resumes at the
+        right place.
+
+        Raises:
+            BodyReadError: the body could not be read (nothing was staged).
+            OSError: the collector cannot write.
+        """
+        early = self.check_piece(key, sha256, offset, total, length)
+        if early is not None:
+            return early
+        folder = self._staging_dir(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        piece = folder / f"{key.segment_id}.{sha256}.{secrets.token_hex(8)}.piece"
+        try:
+            with open(piece, "wb") as f:
                 left = length
                 while left:
-                    block = body.read(min(READ_BLOCK, left))
+                    try:
+                        block = body.read(min(READ_BLOCK, left))
+                    except OSError as error:  # a timeout or a reset: the client's side
+                        raise BodyReadError(
+                            f"reading the body failed after {length - left} of {length} bytes "
+                            f"({error.__class__.__name__})"
+                        ) from None
                     if not block:
-                        raise ConnectionError(f"the client sent {length - left} of {length} bytes")
+                        raise BodyReadError(f"the client sent {length - left} of {length} bytes")
                     f.write(block)
                     left -= len(block)
-            received = offset + length
-            if received < total:
-                return PieceResult(202, {"status": "partial", "received": received})
-            return self._commit(key, staged, sha256, total)
+            with self._lock(key):
+                return self._apply(key, sha256, offset, total, piece, length)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                piece.unlink()
+
+    def _apply(
+        self, key: SegmentKey, sha256: str, offset: int, total: int, piece: Path, length: int
+    ) -> PieceResult:
+        """Under the segment's lock: adds a received piece to the staged upload; commits when complete."""
+        early = self.check_piece(key, sha256, offset, total, length)  # again: others ran meanwhile
+        if early is not None:
+            return early
+        staged = self._staged(key, sha256)
+        if offset == 0:
+            os.replace(piece, staged)  # the same as truncating to 0 and writing the piece
+        else:
+            with open(staged, "r+b") as f, open(piece, "rb") as src:
+                f.truncate(offset)
+                f.seek(offset)
+                shutil.copyfileobj(src, f, READ_BLOCK)
+        received = offset + length
+        if received < total:
+            return PieceResult(202, {"status": "partial", "received": received})
+        return self._commit(key, staged, sha256, total)
 
     def _commit(self, key: SegmentKey, staged: Path, sha256: str, total: int) -> PieceResult:
         actual = sha256_file(staged)
@@ -198,6 +317,26 @@ class CollectorStorage:
                     "received_sha256": actual,
                 },
             )
+        if self.check_segments:
+            error = self._segment_checker().check(staged)  # in a worker process
+            if error is not None:
+                staged.unlink()
+                log.warning(
+                    "refused segment %s/%s/%s/%s/%s: %s",
+                    key.tenant,
+                    key.model,
+                    key.version,
+                    key.result,
+                    key.segment_id,
+                    error,
+                )
+                return PieceResult(
+                    422,
+                    {
+                        "error": "invalid_segment",
+                        "detail": f"not a pyodlog segment: {error}",
+                    },
+                )
         fsync_path(staged)
         meta_path = self._meta(key)
         meta_path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,12 +357,90 @@ class CollectorStorage:
         os.replace(staged, final)  # visible only now, verified and durable
         fsync_path(meta_path.parent)
         fsync_path(final.parent)
+        # Uploads of this id with another SHA-256 can never be stored now: drop what they staged.
+        for other in self._files(self._staging_dir(key)):
+            match = _STAGED_NAME.fullmatch(other.name)
+            if match and match["segment"] == key.segment_id:
+                with contextlib.suppress(FileNotFoundError):
+                    other.unlink()
         return PieceResult(201, {"status": "stored", "sha256": sha256, "received": total})
+
+    def expire_staged(
+        self, ttl: float, now: float | None = None, piece_ttl: float | None = None
+    ) -> int:
+        """Removes staged uploads untouched for ``ttl`` seconds, and request bodies for ``piece_ttl``.
+
+        Abandoned uploads and the losers of concurrent uploads would otherwise
+        stay forever. A request body in progress is removed by its request; one
+        left by a crash goes after ``piece_ttl`` (default ``ttl``; the server
+        passes at least its request timeout, so no body still arriving is
+        removed). Returns how many files were removed.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - ttl
+        piece_cutoff = now - (ttl if piece_ttl is None else max(ttl, piece_ttl))
+        removed = 0
+        for tenant_dir in self._dirs(self.root):
+            staging = tenant_dir / STAGING
+            for folder in self._dirs(staging, depth=3):
+                model, version, result = folder.relative_to(staging).parts
+                for entry in self._files(folder):
+                    match = _STAGED_NAME.fullmatch(entry.name)
+                    limit = cutoff
+                    if match is None:
+                        match, limit = _PIECE_NAME.fullmatch(entry.name), piece_cutoff
+                    if match is None or not is_valid_name(match["segment"]):
+                        continue
+                    key = SegmentKey(tenant_dir.name, model, version, result, 0, match["segment"])
+                    with self._lock(key):
+                        try:
+                            if entry.stat().st_mtime >= limit:
+                                continue
+                            entry.unlink()
+                        except FileNotFoundError:
+                            continue
+                    removed += 1
+                    log.info(
+                        "expired staged upload %s/%s/%s/%s/%s (untouched for more than %gs)",
+                        tenant_dir.name,
+                        model,
+                        version,
+                        result,
+                        match["segment"],
+                        ttl,
+                    )
+        return removed
+
+    @staticmethod
+    def _dirs(folder: Path, depth: int = 1) -> list[Path]:
+        """Sub-folders ``depth`` levels down whose names are valid names (never a symlink)."""
+        level = [folder]
+        for _ in range(depth):
+            nxt = []
+            for parent in level:
+                try:
+                    entries = list(os.scandir(parent))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                nxt += [
+                    Path(e.path)
+                    for e in entries
+                    if e.is_dir(follow_symlinks=False) and is_valid_name(e.name)
+                ]
+            level = nxt
+        return level
+
+    @staticmethod
+    def _files(folder: Path) -> list[Path]:
+        try:
+            return [Path(e.path) for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
 
     def content_path(self, key: SegmentKey) -> Path | None:
         """The stored segment's file, or None."""
         final = self._final(key)
-        return final if final.exists() else None
+        return final if final.is_file() else None
 
     def list_segments(
         self, tenant: str, model: str, version: str, result: str
@@ -231,9 +448,9 @@ class CollectorStorage:
         """The verified segments of one result."""
         folder = self.result_dir(tenant, model, version, result)
         out = []
-        for meta_path in sorted((folder / ".meta").glob("*.json")):
+        for meta_path in sorted((folder / META).glob("*.json")):
             segment_id = meta_path.name[: -len(".json")]
-            if (folder / segment_id).exists():
+            if is_valid_name(segment_id) and (folder / segment_id).is_file():
                 try:
                     out.append(json.loads(meta_path.read_text()))
                 except ValueError:
@@ -244,13 +461,10 @@ class CollectorStorage:
         """Every result of a tenant with its segment count and bytes."""
         base = self.root / tenant
         out = []
-        if not base.is_dir():
-            return out
-        for meta_dir in sorted(base.glob("*/*/*/.meta")):
-            result_dir = meta_dir.parent
-            model, version, result = result_dir.relative_to(base).parts
-            if model.startswith("."):
+        for result_dir in self._dirs(base, depth=3):
+            if not (result_dir / META).is_dir():
                 continue
+            model, version, result = result_dir.relative_to(base).parts
             segments = self.list_segments(tenant, model, version, result)
             out.append(
                 {
@@ -261,9 +475,7 @@ class CollectorStorage:
                     "bytes": sum(int(s["bytes"]) for s in segments),
                 }
             )
-        return out
+        return sorted(out, key=lambda r: (r["model"], r["version"], r["result"]))
 
     def tenants(self) -> list[str]:
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        return sorted(p.name for p in self._dirs(self.root))

@@ -17,11 +17,14 @@ __all__ = [
     "API_PREFIX",
     "HEADER_IDEMPOTENCY_KEY",
     "NAME_PATTERN",
+    "NAME_RULE",
     "PROTOCOL_VERSION",
     "SHA256_PATTERN",
     "is_loopback_host",
     "is_valid_name",
     "is_valid_sha256",
+    "parse_rank",
+    "parse_uint",
     "results_path",
     "segment_path",
     "segments_path",
@@ -31,16 +34,22 @@ PROTOCOL_VERSION = 1
 API_PREFIX = f"/v{PROTOCOL_VERSION}"
 HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
 
-#: Model, version, result and segment names: they become folder and file names
-#: on both sides, so only these characters, never '.' or '..'.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+#: Model, version, result, segment and tenant names: they become folder and file
+#: names on both sides, so only these characters, and never a leading '.' (no
+#: '.' or '..', and names starting with '.' are the collector's own files).
+#: Always matched whole (``fullmatch``): a trailing newline is not a name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+#: A non-negative decimal integer in a URL, a query or a header: ASCII digits only
+#: (``str.isdigit`` also accepts '²', Arabic-Indic and full-width digits).
+UINT_PATTERN = re.compile(r"[0-9]{1,19}")
 MAX_RANK = 1 << 20
+NAME_RULE = "1-128 letters, digits, '-', '_' or '.', not starting with '.'"
 
 
 def is_valid_name(value: object) -> bool:
-    """Whether ``value`` may be a model, version, result or segment name."""
-    return isinstance(value, str) and bool(NAME_PATTERN.match(value)) and value not in (".", "..")
+    """Whether ``value`` may be a model, version, result, segment or tenant name."""
+    return isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None
 
 
 def is_loopback_host(host: str) -> bool:
@@ -55,15 +64,20 @@ def is_loopback_host(host: str) -> bool:
 
 def is_valid_sha256(value: object) -> bool:
     """Whether ``value`` is a lower-case hex SHA-256 digest."""
-    return isinstance(value, str) and bool(SHA256_PATTERN.match(value))
+    return isinstance(value, str) and SHA256_PATTERN.fullmatch(value) is not None
+
+
+def parse_uint(value: object) -> int | None:
+    """A non-negative integer written in ASCII decimal digits (at most 19), or None."""
+    if not isinstance(value, str) or UINT_PATTERN.fullmatch(value) is None:
+        return None
+    return int(value)
 
 
 def parse_rank(value: str) -> int | None:
     """A rank from a URL segment (a decimal int in [0, MAX_RANK)), or None."""
-    if not value.isdigit() or len(value) > 7:
-        return None
-    rank = int(value)
-    return rank if rank < MAX_RANK else None
+    rank = parse_uint(value)
+    return rank if rank is not None and rank < MAX_RANK else None
 
 
 def results_path() -> str:

@@ -12,6 +12,102 @@ from pathlib import Path
 
 import requests
 
+_SEGMENTS: dict[tuple[int, int], bytes] = {}
+
+
+def real_segment(seed: int = 0, images: int = 2) -> bytes:
+    """The bytes of a small real segment: TinyDetector's records, written by pyodlog itself.
+
+    Logged by ``TinyDetectorLogger`` into a local store, then rewritten compact by
+    pyodlog's ``write_tables`` (the layout of a recovered segment): a few
+    kilobytes instead of the writer's preallocated chunks. Cached per process.
+    """
+    if (seed, images) not in _SEGMENTS:
+        import tempfile
+
+        import torch
+        from tiny_models import TinyDetector, TinyDetectorLogger
+
+        from pyodlog.io import HDF5Store, WriterConfig
+        from pyodlog.io.export import write_tables
+        from pyodlog.io.reader import read_segment
+
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(seed)
+            store = HDF5Store(Path(tmp), config=WriterConfig(flush_interval=0.05))
+            logger = TinyDetectorLogger(
+                TinyDetector().eval(),
+                "tiny",
+                "v1",
+                result_name="run",
+                target_layers={"b": {"path": "backbone.0", "compression": "uint8"}},
+                sink=store,
+                auto_sync=False,
+            )
+            g = torch.Generator().manual_seed(seed)
+            with torch.inference_mode():
+                logger(
+                    [torch.rand(3, 8, 12, generator=g) for _ in range(images)],
+                    input_ids=[f"{seed}-{i}" for i in range(images)],
+                )
+            logger.close()
+            (segment,) = store.segments()
+            tables = read_segment(segment)
+            small = Path(tmp) / "small.h5"
+            write_tables(small, tables, dict(tables.attrs, seed=seed))
+            _SEGMENTS[seed, images] = small.read_bytes()
+    return _SEGMENTS[seed, images]
+
+
+def write_segment_of_size(path: Path, payload_bytes: int, seed: int = 0) -> Path:
+    """A valid segment (pyodlog's layout) holding one image and one feature of ``payload_bytes`` random bytes.
+
+    For benchmarks that need a segment of a given size without a model (h5py and numpy only).
+    """
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def text(f, name: str, values: list[str]) -> None:
+        data = [v.encode() for v in values]
+        lengths = np.array([len(d) for d in data], np.int64)
+        f[name + ".bytes"] = np.frombuffer(b"".join(data), np.uint8)
+        f[name + ".spans"] = np.stack([np.cumsum(lengths) - lengths, lengths], 1)
+
+    with h5py.File(path, "w") as f:
+        f.attrs["model_name"] = "bench"
+        f["images/det_offset"] = np.zeros(1, np.int64)
+        f["images/det_count"] = np.zeros(1, np.int64)
+        f["images/n_epoch"] = np.full(1, -1, np.int64)
+        f["images/timestamp"] = np.zeros(1, np.float64)
+        f["images/image_size"] = np.array([[8, 8]], np.int32)
+        text(f, "images/input_id", [f"image-{seed}"])
+        text(f, "images/dataset_type", ["production"])
+        f["detections/boxes"] = np.zeros((0, 4), np.float32)
+        f["detections/scores"] = np.zeros(0, np.float32)
+        f["detections/labels"] = np.zeros(0, np.int64)
+        f["detections/candidate_index"] = np.zeros(0, np.int64)
+        f["detections/logits"] = np.zeros((0, 2), np.float32)
+        f["features/image_row"] = np.zeros(1, np.int64)
+        f["features/method"] = np.zeros(1, np.int8)
+        f["features/per_image"] = np.ones(1, np.int8)
+        f["features/shape"] = np.array([[payload_bytes] + [-1] * 7], np.int64)
+        f["features/original_shape"] = np.array([[payload_bytes] + [-1] * 7], np.int64)
+        f["features/pooled_to"] = np.full((1, 2), -1, np.int64)
+        f["features/payload_offset"] = np.zeros(1, np.int64)
+        f["features/payload_nbytes"] = np.full(1, payload_bytes, np.int64)
+        f["features/qrow_offset"] = np.zeros(1, np.int64)
+        f["features/qrow_count"] = np.zeros(1, np.int64)
+        text(f, "features/name", ["payload"])
+        text(f, "features/dtype", ["uint8"])
+        text(f, "features/payload_dtype", ["uint8"])
+        f["features_payload"] = rng.integers(0, 256, payload_bytes, dtype=np.uint8)
+        f["features_scale"] = np.zeros(0, np.float32)
+        f["features_offset"] = np.zeros(0, np.float32)
+    return path
+
+
 KEY_A = "key-of-tenant-a-0123456789abcdef"
 KEY_B = "key-of-tenant-b-fedcba9876543210"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from collector_process import KEY_A, KEY_B, CollectorProcess, get, put, write_keys
+from collector_process import KEY_A, KEY_B, CollectorProcess, get, put, real_segment, write_keys
 
 from pyodlog_collector import ApiKeys, KeyFileError
 from pyodlog_protocol import segment_path, segments_path
@@ -22,7 +22,7 @@ def collector(tmp_path):
     server = CollectorProcess(
         tmp_path / "collector",
         write_keys(tmp_path / "keys.txt"),
-        ["--max-request-bytes", "64K", "--max-segment-bytes", "1M"],
+        ["--max-request-bytes", "256K", "--max-segment-bytes", "1M"],
     ).start()
     yield server
     server.stop()
@@ -42,21 +42,20 @@ def test_health_needs_no_key_and_names_the_protocol(collector):
 
 
 def test_pieces_are_stored_only_once_complete_and_verified(collector):
-    data = os.urandom(100_000)
+    data = real_segment()
     digest = sha(data)
+    half = len(data) // 2
     url = seg_url(collector)
     assert get(url, KEY_A, sha256=digest).json() == {"status": "absent", "received": 0}
-    first = put(url, KEY_A, data[:60_000], sha256=digest, offset=0, total=len(data))
-    assert first.status_code == 202 and first.json()["received"] == 60_000
+    first = put(url, KEY_A, data[:half], sha256=digest, offset=0, total=len(data))
+    assert first.status_code == 202 and first.json()["received"] == half
     assert collector.segments("tenant-a", "m", "v", "r") == []  # not visible while partial
-    assert get(url, KEY_A, sha256=digest).json() == {"status": "partial", "received": 60_000}
+    assert get(url, KEY_A, sha256=digest).json() == {"status": "partial", "received": half}
     # A repeated piece is harmless (the client's retry of a lost answer).
-    assert (
-        put(url, KEY_A, data[:60_000], sha256=digest, offset=0, total=len(data)).status_code == 202
-    )
-    gap = put(url, KEY_A, data[70_000:], sha256=digest, offset=70_000, total=len(data))
-    assert gap.status_code == 409 and gap.json() == {"error": "offset_mismatch", "received": 60_000}
-    done = put(url, KEY_A, data[60_000:], sha256=digest, offset=60_000, total=len(data))
+    assert put(url, KEY_A, data[:half], sha256=digest, offset=0, total=len(data)).status_code == 202
+    gap = put(url, KEY_A, data[half + 10 :], sha256=digest, offset=half + 10, total=len(data))
+    assert gap.status_code == 409 and gap.json() == {"error": "offset_mismatch", "received": half}
+    done = put(url, KEY_A, data[half:], sha256=digest, offset=half, total=len(data))
     assert done.status_code == 201 and done.json()["status"] == "stored"
     (stored,) = collector.segments("tenant-a", "m", "v", "r")
     assert stored.read_bytes() == data
@@ -71,13 +70,14 @@ def test_pieces_are_stored_only_once_complete_and_verified(collector):
 
 
 def test_the_same_id_with_another_checksum_is_a_conflict(collector):
-    data = b"x" * 1000
+    data, other = real_segment(0), real_segment(1)
     assert (
-        put(seg_url(collector), KEY_A, data, sha256=sha(data), offset=0, total=1000).status_code
+        put(
+            seg_url(collector), KEY_A, data, sha256=sha(data), offset=0, total=len(data)
+        ).status_code
         == 201
     )
-    other = b"y" * 1000
-    conflict = put(seg_url(collector), KEY_A, other, sha256=sha(other), offset=0, total=1000)
+    conflict = put(seg_url(collector), KEY_A, other, sha256=sha(other), offset=0, total=len(other))
     assert conflict.status_code == 409 and conflict.json()["error"] == "checksum_conflict"
     (stored,) = collector.segments("tenant-a", "m", "v", "r")
     assert stored.read_bytes() == data
@@ -118,7 +118,7 @@ def test_a_missing_or_wrong_key_is_refused(collector, header, status, error):
 
 
 def test_one_tenant_never_sees_another_tenants_uploads(collector):
-    data = b"private" * 100
+    data = real_segment(0)
     assert (
         put(
             seg_url(collector), KEY_A, data, sha256=sha(data), offset=0, total=len(data)
@@ -132,7 +132,7 @@ def test_one_tenant_never_sees_another_tenants_uploads(collector):
         {"model": "m", "version": "v", "result": "r", "segments": 1, "bytes": len(data)}
     ]
     # The same segment id under tenant B is B's own, separate segment.
-    other = b"b's data"
+    other = real_segment(1)
     assert (
         put(
             seg_url(collector), KEY_B, other, sha256=sha(other), offset=0, total=len(other)
@@ -180,7 +180,7 @@ def test_names_outside_the_allow_list_are_refused(collector, path, tmp_path):
 
 
 def test_oversize_bodies_and_segments_are_refused_with_413(collector):
-    big = os.urandom(65 * 1024)
+    big = os.urandom(257 * 1024)
     answer = put(seg_url(collector), KEY_A, big, sha256=sha(big), offset=0, total=len(big))
     assert answer.status_code == 413 and answer.json()["error"] == "request_too_large"
     huge_total = put(seg_url(collector), KEY_A, b"abc", sha256=sha(b"abc"), offset=0, total=2 << 20)
@@ -210,20 +210,21 @@ def test_other_methods_and_paths_are_refused(collector):
 
 
 def test_a_staged_upload_survives_a_server_kill(collector):
-    data = os.urandom(50_000)
+    data = real_segment()
     digest = sha(data)
+    cut = len(data) // 3
     assert (
         put(
-            seg_url(collector), KEY_A, data[:30_000], sha256=digest, offset=0, total=len(data)
+            seg_url(collector), KEY_A, data[:cut], sha256=digest, offset=0, total=len(data)
         ).status_code
         == 202
     )
     collector.kill()
     collector.start()
-    assert get(seg_url(collector), KEY_A, sha256=digest).json()["received"] == 30_000
+    assert get(seg_url(collector), KEY_A, sha256=digest).json()["received"] == cut
     assert (
         put(
-            seg_url(collector), KEY_A, data[30_000:], sha256=digest, offset=30_000, total=len(data)
+            seg_url(collector), KEY_A, data[cut:], sha256=digest, offset=cut, total=len(data)
         ).status_code
         == 201
     )
@@ -318,7 +319,7 @@ def test_pyodlog_command_serves_lists_and_keygen(tmp_path):
     )
     try:
         url = server.stdout.readline().split("listening on ")[1].split()[0]
-        data = b"segment bytes"
+        data = real_segment()
         assert (
             put(
                 url + segment_path("m", "v", "r", 3, "s.h5"),

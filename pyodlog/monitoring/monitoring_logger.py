@@ -85,7 +85,7 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         sink: Sink | None,
         sync_config: SyncConfig | None = None,
     ) -> None:
-        from pyodlog.sync import CollectorClient, SyncConfig, Syncer, check_endpoint
+        from pyodlog.sync import CollectorClient, SyncConfig, Syncer, check_api_key, check_endpoint
 
         self.model_name = check_name(model_name, "model_name")
         self.version_name = check_name(version_name, "version_name")
@@ -111,8 +111,8 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         if endpoint is not None:
             endpoint = check_endpoint(endpoint, sync_config.allow_insecure_http)
         key = api_key if api_key is not None else os.environ.get("PYODLOG_API_KEY") or None
-        if key is not None and (not isinstance(key, str) or not key.strip()):
-            raise ValueError(f"api_key must be a non-empty string, got {type(key).__name__}")
+        if key is not None:
+            check_api_key(key)  # visible ASCII only; the error never shows the key
         if endpoint is not None and key is None:
             raise ValueError(
                 f"api_endpoint {endpoint!r} needs an API key: pass api_key=... or set PYODLOG_API_KEY"

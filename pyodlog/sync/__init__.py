@@ -1,6 +1,12 @@
 """Sync: sending closed segments to a collector (see ``docs/protocol.md``)."""
 
-from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, check_endpoint
+from pyodlog.sync.client import (
+    CollectorClient,
+    SyncConfig,
+    SyncError,
+    check_api_key,
+    check_endpoint,
+)
 from pyodlog.sync.secret import Secret
 from pyodlog.sync.state import SyncState
 from pyodlog.sync.syncer import Syncer, UploadSummary
@@ -13,5 +19,6 @@ __all__ = [
     "SyncState",
     "Syncer",
     "UploadSummary",
+    "check_api_key",
     "check_endpoint",
 ]

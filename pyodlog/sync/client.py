@@ -13,10 +13,11 @@ followed, so the key is never sent anywhere but the configured endpoint.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -33,13 +34,48 @@ from pyodlog_protocol import (
 if TYPE_CHECKING:
     from pyodlog.sync.secret import Secret
 
-__all__ = ["CollectorClient", "SyncConfig", "SyncError", "check_endpoint"]
+__all__ = ["CollectorClient", "SyncConfig", "SyncError", "check_api_key", "check_endpoint"]
 
 RETRY_STATUSES = (429, 500, 502, 503, 504, 507)
+#: Any run of this many characters of the API key in a message is redacted.
+REDACT_RUN = 8
+#: Answers to a PUT that refuse that segment for good (or say where to resume: 409, 422): every 4xx
+#: but 401/403 (the key), 404/405 (not a collector endpoint), 408 and 429 (try again later).
+REFUSALS = frozenset(range(400, 500)) - {401, 403, 404, 405, 408, 429}
 
 
 class SyncError(RuntimeError):
     """An upload failed; the message names the endpoint and the reason (never the key)."""
+
+
+def check_api_key(key: Any) -> str:
+    """Validates an API key: a non-empty string of visible ASCII characters (no whitespace or control).
+
+    A key read from a file often ends in a newline, which would otherwise fail
+    later, in the middle of an upload, with the key in the error. The error
+    here names the position and the kind of character, never the key.
+    """
+    if not isinstance(key, str) or not key:
+        raise ValueError(
+            f"api_key must be a non-empty string, got {type(key).__name__}"
+            + (" ''" if isinstance(key, str) else "")
+        )
+    for position, char in enumerate(key):
+        if "!" <= char <= "~":
+            continue
+        if char in "\r\n":
+            kind = "a line break (\\r or \\n; a key read from a file keeps its newline: strip it)"
+        elif char.isspace():
+            kind = "whitespace"
+        elif not char.isprintable():
+            kind = "a control character"
+        else:
+            kind = "a non-ASCII character"
+        raise ValueError(
+            f"api_key has {kind} at position {position} of {len(key)}: an API key is visible ASCII "
+            "characters only (the key itself is not shown)"
+        )
+    return key
 
 
 @dataclass
@@ -132,12 +168,17 @@ def _ssl_reason(error: Exception) -> str:
     return text[text.find(marker) :][:300] if marker in text else error.__class__.__name__
 
 
-def _reason(response: requests.Response) -> str:
+def _reason(response: requests.Response, redact) -> str:
+    """The collector's reason for a refusal, redacted, then cut to a readable length."""
     try:
         body = response.json()
-        return f"{body.get('error', '')}: {body.get('detail', '')}".strip(": ")
     except ValueError:
-        return (response.text or response.reason or "")[:200]
+        body = None
+    if isinstance(body, dict):
+        text = f"{body.get('error', '')}: {body.get('detail', '')}".strip(": ")
+    else:
+        text = response.text or response.reason or ""
+    return redact(str(text))[:200]
 
 
 class CollectorClient:
@@ -155,6 +196,17 @@ class CollectorClient:
         self.config = config or SyncConfig()
         self.endpoint = check_endpoint(endpoint, self.config.allow_insecure_http)
         self._has_key = api_key is not None
+        if api_key is not None:
+            check_api_key(api_key.reveal())
+        # The forms in which a collector (or a proxy) could echo the key back, as runs of
+        # REDACT_RUN characters: any such run of the key in a message is redacted, so a key
+        # that was cut off (a truncated answer) or escaped (JSON, URL, repr) is caught too.
+        self._key_runs: frozenset[str] = frozenset()
+        if api_key is not None:
+            key = api_key.reveal()
+            forms = {key, json.dumps(key)[1:-1], quote(key, safe=""), quote(key), repr(key)[1:-1]}
+            n = min(REDACT_RUN, len(key))
+            self._key_runs = frozenset(f[i : i + n] for f in forms for i in range(len(f) - n + 1))
         retry = Retry(
             total=self.config.retries,
             connect=self.config.retries,
@@ -186,6 +238,33 @@ class CollectorClient:
     def close(self) -> None:
         self._session.close()
 
+    def redact(self, text: str) -> str:
+        """``text`` with every part of the API key (any run of 8 of its characters) replaced by ``<redacted>``."""
+        if not self._key_runs or not text:
+            return text
+        hidden = bytearray(len(text))
+        n = len(next(iter(self._key_runs)))
+        for run in self._key_runs:
+            at = text.find(run)
+            while at >= 0:
+                hidden[at : at + n] = b"\x01" * n
+                at = text.find(run, at + 1)
+        if not any(hidden):
+            return text
+        out, i = [], 0
+        while i < len(text):
+            if hidden[i]:
+                while i < len(text) and hidden[i]:
+                    i += 1
+                out.append("<redacted>")
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
+
+    def _error(self, message: str) -> SyncError:
+        return SyncError(self.redact(message))
+
     def __repr__(self) -> str:
         return f"CollectorClient({self.endpoint!r}, api_key={'<set>' if self._has_key else None})"
 
@@ -203,18 +282,25 @@ class CollectorClient:
                 **kwargs,
             )
         except requests.exceptions.SSLError as error:
-            raise SyncError(
+            raise self._error(
                 f"TLS verification of the collector failed ({where}): {_ssl_reason(error)}; pass "
                 "SyncConfig(ca_bundle=...) for a private CA"
             ) from None
         except requests.RequestException as error:
-            raise SyncError(
+            raise self._error(
                 f"cannot reach the collector ({where}) after {self.config.retries} retries: "
                 f"{error.__class__.__name__}"
             ) from None
+        except (
+            Exception
+        ) as error:  # e.g. a header value requests refuses: its text would hold the key
+            raise self._error(
+                f"cannot send {where}: {error.__class__.__name__} while preparing or sending the request"
+            ) from None
         if 300 <= response.status_code < 400:
-            raise SyncError(
-                f"the collector redirected {where} to {response.headers.get('Location')!r}: pyodlog does "
+            location = self.redact(str(response.headers.get("Location")))[:200]
+            raise self._error(
+                f"the collector redirected {where} to {location!r}: pyodlog does "
                 "not follow redirects (the API key must not travel elsewhere); set api_endpoint to the "
                 "final URL"
             )
@@ -222,11 +308,11 @@ class CollectorClient:
             hint = (
                 "no API key was given: pass api_key=... or set PYODLOG_API_KEY"
                 if not self._has_key
-                else f"the API key was not accepted ({_reason(response)})"
+                else f"the API key was not accepted ({_reason(response, self.redact)})"
             )
-            raise SyncError(f"the collector refused {where} (HTTP 401): {hint}")
+            raise self._error(f"the collector refused {where} (HTTP 401): {hint}")
         if response.status_code == 403:
-            raise SyncError(
+            raise self._error(
                 f"the collector refused {where} (HTTP 403): the API key is not accepted by this "
                 "collector; check api_key / PYODLOG_API_KEY"
             )
@@ -236,36 +322,72 @@ class CollectorClient:
         self, method: str, path: str, expect: tuple[int, ...] = (200,), **kwargs
     ) -> tuple[int, dict[str, Any]]:
         response = self._request(method, path, **kwargs)
+        where = f"{method} {self.endpoint}{path.split('?')[0]}"
         if response.status_code not in expect:
-            raise SyncError(
-                f"the collector answered {method} {self.endpoint}{path.split('?')[0]} with HTTP "
-                f"{response.status_code}: {_reason(response)}"
+            raise self._error(
+                f"the collector answered {where} with HTTP "
+                f"{response.status_code}: {_reason(response, self.redact)}"
             )
         try:
-            return response.status_code, response.json()
+            answer = response.json()
         except ValueError:
-            raise SyncError(
-                f"the collector's answer to {method} {self.endpoint}{path.split('?')[0]} is not JSON; is "
-                "api_endpoint a pyodlog collector?"
-            ) from None
+            answer = None
+        if not isinstance(answer, dict):
+            raise self._error(
+                f"the collector's answer to {where} (HTTP {response.status_code}) is not a JSON "
+                "object; is api_endpoint a pyodlog collector?"
+            )
+        return response.status_code, answer
+
+    def _malformed(self, method: str, path: str, what: str) -> SyncError:
+        return self._error(
+            f"the collector's answer to {method} {self.endpoint}{path.split('?')[0]} is malformed: "
+            f"{what}; is api_endpoint a pyodlog collector (protocol 1)?"
+        )
 
     def health(self) -> dict[str, Any]:
         return self._json("GET", "/v1/health")[1]
 
     def results(self) -> list[dict[str, Any]]:
-        return self._json("GET", results_path())[1]["results"]
+        path = results_path()
+        results = self._json("GET", path)[1].get("results")
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise self._malformed("GET", path, "'results' is not a list of objects")
+        return results
 
     def list_segments(self, model: str, version: str, result: str) -> list[dict[str, Any]]:
         """The segments the collector holds for a result: ``segment_id``, ``rank``, ``sha256``, ``bytes``."""
-        return self._json("GET", segments_path(model, version, result))[1]["segments"]
+        path = segments_path(model, version, result)
+        segments = self._json("GET", path)[1].get("segments")
+        if not isinstance(segments, list):
+            raise self._malformed("GET", path, "'segments' is not a list")
+        for entry in segments:
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("segment_id"), str)
+                and isinstance(entry.get("sha256"), str)
+            ):
+                raise self._malformed(
+                    "GET", path, "a segment entry lacks a string 'segment_id' or 'sha256'"
+                )
+        return segments
 
     def status(
         self, model: str, version: str, result: str, rank: int, segment_id: str, sha256: str
     ) -> dict[str, Any]:
         """``{"status": "stored"|"partial"|"absent", "received": bytes, ["sha256": ...]}``."""
-        return self._json(
-            "GET", segment_path(model, version, result, rank, segment_id), params={"sha256": sha256}
-        )[1]
+        path = segment_path(model, version, result, rank, segment_id)
+        answer = self._json("GET", path, params={"sha256": sha256})[1]
+        state = answer.get("status")
+        if state not in ("stored", "partial", "absent"):
+            raise self._malformed("GET", path, f"'status' is {_short(state)}")
+        if state == "stored" and not isinstance(answer.get("sha256"), str):
+            raise self._malformed("GET", path, "a stored segment without a string 'sha256'")
+        if state != "stored" and not _is_count(answer.get("received")):
+            raise self._malformed(
+                "GET", path, f"'received' is {_short(answer.get('received'))}, not a byte count"
+            )
+        return answer
 
     def put_piece(
         self,
@@ -283,16 +405,33 @@ class CollectorClient:
 
         201: stored (verified); 200: the collector had it; 202: partial
         (``received``); 409: ``offset_mismatch`` (resume at ``received``) or
-        ``checksum_conflict``; 422: ``checksum_mismatch``.
+        ``checksum_conflict``; 422: ``checksum_mismatch`` or ``invalid_segment``;
+        other codes of :data:`REFUSALS`: refused. Any other answer raises :class:`SyncError`.
         """
-        return self._json(
+        path = segment_path(model, version, result, rank, segment_id)
+        response = self._request(
             "PUT",
-            segment_path(model, version, result, rank, segment_id),
-            expect=(200, 201, 202, 409, 422),
+            path,
             params={"sha256": sha256, "offset": offset, "total": total},
             data=data,
             headers={HEADER_IDEMPOTENCY_KEY: sha256, "Content-Type": "application/octet-stream"},
         )
+        code = response.status_code
+        if code not in (200, 201, 202) and code not in REFUSALS:
+            raise self._error(
+                f"the collector answered PUT {self.endpoint}{path} with HTTP {code}: "
+                f"{_reason(response, self.redact)}"
+            )
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            if code in (200, 201, 202):
+                raise self._malformed("PUT", path, f"HTTP {code} without a JSON object")
+            # A refusal by something in front of the collector (a proxy's HTML 413 page).
+            answer = {"error": f"http_{code}", "detail": _reason(response, self.redact)}
+        return code, answer
 
     def download(self, model: str, version: str, result: str, rank: int, segment_id: str) -> bytes:
         """The stored bytes of a segment."""
@@ -300,8 +439,20 @@ class CollectorClient:
             "GET", segment_path(model, version, result, rank, segment_id) + "/content"
         )
         if response.status_code != 200:
-            raise SyncError(
+            raise self._error(
                 f"the collector has no segment {segment_id} of {model}/{version}/{result} "
                 f"(HTTP {response.status_code})"
             )
         return response.content
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value: Any) -> str:
+    """A value from an answer for an error message: numbers as they are, anything else by its type only
+    (a collector that echoes the request must not get the key into the message)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"

@@ -9,6 +9,13 @@ caller. ``upload()`` sends everything not yet acknowledged and waits; with
 A segment goes in pieces of ``SyncConfig.chunk_bytes``; before sending, the
 syncer asks the collector how much of it is already there, so an upload cut
 off by a crash on either side resumes at the last byte the collector kept.
+
+A segment the collector refuses for good (a 4xx other than 401/403/404/405/408/429:
+too large, not a valid segment, another file under its id; a piece too large is a
+setting to fix, not a refusal) is recorded next to
+the acknowledgements, reported and skipped with a warning; the other segments
+are still sent. Errors that may pass (the network, 5xx, the key) stop the pass
+and are retried.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from pathlib import Path
 
 from pyodlog.io.reader import read_epochs
 from pyodlog.io.segment import segment_rank
-from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError
+from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, _is_count
 from pyodlog.sync.state import SyncState
 from pyodlog_protocol.files import sha256_file
 
@@ -35,17 +42,42 @@ log = logging.getLogger("pyodlog")
 
 @dataclass
 class UploadSummary:
-    """What one ``upload()`` did."""
+    """What one ``upload()`` did, and what the collector holds of the logger's segments.
 
-    segments: int = 0  # segments sent (stored by the collector now)
-    bytes: int = 0  # bytes sent over the network
-    already_stored: int = 0  # segments the collector had already (nothing sent)
+    Attributes:
+        segments: segments sent now (the collector stored them during this call).
+        bytes: bytes sent over the network during this call.
+        already_stored: segments the collector had already when asked now (nothing sent).
+        sent_earlier: segments acknowledged before this call: sent by ``auto_sync``'s
+            background thread, an earlier ``upload()`` or an earlier process.
+        pending: segments still not acknowledged (a failure stopped the pass).
+        refused: segment name -> why the collector refused it (now or earlier); never retried
+            (delete its ``.refused`` marker under ``<result>/.sync/`` to try again).
+        seconds: how long the call took.
+        failed: the segment a failure stopped at (the call then raised).
+    """
+
+    segments: int = 0
+    bytes: int = 0
+    already_stored: int = 0
     seconds: float = 0.0
     failed: list[str] = field(default_factory=list)
+    sent_earlier: int = 0
+    pending: int = 0
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def held(self) -> int:
+        """Segments of this result (and epoch) the collector holds: sent now, earlier, or already there."""
+        return self.segments + self.already_stored + self.sent_earlier
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e6
+
+
+class _Refused(Exception):
+    """The collector refused one segment for good (the pass goes on with the others)."""
 
 
 class Syncer:
@@ -85,6 +117,7 @@ class Syncer:
         self._epochs: dict[str, set[int]] = {}
         self._checksums: dict[str, tuple[int, int, str]] = {}
         self._pass_lock = threading.Lock()
+        self._warned: set[str] = set()  # refused segments already warned about
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self.last_error: BaseException | None = None
@@ -120,12 +153,21 @@ class Syncer:
             )
         return cached[2], cached[0]
 
+    def _selected(self, own_rank_only: bool) -> list[Path]:
+        """The result's closed segments of the selected epoch (and of this rank's, if asked)."""
+        return [
+            path
+            for path in self._segments()
+            if not (own_rank_only and segment_rank(path.name) not in (None, self.rank))
+            and self._holds_epoch(path)
+        ]
+
     def pending(self, own_rank_only: bool = False) -> list[Path]:
-        """Closed segments of the selected epoch that the collector has not acknowledged."""
-        acked = self.state.acknowledged_names()
+        """Closed segments of the selected epoch that the collector has neither acknowledged nor refused."""
+        done = self.state.acknowledged_names() | self.state.refused_names()
         out = []
         for path in self._segments():
-            if path.name in acked:
+            if path.name in done:
                 continue
             if own_rank_only and segment_rank(path.name) not in (None, self.rank):
                 continue
@@ -136,7 +178,12 @@ class Syncer:
     # -- sending ------------------------------------------------------------------------------------
 
     def _send(self, path: Path, summary: UploadSummary, progress, stored: dict[str, str]) -> None:
-        """Sends one segment; ``stored`` is the collector's listing (segment id -> SHA-256) of this pass."""
+        """Sends one segment; ``stored`` is the collector's listing (segment id -> SHA-256) of this pass.
+
+        Raises:
+            _Refused: the collector refused this segment for good.
+            SyncError: anything else (the pass stops, and is retried later).
+        """
         model, version, result = self.names
         rank = segment_rank(path.name)
         rank = self.rank if rank is None else rank
@@ -147,63 +194,110 @@ class Syncer:
             status = self.client.status(model, version, result, rank, path.name, sha)
         if status["status"] == "stored":
             if status.get("sha256") != sha:
-                raise SyncError(
-                    f"the collector holds {path.name} with another SHA-256 ({status.get('sha256')}) than "
-                    f"the local file ({sha}): two different files share one segment id"
+                raise _Refused(
+                    "HTTP 409 checksum_conflict: the collector holds this segment id with another "
+                    "SHA-256 than the local file (two different files share one segment id)"
                 )
             self.state.acknowledge(path.name, sha, size, self.client.endpoint)
             summary.already_stored += 1
             if progress is not None:
                 progress.update(size)
             return
-        offset = int(status.get("received", 0))
+        offset = min(int(status["received"]), size)
         restarted = False
         if progress is not None:
             progress.update(offset)
+        # A collector that keeps answering without progress must not keep us here forever.
+        rounds_left = 2 * (size // self.config.chunk_bytes + 1) + 16
         with open(path, "rb") as f:
             while True:
+                rounds_left -= 1
+                if rounds_left < 0:
+                    raise SyncError(
+                        f"the collector at {self.client.endpoint} makes no progress with {path.name} "
+                        "(it keeps asking for bytes it already got); is it a pyodlog collector?"
+                    )
                 f.seek(offset)
                 piece = f.read(min(self.config.chunk_bytes, size - offset))
                 code, answer = self.client.put_piece(
                     model, version, result, rank, path.name, sha, offset, size, piece
                 )
+                error = answer.get("error")
                 if code in (200, 201):
                     summary.bytes += len(piece) if code == 201 else 0
                     if progress is not None:
                         progress.update(size - offset)
                     break
-                if code == 202:
-                    summary.bytes += len(piece)
-                    offset = int(answer["received"])
-                    if progress is not None:
-                        progress.update(len(piece))
+                if code == 202 or (code == 409 and error == "offset_mismatch"):
+                    received = answer.get("received")
+                    if not _is_count(received) or received > size:
+                        raise SyncError(
+                            f"the collector's answer to a piece of {path.name} (HTTP {code}) is "
+                            f"malformed: 'received' is {_describe(received)}, not a byte count up to "
+                            f"{size}"
+                        )
+                    if code == 202:
+                        summary.bytes += len(piece)
+                        if progress is not None:
+                            progress.update(len(piece))
+                    offset = received  # another sender, or a lost answer: resume there
                     continue
-                if code == 409 and answer.get("error") == "offset_mismatch":
-                    offset = int(
-                        answer["received"]
-                    )  # another sender, or a lost answer: resume there
+                if code == 422 and error == "checksum_mismatch" and not restarted:
+                    # The bytes were damaged on the way: send once more from the start.
+                    restarted, offset = True, 0
                     continue
-                if code == 422 and not restarted:
-                    restarted, offset = (
-                        True,
-                        0,
-                    )  # bytes were damaged on the way: send once more from the start
-                    continue
-                raise SyncError(
-                    f"the collector refused {path.name} (HTTP {code}): {answer.get('error')}: "
-                    f"{answer.get('detail', '')}"
+                detail = answer.get("detail", "")
+                if code == 413 and error != "segment_too_large":
+                    # The piece, not the segment, is too large: every segment would be refused.
+                    raise SyncError(
+                        f"the collector at {self.client.endpoint} refused a piece of "
+                        f"{len(piece)} bytes as too large (HTTP 413 {_describe(error, text=True)}: "
+                        f"{_describe(detail, text=True)}); pass a smaller "
+                        "SyncConfig(chunk_bytes=...) (or raise the collector's --max-request-bytes)"
+                    )
+                raise _Refused(
+                    f"HTTP {code} {_describe(error, text=True)}: {_describe(detail, text=True)}"
                 )
         self.state.acknowledge(path.name, sha, size, self.client.endpoint)
         summary.segments += 1
 
+    def _skip_refused(self, names: list[str], summary: UploadSummary, warn: bool) -> None:
+        """Reports segments refused earlier; warns about each once per process (``warn``: again)."""
+        for name in names:
+            reason = self.state.refusal(name)
+            summary.refused[name] = reason
+            if warn or name not in self._warned:
+                self._warned.add(name)
+                log.warning(
+                    "pyodlog: not sending segment %s: %s refused it earlier (%s); delete %s to try again",
+                    name,
+                    self.client.endpoint,
+                    reason,
+                    self.state.refusal_marker(name),
+                )
+
     def sync_once(
-        self, own_rank_only: bool = False, progress: bool | None = False
+        self, own_rank_only: bool = False, progress: bool | None = False, warn_refused: bool = False
     ) -> UploadSummary:
-        """Sends every pending segment once; raises :class:`SyncError` on the first failure."""
+        """Sends every pending segment once; segments refused for good are recorded and skipped.
+
+        ``warn_refused``: warn again about segments refused earlier (``upload()`` does;
+        the background thread warns once per process).
+
+        Raises:
+            SyncError: a failure that may pass (network, 5xx, the key); the pass stops there.
+        """
         summary = UploadSummary()
         start = time.monotonic()
         with self._pass_lock:
-            todo = self.pending(own_rank_only)
+            selected = self._selected(own_rank_only)
+            acked, refused = self.state.acknowledged_names(), self.state.refused_names()
+            summary.sent_earlier = sum(p.name in acked for p in selected)
+            self._skip_refused(
+                [p.name for p in selected if p.name in refused], summary, warn_refused
+            )
+            todo = [p for p in selected if p.name not in acked and p.name not in refused]
+            summary.pending = len(todo)
             # One listing tells what the collector holds already (e.g. acknowledgements lost with a disk).
             stored = (
                 {s["segment_id"]: s["sha256"] for s in self.client.list_segments(*self.names)}
@@ -225,9 +319,25 @@ class Syncer:
                 for path in todo:
                     try:
                         self._send(path, summary, bar, stored)
+                    except _Refused as refusal:
+                        reason = self.client.redact(str(refusal))[:400]
+                        self.state.refuse(
+                            path.name, self._checksum(path)[0], reason, self.client.endpoint
+                        )
+                        self._warned.add(path.name)
+                        summary.refused[path.name] = reason
+                        log.warning(
+                            "pyodlog: %s refused segment %s for good (%s); it is skipped from now on "
+                            "(delete %s to try again), the other segments are sent",
+                            self.client.endpoint,
+                            path.name,
+                            reason,
+                            self.state.refusal_marker(path.name),
+                        )
                     except SyncError:
                         summary.failed.append(path.name)
                         raise
+                    summary.pending -= 1
             finally:
                 if bar is not None:
                     bar.close()
@@ -240,17 +350,20 @@ class Syncer:
         """``logger.upload()``: sends every pending segment of the result (every rank's), and waits."""
         progress = self.config.progress if self.config.progress is not None else sys.stderr.isatty()
         try:
-            summary = self.sync_once(own_rank_only=False, progress=progress)
+            summary = self.sync_once(own_rank_only=False, progress=progress, warn_refused=True)
         except SyncError as error:
-            self.last_error = error
-            raise
+            self.last_error = SyncError(self.client.redact(str(error)))
+            raise self.last_error from None
         self.last_error = None
         log.info(
-            "pyodlog uploaded %d segments (%d bytes) in %.2f s; %d were already stored",
+            "pyodlog uploaded %d segments (%d bytes) in %.2f s; %d were already stored, %d sent "
+            "earlier, %d refused",
             summary.segments,
             summary.bytes,
             summary.seconds,
             summary.already_stored,
+            summary.sent_earlier,
+            len(summary.refused),
         )
         return summary
 
@@ -276,6 +389,7 @@ class Syncer:
                 self.sync_once(own_rank_only=True)
                 failures, self.last_error = 0, None
             except Exception as error:
+                error = SyncError(self.client.redact(f"{error}" or error.__class__.__name__))
                 if self.last_error is None or str(error) != str(self.last_error):
                     log.warning("pyodlog auto-sync failed, retrying with backoff: %s", error)
                 failures, self.last_error = failures + 1, error
@@ -300,11 +414,24 @@ class Syncer:
         self.client.close()
 
     def stats(self) -> dict[str, object]:
-        """Totals of this process: segments and bytes sent, segments already stored, the last error."""
+        """Totals of this process (segments and bytes sent, segments already stored), segments pending and
+        refused (recorded on disk), and the last error (redacted of the key)."""
         return {
             "segments_sent": self.total.segments,
             "bytes_sent": self.total.bytes,
             "already_stored": self.total.already_stored,
             "pending": len(self.pending()),
-            "last_error": None if self.last_error is None else str(self.last_error),
+            "refused": len(self.state.refused_names()),
+            "last_error": None
+            if self.last_error is None
+            else self.client.redact(str(self.last_error)),
         }
+
+
+def _describe(value: object, text: bool = False) -> str:
+    """A value from the collector's answer for a message: short strings as they are (``text``), else its type."""
+    if text and isinstance(value, str):
+        return value  # cut only after redaction (a cut key would escape it)
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"
