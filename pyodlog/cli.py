@@ -4,7 +4,7 @@
     pyodlog demo               the demo job (a real detector logged into local HDF5)
     pyodlog serve ...          run the reference collector
     pyodlog list ...           the results a collector's root holds
-    pyodlog export ...         a result the collector holds, as a pyodlog ZIP
+    pyodlog export ...         a result a collector holds, as a pyodlog ZIP (checked, read by pyodlog)
     pyodlog keygen FILE ...    append a new API key to a collector's key file
 
 This module sits at the top of the layers (docs/architecture.md): it is the one place that puts the
@@ -27,11 +27,11 @@ __all__ = ["main"]
 COLLECTOR_COMMANDS = {
     "serve": "run the reference collector (HTTP or HTTPS) that auto_sync/upload() send to",
     "list": "list the results a collector's root folder holds",
-    "export": "export a result a collector holds as the ZIP that logger.export() writes",
     "keygen": "append a new random API key to a collector's key file (created 0600)",
 }
 LIBRARY_COMMANDS = {
     "info": "what is installed and built (no PATH); what a result folder or ZIP holds (PATH)",
+    "export": "export a result a collector holds as the ZIP that logger.export() writes",
     "demo": "log a real torchvision detector over generated images into local HDF5 (make demo)",
 }
 
@@ -51,6 +51,22 @@ def _parser() -> argparse.ArgumentParser:
         help="a result folder (PYODLOG_HOME/MODEL/VERSION/RESULT) or an exported ZIP",
     )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    export = sub.add_parser(
+        "export",
+        help=LIBRARY_COMMANDS["export"],
+        description="Merges the segments a collector holds for one result of one tenant into the ZIP "
+        "that logger.export() writes. Every segment is checked first (only pyodlog's layout, nothing "
+        "outside the file); if one is not a valid segment, nothing is exported.",
+    )
+    export.add_argument("--root", required=True, type=Path, help="the collector's --root folder")
+    export.add_argument("--tenant", default="default", help="the tenant (default: default)")
+    export.add_argument("model")
+    export.add_argument("version")
+    export.add_argument("result")
+    export.add_argument("--epoch", type=int, default=None, help="only this epoch (default: all)")
+    export.add_argument(
+        "-o", "--output", type=Path, help="the ZIP to write (default: ./MODEL_VERSION_RESULT.zip)"
+    )
     sub.add_parser("demo", help=LIBRARY_COMMANDS["demo"])
     for name, text in COLLECTOR_COMMANDS.items():
         # Parsed by the collector's own parser: listed here for --help only.
@@ -117,6 +133,44 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from pyodlog_protocol.layout import stored_segments
+
+    try:
+        segments = stored_segments(args.root, args.tenant, args.model, args.version, args.result)
+    except ValueError as error:
+        print(f"pyodlog export: {error}", file=sys.stderr)
+        return 2
+    if not segments:
+        print(
+            f"pyodlog export: no segments for {args.model}/{args.version}/{args.result} of tenant "
+            f"{args.tenant} under {args.root}",
+            file=sys.stderr,
+        )
+        return 2
+    from pyodlog.io.export import export_zip
+    from pyodlog.io.reader import CorruptResultError
+
+    output = args.output or Path(f"{args.model}_{args.version}_{args.result}.zip")
+    meta = {
+        "model_name": args.model,
+        "version_name": args.version,
+        "result_name": args.result,
+        "exported_by": "pyodlog collector",
+    }
+    try:
+        path = export_zip(segments, output, args.epoch, meta, strict=True)
+    except CorruptResultError as error:
+        print(
+            f"pyodlog export: refusing to export: {error}\nRemove them from the collector root to "
+            "export the rest.",
+            file=sys.stderr,
+        )
+        return 2
+    print(path)
+    return 0
+
+
 def _demo(_: argparse.Namespace) -> int:
     from pyodlog.demo import main as demo_main
 
@@ -132,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return collector_main(argv)
     args = _parser().parse_args(argv)
-    return {"info": _info, "demo": _demo}[args.command](args)
+    return {"info": _info, "export": _export, "demo": _demo}[args.command](args)
 
 
 if __name__ == "__main__":

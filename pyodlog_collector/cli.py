@@ -1,16 +1,15 @@
-"""The ``pyodlog`` command: run the reference collector and look at what it holds.
+"""The collector's commands (``pyodlog serve|list|keygen``, or ``python -m pyodlog_collector …``).
 
     pyodlog serve --root DIR --api-key-file FILE [--host 127.0.0.1] [--port 8750] [--tls-cert PEM --tls-key PEM]
                   [--request-timeout 300] [--max-connections 1024] [--staging-ttl 24h]
     pyodlog list --root DIR [--tenant NAME]
-    pyodlog export --root DIR --tenant NAME MODEL VERSION RESULT [--epoch N] [-o OUT.zip]
     pyodlog keygen FILE [--tenant NAME]
 
-``serve``, ``list`` and ``keygen`` never import torch or pyodlog: the collector
-starts in well under a second (h5py is imported on the first complete upload,
-to check the segment). ``export`` checks every segment again (nothing outside
-the stored files is read) and merges them into the same ZIP that
-``logger.export()`` writes, with pyodlog's reader.
+They never import torch or pyodlog: the collector starts in well under a
+second (h5py is imported on the first complete upload, to check the segment).
+``pyodlog export`` (a result the collector holds, as a ZIP) belongs to the
+library's command line (:mod:`pyodlog.cli`): it reads the segments with
+pyodlog's own reader, which checks each one before reading any data.
 """
 
 from __future__ import annotations
@@ -142,16 +141,6 @@ def _parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list the results a collector root holds")
     lister.add_argument("--root", required=True, type=Path)
     lister.add_argument("--tenant", type=_name, help="only this tenant")
-    export = sub.add_parser("export", help="export a result the collector holds as a pyodlog ZIP")
-    export.add_argument("--root", required=True, type=Path)
-    export.add_argument("--tenant", type=_name, default="default")
-    export.add_argument("model", type=_name)
-    export.add_argument("version", type=_name)
-    export.add_argument("result", type=_name)
-    export.add_argument("--epoch", type=int, default=None, help="only this epoch (default: all)")
-    export.add_argument(
-        "-o", "--output", type=Path, help="the ZIP to write (default: ./MODEL_VERSION_RESULT.zip)"
-    )
     keygen = sub.add_parser(
         "keygen", help="append a new random API key to a key file (created 0600)"
     )
@@ -255,54 +244,6 @@ def _list(args) -> int:
     return 0
 
 
-def _export(args) -> int:
-    from pyodlog_collector.storage import CollectorStorage
-
-    storage = CollectorStorage(args.root)
-    folder = storage.result_dir(args.tenant, args.model, args.version, args.result)
-    segments = [
-        folder / s["segment_id"]
-        for s in storage.list_segments(args.tenant, args.model, args.version, args.result)
-    ]
-    if not segments:
-        print(
-            f"pyodlog export: no segments for {args.model}/{args.version}/{args.result} of tenant {args.tenant} "
-            f"under {args.root}",
-            file=sys.stderr,
-        )
-        return 2
-    # Each segment was checked when it arrived; checked again here, since the operator's reader must
-    # never follow anything out of a tenant's file (and the root may predate the check).
-    from pyodlog_collector.segment_check import InvalidSegment, check_segment
-
-    bad = []
-    for segment in segments:
-        try:
-            check_segment(segment)
-        except (InvalidSegment, OSError) as error:
-            bad.append(f"{segment}: {error}")
-    if bad:
-        print(
-            "pyodlog export: refusing to export: these files are not valid pyodlog segments (nothing "
-            "was read from them beyond their structure); remove them from the collector root to export "
-            "the rest:\n  " + "\n  ".join(bad),
-            file=sys.stderr,
-        )
-        return 2
-    from pyodlog.io.export import export_zip  # pyodlog's own reader and writer (imports torch)
-
-    output = args.output or Path(f"{args.model}_{args.version}_{args.result}.zip")
-    meta = {
-        "model_name": args.model,
-        "version_name": args.version,
-        "result_name": args.result,
-        "exported_by": "pyodlog collector",
-    }
-    path = export_zip(sorted(segments), output, args.epoch, meta)
-    print(path)
-    return 0
-
-
 def _keygen(args) -> int:
     lines = args.file.read_text().splitlines() if args.file.exists() else []
     lines.append(f"{args.tenant}:{generate_key()}")
@@ -315,9 +256,7 @@ def _keygen(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"serve": _serve, "list": _list, "export": _export, "keygen": _keygen}[args.command](
-        args
-    )
+    return {"serve": _serve, "list": _list, "keygen": _keygen}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,11 @@ from typing import BinaryIO
 
 from pyodlog_protocol import is_valid_name
 from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
+from pyodlog_protocol.layout import META, STAGING
 
 __all__ = ["BodyReadError", "CollectorStorage", "PieceResult", "SegmentKey"]
 
 log = logging.getLogger("pyodlog.collector")
-STAGING = ".staging"
-META = ".meta"
 # '<segment id>.<sha256>.part' (an upload in progress) and '<segment id>.<sha256>.<token>.piece'
 # (one request's body on its way in).
 _STAGED_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.part")

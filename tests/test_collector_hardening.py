@@ -402,7 +402,7 @@ def test_export_checks_every_segment_again_and_reads_nothing_outside_them(tmp_pa
             [
                 sys.executable,
                 "-m",
-                "pyodlog_collector",
+                "pyodlog",
                 "export",
                 "--root",
                 str(root),

@@ -369,7 +369,7 @@ def test_the_collector_exports_what_it_holds_as_a_pyodlog_zip(tmp_path, collecto
         [
             sys.executable,
             "-m",
-            "pyodlog_collector",
+            "pyodlog",
             "export",
             "--root",
             str(collector.root),

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pyodlog.io.reader import Tables, merge_tables, read_segments
+from pyodlog.io.reader import CorruptResultError, Tables, merge_tables, read_segments
 from pyodlog.io.segment import SEGMENT_FORMAT, encode_strings, sha256_file
 
 __all__ = ["export_zip", "write_tables"]
@@ -51,13 +52,30 @@ def write_tables(path: Path, tables: Tables, attrs: dict[str, Any]) -> None:
 
 
 def export_zip(
-    segments: list[Path], output: Path, n_epoch: int | None, meta: dict[str, Any]
+    segments: list[Path],
+    output: Path,
+    n_epoch: int | None,
+    meta: dict[str, Any],
+    strict: bool = False,
 ) -> Path:
     """Merges the images of ``n_epoch`` (None: all) from ``segments`` into ``output``, atomically.
 
-    A damaged segment is left out with a warning naming it (manifest: ``skipped_segments``).
+    A damaged segment is left out with a warning naming it (manifest: ``skipped_segments``);
+    with ``strict``, any damaged or foreign segment stops the export before anything is written.
+
+    Raises:
+        CorruptResultError: (``strict``) naming every segment that is not a valid pyodlog segment.
     """
-    parts, skipped = read_segments(list(segments))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parts, skipped = read_segments(list(segments))
+    if skipped and strict:
+        raise CorruptResultError(
+            "these files are not valid pyodlog segments (nothing was read from them beyond their "
+            "structure):\n  " + "\n  ".join(str(w.message) for w in caught)
+        )
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     tables = merge_tables(parts, n_epoch, use_epoch_filter=n_epoch is not None)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
