@@ -353,3 +353,25 @@ def test_detect_does_not_import_transformers_for_other_models():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     assert TransformersDetrLogger.detect(model_of("detr"))
     assert transformers.DetrForObjectDetection in type(model_of("detr")).__mro__
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
+@pytest.mark.parametrize("name", ["detr", "rt_detr"])
+def test_on_cuda_the_selection_matches_and_never_waits_for_the_device(name):
+    model, processor = FAMILIES[name][0]().eval().cuda(), FAMILIES[name][1]()
+    inputs = {k: v.cuda() for k, v in processor(images=images(), return_tensors="pt").items()}
+    sizes = [(150, 200), (180, 120)]
+    with torch.inference_mode(), create_logger(model, "m", "v1", score_thresh=0.0) as logger:
+        got = logger(inputs, img_sizes=sizes)
+        torch.cuda.set_sync_debug_mode("error")  # any host sync in the selection raises
+        try:
+            again = logger._parse_model_output(got, sizes)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    expected = processor.post_process_object_detection(got, threshold=0.0, target_sizes=sizes)
+    assert again.boxes.is_cuda
+    for d, e in zip(last_record(logger).detections.unbind(), expected):
+        assert torch.equal(d.boxes.cpu(), e["boxes"].cpu())
+        assert torch.equal(d.scores.cpu(), e["scores"].cpu())
+        assert torch.equal(d.labels.cpu(), e["labels"].cpu())

@@ -184,7 +184,8 @@ class TransformersDetrLogger(ObjectDetectionTorchLogger):
 
         The model is called as ``model(pixel_values=..., pixel_mask=...)``, or
         ``model(**inputs)`` when ``model_input`` is a mapping such as the image
-        processor's output (every key goes to the model). ``input_ids`` and
+        processor's output (every key goes to the model: put other model
+        arguments such as ``output_attentions`` there). ``input_ids`` and
         ``dataset_type`` are pyodlog's (one id per image; never passed to the
         model, unlike a text model's ``input_ids``).
 
