@@ -18,8 +18,8 @@ on the device in one pass (no host sync, no loop over detections):
 
 There is no NMS in these models: ``iou_thresh`` is refused.
 
-``transformers`` is imported only when a model whose type comes from it is
-passed (``detect`` looks at the type's module first).
+pyodlog never imports ``transformers``: ``detect`` matches the model type's
+classes by module and name.
 """
 
 from __future__ import annotations
@@ -58,30 +58,25 @@ DEFORMABLE_DEFAULT_TOP_K = 100
 _BASE_INIT = signature(ObjectDetectionTorchLogger.__init__)
 
 
-def _families() -> dict[type, str]:
-    """The handled model classes (imports transformers: call only for a transformers model)."""
-    import transformers
-
-    out: dict[type, str] = {}
-    for name, kind in (
-        ("DetrForObjectDetection", "softmax"),
-        ("DeformableDetrForObjectDetection", "deformable"),
-        ("RTDetrForObjectDetection", "rtdetr"),
-        ("RTDetrV2ForObjectDetection", "rtdetr"),
-    ):
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            out[cls] = kind
-    return out
+#: The handled ``transformers`` classes, by name, and how their detections are selected.
+_KINDS = {
+    "DetrForObjectDetection": "softmax",
+    "DeformableDetrForObjectDetection": "deformable",
+    "RTDetrForObjectDetection": "rtdetr",
+    "RTDetrV2ForObjectDetection": "rtdetr",
+}
 
 
 def _kind_of(model: nn.Module) -> str | None:
-    module = type(model).__module__ or ""
-    if not (module == "transformers" or module.startswith("transformers.")):
-        return None
-    for cls, kind in _families().items():
-        if isinstance(model, cls):
-            return kind
+    """How ``model``'s detections are selected; None if it is none of the handled classes.
+
+    Matches the classes of the type's MRO by module and name, so nothing is
+    imported (``transformers`` included).
+    """
+    for cls in type(model).__mro__:
+        module = cls.__module__ or ""
+        if module.startswith("transformers.") and cls.__name__ in _KINDS:
+            return _KINDS[cls.__name__]
     return None
 
 
