@@ -24,8 +24,6 @@ classes by module and name.
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Mapping
 from inspect import signature
 from typing import Any
@@ -41,12 +39,9 @@ from pyodlog.monitoring.detection_logger import (
     unwrap_model,
 )
 from pyodlog.monitoring.validation import (
-    check_dataset_type,
-    check_field_values,
     check_img_sizes,
-    check_input_ids,
 )
-from pyodlog.structures import CallRecord, DetectionBatch
+from pyodlog.structures import DetectionBatch
 
 __all__ = ["TransformersDetrLogger"]
 
@@ -212,20 +207,8 @@ class TransformersDetrLogger(ObjectDetectionTorchLogger):
         with self._call_in_flight():  # LoggerClosedError once close() began
             return self._logged_call(model_kwargs, input_ids, dataset_type, kwargs)
 
-    def _logged_call(
-        self,
-        model_input: dict[str, Any],
-        input_ids: list[str] | None,
-        dataset_type: str,
-        kwargs: dict,
-    ) -> Any:
-        # Like the base class's, but the model takes keyword tensors and the
-        # sizes come from target_sizes / pixel_mask.
-        if self._core.training:
-            raise RuntimeError(
-                f"the {type(self._core).__name__} is in training mode (dropout on, and with labels it "
-                "computes losses): call model.eval() before logging inference"
-            )
+    def _call_image_sizes(self, model_input: dict[str, Any], kwargs: dict) -> list[tuple[int, int]]:
+        # The model takes keyword tensors; the sizes come from img_sizes/target_sizes or pixel_mask.
         return_dict = model_input.get(
             "return_dict", getattr(self._core.config, "return_dict", True)
         )
@@ -234,24 +217,11 @@ class TransformersDetrLogger(ObjectDetectionTorchLogger):
                 "return_dict=False makes the model return a plain tuple, which the logger cannot read: "
                 "leave return_dict out (or True) and set model.config.return_dict = True"
             )
-        pixel_values = model_input["pixel_values"]
-        n_images = int(pixel_values.shape[0])
-        img_sizes = _call_img_sizes(kwargs, model_input, n_images)
-        ids = check_input_ids(input_ids, n_images) or [uuid.uuid4().hex for _ in range(n_images)]
-        dataset_type = check_dataset_type(dataset_type)
-        fields = check_field_values(self._field_specs, kwargs, n_images)
-        timestamp = time.time()
-        with self._call_capture() as capture:
-            output = self.model(**model_input)
-            features = self._end_capture(capture)
-            with torch.no_grad():
-                detections = self._parse_model_output(output, img_sizes)
-        self._submit(
-            CallRecord(
-                ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields
-            )
-        )
-        return output
+        n_images = int(model_input["pixel_values"].shape[0])
+        return _call_img_sizes(kwargs, model_input, n_images)
+
+    def _run_model(self, model_input: dict[str, Any]) -> Any:
+        return self.model(**model_input)
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]

@@ -421,24 +421,40 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         with self._call_in_flight():  # LoggerClosedError once close() began; close() waits for it
             return self._logged_call(model_input, input_ids, dataset_type, kwargs)
 
+    def _call_image_sizes(self, model_input: Any, kwargs: dict) -> list[tuple[int, int]]:
+        """The original ``(h, w)`` of each image of a call, checked before the model runs.
+
+        ``img_sizes`` (popped from ``kwargs``) when given, else the input images' sizes. A family
+        whose model takes other inputs (keyword tensors, a processor's output) overrides this and
+        :meth:`_run_model`.
+
+        Raises:
+            ValueError: the input or ``img_sizes`` is not what the model takes.
+        """
+        input_sizes = _image_sizes(model_input)
+        return check_img_sizes(kwargs.pop("img_sizes", None), len(input_sizes)) or input_sizes
+
+    def _run_model(self, model_input: Any) -> Any:
+        """Runs the model once on a call's input (the hooks capture what they need meanwhile)."""
+        return self.model(model_input)
+
     def _logged_call(
         self, model_input: Any, input_ids: list[str] | None, dataset_type: str, kwargs: dict
     ) -> Any:
         if self._core.training:
             raise RuntimeError(
-                f"the {type(self._core).__name__} is in training mode, where torchvision detectors return losses, not "
-                "detections: call model.eval() before logging inference"
+                f"the {type(self._core).__name__} is in training mode, where detectors return losses or "
+                "training outputs, not detections: call model.eval() before logging inference"
             )
-        input_sizes = _image_sizes(model_input)
-        n_images = len(input_sizes)
-        img_sizes = check_img_sizes(kwargs.pop("img_sizes", None), n_images) or input_sizes
+        img_sizes = self._call_image_sizes(model_input, kwargs)
+        n_images = len(img_sizes)
         ids = check_input_ids(input_ids, n_images) or [uuid.uuid4().hex for _ in range(n_images)]
         dataset_type = check_dataset_type(dataset_type)
         fields = check_field_values(self._field_specs, kwargs, n_images)
         timestamp = time.time()
         # This call's own hook captures (self._state): calls in other threads have theirs.
         with self._call_capture() as capture:
-            output = self.model(model_input)
+            output = self._run_model(model_input)
             # The model answered: from here on its output is returned whatever logging does.
             try:
                 features = self._end_capture(capture)
