@@ -16,7 +16,7 @@ from test_sync import FAST, log_calls, make_logger
 from tiny_models import TinyDetector, TinyDetectorLogger
 
 from pyodlog.io import WriterConfig
-from pyodlog.monitoring.monitoring_logger import Secret
+from pyodlog.sync.secret import Secret
 from pyodlog.sync import CollectorClient, SyncConfig, SyncError, check_api_key
 
 # Characters that JSON and URLs escape: the redaction must catch every form an echo can take.

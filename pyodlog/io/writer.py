@@ -48,6 +48,7 @@ from typing import Any
 
 import h5py
 
+from pyodlog._checks import check_number
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.export import write_tables
@@ -180,8 +181,7 @@ class WriterConfig:
             "block_timeout",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            check_number(value, name)
 
 
 @dataclass

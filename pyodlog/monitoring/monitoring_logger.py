@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import threading
 import time
 from abc import ABCMeta
@@ -22,12 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pyodlog.distributed import DistContext, DistributedLoggingError, agree, current_context
+from pyodlog._checks import check_number
+from pyodlog.distributed import DistContext, DistributedLoggingError, current_context
 from pyodlog.io.segment import segment_rank
-from pyodlog.io.sink import SchemaMismatchError, SegmentStore, Sink
-from pyodlog.monitoring.validation import check_n_epoch, check_name
+from pyodlog.io.sink import SegmentStore, Sink
 from pyodlog.structures import CallRecord
-from pyodlog.sync.secret import Secret
 
 if TYPE_CHECKING:
     from pyodlog.sync import SyncConfig, Syncer, UploadSummary
@@ -85,50 +83,41 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         sink: Sink | None,
         sync_config: SyncConfig | None = None,
     ) -> None:
-        from pyodlog.sync import CollectorClient, SyncConfig, Syncer, check_api_key, check_endpoint
+        from pyodlog.monitoring import wiring
 
-        self.model_name = check_name(model_name, "model_name")
-        self.version_name = check_name(version_name, "version_name")
-        check_name(result_name, "result_name", allow_none=True)
-        n_epoch = check_n_epoch(n_epoch)
-        if not isinstance(auto_sync, bool):
-            raise ValueError(f"auto_sync must be True or False, got {auto_sync!r}")
-        if not isinstance(force_table_recreate, bool):
-            raise ValueError(
-                f"force_table_recreate must be True or False, got {force_table_recreate!r}"
-            )
-        if sync_config is None:
-            sync_config = SyncConfig()
-        elif not isinstance(sync_config, SyncConfig):
-            raise ValueError(
-                f"sync_config must be a pyodlog.SyncConfig, got {type(sync_config).__name__}"
-            )
-        endpoint = (
-            api_endpoint
-            if api_endpoint is not None
-            else os.environ.get("PYODLOG_API_ENDPOINT") or None
+        self.model_name, self.version_name, n_epoch = wiring.check_logger_args(
+            model_name, version_name, result_name, n_epoch, auto_sync, force_table_recreate
         )
-        if endpoint is not None:
-            endpoint = check_endpoint(endpoint, sync_config.allow_insecure_http)
-        key = api_key if api_key is not None else os.environ.get("PYODLOG_API_KEY") or None
-        if key is not None:
-            check_api_key(key)  # visible ASCII only; the error never shows the key
-        if endpoint is not None and key is None:
-            raise ValueError(
-                f"api_endpoint {endpoint!r} needs an API key: pass api_key=... or set PYODLOG_API_KEY"
-            )
-        self.api_endpoint: str | None = endpoint
-        # Never part of repr(), str() or an error message.
-        self._api_key = None if key is None else Secret(key)
-        self.auto_sync = auto_sync and endpoint is not None
+        sync = wiring.resolve_sync(api_endpoint, api_key, auto_sync, sync_config)
+        self.api_endpoint: str | None = sync.endpoint
+        self._api_key = sync.key  # a Secret: never part of repr(), str() or an error message
+        self.auto_sync = sync.auto
         self.schema = schema
         if sink is None:
             from pyodlog.io.store import HDF5Store  # the embedded default: local HDF5 files
 
             sink = HDF5Store()
         self._sink: Sink = sink
+        self._init_call_state()
+        # Under torch.distributed, rank 0 resolves the result and the epoch and every rank follows.
+        self._dist: DistContext | None = current_context()
+        self.result_name, self.n_epoch = wiring.open_result(
+            sink,
+            self._dist,
+            self.model_name,
+            self.version_name,
+            result_name,
+            n_epoch,
+            schema,
+            force_table_recreate,
+        )
+        self._syncer: Syncer | None = wiring.make_syncer(
+            sink, sync, self.model_name, self.version_name, self.result_name, self.n_epoch
+        )
+
+    def _init_call_state(self) -> None:
+        """Calls in flight (``close()`` waits for them) and the count of calls that could not be logged."""
         self._closed = False
-        # Calls between _check_open and their submit; close() waits for them.
         self._calls_lock = threading.Condition()
         self._calls_in_flight = 0
         self._calls_in_thread = threading.local()
@@ -138,50 +127,6 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         self._logging_errors = 0
         self._last_logging_error: str | None = None
         self._last_error_report = -ERROR_LOG_INTERVAL
-        # Under torch.distributed, rank 0 resolves the result and the epoch and every rank follows.
-        self._dist: DistContext | None = current_context()
-
-        def resolve():
-            info = self._sink.open_result(
-                self.model_name, self.version_name, result_name, schema, force_table_recreate
-            )
-            if self._dist is not None:
-                # The other ranks open the result that rank 0 made: any replacement happens now.
-                getattr(self._sink, "activate", lambda: None)()
-            # 'latest' resolves once, here: the highest epoch already in the result, 0 if none.
-            return info.result_name, (info.latest_epoch or 0) if n_epoch == "latest" else n_epoch
-
-        self.result_name, self.n_epoch = agree(self._dist, resolve)
-        if self._dist is not None and self._dist.rank != 0:
-            try:
-                self._sink.open_result(
-                    self.model_name, self.version_name, self.result_name, schema, False
-                )
-            except SchemaMismatchError:
-                if not force_table_recreate:
-                    raise
-                # Rank 0 recreated the result already; a mismatch here means this rank's data folder is not
-                # rank 0's (no shared file system) and holds an older schema.
-                self._sink.open_result(
-                    self.model_name, self.version_name, self.result_name, schema, True
-                )
-        # Closed segments go to the collector from disk, never from the inference path.
-        self._syncer: Syncer | None = None
-        if endpoint is not None and isinstance(sink, SegmentStore):
-            self._syncer = Syncer(
-                CollectorClient(endpoint, self._api_key, sync_config),
-                sink.segments,
-                sink.directory,
-                self.model_name,
-                self.version_name,
-                self.result_name,
-                sink.rank,
-                self.n_epoch,
-                sync_config,
-                auto=self.auto_sync,
-            )
-            if self.auto_sync:
-                sink.add_segment_listener(lambda path: self._syncer.notify())
 
     @property
     def has_api_key(self) -> bool:
@@ -318,8 +263,7 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         Args:
             interval: seconds between progress reports.
         """
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
-            raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
+        check_number(interval, "interval (seconds)")
         self._sink.wait_for_save(interval)
 
     def export(self, output_path: str | None = None, *, timeout: float = 300.0) -> Path | None:

@@ -73,7 +73,11 @@ def postprocess_detections(
     SSD, SSDlite                ``first_label=1``, ``topk=topk_candidates``, ``topk_per_class=True``
     ==========================  =================================================
 
-    No host synchronisation on CUDA: outputs are padded to ``max_detections``.
+    Outputs are padded to ``max_detections``. On CUDA the kernel synchronises with the host once:
+    counting the (candidate, class) pairs above ``score_thresh`` (``nonzero``) sizes the work. The
+    family loggers do not call it on the inference path (they log the detections the model returned,
+    see :func:`pyodlog.models.common.match_detections`); it is for users who post-process a head
+    themselves.
 
     Args:
         scores: ``Tensor[N, C]`` activated class scores of each candidate.

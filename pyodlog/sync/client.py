@@ -23,10 +23,10 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from pyodlog._checks import check_number
 from pyodlog_protocol import (
     HEADER_IDEMPOTENCY_KEY,
     is_loopback_host,
-    results_path,
     segment_path,
     segments_path,
 )
@@ -111,12 +111,10 @@ class SyncConfig:
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "read_timeout", "chunk_bytes", "max_retry_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"SyncConfig.{name} must be a positive number, got {value!r}")
+            check_number(value, f"SyncConfig.{name}")
         for name in ("retries", "backoff", "close_timeout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"SyncConfig.{name} must be a number >= 0, got {value!r}")
+            check_number(value, f"SyncConfig.{name}", allow_zero=True)
         if self.ca_bundle is not None and not os.path.exists(self.ca_bundle):
             raise ValueError(
                 f"SyncConfig.ca_bundle={self.ca_bundle!r} does not exist: pass a CA bundle file or folder"
@@ -345,16 +343,6 @@ class CollectorClient:
             f"{what}; is api_endpoint a pyodlog collector (protocol 1)?"
         )
 
-    def health(self) -> dict[str, Any]:
-        return self._json("GET", "/v1/health")[1]
-
-    def results(self) -> list[dict[str, Any]]:
-        path = results_path()
-        results = self._json("GET", path)[1].get("results")
-        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-            raise self._malformed("GET", path, "'results' is not a list of objects")
-        return results
-
     def list_segments(self, model: str, version: str, result: str) -> list[dict[str, Any]]:
         """The segments the collector holds for a result: ``segment_id``, ``rank``, ``sha256``, ``bytes``."""
         path = segments_path(model, version, result)
@@ -432,18 +420,6 @@ class CollectorClient:
             # A refusal by something in front of the collector (a proxy's HTML 413 page).
             answer = {"error": f"http_{code}", "detail": _reason(response, self.redact)}
         return code, answer
-
-    def download(self, model: str, version: str, result: str, rank: int, segment_id: str) -> bytes:
-        """The stored bytes of a segment."""
-        response = self._request(
-            "GET", segment_path(model, version, result, rank, segment_id) + "/content"
-        )
-        if response.status_code != 200:
-            raise self._error(
-                f"the collector has no segment {segment_id} of {model}/{version}/{result} "
-                f"(HTTP {response.status_code})"
-            )
-        return response.content
 
 
 def _is_count(value: Any) -> bool:
