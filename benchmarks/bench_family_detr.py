@@ -6,8 +6,8 @@ queries, 91 classes), so nothing is downloaded. ``score_thresh=0.0`` keeps all
 100 queries of every image: the most a call can log. One call of each variant
 in rotation, so the machine's drift cancels in the ratios.
 
-Usage: .venv/bin/python benchmarks/bench_family_detr.py BATCH ROTATIONS [SIZE]
-  e.g. .venv/bin/python benchmarks/bench_family_detr.py 1 30 256
+Usage: .venv/bin/python -m benchmarks.bench_family_detr BATCH ROTATIONS [SIZE]
+  e.g. .venv/bin/python -m benchmarks.bench_family_detr 1 30 256
 
 ``make bench`` also collects the two pytest-benchmark tests below.
 """

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from nms_cases import clustered_boxes, uniform_boxes
 
 from pyodlog.ops import batched_nms
+from tests.helpers.nms_cases import clustered_boxes, uniform_boxes
 
 CLASSES = 80
 CASES = [(make, n) for make in (uniform_boxes, clustered_boxes) for n in (100, 1000, 5000, 20000)]

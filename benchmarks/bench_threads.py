@@ -10,7 +10,7 @@ with a thread pool does), so the threads, not PyTorch's intra-op pool, use the
 cores. Random weights with a 0.01 score threshold: 100 detections per image.
 
 On a shared machine drift between one test and the next is larger than the
-effect; ``python benchmarks/bench_threads.py ROTATIONS`` alternates bare and
+effect; ``python -m benchmarks.bench_threads ROTATIONS`` alternates bare and
 logged rounds at each thread count and prints the ratios (the figures in
 ``benchmarks/RESULTS.md``).
 """

@@ -25,11 +25,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from collector_process import KEY_A, CollectorProcess, write_keys, write_segment_of_size
 
 from pyodlog.sync import CollectorClient, SyncConfig, Syncer
 from pyodlog.sync.secret import Secret
 from pyodlog_protocol import segment_path
+from tests.helpers.collector_process import (
+    KEY_A,
+    CollectorProcess,
+    write_keys,
+    write_segment_of_size,
+)
 
 SIZE = 64 << 20
 

@@ -5,7 +5,7 @@ store and samples the process's resident memory (psutil) every 50 calls: the
 curve must be flat after warm-up (no leak across calls; the writer's queue and
 the copier's pinned pool bound what is in flight).
 
-Usage: .venv/bin/python benchmarks/memory_soak.py [CALLS]   (default 1000)
+Usage: .venv/bin/python -m benchmarks.memory_soak [CALLS]   (default 1000)
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_overhead import FPN_LEVEL, _make
-
 import pyodlog
+from benchmarks.bench_overhead import FPN_LEVEL, _make
 from pyodlog.io import HDF5Store
 
 

@@ -6,8 +6,8 @@ every rotation runs all four back to back, so drift cancels in the ratios.
 The loggers' hooks all sit on the one model; each logger's hooks act only
 inside its own calls (the naive logger's hook only stores a reference).
 
-Usage: .venv/bin/python benchmarks/overhead_paired.py MODEL BATCH ROTATIONS
-  e.g. .venv/bin/python benchmarks/overhead_paired.py fasterrcnn_mobilenet_v3_large_320_fpn 1 40
+Usage: .venv/bin/python -m benchmarks.overhead_paired MODEL BATCH ROTATIONS
+  e.g. .venv/bin/python -m benchmarks.overhead_paired fasterrcnn_mobilenet_v3_large_320_fpn 1 40
 """
 
 from __future__ import annotations
@@ -20,11 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_overhead import FPN_LEVEL, NaiveLogger, _make
-
 import pyodlog
+from benchmarks.bench_overhead import FPN_LEVEL, NaiveLogger, _make
 from pyodlog.io import HDF5Store
 
 

@@ -1,6 +1,6 @@
 """Soak test of crash safety: a child logs continuously and is SIGKILLed at random moments.
 
-Run: .venv/bin/python benchmarks/soak_crash.py [TRIALS=60]
+Run: .venv/bin/python -m benchmarks.soak_crash [TRIALS=60]
 Each trial checks that every closed segment reads back, that everything
 acknowledged by wait_for_save survived, that the survivors are an in-order
 prefix of what was submitted, and that the next logger recovered the dead
@@ -10,7 +10,6 @@ benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -18,23 +17,20 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from crash_child import crash_logger, kill  # noqa: E402
-
-from pyodlog.io import open_result  # noqa: E402
-from pyodlog.io.reader import read_segment  # noqa: E402
+from pyodlog.io import open_result
+from pyodlog.io.reader import read_segment
+from tests.helpers import child_env
+from tests.helpers.crash_child import crash_logger, kill
 
 
 def trial(seed: int) -> dict:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         child = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "crash_child.py"), tmp, "2"],
+            [sys.executable, "-m", "tests.helpers.crash_child", tmp, "2"],
             stdout=subprocess.PIPE,
             text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            env=child_env(PYTHONUNBUFFERED="1"),
         )
         acked = submitted = lines = 0
         target = rng.randint(2, 40)

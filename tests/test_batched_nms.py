@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from nms_cases import clustered_boxes, uniform_boxes
 
 from pyodlog.ops import batched_nms
+from tests.helpers.nms_cases import clustered_boxes, uniform_boxes
 
 
 def oracle_batched_nms(boxes, scores, idxs, iou_threshold):

@@ -11,10 +11,18 @@ from pathlib import Path
 
 import pytest
 import requests
-from collector_process import KEY_A, KEY_B, CollectorProcess, get, put, real_segment, write_keys
 
 from pyodlog_collector import ApiKeys, KeyFileError
 from pyodlog_protocol import segment_path, segments_path
+from tests.helpers.collector_process import (
+    KEY_A,
+    KEY_B,
+    CollectorProcess,
+    get,
+    put,
+    real_segment,
+    write_keys,
+)
 
 
 @pytest.fixture

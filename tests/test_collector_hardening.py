@@ -22,11 +22,18 @@ import h5py
 import numpy as np
 import pytest
 import requests
-from collector_process import KEY_A, CollectorProcess, get, put, real_segment, write_keys
 
 from pyodlog_collector.segment_check import InvalidSegment, SegmentChecker, check_segment
 from pyodlog_collector.storage import CollectorStorage, SegmentKey
 from pyodlog_protocol import segment_path
+from tests.helpers.collector_process import (
+    KEY_A,
+    CollectorProcess,
+    get,
+    put,
+    real_segment,
+    write_keys,
+)
 
 SECRET = b"tenant-b:THE-OPERATORS-SECRET-KEY-0123456789"
 
@@ -484,9 +491,9 @@ def test_the_segment_check_refuses_anything_the_writer_does_not_produce(tmp_path
 def test_the_segment_check_accepts_what_the_library_writes(tmp_path):
     """Segments straight from pyodlog's SWMR writer: both compressions, string and numeric fields."""
     import torch
-    from tiny_models import TinyDetector, TinyDetectorLogger
 
     from pyodlog.io import HDF5Store, WriterConfig
+    from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
     store = HDF5Store(tmp_path / "local", config=WriterConfig(flush_interval=0.05))
     logger = TinyDetectorLogger(

@@ -18,13 +18,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from readme_blocks import block_starting_with
 from torch import nn
 from torchvision.models import detection
 
 import pyodlog
 from pyodlog import LoggerClosedError, open_result
 from pyodlog.io.copier import CopyStreams, DeviceCopier
+from tests.helpers.readme_blocks import block_starting_with
 
 THREADS, CALLS = 8, 200
 SIZES = [(64, 64), (48, 80), (96, 72), (80, 56)]

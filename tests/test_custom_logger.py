@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
-from readme_blocks import block_starting_with, python_blocks
-from tiny_models import TinyDetector
 
 import pyodlog
+from tests.helpers.readme_blocks import block_starting_with, python_blocks
+from tests.helpers.tiny_models import TinyDetector
 
 
 @pytest.fixture(scope="module")

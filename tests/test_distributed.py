@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 import pyodlog
 from pyodlog.io import open_result, recover_segments
 from pyodlog.io.reader import read_segment, trim_to_consistent
+from tests.helpers import child_env
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def torchrun(tmp_path, home, *args, timeout=300, **env_vars):
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    env = dict(os.environ, PYODLOG_HOME=str(home), OMP_NUM_THREADS="1", **env_vars)
+    env = child_env(PYODLOG_HOME=str(home), OMP_NUM_THREADS="1", **env_vars)
     run = subprocess.run(
         [
             sys.executable,
@@ -30,7 +30,8 @@ def torchrun(tmp_path, home, *args, timeout=300, **env_vars):
             "torch.distributed.run",
             "--standalone",
             "--nproc_per_node=2",
-            str(HERE / "dist_worker.py"),
+            "-m",
+            "tests.helpers.dist_worker",
             *args[:1],
             str(out),
             *args[1:],
@@ -69,8 +70,7 @@ def test_rank0_exports_every_ranks_records_exactly_once(tmp_path, isolated_data_
 def test_ranks_follow_rank0s_result_and_epoch_and_a_missing_shared_folder_is_a_clear_error(
     tmp_path, isolated_data_root, monkeypatch
 ):
-    sys.path.insert(0, str(HERE))
-    from dist_worker import LOGGER_ARGS, make_model
+    from tests.helpers.dist_worker import LOGGER_ARGS, make_model
 
     # Rank 0's folder already holds a result at epoch 4; rank 1's folder is empty.
     monkeypatch.setenv("PYODLOG_HOME", str(isolated_data_root / "rank0"))
@@ -121,7 +121,7 @@ def test_export_names_a_rank_that_does_not_arrive(tmp_path, isolated_data_root):
 def test_without_a_shared_folder_auto_sync_merges_the_ranks_on_the_collector(
     tmp_path, isolated_data_root
 ):
-    from collector_process import KEY_A, CollectorProcess, write_keys
+    from tests.helpers.collector_process import KEY_A, CollectorProcess, write_keys
 
     collector = CollectorProcess(tmp_path / "collector", write_keys(tmp_path / "keys.txt")).start()
     try:

@@ -82,7 +82,7 @@ def _run_without_extension(code: str, *args: str) -> subprocess.CompletedProcess
 
 
 def test_without_the_extension_results_are_still_readable_and_ops_say_how_to_build(tmp_path):
-    from tiny_models import TinyDetector, TinyDetectorLogger
+    from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
     store = pyodlog.HDF5Store(tmp_path)
     logger = TinyDetectorLogger(

@@ -410,7 +410,7 @@ def test_an_unsupported_model_gets_the_list_of_families():
 
 def test_memory_is_flat_over_1000_calls():
     torch.manual_seed(0)
-    from readme_blocks import block_starting_with
+    from tests.helpers.readme_blocks import block_starting_with
 
     # The README's TinyDetector and its logger class (not registered again).
     namespace: dict = {}

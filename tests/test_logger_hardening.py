@@ -13,11 +13,6 @@ import re
 
 import pytest
 import torch
-from detector_candidates import faster_rcnn as rcnn_candidates
-from detector_candidates import fcos as fcos_candidates
-from detector_candidates import retinanet as retinanet_candidates
-from detector_candidates import ssd as ssd_candidates
-from tiny_models import TinyDetector, TinyDetectorLogger
 from torch import nn
 from torchvision.models import detection
 from torchvision.models.detection.transform import resize_boxes
@@ -25,6 +20,11 @@ from torchvision.ops import boxes as box_ops
 
 import pyodlog
 from pyodlog import InMemorySink
+from tests.helpers.detector_candidates import faster_rcnn as rcnn_candidates
+from tests.helpers.detector_candidates import fcos as fcos_candidates
+from tests.helpers.detector_candidates import retinanet as retinanet_candidates
+from tests.helpers.detector_candidates import ssd as ssd_candidates
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 SMALL = dict(weights=None, weights_backbone=None, min_size=128, max_size=160)
 

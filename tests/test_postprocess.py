@@ -6,9 +6,9 @@ import functools
 
 import pytest
 import torch
-from detector_candidates import FAMILIES, candidates_of
 
 from pyodlog.ops import postprocess_detections
+from tests.helpers.detector_candidates import FAMILIES, candidates_of
 
 
 @functools.cache
@@ -68,8 +68,9 @@ def test_equals_torchvision_on_the_models_own_heads(device, family):
 
 def test_tied_scores_give_the_same_detections_in_a_tie_order_of_their_own(device):
     # MobileNet's random initialisation gives many exactly equal scores.
-    from detector_candidates import faster_rcnn, images
     from torchvision.models import detection
+
+    from tests.helpers.detector_candidates import faster_rcnn, images
 
     torch.manual_seed(0)
     model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(

@@ -23,13 +23,14 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from tiny_models import TinyDetector, TinyDetectorLogger
 
 import pyodlog
 from pyodlog.io import HDF5Store, WriterConfig, open_result
 from pyodlog.io.export import write_tables
 from pyodlog.io.reader import read_segment
 from pyodlog.io.segment import CHECKSUM_SUFFIX, SEGMENT_FORMAT, write_checksum
+from tests.helpers import ROOT
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden"
@@ -185,7 +186,7 @@ CHILD = """
 import sys
 sys.path.insert(0, sys.argv[2])
 import torch
-from crash_child import crash_logger
+from tests.helpers.crash_child import crash_logger
 from pyodlog.io import WriterConfig
 logger = crash_logger(sys.argv[1], WriterConfig(flush_interval=0.05, batch_images=8))
 images = [torch.rand(3, 64, 64) for _ in range(2)]
@@ -201,7 +202,7 @@ with torch.no_grad():
 
 def test_a_crashed_loggers_part_file_is_read_without_being_changed(tmp_path):
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path), str(HERE)],
+        [sys.executable, "-c", CHILD, str(tmp_path), str(ROOT)],
         stdout=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
@@ -232,7 +233,7 @@ def test_a_crashed_loggers_part_file_is_read_without_being_changed(tmp_path):
     assert after == before  # read-only
     assert sorted(p.name for p in directory.glob("*.lock")) == locks
     # A new logger still recovers the same records.
-    from crash_child import crash_logger
+    from tests.helpers.crash_child import crash_logger
 
     crash_logger(tmp_path).close()
     assert not list(directory.glob("*.h5.part"))

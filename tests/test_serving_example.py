@@ -47,10 +47,10 @@ class Server:
         env = dict(
             os.environ,
             PYODLOG_HOME=str(home),
-            PYODLOG_SERVING_MODEL="test_concurrency:small_faster_rcnn",
+            PYODLOG_SERVING_MODEL="tests.test_concurrency:small_faster_rcnn",
             PYODLOG_SERVING_SCORE_THRESH="0.002",
             PYODLOG_SERVING_THREADS="4",
-            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            PYTHONPATH=str(ROOT),
             OMP_NUM_THREADS="1",
         )
         self.process = subprocess.Popen(

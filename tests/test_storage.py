@@ -17,8 +17,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from crash_child import crash_logger, kill
-from tiny_models import TinyDetector, TinyDetectorLogger
 
 import pyodlog
 from pyodlog.io import (
@@ -30,6 +28,9 @@ from pyodlog.io import (
     recover_segments,
 )
 from pyodlog.io.reader import read_segment
+from tests.helpers import ROOT, child_env
+from tests.helpers.crash_child import crash_logger, kill
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 HERE = Path(__file__).resolve().parent
 
@@ -164,10 +165,10 @@ def test_segments_rotate_by_record_count_and_each_closes_cleanly(tmp_path):
 def test_sigkill_at_a_random_moment_loses_nothing_acknowledged(tmp_path, trial):
     rng = random.Random(trial)
     child = subprocess.Popen(
-        [sys.executable, str(HERE / "crash_child.py"), str(tmp_path), "2"],
+        [sys.executable, "-m", "tests.helpers.crash_child", str(tmp_path), "2"],
         stdout=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=child_env(PYTHONUNBUFFERED="1"),
     )
     acked = submitted = 0
     deadline = time.monotonic() + 60
@@ -309,11 +310,11 @@ def test_a_forked_child_never_touches_the_parents_segment(tmp_path):
 
 def test_a_logger_left_open_is_closed_at_exit(tmp_path):
     code = f"""
-import sys; sys.path.insert(0, {str(HERE)!r})
+import sys; sys.path.insert(0, {str(ROOT)!r})
 import torch
 from pyodlog.io import HDF5Store
-from crash_child import crash_logger, kill
-from tiny_models import TinyDetector, TinyDetectorLogger
+from tests.helpers.crash_child import crash_logger, kill
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 logger = TinyDetectorLogger(TinyDetector().eval(), "tiny", "v1", result_name="r", sink=HDF5Store({str(tmp_path)!r}))
 with torch.no_grad():
     logger([torch.rand(3, 64, 64)], input_ids=["only"])

@@ -27,13 +27,14 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from tiny_models import TinyDetector, TinyDetectorLogger
 
 import pyodlog
 from pyodlog.io import HDF5Store, StorageError, WriterConfig, open_result
 from pyodlog.io.columns import decode_str, encode_str
 from pyodlog.io.reader import read_segment, trim_to_consistent
 from pyodlog.io.store import ResultInUseError
+from tests.helpers import ROOT
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 HERE = Path(__file__).resolve().parent
 LAYERS = {"b": {"path": "backbone.0", "compression": "uint8"}}
@@ -574,7 +575,7 @@ PROGRESS_CHILD = """
 import sys, threading, time
 sys.path.insert(0, {tests!r})
 import torch
-from tiny_models import TinyDetector, TinyDetectorLogger
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 from pyodlog.io import HDF5Store, WriterConfig
 store = HDF5Store({root!r}, config=WriterConfig(flush_interval=0.01, batch_images=1))
 logger = TinyDetectorLogger(TinyDetector().eval(), "tiny", "v1", sink=store)
@@ -591,7 +592,7 @@ print("DONE", flush=True)
 def test_wait_for_save_shows_a_progress_bar_on_a_terminal(tmp_path):
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns
-    code = PROGRESS_CHILD.format(tests=str(HERE), root=str(tmp_path))
+    code = PROGRESS_CHILD.format(tests=str(ROOT), root=str(tmp_path))
     child = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary
     )

@@ -11,11 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from collector_process import KEY_A, CollectorProcess, FlakyProxy, make_tls_files, write_keys
-from tiny_models import TinyDetector, TinyDetectorLogger
 
 from pyodlog.io import HDF5Store, WriterConfig, open_result
 from pyodlog.sync import CollectorClient, SyncConfig, SyncError
+from tests.helpers.collector_process import (
+    KEY_A,
+    CollectorProcess,
+    FlakyProxy,
+    make_tls_files,
+    write_keys,
+)
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 FAST = dict(retries=2, backoff=0.01, max_retry_interval=0.2, close_timeout=10)
 

@@ -11,13 +11,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from collector_process import KEY_A, CollectorProcess, write_keys
-from test_sync import FAST, log_calls, make_logger
-from tiny_models import TinyDetector, TinyDetectorLogger
 
 from pyodlog.io import WriterConfig
-from pyodlog.sync.secret import Secret
 from pyodlog.sync import CollectorClient, SyncConfig, SyncError, check_api_key
+from pyodlog.sync.secret import Secret
+from tests.helpers.collector_process import KEY_A, CollectorProcess, write_keys
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
+from tests.test_sync import FAST, log_calls, make_logger
 
 # Characters that JSON and URLs escape: the redaction must catch every form an echo can take.
 ECHO_KEY = 'echo-key+/with"quote\\and-0123456789-SECRET'

@@ -26,11 +26,11 @@ def real_segment(seed: int = 0, images: int = 2) -> bytes:
         import tempfile
 
         import torch
-        from tiny_models import TinyDetector, TinyDetectorLogger
 
         from pyodlog.io import HDF5Store, WriterConfig
         from pyodlog.io.export import write_tables
         from pyodlog.io.reader import read_segment
+        from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(seed)

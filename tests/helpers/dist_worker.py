@@ -14,15 +14,12 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torchvision
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def make_model():

@@ -6,7 +6,7 @@ registering the logger again.
 
 from __future__ import annotations
 
-from readme_blocks import block_starting_with
+from tests.helpers.readme_blocks import block_starting_with
 
 _namespace: dict = {}
 exec(

@@ -7,14 +7,11 @@ Usage: python crash_child.py ROOT BATCH_IMAGES
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from tiny_models import TinyDetector, TinyDetectorLogger
 
 from pyodlog.io import HDF5Store, WriterConfig
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 
 def crash_logger(root, config=None) -> TinyDetectorLogger:

@@ -1,6 +1,0 @@
-"""Benchmarks share the tests' input generators (tests/ on sys.path)."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
