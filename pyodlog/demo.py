@@ -74,11 +74,11 @@ def main() -> None:
     )
     print(
         f"{type(logger).__name__} for {type(model).__name__}: result {logger.result_name!r}, epoch {logger.n_epoch}, "
-        f"data in {logger.sink.directory}"
+        f"data in {getattr(logger.sink, 'directory', None)}"
     )
     bare = logged = 0.0
     identical = True
-    last_output = None
+    last_output: list[dict[str, torch.Tensor]] = []
     with logger, torch.inference_mode():
         for start in range(0, len(images), 8):
             batch = images[start : start + 8]
@@ -101,8 +101,9 @@ def main() -> None:
         logger.wait_for_save()
         t1 = time.perf_counter()
         zip_path = logger.export(os.environ.get("PYODLOG_EXPORT_DIR", "exports"))
+        assert zip_path is not None  # None only on ranks other than 0 of torch.distributed
         t2 = time.perf_counter()
-        stats = logger.sink.stats()
+        stats = logger.stats()
     result = pyodlog.open_result(zip_path)
     n = len(result)
     counts = result.manifest["counts"]
@@ -121,7 +122,7 @@ def main() -> None:
     print(
         f"read back image {result.images['input_id'][0]!r} {tuple(int(v) for v in result.images['image_size'][0])} camera "
         f"{result.images['camera'][0]!r}: boxes {tuple(first.boxes.shape)}, logits {tuple(first.logits.shape)}, "
-        f"embeddings {tuple(first.embeddings.shape)}"
+        f"embeddings {None if first.embeddings is None else tuple(first.embeddings.shape)}"
     )
     print(
         f"layers: {result.feature_names()}; 'fpn/0' of image 0 restores to {tuple(result.feature(0, 'fpn/0').shape)}"

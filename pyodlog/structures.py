@@ -34,6 +34,14 @@ class DetectionOutput:
 
     _FIELDS = ("boxes", "scores", "labels", "logits", "candidate_index", "embeddings")
 
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    logits: Tensor
+    candidate_index: Tensor
+    embeddings: Tensor | None
+    image_size: tuple[int, int]
+
     def __init__(
         self,
         boxes: Tensor,
@@ -91,7 +99,11 @@ class DetectionOutput:
 
     def to(self, device) -> DetectionOutput:
         return DetectionOutput(
-            *(getattr(self, f).to(device) for f in self._FIELDS[:5]),
+            self.boxes.to(device),
+            self.scores.to(device),
+            self.labels.to(device),
+            self.logits.to(device),
+            self.candidate_index.to(device),
             self.image_size,
             None if self.embeddings is None else self.embeddings.to(device),
         )

@@ -23,10 +23,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from pyodlog.structures import CallRecord, DetectionBatch
 
@@ -47,13 +48,12 @@ class PendingRecord:
         return self.record
 
 
-def _cuda_tensors(record: CallRecord):
-    for t in record.detections.tensors().values():
-        yield t
+def _cuda_tensors(record: CallRecord) -> Iterator[Tensor]:
+    yield from record.detections.tensors().values()
     for feature in record.features.values():
-        for t in (feature.payload, feature.scale, feature.offset):
-            if t is not None:
-                yield t
+        for part in (feature.payload, feature.scale, feature.offset):
+            if part is not None:
+                yield part
 
 
 def stream_key(stream: Any) -> Hashable:

@@ -578,7 +578,7 @@ class RecordWriter:
                 self.copier.release(record)
             self._count_drop(
                 1,
-                f"the disk fails ({self.last_disk_error.strerror or self.last_disk_error}) and a "
+                f"the disk fails ({getattr(self.last_disk_error, 'strerror', None) or self.last_disk_error}) and a "
                 f"batch of {self._pending.n_records} calls is already held for retry",
             )
             return
@@ -721,6 +721,7 @@ class RecordWriter:
         self.written += batch.n_records
         self._pending = ColumnBatch()
         seg = self._segment
+        assert seg is not None  # the batch was just appended to it
         if (
             seg.counts["records"] >= self.config.segment_max_records
             or seg.nbytes >= self.config.segment_max_bytes

@@ -120,12 +120,13 @@ class TransformersDetrLogger(ObjectDetectionTorchLogger):
         return _kind_of(model) is not None
 
     def _get_n_class(self, model: nn.Module) -> int:
+        detector: Any = model  # a transformers model: its attributes are not nn.Module's
         if _kind_of(model) == "softmax":
-            return int(model.class_labels_classifier.out_features)
-        return int(model.config.num_labels)
+            return int(detector.class_labels_classifier.out_features)
+        return int(detector.config.num_labels)
 
     @staticmethod
-    def _check_thresholds(kind: str, iou_thresh: Any, max_detections: Any) -> None:
+    def _check_thresholds(kind: str | None, iou_thresh: Any, max_detections: Any) -> None:
         if iou_thresh is not None:
             raise ValueError(
                 f"iou_thresh={iou_thresh!r}: DETR-style models have no NMS (each query predicts at most one "

@@ -87,7 +87,7 @@ def _image_sizes(model_input: Any) -> list[tuple[int, int]]:
             raise ValueError(
                 f"model_input must be a list of [C, H, W] images or a [B, C, H, W] tensor, got shape {tuple(model_input.shape)}"
             )
-        return [tuple(model_input.shape[-2:])] * model_input.shape[0]
+        return [(int(model_input.shape[-2]), int(model_input.shape[-1]))] * model_input.shape[0]
     if (
         isinstance(model_input, (list, tuple))
         and model_input
@@ -333,7 +333,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         current = getattr(obj, attr)
         if current == value:
             return
-        others = [lg for lg in self._claim.loggers if lg is not self]
+        others = [lg for lg in (self._claim.loggers if self._claim else ()) if lg is not self]
         if others:
             other = others[0]
             raise ValueError(
@@ -383,7 +383,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                     f"{method} returned logits with {sorted(widths)} columns, but the logger's n_class is "
                     f"{self.n_class}: each DetectionOutput.logits must be [N, {self.n_class}]"
                 )
-            return DetectionBatch.from_outputs(parsed, img_sizes)
+            return DetectionBatch.from_outputs(list(parsed), img_sizes)
         if isinstance(parsed, DetectionBatch) and len(parsed) == n_images:
             return parsed
         raise TypeError(

@@ -308,7 +308,7 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         self._dist.barrier(timeout, "export()")
         mine = [p.name for p in store.segments() if segment_rank(p.name) == self._dist.rank]
         by_rank = self._dist.gather_to_rank0(mine)
-        if self._dist.rank != 0:
+        if self._dist.rank != 0 or by_rank is None:  # only rank 0 receives the lists
             return None
         visible = {p.name for p in store.segments()}
         for rank, names in enumerate(by_rank):

@@ -221,7 +221,7 @@ def check_field_values(
             f"unknown keyword argument(s) {unknown}: __call__ takes img_sizes and the additional_fields "
             f"declared at construction ({sorted(known) or 'none'})"
         )
-    out: dict[str, list[Any]] = {}
+    out: dict[str, Any] = {}  # per field: a list of values, or a device tensor
     for spec in specs:
         if spec.name not in kwargs:
             if not spec.has_default:

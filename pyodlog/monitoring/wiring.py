@@ -127,7 +127,7 @@ def make_syncer(
     Closed segments go to the collector from disk, never from the inference path; with ``auto``
     the syncer is told each time the store closes one.
     """
-    if sync.endpoint is None or not isinstance(sink, SegmentStore):
+    if sync.endpoint is None or not isinstance(sink, SegmentStore) or sink.directory is None:
         return None
     syncer = Syncer(
         CollectorClient(sync.endpoint, sync.key, sync.config),
