@@ -155,6 +155,7 @@ class CollectorServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
         return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     @property
@@ -301,9 +302,10 @@ class CollectorHandler(BaseHTTPRequestHandler):
     server: CollectorServer
 
     def setup(self) -> None:
-        self.timeout = self.server.socket_timeout  # a stalled client cannot hold a thread forever
         self._linger = False
         super().setup()
+        # A stalled client cannot hold a thread forever.
+        self.connection.settimeout(self.server.socket_timeout)
         self.rfile.close()
         self._reader = _DeadlineReader(
             self.connection, self.server.socket_timeout, self.server.request_timeout
@@ -318,7 +320,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
         self._body_read = True
         self._responded = False
         self._expect_continue = False
-        self.command = None
+        self.command = ""
         self.path = ""
         self.requestline = ""
         self.request_version = "HTTP/1.0"  # until a request line says otherwise
@@ -703,6 +705,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
             )
         key = self._segment_key(tenant, parts[1:])
         sha = self._query_sha(query, required=True)
+        assert sha is not None  # required: a missing one was refused
         offset, total = self._query_int(query, "offset"), self._query_int(query, "total")
         if length > self.server.max_request_bytes:
             raise _Reject(

@@ -434,17 +434,20 @@ class SegmentChecker:
         worker.kill()
         worker.wait()
         for stream in (worker.stdin, worker.stdout):
-            with contextlib.suppress(OSError):
-                stream.close()
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
         with self._cond:
             self._started -= 1
             self._cond.notify()
 
     def _ask(self, worker: subprocess.Popen, path: str) -> dict | None:
-        worker.stdin.write(path.encode() + b"\n")
-        worker.stdin.flush()
+        stdin, stdout = worker.stdin, worker.stdout
+        assert stdin is not None and stdout is not None  # started with PIPEs
+        stdin.write(path.encode() + b"\n")
+        stdin.flush()
         deadline = time.monotonic() + self.timeout
-        fd = worker.stdout.fileno()
+        fd = stdout.fileno()
         data = b""
         while not data.endswith(b"\n"):
             left = deadline - time.monotonic()

@@ -18,6 +18,7 @@ gets here, so no path leaves the root.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -241,7 +242,13 @@ class CollectorStorage:
         return None
 
     def write_piece(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, body: BinaryIO, length: int
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        body: BinaryIO | io.BufferedIOBase,
+        length: int,
     ) -> PieceResult:
         """Writes ``length`` bytes read from ``body`` at ``offset`` of the segment's ``total`` bytes.
 
@@ -471,7 +478,7 @@ class CollectorStorage:
                     "version": version,
                     "result": result,
                     "segments": len(segments),
-                    "bytes": sum(int(s["bytes"]) for s in segments),
+                    "bytes": sum(int(str(s["bytes"])) for s in segments),
                 }
             )
         return sorted(out, key=lambda r: (r["model"], r["version"], r["result"]))
