@@ -84,7 +84,7 @@ def test_the_quick_start_runs(tmp_path, monkeypatch):
 
 
 class SpecDetectorLogger(pyodlog.ObjectDetectionTorchLogger):
-    """A logger written from the specification (API.md): ``_parse_model_output`` returns one
+    """A logger written from the specification (docs/specification.md): ``_parse_model_output`` returns one
     ``DetectionOutput`` per image, built from what the model returned."""
 
     family = "TinyDetector, per-image DetectionOutputs (a test logger)"

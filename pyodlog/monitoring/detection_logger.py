@@ -120,7 +120,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
     * optionally ``_apply_nms_config(model, nms_config)`` (setting attributes
       with ``self._set_model_threshold``).
 
-    Args (see ``../shared/API.md``):
+    Args (see ``docs/specification.md``):
         model: the detector (``DataParallel``, ``DistributedDataParallel`` and
             ``torch.compile`` wrappers are looked through).
         model_name, version_name: identify the model; letters, digits, '-', '_', '.'.
@@ -132,7 +132,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         additional_fields: ``[{"name", "dtype", "default"?}]``, dtypes int32,
             int64, float32, float64, bool, str; values come from call kwargs.
         auto_sync: upload closed data in the background when an endpoint is set.
-        force_table_recreate: drop and recreate a result whose schema differs.
+        force_table_recreate: start a result whose schema differs again; its records are moved aside
+            to ``<result>.replaced-<UTC time>`` (never deleted); refused while another logger writes it.
         api_endpoint, api_key: default to ``PYODLOG_API_ENDPOINT`` / ``PYODLOG_API_KEY``.
         n_class: number of classes; read from the model when None.
         score_thresh, iou_thresh, max_detections_per_image: set the model's own
