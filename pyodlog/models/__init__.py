@@ -8,12 +8,14 @@ from pyodlog.models.registry import (
 )
 from pyodlog.models.torchvision_dense import FCOSLogger, RetinaNetLogger, SSDLogger
 from pyodlog.models.torchvision_rcnn import TorchvisionRCNNLogger
+from pyodlog.models.ultralytics_yolo import UltralyticsYOLOLogger
 
 __all__ = [
     "FCOSLogger",
     "RetinaNetLogger",
     "SSDLogger",
     "TorchvisionRCNNLogger",
+    "UltralyticsYOLOLogger",
     "UnsupportedModelError",
     "create_logger",
     "register_logger",
