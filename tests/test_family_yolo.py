@@ -115,6 +115,25 @@ def test_yolo_output_unchanged_and_logged_detections_equal_it(yolo, agnostic):
             assert d.embeddings.abs().sum(1).gt(0).all()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
+def test_yolo_on_cuda_logs_what_it_returns():
+    """On a GPU the predictor warms the model up first (a forward the log must skip), and
+    the fused operator and Ultralytics' box arithmetic run on the device."""
+    yolo = build_yolo(5)
+    imgs = np_images(5)
+    kwargs = dict(imgsz=IMGSZ, conf=0.3, iou=0.5, device=0, batch=2, verbose=False)
+    with create_logger(yolo, "m", "v1", target_layers={"neck": "model.15"}) as logger:
+        got = logger(imgs, **kwargs)
+        want = yolo.predict(imgs, **kwargs)
+        assert_same_results(got, want)
+        dets = [d.to("cpu") for d in last_record(logger).detections.unbind()]
+        assert sum(len(d) for d in dets) > 20
+        assert_logged_equal_results(dets, [r.cpu() for r in want])
+        # One neck capture per image: the warm-up run is left out, the two batches joined.
+        assert last_record(logger).features["neck"].original_shape == (3, 64, 40, 40)
+
+
 def test_yolo_thresholds_map_to_conf_iou_max_det_and_classes_filter(yolo):
     imgs = np_images(1, sizes=((256, 256),))
     seen = yolo.predict(imgs, imgsz=IMGSZ, conf=0.05, verbose=False)[0].boxes.cls.long()
@@ -208,11 +227,16 @@ def test_detection_model_output_unchanged_and_log_equals_ultralytics_postprocess
 
 
 def test_target_layers_are_paths_into_yolo_model(yolo):
-    imgs = np_images(2, sizes=((320, 320),))
+    imgs = np_images(2, sizes=((320, 320),) * 3)
     with create_logger(yolo, "m", "v1", target_layers={"neck": "model.15"}) as logger:
-        logger(imgs, imgsz=IMGSZ, verbose=False)
+        logger(imgs[:1], imgsz=IMGSZ, verbose=False)
         assert logger.get_hooked_features("neck").shape == (1, 64, 40, 40)
         assert set(last_record(logger).features) == {"neck"}
+        # Three images in batches of 2: one capture per image, the batches' runs concatenated.
+        logger(imgs, imgsz=IMGSZ, batch=2, verbose=False)
+        assert logger.get_hooked_features("neck").shape == (3, 64, 40, 40)
+        (feature,) = last_record(logger).features.values()
+        assert feature.original_shape == (3, 64, 40, 40) and feature.payload.shape[0] == 3
     model = build_yolo(1).model.eval()
     with create_logger(model, "m", "v1", target_layers={"neck": "model.15"}) as logger:
         with torch.inference_mode():

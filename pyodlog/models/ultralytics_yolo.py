@@ -28,6 +28,7 @@ on a GPU).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import time
@@ -54,6 +55,7 @@ from pyodlog.monitoring.validation import (
     check_input_ids,
 )
 from pyodlog.ops import postprocess_detections
+from pyodlog.ops.compression import CompressedFeature
 from pyodlog.structures import CallRecord, DetectionBatch
 
 __all__ = ["UltralyticsYOLOLogger"]
@@ -307,13 +309,38 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         forward = capture.state.pop("forward", None)
         if forward is None:
             raise RuntimeError("the YOLO predictor ran no PyTorch forward that pyodlog could hook")
-        capture.state.setdefault("batches", []).append(
-            (
-                forward,
-                [tuple(int(v) for v in r.orig_shape[:2]) for r in predictor.results],
-                _nms_args(vars(predictor.args)),
-            )
+        orig_sizes = [tuple(int(v) for v in r.orig_shape[:2]) for r in predictor.results]
+        with torch.no_grad():  # the batch's detections now: its head outputs can go
+            detections = self._detections(forward, orig_sizes, _nms_args(vars(predictor.args)))
+        capture.state.setdefault("batches", []).append(detections)
+        # This batch's run of each target layer is its last one (a GPU warm-up runs before it).
+        capture.state.setdefault("layer_runs", []).append(
+            {spec.alias: len(capture.raw.get(spec.alias, ())) - 1 for spec in self._layer_specs}
         )
+
+    def _end_capture(self, capture) -> dict:
+        """Keeps one run of each target layer per predictor batch, the batches concatenated."""
+        runs = capture.state.pop("layer_runs", None) if self._wrapper else None
+        if runs:
+            captured = {}
+            for alias, calls in list(capture.raw.items()):
+                kept = [r[alias] for r in runs if r.get(alias, -1) >= 0]
+                by_leaf: dict[str, list] = {}
+                for (name, index), feature in capture.captured.items():
+                    if name.split("/", 1)[0] == alias and index in kept:
+                        by_leaf.setdefault(name, []).append(feature)
+                outputs = [calls[i] for i in kept]
+                if all(isinstance(o, Tensor) for o in outputs) and _mergeable(by_leaf):
+                    capture.raw[alias] = [outputs[0] if len(outputs) == 1 else torch.cat(outputs)]
+                    for name, features in by_leaf.items():
+                        captured[(name, 0)] = _cat_features(features)
+                else:  # one entry per run, as the tracer names them
+                    capture.raw[alias] = outputs
+                    for (name, index), feature in capture.captured.items():
+                        if name.split("/", 1)[0] == alias and index in kept:
+                            captured[(name, kept.index(index))] = feature
+            capture.captured = captured
+        return super()._end_capture(capture)
 
     # -- the call -------------------------------------------------------------------
 
@@ -366,11 +393,10 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         self, model_output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch:
         if self._wrapper:
-            batches = self._state.get("batches", [])
+            parts = self._state.get("batches", [])
         else:
-            forward = self._state["forward"]
-            batches = [(forward, list(img_sizes), _nms_args(self._call_nms.get()))]
-        parts = [self._detections(*batch) for batch in batches]
+            nms = _nms_args(self._call_nms.get())
+            parts = [self._detections(self._state["forward"], list(img_sizes), nms)]
         if sum(p[0].shape[0] for p in parts) != len(img_sizes):
             raise RuntimeError(
                 f"pyodlog captured {sum(p[0].shape[0] for p in parts)} images of YOLO's head for "
@@ -444,6 +470,34 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
             out.counts,
             embeddings,
         )
+
+
+def _mergeable(by_leaf: dict[str, list]) -> bool:
+    """Whether each leaf's per-batch features can be concatenated along the batch dimension."""
+    return all(
+        len({(f.method, f.dtype, f.pooled_to, f.original_shape[1:]) for f in fs}) == 1
+        and all(len(f.original_shape) >= 2 and f.payload.dim() >= 2 for f in fs)
+        for fs in by_leaf.values()
+    )
+
+
+def _cat_features(features: list[CompressedFeature]) -> CompressedFeature:
+    """Per-batch compressed captures of one layer as one (quantisation rows are per sample)."""
+    if len(features) == 1:
+        return features[0]
+    first = features[0]
+
+    def cat(name: str) -> Tensor | None:
+        parts = [getattr(f, name) for f in features]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return dataclasses.replace(
+        first,
+        payload=cat("payload"),
+        scale=cat("scale"),
+        offset=cat("offset"),
+        original_shape=(sum(f.original_shape[0] for f in features), *first.original_shape[1:]),
+    )
 
 
 def _unletterbox(
