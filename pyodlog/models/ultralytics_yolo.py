@@ -427,7 +427,9 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         # xywh -> xyxy with Ultralytics' xywh2xyxy arithmetic.
         xy, half_wh = pred[..., :2], pred[..., 2:4] / 2
         xyxy = torch.cat((xy - half_wh, xy + half_wh), dim=-1)
-        score, label = pred[..., 4 : 4 + n_class].max(dim=-1)  # the best class of each anchor
+        # The best class of each anchor (first of equal scores, as Ultralytics' cls.max(1)),
+        # reduced over the contiguous [B, C, A] layout rather than the transposed view.
+        score, label = decoded[:, 4 : 4 + n_class].max(dim=1)
         if classes is not None:
             allowed = (label[..., None] == host_tensor(classes, torch.long, device)).any(-1)
             score = torch.where(

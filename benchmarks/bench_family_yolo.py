@@ -1,0 +1,114 @@
+"""Overhead of logging an Ultralytics YOLOv8n: ``yolo.predict`` bare vs through pyodlog.
+
+Both variants run ``predict`` on the same 480x640 images at ``imgsz=640``
+(letterboxed to 480x640, ``rect``), batch 1 and 8 (``batch=`` of predict, one
+forward per call). The logged variant records detections, pre-sigmoid logits
+and the RoIAlign embeddings (``log_embeddings=True``) into an HDF5 store whose
+writer thread runs during the timing. Random weights scaled as in
+tests/test_family_yolo.py so that each image has about a hundred detections at
+``conf=0.25`` (Ultralytics' initialisation gives none, which would time nothing).
+
+Two ways to run it:
+
+* pytest-benchmark (one test per variant, like bench_overhead.py)::
+
+      pytest benchmarks/bench_family_yolo.py --benchmark-only
+
+* paired rotation (the reliable ratio on a shared machine: each rotation calls
+  bare then logged back to back, two YOLO objects with the same weights)::
+
+      python benchmarks/bench_family_yolo.py BATCH ROTATIONS
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import pyodlog
+from pyodlog.io import HDF5Store
+
+pytest.importorskip("ultralytics")
+from test_family_yolo import build_yolo
+
+PREDICT = dict(imgsz=640, conf=0.25, verbose=False)
+ROUNDS = {1: 10, 8: 3}
+
+
+def _images(batch: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(batch)
+    return [(rng.random((480, 640, 3)) * 255).astype(np.uint8) for _ in range(batch)]
+
+
+def _logger(yolo, folder: Path):
+    return pyodlog.create_logger(yolo, "bench", "v1", sink=HDF5Store(folder), log_embeddings=True)
+
+
+@pytest.mark.parametrize("variant", ["bare", "pyodlog logits+embeddings"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_yolo_logging_overhead(benchmark, batch, variant):
+    yolo = build_yolo(0)
+    images = _images(batch)
+    folder = Path(tempfile.mkdtemp())
+    logger = _logger(yolo, folder) if variant != "bare" else None
+    call = logger if logger is not None else yolo.predict
+
+    def run():
+        call(images, batch=batch, **PREDICT)
+
+    benchmark.group = f"overhead yolov8n 640 batch {batch}"
+    benchmark.extra_info["role"] = "baseline" if variant == "bare" else variant
+    benchmark.extra_info["images"] = batch
+    try:
+        benchmark.pedantic(run, rounds=ROUNDS[batch], warmup_rounds=1)
+        if logger is not None:
+            logger.wait_for_save()
+            assert logger.sink.stats()["written"] == ROUNDS[batch] + 1
+    finally:
+        if logger is not None:
+            logger.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(batch: int, rotations: int) -> None:
+    images = _images(batch)
+    folder = Path(tempfile.mkdtemp())
+    bare_yolo, logged_yolo = build_yolo(0), build_yolo(0)
+    logger = _logger(logged_yolo, folder)
+    variants = {"bare": bare_yolo.predict, "pyodlog logits+embeddings": logger}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    n_detections = sum(len(r) for r in bare_yolo.predict(images, batch=batch, **PREDICT))
+    for call in variants.values():
+        call(images, batch=batch, **PREDICT)  # warm-up: builds each predictor
+    for _ in range(rotations):
+        for key, call in variants.items():
+            start = time.perf_counter()
+            call(images, batch=batch, **PREDICT)
+            times[key].append(time.perf_counter() - start)
+    logger.wait_for_save()
+    logger.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    bare = statistics.median(times["bare"])
+    print(
+        f"yolov8n 640 (480x640 input), batch {batch}, {rotations} rotations, "
+        f"{n_detections / batch:.0f} detections per image"
+    )
+    for key, t in times.items():
+        median = statistics.median(t)
+        print(
+            f"{key:28s} median {median * 1e3:9.2f} ms  {median / bare:.3f}x bare  "
+            f"overhead {(median - bare) * 1e3:7.2f} ms  {batch / median:6.1f} images/s"
+        )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))
