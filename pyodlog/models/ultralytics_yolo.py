@@ -457,8 +457,14 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
             gather_rows(label.reshape(-1, 1), candidates).squeeze(-1),
             torch.full((), -1, dtype=torch.long, device=device),
         )
-        anchor_logits = gather_rows(logits.transpose(1, 2).reshape(-1, n_class), candidates)
         local = local_index(candidates, torch.arange(n_images, device=device) * n_anchors)
+        # The kept anchors' columns of [B, C, A] only (no transposed copy of every anchor).
+        picked = logits.gather(2, local.clamp(min=0)[:, None, :].expand(-1, n_class, -1))
+        anchor_logits = torch.where(
+            valid[..., None],
+            picked.transpose(1, 2),
+            torch.zeros((), dtype=logits.dtype, device=device),
+        )
         boxes = _unletterbox(net_boxes, net_shape, orig_sizes)
         embeddings = (
             _roi_embeddings(feats, net_boxes, net_shape, valid) if self.log_embeddings else None
