@@ -26,8 +26,8 @@ from ultralytics.utils.ops import scale_boxes  # noqa: E402
 IMGSZ = 320
 
 
-def build_yolo(seed: int = 0) -> YOLO:
-    """YOLOv8n with He-normal weights whose class logits have std 2 and bias -7.
+def build_yolo(seed: int = 0, class_bias: float = -7.0) -> YOLO:
+    """YOLOv8n with He-normal weights whose class logits have std 2 and bias ``class_bias``.
 
     Ultralytics' own initialisation shrinks the activations layer after layer
     (class logits of std 1e-7, every score 0.5) and its class prior leaves no
@@ -48,7 +48,7 @@ def build_yolo(seed: int = 0) -> YOLO:
         logits = yolo.model.eval()(torch.rand(1, 3, IMGSZ, IMGSZ, generator=g))[1]["scores"]
         for branch in head.cv3:
             branch[-1].weight.mul_(2 / logits.std())
-            branch[-1].bias.fill_(-7.0)
+            branch[-1].bias.fill_(class_bias)
     return yolo
 
 
