@@ -224,6 +224,15 @@ def test_detection_model_output_unchanged_and_log_equals_ultralytics_postprocess
         nms = non_max_suppression(want[0].clone(), 0.3, 0.5, agnostic=True, max_det=5)
         for d, p in zip(dets, nms):
             assert torch.equal(d.scores, p[:, 4]) and len(d) == 5
+        n_records = len(logger.sink.records("m", "v1", logger.result_name))
+        for kwargs, message in (
+            ({"conf": 1.5}, "conf must be a number in"),
+            ({"max_det": 0}, "max_det must be an int"),
+            ({"classes": ["person"]}, "classes must be class indices"),
+        ):
+            with pytest.raises(ValueError, match=message), torch.inference_mode():
+                logger(x, **kwargs)
+        assert len(logger.sink.records("m", "v1", logger.result_name)) == n_records
 
 
 def test_target_layers_are_paths_into_yolo_model(yolo):

@@ -130,13 +130,24 @@ def _count_images(source: Any) -> int | None:
 
 
 def _nms_args(values: Mapping[str, Any]) -> tuple[float, float, int, list[int] | None, bool]:
+    """``(conf, iou, max_det, classes, agnostic)`` from predict-style arguments, checked."""
+    conf, iou, max_det = values["conf"], values["iou"], values["max_det"]
+    for name, value in (("conf", conf), ("iou", iou)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if isinstance(max_det, bool) or not isinstance(max_det, int) or max_det < 1:
+        raise ValueError(f"max_det must be an int >= 1, got {max_det!r}")
     classes = values.get("classes")
     if classes is not None and not isinstance(classes, (list, tuple)):
         classes = [classes]
+    if classes is not None and not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in classes
+    ):
+        raise ValueError(f"classes must be class indices (ints), got {values.get('classes')!r}")
     return (
-        float(values["conf"]),
-        float(values["iou"]),
-        int(values["max_det"]),
+        float(conf),
+        float(iou),
+        int(max_det),
         None if classes is None else [int(c) for c in classes],
         bool(values.get("agnostic_nms") or False),
     )
@@ -186,7 +197,7 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
                     "this YOLO head is end-to-end (NMS-free, e.g. YOLOv10 or YOLO26), which pyodlog does not "
                     "log yet: use a v8 or 11 detect model, or set model.model[-1].end2end = False"
                 )
-        self._call_nms: ContextVar[dict | None] = ContextVar(
+        self._call_nms: ContextVar[tuple | None] = ContextVar(
             f"pyodlog_yolo_nms_{id(self):x}", default=None
         )
         if self._wrapper:
@@ -349,7 +360,10 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
     ) -> Any:
         nms = {key: kwargs.pop(key) for key in NMS_KEYS if key in kwargs}
         if not self._wrapper:
-            token = self._call_nms.set({**PREDICT_DEFAULTS, **self._nms_defaults, **nms})
+            args = _nms_args(
+                {**PREDICT_DEFAULTS, **self._nms_defaults, **nms}
+            )  # checked before the call
+            token = self._call_nms.set(args)
             try:
                 return super()._logged_call(model_input, input_ids, dataset_type, kwargs)
             finally:
@@ -395,8 +409,9 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         if self._wrapper:
             parts = self._state.get("batches", [])
         else:
-            nms = _nms_args(self._call_nms.get())
-            parts = [self._detections(self._state["forward"], list(img_sizes), nms)]
+            parts = [
+                self._detections(self._state["forward"], list(img_sizes), self._call_nms.get())
+            ]
         if sum(p[0].shape[0] for p in parts) != len(img_sizes):
             raise RuntimeError(
                 f"pyodlog captured {sum(p[0].shape[0] for p in parts)} images of YOLO's head for "
