@@ -17,7 +17,8 @@ Two ways to run it:
       pytest benchmarks/bench_family_yolo.py --benchmark-only
 
 * paired rotation (the reliable ratio on a shared machine: each rotation calls
-  bare then logged back to back, two YOLO objects with the same weights)::
+  bare, logits only and logits+embeddings back to back, three YOLO objects with
+  the same weights)::
 
       python benchmarks/bench_family_yolo.py BATCH ROTATIONS [CLASS_BIAS]
 """
@@ -51,8 +52,10 @@ def _images(batch: int) -> list[np.ndarray]:
     return [(rng.random((480, 640, 3)) * 255).astype(np.uint8) for _ in range(batch)]
 
 
-def _logger(yolo, folder: Path):
-    return pyodlog.create_logger(yolo, "bench", "v1", sink=HDF5Store(folder), log_embeddings=True)
+def _logger(yolo, folder: Path, log_embeddings: bool = True):
+    return pyodlog.create_logger(
+        yolo, "bench", "v1", sink=HDF5Store(folder), log_embeddings=log_embeddings
+    )
 
 
 @pytest.mark.parametrize("variant", ["bare", "pyodlog logits+embeddings"])
@@ -84,9 +87,12 @@ def test_yolo_logging_overhead(benchmark, batch, variant):
 def main(batch: int, rotations: int, class_bias: float = -7.0) -> None:
     images = _images(batch)
     folder = Path(tempfile.mkdtemp())
-    bare_yolo, logged_yolo = build_yolo(0, class_bias), build_yolo(0, class_bias)
-    logger = _logger(logged_yolo, folder)
-    variants = {"bare": bare_yolo.predict, "pyodlog logits+embeddings": logger}
+    bare_yolo = build_yolo(0, class_bias)
+    loggers = {
+        "pyodlog logits only": _logger(build_yolo(0, class_bias), folder / "a", False),
+        "pyodlog logits+embeddings": _logger(build_yolo(0, class_bias), folder / "b"),
+    }
+    variants = {"bare": bare_yolo.predict, **loggers}
     times: dict[str, list[float]] = {k: [] for k in variants}
     n_detections = sum(len(r) for r in bare_yolo.predict(images, batch=batch, **PREDICT))
     for call in variants.values():
@@ -96,8 +102,9 @@ def main(batch: int, rotations: int, class_bias: float = -7.0) -> None:
             start = time.perf_counter()
             call(images, batch=batch, **PREDICT)
             times[key].append(time.perf_counter() - start)
-    logger.wait_for_save()
-    logger.close()
+    for logger in loggers.values():
+        logger.wait_for_save()
+        logger.close()
     shutil.rmtree(folder, ignore_errors=True)
     bare = statistics.median(times["bare"])
     print(
