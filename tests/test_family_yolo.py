@@ -26,8 +26,8 @@ from ultralytics.utils.ops import scale_boxes  # noqa: E402
 IMGSZ = 320
 
 
-def build_yolo(seed: int = 0, class_bias: float = -7.0) -> YOLO:
-    """YOLOv8n with He-normal weights whose class logits have std 2 and bias ``class_bias``.
+def build_yolo(seed: int = 0, class_bias: float = -7.0, cfg: str = "yolov8n.yaml") -> YOLO:
+    """YOLOv8n (or ``cfg``) with He-normal weights whose class logits have std 2 and bias ``class_bias``.
 
     Ultralytics' own initialisation shrinks the activations layer after layer
     (class logits of std 1e-7, every score 0.5) and its class prior leaves no
@@ -35,7 +35,7 @@ def build_yolo(seed: int = 0, class_bias: float = -7.0) -> YOLO:
     conf 0.3 on a noise image. The DFL convolution keeps its fixed weights.
     """
     torch.manual_seed(seed)
-    yolo = YOLO("yolov8n.yaml")
+    yolo = YOLO(cfg)
     head = yolo.model.model[-1]
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -132,6 +132,19 @@ def test_yolo_on_cuda_logs_what_it_returns():
         assert_logged_equal_results(dets, [r.cpu() for r in want])
         # One neck capture per image: the warm-up run is left out, the two batches joined.
         assert last_record(logger).features["neck"].original_shape == (3, 64, 40, 40)
+
+
+def test_yolo11_is_logged_too():
+    yolo = build_yolo(6, cfg="yolo11n.yaml")
+    imgs = np_images(6)
+    kwargs = dict(imgsz=IMGSZ, conf=0.3, iou=0.5, verbose=False)
+    want = yolo.predict(imgs, batch=3, **kwargs)
+    with create_logger(yolo, "m", "v1") as logger:
+        got = logger(imgs, batch=3, **kwargs)
+        assert_same_results(got, want)
+        dets = last_record(logger).detections.unbind()
+        assert sum(len(d) for d in dets) > 20
+        assert_logged_equal_results(dets, want)
 
 
 def test_yolo_thresholds_map_to_conf_iou_max_det_and_classes_filter(yolo):
