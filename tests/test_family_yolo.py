@@ -45,7 +45,8 @@ def build_yolo(seed: int = 0, class_bias: float = -7.0, cfg: str = "yolov8n.yaml
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
         for branch in head.cv3:
             branch[-1].bias.zero_()
-        logits = yolo.model.eval()(torch.rand(1, 3, IMGSZ, IMGSZ, generator=g))[1]["scores"]
+        raw = yolo.model.eval()(torch.rand(1, 3, IMGSZ, IMGSZ, generator=g))[1]
+        logits = raw.get("one2many", raw)["scores"]
         for branch in head.cv3:
             branch[-1].weight.mul_(2 / logits.std())
             branch[-1].bias.fill_(class_bias)
@@ -134,8 +135,9 @@ def test_yolo_on_cuda_logs_what_it_returns():
         assert last_record(logger).features["neck"].original_shape == (3, 64, 40, 40)
 
 
-def test_yolo11_is_logged_too():
-    yolo = build_yolo(6, cfg="yolo11n.yaml")
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo26n.yaml"])
+def test_yolo11_and_yolo26_nms_head_are_logged_too(cfg):
+    yolo = build_yolo(6, cfg=cfg)
     imgs = np_images(6)
     kwargs = dict(imgsz=IMGSZ, conf=0.3, iou=0.5, verbose=False)
     want = yolo.predict(imgs, batch=3, **kwargs)
@@ -145,6 +147,9 @@ def test_yolo11_is_logged_too():
         dets = last_record(logger).detections.unbind()
         assert sum(len(d) for d in dets) > 20
         assert_logged_equal_results(dets, want)
+        if cfg.startswith("yolo26"):  # its NMS-free head is refused before the model runs
+            with pytest.raises(ValueError, match="end-to-end"):
+                logger(imgs, nms=False, **kwargs)
 
 
 def test_yolo_thresholds_map_to_conf_iou_max_det_and_classes_filter(yolo):

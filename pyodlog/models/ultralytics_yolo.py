@@ -182,10 +182,12 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
     Exactness: equal to Ultralytics' ``non_max_suppression`` for float32
     heads; above ``max_nms`` (30000) candidates in one image, its unstable
     sort may keep another of equally scored candidates; its NMS time limit is
-    not reproduced. End-to-end (NMS-free) heads (YOLOv10, YOLO26) are refused.
+    not reproduced. End-to-end (NMS-free) inference is refused (YOLOv10's
+    head; YOLO26 in end-to-end mode or with ``nms=False``); YOLO26 is logged
+    through its NMS (one-to-many) head.
     """
 
-    family = "Ultralytics YOLO (v8, 11 detect heads)"
+    family = "Ultralytics YOLO (v8, 11, 26 detect heads, NMS inference)"
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         core = unwrap_model(model) if isinstance(model, nn.Module) else model
@@ -194,8 +196,8 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
             head = _inner_of(core).model[-1]
             if getattr(head, "end2end", False):
                 raise ValueError(
-                    "this YOLO head is end-to-end (NMS-free, e.g. YOLOv10 or YOLO26), which pyodlog does not "
-                    "log yet: use a v8 or 11 detect model, or set model.model[-1].end2end = False"
+                    "this YOLO head is in end-to-end mode (NMS-free one-to-one head, e.g. a YOLO26 checkpoint), "
+                    "which pyodlog does not log yet: set model.model[-1].end2end = False to use its NMS head"
                 )
         self._call_nms: ContextVar[tuple | None] = ContextVar(
             f"pyodlog_yolo_nms_{id(self):x}", default=None
@@ -277,6 +279,11 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
             raise RuntimeError(
                 "the YOLO Detect head is in export mode (it returns decoded boxes only, no logits): "
                 "set model.model[-1].export = False"
+            )
+        if getattr(module, "end2end", False):
+            raise RuntimeError(
+                "the YOLO head ran end-to-end (NMS-free one-to-one head), which pyodlog does not log yet: "
+                "pass nms=True to predict (or set model.model[-1].end2end = False) to use its NMS head"
             )
         raw = output[1]
         if "one2many" in raw:
@@ -376,6 +383,11 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         for key, why in _REFUSED.items():
             if kwargs.get(key):
                 raise ValueError(f"{key}={kwargs[key]!r} cannot be logged: {why}")
+        if kwargs.get("nms") is False:
+            raise ValueError(
+                "nms=False runs YOLO's end-to-end (NMS-free) head, which pyodlog does not log yet: "
+                "leave nms out (or pass nms=True) to use its NMS head"
+            )
         names = {spec.name for spec in self._field_specs}
         field_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
         predict_kwargs = {**self._nms_defaults, **nms, **kwargs}
