@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import roi_align
 
 import pyodlog
 from pyodlog import InMemorySink, open_result
@@ -150,6 +151,34 @@ def test_yolo11_and_yolo26_nms_head_are_logged_too(cfg):
         if cfg.startswith("yolo26"):  # its NMS-free head is refused before the model runs
             with pytest.raises(ValueError, match="end-to-end"):
                 logger(imgs, nms=False, **kwargs)
+
+
+def test_embeddings_are_roi_align_of_the_box_on_every_neck_level(yolo):
+    """YOLO's CPU predictor runs channels-last, where the logger samples the maps itself:
+    the result is torchvision's roi_align (1x1, 2x2 samples, aligned) on each level."""
+    levels = {
+        f"p{i}": {"path": f"model.{j}", "compression": "none"} for i, j in enumerate((15, 18, 21))
+    }
+    assert yolo.model.model[-1].f == [15, 18, 21]  # the Detect head's inputs
+    imgs = np_images(8, sizes=((320, 320),) * 2)  # no letterbox: boxes in network coordinates
+    with create_logger(yolo, "m", "v1", target_layers=levels) as logger:
+        logger(imgs, imgsz=IMGSZ, conf=0.3, batch=2, verbose=False)
+        maps = [logger.get_hooked_features(alias) for alias in levels]
+        assert maps[0].is_contiguous(memory_format=torch.channels_last)
+        dets = last_record(logger).detections.unbind()
+    for i, d in enumerate(dets):
+        assert len(d) > 10
+        rois = torch.cat((torch.zeros(len(d), 1), d.boxes), dim=1)
+        want = torch.cat(
+            [
+                roi_align(m[i : i + 1].contiguous(), rois, 1, m.shape[-1] / IMGSZ, 2, True).flatten(
+                    1
+                )
+                for m in maps
+            ],
+            dim=1,
+        )
+        torch.testing.assert_close(d.embeddings, want, rtol=1e-5, atol=1e-5)
 
 
 def test_yolo_thresholds_map_to_conf_iou_max_det_and_classes_filter(yolo):

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from pyodlog.models.common import gather_rows, host_tensor, local_index
@@ -560,9 +561,18 @@ def _unletterbox(
 def _roi_embeddings(
     feats: list[Tensor], boxes: Tensor, net_shape: tuple[int, int], valid: Tensor
 ) -> Tensor:
-    """``Tensor[B, D, sum(F)]``: every level's map RoIAlign-pooled (1x1) at each box, concatenated."""
+    """``Tensor[B, D, sum(F)]``: every level's map RoIAlign-pooled (1x1) at each box, concatenated.
+
+    RoIAlign as torchvision's ``roi_align(output_size=1, sampling_ratio=2,
+    aligned=True)`` on the level (boxes clipped to the network input first).
+    Ultralytics runs its CPU models channels-last, where ``roi_align`` would
+    first copy every feature map to NCHW; there the same bilinear samples are
+    gathered straight from the channels-last rows (``embedding_bag`` with the
+    bilinear weights), which costs per box, not per map (equal to ``roi_align``
+    up to float rounding, tested).
+    """
     b, d, _ = boxes.shape
-    dtype = feats[0].dtype
+    dtype, device = feats[0].dtype, boxes.device
     height, width = net_shape
     clipped = torch.stack(
         (
@@ -572,23 +582,48 @@ def _roi_embeddings(
             boxes[..., 3].clamp(0, height),
         ),
         dim=-1,
-    )
-    batch_index = torch.arange(b, device=boxes.device, dtype=boxes.dtype)[:, None, None].expand(
-        b, d, 1
-    )
-    rois = torch.cat((batch_index, clipped), dim=-1).reshape(-1, 5).to(dtype)
-    pooled = torch.cat(
-        [
-            roi_align(
-                f,
-                rois,
-                output_size=1,
-                spatial_scale=f.shape[-1] / width,
-                sampling_ratio=2,
-                aligned=True,
-            ).flatten(1)
-            for f in feats
-        ],
-        dim=1,
-    ).reshape(b, d, -1)
-    return torch.where(valid[..., None], pooled, torch.zeros((), dtype=dtype, device=boxes.device))
+    ).float()
+    pooled = []
+    for f in feats:
+        scale = f.shape[-1] / width
+        if f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last) and b * d:
+            pooled.append(_roi_align_channels_last(f, clipped, scale))
+            continue
+        batch_index = torch.arange(b, device=device, dtype=torch.float32)[:, None, None]
+        rois = torch.cat((batch_index.expand(b, d, 1), clipped), dim=-1).reshape(-1, 5)
+        pooled.append(
+            roi_align(f, rois.to(dtype), 1, scale, sampling_ratio=2, aligned=True).reshape(b, d, -1)
+        )
+    out = torch.cat(pooled, dim=-1)
+    return torch.where(valid[..., None], out, torch.zeros((), dtype=dtype, device=device))
+
+
+def _roi_align_channels_last(feature: Tensor, boxes: Tensor, scale: float) -> Tensor:
+    """``roi_align(feature, boxes, 1, scale, sampling_ratio=2, aligned=True)`` of ``Tensor[B, D, 4]``
+    boxes on a channels-last ``[B, C, H, W]`` map, without copying the map: ``Tensor[B, D, C]``."""
+    b, d, _ = boxes.shape
+    _, c, h, w = feature.shape
+    rows = feature.permute(0, 2, 3, 1).reshape(-1, c)  # a view: the map is channels-last
+    start = boxes * scale - 0.5  # aligned=True
+    size = start[..., 2:] - start[..., :2]
+    q = torch.tensor([0.25, 0.75], dtype=boxes.dtype, device=boxes.device)  # 2 samples per side
+    xs = (start[..., 0, None] + q * size[..., 0, None])[..., None, :].expand(b, d, 2, 2)
+    ys = (start[..., 1, None] + q * size[..., 1, None])[..., :, None].expand(b, d, 2, 2)
+    xs, ys = xs.reshape(b, d, 4), ys.reshape(b, d, 4)
+    inside = (ys >= -1) & (ys <= h) & (xs >= -1) & (xs <= w)
+    y, x = ys.clamp(min=0), xs.clamp(min=0)
+    y0, x0 = y.floor().clamp(max=h - 1), x.floor().clamp(max=w - 1)
+    y = torch.where(y0 >= h - 1, y0, y)
+    x = torch.where(x0 >= w - 1, x0, x)
+    y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
+    ly, lx = y - y0, x - x0
+    hy, hx = 1 - ly, 1 - lx
+    first = torch.arange(b, device=boxes.device)[:, None, None] * (h * w)
+    y0, x0, y1, x1 = y0.long() * w, x0.long(), y1.long() * w, x1.long()
+    index = torch.stack(
+        (first + y0 + x0, first + y0 + x1, first + y1 + x0, first + y1 + x1), dim=-1
+    ).reshape(b * d, 16)
+    weight = (torch.stack((hy * hx, hy * lx, ly * hx, ly * lx), dim=-1) * inside[..., None]) / 4
+    return F.embedding_bag(
+        index, rows, per_sample_weights=weight.reshape(b * d, 16).to(rows.dtype), mode="sum"
+    ).reshape(b, d, c)
