@@ -583,47 +583,64 @@ def _roi_embeddings(
         ),
         dim=-1,
     ).float()
-    pooled = []
-    for f in feats:
-        scale = f.shape[-1] / width
-        if f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last) and b * d:
-            pooled.append(_roi_align_channels_last(f, clipped, scale))
-            continue
+    if b * d and all(
+        f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last) for f in feats
+    ):
+        pooled = _roi_align_channels_last(feats, clipped, width)
+    else:
         batch_index = torch.arange(b, device=device, dtype=torch.float32)[:, None, None]
-        rois = torch.cat((batch_index.expand(b, d, 1), clipped), dim=-1).reshape(-1, 5)
-        pooled.append(
-            roi_align(f, rois.to(dtype), 1, scale, sampling_ratio=2, aligned=True).reshape(b, d, -1)
-        )
+        rois = torch.cat((batch_index.expand(b, d, 1), clipped), dim=-1).reshape(-1, 5).to(dtype)
+        pooled = [
+            roi_align(f, rois, 1, f.shape[-1] / width, sampling_ratio=2, aligned=True).reshape(
+                b, d, -1
+            )
+            for f in feats
+        ]
     out = torch.cat(pooled, dim=-1)
     return torch.where(valid[..., None], out, torch.zeros((), dtype=dtype, device=device))
 
 
-def _roi_align_channels_last(feature: Tensor, boxes: Tensor, scale: float) -> Tensor:
-    """``roi_align(feature, boxes, 1, scale, sampling_ratio=2, aligned=True)`` of ``Tensor[B, D, 4]``
-    boxes on a channels-last ``[B, C, H, W]`` map, without copying the map: ``Tensor[B, D, C]``."""
+def _roi_align_channels_last(feats: list[Tensor], boxes: Tensor, width: int) -> list[Tensor]:
+    """``roi_align(f, boxes, 1, f_w / width, sampling_ratio=2, aligned=True)`` of ``Tensor[B, D, 4]``
+    boxes on each channels-last ``[B, C, h, w]`` map ``f``, without copying the maps: per
+    level ``Tensor[B, D, C]``. The sample positions of all levels are computed at once."""
     b, d, _ = boxes.shape
-    _, c, h, w = feature.shape
-    rows = feature.permute(0, 2, 3, 1).reshape(-1, c)  # a view: the map is channels-last
-    start = boxes * scale - 0.5  # aligned=True
+    device = boxes.device
+
+    def per_level(values) -> Tensor:
+        return torch.tensor(values, dtype=boxes.dtype, device=device)[:, None, None, None]
+
+    h = per_level([f.shape[-2] for f in feats])
+    w = per_level([f.shape[-1] for f in feats])
+    start = boxes[None] * (w / width) - 0.5  # [L, B, D, 4]; aligned=True
     size = start[..., 2:] - start[..., :2]
-    q = torch.tensor([0.25, 0.75], dtype=boxes.dtype, device=boxes.device)  # 2 samples per side
-    xs = (start[..., 0, None] + q * size[..., 0, None])[..., None, :].expand(b, d, 2, 2)
-    ys = (start[..., 1, None] + q * size[..., 1, None])[..., :, None].expand(b, d, 2, 2)
-    xs, ys = xs.reshape(b, d, 4), ys.reshape(b, d, 4)
+    q = torch.tensor([0.25, 0.75], dtype=boxes.dtype, device=device)  # 2 samples a side
+    n = len(feats)
+    xs = (start[..., 0, None] + q * size[..., 0, None])[..., None, :].expand(n, b, d, 2, 2)
+    ys = (start[..., 1, None] + q * size[..., 1, None])[..., :, None].expand(n, b, d, 2, 2)
+    xs, ys = xs.reshape(n, b, d, 4), ys.reshape(n, b, d, 4)
     inside = (ys >= -1) & (ys <= h) & (xs >= -1) & (xs <= w)
     y, x = ys.clamp(min=0), xs.clamp(min=0)
-    y0, x0 = y.floor().clamp(max=h - 1), x.floor().clamp(max=w - 1)
+    y0, x0 = torch.minimum(y.floor(), h - 1), torch.minimum(x.floor(), w - 1)
     y = torch.where(y0 >= h - 1, y0, y)
     x = torch.where(x0 >= w - 1, x0, x)
-    y1, x1 = (y0 + 1).clamp(max=h - 1), (x0 + 1).clamp(max=w - 1)
+    y1, x1 = torch.minimum(y0 + 1, h - 1), torch.minimum(x0 + 1, w - 1)
     ly, lx = y - y0, x - x0
     hy, hx = 1 - ly, 1 - lx
-    first = torch.arange(b, device=boxes.device)[:, None, None] * (h * w)
-    y0, x0, y1, x1 = y0.long() * w, x0.long(), y1.long() * w, x1.long()
+    first = torch.arange(b, device=device)[None, :, None, None] * (h * w).long()
+    wl = w.long()
+    y0, x0, y1, x1 = y0.long() * wl, x0.long(), y1.long() * wl, x1.long()
     index = torch.stack(
         (first + y0 + x0, first + y0 + x1, first + y1 + x0, first + y1 + x1), dim=-1
-    ).reshape(b * d, 16)
+    ).reshape(n, b * d, 16)
     weight = (torch.stack((hy * hx, hy * lx, ly * hx, ly * lx), dim=-1) * inside[..., None]) / 4
-    return F.embedding_bag(
-        index, rows, per_sample_weights=weight.reshape(b * d, 16).to(rows.dtype), mode="sum"
-    ).reshape(b, d, c)
+    weight = weight.reshape(n, b * d, 16)
+    out = []
+    for level, f in enumerate(feats):
+        rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])  # a view: the map is channels-last
+        out.append(
+            F.embedding_bag(
+                index[level], rows, per_sample_weights=weight[level].to(rows.dtype), mode="sum"
+            ).reshape(b, d, -1)
+        )
+    return out
