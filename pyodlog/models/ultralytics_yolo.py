@@ -608,13 +608,13 @@ def _roi_align_channels_last(feats: list[Tensor], boxes: Tensor, width: int) -> 
     device = boxes.device
 
     def per_level(values) -> Tensor:
-        return torch.tensor(values, dtype=boxes.dtype, device=device)[:, None, None, None]
+        return host_tensor(values, boxes.dtype, device)[:, None, None, None]
 
     h = per_level([f.shape[-2] for f in feats])
     w = per_level([f.shape[-1] for f in feats])
     start = boxes[None] * (w / width) - 0.5  # [L, B, D, 4]; aligned=True
     size = start[..., 2:] - start[..., :2]
-    q = torch.tensor([0.25, 0.75], dtype=boxes.dtype, device=device)  # 2 samples a side
+    q = host_tensor([0.25, 0.75], boxes.dtype, device)  # 2 samples a side
     n = len(feats)
     xs = (start[..., 0, None] + q * size[..., 0, None])[..., None, :].expand(n, b, d, 2, 2)
     ys = (start[..., 1, None] + q * size[..., 1, None])[..., :, None].expand(n, b, d, 2, 2)
