@@ -37,11 +37,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from test_family_yolo import build_yolo
+
 import pyodlog
 from pyodlog.io import HDF5Store
-
-pytest.importorskip("ultralytics")
-from test_family_yolo import build_yolo
 
 PREDICT = dict(imgsz=640, conf=0.25, verbose=False)
 ROUNDS = {1: 10, 8: 3}

@@ -14,15 +14,13 @@ import pytest
 import torch
 from torch import nn
 from torchvision.ops import roi_align
+from ultralytics import YOLO  # the [yolo] extra is pinned and installed by make test
+from ultralytics.utils.nms import non_max_suppression
+from ultralytics.utils.ops import scale_boxes
 
 import pyodlog
 from pyodlog import InMemorySink, open_result
 from pyodlog.models import UltralyticsYOLOLogger
-
-ultralytics = pytest.importorskip("ultralytics")  # the [yolo] extra, which make test installs
-from ultralytics import YOLO  # noqa: E402
-from ultralytics.utils.nms import non_max_suppression  # noqa: E402
-from ultralytics.utils.ops import scale_boxes  # noqa: E402
 
 IMGSZ = 320
 
