@@ -9,6 +9,7 @@ from pyodlog.models.registry import (
 from pyodlog.models.torchvision_dense import FCOSLogger, RetinaNetLogger, SSDLogger
 from pyodlog.models.torchvision_rcnn import TorchvisionRCNNLogger
 from pyodlog.models.transformers_detr import TransformersDetrLogger
+from pyodlog.models.ultralytics_yolo import UltralyticsYOLOLogger
 
 __all__ = [
     "FCOSLogger",
@@ -16,6 +17,7 @@ __all__ = [
     "SSDLogger",
     "TorchvisionRCNNLogger",
     "TransformersDetrLogger",
+    "UltralyticsYOLOLogger",
     "UnsupportedModelError",
     "create_logger",
     "register_logger",
