@@ -20,7 +20,7 @@ Two ways to run it:
   bare, logits only and logits+embeddings back to back, three YOLO objects with
   the same weights)::
 
-      python benchmarks/bench_family_yolo.py BATCH ROTATIONS [CLASS_BIAS]
+      python -m benchmarks.bench_family_yolo BATCH ROTATIONS [CLASS_BIAS]
 """
 
 from __future__ import annotations
@@ -35,12 +35,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from test_family_yolo import build_yolo
-
 import pyodlog
 from pyodlog.io import HDF5Store
+from tests.test_family_yolo import build_yolo
 
 PREDICT = dict(imgsz=640, conf=0.25, verbose=False)
 ROUNDS = {1: 10, 8: 3}
