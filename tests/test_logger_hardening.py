@@ -431,3 +431,37 @@ def test_on_cuda_the_log_is_the_output_under_ties(name):
     per_image = assert_log_is_the_output(record, want)
     assert sum(len(d) for d in per_image) >= 20
     assert all((d.candidate_index >= 0).all() for d in per_image)
+
+
+def test_a_failing_hook_never_reaches_the_model_and_the_call_returns_its_output(monkeypatch):
+    import pyodlog.monitoring.tracer as tracer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compression failed in a hook")
+
+    torch.manual_seed(0)
+    model = TinyDetector().eval()
+    images = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        want = model(images)
+    with TinyDetectorLogger(
+        model,
+        "m",
+        "v1",
+        sink=InMemorySink(),
+        target_layers={"b": {"path": "backbone.0", "compression": "uint8"}},
+    ) as logger:
+        monkeypatch.setattr(tracer, "compress_features", broken)
+        with torch.no_grad():
+            got = logger(images, input_ids=["x"])
+        for g, w in zip(got, want, strict=True):
+            assert all(torch.equal(g[k], w[k]) for k in w)
+        stats = logger.stats()
+        assert stats["logging_errors"] == 1
+        assert "compression failed in a hook" in stats["last_logging_error"]
+        assert logger.sink.records("m", "v1", logger.result_name) == []
+        monkeypatch.undo()  # the next call is logged again
+        with torch.no_grad():
+            logger(images, input_ids=["y"])
+        records = logger.sink.records("m", "v1", logger.result_name)
+        assert [r.input_ids for r in records] == [["y"]]

@@ -167,6 +167,7 @@ def test_a_record_that_cannot_become_rows_is_quarantined_and_the_writer_goes_on(
     stats = store.stats()
     assert stats["quarantined"] == 2 and stats["written"] == 2
     assert stats["submitted"] == stats["written"] + stats["quarantined"] + stats["dropped"]
+    assert stats["queued"] == 0  # quarantined calls are not waiting
     assert store.writer.alive  # the writer thread never dies from one bad record
     assert "quarantined 2 call(s)" in caplog.text  # wait_for_save reports it
     store.close()

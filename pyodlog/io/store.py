@@ -451,12 +451,14 @@ class HDF5Store(SegmentStore):
         stats = self._writer.stats()
         # One consistent snapshot while other threads log: outcomes first, then what was submitted.
         written, dropped = self._writer.written, self._writer.dropped
+        quarantined = self._writer.quarantined
         submitted = self._writer.submitted
         stats.update(
             submitted=submitted,
             written=written,
             dropped=dropped,
-            queued=submitted - written - dropped,
+            quarantined=quarantined,
+            queued=submitted - written - dropped - quarantined,
             dropped_device_copies=self.copier.dropped,
         )
         return stats

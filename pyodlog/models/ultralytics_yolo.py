@@ -325,6 +325,12 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         capture = self._capture_now()
         if capture is None or not capture.capturing:
             return
+        try:
+            self._collect_batch(capture, predictor)
+        except Exception as error:  # never into predict(): the call goes on, unlogged
+            capture.fail(error)
+
+    def _collect_batch(self, capture, predictor) -> None:
         forward = capture.state.pop("forward", None)
         if forward is None:
             raise RuntimeError("the YOLO predictor ran no PyTorch forward that pyodlog could hook")
@@ -400,20 +406,37 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         timestamp = time.time()
         with self._call_capture() as capture:
             output = self.model.predict(model_input, **predict_kwargs)
-            features = self._end_capture(capture)
-            img_sizes = [tuple(int(v) for v in r.orig_shape[:2]) for r in output]
-            n_images = len(img_sizes)
-            ids = check_input_ids(input_ids, n_images) or [
-                uuid.uuid4().hex for _ in range(n_images)
-            ]
-            fields = check_field_values(self._field_specs, field_kwargs, n_images)
-            with torch.no_grad():
-                detections = self._parse_model_output(output, img_sizes)
-        self._submit(
-            CallRecord(
-                ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields
-            )
-        )
+            # The model answered: from here on its output is returned whatever logging does (a
+            # source whose image count was only known now and disagrees with input_ids included).
+            try:
+                features = self._end_capture(capture)
+                img_sizes = [(int(r.orig_shape[0]), int(r.orig_shape[1])) for r in output]
+                n_images = len(img_sizes)
+                ids = check_input_ids(input_ids, n_images) or [
+                    uuid.uuid4().hex for _ in range(n_images)
+                ]
+                fields = check_field_values(self._field_specs, field_kwargs, n_images)
+                with torch.no_grad():
+                    detections = self._as_detection_batch(
+                        self._parse_model_output(output, img_sizes), img_sizes
+                    )
+                record = CallRecord(
+                    ids,
+                    dataset_type,
+                    self.n_epoch,
+                    timestamp,
+                    img_sizes,
+                    detections,
+                    features,
+                    fields,
+                )
+            except Exception as error:
+                self._logging_failed(error)
+                return output
+        try:
+            self._submit(record)
+        except Exception as error:
+            self._logging_failed(error)
         return output
 
     def _parse_model_output(

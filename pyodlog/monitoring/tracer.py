@@ -53,15 +53,24 @@ class CallCapture:
         raw: per ``target_layers`` alias, every output of the layer in this call.
         captured: compressed features by (leaf name, index of the layer's run).
         capturing: whether hooks record (True while the model runs).
+        error: the first exception a hook raised in this call (the hook stops, the model goes on;
+            :meth:`ObjectDetectionTorchTracer._end_capture` raises it after the model answered).
     """
 
-    __slots__ = ("captured", "capturing", "raw", "state")
+    __slots__ = ("captured", "capturing", "error", "raw", "state")
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
         self.raw: dict[str, list[Any]] = {}
         self.captured: dict[tuple[str, int], CompressedFeature] = {}
         self.capturing = True
+        self.error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        """A hook failed: keep the first error and stop capturing (this call will not be logged)."""
+        if self.error is None:
+            self.error = error
+        self.capturing = False
 
 
 class ObjectDetectionTorchTracer:
@@ -114,7 +123,10 @@ class ObjectDetectionTorchTracer:
         def guarded(mod, inputs, output):
             capture = current.get()
             if capture is not None and capture.capturing:
-                hook(mod, inputs, output)
+                try:
+                    hook(mod, inputs, output)
+                except Exception as error:  # never into the model's forward: the call goes on
+                    capture.fail(error)
 
         self._hooks.append(module.register_forward_hook(guarded))
 
@@ -125,7 +137,10 @@ class ObjectDetectionTorchTracer:
         def guarded(mod, inputs):
             capture = current.get()
             if capture is not None and capture.capturing:
-                hook(mod, inputs)
+                try:
+                    hook(mod, inputs)
+                except Exception as error:  # never into the model's forward: the call goes on
+                    capture.fail(error)
 
         self._hooks.append(module.register_forward_pre_hook(guarded))
 
@@ -170,6 +185,8 @@ class ObjectDetectionTorchTracer:
         latest (what :meth:`get_hooked_features` returns in this thread).
         """
         capture.capturing = False
+        if capture.error is not None:
+            raise capture.error
         latest = self._latest_of_thread()
         for alias, calls in capture.raw.items():
             latest[alias] = calls[0] if len(calls) == 1 else list(calls)
