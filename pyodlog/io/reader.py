@@ -76,7 +76,7 @@ class CorruptResultError(ValueError):
 _GROUPS = {"images", "images/fields", "detections", "features"}
 _I8, _I32, _I64 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.int64)
 _F32, _F64, _U8 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8)
-_FLOATS = {np.dtype(np.float16), _F32, _F64}
+_FLOATS: set[np.dtype] = {np.dtype(np.float16), _F32, _F64}
 # name: (allowed dtypes, row shape; None in a row shape: any length)
 _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
     "images/det_offset": ({_I64}, ()),
@@ -543,7 +543,8 @@ def _read_small(path: Path, limit: int, label: str) -> bytes:
 
 
 def _lengths(t: Tables, prefix: str) -> list[int]:
-    return [len(v) for k, v in (*t.numeric.items(), *t.strings.items()) if k.startswith(prefix)]
+    numeric = [len(v) for k, v in t.numeric.items() if k.startswith(prefix)]
+    return numeric + [len(v) for k, v in t.strings.items() if k.startswith(prefix)]
 
 
 def _prefix(t: Tables) -> tuple[int, int, int, int, int]:
@@ -622,8 +623,8 @@ def _cut(t: Tables, n: int, n_det: int, n_feat: int, last_q: int, last_p: int) -
             out.numeric[k] = v[:n_det]
         elif k.startswith("features/"):
             out.numeric[k] = v[:n_feat]
-    for k, v in t.strings.items():
-        out.strings[k] = v[:n] if k.startswith("images/") else v[:n_feat]
+    for k, texts in t.strings.items():
+        out.strings[k] = texts[:n] if k.startswith("images/") else texts[:n_feat]
     for k in ("features_scale", "features_offset"):
         out.numeric[k] = t.numeric.get(k, np.empty(0, np.float32))[:last_q]
     out.payload = t.payload[:last_p]
@@ -749,8 +750,8 @@ def merge_tables(
                 np.concatenate([out.numeric[k], joined]) if k in out.numeric else joined
             )
         out.payload = np.concatenate([out.payload] + payload_pieces)
-        for k, v in part.strings.items():
-            picked = [v[i] for i in (rows if k.startswith("images/") else feat_rows)]
+        for k, texts in part.strings.items():
+            picked = [texts[i] for i in (rows if k.startswith("images/") else feat_rows)]
             out.strings.setdefault(k, []).extend(picked)
         images_base += len(rows)
         det_base += len(det_rows)
@@ -765,7 +766,11 @@ def _empty_columns(
     schema = schema if isinstance(schema, dict) else {}
     n_class = schema.get("n_class")
     columns: dict[str, tuple[np.dtype, tuple[int, ...]] | None] = {
-        name: (sorted(dtypes, key=str)[0] if len(dtypes) > 1 else next(iter(dtypes)), row)
+        # A width that varies (None) is 0 in an empty column.
+        name: (
+            sorted(dtypes, key=str)[0] if len(dtypes) > 1 else next(iter(dtypes)),
+            tuple(0 if d is None else d for d in row),
+        )
         for name, (dtypes, row) in _NUMERIC.items()
         if name not in ("detections/embeddings", "features_payload")
     }
@@ -934,7 +939,7 @@ class ResultData:
                 else None,
                 getattr(torch, dtype),
                 original,
-                None if pooled[0] < 0 else pooled,
+                None if pooled[0] < 0 else (int(pooled[0]), int(pooled[1])),
             )
             if not decompress:
                 return feature

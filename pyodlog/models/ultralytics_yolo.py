@@ -36,7 +36,7 @@ import uuid
 import weakref
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -101,8 +101,11 @@ def _is_yolo_wrapper(model: Any) -> bool:
     return model.__dict__.get("task") == "detect" and _is_detection_model(inner)
 
 
-def _inner_of(model: nn.Module) -> nn.Module:
-    return model._modules["model"] if _is_yolo_wrapper(model) else model
+def _inner_of(model: nn.Module) -> Any:
+    """The ``DetectionModel`` (untyped Ultralytics code: its attributes are not ``nn.Module``'s)."""
+    inner = model._modules["model"] if _is_yolo_wrapper(model) else model
+    assert inner is not None  # _is_yolo_wrapper checked it
+    return inner
 
 
 def _prefixed(target_layers: Any) -> Any:
@@ -130,7 +133,11 @@ def _count_images(source: Any) -> int | None:
     return None
 
 
-def _nms_args(values: Mapping[str, Any]) -> tuple[float, float, int, list[int] | None, bool]:
+NmsArgs = tuple[float, float, int, list[int] | None, bool]
+"""``(conf, iou, max_det, classes, agnostic)``."""
+
+
+def _nms_args(values: Mapping[str, Any]) -> NmsArgs:
     """``(conf, iou, max_det, classes, agnostic)`` from predict-style arguments, checked."""
     conf, iou, max_det = values["conf"], values["iou"], values["max_det"]
     for name, value in (("conf", conf), ("iou", iou)):
@@ -200,7 +207,7 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
                     "this YOLO head is in end-to-end mode (NMS-free one-to-one head, e.g. a YOLO26 checkpoint), "
                     "which pyodlog does not log yet: set model.model[-1].end2end = False to use its NMS head"
                 )
-        self._call_nms: ContextVar[tuple | None] = ContextVar(
+        self._call_nms: ContextVar[NmsArgs | None] = ContextVar(
             f"pyodlog_yolo_nms_{id(self):x}", default=None
         )
         if self._wrapper:
@@ -254,17 +261,19 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
             ("on_predict_start", self._on_predict_start),
             ("on_predict_postprocess_end", self._on_postprocess_end),
         ]
+        yolo: Any = model  # an ultralytics YOLO (untyped)
         for event, callback in self._callbacks:
-            model.add_callback(event, callback)
+            yolo.add_callback(event, callback)
 
-    def _hook_detection_model(self, model: nn.Module) -> None:
+    def _hook_detection_model(self, model: Any) -> None:
         self._add_forward_pre_hook(model, self._on_input)
         self._add_forward_hook(model.model[-1], self._on_head)
 
     def _remove_hooks(self) -> None:
         if self._wrapper:
+            yolo: Any = self._core
             for event, callback in getattr(self, "_callbacks", []):
-                callbacks = self._core.callbacks.get(event, [])
+                callbacks = yolo.callbacks.get(event, [])
                 if callback in callbacks:
                     callbacks.remove(callback)
             self._callbacks = []
@@ -295,8 +304,9 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
     def _on_predict_start(self, predictor) -> None:
         if self._capture_now() is None:
             return  # yolo.predict called directly, not through the logger
-        inner = unwrap_model(getattr(getattr(predictor.model, "backend", None), "model", None))
-        if not _is_detection_model(inner):
+        backend_model = getattr(getattr(predictor.model, "backend", None), "model", None)
+        inner = unwrap_model(backend_model) if isinstance(backend_model, nn.Module) else None
+        if inner is None or not _is_detection_model(inner):
             raise RuntimeError(
                 f"the YOLO predictor runs a {type(inner).__name__}, not a PyTorch DetectionModel: "
                 "pyodlog logs YOLO models loaded as PyTorch modules (.yaml or .pt)"
@@ -334,7 +344,7 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         forward = capture.state.pop("forward", None)
         if forward is None:
             raise RuntimeError("the YOLO predictor ran no PyTorch forward that pyodlog could hook")
-        orig_sizes = [tuple(int(v) for v in r.orig_shape[:2]) for r in predictor.results]
+        orig_sizes = [(int(r.orig_shape[0]), int(r.orig_shape[1])) for r in predictor.results]
         with torch.no_grad():  # the batch's detections now: its head outputs can go
             detections = self._detections(forward, orig_sizes, _nms_args(vars(predictor.args)))
         capture.state.setdefault("batches", []).append(detections)
@@ -405,7 +415,8 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
             check_field_values(self._field_specs, field_kwargs, n_known)
         timestamp = time.time()
         with self._call_capture() as capture:
-            output = self.model.predict(model_input, **predict_kwargs)
+            yolo: Any = self.model
+            output = yolo.predict(model_input, **predict_kwargs)
             # The model answered: from here on its output is returned whatever logging does (a
             # source whose image count was only known now and disagrees with input_ids included).
             try:
@@ -445,9 +456,10 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         if self._wrapper:
             parts = self._state.get("batches", [])
         else:
-            parts = [
-                self._detections(self._state["forward"], list(img_sizes), self._call_nms.get())
-            ]
+            nms = self._call_nms.get()
+            if nms is None:
+                raise RuntimeError("a DetectionModel call ran without its NMS settings")
+            parts = [self._detections(self._state["forward"], list(img_sizes), nms)]
         if sum(p[0].shape[0] for p in parts) != len(img_sizes):
             raise RuntimeError(
                 f"pyodlog captured {sum(p[0].shape[0] for p in parts)} images of YOLO's head for "
@@ -458,6 +470,15 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
             for ts in zip(*parts)
         ]
         boxes, scores, labels, logits, candidates, counts, embeddings = fields
+        if (
+            boxes is None
+            or scores is None
+            or labels is None
+            or logits is None
+            or candidates is None
+            or counts is None
+        ):
+            raise RuntimeError("a YOLO batch was captured without its detections")
         return DetectionBatch(
             boxes, scores, labels, logits, candidates, counts, list(img_sizes), embeddings
         )
@@ -552,7 +573,7 @@ def _cat_features(features: list[CompressedFeature]) -> CompressedFeature:
 
     return dataclasses.replace(
         first,
-        payload=cat("payload"),
+        payload=torch.cat([f.payload for f in features]),
         scale=cat("scale"),
         offset=cat("offset"),
         original_shape=(sum(f.original_shape[0] for f in features), *first.original_shape[1:]),
@@ -574,10 +595,10 @@ def _unletterbox(
     for i, size in enumerate(orig_sizes):
         groups.setdefault(size, []).append(i)
     if len(groups) == 1:
-        return scale_boxes(net_shape, boxes, orig_sizes[0])
+        return cast(Tensor, scale_boxes(net_shape, boxes, orig_sizes[0]))  # a tensor for a tensor
     for size, rows in groups.items():
         index = host_tensor(rows, torch.long, boxes.device)
-        boxes[index] = scale_boxes(net_shape, boxes[index], size)
+        boxes[index] = cast(Tensor, scale_boxes(net_shape, boxes[index], size))
     return boxes
 
 
