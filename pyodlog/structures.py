@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -11,7 +11,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from pyodlog.ops.compression import CompressedFeature
 
-__all__ = ["CallRecord", "DetectionBatch", "DetectionOutput"]
+__all__ = ["BOX_FORMAT", "CallRecord", "DetectionBatch", "DetectionOutput"]
+
+#: How every box pyodlog logs, stores and returns is written: ``(x1, y1, x2, y2)`` corners in
+#: pixels of the original image (``img_sizes``), x to the right, y down (torchvision's ``"xyxy"``).
+BOX_FORMAT = "xyxy"
 
 
 class DetectionOutput:
@@ -21,7 +25,8 @@ class DetectionOutput:
     indexing (a slice, a boolean mask, an index tensor) applies to all of them.
 
     Attributes:
-        boxes: ``Tensor[N, 4]`` float32 xyxy boxes in original-image coordinates.
+        boxes: ``Tensor[N, 4]`` float32 boxes in :data:`BOX_FORMAT` (``box_format``), original-image
+            pixel coordinates.
         scores: ``Tensor[N]``.
         labels: ``Tensor[N]`` int64.
         logits: ``Tensor[N, C]`` the full class vector the head produced for the
@@ -33,6 +38,7 @@ class DetectionOutput:
     """
 
     _FIELDS = ("boxes", "scores", "labels", "logits", "candidate_index", "embeddings")
+    box_format: ClassVar[str] = BOX_FORMAT
 
     boxes: Tensor
     scores: Tensor
@@ -122,7 +128,7 @@ class DetectionBatch:
     image (off the inference path: it reads ``counts``).
 
     Attributes:
-        boxes: ``Tensor[B, D, 4]`` in original-image coordinates.
+        boxes: ``Tensor[B, D, 4]`` (:data:`BOX_FORMAT`) in original-image coordinates.
         scores: ``Tensor[B, D]``.
         labels: ``Tensor[B, D]`` int64, -1 in padding.
         logits: ``Tensor[B, D, C]``.
@@ -131,6 +137,8 @@ class DetectionBatch:
         image_sizes: original ``(h, w)`` of each image.
         embeddings: ``Tensor[B, D, E]`` or None.
     """
+
+    box_format: ClassVar[str] = BOX_FORMAT
 
     boxes: Tensor
     scores: Tensor

@@ -33,10 +33,9 @@ import torch
 from pyodlog.ops.compression import METHODS
 from pyodlog.structures import CallRecord
 
-__all__ = ["MAX_DIMS", "STRING", "ColumnBatch", "decode_str", "encode_str", "record_to_columns"]
+__all__ = ["MAX_DIMS", "ColumnBatch", "decode_str", "encode_str", "record_to_columns"]
 
 MAX_DIMS = 8
-STRING = "str"
 FIELD_NUMPY = {
     "int32": np.int32,
     "int64": np.int64,

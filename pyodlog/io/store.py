@@ -44,7 +44,7 @@ from pyodlog.io.writer import (
     read_complete,
     write_closed,
 )
-from pyodlog.structures import CallRecord
+from pyodlog.structures import BOX_FORMAT, CallRecord
 
 __all__ = ["HDF5Store", "ResultInUseError", "data_root", "recover_segments"]
 
@@ -255,6 +255,7 @@ class HDF5Store(SegmentStore):
             "version_name": version_name,
             "result_name": result_name,
             "pyodlog_version": __version__,
+            "box_format": BOX_FORMAT,
         }
         if directory.exists() and not replace:
             recover_segments(directory)
@@ -266,6 +267,7 @@ class HDF5Store(SegmentStore):
             "version_name": version_name,
             "result_name": result_name,
             "n_class": schema.get("n_class", -1),
+            "box_format": BOX_FORMAT,
             "schema": schema,
             "class_names": json.dumps(schema.get("class_names")),
         }
