@@ -485,9 +485,24 @@ def verify_checksum(path: str | Path) -> bool:
     return True
 
 
-def _read_closed(path: Path) -> Tables:
-    verify_checksum(path)  # before HDF5 parses a byte of it
-    return read_segment(path)
+def _read_closed(path: Path, strict: bool = False) -> Tables:
+    verified = verify_checksum(path)  # before HDF5 parses a byte of it
+    tables = read_segment(path)
+    if not verified and int(tables.attrs.get("segment_format", 1)) >= 2:
+        # A writer renames a segment, then writes its sidecar: one closed a moment ago has it now.
+        verified = verify_checksum(path)
+    closing = path.with_name(path.name + ".lock").exists()  # its writer is writing the sidecar now
+    if not verified and not closing and int(tables.attrs.get("segment_format", 1)) >= 2:
+        # Written with a checksum, which is gone (a crash between close and sidecar, a full disk,
+        # a copy of the *.h5 files only): the bytes cannot be vouched for.
+        message = (
+            f"{path}: its checksum file {path.name}{CHECKSUM_SUFFIX} is missing, so it is read "
+            f"unverified (a changed byte would go unnoticed)"
+        )
+        if strict:
+            raise CorruptResultError(message)
+        warnings.warn(f"pyodlog: {message}", stacklevel=4)
+    return tables
 
 
 def _read_open(part: Path, attempts: int = 3) -> Tables:
@@ -520,7 +535,7 @@ def read_segments(paths: list[Path], strict: bool = False) -> tuple[list[Tables]
             if path.name.endswith(".part"):
                 tables.append(_read_open(path))
             else:
-                tables.append(_read_closed(path))
+                tables.append(_read_closed(path, strict))
         except (CorruptResultError, FileNotFoundError) as error:
             if strict:
                 if isinstance(error, FileNotFoundError):
