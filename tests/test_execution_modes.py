@@ -279,6 +279,27 @@ def test_low_precision_models_on_cpu_fail_as_the_bare_model_does(dtype):
     assert str(logged.value) == str(bare.value) and "not implemented" in str(bare.value)
 
 
+def test_a_model_that_returns_bfloat16_from_float32_candidates():
+    # The model computes in float32 and casts what it returns to bfloat16 (as a serving wrapper
+    # does to halve a response): the candidates equal the returned values once rounded the same
+    # way, so the matching compares in the returned precision.
+    import copy
+
+    model = copy.deepcopy(model_of("ssdlite"))
+    postprocess = model.transform.postprocess
+
+    def bf16_postprocess(*args):  # the last step of the model: boxes in the input images' sizes
+        return [
+            {**o, "boxes": o["boxes"].bfloat16(), "scores": o["scores"].bfloat16()}
+            for o in postprocess(*args)
+        ]
+
+    model.transform.postprocess = bf16_postprocess
+    got, _, rows, result = run_mode("ssdlite", model, images(), torch.no_grad)
+    assert got[0]["scores"].dtype == torch.bfloat16 and rows[0].dtype == torch.float32
+    assert_log_is_the_output(result, got, rows)
+
+
 @pytest.mark.parametrize("compression", ["bfloat16", "float16", "uint8", "none"])
 def test_features_of_a_bf16_activation_store_and_read_back(compression):
     model = model_of("ssdlite")

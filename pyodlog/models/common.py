@@ -161,6 +161,13 @@ def returned_detections(output: Any, n_images: int, method: str) -> ReturnedDete
     )
 
 
+def _narrower(candidate: torch.dtype, returned: torch.dtype) -> torch.dtype:
+    """The dtype two floating tensors are compared in: the returned one when it holds fewer bits."""
+    if not returned.is_floating_point or candidate == returned:
+        return candidate
+    return returned if torch.finfo(returned).bits < torch.finfo(candidate).bits else candidate
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
@@ -255,6 +262,11 @@ def match_detections(
     label pick the candidate the model picked. Candidates identical in box,
     score and label are indistinguishable; the lowest row is reported.
 
+    Mixed precision: the comparison is made in the precision the model
+    produced, the narrower of the returned and the candidates' dtypes (under
+    autocast, or for a model that casts its output to float16/bfloat16, the
+    candidates are rounded to the returned dtype first; widening is exact).
+
     Tensor operations only (a loop over images, none over detections), no host
     synchronisation on CUDA. On the CPU only pairs scoring at least the image's
     lowest returned score are keyed; on CUDA all are (masking, not compaction).
@@ -279,6 +291,11 @@ def match_detections(
         return out
     n_class = scores.shape[1]
     per_class = boxes.dim() == 3
+    # Compared in the precision the model produced: the narrower of the returned and the
+    # candidates' dtype (a model that casts its output down, e.g. to bfloat16, returns values the
+    # float32 candidates only equal once rounded the same way; widening is exact either way).
+    scores = scores.to(_narrower(scores.dtype, returned.scores.dtype))
+    boxes = boxes.to(_narrower(boxes.dtype, returned.boxes.dtype))
     det_scores = returned.scores.to(scores.dtype)
     det_boxes = returned.boxes.to(boxes.dtype)
     det_labels = returned.labels
