@@ -420,3 +420,74 @@ def test_channels_last_model_and_batch_tensor_input(name):
     # The plain [B, C, H, W] tensor, on the channels_last model.
     got, _, rows, result = run_mode(f"{name}-contiguous", model, batch, torch.no_grad)
     assert_log_is_the_output(result, got, rows)
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+# backend="aot_eager": dynamo's graph capture and AOTAutograd, as the default inductor backend,
+# without inductor's code generation (40 s a compile of SSDlite on this CPU, aot_eager 6 s); run
+# with inductor by hand it logs the same (benchmarks/RESULTS.md).
+
+
+@pytest.fixture
+def fresh_dynamo():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_torch_compile(fresh_dynamo):
+    """A compiled model logs like the eager one once its graph is compiled with the logger's hooks;
+    compiled before (dynamo does not notice hooks added later) the call still returns the output and
+    the logging error says how to fix it."""
+    import copy
+
+    import torch._dynamo
+
+    model = copy.deepcopy(model_of("ssdlite"))
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        want = compiled(images())  # the bare compiled call: compiled without the logger's hooks
+        with pyodlog.create_logger(compiled, "ssdlite", "v1") as logger:
+            assert logger._core is model  # the hooks are on the compiled module's original
+            assert_outputs_equal(logger(images()), want)  # returned; the record is not made
+            stats = logger.stats()
+            assert stats["logging_errors"] == 1
+            assert "torch._dynamo.reset()" in stats["last_logging_error"]
+            assert "before the compiled model's first call" in stats["last_logging_error"]
+            torch._dynamo.reset()  # as the message says: the next call compiles with the hooks
+            with head_logit_rows(model) as rows:
+                got = logger(images())
+            stats = logger.stats()
+            logger.wait_for_save()
+            path = logger.export(None)
+    assert stats["logging_errors"] == 1, stats.get("last_logging_error")
+    assert_outputs_equal(got, want)
+    result = pyodlog.open_result(path)
+    assert len(result) == 2  # the second call only
+    assert_log_is_the_output(result, got, rows[-1])
+
+
+CUDA_GRAPH_COMPILES = {
+    "reduce-overhead": dict(mode="reduce-overhead"),
+    "max-autotune": dict(mode="max-autotune"),
+    "cudagraphs": dict(backend="cudagraphs"),
+}
+
+
+@pytest.mark.parametrize("compile_kwargs", list(CUDA_GRAPH_COMPILES))
+@pytest.mark.parametrize("name", ["fasterrcnn", "ssdlite"])
+def test_cuda_graph_compiles_are_refused_with_the_mode_named(name, compile_kwargs, device):
+    # Refused at create_logger (nothing compiles there): the same on a CPU and a CUDA model.
+    import copy
+
+    model = copy.deepcopy(model_of(name)).to(device)
+    compiled = torch.compile(model, **CUDA_GRAPH_COMPILES[compile_kwargs])
+    with pytest.raises(ValueError, match=r"CUDA graph") as refused:
+        pyodlog.create_logger(compiled, name, "v1")
+    assert compile_kwargs in str(refused.value)
+    assert "max-autotune-no-cudagraphs" in str(refused.value)
+    # Nothing of the refused logger stays on the model; the default mode is accepted.
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    pyodlog.create_logger(torch.compile(model), name, "v1").close()
