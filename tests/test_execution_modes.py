@@ -491,3 +491,73 @@ def test_cuda_graph_compiles_are_refused_with_the_mode_named(name, compile_kwarg
     # Nothing of the refused logger stays on the model; the default mode is accepted.
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     pyodlog.create_logger(torch.compile(model), name, "v1").close()
+
+
+# -- the fused operators on 16-bit inputs ---------------------------------------------------------
+# Each kernel computes in float32 (or wider) and rounds once to the input's dtype: on 16-bit values
+# (exact in float32) it equals the float32 kernel on the same values, its 16-bit outputs rounded.
+
+LOW = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def detection_case(device, dtype, n=60, n_classes=4):
+    g = torch.Generator().manual_seed(7)
+    scores = (torch.rand(n, n_classes, generator=g) * 8).round() / 8  # many ties
+    xy = torch.rand(n, 2, generator=g) * 80
+    boxes = torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=g) * 30], 1)
+    image_index = torch.arange(n) % 2
+    net, orig = torch.tensor([[120, 120], [100, 140]]), torch.tensor([[240, 250], [50, 70]])
+    return [t.to(device) for t in (scores.to(dtype), boxes.to(dtype), image_index, net, orig)]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_postprocess_detections_16_bit_parity_and_opcheck(device, dtype):
+    scores, boxes, index, net, orig = detection_case(device, dtype)
+    args = (index, net, orig, 0.2, 0.5, 12)
+    low = pyodlog.ops.postprocess_detections(scores, boxes, *args)
+    ref = pyodlog.ops.postprocess_detections(scores.float(), boxes.float(), *args)
+    assert low.boxes.dtype == dtype and low.scores.dtype == dtype
+    for field in ("labels", "candidates", "counts"):
+        assert torch.equal(getattr(low, field), getattr(ref, field)), field
+    assert torch.equal(low.scores, ref.scores.to(dtype))
+    assert torch.equal(low.boxes, ref.boxes.to(dtype))
+    torch.library.opcheck(torch.ops.pyodlog.postprocess_detections.default, (scores, boxes, *args))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_batched_nms_and_scale_boxes_16_bit_parity_and_opcheck(device, dtype):
+    scores, boxes, index, net, orig = detection_case(device, dtype)
+    keep = pyodlog.ops.batched_nms(boxes, scores[:, 0].contiguous(), index, 0.4)
+    assert torch.equal(
+        keep, pyodlog.ops.batched_nms(boxes.float(), scores[:, 0].float().contiguous(), index, 0.4)
+    )
+    torch.library.opcheck(
+        torch.ops.pyodlog.batched_nms.default, (boxes, scores[:, 0].contiguous(), index, 0.4)
+    )
+    scaled = pyodlog.ops.scale_boxes(boxes, net, orig, True, index)
+    assert scaled.dtype == dtype
+    assert torch.equal(
+        scaled, pyodlog.ops.scale_boxes(boxes.float(), net, orig, True, index).to(dtype)
+    )
+    torch.library.opcheck(torch.ops.pyodlog.scale_boxes.default, (boxes, net, orig, True, index))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_quantize_uint8_16_bit_parity_and_opcheck(device, dtype):
+    x = torch.randn(2, 6, 9, 7, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    q, scale, offset = pyodlog.ops.quantize_uint8(x)
+    q32, scale32, offset32 = pyodlog.ops.quantize_uint8(x.float())
+    assert scale.dtype == torch.float32  # the row statistics accumulate in float32
+    assert torch.equal(q, q32) and torch.equal(scale, scale32) and torch.equal(offset, offset32)
+    rows = x.reshape(12, -1)
+    buffers = (
+        torch.empty_like(rows, dtype=torch.uint8),
+        torch.empty(12, device=device),
+        torch.empty(12, device=device),
+    )
+    torch.library.opcheck(torch.ops.pyodlog.quantize_uint8_out.default, (rows, *buffers))
+    torch.library.opcheck(
+        torch.ops.pyodlog.dequantize_uint8.default, (q.reshape(12, -1), scale, offset, dtype)
+    )
+    restored = pyodlog.ops.dequantize_uint8(q, scale, offset, dtype)
+    assert torch.equal(restored, pyodlog.ops.dequantize_uint8(q32, scale32, offset32).to(dtype))
