@@ -33,7 +33,7 @@ def measure(mode: str, calls: int) -> tuple[float, float]:
     images = [torch.rand(3, 240, 320), torch.rand(3, 240, 320)]
     context = contextlib.nullcontext
     if mode == "bf16":
-        context = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        context = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     run = torch.compile(model) if mode == "compile" else model
     logger = pyodlog.create_logger(run, "bench", mode, sink=pyodlog.InMemorySink())
     bare, logged = [], []
