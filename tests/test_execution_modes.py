@@ -132,7 +132,7 @@ def assert_log_is_the_output(result, returned, rows):
         assert torch.equal(d.labels, w["labels"])
         assert d.candidate_index.shape == (len(w["scores"]),)
         assert bool((d.candidate_index >= 0).all()), "a returned detection was not matched"
-        assert torch.equal(d.logits, head[d.candidate_index].float())
+        assert torch.equal(d.logits, head[d.candidate_index.to(head.device)].float().cpu())
         if d.embeddings is not None:
             assert d.embeddings.dtype == torch.float32
 
