@@ -8,12 +8,17 @@ A segment holds three groups, each a set of equal-length columns:
   additional field.
 * ``detections``: one row per detection — ``boxes`` [4], ``scores``,
   ``labels``, ``candidate_index``, ``logits`` [C], ``embeddings`` [E].
+  Boxes, scores, logits and embeddings are always stored as float32, whatever
+  the model computed in: float16 and bfloat16 values (autocast, ``.half()``
+  models) widen to float32 exactly; float64 values are rounded to float32.
 * ``features``: one row per (image, captured tensor) — ``image_row``,
   ``name``, ``method``, ``dtype``, ``shape`` [8] / ``original_shape`` [8]
   (-1 padded; without the batch axis when ``per_image``), ``per_image``
   (the image's slice of a batch tensor), ``pooled_to`` [2], ``payload_offset``/``payload_nbytes`` into the
   flat byte column ``features_payload``, and ``qrow_offset``/``qrow_count``
-  into ``features_scale``/``features_offset`` (uint8 quantisation).
+  into ``features_scale``/``features_offset`` (uint8 quantisation). A payload
+  keeps the dtype compression gave it; a ``bfloat16`` payload is stored as its
+  16-bit pattern with ``payload_dtype`` ``"bfloat16"`` (lossless).
 
 Strings are stored as ragged bytes: a flat ``<name>.bytes`` uint8 column and a
 ``<name>.spans`` int64 [2] column (offset, length): SWMR appends need
@@ -148,7 +153,24 @@ def _pad(shape, fill=-1) -> np.ndarray:
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    """A tensor as a numpy array; ``bfloat16`` (which numpy lacks) widened to float32, losslessly."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.to(torch.float32)
+    return t.numpy()
+
+
+def _host_payload(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A feature payload as a numpy array and the dtype name stored for it.
+
+    ``bfloat16`` is stored as its 16-bit pattern (``uint16`` bytes, payload dtype
+    ``"bfloat16"``): lossless, half the size of float32, and read back bit for bit.
+    """
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16), "bfloat16"
+    values = t.numpy()
+    return values, str(values.dtype)
 
 
 def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
@@ -238,7 +260,7 @@ def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
         batch.rows("detections/embeddings", detection_rows(det.embeddings, np.float32))
 
     for name, feature in record.features.items():
-        payload = _host(feature.payload)
+        payload, payload_dtype = _host_payload(feature.payload)
         per_image = payload.ndim >= 1 and payload.shape[0] == n
         pieces = n if per_image else 1
         piece_shape = payload.shape[1:] if per_image else payload.shape
@@ -255,7 +277,7 @@ def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
         batch.rows("features/image_row", image_rows.astype(np.int64))
         batch.text("features/name", [name] * pieces)
         batch.text("features/dtype", [str(feature.dtype).replace("torch.", "")] * pieces)
-        batch.text("features/payload_dtype", [str(payload.dtype)] * pieces)
+        batch.text("features/payload_dtype", [payload_dtype] * pieces)
         batch.rows("features/method", np.full(pieces, METHODS.index(feature.method), np.int8))
         batch.rows("features/per_image", np.full(pieces, 1 if per_image else 0, np.int8))
         batch.rows("features/shape", np.tile(_pad(piece_shape), (pieces, 1)))

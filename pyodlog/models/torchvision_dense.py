@@ -19,6 +19,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from pyodlog.models.common import (
+    captured,
     clip_and_resize,
     gather_rows,
     image_sizes_of,
@@ -26,6 +27,7 @@ from pyodlog.models.common import (
     local_index,
     logged_boxes,
     match_detections,
+    refuse_cuda_graphs,
     returned_detections,
 )
 from pyodlog.models.registry import register_logger
@@ -44,6 +46,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
     fpn_embeddings = True
 
     def _register_model_hooks(self, model: nn.Module) -> None:
+        refuse_cuda_graphs(self.model)
         self._add_forward_pre_hook(model.transform, self._on_transform)
         self._add_forward_hook(model.head, self._on_head)
         self._add_forward_hook(model.anchor_generator, self._on_anchors)
@@ -88,7 +91,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         returned = returned_detections(
             model_output, len(img_sizes), f"{type(self).__name__}._parse_model_output"
         )
-        head = self._state["head"]
+        head = captured(self._state, "head", self.model)
         cls_logits = head["cls_logits"]
         n_images, n_anchors, n_classes = cls_logits.shape
         device = cls_logits.device

@@ -11,6 +11,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from pyodlog.models.common import (
+    captured,
     clip_and_resize,
     gather_rows,
     host_tensor,
@@ -18,6 +19,7 @@ from pyodlog.models.common import (
     local_index,
     logged_boxes,
     match_detections,
+    refuse_cuda_graphs,
     returned_detections,
 )
 from pyodlog.models.registry import register_logger
@@ -56,6 +58,7 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         super()._apply_nms_config(model.roi_heads, nms_config)
 
     def _register_model_hooks(self, model: nn.Module) -> None:
+        refuse_cuda_graphs(self.model)
         self._add_forward_pre_hook(model.transform, self._on_transform)
         self._add_forward_pre_hook(model.roi_heads, self._on_roi_heads)
         self._add_forward_hook(model.roi_heads.box_predictor, self._on_box_predictor)
@@ -81,7 +84,7 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         returned = returned_detections(
             model_output, len(img_sizes), f"{type(self).__name__}._parse_model_output"
         )
-        proposals = self._state["proposals"]
+        proposals = captured(self._state, "proposals", self.model)
         class_logits = self._state["class_logits"]
         device = class_logits.device
         n_rows, n_class = class_logits.shape
