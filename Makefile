@@ -35,14 +35,14 @@ build: $(BUILD_STAMP)
 demo: $(BUILD_STAMP)
 	$(PY) -m pyodlog.demo
 
-test: $(BUILD_STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+test: $(BUILD_STAMP) lint
 	$(PY) -m pytest tests
 
+# ruff (lint and format) over the tree; mypy over the library, the protocol and the collector.
 lint: $(DEPS_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(BUILD_STAMP)
 	mkdir -p .benchmarks

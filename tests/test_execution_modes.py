@@ -351,16 +351,7 @@ def test_grad_modes(grad_mode):
     "with_layers",
     [
         pytest.param(False, id="detections"),
-        pytest.param(
-            True,
-            id="target_layers",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="the tracer keeps each target layer's raw output (for get_hooked_features) "
-                "with its grad_fn until the next call: fix in pyodlog/monitoring/tracer.py "
-                "(detach in _end_capture), not this branch's file",
-            ),
-        ),
+        pytest.param(True, id="target_layers"),
     ],
 )
 def test_grad_enabled_nothing_logged_keeps_the_autograd_graph_alive(with_layers):

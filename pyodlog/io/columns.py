@@ -268,6 +268,8 @@ def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
         piece_bytes = raw.shape[1]
         qrows = 0
         if feature.method == "uint8":
+            if feature.scale is None or feature.offset is None:
+                raise ValueError(f"feature {name!r} is uint8 without its scale and offset")
             scale, offset = _host(feature.scale), _host(feature.offset)
             qrows = len(scale) // pieces
             batch.rows("features_scale", scale)

@@ -31,9 +31,15 @@ __all__ = [
 # -- execution modes ----------------------------------------------------------------------------
 
 
+def parts(model: nn.Module) -> Any:
+    """``model`` for reading its parts: torchvision's detectors keep them as plain attributes
+    (``roi_heads``, ``head``, ``box_coder``, …) that ``nn.Module`` does not declare."""
+    return model
+
+
 def _compile_backends(model: nn.Module) -> list[Any]:
     """The backends of the ``torch.compile`` wrappers around ``model`` (outermost first)."""
-    backends = []
+    backends: list[Any] = []
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
@@ -42,7 +48,7 @@ def _compile_backends(model: nn.Module) -> list[Any]:
         inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return backends
-        backend = getattr(ctx, "callback", None)
+        backend: Any = getattr(ctx, "callback", None)
         while hasattr(backend, "_torchdynamo_orig_backend"):
             backend = backend._torchdynamo_orig_backend
         backends.append(backend)

@@ -30,6 +30,7 @@ from pyodlog.models.common import (
     refuse_cuda_graphs,
     returned_detections,
 )
+from pyodlog.models.common import parts as _parts
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import ObjectDetectionTorchLogger
 from pyodlog.structures import DetectionBatch
@@ -47,9 +48,10 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
 
     def _register_model_hooks(self, model: nn.Module) -> None:
         refuse_cuda_graphs(self.model)
-        self._add_forward_pre_hook(model.transform, self._on_transform)
-        self._add_forward_hook(model.head, self._on_head)
-        self._add_forward_hook(model.anchor_generator, self._on_anchors)
+        parts = _parts(model)
+        self._add_forward_pre_hook(parts.transform, self._on_transform)
+        self._add_forward_hook(parts.head, self._on_head)
+        self._add_forward_hook(parts.anchor_generator, self._on_anchors)
 
     def _on_transform(self, module, args) -> None:
         # The sizes the model resizes its boxes back to (its original_image_sizes).
@@ -144,13 +146,13 @@ class RetinaNetLogger(_DenseHeadLogger):
         return isinstance(model, RetinaNet)
 
     def _get_n_class(self, model: nn.Module) -> int:
-        return int(model.head.classification_head.num_classes)
+        return int(_parts(model).head.classification_head.num_classes)
 
     def _scores(self, head: dict) -> Tensor:
         return torch.sigmoid(head["cls_logits"])
 
     def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
-        return self._core.box_coder.decode_single(regression, anchors)
+        return _parts(self._core).box_coder.decode_single(regression, anchors)
 
 
 @register_logger(priority=10)
@@ -164,13 +166,13 @@ class FCOSLogger(_DenseHeadLogger):
         return isinstance(model, FCOS)
 
     def _get_n_class(self, model: nn.Module) -> int:
-        return int(model.head.classification_head.num_classes)
+        return int(_parts(model).head.classification_head.num_classes)
 
     def _scores(self, head: dict) -> Tensor:
         return torch.sqrt(torch.sigmoid(head["cls_logits"]) * torch.sigmoid(head["bbox_ctrness"]))
 
     def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
-        return self._core.box_coder.decode(regression, anchors)
+        return _parts(self._core).box_coder.decode(regression, anchors)
 
 
 @register_logger(priority=10)
@@ -189,10 +191,10 @@ class SSDLogger(_DenseHeadLogger):
         return isinstance(model, SSD)
 
     def _get_n_class(self, model: nn.Module) -> int:
-        return int(model.head.classification_head.num_columns)
+        return int(_parts(model).head.classification_head.num_columns)
 
     def _scores(self, head: dict) -> Tensor:
         return torch.softmax(head["cls_logits"], dim=-1)
 
     def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
-        return self._core.box_coder.decode_single(regression, anchors)
+        return _parts(self._core).box_coder.decode_single(regression, anchors)

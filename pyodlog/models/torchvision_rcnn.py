@@ -22,6 +22,7 @@ from pyodlog.models.common import (
     refuse_cuda_graphs,
     returned_detections,
 )
+from pyodlog.models.common import parts as _parts
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import NmsConfig, ObjectDetectionTorchLogger
 from pyodlog.structures import DetectionBatch
@@ -52,16 +53,17 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         )
 
     def _get_n_class(self, model: nn.Module) -> int:
-        return int(model.roi_heads.box_predictor.cls_score.out_features)
+        return int(_parts(model).roi_heads.box_predictor.cls_score.out_features)
 
     def _apply_nms_config(self, model: nn.Module, nms_config: NmsConfig) -> None:
-        super()._apply_nms_config(model.roi_heads, nms_config)
+        super()._apply_nms_config(_parts(model).roi_heads, nms_config)
 
     def _register_model_hooks(self, model: nn.Module) -> None:
         refuse_cuda_graphs(self.model)
-        self._add_forward_pre_hook(model.transform, self._on_transform)
-        self._add_forward_pre_hook(model.roi_heads, self._on_roi_heads)
-        self._add_forward_hook(model.roi_heads.box_predictor, self._on_box_predictor)
+        parts = _parts(model)
+        self._add_forward_pre_hook(parts.transform, self._on_transform)
+        self._add_forward_pre_hook(parts.roi_heads, self._on_roi_heads)
+        self._add_forward_hook(parts.roi_heads.box_predictor, self._on_box_predictor)
 
     def _on_transform(self, module, args) -> None:
         # The sizes the model resizes its boxes back to (GeneralizedRCNN's original_image_sizes).
@@ -80,7 +82,7 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         self, model_output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch:
         """The returned detections, each with the proposal it came from (found by box, score and label)."""
-        heads = self._core.roi_heads
+        heads = _parts(self._core).roi_heads
         returned = returned_detections(
             model_output, len(img_sizes), f"{type(self).__name__}._parse_model_output"
         )

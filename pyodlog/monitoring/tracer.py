@@ -45,6 +45,25 @@ def flatten_output(output: Any, name: str) -> Iterator[tuple[str, Tensor]]:
             yield from flatten_output(value, f"{name}/{i}")
 
 
+def detached(output: Any) -> Any:
+    """``output`` with every tensor detached (same storage, no autograd graph), containers rebuilt.
+
+    What ``get_hooked_features`` keeps must not hold a call's graph alive when grad is enabled.
+    """
+    if isinstance(output, Tensor):
+        return output.detach()
+    try:
+        if isinstance(output, dict):
+            return type(output)((key, detached(value)) for key, value in output.items())
+        if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
+            return type(output)(*(detached(value) for value in output))
+        if isinstance(output, (list, tuple)):
+            return type(output)(detached(value) for value in output)
+    except TypeError:  # a container type that cannot be rebuilt this way: keep it as it is
+        return output
+    return output
+
+
 class CallCapture:
     """What the hooks captured during one logged call (private to that call).
 
@@ -150,7 +169,7 @@ class ObjectDetectionTorchTracer:
             # A module called several times in one forward (a head shared by the
             # FPN levels) keeps every output: alias/0, alias/1, ...
             calls = capture.raw.setdefault(spec.alias, [])
-            calls.append(output)
+            calls.append(detached(output))
             with torch.no_grad():
                 for name, tensor in flatten_output(output, spec.alias):
                     if tensor.dtype.is_floating_point:
