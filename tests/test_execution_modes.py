@@ -552,3 +552,29 @@ def test_quantize_uint8_16_bit_parity_and_opcheck(device, dtype):
     )
     restored = pyodlog.ops.dequantize_uint8(q, scale, offset, dtype)
     assert torch.equal(restored, pyodlog.ops.dequantize_uint8(q32, scale32, offset32).to(dtype))
+
+
+def test_cuda_graph_modes_are_refused_for_every_family_before_any_hook():
+    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
+
+    config = DetrConfig(
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        backbone_config=ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], layer_type="basic"
+        ),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        num_queries=5,
+        num_labels=3,
+    )
+    detr = DetrForObjectDetection(config).eval()
+    compiled = torch.compile(detr, mode="reduce-overhead")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        pyodlog.create_logger(compiled, "m", "v", sink=pyodlog.InMemorySink())
+    assert not detr._forward_hooks and not detr._forward_pre_hooks

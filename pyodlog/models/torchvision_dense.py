@@ -27,7 +27,6 @@ from pyodlog.models.common import (
     local_index,
     logged_boxes,
     match_detections,
-    refuse_cuda_graphs,
     returned_detections,
 )
 from pyodlog.models.common import parts as _parts
@@ -47,7 +46,6 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
     fpn_embeddings = True
 
     def _register_model_hooks(self, model: nn.Module) -> None:
-        refuse_cuda_graphs(self.model)
         parts = _parts(model)
         self._add_forward_pre_hook(parts.transform, self._on_transform)
         self._add_forward_hook(parts.head, self._on_head)

@@ -19,7 +19,6 @@ from pyodlog.models.common import (
     local_index,
     logged_boxes,
     match_detections,
-    refuse_cuda_graphs,
     returned_detections,
 )
 from pyodlog.models.common import parts as _parts
@@ -59,7 +58,6 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         super()._apply_nms_config(_parts(model).roi_heads, nms_config)
 
     def _register_model_hooks(self, model: nn.Module) -> None:
-        refuse_cuda_graphs(self.model)
         parts = _parts(model)
         self._add_forward_pre_hook(parts.transform, self._on_transform)
         self._add_forward_pre_hook(parts.roi_heads, self._on_roi_heads)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from pyodlog.io.sink import Sink
+from pyodlog.monitoring.modes import refuse_cuda_graphs
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
 from pyodlog.monitoring.tracer import ObjectDetectionTorchTracer
 from pyodlog.monitoring.validation import (
@@ -183,6 +184,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 f"{type(self).__name__} does not handle {type(core).__name__} models: use pyodlog.create_logger(model, ...) to pick the right logger"
             )
         # Everything is validated before any file is touched or hook registered.
+        refuse_cuda_graphs(model)  # every family: a replay reuses the buffers the logger reads
         layers = check_target_layers(target_layers, core)
         self._field_specs = check_field_specs(additional_fields)
         nms = NmsConfig(*check_thresholds(score_thresh, iou_thresh, max_detections_per_image))
