@@ -48,8 +48,11 @@ def flatten_output(output: Any, name: str) -> Iterator[tuple[str, Tensor]]:
 def detached(output: Any) -> Any:
     """``output`` with every tensor detached (same storage, no autograd graph), containers rebuilt.
 
-    What ``get_hooked_features`` keeps must not hold a call's graph alive when grad is enabled.
+    What ``get_hooked_features`` keeps must not hold a call's graph alive when grad is enabled;
+    without a graph (``no_grad``, ``inference_mode``) the output is kept as it is, the very objects.
     """
+    if not any(t.requires_grad for _, t in flatten_output(output, "")):
+        return output
     if isinstance(output, Tensor):
         return output.detach()
     try:
