@@ -57,7 +57,7 @@ from pyodlog.monitoring.validation import (
 )
 from pyodlog.ops import postprocess_detections
 from pyodlog.ops.compression import CompressedFeature
-from pyodlog.structures import CallRecord, DetectionBatch
+from pyodlog.structures import DetectionBatch
 
 __all__ = ["UltralyticsYOLOLogger"]
 
@@ -417,37 +417,20 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         with self._call_capture() as capture:
             yolo: Any = self.model
             output = yolo.predict(model_input, **predict_kwargs)
-            # The model answered: from here on its output is returned whatever logging does (a
-            # source whose image count was only known now and disagrees with input_ids included).
-            try:
-                features = self._end_capture(capture)
+
+            def identities() -> tuple[list[str], list[tuple[int, int]], dict[str, Any]]:
+                # Known only from the output (a source whose image count disagrees with
+                # input_ids is then a logging failure: the call still returns its output).
                 img_sizes = [(int(r.orig_shape[0]), int(r.orig_shape[1])) for r in output]
                 n_images = len(img_sizes)
                 ids = check_input_ids(input_ids, n_images) or [
                     uuid.uuid4().hex for _ in range(n_images)
                 ]
-                fields = check_field_values(self._field_specs, field_kwargs, n_images)
-                with torch.no_grad():
-                    detections = self._as_detection_batch(
-                        self._parse_model_output(output, img_sizes), img_sizes
-                    )
-                record = CallRecord(
-                    ids,
-                    dataset_type,
-                    self.n_epoch,
-                    timestamp,
-                    img_sizes,
-                    detections,
-                    features,
-                    fields,
-                )
-            except Exception as error:
-                self._logging_failed(error)
-                return output
-        try:
-            self._submit(record)
-        except Exception as error:
-            self._logging_failed(error)
+                return ids, img_sizes, check_field_values(self._field_specs, field_kwargs, n_images)
+
+            record = self._record_of_call(capture, output, identities, dataset_type, timestamp)
+        if record is not None:
+            self._submit_or_count(record)
         return output
 
     def _parse_model_output(

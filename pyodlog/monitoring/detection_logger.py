@@ -8,6 +8,7 @@ import time
 import uuid
 import weakref
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from pyodlog.io.sink import Sink
 from pyodlog.monitoring.modes import refuse_cuda_graphs
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
-from pyodlog.monitoring.tracer import ObjectDetectionTorchTracer
+from pyodlog.monitoring.tracer import CallCapture, ObjectDetectionTorchTracer
 from pyodlog.monitoring.validation import (
     check_dataset_type,
     check_field_specs,
@@ -458,31 +459,47 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         # This call's own hook captures (self._state): calls in other threads have theirs.
         with self._call_capture() as capture:
             output = self._run_model(model_input)
-            # The model answered: from here on its output is returned whatever logging does.
-            try:
-                features = self._end_capture(capture)
-                with torch.no_grad():
-                    detections = self._as_detection_batch(
-                        self._parse_model_output(output, img_sizes), img_sizes
-                    )
-                record = CallRecord(
-                    ids,
-                    dataset_type,
-                    self.n_epoch,
-                    timestamp,
-                    img_sizes,
-                    detections,
-                    features,
-                    fields,
+            record = self._record_of_call(
+                capture, output, lambda: (ids, img_sizes, fields), dataset_type, timestamp
+            )
+        if record is not None:
+            self._submit_or_count(record)
+        return output
+
+    def _record_of_call(
+        self,
+        capture: CallCapture,
+        output: Any,
+        identities: Callable[[], tuple[list[str], list[tuple[int, int]], dict[str, Any]]],
+        dataset_type: str,
+        timestamp: float,
+    ) -> CallRecord | None:
+        """The record of a call whose model answered, or None (the failure counted and reported).
+
+        ``identities()`` gives the call's input ids, original image sizes and field values (a
+        family may learn them only from the output). From here on the call returns the model's
+        output whatever logging does.
+        """
+        try:
+            features = self._end_capture(capture)
+            ids, img_sizes, fields = identities()
+            with torch.no_grad():
+                detections = self._as_detection_batch(
+                    self._parse_model_output(output, img_sizes), img_sizes
                 )
-            except Exception as error:
-                self._logging_failed(error)
-                return output
+            return CallRecord(
+                ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields
+            )
+        except Exception as error:
+            self._logging_failed(error)
+            return None
+
+    def _submit_or_count(self, record: CallRecord) -> None:
+        """Hands a record to the sink; a failure is counted and reported, never raised."""
         try:
             self._submit(record)
         except Exception as error:
             self._logging_failed(error)
-        return output
 
     def close(self) -> None:
         """Removes every hook from the model, restores what it changed on the model, closes the sink.
