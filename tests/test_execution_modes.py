@@ -25,6 +25,7 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import pyodlog
+from tests.helpers.detr_models import small_detr
 
 CUDA = torch.cuda.is_available() and pyodlog.build_info()["cuda"]
 SMALL = dict(weights=None, weights_backbone=None, min_size=96, max_size=128)
@@ -177,31 +178,8 @@ def test_bf16_autocast_every_torchvision_family(name):
 
 
 def test_bf16_autocast_detr():
-    transformers = pytest.importorskip("transformers")
-    backbone = transformers.ResNetConfig(
-        embedding_size=16,
-        hidden_sizes=[16, 32, 64, 128],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=["stage4"],
-    )
     torch.manual_seed(0)
-    model = transformers.DetrForObjectDetection(
-        transformers.DetrConfig(
-            use_pretrained_backbone=False,
-            use_timm_backbone=False,
-            backbone_config=backbone,
-            encoder_layers=1,
-            encoder_ffn_dim=64,
-            encoder_attention_heads=4,
-            d_model=32,
-            decoder_layers=2,
-            decoder_ffn_dim=64,
-            decoder_attention_heads=4,
-            num_queries=30,
-            num_labels=6,
-        )
-    ).eval()
+    model = small_detr().eval()
     pixel_values = torch.rand(2, 3, 96, 112)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(pixel_values=pixel_values)
@@ -555,25 +533,7 @@ def test_quantize_uint8_16_bit_parity_and_opcheck(device, dtype):
 
 
 def test_cuda_graph_modes_are_refused_for_every_family_before_any_hook():
-    from transformers import DetrConfig, DetrForObjectDetection, ResNetConfig
-
-    config = DetrConfig(
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
-        backbone_config=ResNetConfig(
-            embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], layer_type="basic"
-        ),
-        d_model=16,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=16,
-        decoder_ffn_dim=16,
-        num_queries=5,
-        num_labels=3,
-    )
-    detr = DetrForObjectDetection(config).eval()
+    detr = small_detr().eval()
     compiled = torch.compile(detr, mode="reduce-overhead")
     with pytest.raises(ValueError, match="reduce-overhead"):
         pyodlog.create_logger(compiled, "m", "v", sink=pyodlog.InMemorySink())

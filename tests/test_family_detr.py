@@ -19,8 +19,6 @@ from transformers import (
     DeformableDetrConfig,
     DeformableDetrForObjectDetection,
     DeformableDetrImageProcessor,
-    DetrConfig,
-    DetrForObjectDetection,
     DetrImageProcessor,
     ResNetConfig,
     RTDetrConfig,
@@ -34,36 +32,12 @@ from transformers import (
 import pyodlog
 from pyodlog import InMemorySink, LoggerClosedError
 from pyodlog.models.transformers_detr import TransformersDetrLogger
-
-_SMALL_RESNET = dict(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
-_SMALL_DECODER = dict(
-    d_model=32,
-    decoder_layers=2,
-    decoder_ffn_dim=64,
-    decoder_attention_heads=4,
-    num_queries=30,
-    num_labels=6,
-)
-
-
-def _detr():
-    backbone = ResNetConfig(**_SMALL_RESNET, layer_type="basic", out_features=["stage4"])
-    return DetrForObjectDetection(
-        DetrConfig(
-            use_pretrained_backbone=False,
-            use_timm_backbone=False,
-            backbone_config=backbone,
-            encoder_layers=1,
-            encoder_ffn_dim=64,
-            encoder_attention_heads=4,
-            **_SMALL_DECODER,
-        )
-    )
+from tests.helpers.detr_models import SMALL_DECODER, SMALL_RESNET, small_detr
 
 
 def _deformable():
     backbone = ResNetConfig(
-        **_SMALL_RESNET, layer_type="basic", out_features=["stage2", "stage3", "stage4"]
+        **SMALL_RESNET, layer_type="basic", out_features=["stage2", "stage3", "stage4"]
     )
     return DeformableDetrForObjectDetection(
         DeformableDetrConfig(
@@ -76,14 +50,14 @@ def _deformable():
             num_feature_levels=3,
             encoder_n_points=2,
             decoder_n_points=2,
-            **_SMALL_DECODER,
+            **SMALL_DECODER,
         )
     )
 
 
 def _rtdetr(config_cls=RTDetrConfig, model_cls=RTDetrForObjectDetection):
     backbone = RTDetrResNetConfig(
-        **_SMALL_RESNET, layer_type="basic", out_features=["stage2", "stage3", "stage4"]
+        **SMALL_RESNET, layer_type="basic", out_features=["stage2", "stage3", "stage4"]
     )
     return model_cls(
         config_cls(
@@ -95,7 +69,7 @@ def _rtdetr(config_cls=RTDetrConfig, model_cls=RTDetrForObjectDetection):
             encoder_attention_heads=4,
             decoder_in_channels=[32, 32, 32],
             decoder_n_points=2,
-            **_SMALL_DECODER,
+            **SMALL_DECODER,
         )
     )
 
@@ -103,7 +77,7 @@ def _rtdetr(config_cls=RTDetrConfig, model_cls=RTDetrForObjectDetection):
 # name: (builder, processor of the family, the model's class head on the last decoder layer)
 FAMILIES = {
     "detr": (
-        _detr,
+        small_detr,
         lambda: DetrImageProcessor(size={"shortest_edge": 128, "longest_edge": 192}),
         lambda m: m.class_labels_classifier,
     ),
