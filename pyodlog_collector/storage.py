@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 from pyodlog_protocol import is_valid_name
 from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
-from pyodlog_protocol.layout import META, STAGING
+from pyodlog_protocol.layout import META, STAGING, meta_path, stored_segments_in
 
 __all__ = ["BodyReadError", "CollectorStorage", "PieceResult", "SegmentKey"]
 
@@ -142,11 +142,7 @@ class CollectorStorage:
         return self.result_dir(key.tenant, key.model, key.version, key.result) / key.segment_id
 
     def _meta(self, key: SegmentKey) -> Path:
-        return (
-            self.result_dir(key.tenant, key.model, key.version, key.result)
-            / META
-            / f"{key.segment_id}.json"
-        )
+        return meta_path(self._final(key))
 
     def _staging_dir(self, key: SegmentKey) -> Path:
         return self.root / key.tenant / STAGING / key.model / key.version / key.result
@@ -452,15 +448,12 @@ class CollectorStorage:
         self, tenant: str, model: str, version: str, result: str
     ) -> list[dict[str, object]]:
         """The verified segments of one result."""
-        folder = self.result_dir(tenant, model, version, result)
         out = []
-        for meta_path in sorted((folder / META).glob("*.json")):
-            segment_id = meta_path.name[: -len(".json")]
-            if is_valid_name(segment_id) and (folder / segment_id).is_file():
-                try:
-                    out.append(json.loads(meta_path.read_text()))
-                except ValueError:
-                    continue
+        for segment in stored_segments_in(self.result_dir(tenant, model, version, result)):
+            try:
+                out.append(json.loads(meta_path(segment).read_text()))
+            except ValueError:
+                continue
         return out
 
     def list_results(self, tenant: str) -> list[dict[str, object]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pyodlog_protocol import is_valid_name
 
-__all__ = ["META", "STAGING", "result_dir", "stored_segments"]
+__all__ = ["META", "STAGING", "meta_path", "result_dir", "stored_segments", "stored_segments_in"]
 
 STAGING = ".staging"
 META = ".meta"
@@ -42,10 +42,19 @@ def stored_segments(
     root: str | Path, tenant: str, model: str, version: str, result: str
 ) -> list[Path]:
     """The verified segments of one result (those with their metadata written), in name order."""
-    folder = result_dir(root, tenant, model, version, result)
-    return [
-        folder / meta.name[: -len(".json")]
-        for meta in sorted((folder / META).glob("*.json"))
-        if is_valid_name(meta.name[: -len(".json")])
-        and (folder / meta.name[: -len(".json")]).is_file()
-    ]
+    return stored_segments_in(result_dir(root, tenant, model, version, result))
+
+
+def stored_segments_in(folder: Path) -> list[Path]:
+    """The verified segments in one result folder (``folder``: its names were checked already)."""
+    segments = []
+    for meta in sorted((folder / META).glob("*.json")):
+        segment_id = meta.name[: -len(".json")]
+        if is_valid_name(segment_id) and (folder / segment_id).is_file():
+            segments.append(folder / segment_id)
+    return segments
+
+
+def meta_path(segment: Path) -> Path:
+    """Where the collector keeps a stored segment's metadata (rank, SHA-256, size, arrival)."""
+    return segment.parent / META / f"{segment.name}.json"

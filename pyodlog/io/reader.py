@@ -43,6 +43,7 @@ from pyodlog.io.segment import (
 )
 from pyodlog.ops.compression import METHODS, CompressedFeature
 from pyodlog.structures import DetectionOutput
+from pyodlog_protocol.layout import META, meta_path
 
 __all__ = [
     "CorruptResultError",
@@ -452,7 +453,7 @@ def expected_sha256(path: Path) -> tuple[str, Path] | None:
                 f"{sidecar} is not a SHA-256 sidecar (expected '<hex>  <name>')"
             )
         return words[0], sidecar
-    meta = path.parent / ".meta" / (path.name + ".json")
+    meta = meta_path(path)  # a segment the collector stored: its metadata has the SHA-256
     if meta.exists():
         try:
             digest = json.loads(_read_small(meta, MAX_JSON_BYTES, str(meta))).get("sha256")
@@ -968,7 +969,7 @@ def _is_result(path: Path) -> bool:
     try:
         return path.is_dir() and (
             (path / "result.json").is_file()
-            or (path / ".meta").is_dir()
+            or (path / META).is_dir()
             or any(n.endswith((".h5", ".h5.part")) for n in os.listdir(path))
         )
     except OSError:
