@@ -1,4 +1,4 @@
-"""Shared test fixtures: the devices every operator test runs on."""
+"""Shared test fixtures: the devices every operator test runs on, a private data root, a collector."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pyodlog
+from tests.helpers.collector_process import CollectorProcess, write_keys
 
 CUDA = torch.cuda.is_available() and pyodlog.build_info()["cuda"]
 
@@ -40,3 +41,16 @@ def isolated_data_root(tmp_path, monkeypatch):
     home = tmp_path / "pyodlog_home"
     monkeypatch.setenv("PYODLOG_HOME", str(home))
     return home
+
+
+@pytest.fixture
+def collector(tmp_path):
+    """A real collector process on loopback with small limits (256 KiB requests, 1 MiB segments),
+    keys for tenants A and B; a test module that needs other limits defines its own."""
+    server = CollectorProcess(
+        tmp_path / "collector",
+        write_keys(tmp_path / "keys.txt"),
+        ["--max-request-bytes", "256K", "--max-segment-bytes", "1M"],
+    ).start()
+    yield server
+    server.stop()

@@ -17,23 +17,11 @@ from pyodlog_protocol import segment_path, segments_path
 from tests.helpers.collector_process import (
     KEY_A,
     KEY_B,
-    CollectorProcess,
     get,
     put,
     real_segment,
     write_keys,
 )
-
-
-@pytest.fixture
-def collector(tmp_path):
-    server = CollectorProcess(
-        tmp_path / "collector",
-        write_keys(tmp_path / "keys.txt"),
-        ["--max-request-bytes", "256K", "--max-segment-bytes", "1M"],
-    ).start()
-    yield server
-    server.stop()
 
 
 def seg_url(server, segment_id="seg-1.h5", rank=0, model="m", version="v", result="r"):

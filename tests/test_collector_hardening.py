@@ -42,17 +42,6 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-def collector(tmp_path):
-    server = CollectorProcess(
-        tmp_path / "collector",
-        write_keys(tmp_path / "keys.txt"),
-        ["--max-request-bytes", "256K", "--max-segment-bytes", "1M"],
-    ).start()
-    yield server
-    server.stop()
-
-
 def start(tmp_path, *args: str) -> CollectorProcess:
     return CollectorProcess(
         tmp_path / "collector", write_keys(tmp_path / "keys.txt"), list(args)
