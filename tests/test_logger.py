@@ -13,6 +13,7 @@ from torchvision.models import detection
 
 import pyodlog
 from pyodlog import InMemorySink, LoggerClosedError, SchemaMismatchError, UnsupportedModelError
+from tests.helpers.outputs import assert_outputs_equal, last_record
 
 SMALL = dict(min_size=256, max_size=416)
 
@@ -77,18 +78,6 @@ def model_of(name):
 def images(seed=0, sizes=((240, 320), (300, 260), (200, 410))):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, h, w, generator=g) for h, w in sizes]
-
-
-def last_record(logger):
-    return logger.sink.records(logger.model_name, logger.version_name, logger.result_name)[-1]
-
-
-def assert_outputs_equal(got, want):
-    assert type(got) is type(want) and len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for key in w:
-            assert torch.equal(g[key], w[key]), key
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

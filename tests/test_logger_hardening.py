@@ -24,6 +24,7 @@ from tests.helpers.detector_candidates import faster_rcnn as rcnn_candidates
 from tests.helpers.detector_candidates import fcos as fcos_candidates
 from tests.helpers.detector_candidates import retinanet as retinanet_candidates
 from tests.helpers.detector_candidates import ssd as ssd_candidates
+from tests.helpers.outputs import assert_outputs_equal, last_record
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 SMALL = dict(weights=None, weights_backbone=None, min_size=128, max_size=160)
@@ -81,18 +82,6 @@ def model_of(name: str) -> nn.Module:
 def images(seed=0, sizes=((120, 140), (100, 160))):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, h, w, generator=g) for h, w in sizes]
-
-
-def last_record(logger):
-    return logger.sink.records(logger.model_name, logger.version_name, logger.result_name)[-1]
-
-
-def assert_outputs_equal(got, want):
-    assert type(got) is type(want) and len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.keys() == w.keys()
-        for key in w:
-            assert torch.equal(g[key], w[key]), key
 
 
 def logged_and_bare(model, imgs, **kwargs):
@@ -266,9 +255,7 @@ def test_a_parse_result_of_another_type_is_reported_naming_the_method_and_the_ou
             again = logger(images)
         # The call answers as the bare model does; the broken contract is counted and reported.
         for out in (got, again):
-            assert len(out) == len(want)
-            for g, w in zip(out, want, strict=True):
-                assert all(torch.equal(g[k], w[k]) for k in w)
+            assert_outputs_equal(out, want)
         stats = logger.stats()
         assert stats["logging_errors"] == 2
         assert re.search(
@@ -454,8 +441,7 @@ def test_a_failing_hook_never_reaches_the_model_and_the_call_returns_its_output(
         monkeypatch.setattr(tracer, "compress_features", broken)
         with torch.no_grad():
             got = logger(images, input_ids=["x"])
-        for g, w in zip(got, want, strict=True):
-            assert all(torch.equal(g[k], w[k]) for k in w)
+        assert_outputs_equal(got, want)
         stats = logger.stats()
         assert stats["logging_errors"] == 1
         assert "compression failed in a hook" in stats["last_logging_error"]
