@@ -53,15 +53,19 @@ def detached(output: Any) -> Any:
     """
     if not any(t.requires_grad for _, t in flatten_output(output, "")):
         return output
+    return _detach_all(output)
+
+
+def _detach_all(output: Any) -> Any:
     if isinstance(output, Tensor):
         return output.detach()
     try:
         if isinstance(output, dict):
-            return type(output)((key, detached(value)) for key, value in output.items())
+            return type(output)((key, _detach_all(value)) for key, value in output.items())
         if isinstance(output, tuple) and hasattr(output, "_fields"):  # a namedtuple
-            return type(output)(*(detached(value) for value in output))
+            return type(output)(*(_detach_all(value) for value in output))
         if isinstance(output, (list, tuple)):
-            return type(output)(detached(value) for value in output)
+            return type(output)(_detach_all(value) for value in output)
     except TypeError:  # a container type that cannot be rebuilt this way: keep it as it is
         return output
     return output
