@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from pyodlog.io import WriterConfig
 from pyodlog.sync import CollectorClient, SyncConfig, SyncError, check_api_key
 from pyodlog.sync.secret import Secret
-from tests.helpers.collector_process import KEY_A, CollectorProcess, write_keys
+from tests.helpers.collector_process import KEY_A, CollectorProcess, FakeCollector, write_keys
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 from tests.test_sync import FAST, log_calls, make_logger
 
@@ -68,48 +66,6 @@ def test_a_key_with_whitespace_or_control_characters_is_refused_at_construction(
 
 
 # -- a fake collector: echoes the request's headers, or answers malformed ------------------------------
-
-
-class FakeCollector:
-    """Answers each request with ``answers(method, path, headers) -> (status, headers, body)``."""
-
-    def __init__(self, answers) -> None:
-        self.answers = answers
-        self.requests: list[str] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _handle(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
-                fake.requests.append(f"{self.command} {self.path}")
-                status, headers, body = fake.answers(self.command, self.path, dict(self.headers))
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def collector_like(put=None, status=None, listing=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import signal
 import subprocess
 import sys
@@ -180,15 +181,12 @@ class CollectorProcess:
         return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
 
 
-class FlakyProxy:
-    """Forwards to the collector, but answers the first ``failures`` requests with ``status`` itself."""
+class LoopbackServer:
+    """A threaded HTTP/1.1 server on a free loopback port; each GET or PUT is answered by
+    ``self.respond(handler, body) -> (status, [(header, value), ...], data)``."""
 
-    def __init__(
-        self, upstream_port: int, failures: int, status: int = 503, retry_after: str | None = "0"
-    ) -> None:
-        self.failures_left = failures
-        self.refused: list[str] = []
-        proxy = self
+    def __init__(self) -> None:
+        server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -199,44 +197,16 @@ class FlakyProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                with lock:
-                    fail = proxy.failures_left > 0
-                    proxy.failures_left -= fail
-                if fail:
-                    proxy.refused.append(f"{self.command} {self.path}")
-                    data = b'{"error": "unavailable"}'
-                    self.send_response(status)
-                    if retry_after is not None:
-                        self.send_header("Retry-After", retry_after)
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                    return
-                upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
-                headers = {
-                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")
-                }
-                upstream.request(self.command, self.path, body=body, headers=headers)
-                answer = upstream.getresponse()
-                data = answer.read()
-                self.send_response(answer.status)
-                for k, v in answer.getheaders():
-                    if k.lower() not in (
-                        "content-length",
-                        "connection",
-                        "transfer-encoding",
-                        "server",
-                        "date",
-                    ):
-                        self.send_header(k, v)
+                status, headers, data = server.respond(self, body)
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                upstream.close()
 
             do_GET = do_PUT = _handle
 
-        lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -245,9 +215,62 @@ class FlakyProxy:
         )
         self.thread.start()
 
+    def respond(
+        self, handler: BaseHTTPRequestHandler, body: bytes | None
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        raise NotImplementedError
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class FlakyProxy(LoopbackServer):
+    """Forwards to the collector, but answers the first ``failures`` requests with ``status`` itself."""
+
+    def __init__(
+        self, upstream_port: int, failures: int, status: int = 503, retry_after: str | None = "0"
+    ) -> None:
+        self.failures_left = failures
+        self.refused: list[str] = []
+        self.upstream_port, self.status, self.retry_after = upstream_port, status, retry_after
+        self.lock = threading.Lock()
+        super().__init__()
+
+    def respond(self, handler, body):
+        with self.lock:
+            fail = self.failures_left > 0
+            self.failures_left -= fail
+        if fail:
+            self.refused.append(f"{handler.command} {handler.path}")
+            retry = [] if self.retry_after is None else [("Retry-After", self.retry_after)]
+            return self.status, retry, b'{"error": "unavailable"}'
+        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+        headers = {
+            k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")
+        }
+        upstream.request(handler.command, handler.path, body=body, headers=headers)
+        answer = upstream.getresponse()
+        data = answer.read()
+        upstream.close()
+        hop = ("content-length", "connection", "transfer-encoding", "server", "date")
+        return answer.status, [(k, v) for k, v in answer.getheaders() if k.lower() not in hop], data
+
+
+class FakeCollector(LoopbackServer):
+    """Answers each request with ``answers(method, path, headers) -> (status, headers, body)``
+    (``body``: bytes, or an object sent as JSON)."""
+
+    def __init__(self, answers) -> None:
+        self.answers = answers
+        self.requests: list[str] = []
+        super().__init__()
+
+    def respond(self, handler, body):
+        self.requests.append(f"{handler.command} {handler.path}")
+        status, headers, answer = self.answers(handler.command, handler.path, dict(handler.headers))
+        data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+        return status, list(headers.items()), data
 
 
 def put(url: str, key: str | None, data: bytes = b"", **params) -> requests.Response:
