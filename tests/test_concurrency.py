@@ -24,25 +24,11 @@ from torchvision.models import detection
 import pyodlog
 from pyodlog import LoggerClosedError, open_result
 from pyodlog.io.copier import CopyStreams, DeviceCopier
+from tests.helpers.outputs import distinct_init
 from tests.helpers.readme_blocks import block_starting_with
 
 THREADS, CALLS = 8, 200
 SIZES = [(64, 64), (48, 80), (96, 72), (80, 56)]
-
-
-def distinct_init(model: nn.Module, seed: int = 0) -> nn.Module:
-    """He-normal weights: distinct scores (torchvision's initialisation ties many), so that
-    'the logged detections equal the returned ones' is a strict comparison."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.copy_(
-                    torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5
-                )
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
 
 
 def small_faster_rcnn() -> nn.Module:

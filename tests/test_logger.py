@@ -13,7 +13,7 @@ from torchvision.models import detection
 
 import pyodlog
 from pyodlog import InMemorySink, LoggerClosedError, SchemaMismatchError, UnsupportedModelError
-from tests.helpers.outputs import assert_outputs_equal, last_record
+from tests.helpers.outputs import assert_outputs_equal, distinct_init, last_record
 
 SMALL = dict(min_size=256, max_size=416)
 
@@ -22,21 +22,6 @@ def create_logger(*args, **kwargs):
     """These tests read records from memory; the HDF5 store has tests of its own."""
     kwargs.setdefault("sink", InMemorySink())
     return pyodlog.create_logger(*args, **kwargs)
-
-
-def distinct_init(model: nn.Module, seed: int = 0) -> nn.Module:
-    """He-normal weights: torchvision's initialisation of SSDlite gives many
-    exactly tied scores, and equality of outputs needs distinct ones."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.copy_(
-                    torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5
-                )
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
 
 
 BUILDERS = {
