@@ -20,6 +20,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("pyodlog.sync",),
     ("pyodlog.monitoring",),
     ("pyodlog.models",),
+    ("pyodlog.analysis",),
+    ("pyodlog.viewer",),
     ("pyodlog.cli", "pyodlog.demo", "pyodlog.__main__", "pyodlog"),
 ]
 # The top of the stack is the only part of the library allowed to reach the collector.
