@@ -11,7 +11,7 @@ BUILD_STAMP := $(VENV)/.pyodlog-build
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null) setup.py pyproject.toml
 export MAX_JOBS ?= 2
 
-.PHONY: all demo test lint bench build clean distclean
+.PHONY: all demo test lint bench bench-quick build clean distclean
 
 all: test
 
@@ -49,6 +49,17 @@ bench: $(BUILD_STAMP)
 	$(PY) -m pytest benchmarks -o python_files='bench_*.py' --benchmark-only --benchmark-max-time=0.5 \
 		--benchmark-columns=min,median,rounds --benchmark-json=.benchmarks/latest.json -p no:cacheprovider
 	$(PY) benchmarks/report.py .benchmarks/latest.json
+
+# The subset to run before every performance claim (a few minutes): the kernels against torchvision,
+# the writer against a raw write(), the upload against requests.put, one model's call overhead.
+bench-quick: $(BUILD_STAMP)
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks/bench_nms.py benchmarks/bench_postprocess.py benchmarks/bench_writer.py \
+		benchmarks/bench_upload.py benchmarks/bench_overhead.py -o python_files='bench_*.py' \
+		-k "not cuda and not 20000 and (not overhead or (fasterrcnn and -1-))" \
+		--benchmark-only --benchmark-max-time=0.2 --benchmark-columns=min,median,rounds \
+		--benchmark-json=.benchmarks/quick.json -p no:cacheprovider
+	$(PY) benchmarks/report.py .benchmarks/quick.json
 
 clean:
 	rm -rf build pyodlog/_C*.so $(BUILD_STAMP)

@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import pyodlog
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 
 
@@ -118,4 +119,5 @@ def test_detr_logged(benchmark, tmp_path):
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.bench_family_detr")
     main(int(sys.argv[1]), int(sys.argv[2]), *(int(v) for v in sys.argv[3:4]))

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 
 import pyodlog
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 from tests.test_family_yolo import build_yolo
 
@@ -143,4 +144,5 @@ def main(batch: int, rotations: int, class_bias: float = -7.0) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.bench_family_yolo")
     main(int(sys.argv[1]), int(sys.argv[2]), *(float(v) for v in sys.argv[3:4]))

@@ -30,6 +30,7 @@ import torch
 from torchvision.models import detection
 
 import pyodlog
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 
 CALLS = 16  # per round, over all threads
@@ -141,4 +142,5 @@ def paired(rotations: int) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.bench_threads")
     paired(int(sys.argv[1]) if len(sys.argv) > 1 else 5)

@@ -19,6 +19,7 @@ import torch
 
 import pyodlog
 from benchmarks.bench_overhead import FPN_LEVEL, _make
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 
 
@@ -57,4 +58,5 @@ def main(calls: int) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.memory_soak")
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)

@@ -19,6 +19,7 @@ import torch
 from torchvision.models import detection
 
 import pyodlog
+from benchmarks.environment import print_header
 
 
 def timed(fn, *args) -> float:
@@ -66,4 +67,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.overhead_modes")
     main()

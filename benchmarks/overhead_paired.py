@@ -22,6 +22,7 @@ import torch
 
 import pyodlog
 from benchmarks.bench_overhead import FPN_LEVEL, NaiveLogger, _make
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 
 
@@ -69,4 +70,5 @@ def main(name: str, batch: int, rotations: int) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.overhead_paired")
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -18,14 +18,20 @@ def render(data: dict, machine: str, command: str) -> str:
     groups = defaultdict(list)
     for bench in data["benchmarks"]:
         groups[bench["group"]].append(bench)
-    lines = [
-        f"Machine: {machine}",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Date: {data.get('datetime', '?')}; torch {_torch_version(data)}",
-        "",
-    ]
+    recorded = data.get("machine_info", {}).get("pyodlog")  # benchmarks/conftest.py puts it there
+    if recorded:
+        lines = [f"{key.capitalize()}: {value}" for key, value in recorded.items()]
+        lines = [line for pair in zip(lines, [""] * len(lines)) for line in pair]
+        lines += [f"Command: `{command}`", ""]
+    else:
+        lines = [
+            f"Machine: {machine}",
+            "",
+            f"Command: `{command}`",
+            "",
+            f"Date: {data.get('datetime', '?')}; torch {_torch_version(data)}",
+            "",
+        ]
     lines += [
         "| group | variant | median | speed-up vs baseline (baseline median / median) |",
         "|---|---|---|---|",

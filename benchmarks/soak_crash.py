@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.environment import print_header
 from pyodlog.io import open_result
 from pyodlog.io.reader import read_segment
 from tests.helpers import child_env
@@ -87,4 +88,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.soak_crash")
     main()
