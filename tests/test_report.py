@@ -20,11 +20,11 @@ from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 SECTIONS = [
     "overview",
+    "drift",
+    "evaluation",
     "scores",
     "uncertainty",
     "classes",
-    "evaluation",
-    "drift",
     "worst-errors",
     "most-uncertain",
 ]
@@ -234,3 +234,18 @@ def test_an_evaluation_is_rendered_with_its_tables_matrix_and_worst_errors(drift
     assert "map_50" in text and "0.75" in text and "recall" in text
     assert "week2/s2/0000007.jpg" in text and "week2/s2/0000011.jpg" in text
     assert "false_positives" in text and "Confusion matrix" in text
+
+
+def test_the_readme_analysis_example_runs(isolated_data_root, tmp_path, monkeypatch):
+    from tests.helpers.readme_blocks import block_starting_with
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block_starting_with("# analyse"), "README.md:analyse", "exec"), namespace)
+    drift, signals = namespace["drift"], namespace["signals"]
+    assert signals == drift.to_dict() and "embedding" in signals  # Faster R-CNN logs embeddings
+    assert {"class_frequency", "score", "box_size", "detections_per_image"} <= set(signals)
+    assert all(s["drift"] == (name in drift.drifted) for name, s in signals.items())
+    page = check_page((tmp_path / "report.html").read_text())
+    assert "shelf-detector / 2024.06 / week-2" in " ".join(page.text)
+    assert len(list((tmp_path / "exports").glob("*.zip"))) == 2

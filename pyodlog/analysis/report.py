@@ -328,6 +328,8 @@ th{background:#f1f3f6;font-weight:600}td.num{text-align:right;font-variant-numer
 .drift{color:#b3261e;font-weight:700}.ok{color:#2e7d32}
 .plots{display:flex;flex-wrap:wrap;gap:8px}.plots img{border:1px solid #eceef2;border-radius:4px;max-width:100%}
 .note{color:#5b6474;font-size:12px}
+.pair{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:0 16px}
+.split{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 """
 
 
@@ -438,7 +440,7 @@ def _classes(numbers: dict[str, Any]) -> str:
             for c in classes
         ]
     )
-    return f'<section id="classes"><h2>Classes</h2><div class="plots">{plot}</div>{table}</section>'
+    return f'<section id="classes"><h2>Classes</h2><div class="split"><div class="plots">{plot}</div>{table}</div></section>'
 
 
 def _evaluation_html(evaluation: dict[str, Any] | None) -> str:
@@ -494,6 +496,13 @@ def _worst_errors(evaluation: dict[str, Any] | None) -> str:
     return f'<section id="worst-errors"><h2>Worst errors</h2>{body}</section>'
 
 
+AXIS_LABELS = {
+    "box_size": "log2 sqrt(w * h) (pixels)",
+    "box_aspect": "log2 (w / h)",
+    "detections_per_image": "detections per image",
+}
+
+
 def _drift_html(numbers: dict[str, Any], drift: DriftReport | None) -> str:
     if drift is None:
         return '<section id="drift"><h2>Drift</h2><p class="note">no reference slice (pyodlog report PATH --against REFERENCE)</p></section>'
@@ -537,14 +546,15 @@ def _drift_html(numbers: dict[str, Any], drift: DriftReport | None) -> str:
         if p["kind"] == "bar":
             png = plots.bars(p["labels"], p["reference"], title, p["current"], ylabel="share")
         else:
-            png = plots.overlay(p["edges"], p["reference"], p["current"], title, name)
+            axis = AXIS_LABELS.get(name.split("[")[0], name.split("[")[0])
+            png = plots.overlay(p["edges"], p["reference"], p["current"], title, axis)
         imgs.append(_img(png, f"{name} drift plot"))
     skipped = (
         f'<p class="note">left out: {_e("; ".join(f"{k}: {v}" for k, v in list(d["skipped"].items())[:20]))}</p>'
         if d["skipped"]
         else ""
     )
-    return f'<section id="drift"><h2>Drift</h2>{verdict}{head}{table}<div class="plots">{"".join(imgs)}</div>{skipped}</section>'
+    return f'<section id="drift"><h2>Drift</h2>{verdict}{head}<div class="split">{table}<div class="plots">{"".join(imgs)}</div></div>{skipped}</section>'
 
 
 def _uncertain_html(numbers: dict[str, Any]) -> str:
@@ -585,10 +595,10 @@ def html_page(numbers: dict[str, Any], drift: DriftReport | None = None) -> str:
     title = title or numbers["source"]
     sections = [
         _overview(numbers),
-        _distributions(numbers),
-        _classes(numbers),
-        _evaluation_html(numbers.get("evaluation")),
         _drift_html(numbers, drift),
+        _evaluation_html(numbers.get("evaluation")),
+        f'<div class="pair">{_distributions(numbers)}</div>',
+        _classes(numbers),
         _worst_errors(numbers.get("evaluation")),
         _uncertain_html(numbers),
     ]
