@@ -7,6 +7,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 import torch
 
@@ -249,3 +250,18 @@ def test_the_readme_analysis_example_runs(isolated_data_root, tmp_path, monkeypa
     page = check_page((tmp_path / "report.html").read_text())
     assert "shelf-detector / 2024.06 / week-2" in " ".join(page.text)
     assert len(list((tmp_path / "exports").glob("*.zip"))) == 2
+
+
+def test_sampled_images_are_counted_with_their_weight(drifted):
+    data = pyodlog.open_result(drifted[0])
+    plain = report_numbers(data)
+    assert "weighted" not in plain["overview"]
+    data.images["sample_weight"] = np.full(len(data), 4.0, np.float32)  # each logged image: 4 seen
+    numbers = report_numbers(data)
+    assert numbers["overview"]["weighted"] == {
+        "images": 4.0 * len(data),
+        "detections": 4.0 * numbers["overview"]["detections"],
+    }
+    for c in numbers["classes"]:
+        assert c["weighted_detections"] == 4.0 * c["detections"]
+    assert "weighted by sample_weight" in " ".join(check_page(html_page(numbers)).text)

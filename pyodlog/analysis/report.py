@@ -134,6 +134,12 @@ def _describe(data: Any, top: int, chunk_detections: int) -> dict[str, Any]:
     finite = {c: 0 for c in edges}
     class_n = np.zeros(max(n_labels, 0), np.int64)
     class_score = np.zeros(max(n_labels, 0))
+    # Sampled logging (images["sample_weight"]): what the population held, besides what was logged.
+    weighted = "sample_weight" in images
+    class_weighted = np.zeros(max(n_labels, 0))
+    weighted_images = (
+        float(np.sum(np.asarray(images["sample_weight"], np.float64))) if weighted else 0.0
+    )
     # The most uncertain: highest entropy (or lowest margin when only margin is logged).
     key = "entropy" if "entropy" in columns else ("margin" if "margin" in columns else None)
     uncertain = _TopK(top)
@@ -149,6 +155,9 @@ def _describe(data: Any, top: int, chunk_detections: int) -> dict[str, Any]:
         ok = labels >= 0
         class_n += np.bincount(labels[ok], minlength=n_labels)
         class_score += np.bincount(labels[ok], scores[ok], minlength=n_labels)
+        w = chunk.det_weights()
+        if w is not None:
+            class_weighted += np.bincount(labels[ok], w[ok], minlength=n_labels)
         values: dict[str, np.ndarray] = {"score": scores}
         if derive:
             values.update(_softmax_uncertainty(np.asarray(data.detections["logits"][idx])))
@@ -177,6 +186,7 @@ def _describe(data: Any, top: int, chunk_detections: int) -> dict[str, Any]:
             "name": class_label(g, names),
             "detections": int(class_n[g]),
             "mean_score": _jsonable(class_score[g] / class_n[g]) if class_n[g] else None,
+            **({"weighted_detections": float(class_weighted[g])} if weighted else {}),
         }
         for g in range(n_labels)
         if class_n[g]
@@ -209,6 +219,16 @@ def _describe(data: Any, top: int, chunk_detections: int) -> dict[str, Any]:
             "dataset_types": dataset_types,
             "embeddings": "embeddings" in data.detections,
             "uncertainty": ("logged" if logged else DERIVED) if columns else None,
+            **(
+                {
+                    "weighted": {
+                        "images": weighted_images,
+                        "detections": float(class_weighted.sum()),
+                    }
+                }
+                if weighted
+                else {}
+            ),
         },
         "classes": classes,
         "histograms": {
@@ -384,6 +404,10 @@ def _overview(numbers: dict[str, Any]) -> str:
         ),
         ("epoch numbers", ", ".join(map(str, o["epochs"])) or "–"),
     ]
+    if "weighted" in o:
+        cards.append(
+            ("detections, weighted by sample_weight", f"{o['weighted']['detections']:,.0f}")
+        )
     html_cards = "".join(
         f'<div class="card"><b>{_e(f"{v:,}" if isinstance(v, int) else v)}</b><span>{_e(k)}</span></div>'
         for k, v in cards
@@ -436,6 +460,11 @@ def _classes(numbers: dict[str, Any]) -> str:
                 "label": c["label"],
                 "detections": c["detections"],
                 "mean score": c["mean_score"],
+                **(
+                    {"weighted (sampling)": c["weighted_detections"]}
+                    if "weighted_detections" in c
+                    else {}
+                ),
             }
             for c in classes
         ]
