@@ -193,3 +193,26 @@ def test_the_embedding_test_runs_on_the_gpu_with_the_same_verdicts(results):
     for name, values in on_cpu.items():
         assert on_gpu[name]["drift"] == values["drift"], name
         assert on_gpu[name]["statistic"] == pytest.approx(values["statistic"], rel=1e-3, abs=1e-6)
+
+
+def test_chunks_cover_every_detection_once_in_image_order(results):
+    from pyodlog.analysis.drift import iter_chunks
+
+    data = _Reversed(results["mix"])
+    for chunk_detections, image_block in ((1, 7), (50, 16), (333, 1000), (1 << 18, 1 << 16)):
+        rows, images = [], []
+        for chunk in iter_chunks(data, chunk_detections, image_block):
+            index = chunk.det_index
+            got = np.arange(index.start, index.stop) if isinstance(index, slice) else index
+            assert len(got) == chunk.det_counts.sum()
+            assert len(got) <= chunk_detections or len(chunk.det_counts) == 1
+            rows.append(got)
+            images.extend(range(chunk.image_rows.start, chunk.image_rows.stop))
+        assert images == list(range(len(data.images["det_count"])))
+        want = np.concatenate(
+            [
+                np.arange(o, o + c)
+                for o, c in zip(data.images["det_offset"], data.images["det_count"])
+            ]
+        )
+        assert np.array_equal(np.concatenate(rows), want)
