@@ -71,6 +71,10 @@ def test_a_shifted_class_mix_drifts_class_frequency_only(results):
     signal = report.to_dict()["class_frequency"]
     assert signal["statistic"] > signal["threshold"] and signal["p_value"] < 1e-6
     assert signal["current"]["shares"]["0"] == pytest.approx(0.4, abs=0.03)
+    # A threshold per signal name (or per method) changes the verdict, not the statistic.
+    lenient = compare(results["reference"], results["mix"], thresholds={"class_frequency": 0.5})
+    assert lenient.drifted == [] and lenient["class_frequency"].statistic == signal["statistic"]
+    assert lenient.to_dict()["class_frequency"]["threshold"] == 0.5
 
 
 def test_shifted_scores_drift_the_score_signals_only(results):

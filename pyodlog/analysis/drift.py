@@ -27,7 +27,12 @@ signal                    statistic                                             
 Requiring both an effect size and significance keeps small slices from
 flagging noise and huge slices from flagging differences too small to matter
 (Evidently's data-drift presets use the same PSI and normed-Wasserstein
-thresholds). Per-class signals need ``min_class_count`` detections in each
+thresholds). ``alpha`` applies to each signal: the histogram
+signals also need their effect size, but the embedding tests only their
+p-value, so with many classes expect about ``alpha`` × (number of
+``embedding[<class>]`` signals) flags by chance; lower ``per_class_embeddings``
+or ``alpha`` (with more ``permutations``: the smallest p-value is
+``1 / (permutations + 1)``) when that matters. Per-class signals need ``min_class_count`` detections in each
 slice (effective count when weighted); the others are listed in
 :attr:`DriftReport.skipped`.
 
