@@ -220,3 +220,13 @@ def test_chunks_cover_every_detection_once_in_image_order(results):
             ]
         )
         assert np.array_equal(np.concatenate(rows), want)
+
+
+def test_progress_bars_are_shown_on_request_and_change_nothing(results, capsys):
+    ref, cur = results["reference"], results["mix"]
+    quiet = compare(ref, cur, progress=False).to_dict()
+    assert capsys.readouterr().err == ""
+    shown = compare(ref, cur, progress=True).to_dict()
+    err = capsys.readouterr().err
+    assert "drift: ranges" in err and "drift: statistics" in err and "det" in err
+    assert_same_report(shown, quiet)

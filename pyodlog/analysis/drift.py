@@ -248,13 +248,52 @@ class Chunk:
         return np.repeat(self.image_weights, self.det_counts)
 
 
-def iter_chunks(data: Any, chunk_detections: int = 1 << 18, image_block: int = 1 << 16):
+#: Reads of at least this many detections show a progress bar (on a terminal) by default.
+PROGRESS_MIN_DETECTIONS = 1 << 22
+
+
+def iter_chunks(
+    data: Any,
+    chunk_detections: int = 1 << 18,
+    image_block: int = 1 << 16,
+    progress: bool | None = False,
+    desc: str = "reading",
+):
     """Consecutive images of ``data`` with at most ``chunk_detections`` detections (one image at least).
 
     Works on any ResultData-like object whose image ``det_offset``/``det_count``
     address its ``detections`` columns (a view included: the offsets need not
-    be contiguous).
+    be contiguous). ``progress``: a tqdm bar on stderr (None: when the slice
+    has at least :data:`PROGRESS_MIN_DETECTIONS` detections and stderr is a
+    terminal).
     """
+    bar = _progress_bar(data, progress, desc)
+    try:
+        for chunk in _chunks(data, chunk_detections, image_block):
+            yield chunk
+            if bar is not None:
+                bar.update(int(chunk.det_counts.sum()))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_bar(data: Any, progress: bool | None, desc: str):
+    if progress is False:
+        return None
+    total = int(np.sum(data.images["det_count"]))
+    if progress is None:
+        import sys
+
+        progress = total >= PROGRESS_MIN_DETECTIONS and sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="det", unit_scale=True, leave=False)
+
+
+def _chunks(data: Any, chunk_detections: int, image_block: int):
     images = data.images
     n_images = len(images["det_count"])
     weights_col = images.get("sample_weight")
@@ -443,10 +482,14 @@ def _signals_of(data: Any) -> list[str]:
 
 
 def _first_pass(
-    data: Any, columns: list[str], chunk_detections: int, ranges: dict[str, _Range]
+    data: Any,
+    columns: list[str],
+    chunk_detections: int,
+    ranges: dict[str, _Range],
+    progress: bool | None = False,
 ) -> int:
     max_label = -1
-    for chunk in iter_chunks(data, chunk_detections):
+    for chunk in iter_chunks(data, chunk_detections, progress=progress, desc="drift: ranges"):
         ranges["detections_per_image"].update(chunk.det_counts.astype(np.float64))
         if isinstance(chunk.det_index, slice) and chunk.det_index.stop == chunk.det_index.start:
             continue
@@ -472,6 +515,7 @@ def _second_pass(
     class_embedding_sample: int,
     chunk_detections: int,
     rng: np.random.Generator,
+    progress: bool | None = False,
 ) -> None:
     stats.class_w = np.zeros(n_labels)
     stats.class_w2 = np.zeros(n_labels)
@@ -485,7 +529,7 @@ def _second_pass(
     with_embeddings = "embeddings" in data.detections and class_embedding_sample > 0
     if with_embeddings:
         stats.class_embeddings = _Reservoir(class_embedding_sample, n_labels, rng)
-    for chunk in iter_chunks(data, chunk_detections):
+    for chunk in iter_chunks(data, chunk_detections, progress=progress, desc="drift: statistics"):
         stats.images += len(chunk.det_counts)
         hists["detections_per_image"].add(chunk.det_counts.astype(np.float64), chunk.image_weights)
         index = chunk.det_index
@@ -765,6 +809,7 @@ def compare(
     chunk_detections: int = 1 << 18,
     seed: int = 0,
     device: str | None = None,
+    progress: bool | None = None,
 ) -> DriftReport:
     """Compares two slices of logged detections, signal by signal (see the module's docstring).
 
@@ -785,6 +830,8 @@ def compare(
         chunk_detections: detections read at a time.
         seed: the same seed gives the same report.
         device: torch device of the embedding test (default: CUDA when available).
+        progress: tqdm progress bars on stderr (None: for slices of at least
+            4,194,304 detections when stderr is a terminal).
 
     Returns:
         DriftReport: one signal per name; ``report.skipped`` names the per-class
@@ -801,8 +848,8 @@ def compare(
         k: _Range() for k in ("score", "box_size", "box_aspect", "detections_per_image", *columns)
     }
     max_label = max(
-        _first_pass(reference, columns, chunk_detections, ranges),
-        _first_pass(current, columns, chunk_detections, ranges),
+        _first_pass(reference, columns, chunk_detections, ranges, progress),
+        _first_pass(current, columns, chunk_detections, ranges, progress),
     )
     n_labels = max_label + 1 if max_label >= 0 else 1
     edges = {k: r.edges(bins, integer=k == "detections_per_image") for k, r in ranges.items()}
@@ -819,6 +866,7 @@ def compare(
             class_embedding_sample,
             chunk_detections,
             rng,
+            progress,
         )
     signals: dict[str, DriftSignal] = {}
     skipped: dict[str, str] = {}

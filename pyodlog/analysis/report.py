@@ -93,7 +93,9 @@ def _det_rows(index: slice | np.ndarray) -> np.ndarray:
     return np.asarray(index, np.int64)
 
 
-def _describe(data: Any, top: int, chunk_detections: int) -> dict[str, Any]:
+def _describe(
+    data: Any, top: int, chunk_detections: int, progress: bool | None = None
+) -> dict[str, Any]:
     """One slice's overview, histograms, per-class counts and most uncertain detections (streamed)."""
     images = data.images
     n_images = len(images["det_count"])
@@ -105,7 +107,7 @@ def _describe(data: Any, top: int, chunk_detections: int) -> dict[str, Any]:
     lo = {c: math.inf for c in ["score", *logged]}
     hi = {c: -math.inf for c in ["score", *logged]}
     max_label = -1
-    for chunk in iter_chunks(data, chunk_detections):
+    for chunk in iter_chunks(data, chunk_detections, progress=progress, desc="report: ranges"):
         if not int(chunk.det_counts.sum()):
             continue
         idx = chunk.det_index
@@ -144,7 +146,7 @@ def _describe(data: Any, top: int, chunk_detections: int) -> dict[str, Any]:
     key = "entropy" if "entropy" in columns else ("margin" if "margin" in columns else None)
     uncertain = _TopK(top)
     n_det = 0
-    for chunk in iter_chunks(data, chunk_detections):
+    for chunk in iter_chunks(data, chunk_detections, progress=progress, desc="report"):
         n = int(chunk.det_counts.sum())
         if not n:
             continue
