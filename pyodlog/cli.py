@@ -6,6 +6,7 @@
     pyodlog list ...           the results a collector's root holds
     pyodlog export ...         a result a collector holds, as a pyodlog ZIP (checked, read by pyodlog)
     pyodlog keygen FILE ...    append a new API key to a collector's key file
+    pyodlog report PATH ...    an HTML report of a result (--json: its numbers; --against: drift)
 
 This module sits at the top of the layers (docs/architecture.md): it is the one place that puts the
 reference collector behind the same command as the library. The library proper never imports the
@@ -33,6 +34,7 @@ LIBRARY_COMMANDS = {
     "info": "what is installed and built (no PATH); what a result folder or ZIP holds (PATH)",
     "export": "export a result a collector holds as the ZIP that logger.export() writes",
     "demo": "log a real torchvision detector over generated images into local HDF5 (make demo)",
+    "report": "an HTML report (and --json numbers) of a result folder or ZIP; --against: drift",
 }
 
 
@@ -68,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="the ZIP to write (default: ./MODEL_VERSION_RESULT.zip)"
     )
     sub.add_parser("demo", help=LIBRARY_COMMANDS["demo"])
+    _add_report_parser(sub)
     for name, text in COLLECTOR_COMMANDS.items():
         # Parsed by the collector's own parser: listed here for --help only.
         sub.add_parser(name, help=text, add_help=False)
@@ -178,6 +181,116 @@ def _demo(_: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report_parser(sub) -> None:
+    report = sub.add_parser(
+        "report",
+        help=LIBRARY_COMMANDS["report"],
+        description="Writes a self-contained HTML report of a result (overview, score and uncertainty "
+        "histograms, per-class counts, evaluation when ground truth was logged, the most uncertain "
+        "detections) and, with --against, the drift of PATH against a reference slice. --json prints "
+        "the same numbers.",
+    )
+    report.add_argument("path", type=Path, help="a result folder or an exported ZIP")
+    report.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep a slice: ResultData.where(KEY=VALUE), e.g. dataset_type=deploying n_epoch=3 "
+        "(repeatable; a key given twice passes a list)",
+    )
+    report.add_argument(
+        "--against",
+        type=Path,
+        help="the reference result folder or ZIP to compare PATH with (drift)",
+    )
+    report.add_argument(
+        "--against-where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="slice of the reference (default reference: PATH itself when only this is given)",
+    )
+    report.add_argument(
+        "--out", type=Path, help="the HTML file to write (default: report.html unless --json)"
+    )
+    report.add_argument("--json", action="store_true", help="print the report's numbers as JSON")
+
+
+def parse_where(pairs: list[str]) -> dict[str, Any]:
+    """``["n_epoch=3", "dataset_type=deploying"]`` → ``{"n_epoch": 3, "dataset_type": "deploying"}``.
+
+    Values are typed: integers, floats, ``true``/``false``, ``none``; anything
+    else (or a value in quotes) stays a string. A key given twice gives a list.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(
+                f"--where {pair!r} is not KEY=VALUE (e.g. --where dataset_type=deploying)"
+            )
+        value: Any
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            value = text[1:-1]
+        elif text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        elif text.lower() in ("none", "null"):
+            value = None
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = text
+        if key in out:
+            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
+        else:
+            out[key] = value
+    return out
+
+
+def _sliced(path: Path, pairs: list[str], option: str):
+    from pyodlog.io.reader import open_result
+
+    data = open_result(path)
+    if not pairs:
+        return data
+    kwargs = parse_where(pairs)
+    where = getattr(data, "where", None)
+    if where is None:
+        raise ValueError(
+            f"{option} needs ResultData.where (slices), which this pyodlog does not have: upgrade "
+            f"pyodlog, or report the whole result without {option}"
+        )
+    return where(**kwargs)
+
+
+def _report(args: argparse.Namespace) -> int:
+    try:
+        data = _sliced(args.path, args.where, "--where")
+        against = None
+        if args.against is not None or args.against_where:
+            against = _sliced(args.against or args.path, args.against_where, "--against-where")
+        from pyodlog.analysis.report import analyse, html_page
+
+        numbers, drift = analyse(data, against)
+        out = args.out if args.out is not None or args.json else Path("report.html")
+        if out is not None:
+            out.write_text(html_page(numbers, drift), encoding="utf-8")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"pyodlog report: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(numbers, indent=2))
+    else:
+        print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``pyodlog COMMAND ...``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -186,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return collector_main(argv)
     args = _parser().parse_args(argv)
-    return {"info": _info, "export": _export, "demo": _demo}[args.command](args)
+    return {"info": _info, "export": _export, "demo": _demo, "report": _report}[args.command](args)
 
 
 if __name__ == "__main__":
