@@ -1042,9 +1042,12 @@ def open_result(
     local cache, each segment checked against its stored SHA-256 (:mod:`pyodlog.io.remote`).
     """
     if isinstance(path, str) and path.startswith("s3://"):
-        from pyodlog.io.remote import fetch_s3_result
+        from pyodlog.io.remote import RemoteChecksumError, fetch_s3_result
 
-        path = fetch_s3_result(path)
+        try:
+            path = fetch_s3_result(path)
+        except RemoteChecksumError as error:
+            raise CorruptResultError(str(error)) from None
     path = Path(path)
     if path.is_file():
         if not zipfile.is_zipfile(path):

@@ -28,12 +28,17 @@ from typing import Any
 from pyodlog_protocol import is_loopback_host
 from pyodlog_protocol.layout import object_result_prefix, parse_object_key, parse_s3_url
 
-__all__ = ["S3Access", "cache_root", "fetch_s3_result", "is_s3_url"]
+__all__ = ["RemoteChecksumError", "S3Access", "cache_root", "fetch_s3_result", "is_s3_url"]
 
 #: Any run of this many characters of a credential in a message is redacted.
 REDACT_RUN = 8
 DEFAULT_CACHE_BYTES = 20 << 30
 _CACHE_INFO = ".pyodlog-cache"
+
+
+class RemoteChecksumError(ValueError):
+    """A stored segment whose bytes do not match its SHA-256 (``open_result`` raises it as a
+    ``CorruptResultError``)."""
 
 
 def is_s3_url(path: object) -> bool:
@@ -244,11 +249,9 @@ def fetch_s3_result(url: str, access: S3Access | None = None) -> Path:
 
     Raises:
         FileNotFoundError: no segment under the URL.
-        CorruptResultError: a segment whose bytes do not have the SHA-256 stored with it.
+        RemoteChecksumError: a segment whose bytes do not have the SHA-256 stored with it.
         RuntimeError: the store refused or failed (the message never holds a secret).
     """
-    from pyodlog.io.reader import CorruptResultError
-
     bucket, prefix = parse_s3_url(url)
     names = prefix.split("/") if prefix else []
     if len(names) < 3:
@@ -308,13 +311,13 @@ def fetch_s3_result(url: str, access: S3Access | None = None) -> Path:
             ) from None
         if expected is None:
             tmp.unlink()
-            raise CorruptResultError(
+            raise RemoteChecksumError(
                 f"s3://{bucket}/{entry['key']} has no sha256 in its metadata: it was not stored by "
                 "pyodlog (its sync or its collector), so its bytes cannot be verified"
             )
         if digest.hexdigest() != expected:
             tmp.unlink()
-            raise CorruptResultError(
+            raise RemoteChecksumError(
                 f"s3://{bucket}/{entry['key']} does not match the SHA-256 stored with it "
                 f"({digest.hexdigest()} != {expected}): damaged in the store or on the way"
             )
