@@ -194,3 +194,30 @@ def test_the_s3_gateway_restarted_mid_upload_resumes_with_the_parts_not_sent(
     assert not list(folder.rglob("*.upload"))
     assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
     syncer.close()
+
+
+def test_the_readme_reads_a_result_from_the_bucket_with_duckdb(tmp_path, seaweed, s3_bucket):
+    from tests.helpers.readme_blocks import block_starting_with
+
+    seaweed.client().create_bucket(Bucket="fleet-logs")  # the README's bucket
+    torch.manual_seed(0)
+    logger = TinyDetectorLogger(
+        TinyDetector().eval(),
+        "shelf-detector",
+        "2024.06",
+        result_name="run",
+        target_layers={"b": "backbone.0"},
+        api_endpoint="s3://fleet-logs/pyodlog",
+        sink=HDF5Store(tmp_path / "local", config=WriterConfig(flush_interval=0.05)),
+        sync_config=SyncConfig(**FAST),
+        auto_sync=False,
+    )
+    log_calls(logger, 3)
+    assert logger.upload().segments == 1
+    logger.close()
+    namespace: dict = {}
+    block = block_starting_with("# past-one-machine")
+    exec(compile(block, "README.md:past-one-machine", "exec"), namespace)
+    rows = namespace["busiest"].fetchall()
+    counts = dict(zip(namespace["data"].images["input_id"], namespace["data"].images["det_count"]))
+    assert len(rows) == 5 and [r[1] for r in rows] == sorted(counts.values(), reverse=True)[:5]
