@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,13 @@ class S3Access:
         max_pool: int = 10,
         allow_insecure_http: bool = False,
     ) -> None:
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise ImportError(
+                "s3:// needs boto3, which is not installed: pip install 'pyodlog[s3]' (or boto3)"
+            ) from None
 
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or None
         endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
@@ -295,7 +301,7 @@ def fetch_s3_result(url: str, access: S3Access | None = None) -> Path:
                 continue
         except (OSError, ValueError):
             pass
-        tmp = local / f".{name}.download"
+        tmp = local / f".{name}.{os.getpid()}.{threading.get_ident()}.download"
         try:
             answer = client.get_object(Bucket=bucket, Key=entry["key"])
             expected = answer.get("Metadata", {}).get("sha256")
