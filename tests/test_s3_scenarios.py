@@ -78,7 +78,8 @@ def test_a_wrong_credential_is_refused_and_the_secret_is_in_no_message(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
     endpoint = f"s3://{s3_bucket}/p"
     with caplog.at_level(logging.DEBUG, logger="pyodlog"):
-        logger = make_logger(tmp_path / "local", endpoint, auto_sync=True)
+        sync = SyncConfig(**dict(FAST, close_timeout=2))
+        logger = make_logger(tmp_path / "local", endpoint, sync=sync, auto_sync=True)
         log_calls(logger, 2)
         with pytest.raises(SyncError) as raised:
             logger.upload()
