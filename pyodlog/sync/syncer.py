@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 from pyodlog.io.reader import read_epochs
 from pyodlog.io.segment import segment_rank
 from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, _is_count
+from pyodlog.sync.state import SyncState
+from pyodlog_protocol.files import sha256_file
 
 if TYPE_CHECKING:
     from pyodlog.sync.s3 import S3Target
-from pyodlog.sync.state import SyncState
-from pyodlog_protocol.files import sha256_file
 
 __all__ = ["Syncer", "UploadSummary"]
 
