@@ -221,3 +221,24 @@ def test_the_readme_reads_a_result_from_the_bucket_with_duckdb(tmp_path, seaweed
     rows = namespace["busiest"].fetchall()
     counts = dict(zip(namespace["data"].images["input_id"], namespace["data"].images["det_count"]))
     assert len(rows) == 5 and [r[1] for r in rows] == sorted(counts.values(), reverse=True)[:5]
+
+
+def test_the_read_cache_keeps_unchanged_segments_and_is_bounded(
+    tmp_path, seaweed, s3_bucket, monkeypatch
+):
+    urls = []
+    for name in ("first", "second"):
+        logger = make_logger(tmp_path / "local", f"s3://{s3_bucket}/c", result_name=name)
+        log_calls(logger, 2)
+        logger.upload()
+        logger.close()
+        urls.append(f"s3://{s3_bucket}/c/tiny/v1/{name}")
+    first = Path(pyodlog.open_result(urls[0]).source)
+    (segment,) = first.glob("*.h5")
+    before = segment.stat()
+    again = pyodlog.open_result(urls[0])
+    assert len(again) == 4 and segment.stat().st_ino == before.st_ino  # not downloaded again
+    # A cache smaller than two results: opening the second removes the one read least recently.
+    monkeypatch.setenv("PYODLOG_CACHE_BYTES", str(before.st_size + before.st_size // 2))
+    second = pyodlog.open_result(urls[1])
+    assert len(second) == 4 and Path(second.source).is_dir() and not first.exists()
