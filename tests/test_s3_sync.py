@@ -242,3 +242,29 @@ def test_the_read_cache_keeps_unchanged_segments_and_is_bounded(
     monkeypatch.setenv("PYODLOG_CACHE_BYTES", str(before.st_size + before.st_size // 2))
     second = pyodlog.open_result(urls[1])
     assert len(second) == 4 and Path(second.source).is_dir() and not first.exists()
+
+
+def test_bytes_damaged_on_the_way_are_refused_by_the_store_and_sent_again(
+    tmp_path, seaweed, s3_bucket
+):
+    logger = make_logger(tmp_path / "local", f"s3://{s3_bucket}/d")
+    log_calls(logger, 2)
+    logger.wait_for_save()
+    logger.sink.rotate()
+    (segment,) = logger.sink.directory.glob("*.h5")
+    damaged_puts = []
+
+    def damage_the_first_segment_put(params, **kwargs):
+        if params["Key"].endswith(segment.name) and not damaged_puts:
+            data = bytearray(segment.read_bytes())
+            data[100] ^= 0xFF  # one flipped byte between the disk and the store
+            params["Body"] = bytes(data)
+            damaged_puts.append(params["Key"])
+
+    s3 = logger.syncer.client.s3
+    s3.meta.events.register("before-parameter-build.s3.PutObject", damage_the_first_segment_put)
+    summary = logger.upload()
+    assert damaged_puts and summary.segments == 1  # refused (BadDigest), then sent again whole
+    stored = seaweed.client().get_object(Bucket=s3_bucket, Key=damaged_puts[0])
+    assert stored["Body"].read() == segment.read_bytes()
+    logger.close()
