@@ -1,6 +1,6 @@
 """The collector's commands (``pyodlog serve|list|keygen``, or ``python -m pyodlog_collector …``).
 
-    pyodlog serve --root DIR --api-key-file FILE [--host 127.0.0.1] [--port 8750] [--tls-cert PEM --tls-key PEM]
+    pyodlog serve (--root DIR | --storage DIR|s3://bucket/prefix) --api-key-file FILE [--host 127.0.0.1] [--port 8750] [--tls-cert PEM --tls-key PEM]
                   [--request-timeout 300] [--max-connections 1024] [--staging-ttl 24h]
     pyodlog list --root DIR [--tenant NAME]
     pyodlog keygen FILE [--tenant NAME]
@@ -86,7 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the collector (HTTP)")
     serve.add_argument(
-        "--root", required=True, type=Path, help="folder where uploaded segments are stored"
+        "--root", type=Path, help="folder where uploaded segments are stored (or --storage)"
+    )
+    serve.add_argument(
+        "--storage",
+        help="where segments are stored: a folder (like --root) or s3://bucket/prefix, an "
+        "S3-compatible object store (credentials from the AWS chain, AWS_ENDPOINT_URL for a store "
+        "that is not AWS); with s3:// the collector keeps no state of its own, so several can "
+        "serve one fleet",
     )
     serve.add_argument(
         "--api-key-file",
@@ -157,6 +164,26 @@ def _serve(args) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if (args.root is None) == (args.storage is None):
+        print(
+            "pyodlog serve: pass one of --root DIR or --storage DIR|s3://bucket/prefix",
+            file=sys.stderr,
+        )
+        return 2
+    storage_arg = args.storage if args.storage is not None else args.root
+    if isinstance(storage_arg, str) and storage_arg.startswith("s3://"):
+        from pyodlog_protocol.layout import parse_s3_url
+
+        try:
+            parse_s3_url(storage_arg)
+        except ValueError as error:
+            print(f"pyodlog serve: --storage {error}", file=sys.stderr)
+            return 2
+        if importlib.util.find_spec("boto3") is None:
+            print("pyodlog serve: --storage s3:// needs boto3: pip install boto3", file=sys.stderr)
+            return 2
+    elif isinstance(storage_arg, str):
+        storage_arg = Path(storage_arg)
     try:
         keys = ApiKeys.from_file(args.api_key_file)
     except KeyFileError as error:
@@ -185,7 +212,7 @@ def _serve(args) -> int:
             return 2
     try:
         server = make_server(
-            args.root,
+            storage_arg,
             keys,
             args.host,
             args.port,
@@ -197,6 +224,9 @@ def _serve(args) -> int:
             staging_ttl=args.staging_ttl,
         )
     except OSError as error:
+        if str(error).startswith("cannot use s3://"):  # the object store's check (no secret in it)
+            print(f"pyodlog serve: {error}", file=sys.stderr)
+            return 2
         print(
             f"pyodlog serve: cannot listen on {args.host}:{args.port}: {error.strerror or error}",
             file=sys.stderr,

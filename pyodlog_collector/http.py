@@ -21,6 +21,7 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pyodlog_collector.keys import ApiKeys
@@ -262,9 +263,17 @@ def make_server(
 
     With ``tls`` (see :func:`tls_context`) it speaks HTTPS. See :class:`CollectorServer` for the limits.
     """
+    if isinstance(root, str) and root.startswith("s3://"):  # an object store (--storage s3://...)
+        from pyodlog_collector.s3_storage import S3CollectorStorage
+
+        s3_storage = S3CollectorStorage(root, max_segment_bytes)
+        s3_storage.check_access()
+        storage: Any = s3_storage
+    else:
+        storage = CollectorStorage(root, max_segment_bytes)
     return CollectorServer(
         (host, port),
-        CollectorStorage(root, max_segment_bytes),
+        storage,
         keys,
         max_request_bytes,
         tls=tls,
@@ -672,6 +681,20 @@ class CollectorHandler(BaseHTTPRequestHandler):
         raise _Reject(404, "not_found", "no such endpoint")
 
     def _send_content(self, key: SegmentKey) -> None:
+        opener = getattr(self.server.storage, "open_content", None)
+        if opener is not None:  # an object store (s3_storage): stream the object
+            found = opener(key)
+            if found is None:
+                raise _Reject(404, "not_found", "no such segment")
+            stream, size, sha = found
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.send_header("X-Content-SHA256", sha)
+            self.end_headers()
+            for block in stream.iter_chunks(1 << 20):
+                self.wfile.write(block)
+            return
         path = self.server.storage.content_path(key)
         if path is None:  # also what another tenant's reader sees: nothing of this tenant's
             raise _Reject(404, "not_found", "no such segment")

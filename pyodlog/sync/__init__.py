@@ -7,12 +7,14 @@ from pyodlog.sync.client import (
     check_api_key,
     check_endpoint,
 )
+from pyodlog.sync.s3 import S3Target, check_s3_endpoint
 from pyodlog.sync.secret import Secret
 from pyodlog.sync.state import SyncState
 from pyodlog.sync.syncer import Syncer, UploadSummary
 
 __all__ = [
     "CollectorClient",
+    "S3Target",
     "Secret",
     "SyncConfig",
     "SyncError",
@@ -21,4 +23,5 @@ __all__ = [
     "UploadSummary",
     "check_api_key",
     "check_endpoint",
+    "check_s3_endpoint",
 ]

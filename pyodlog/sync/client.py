@@ -95,6 +95,11 @@ class SyncConfig:
         close_timeout: ``close()`` waits this long for the last segments to be sent
             (whatever is left is sent by the next logger on the same result).
         progress: show a progress bar in ``upload()``; None: only in an interactive terminal.
+        s3_endpoint_url: for ``api_endpoint="s3://bucket/prefix"``: the S3 API's URL of a store
+            that is not AWS (MinIO, SeaweedFS, Ceph RGW, ...); default ``AWS_ENDPOINT_URL`` or AWS.
+        s3_multipart_bytes: segments above this size go as multipart uploads (resumable by part).
+        s3_part_bytes: the part size of a multipart upload (at least 5 MiB, S3's minimum).
+        s3_max_concurrency: parts of one segment sent at once.
     """
 
     ca_bundle: str | None = None
@@ -107,8 +112,19 @@ class SyncConfig:
     max_retry_interval: float = 60.0
     close_timeout: float = 10.0
     progress: bool | None = None
+    s3_endpoint_url: str | None = None
+    s3_multipart_bytes: int = 16 << 20
+    s3_part_bytes: int = 8 << 20
+    s3_max_concurrency: int = 4
 
     def __post_init__(self) -> None:
+        for name in ("s3_multipart_bytes", "s3_part_bytes", "s3_max_concurrency"):
+            check_number(getattr(self, name), f"SyncConfig.{name}")
+        if self.s3_part_bytes < 5 << 20:
+            raise ValueError(
+                f"SyncConfig.s3_part_bytes={self.s3_part_bytes} is below 5 MiB, the smallest part "
+                "S3 accepts: pass at least 5 << 20"
+            )
         for name in ("connect_timeout", "read_timeout", "chunk_bytes", "max_retry_interval"):
             value = getattr(self, name)
             check_number(value, f"SyncConfig.{name}")

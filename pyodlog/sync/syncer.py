@@ -28,12 +28,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyodlog.io.reader import read_epochs
 from pyodlog.io.segment import segment_rank
 from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, _is_count
 from pyodlog.sync.state import SyncState
 from pyodlog_protocol.files import sha256_file
+
+if TYPE_CHECKING:
+    from pyodlog.sync.s3 import S3Target
 
 __all__ = ["Syncer", "UploadSummary"]
 
@@ -84,7 +88,7 @@ class Syncer:
     """Uploads one result's closed segments to one collector.
 
     Args:
-        client: the collector client.
+        client: the collector client, or an object store's target (``s3://``, :mod:`pyodlog.sync.s3`).
         segments: returns the result's closed segment files.
         result_dir: the result folder (for the acknowledgement markers).
         model_name, version_name, result_name: the result.
@@ -96,7 +100,7 @@ class Syncer:
 
     def __init__(
         self,
-        client: CollectorClient,
+        client: CollectorClient | S3Target,
         segments: Callable[[], list[Path]],
         result_dir: Path,
         model_name: str,
@@ -188,6 +192,9 @@ class Syncer:
         rank = segment_rank(path.name)
         rank = self.rank if rank is None else rank
         sha, size = self._checksum(path)
+        if hasattr(self.client, "send_segment"):  # an object store (pyodlog.sync.s3)
+            self._send_object(path, rank, sha, size, summary, progress)
+            return
         if path.name in stored:  # the listing answered: no status request for this segment
             status = {"status": "stored", "sha256": stored[path.name]}
         else:  # how much of it the collector has staged (an upload cut off earlier resumes there)
@@ -261,6 +268,26 @@ class Syncer:
         self.state.acknowledge(path.name, sha, size, self.client.endpoint)
         summary.segments += 1
 
+    def _send_object(
+        self, path: Path, rank: int, sha: str, size: int, summary: UploadSummary, progress
+    ) -> None:
+        """Sends one segment to an object store (:class:`pyodlog.sync.s3.S3Target`)."""
+        from pyodlog.sync.s3 import ObjectRefused, S3Target
+
+        assert isinstance(self.client, S3Target)
+        try:
+            outcome, sent = self.client.send_segment(
+                self.names, rank, path, sha, size, self.state, progress
+            )
+        except ObjectRefused as refusal:
+            raise _Refused(str(refusal)) from None
+        summary.bytes += sent
+        self.state.acknowledge(path.name, sha, size, self.client.endpoint)
+        if outcome == "exists":
+            summary.already_stored += 1
+        else:
+            summary.segments += 1
+
     def _skip_refused(self, names: list[str], summary: UploadSummary, warn: bool) -> None:
         """Reports segments refused earlier; warns about each once per process (``warn``: again)."""
         for name in names:
@@ -301,7 +328,7 @@ class Syncer:
             # One listing tells what the collector holds already (e.g. acknowledgements lost with a disk).
             stored = (
                 {s["segment_id"]: s["sha256"] for s in self.client.list_segments(*self.names)}
-                if todo
+                if todo and not hasattr(self.client, "send_segment")
                 else {}
             )
             bar = None
