@@ -38,6 +38,12 @@ LIBRARY_COMMANDS = {
 }
 
 
+def result_location(text: str) -> str | Path:
+    """A result's location as given: a URL (``s3://...``) stays a string — ``Path`` would fold its
+    ``//`` — and anything else is a local path."""
+    return text if "://" in text else Path(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyodlog",
@@ -49,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument(
         "path",
         nargs="?",
-        type=Path,
-        help="a result folder (PYODLOG_HOME/MODEL/VERSION/RESULT) or an exported ZIP",
+        type=result_location,
+        help="a result folder (PYODLOG_HOME/MODEL/VERSION/RESULT), an exported ZIP or an "
+        "s3://bucket/prefix/MODEL/VERSION/RESULT",
     )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     export = sub.add_parser(
@@ -97,7 +104,7 @@ def _installation() -> dict[str, Any]:
     return facts
 
 
-def _result_summary(path: Path) -> dict[str, Any]:
+def _result_summary(path: str | Path) -> dict[str, Any]:
     import numpy as np
 
     from pyodlog.io.reader import open_result
@@ -190,7 +197,9 @@ def _add_report_parser(sub) -> None:
         "detections) and, with --against, the drift of PATH against a reference slice. --json prints "
         "the same numbers.",
     )
-    report.add_argument("path", type=Path, help="a result folder or an exported ZIP")
+    report.add_argument(
+        "path", type=result_location, help="a result folder, an exported ZIP or an s3:// result"
+    )
     report.add_argument(
         "--where",
         action="append",
@@ -201,7 +210,7 @@ def _add_report_parser(sub) -> None:
     )
     report.add_argument(
         "--against",
-        type=Path,
+        type=result_location,
         help="the reference result folder or ZIP to compare PATH with (drift)",
     )
     report.add_argument(
@@ -253,7 +262,7 @@ def parse_where(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _sliced(path: Path, pairs: list[str], option: str):
+def _sliced(path: str | Path, pairs: list[str], option: str):
     from pyodlog.io.reader import open_result
 
     data = open_result(path)

@@ -268,3 +268,20 @@ def test_bytes_damaged_on_the_way_are_refused_by_the_store_and_sent_again(
     stored = seaweed.client().get_object(Bucket=s3_bucket, Key=damaged_puts[0])
     assert stored["Body"].read() == segment.read_bytes()
     logger.close()
+
+
+def test_the_command_line_reads_a_result_from_the_bucket(tmp_path, seaweed, s3_bucket, capsys):
+    """`pyodlog info` and `pyodlog report` take the s3:// location as given (a Path would fold `//`)."""
+    from pyodlog.cli import main
+
+    logger = make_logger(tmp_path / "local", f"s3://{s3_bucket}/fleet/c")
+    log_calls(logger, 2)
+    assert logger.upload().segments >= 1
+    location = f"s3://{s3_bucket}/fleet/c/tiny/v1/{logger.result_name}"
+    logger.close()
+    assert main(["info", location, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images"] == 4
+    assert main(["report", location, "--json"]) == 0
+    numbers = json.loads(capsys.readouterr().out)
+    assert numbers["overview"]["images"] == 4
