@@ -52,6 +52,7 @@ table{border-collapse:collapse;background:#fff;font-size:13px}
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 tr.selected td{background:#fde68a}
 rect.selected{stroke-width:5px!important}
+#big rect.det,#big rect.nm{pointer-events:all;cursor:pointer}
 .split{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}
 #big{max-width:900px;width:100%;background:#ddd}
 .nm-row{color:#555;font-style:italic}
@@ -356,6 +357,10 @@ toggle('toggle-nm','nm-layer','nm-section'); toggle('toggle-gt','gt-layer',null)
 """
 
 
+def _area(box: list[float]) -> float:
+    return max(box[2] - box[0], 0.0) * max(box[3] - box[1], 0.0)
+
+
 def render_image(viewer: Viewer, rid: int, row: int) -> HTMLResponse:
     result = viewer.result(rid)
     if not 0 <= row < result.n_images:
@@ -375,7 +380,8 @@ def render_image(viewer: Viewer, rid: int, row: int) -> HTMLResponse:
             f"<rect class='det' id='box-det-{k}' data-kind='det' data-k='{k}'",
             1,
         )
-        for k, det in enumerate(d.detections)
+        # Larger boxes first: a small box drawn over a large one stays clickable.
+        for k, det in sorted(enumerate(d.detections), key=lambda kd: -_area(kd[1]["box"]))
     )
     nms = "".join(
         _box("nm", nm["box"], nm["label"], "", h, w).replace(
