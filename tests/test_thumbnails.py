@@ -161,3 +161,23 @@ def test_device_images_are_downscaled_on_the_device_and_encoded_there():
         logger.wait_for_save()
         result = pyodlog.open_result(logger._sink.directory)  # type: ignore[attr-defined]
     assert decode(result.thumbnail(1)).shape == (38, 64, 3)
+
+
+def test_segments_with_and_without_thumbnails_stay_aligned_when_merged(tmp_path):
+    images = gradient_images(4)
+    m = model()
+    with TinyDetectorLogger(m, "thumbs", "v6", "mixed") as logger:
+        logger(images[:2], input_ids=["plain0", "plain1"])
+    with TinyDetectorLogger(m, "thumbs", "v6", "mixed", log_images={"max_side": 32}) as logger:
+        logger(images[2:], input_ids=["thumb2", "thumb3"])
+        folder = logger.sink.directory
+    with TinyDetectorLogger(m, "thumbs", "v6", "mixed") as logger:
+        logger(images[:1], input_ids=["plain4"])
+        zip_path = logger.export(tmp_path / "out")
+    for result in (pyodlog.open_result(folder), pyodlog.open_result(zip_path)):
+        assert result.images["input_id"] == ["plain0", "plain1", "thumb2", "thumb3", "plain4"]
+        has = [result.thumbnail(i) is not None for i in range(5)]
+        assert has == [False, False, True, True, False]
+        for i in (2, 3):  # each thumbnail is its own image's (the blue channel differs per image)
+            blue = decode(result.thumbnail(i))[..., 2].mean()
+            assert blue == pytest.approx(float(images[i][2].mean()), abs=0.03)

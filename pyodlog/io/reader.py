@@ -776,6 +776,15 @@ def merge_tables(
         for k, texts in part.strings.items():
             picked = [texts[i] for i in (rows if k.startswith("images/") else feat_rows)]
             out.strings.setdefault(k, []).extend(picked)
+        # Thumbnails: segments with and without them (log_images turned on or off) stay aligned.
+        for k in _BLOBS:
+            column: list[Any] | None = out.strings.get(k)
+            missing = images_base + len(rows) - len(column) if column is not None else 0
+            if column is not None and missing:
+                if k in part.strings:  # the parts before this one had none: their rows come first
+                    column[:0] = [b""] * missing
+                else:
+                    column.extend([b""] * missing)
         images_base += len(rows)
         det_base += len(det_rows)
         out.attrs = dict(part.attrs)

@@ -54,7 +54,9 @@ tr.selected td{background:#fde68a}
 rect.selected{stroke-width:5px!important}
 #big rect.det,#big rect.nm{pointer-events:all;cursor:pointer}
 .split{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}
-#big{max-width:900px;width:100%;background:#ddd}
+#big{width:100%;height:auto;background:#ddd;display:block}
+.image-split{display:grid;grid-template-columns:minmax(0,55%) minmax(0,45%);gap:16px;align-items:start}
+.image-split table{width:100%}
 .nm-row{color:#555;font-style:italic}
 .hidden{display:none}
 nav.pages{margin:10px 0;display:flex;gap:12px}
@@ -417,7 +419,7 @@ def render_image(viewer: Viewer, rid: int, row: int) -> HTMLResponse:
     body = [
         f"<h2 id='input-id'>{_e(d.input_id)}</h2>",
         "<p>" + " · ".join(f"{_e(k)}: {_e(v)}" for k, v in d.info.items()) + f" · size {w}×{h}</p>",
-        "<div class='split'><div>",
+        "<div class='image-split'><div>",
         svg,
         "<div>",
     ]
