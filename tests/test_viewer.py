@@ -223,3 +223,25 @@ def test_near_misses_and_targets_of_the_contract_are_shown_and_filtered(logged):
     assert "class='suppressor' href='#row-det-0' data-det='0'" in page and "suppressed" in page
     gallery = render_gallery(viewer, 0, {"near_miss": "1"}).body.decode()
     assert gallery.count("<a class='tile'") == 1 and "id='f-nm' checked" in gallery
+
+
+def test_uncertainty_columns_filter_and_sort_the_gallery(logged):
+    """Issue 14's `entropy` column (as its contract names it), on a real result."""
+    data = pyodlog.open_result(logged)
+    n_det = len(data.detections["scores"])
+    entropy = np.linspace(0.0, 2.0, n_det, dtype=np.float32)[::-1].copy()
+    data.detections["entropy"] = entropy
+    result = ViewerResult(data)
+    owner = np.repeat(np.arange(len(data)), data.images["det_count"])
+    rows, total = result.select(Query(unc_min=1.5, per_page=100))
+    assert rows.tolist() == np.unique(owner[entropy >= 1.5]).tolist() and total == len(rows)
+    best = np.zeros(len(data))
+    np.maximum.at(best, owner, entropy)
+    ordered, _ = result.select(Query(sort="uncertainty", per_page=100))
+    assert ordered.tolist() == np.argsort(-best, kind="stable").tolist()
+    viewer = Viewer(logged)
+    viewer._loaded[0] = result
+    page = render_gallery(viewer, 0, {"sort": "uncertainty"}).body.decode()
+    assert "id='f-unc-min'" in page and "<option value='uncertainty' selected>" in page
+    image = render_image(viewer, 0, int(ordered[0])).body.decode()
+    assert "<th>entropy</th>" in image

@@ -136,7 +136,7 @@ def _to_uint8(t: Tensor, max_side: int) -> Tensor:
         x = (x.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
     if size != (h, w):
         x = torch.nn.functional.interpolate(
-            x[None] if x.dtype == torch.uint8 else x[None].float(),
+            x[None] if x.dtype == torch.uint8 and x.device.type == "cpu" else x[None].float(),
             size=size,
             mode="bilinear",
             antialias=True,

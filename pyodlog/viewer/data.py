@@ -171,6 +171,7 @@ class ViewerResult:
             else None
         )
         self._gt_error: np.ndarray | None = None
+        self._class_counts: list[tuple[int, int]] | None = None
         schema = data.manifest.get("schema") if isinstance(data.manifest, dict) else None
         self.field_names = sorted(
             f["name"]
@@ -344,11 +345,16 @@ class ViewerResult:
     # -- the result page ---------------------------------------------------------------------------
 
     def class_counts(self) -> list[tuple[int, int]]:
-        if not len(self.labels):
-            return []
-        labels, counts = np.unique(self.labels, return_counts=True)
-        order = np.argsort(-counts, kind="stable")
-        return [(int(labels[k]), int(counts[k])) for k in order]
+        """(label, detections) by decreasing count (computed once)."""
+        cached = self._class_counts
+        if cached is None:
+            cached = []
+            if len(self.labels):
+                labels, counts = np.unique(self.labels, return_counts=True)
+                order = np.argsort(-counts, kind="stable")
+                cached = [(int(labels[k]), int(counts[k])) for k in order]
+            self._class_counts = cached
+        return cached
 
     def embedding_map(
         self, limit: int = 3000, seed: int = 0
