@@ -181,3 +181,22 @@ def test_segments_with_and_without_thumbnails_stay_aligned_when_merged(tmp_path)
         for i in (2, 3):  # each thumbnail is its own image's (the blue channel differs per image)
             blue = decode(result.thumbnail(i))[..., 2].mean()
             assert blue == pytest.approx(float(images[i][2].mean()), abs=0.03)
+
+
+def test_the_collector_accepts_segments_with_thumbnails(tmp_path):
+    """auto_sync/upload() send closed segments: the collector's layout check must take the column."""
+    from pyodlog_collector.segment_check import InvalidSegment, check_segment
+
+    with TinyDetectorLogger(model(), "thumbs", "v7", log_images={"max_side": 32}) as logger:
+        logger(gradient_images(2), input_ids=["a", "b"])
+        logger.wait_for_save()
+        folder = logger.sink.directory
+    (segment,) = folder.glob("*.h5")
+    check_segment(segment)  # closed by close(): the JPEG bytes are not refused as non-UTF-8 text
+    import h5py
+
+    with h5py.File(segment, "a") as f:  # a thumbnail span outside its bytes is still refused
+        spans = f["images/thumbnail.spans"]
+        spans[1, 1] = 10**9
+    with pytest.raises(InvalidSegment, match="thumbnail.spans points outside"):
+        check_segment(segment)
