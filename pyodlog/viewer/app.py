@@ -48,6 +48,7 @@ form#filters input[type=number]{width:70px}
 .meta{font-size:11px;color:#666}
 svg text{paint-order:stroke;stroke:#000;stroke-width:2px;fill:#fff;font-weight:600}
 .blank{fill:#e5e7eb}
+#score-hist text,#unc-hist text{stroke:none;fill:#333;font-weight:400}
 table{border-collapse:collapse;background:#fff;font-size:13px}
 td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 tr.selected td{background:#fde68a}
