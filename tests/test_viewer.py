@@ -245,3 +245,18 @@ def test_uncertainty_columns_filter_and_sort_the_gallery(logged):
     assert "id='f-unc-min'" in page and "<option value='uncertainty' selected>" in page
     image = render_image(viewer, 0, int(ordered[0])).body.decode()
     assert "<th>entropy</th>" in image
+
+
+def test_top5_probabilities_follow_the_family_class_head(logged):
+    data = pyodlog.open_result(logged)
+    row = int(np.argmax(data.images["det_count"]))
+    logits = data.image_detections(row).logits[0].double().numpy()
+    top = np.argsort(-logits, kind="stable")[:5]
+    softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    detail = ViewerResult(data).detail(row)  # the README's TinyDetector: softmax by default
+    assert [k for k, _, _, _ in detail.detections[0]["top5"]] == top.tolist()
+    assert [p for *_, p in detail.detections[0]["top5"]] == pytest.approx(softmax[top].tolist())
+    data.manifest["schema"]["family"] = "RetinaNetLogger"  # per-class sigmoid heads
+    detail = ViewerResult(data).detail(row)
+    sigmoid = 1 / (1 + np.exp(-logits[top]))
+    assert [p for *_, p in detail.detections[0]["top5"]] == pytest.approx(sigmoid.tolist())

@@ -435,7 +435,8 @@ def render_image(viewer: Viewer, rid: int, row: int) -> HTMLResponse:
     body.append("</div></div><div>")
     body.append(
         f"<h3>Detections ({len(d.detections)})</h3><table id='det-table'><thead><tr><th>#</th><th>class</th>"
-        f"<th>score</th><th>label</th><th>box (x1, y1, x2, y2)</th><th>top-5 (softmax p, logit)</th>{unc_head}"
+        f"<th>score</th><th>label</th><th>box (x1, y1, x2, y2)</th><th>top-5 ({result.activation} p, logit)</th>"
+        f"{unc_head}"
         f"</tr></thead><tbody>{det_rows}</tbody></table>"
     )
     if d.near_misses:

@@ -22,6 +22,8 @@ from pyodlog.io.reader import ResultData, open_result
 __all__ = ["ImageDetail", "Query", "ViewerResult", "find_results", "load_result"]
 
 SORTS = ("time", "score", "uncertainty")
+# Families whose class head is per-class sigmoid (the others: softmax over the logit row).
+SIGMOID_FAMILIES = {"RetinaNetLogger", "FCOSLogger", "UltralyticsYOLOLogger"}
 # A detection and a ground-truth box agree at this IoU (same class); a detection counts from this score.
 MATCH_IOU = 0.5
 ERROR_SCORE = 0.5
@@ -178,6 +180,8 @@ class ViewerResult:
             for f in ((schema or {}).get("additional_fields") or [])
             if isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"] in images
         )
+        family = (schema or {}).get("family") if isinstance(schema, dict) else None
+        self.activation = "sigmoid" if family in SIGMOID_FAMILIES else "softmax"
         names = getattr(data, "class_names", None)
         if not names and isinstance(schema, dict):
             names = schema.get("class_names")
@@ -385,12 +389,16 @@ def _numeric_equal(column: np.ndarray, value: str) -> np.ndarray:
         return np.zeros(len(column), bool)
 
 
-def _softmax_top5(logits: np.ndarray) -> list[tuple[int, float, float]]:
+def _top5(logits: np.ndarray, activation: str) -> list[tuple[int, float, float]]:
+    """(class, logit, probability) of the 5 largest logits; softmax or per-class sigmoid."""
     if not len(logits):
         return []
     z = logits.astype(np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    if activation == "sigmoid":
+        p = 1 / (1 + np.exp(-z))
+    else:
+        p = np.exp(z - z.max())
+        p /= p.sum()
     top = np.argsort(-z, kind="stable")[:5]
     return [(int(k), float(z[k]), float(p[k])) for k in top]
 
@@ -408,7 +416,7 @@ def _rows(
             "name": result.class_name(label),
             "top5": [
                 (kk, result.class_name(kk), z, p)
-                for kk, z, p in _softmax_top5(np.asarray(columns["logits"][k]))
+                for kk, z, p in _top5(np.asarray(columns["logits"][k]), result.activation)
             ]
             if "logits" in columns
             else [],
