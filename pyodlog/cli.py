@@ -8,6 +8,8 @@
     pyodlog keygen FILE ...    append a new API key to a collector's key file
     pyodlog report PATH ...    an HTML report of a result (--json: its numbers; --against: drift)
 
+    pyodlog view PATH          a local web page to look at a result (gallery, images, result)
+
 This module sits at the top of the layers (docs/architecture.md): it is the one place that puts the
 reference collector behind the same command as the library. The library proper never imports the
 collector. Nothing heavy is imported before a subcommand needs it, so ``pyodlog --help`` and the
@@ -35,6 +37,7 @@ LIBRARY_COMMANDS = {
     "export": "export a result a collector holds as the ZIP that logger.export() writes",
     "demo": "log a real torchvision detector over generated images into local HDF5 (make demo)",
     "report": "an HTML report (and --json numbers) of a result folder or ZIP; --against: drift",
+    "view": "look at a result in the browser: gallery with boxes, image pages, result page",
 }
 
 
@@ -78,10 +81,54 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("demo", help=LIBRARY_COMMANDS["demo"])
     _add_report_parser(sub)
+
+    _add_view_parser(sub)
     for name, text in COLLECTOR_COMMANDS.items():
         # Parsed by the collector's own parser: listed here for --help only.
         sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+def _add_view_parser(sub: Any) -> None:
+    view = sub.add_parser(
+        "view",
+        help=LIBRARY_COMMANDS["view"],
+        description="Serves a read-only web app for a result: a gallery of the logged images with "
+        "their boxes (filters, sorts, pages), a page per image (detections, near-misses, top-5 "
+        "classes, uncertainty) and a result page (class counts, histograms, embedding map). It "
+        "listens on loopback unless --host says otherwise and never writes into the result.",
+    )
+    view.add_argument(
+        "path",
+        type=result_location,
+        help="a result folder, an exported ZIP, or a PYODLOG_HOME to pick one of its results from",
+    )
+    view.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    view.add_argument(
+        "--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)"
+    )
+    view.add_argument("--open", action="store_true", help="open the page in the default browser")
+    view.add_argument(
+        "--images-root",
+        type=Path,
+        default=None,
+        help="folder where input_ids name image files (shown when no thumbnail was logged)",
+    )
+
+
+def _view(args: argparse.Namespace) -> int:
+    from pyodlog.viewer import serve
+
+    try:
+        serve(args.path, args.host, args.port, args.open, args.images_root)
+    except (OSError, ValueError) as error:
+        print(f"pyodlog view: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _installation() -> dict[str, Any]:
@@ -308,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return collector_main(argv)
     args = _parser().parse_args(argv)
-    return {"info": _info, "export": _export, "demo": _demo, "report": _report}[args.command](args)
+    commands = {"info": _info, "export": _export, "demo": _demo, "report": _report, "view": _view}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,8 @@ class CallRecord:
             (nested outputs get ``alias/key`` names).
         fields: ``{name: list of one value per image}`` for ``additional_fields``.
         model_name, version_name, result_name: where the record belongs.
+        thumbnails: what the images' JPEG thumbnails are made from, off the inference path
+            (``log_images``; a :class:`pyodlog.io.thumbnails.ThumbnailSource`), or None.
     """
 
     input_ids: list[str]
@@ -265,6 +267,7 @@ class CallRecord:
     model_name: str = ""
     version_name: str = ""
     result_name: str = ""
+    thumbnails: Any = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

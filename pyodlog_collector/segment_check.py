@@ -73,6 +73,8 @@ _STRINGS = (
     "features/dtype",
     "features/payload_dtype",
 )
+# Ragged bytes columns (not text): one JPEG thumbnail per image (log_images), stored like strings.
+_BLOBS = ("images/thumbnail",)
 _FIELD_DTYPES = ("<i4", "<i8", "<f4", "<f8", "|b1")
 _FIELD_NAME = re.compile(r"[^/]{1,256}")
 _REQUIRED = (
@@ -127,7 +129,7 @@ def _spec(name: str) -> tuple[str | tuple[str, ...], tuple[int | None, ...]] | N
     if name in _NUMERIC:
         return _NUMERIC[name]
     base, _, suffix = name.rpartition(".")
-    if base in _STRINGS and suffix in ("bytes", "spans"):
+    if (base in _STRINGS or base in _BLOBS) and suffix in ("bytes", "spans"):
         return _string_spec(name)
     if name.startswith("images/fields/"):
         field = name[len("images/fields/") :]
@@ -281,6 +283,8 @@ def _check_tables(np, data: dict[str, Any], lengths: dict[str, int]) -> None:
             raise InvalidSegment(f"{base}.spans has no {base}.bytes")
         raw, spans = data[base + ".bytes"], data[spans_name]
         within(spans[:, 0], spans[:, 1], len(raw), spans_name)
+        if base in _BLOBS:  # bytes, not text
+            continue
         try:
             raw.tobytes().decode("utf-8")
         except UnicodeDecodeError:

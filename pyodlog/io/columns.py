@@ -5,7 +5,8 @@ A segment holds three groups, each a set of equal-length columns:
 * ``images``: one row per image — ``input_id``, ``dataset_type``, ``n_epoch``
   (-1: untagged), ``timestamp``, ``image_size`` (h, w), ``det_offset`` and
   ``det_count`` into ``detections``, and one ``fields/<name>`` column per
-  additional field.
+  additional field; ``thumbnail`` (ragged bytes: one JPEG per image, no
+  bytes for an image without one) when the logger has ``log_images``.
 * ``detections``: one row per detection — ``boxes`` [4], ``scores``,
   ``labels``, ``candidate_index``, ``logits`` [C], ``embeddings`` [E].
   Boxes, scores, logits and embeddings are always stored as float32, whatever
@@ -31,10 +32,12 @@ name) reads back as the same str.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from pyodlog.io.thumbnails import encode_thumbnails
 from pyodlog.ops.compression import METHODS
 from pyodlog.structures import CallRecord
 
@@ -95,6 +98,11 @@ class ColumnBatch:
 
     def text(self, name: str, values: list[str]) -> None:
         self.strings.setdefault(name, []).extend(values)
+
+    def blobs(self, name: str, values: list[bytes]) -> None:
+        """A ragged bytes column (``images/thumbnail``): stored like a string column, never decoded."""
+        column: list[Any] = self.strings.setdefault(name, [])
+        column.extend(values)
 
     def mark(self) -> tuple:
         """The batch's current extent, for :meth:`rollback`."""
@@ -212,6 +220,22 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _thumbnail_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
+    """The ``images/thumbnail`` rows of a record: JPEG-encoded here, on the writer thread.
+
+    A batch mixing records with and without thumbnails (two loggers on one result) stays
+    rectangular: images without one get no bytes.
+    """
+    has_column = "images/thumbnail" in batch.strings
+    if record.thumbnails is None:
+        if has_column:
+            batch.blobs("images/thumbnail", [b""] * n)
+        return
+    if not has_column and batch.n_images:
+        batch.blobs("images/thumbnail", [b""] * batch.n_images)
+    batch.blobs("images/thumbnail", encode_thumbnails(record.thumbnails, n))
+
+
 def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
     det = record.detections
     n = len(record)
@@ -242,6 +266,7 @@ def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
             batch.text(f"images/fields/{name}", list(values))
         else:
             batch.rows(f"images/fields/{name}", np.asarray(values))
+    _thumbnail_rows(record, batch, n)
     # Every image at its quota (the common case under load): the padded rows are all valid, and a
     # reshape is a view, where boolean indexing would copy every logit and embedding once more.
     full = bool(n) and int(counts.min()) == d

@@ -56,6 +56,12 @@ def _cuda_tensors(record: CallRecord) -> Iterator[Tensor]:
                 yield part
 
 
+def _thumbnail_devices(record: CallRecord) -> set[torch.device]:
+    source = record.thumbnails
+    images = getattr(source, "images", None) or []
+    return {t.device for t in images if isinstance(t, Tensor) and t.is_cuda}
+
+
 def stream_key(stream: Any) -> Hashable:
     """What identifies a CUDA stream: its device and id (two ``Stream`` objects of one stream are equal)."""
     return (stream.device_type, stream.device_index, stream.stream_id)
@@ -152,6 +158,9 @@ class DeviceCopier:
         computed on still current: the copies are ordered after that stream's work.
         """
         devices = {t.device for t in _cuda_tensors(record) if t.is_cuda}
+        # Device thumbnails (log_images) stay on the device, encoded there by the writer once
+        # ``ready`` completed: they need the event, not a copy.
+        devices |= _thumbnail_devices(record)
         if not devices:
             return PendingRecord(record)
         nbytes = sum(t.numel() * t.element_size() for t in _cuda_tensors(record) if t.is_cuda)

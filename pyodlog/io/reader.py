@@ -112,6 +112,8 @@ _STRINGS = {
     "features/dtype",
     "features/payload_dtype",
 }
+# Ragged bytes columns: stored like strings, read back as bytes (never decoded).
+_BLOBS = {"images/thumbnail"}
 _REQUIRED = {
     "images": {
         "images/det_offset",
@@ -167,7 +169,7 @@ def _column_spec(name: str) -> tuple[str, set[np.dtype] | None, tuple[int | None
     for suffix, dtypes, row in ((".bytes", {_U8}, ()), (".spans", {_I64}, (2,))):
         if name.endswith(suffix):
             column = name[: -len(suffix)]
-            if column in _STRINGS or _is_field(column):
+            if column in _STRINGS or column in _BLOBS or _is_field(column):
                 return column, dtypes, row
             return None
     if name in _NUMERIC:
@@ -340,6 +342,11 @@ def _decode(raw: bytes, pairs: np.ndarray) -> list[str]:
     return [raw[o : o + n].decode("utf-8", "surrogateescape") for o, n in pairs.tolist()]
 
 
+def _blobs(raw: bytes, pairs: np.ndarray) -> list[Any]:
+    """A ragged bytes column's values, as bytes."""
+    return [raw[o : o + n] for o, n in pairs.tolist()]
+
+
 def _first_false(ok: np.ndarray, n: int) -> int:
     bad = np.flatnonzero(~ok)
     return int(bad[0]) if len(bad) else n
@@ -368,7 +375,7 @@ def _to_tables(
             raise CorruptResultError(
                 f"{label}: string {n} of {base} lies outside its bytes or out of order"
             )
-        tables.strings[base] = _decode(raw, pairs[:n])
+        tables.strings[base] = _blobs(raw, pairs[:n]) if base in _BLOBS else _decode(raw, pairs[:n])
     stray = [n for n in data if n.endswith(".bytes")]
     if stray:
         raise CorruptResultError(f"{label}: {stray[0]} has no .spans column")
@@ -769,6 +776,15 @@ def merge_tables(
         for k, texts in part.strings.items():
             picked = [texts[i] for i in (rows if k.startswith("images/") else feat_rows)]
             out.strings.setdefault(k, []).extend(picked)
+        # Thumbnails: segments with and without them (log_images turned on or off) stay aligned.
+        for k in _BLOBS:
+            column: list[Any] | None = out.strings.get(k)
+            missing = images_base + len(rows) - len(column) if column is not None else 0
+            if column is not None and missing:
+                if k in part.strings:  # the parts before this one had none: their rows come first
+                    column[:0] = [b""] * missing
+                else:
+                    column.extend([b""] * missing)
         images_base += len(rows)
         det_base += len(det_rows)
         out.attrs = dict(part.attrs)
@@ -893,6 +909,25 @@ class ResultData:
             (h, w),
             rows("embeddings") if "embeddings" in self.detections else None,
         )
+
+    def thumbnail(self, i: int) -> bytes | None:
+        """The JPEG thumbnail of image row ``i`` (logged with ``log_images``), or None.
+
+        None when the result has no thumbnails (logged without ``log_images``, or by an older
+        pyodlog) or this image has none (its input was not an image tensor, or changed before
+        the writer read it).
+
+        Raises:
+            IndexError: ``i`` is out of range.
+        """
+        n_images = len(self)
+        if not -n_images <= i < n_images:
+            raise IndexError(f"image row {i} is out of range: this result has {n_images} images")
+        column: list[Any] | None = self._t.strings.get("images/thumbnail")
+        if column is None:
+            return None
+        data = column[i % n_images]
+        return bytes(data) if data else None
 
     def feature_names(self) -> list[str]:
         return sorted(set(self._t.strings.get("features/name", [])))

@@ -111,6 +111,10 @@ def encode_strings(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     (``os.fsdecode`` of a non-UTF-8 file name) is written back as those bytes,
     and reads back (decoded with ``surrogateescape``) as the same ``str``.
     """
+    if texts and isinstance(texts[0], bytes):  # a ragged bytes column (thumbnails): as they are
+        blobs: list[Any] = list(texts)
+        lengths = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+        return np.frombuffer(b"".join(blobs), dtype=np.uint8), lengths
     joined = "".join(texts)
     if joined.isascii():  # the common case: one encode, lengths in characters are bytes
         data = joined.encode("ascii")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pyodlog.io.sink import Sink
+from pyodlog.io.thumbnails import check_log_images, thumbnail_source
 from pyodlog.monitoring.modes import refuse_cuda_graphs
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
 from pyodlog.monitoring.tracer import CallCapture, ObjectDetectionTorchTracer
@@ -147,6 +148,12 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         log_embeddings: record a per-detection embedding where the family has one.
         sync_config: how to reach the collector (keyword only): TLS CA bundle,
             timeouts, retries, piece size (:class:`pyodlog.SyncConfig`).
+        log_images: None (default) or ``{"max_side": 256, "quality": 85}`` (keyword only):
+            store a downscaled JPEG thumbnail of each input image, made off the inference path
+            (CPU images are only referenced by the call and encoded by the writer thread; GPU
+            images are downscaled on the device and encoded there with nvJPEG by the writer).
+            For image-tensor inputs (a list of ``[C, H, W]`` or a ``[B, C, H, W]`` tensor, float
+            in [0, 1] or uint8); read back with ``ResultData.thumbnail(i)``.
     """
 
     #: Human-readable name of the model family, for error messages.
@@ -173,6 +180,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         sink: Sink | None = None,
         log_embeddings: bool = True,
         sync_config: SyncConfig | None = None,
+        log_images: dict[str, int] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -195,6 +203,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             raise ValueError(
                 f"n_class={n_class} but the model's class head produces {model_n_class} classes: pass n_class={model_n_class} or None"
             )
+        self._log_images = check_log_images(log_images)
         if not isinstance(log_embeddings, bool):
             raise ValueError(f"log_embeddings must be True or False, got {log_embeddings!r}")
         self.model = model
@@ -463,8 +472,18 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 capture, output, lambda: (ids, img_sizes, fields), dataset_type, timestamp
             )
         if record is not None:
+            self._attach_thumbnails(record, model_input)
             self._submit_or_count(record)
         return output
+
+    def _attach_thumbnails(self, record: CallRecord, model_input: Any) -> None:
+        """With ``log_images``: what the writer makes the thumbnails from (a reference on the CPU)."""
+        if self._log_images is None:
+            return
+        try:
+            record.thumbnails = thumbnail_source(model_input, self._log_images)
+        except Exception as error:
+            self._logging_failed(error)
 
     def _record_of_call(
         self,
