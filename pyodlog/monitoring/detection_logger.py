@@ -147,6 +147,16 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         log_embeddings: record a per-detection embedding where the family has one.
         sync_config: how to reach the collector (keyword only): TLS CA bundle,
             timeouts, retries, piece size (:class:`pyodlog.SyncConfig`).
+        retention: the local disk budget (keyword only; :class:`pyodlog.Retention`). None or
+            True: ``Retention()`` (default budget ``min(10 GiB, 25 % of the free space at start
+            + what the result holds)``; only segments the collector acknowledged are ever
+            deleted; unacknowledged data over the budget drops new records, counted). False: no
+            budget. Only for a sink that stores segments (``HDF5Store``).
+        metrics: Prometheus metrics (keyword only; ``pyodlog_*``, read from ``stats()`` at
+            scrape time): None: on ``prometheus_client``'s default registry when
+            ``prometheus_client`` is installed, else none; True: the default registry
+            (``ImportError`` without ``prometheus_client``); a ``CollectorRegistry``: that one;
+            False: none.
     """
 
     #: Human-readable name of the model family, for error messages.
@@ -173,6 +183,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         sink: Sink | None = None,
         log_embeddings: bool = True,
         sync_config: SyncConfig | None = None,
+        retention: Any = None,
+        metrics: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -228,6 +240,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 api_key,
                 sink,
                 sync_config,
+                retention=retention,
+                metrics=metrics,
             )
         except BaseException:
             # Nothing of a logger that failed to start stays behind: hooks, thresholds, sink.
@@ -253,6 +267,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         api_key: str | None,
         sink: Sink | None,
         sync_config: SyncConfig | None,
+        retention: Any = None,
+        metrics: Any = None,
     ) -> None:
         core = self._core
         schema = {
@@ -273,6 +289,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             api_key,
             sink,
             sync_config,
+            retention=retention,
+            metrics=metrics,
         )
         self._init_tracer(core, layers)
         self._register_model_hooks(core)
@@ -480,6 +498,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         family may learn them only from the output). From here on the call returns the model's
         output whatever logging does.
         """
+        self._count_call_seen()
         try:
             features = self._end_capture(capture)
             ids, img_sizes, fields = identities()
