@@ -461,14 +461,13 @@ class RetentionGuard:
             "pyodlog's local disk budget for %s is full: %s used of %s (pyodlog.Retention), and "
             "nothing more may be deleted (only segments acknowledged by a collector are%s); new "
             "records are dropped and counted in logger.stats()['dropped_by_reason']['disk_budget'] "
-            "(%d call(s) in this episode so far) until there is room. Sync to a collector "
-            "(auto_sync / upload()), raise Retention(max_local_bytes=...), or opt into "
-            "Retention(drop_unsynced=True)",
+            "until there is room%s. Sync to a collector (auto_sync / upload()), raise "
+            "Retention(max_local_bytes=...), or opt into Retention(drop_unsynced=True)",
             self.directory,
             _mib(self.used),
             _mib(self.budget),
             "" if self.policy.delete_after_sync else ", and delete_after_sync=False",
-            self.drop_count() - self._episode_drops,
+            _so_far(self.drop_count() - self._episode_drops),
         )
 
     def _set_over_budget(self, value: bool) -> None:
@@ -508,6 +507,10 @@ class RetentionGuard:
                 "segments_dropped_unsynced": self.segments_dropped_unsynced,
                 "bytes_dropped_unsynced": self.bytes_dropped_unsynced,
             }
+
+
+def _so_far(n: int) -> str:
+    return f" ({n} call(s) dropped so far in this episode)" if n > 0 else ""
 
 
 def _checksum_of(path: Path) -> Path:
