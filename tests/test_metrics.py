@@ -71,6 +71,13 @@ def make_logger(root, *, result="run", **kwargs):
     )
 
 
+def log_saved(logger, n):
+    """n calls, each saved before the next: segments close after exactly 4 calls each."""
+    for seed in range(n):
+        log_calls(logger, 1, seed)
+        logger.wait_for_save()
+
+
 def log_calls(logger, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
@@ -87,8 +94,7 @@ class BrokenParse(TinyDetectorLogger):
 
 def test_stats_is_one_dict_with_every_documented_key(tmp_path):
     with make_logger(tmp_path) as logger:
-        log_calls(logger, 10)
-        logger.wait_for_save()
+        log_saved(logger, 10)  # segments close at 4 and 8 calls
         stats = logger.stats()
     assert set(STATS_KEYS) <= set(stats)
     assert stats["calls_seen"] == stats["calls_logged"] == stats["written"] == 10
@@ -123,7 +129,7 @@ def test_a_call_that_cannot_be_logged_is_seen_not_logged_and_its_error_reported(
 
 def test_sync_state_and_lag_come_from_the_acknowledgements(tmp_path, collector):
     logger = make_logger(tmp_path / "home", api_endpoint=collector.url, api_key=KEY_A)
-    log_calls(logger, 8)
+    log_saved(logger, 8)
     logger.sink.rotate()
     before = logger.stats()
     logger.upload()
@@ -275,7 +281,7 @@ def test_a_fastapi_serving_apps_metrics_endpoint_shows_the_logger(tmp_path):
 
 def test_the_collector_serves_its_own_metrics(tmp_path, collector):
     logger = make_logger(tmp_path / "home", api_endpoint=collector.url, api_key=KEY_A)
-    log_calls(logger, 8)
+    log_saved(logger, 8)
     summary = logger.upload()
     logger.close()
     stored = collector.segments("tenant-a", "tiny", "v1", "run")

@@ -367,8 +367,8 @@ class RetentionGuard:
         policy = self.policy
         if not segments:
             return
-        acked = self.acknowledged() if policy.delete_after_sync else set()
-        deletable = [s for s in segments if s[0].name in acked]
+        acked = self.acknowledged()
+        deletable = [s for s in segments if s[0].name in acked] if policy.delete_after_sync else []
         deleted: list[tuple[Path, int, float]] = []
         if policy.max_age is not None and deletable:
             cutoff = time.time() - policy.max_age
