@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         WriterFailedError,
         open_result,
     )
+    from pyodlog.io.retention import Retention
     from pyodlog.models import (
         FCOSLogger,
         RetinaNetLogger,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         SchemaMismatchError,
         Sink,
     )
+    from pyodlog.monitoring.metrics import expose_metrics
     from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
     from pyodlog.sync import SyncConfig, SyncError, UploadSummary
 
@@ -67,6 +69,9 @@ _EXPORTS: dict[str, str] = {
     "WriterConfig": "pyodlog.io",
     "WriterFailedError": "pyodlog.io",
     "open_result": "pyodlog.io",
+    "Retention": "pyodlog.io.retention",
+    "expose_metrics": "pyodlog.monitoring.metrics",
+    "metrics": "pyodlog.metrics",
     "FCOSLogger": "pyodlog.models",
     "RetinaNetLogger": "pyodlog.models",
     "SSDLogger": "pyodlog.models",
@@ -124,6 +129,7 @@ __all__ = [
     "ObjectDetectionTorchLogger",
     "ObjectDetectionTorchTracer",
     "ResultData",
+    "Retention",
     "RetinaNetLogger",
     "SSDLogger",
     "SchemaMismatchError",
@@ -141,6 +147,8 @@ __all__ = [
     "__version__",
     "build_info",
     "create_logger",
+    "expose_metrics",
+    "metrics",
     "open_result",
     "ops",
     "register_logger",

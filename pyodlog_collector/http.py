@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pyodlog_collector.keys import ApiKeys
+from pyodlog_collector.metrics import CONTENT_TYPE, CollectorMetrics
 from pyodlog_collector.storage import BodyReadError, CollectorStorage, SegmentKey
 from pyodlog_protocol import (
     API_PREFIX,
@@ -131,6 +132,7 @@ class CollectorServer(ThreadingHTTPServer):
     ) -> None:
         self.storage = storage
         self.keys = keys
+        self.metrics = CollectorMetrics(storage.root)  # GET /metrics
         self.max_request_bytes = int(max_request_bytes)
         self.socket_timeout = socket_timeout
         self.request_timeout = float(request_timeout)
@@ -410,6 +412,16 @@ class CollectorHandler(BaseHTTPRequestHandler):
 
     def log_request(self, code="-", size="-") -> None:  # the method and path only: never a header
         elapsed = (time.monotonic() - self._started) * 1000
+        with contextlib.suppress(Exception):  # metrics never fail a request
+            first_byte = self._reader.deadline
+            since = (
+                first_byte - self.server.request_timeout
+                if first_byte is not None
+                else self._started
+            )
+            self.server.metrics.request(
+                self.command or "", int(getattr(code, "value", code)), time.monotonic() - since
+            )
         path = (self.path or "").split("?")[0]
         log.info(
             "%s %s %s %s %.1fms tenant=%s",
@@ -653,8 +665,19 @@ class CollectorHandler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._dispatch(self._put)
 
+    def _send_metrics(self) -> None:
+        """``GET /metrics``: the collector's Prometheus metrics (no tenant, key or path in them)."""
+        data = self.server.metrics.render(self.server.active_connections).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def _get(self) -> None:
         self._check_framing(body_allowed=False)
+        if urlsplit(self.path).path == "/metrics":
+            return self._send_metrics()
         parts, query = self._route()
         if parts == ["health"]:
             return self._send_json(
@@ -769,6 +792,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
                 "the collector cannot write right now; retry later",
                 {"Retry-After": "5"},
             ) from error
+        self.server.metrics.piece(outcome.status, length, total)
         self._send_json(outcome.status, outcome.body)
 
     def _not_allowed(self) -> None:

@@ -319,6 +319,7 @@ def test_a_full_disk_rolls_back_bounds_memory_and_resumes_by_itself(small_disk, 
         small_disk / "data",
         config=config,
         target_layers={"b": {"path": "backbone.0", "compression": "none"}},  # ~260 KB per image
+        retention=False,  # the default disk budget would keep this small disk from filling
     )
     size = (32, 32)
     ids = iter(f"{i:04d}" for i in range(10_000))

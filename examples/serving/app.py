@@ -27,6 +27,11 @@ Settings (environment variables):
 - ``PYODLOG_SERVING_THREADS``: threads running the model per worker (default 4).
 - ``PYODLOG_SERVING_SCORE_THRESH``: the model's score threshold (default: the model's).
 - ``PYODLOG_HOME``: where the records go (default ``./pyodlog_data``).
+
+``GET /metrics`` is the Prometheus endpoint (``prometheus_client``'s ASGI app, when it is
+installed): the logger registers its ``pyodlog_*`` metrics on the default registry, so they show
+there beside the app's own. With several uvicorn workers each process answers for itself: scrape
+one port per worker (or run one worker per container).
 """
 
 from __future__ import annotations
@@ -85,6 +90,13 @@ async def lifespan(app: FastAPI):
 
 
 app = FastAPI(title="pyodlog serving example", lifespan=lifespan)
+
+try:  # the serving stack's own /metrics: pyodlog_* appear there (create_logger's metrics=None)
+    from prometheus_client import make_asgi_app
+except ImportError:  # pragma: no cover - prometheus_client is pinned in requirements/pins.txt
+    pass
+else:
+    app.mount("/metrics", make_asgi_app())
 
 
 @app.post("/predict")

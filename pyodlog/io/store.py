@@ -29,6 +29,7 @@ import numpy as np
 from pyodlog.io.copier import DeviceCopier
 from pyodlog.io.export import export_zip
 from pyodlog.io.reader import CorruptResultError, read_epochs
+from pyodlog.io.retention import Retention, RetentionGuard
 from pyodlog.io.segment import fsync_dir, quarantine_segment
 from pyodlog.io.sink import (
     ResultInfo,
@@ -198,6 +199,7 @@ class HDF5Store(SegmentStore):
         self._child_warned = False
         self.dropped_in_child = 0
         self.closed = False
+        self.retention: RetentionGuard | None = None  # the local disk budget (enable_retention)
         _LIVE.add(self)
 
     # -- Sink -------------------------------------------------------------------------------
@@ -315,6 +317,57 @@ class HDF5Store(SegmentStore):
         self._writer = RecordWriter(directory, self._attrs, self.rank, self.config, self._listeners)
         self._writer.copier = self.copier
         self._users = 1
+        self._start_retention()
+
+    # -- the local disk budget (pyodlog.Retention) --------------------------------------------------
+
+    def enable_retention(self, policy: Retention) -> RetentionGuard:
+        """Keeps the open result's folder under a disk budget (see :mod:`pyodlog.io.retention`).
+
+        Called after :meth:`open_result`; the guard starts with the writer. A store keeps the first
+        policy it was given (loggers sharing it share the budget; another policy is ignored with a
+        warning).
+
+        Returns:
+            The guard: add sources of acknowledgements with ``guard.add_ack_source(...)``.
+        """
+        if self.directory is None:
+            raise RuntimeError("HDF5Store.open_result() must be called before enable_retention()")
+        if self.retention is not None and self.retention.directory == self.directory:
+            if self.retention.policy != policy:
+                log.warning(
+                    "pyodlog: this HDF5Store already keeps %s under %s; another logger's %s is ignored "
+                    "(loggers sharing a store share its budget)",
+                    self.directory,
+                    self.retention.policy,
+                    policy,
+                )
+            return self.retention
+        if self.retention is not None:
+            self.retention.stop()
+        guard = RetentionGuard(self.directory, policy)
+        guard.drop_count = lambda: (
+            self._writer.dropped_by_reason.get("disk_budget", 0) if self._writer else 0
+        )
+        self.retention = guard
+        self._listeners.append(guard.closed)
+        if self._writer is not None and self._writer.alive:
+            self._start_retention()
+        return guard
+
+    def _start_retention(self) -> None:
+        guard = self.retention
+        if guard is None or self._writer is None or guard.directory != self._writer.directory:
+            return
+        self._writer.retention = guard
+        guard.start()
+
+    @property
+    def over_budget(self) -> bool:
+        """True while the local disk budget is full of unacknowledged data and new records are
+        dropped (reason ``"disk_budget"``); a sampler may read it to sample down."""
+        guard = self.retention
+        return guard is not None and guard.over_budget
 
     def _is_writing(self) -> bool:
         return self._writer is not None and self._writer.alive and not self.closed
@@ -418,6 +471,10 @@ class HDF5Store(SegmentStore):
         if self._in_forked_child():
             self.dropped_in_child += 1
             return
+        guard = self.retention
+        if guard is not None and guard.over_budget and self._writer is not None:
+            self._writer.count_dropped(1, "disk_budget")  # before any device copy starts
+            return
         pending = self.copier.to_host(record)  # CUDA: copies start on a side stream; CPU: as is
         if pending is None:
             log.warning(
@@ -440,17 +497,20 @@ class HDF5Store(SegmentStore):
             return
         self._writer_or_error().barrier(rotate=True, interval=interval)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         """Counts of calls: ``submitted == written + dropped + quarantined + queued``; ``durable``; closed segments.
 
         ``dropped`` counts calls whose records were not stored: the writer was
         ``queue_size`` calls behind (backpressure), or the disk failed while a
         batch was already held; ``quarantined`` counts calls kept under
         ``<result>/quarantine/`` because they could not become rows.
+        ``dropped_by_reason`` splits ``dropped`` (``queue_full``, ``disk_error``, ``closing``,
+        ``disk_budget``) and adds calls dropped before the writer (``device_copies``,
+        ``forked_child``); with a disk budget, :meth:`RetentionGuard.stats` is merged in.
         """
         if not self._writer:
             return {}
-        stats = self._writer.stats()
+        stats: dict[str, Any] = dict(self._writer.stats())
         # One consistent snapshot while other threads log: outcomes first, then what was submitted.
         written, dropped = self._writer.written, self._writer.dropped
         quarantined = self._writer.quarantined
@@ -463,6 +523,16 @@ class HDF5Store(SegmentStore):
             queued=submitted - written - dropped - quarantined,
             dropped_device_copies=self.copier.dropped,
         )
+        by_reason = dict(self._writer.dropped_by_reason)
+        for reason, count in (
+            ("device_copies", self.copier.dropped),
+            ("forked_child", self.dropped_in_child),
+        ):
+            if count:
+                by_reason[reason] = count
+        stats["dropped_by_reason"] = by_reason
+        if self.retention is not None:
+            stats.update(self.retention.stats())
         return stats
 
     @property
@@ -532,6 +602,8 @@ class HDF5Store(SegmentStore):
             if self._writer is not None and os.getpid() == self._pid:
                 self._writer.stop()
         finally:
+            if self.retention is not None and os.getpid() == self._pid:
+                self.retention.stop()
             if self._result_lock is not None:
                 os.close(self._result_lock)
                 self._result_lock = None

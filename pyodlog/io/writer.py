@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 
@@ -55,6 +55,9 @@ from pyodlog.io.export import write_tables
 from pyodlog.io.reader import Tables, read_segment, trim_to_consistent
 from pyodlog.io.segment import CHUNK_BYTES, SegmentWriter, fsync_dir, segment_name, write_checksum
 from pyodlog.structures import CallRecord
+
+if TYPE_CHECKING:
+    from pyodlog.io.retention import RetentionGuard
 
 __all__ = [
     "RecordWriter",
@@ -356,6 +359,11 @@ class RecordWriter:
         self.segment_listeners: list[Callable[[Path], None]] = (
             segment_listeners if segment_listeners is not None else []
         )
+        # The local disk budget (pyodlog.Retention): asked before each append (None: no budget).
+        self.retention: RetentionGuard | None = None
+        self.bytes_written = 0  # bytes of the batches appended (columns and payload)
+        # Calls dropped, by why: queue_full, disk_error, closing, disk_budget (sum: ``dropped``).
+        self.dropped_by_reason: dict[str, int] = {}
         self._thread = threading.Thread(
             target=self._run, name=f"pyodlog-writer-{self.directory.name}", daemon=True
         )
@@ -396,11 +404,21 @@ class RecordWriter:
                 1,
                 f"the writer is {self.config.queue_size} calls behind "
                 f"(backpressure={self.config.backpressure!r})",
+                reason="queue_full",
             )
 
-    def _count_drop(self, n: int, why: str) -> None:
+    def count_dropped(self, n: int, reason: str) -> None:
+        """Counts ``n`` calls dropped before they reached the queue (submitted and dropped), e.g.
+        ``"disk_budget"`` while the local disk budget is full (the budget logs why itself)."""
+        with self._lock:
+            self.submitted += n
+            self.dropped += n
+            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + n
+
+    def _count_drop(self, n: int, why: str, reason: str = "other") -> None:
         with self._lock:
             self.dropped += n
+            self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + n
             now = time.monotonic()
             if now - self._last_drop_log < DROP_LOG_INTERVAL:
                 return
@@ -535,6 +553,9 @@ class RecordWriter:
             "queued": self.queued,
             "durable": self.durable,
             "segments_closed": len(self.segments_closed),
+            "segments_open": int(self._segment is not None),
+            "bytes_written": self.bytes_written,
+            "queue_depth": self._queue.qsize(),
         }
 
     # -- the thread: one loop over named steps ------------------------------------------------
@@ -580,6 +601,7 @@ class RecordWriter:
                 1,
                 f"the disk fails ({getattr(self.last_disk_error, 'strerror', None) or self.last_disk_error}) and a "
                 f"batch of {self._pending.n_records} calls is already held for retry",
+                reason="disk_error",
             )
             return
         call = record
@@ -661,6 +683,8 @@ class RecordWriter:
         self._close_error = self.last_disk_error
         with self._lock:
             self.dropped += lost
+            if lost:
+                self.dropped_by_reason["closing"] = self.dropped_by_reason.get("closing", 0) + lost
         log.error(
             "pyodlog is closing with %d call(s) it could not write: %s",
             lost,
@@ -709,6 +733,8 @@ class RecordWriter:
 
     def _append_pending(self) -> None:
         batch = self._pending
+        if self.retention is not None and not self._fits_budget(batch):
+            return
         try:
             self._write(batch)
         except OSError:
@@ -719,15 +745,35 @@ class RecordWriter:
             return
         # In the segment now: whatever happens to the rotation, it is never appended again.
         self.written += batch.n_records
+        self.bytes_written += batch.nbytes
         self._pending = ColumnBatch()
         seg = self._segment
         assert seg is not None  # the batch was just appended to it
+        if self.retention is not None:
+            self.retention.appended(seg.part)
         if (
             seg.counts["records"] >= self.config.segment_max_records
             or seg.nbytes >= self.config.segment_max_bytes
             or time.monotonic() - seg.opened_at >= self.config.segment_max_age
         ):
             self._close_segment()
+
+    def _fits_budget(self, batch: ColumnBatch) -> bool:
+        """Whether the batch fits the local disk budget (acknowledged segments are deleted first if
+        needed); if not, it is dropped and counted (``"disk_budget"``): the disk never fills."""
+        from pyodlog.io.retention import append_bound
+
+        assert self.retention is not None
+        new_segment = self._segment is None or not self._segment.accepts(batch)
+        if self.retention.admit(append_bound(batch, new_segment)):
+            return True
+        self._pending = ColumnBatch()
+        with self._lock:
+            self.dropped += batch.n_records
+            self.dropped_by_reason["disk_budget"] = (
+                self.dropped_by_reason.get("disk_budget", 0) + batch.n_records
+            )
+        return False
 
     def _write(self, batch: ColumnBatch) -> None:
         """Appends a batch to the open segment (opened, or rotated for other columns, as needed)."""

@@ -154,6 +154,17 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             images are downscaled on the device and encoded there with nvJPEG by the writer).
             For image-tensor inputs (a list of ``[C, H, W]`` or a ``[B, C, H, W]`` tensor, float
             in [0, 1] or uint8); read back with ``ResultData.thumbnail(i)``.
+
+        retention: the local disk budget (keyword only; :class:`pyodlog.Retention`). None or
+            True: ``Retention()`` (default budget ``min(10 GiB, 25 % of the free space at start
+            + what the result holds)``; only segments the collector acknowledged are ever
+            deleted; unacknowledged data over the budget drops new records, counted). False: no
+            budget. Only for a sink that stores segments (``HDF5Store``).
+        metrics: Prometheus metrics (keyword only; ``pyodlog_*``, read from ``stats()`` at
+            scrape time): None: on ``prometheus_client``'s default registry when
+            ``prometheus_client`` is installed, else none; True: the default registry
+            (``ImportError`` without ``prometheus_client``); a ``CollectorRegistry``: that one;
+            False: none.
     """
 
     #: Human-readable name of the model family, for error messages.
@@ -181,6 +192,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         log_embeddings: bool = True,
         sync_config: SyncConfig | None = None,
         log_images: dict[str, int] | None = None,
+        retention: Any = None,
+        metrics: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -237,6 +250,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 api_key,
                 sink,
                 sync_config,
+                retention=retention,
+                metrics=metrics,
             )
         except BaseException:
             # Nothing of a logger that failed to start stays behind: hooks, thresholds, sink.
@@ -262,6 +277,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         api_key: str | None,
         sink: Sink | None,
         sync_config: SyncConfig | None,
+        retention: Any = None,
+        metrics: Any = None,
     ) -> None:
         core = self._core
         schema = {
@@ -282,6 +299,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             api_key,
             sink,
             sync_config,
+            retention=retention,
+            metrics=metrics,
         )
         self._init_tracer(core, layers)
         self._register_model_hooks(core)
@@ -499,6 +518,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         family may learn them only from the output). From here on the call returns the model's
         output whatever logging does.
         """
+        self._count_call_seen()
         try:
             features = self._end_capture(capture)
             ids, img_sizes, fields = identities()

@@ -82,12 +82,16 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         api_key: str | None,
         sink: Sink | None,
         sync_config: SyncConfig | None = None,
+        retention: Any = None,
+        metrics: Any = None,
     ) -> None:
         from pyodlog.monitoring import wiring
 
         self.model_name, self.version_name, n_epoch = wiring.check_logger_args(
             model_name, version_name, result_name, n_epoch, auto_sync, force_table_recreate
         )
+        retention_policy = wiring.check_retention(retention, sink)
+        metrics_registry = wiring.check_metrics(metrics)
         sync = wiring.resolve_sync(api_endpoint, api_key, auto_sync, sync_config)
         self.api_endpoint: str | None = sync.endpoint
         self._api_key = sync.key  # a Secret: never part of repr(), str() or an error message
@@ -114,6 +118,8 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         self._syncer: Syncer | None = wiring.make_syncer(
             sink, sync, self.model_name, self.version_name, self.result_name, self.n_epoch
         )
+        wiring.attach_retention(sink, retention_policy, self._syncer)
+        wiring.attach_metrics(self, metrics_registry)
 
     def _init_call_state(self) -> None:
         """Calls in flight (``close()`` waits for them) and the count of calls that could not be logged."""
@@ -127,6 +133,16 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         self._logging_errors = 0
         self._last_logging_error: str | None = None
         self._last_error_report = -ERROR_LOG_INTERVAL
+        # stats(): calls the model answered, records handed to the sink, calls a sampler left out
+        # (all under _errors_lock).
+        self._calls_seen = 0
+        self._records_submitted = 0
+        self._calls_sampled_out = 0
+
+    def _count_call_seen(self) -> None:
+        """One more call the model answered while logged (``stats()["calls_seen"]``)."""
+        with self._errors_lock:
+            self._calls_seen += 1
 
     @property
     def has_api_key(self) -> bool:
@@ -240,14 +256,35 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
             )
 
     def stats(self) -> dict[str, Any]:
-        """What happened to the calls: the sink's counters (``submitted``, ``written``, ``dropped``, …),
-        ``logging_errors`` (calls whose output was returned but whose record could not be made) and
-        ``last_logging_error`` (its message, or None)."""
+        """What happened to the calls, as one dict (cheap: counters and one folder listing; also after ``close()``).
+
+        The sink's counters (``submitted``, ``written``, ``dropped``, ``quarantined``, ``queued``,
+        ``durable``, …), ``logging_errors`` (calls whose output was returned but whose record could
+        not be made) and ``last_logging_error`` (its message, or None), and always:
+
+        - ``calls_seen``: calls the model answered while logged; ``calls_logged``: calls whose
+          records were stored; ``calls_sampled_out``: calls a sampling policy did not record (0
+          without sampling).
+        - ``dropped`` (int) and ``dropped_by_reason`` (``{"queue_full", "disk_budget",
+          "disk_error", "closing", "device_copies", "forked_child": n}``, reasons that occurred).
+        - ``queue_depth`` (calls waiting in the writer's queue), ``queued`` (submitted, not yet
+          written, dropped or quarantined), ``bytes_written``.
+        - ``segments_open``, ``segments_closed`` (by this process), ``segments_synced``
+          (acknowledged by the collector), ``segments_pending`` (closed, not yet acknowledged),
+          ``sync_lag_seconds`` (age of the oldest pending segment, 0 if none), ``sync_bytes_sent``.
+        - The disk budget (:class:`pyodlog.Retention`): ``local_bytes``, ``local_budget_bytes``
+          (None without a budget), ``over_budget``, ``segments_deleted`` (acknowledged, deleted to
+          fit), ``segments_dropped_unsynced`` (only with ``drop_unsynced=True``).
+        - ``last_error``: the current disk or sync error, else the last logging error (None if
+          none); never holds the API key.
+        """
+        from pyodlog.monitoring.health import production_stats
+
         stats: dict[str, Any] = dict(self._sink.stats())
         with self._errors_lock:
             stats["logging_errors"] = self._logging_errors
             stats["last_logging_error"] = self._last_logging_error
-        return stats
+        return production_stats(self, stats)
 
     def _submit(self, record: CallRecord) -> None:
         record.model_name, record.version_name, record.result_name = (
@@ -256,6 +293,8 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
             self.result_name,
         )
         self._sink.submit(record)
+        with self._errors_lock:
+            self._records_submitted += 1
 
     def wait_for_save(self, interval: float = 3) -> None:
         """Blocks until every record submitted so far is stored by the sink.

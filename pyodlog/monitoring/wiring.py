@@ -13,12 +13,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyodlog.distributed import DistContext, agree
+from pyodlog.io.retention import Retention
 from pyodlog.io.sink import SchemaMismatchError, SegmentStore, Sink
 from pyodlog.monitoring.validation import check_n_epoch, check_name
 from pyodlog.sync import CollectorClient, SyncConfig, Syncer, check_api_key, check_endpoint
 from pyodlog.sync.secret import Secret
 
-__all__ = ["SyncSettings", "check_logger_args", "make_syncer", "open_result", "resolve_sync"]
+__all__ = [
+    "SyncSettings",
+    "attach_metrics",
+    "attach_retention",
+    "check_logger_args",
+    "check_metrics",
+    "check_retention",
+    "make_syncer",
+    "open_result",
+    "resolve_sync",
+]
 
 
 @dataclass(frozen=True)
@@ -155,3 +166,82 @@ def make_syncer(
     if sync.auto:
         sink.add_segment_listener(lambda path: syncer.notify())
     return syncer
+
+
+def check_retention(retention: Any, sink: Sink | None) -> Retention | None:
+    """The disk budget to keep: ``Retention()`` for None/True, None for False (no budget).
+
+    Raises:
+        ValueError: not a ``pyodlog.Retention`` / bool / None, or an explicit ``Retention`` for a sink
+            that stores no segments in a folder.
+    """
+    if retention is None or retention is True:
+        # The default budget: only for a sink that can apply it (the default HDF5Store can).
+        return Retention() if sink is None or hasattr(sink, "enable_retention") else None
+    if retention is False:
+        return None
+    if not isinstance(retention, Retention):
+        raise ValueError(
+            f"retention must be a pyodlog.Retention(max_local_bytes=..., max_age=..., ...), True/None "
+            f"(the default budget) or False (no budget), got {type(retention).__name__}"
+        )
+    if sink is not None and not hasattr(sink, "enable_retention"):
+        raise ValueError(
+            f"retention={retention} needs a sink that stores segments in a local folder (HDF5Store); "
+            f"this logger's sink is {type(sink).__name__}: pass retention=False, or drop sink="
+        )
+    return retention
+
+
+def attach_retention(sink: Sink, policy: Retention | None, syncer: Syncer | None) -> None:
+    """Puts the opened result folder under ``policy``; acknowledgements come from ``syncer``.
+
+    Without a syncer (a local-only logger) no segment is ever acknowledged, so nothing is deleted
+    (unless ``drop_unsynced=True``); the budget then only drops new records.
+    """
+    enable = getattr(sink, "enable_retention", None)
+    if policy is None or enable is None or getattr(sink, "directory", None) is None:
+        return
+    guard = enable(policy)
+    if syncer is not None:
+        guard.add_ack_source(syncer.state.acknowledged_names)
+        syncer.state.ack_listeners.append(lambda name: guard.notify())
+
+
+def check_metrics(metrics: Any) -> Any:
+    """The Prometheus registry to expose the logger on: ``"default"``, a registry, or None (none).
+
+    None means "the default registry if prometheus_client is installed".
+
+    Raises:
+        ImportError: ``metrics=True`` without prometheus_client.
+        ValueError: not a bool, None or a registry.
+    """
+    from pyodlog.monitoring.metrics import prometheus_available
+
+    if metrics is False:
+        return None
+    if metrics is None:
+        return "default" if prometheus_available() else None
+    if metrics is True:
+        if not prometheus_available():
+            raise ImportError(
+                "metrics=True needs prometheus_client: pip install 'pyodlog[metrics]' (or "
+                "prometheus-client), or pass metrics=False"
+            )
+        return "default"
+    if callable(getattr(metrics, "register", None)) and callable(getattr(metrics, "collect", None)):
+        return metrics
+    raise ValueError(
+        f"metrics must be True, False, None (the default registry when prometheus_client is "
+        f"installed) or a prometheus_client.CollectorRegistry, got {type(metrics).__name__}"
+    )
+
+
+def attach_metrics(logger: Any, registry: Any) -> None:
+    """Exposes ``logger.stats()`` as ``pyodlog_*`` metrics on ``registry`` (see :mod:`pyodlog.monitoring.metrics`)."""
+    if registry is None:
+        return
+    from pyodlog.monitoring.metrics import expose_metrics
+
+    expose_metrics(logger, None if registry == "default" else registry)

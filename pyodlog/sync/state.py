@@ -15,11 +15,13 @@ request: the collector still answers "stored".
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["SyncState"]
@@ -31,6 +33,9 @@ class SyncState:
     def __init__(self, result_dir: Path, endpoint: str) -> None:
         endpoint_id = hashlib.sha256(endpoint.encode()).hexdigest()[:16]
         self.folder = Path(result_dir) / ".sync" / endpoint_id
+        # Called with the segment's name after each acknowledgement is on disk (e.g. the local
+        # disk budget, which may then delete it); a listener's failure is ignored.
+        self.ack_listeners: list[Callable[[str], None]] = []
 
     def _marker(self, segment_name: str, kind: str = "ack") -> Path:
         return self.folder / f"{segment_name}.{kind}"
@@ -84,6 +89,9 @@ class SyncState:
                 "endpoint": endpoint,
             },
         )
+        for listener in list(self.ack_listeners):
+            with contextlib.suppress(Exception):
+                listener(segment_name)
 
     def refuse(
         self, segment_name: str, sha256: str, reason: str, endpoint: str | None = None
