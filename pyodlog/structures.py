@@ -252,6 +252,9 @@ class CallRecord:
             (nested outputs get ``alias/key`` names).
         fields: ``{name: list of one value per image}`` for ``additional_fields``.
         model_name, version_name, result_name: where the record belongs.
+        targets: the call's ground truth (``targets=``), or None: ``{"boxes": Tensor[M, 4]``
+            float32 xyxy original-image pixels, ``"labels": Tensor[M]`` int64, ``"counts":
+            list[int]`` boxes per image``}``, the images' boxes one after the other.
     """
 
     input_ids: list[str]
@@ -265,6 +268,7 @@ class CallRecord:
     model_name: str = ""
     version_name: str = ""
     result_name: str = ""
+    targets: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -74,7 +74,7 @@ class CorruptResultError(ValueError):
 
 # -- what a segment may contain -----------------------------------------------------------------
 
-_GROUPS = {"images", "images/fields", "detections", "features"}
+_GROUPS = {"images", "images/fields", "detections", "features", "targets"}
 _I8, _I32, _I64 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.int64)
 _F32, _F64, _U8 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8)
 _FLOATS: set[np.dtype] = {np.dtype(np.float16), _F32, _F64}
@@ -104,7 +104,13 @@ _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
     "features_payload": ({_U8}, ()),
     "features_scale": (_FLOATS, ()),
     "features_offset": (_FLOATS, ()),
+    # Ground truth (issue 15): only in segments of calls that passed targets=.
+    "images/gt_offset": ({_I64}, ()),
+    "images/gt_count": ({_I64}, ()),
+    "targets/boxes": ({_F32}, (4,)),
+    "targets/labels": ({_I64}, ()),
 }
+_TARGET_COLUMNS = {"images/gt_offset", "images/gt_count", "targets/boxes", "targets/labels"}
 _STRINGS = {
     "images/input_id",
     "images/dataset_type",
@@ -144,6 +150,7 @@ _REQUIRED = {
         "features/dtype",
         "features/payload_dtype",
     },
+    "targets": {"targets/boxes", "targets/labels"},
 }
 # What a feature's tensors may be: names read from a file never reach getattr() unchecked.
 _PAYLOAD_DTYPES = {
@@ -579,6 +586,10 @@ def _prefix(t: Tables) -> tuple[int, int, int, int, int]:
     count = num.get("images/det_count", np.empty(0, np.int64))[:n]
     offset = num.get("images/det_offset", np.empty(0, np.int64))[:n]
     n = _first_false(_contiguous(offset, count, n_det_available), n)
+    if "images/gt_offset" in num:  # ground truth: an image is complete with all its targets
+        gt_available = min(_lengths(t, "targets/"), default=0)
+        gt_count, gt_offset = num["images/gt_count"][:n], num["images/gt_offset"][:n]
+        n = min(n, _first_false(_contiguous(gt_offset, gt_count, gt_available), len(gt_count)))
     n_feat = min(_lengths(t, "features/"), default=0)
     most_feat = max(_lengths(t, "features/"), default=0)
     rows = num.get("features/image_row", np.empty(0, np.int64))
@@ -639,6 +650,11 @@ def _cut(t: Tables, n: int, n_det: int, n_feat: int, last_q: int, last_p: int) -
             out.numeric[k] = v[:n_det]
         elif k.startswith("features/"):
             out.numeric[k] = v[:n_feat]
+    if "images/gt_offset" in t.numeric:
+        n_gt = int(out.numeric["images/gt_count"].sum()) if n else 0
+        for k, v in t.numeric.items():
+            if k.startswith("targets/"):
+                out.numeric[k] = v[:n_gt]
     for k, texts in t.strings.items():
         out.strings[k] = texts[:n] if k.startswith("images/") else texts[:n_feat]
     for k in ("features_scale", "features_offset"):
@@ -663,7 +679,9 @@ def trim_to_consistent(tables: Tables) -> Tables:
 def _check_consistent(t: Tables, label: str) -> None:
     """A closed segment's columns must agree exactly (what a crash leaves is only in ``.part`` files)."""
     n, n_det, n_feat, _, _ = _prefix(t)
-    for group, kept in (("images/", n), ("detections/", n_det), ("features/", n_feat)):
+    n_gt = int(t.numeric["images/gt_count"][:n].sum()) if "images/gt_count" in t.numeric else 0
+    groups = [("images/", n), ("detections/", n_det), ("features/", n_feat), ("targets/", n_gt)]
+    for group, kept in groups:
         lengths = _lengths(t, group)
         if any(length != kept for length in lengths):
             raise CorruptResultError(
@@ -692,10 +710,13 @@ def merge_tables(
 ) -> Tables:
     """Concatenates segments' tables, optionally keeping the images of one epoch, with offsets renumbered."""
     out = Tables()
-    images_base = det_base = payload_base = qrow_base = 0
+    images_base = det_base = payload_base = qrow_base = gt_base = 0
+    with_targets = any("images/gt_offset" in p.numeric for p in parts if p.n_images)
     for part in parts:
         if part.n_images == 0:
             continue
+        if with_targets:
+            part = _with_target_columns(part)
         epoch = part.numeric["images/n_epoch"]
         keep = (
             np.ones(part.n_images, bool)
@@ -725,6 +746,9 @@ def merge_tables(
             for k, v in part.numeric.items()
             if k.startswith("detections/")
         }
+        gt_cols: dict[str, np.ndarray] = {}
+        if with_targets:
+            gt_cols, gt_base = _merge_target_rows(part, rows, image_cols, gt_base)
         feat_rows = (
             np.flatnonzero(keep[part.numeric["features/image_row"]])
             if "features/image_row" in part.numeric and len(part.numeric["features/image_row"])
@@ -756,7 +780,7 @@ def merge_tables(
             feat_cols["features/qrow_offset"] = np.asarray(new_qrow_offset, np.int64)
             feat_cols["features/image_row"] = new_row[part.numeric["features/image_row"][feat_rows]]
             payload_base, qrow_base = p_cursor, q_cursor
-        for cols in (image_cols, det_cols, feat_cols):
+        for cols in (image_cols, det_cols, feat_cols, gt_cols):
             for k, v in cols.items():
                 out.numeric[k] = np.concatenate([out.numeric[k], v]) if k in out.numeric else v
         for k in ("features_scale", "features_offset"):
@@ -775,6 +799,38 @@ def merge_tables(
     return out
 
 
+def _with_target_columns(part: Tables) -> Tables:
+    """A segment's tables with ground-truth columns (no targets per image) when it has none."""
+    if "images/gt_offset" in part.numeric:
+        return part
+    n = part.n_images
+    numeric = dict(part.numeric)
+    numeric["images/gt_offset"] = np.zeros(n, np.int64)
+    numeric["images/gt_count"] = np.zeros(n, np.int64)
+    numeric["targets/boxes"] = np.empty((0, 4), np.float32)
+    numeric["targets/labels"] = np.empty(0, np.int64)
+    return Tables(numeric, part.strings, part.payload, part.attrs)
+
+
+def _merge_target_rows(
+    part: Tables, rows: np.ndarray, image_cols: dict[str, np.ndarray], gt_base: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """The ground-truth rows of the kept images ``rows``, and ``gt_offset`` renumbered from ``gt_base``."""
+    offsets, counts = part.numeric["images/gt_offset"][rows], part.numeric["images/gt_count"][rows]
+    gt_rows = (
+        np.concatenate([np.arange(o, o + c) for o, c in zip(offsets, counts)]).astype(np.int64)
+        if len(rows)
+        else np.empty(0, np.int64)
+    )
+    image_cols["images/gt_offset"] = (
+        gt_base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        if len(rows)
+        else np.empty(0, np.int64)
+    )
+    cols = {k: v[gt_rows] for k, v in part.numeric.items() if k.startswith("targets/")}
+    return cols, gt_base + len(gt_rows)
+
+
 def _empty_columns(
     schema: dict[str, Any] | None,
 ) -> dict[str, tuple[np.dtype, tuple[int, ...]] | None]:
@@ -788,7 +844,7 @@ def _empty_columns(
             tuple(0 if d is None else d for d in row),
         )
         for name, (dtypes, row) in _NUMERIC.items()
-        if name not in ("detections/embeddings", "features_payload")
+        if name not in ("detections/embeddings", "features_payload") and name not in _TARGET_COLUMNS
     }
     columns["images/image_size"] = (_I32, (2,))
     columns["features_scale"] = columns["features_offset"] = (_F32, ())
@@ -836,6 +892,9 @@ class ResultData:
         detections: ``{column: array}``, one row per detection (``boxes``
             [N, 4] xyxy, ``scores``, ``labels``, ``candidate_index``,
             ``logits`` [N, C], ``embeddings`` [N, E] when logged).
+        targets: ``{column: array}``, one row per ground-truth box of the calls that
+            passed ``targets=`` (``boxes`` [M, 4] xyxy original-image pixels, ``labels``);
+            images then have ``gt_offset``/``gt_count``. Empty (``{}``) when none was logged.
         manifest: the export manifest (ZIP) or the result's ``result.json`` (folder).
         skipped: damaged segments left out of a folder's records (each was warned about).
     """
@@ -859,9 +918,83 @@ class ResultData:
         # additional_fields appear under their own names
         self.images: dict[str, Any] = {k.split("/", 1)[-1]: v for k, v in images.items()}
         self.detections: dict[str, np.ndarray] = strip(tables.numeric, "detections/")
+        self.targets: dict[str, np.ndarray] = strip(tables.numeric, "targets/")
 
     def __len__(self) -> int:
         return self._t.n_images
+
+    # -- ground truth, class names, slices (issue 15) ---------------------------------------
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The name of each label (index = label), from the result's schema; None if unknown."""
+        schema = self.manifest.get("schema") if isinstance(self.manifest, dict) else None
+        names = schema.get("class_names") if isinstance(schema, dict) else None
+        if names is None:
+            raw = self._t.attrs.get("class_names")
+            try:
+                names = json.loads(raw) if isinstance(raw, str) else None
+            except ValueError:
+                names = None
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return list(names)
+        return None
+
+    def image_targets(self, i: int) -> dict[str, torch.Tensor]:
+        """The ground truth logged for image row ``i``: ``{"boxes": Tensor[M, 4], "labels": Tensor[M]}``.
+
+        Empty tensors when the image was logged without ``targets=``.
+        """
+        n_images = len(self)
+        if not -n_images <= i < n_images:
+            raise IndexError(f"image row {i} is out of range: this result has {n_images} images")
+        i = i % n_images
+        if "gt_offset" not in self.images or "boxes" not in self.targets:
+            return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+        o, n = int(self.images["gt_offset"][i]), int(self.images["gt_count"][i])
+        return {
+            "boxes": torch.from_numpy(np.ascontiguousarray(self.targets["boxes"][o : o + n])),
+            "labels": torch.from_numpy(np.ascontiguousarray(self.targets["labels"][o : o + n])),
+        }
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether any image was logged with ground truth (``targets=``)."""
+        return "gt_count" in self.images and bool(len(self.targets.get("labels", ())))
+
+    def where(
+        self,
+        dataset_type: str | list[str] | None = None,
+        n_epoch: int | list[int] | None = None,
+        input_id_prefix: str | None = None,
+        **fields: Any,
+    ) -> ResultData:
+        """The images matching every condition, as a view (index arrays: no column is copied).
+
+        Args:
+            dataset_type: one value or a list of accepted values.
+            n_epoch: one epoch or a list (-1: untagged).
+            input_id_prefix: keep the ``input_id`` starting with it.
+            **fields: ``images`` column = value, a list of accepted values, or a callable
+                ``column array -> bool mask`` (e.g. ``score=lambda v: v > 3``).
+
+        Returns:
+            a :class:`pyodlog.io.views.ResultView`, usable wherever a ResultData is
+            (``images``, ``detections``, ``targets``, ``image_detections``, ``feature``,
+            ``where`` again, ``iter_chunks``).
+
+        Raises:
+            KeyError: a field that is no ``images`` column (the message lists them).
+        """
+        from pyodlog.io.views import ResultView
+
+        return ResultView.of(self).where(dataset_type, n_epoch, input_id_prefix, **fields)
+
+    def iter_chunks(self, rows: int = 65536, progress: bool | None = None) -> Any:
+        """Consecutive views of at most ``rows`` images (see :meth:`pyodlog.io.views.ResultView.iter_chunks`)."""
+        from pyodlog.io.views import ResultView
+
+        return ResultView.of(self).iter_chunks(rows, progress)
 
     def __repr__(self) -> str:
         return f"ResultData({self.source!r}, images={len(self)}, detections={len(self.detections.get('scores', []))})"
