@@ -80,6 +80,7 @@ def test_targets_are_logged_in_their_own_columns_and_read_back(tmp_path):
     for data in (live, closed, zipped):
         assert data.images["input_id"] == ["a", "b", "c", "d", "e", "f"]
         assert data.images["gt_count"].tolist() == [0, 0, 2, 0, 0, 2]
+        assert data.images["gt_logged"].tolist() == [0, 0, 1, 1, 1, 1]
         assert data.targets["labels"].tolist() == [1, 3, 1, 3]
         assert data.targets["boxes"].dtype == np.float32
         got = data.image_targets(2)
@@ -106,6 +107,7 @@ def test_segments_with_and_without_targets_merge(tmp_path):
     assert len(list(logger.sink.directory.glob("*.h5"))) == 2
     assert data.images["gt_count"].tolist() == [0, 0, 2, 0]
     assert data.images["gt_offset"].tolist() == [0, 0, 0, 2]
+    assert data.images["gt_logged"].tolist() == [0, 0, 1, 1]
     assert data.image_targets(2)["labels"].tolist() == [1, 3]
 
 

@@ -13,8 +13,9 @@ A segment holds three groups, each a set of equal-length columns:
   models) widen to float32 exactly; float64 values are rounded to float32.
 * ``targets`` (only when a call passed ``targets=``): one row per ground-truth
   box — ``boxes`` [4] float32 xyxy original-image pixels, ``labels`` int64;
-  images then have ``gt_offset`` and ``gt_count`` into it (0 for images logged
-  without targets in the same segment).
+  images then have ``gt_offset`` and ``gt_count`` into it, and ``gt_logged``
+  (int8: 1 when the call passed targets, 0 for images logged without targets in
+  the same segment, whose ``gt_count`` is 0).
 * ``features``: one row per (image, captured tensor) — ``image_row``,
   ``name``, ``method``, ``dtype``, ``shape`` [8] / ``original_shape`` [8]
   (-1 padded; without the batch axis when ``per_image``), ``per_image``
@@ -325,6 +326,7 @@ def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
         # Images of earlier records of this batch had no targets.
         batch.rows("images/gt_offset", np.zeros(batch.n_images, np.int64))
         batch.rows("images/gt_count", np.zeros(batch.n_images, np.int64))
+        batch.rows("images/gt_logged", np.zeros(batch.n_images, np.int8))
     base = sum(len(p) for p in batch.numeric.get("targets/labels", []))
     counts = np.asarray(targets["counts"] if targets is not None else [0] * n, np.int64)
     if len(counts) != n:
@@ -333,6 +335,8 @@ def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
         "images/gt_offset", base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     )
     batch.rows("images/gt_count", counts)
+    # 1: the call passed targets (an image without objects has gt_count 0 too), 0: it did not.
+    batch.rows("images/gt_logged", np.full(n, 0 if targets is None else 1, np.int8))
     boxes = (
         _host(targets["boxes"]).astype(np.float32).reshape(-1, 4) if targets is not None else None
     )

@@ -27,6 +27,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from pyodlog.io.rows import DEFAULT_CHUNK_ROWS, progress_bar, ranges
 from pyodlog.io.segment import (
     CHECKSUM_SUFFIX,
     SEGMENT_FORMAT,
@@ -48,6 +50,7 @@ from pyodlog_protocol.layout import META, meta_path
 __all__ = [
     "CorruptResultError",
     "ResultData",
+    "ResultView",
     "merge_tables",
     "open_result",
     "read_epochs",
@@ -107,10 +110,17 @@ _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
     # Ground truth (issue 15): only in segments of calls that passed targets=.
     "images/gt_offset": ({_I64}, ()),
     "images/gt_count": ({_I64}, ()),
+    "images/gt_logged": ({_I8}, ()),
     "targets/boxes": ({_F32}, (4,)),
     "targets/labels": ({_I64}, ()),
 }
-_TARGET_COLUMNS = {"images/gt_offset", "images/gt_count", "targets/boxes", "targets/labels"}
+_TARGET_COLUMNS = {
+    "images/gt_offset",
+    "images/gt_count",
+    "images/gt_logged",
+    "targets/boxes",
+    "targets/labels",
+}
 _STRINGS = {
     "images/input_id",
     "images/dataset_type",
@@ -807,6 +817,7 @@ def _with_target_columns(part: Tables) -> Tables:
     numeric = dict(part.numeric)
     numeric["images/gt_offset"] = np.zeros(n, np.int64)
     numeric["images/gt_count"] = np.zeros(n, np.int64)
+    numeric["images/gt_logged"] = np.zeros(n, np.int8)
     numeric["targets/boxes"] = np.empty((0, 4), np.float32)
     numeric["targets/labels"] = np.empty(0, np.int64)
     return Tables(numeric, part.strings, part.payload, part.attrs)
@@ -979,22 +990,42 @@ class ResultData:
                 ``column array -> bool mask`` (e.g. ``score=lambda v: v > 3``).
 
         Returns:
-            a :class:`pyodlog.io.views.ResultView`, usable wherever a ResultData is
+            a :class:`ResultView`, usable wherever a ResultData is
             (``images``, ``detections``, ``targets``, ``image_detections``, ``feature``,
             ``where`` again, ``iter_chunks``).
 
         Raises:
             KeyError: a field that is no ``images`` column (the message lists them).
         """
-        from pyodlog.io.views import ResultView
-
         return ResultView.of(self).where(dataset_type, n_epoch, input_id_prefix, **fields)
 
     def iter_chunks(self, rows: int = 65536, progress: bool | None = None) -> Any:
-        """Consecutive views of at most ``rows`` images (see :meth:`pyodlog.io.views.ResultView.iter_chunks`)."""
-        from pyodlog.io.views import ResultView
-
+        """Consecutive views of at most ``rows`` images (see :meth:`ResultView.iter_chunks`)."""
         return ResultView.of(self).iter_chunks(rows, progress)
+
+    def to_arrow(self) -> dict[str, Any]:
+        """``{"images", "detections"[, "targets"]}`` pyarrow Tables joined by ``image_row`` (:mod:`pyodlog.io.interop`)."""
+        from pyodlog.io.interop import to_arrow
+
+        return to_arrow(self)
+
+    def to_pandas(self) -> dict[str, Any]:
+        """:meth:`to_arrow` as pandas DataFrames."""
+        from pyodlog.io.interop import to_pandas
+
+        return to_pandas(self)
+
+    def to_parquet(self, path: str | Path, rows: int = 65536) -> dict[str, Path]:
+        """Writes ``images.parquet``, ``detections.parquet`` (``targets.parquet``) into folder ``path``, chunk by chunk."""
+        from pyodlog.io.interop import to_parquet
+
+        return to_parquet(self, path, rows)
+
+    def to_coco(self, path: str | Path) -> dict[str, Path]:
+        """Writes COCO ``results.json`` (and ``ground_truth.json`` when targets were logged) into folder ``path``."""
+        from pyodlog.io.interop import to_coco
+
+        return to_coco(self, path)
 
     def __repr__(self) -> str:
         return f"ResultData({self.source!r}, images={len(self)}, detections={len(self.detections.get('scores', []))})"
@@ -1323,3 +1354,271 @@ def _extract_verified(
             f"{label}: its SHA-256 ({digest.hexdigest()}) differs from the manifest's "
             f"({entry['sha256']}): the ZIP was changed or damaged after export"
         )
+
+
+# -- views: slices of results by index arrays (issue 15) -------------------------------------------
+
+_LABELS = ("source", "model_name", "version_name", "result_name")
+
+
+def _take(column: Any, idx: np.ndarray) -> Any:
+    if isinstance(column, list):
+        return [column[i] for i in idx.tolist()]
+    return column[idx]
+
+
+def _concat(pieces: list[Any], name: str) -> Any:
+    if pieces and isinstance(pieces[0], list):
+        return [v for p in pieces for v in p]
+    shapes = {p.shape[1:] for p in pieces}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"column {name!r} has rows of shapes {sorted(shapes)} in the results combined (e.g. "
+            f"logits of models with different class counts): select one result with "
+            f"where(model_name=..., version_name=...) first"
+        )
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class _Columns(Mapping):
+    """Columns gathered on first access (then kept)."""
+
+    def __init__(self, names: list[str], get: Callable[[str], Any]) -> None:
+        self._names, self._get = names, get
+        self._cache: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._cache:
+            self._cache[name] = self._get(name)
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"<columns {self._names}>"
+
+
+def _label_of(data: ResultData) -> dict[str, str]:
+    manifest = data.manifest if isinstance(data.manifest, dict) else {}
+    attrs = getattr(data, "_t", None)
+    attrs = attrs.attrs if attrs is not None else {}
+    return {
+        "source": data.source,
+        **{k: str(manifest.get(k, attrs.get(k, ""))) for k in _LABELS[1:]},
+    }
+
+
+class ResultView(ResultData):
+    """Image rows of one or more results read back, by index: a ResultData that copies nothing up front.
+
+    Everything a ResultData offers works on it: ``images``, ``detections``, ``targets`` (columns
+    gathered on first access), ``image_detections(i)``, ``image_targets(i)``, ``feature(i,
+    name)``, ``class_names``, ``where(...)``, ``iter_chunks(...)``. Row ``i`` of a view is its
+    ``i``-th selected image; ``det_offset``/``gt_offset`` are renumbered for the view's own
+    ``detections``/``targets``.
+
+    Args:
+        parts: ``(result, image rows)`` pairs (a result is a ResultData read back, not a view).
+        labelled: add the image columns ``source``, ``model_name``, ``version_name``,
+            ``result_name`` (what :func:`open_results` makes).
+    """
+
+    def __init__(self, parts: list[tuple[ResultData, np.ndarray]], labelled: bool = False) -> None:
+        self._parts = [(data, np.asarray(idx, np.int64)) for data, idx in parts]
+        self._labelled = labelled
+        self._starts = np.cumsum([0] + [len(idx) for _, idx in self._parts]).astype(np.int64)
+        first = self._parts[0][0] if self._parts else None
+        self.manifest = first.manifest if first is not None else {}
+        self.source = (
+            first.source
+            if len({d.source for d, _ in self._parts}) == 1 and first is not None
+            else ", ".join(sorted({d.source for d, _ in self._parts}))
+        )
+        self.skipped = [p for d, _ in self._parts for p in d.skipped]
+        with_targets = any("gt_offset" in d.images for d, _ in self._parts)
+        image_names = _common([list(d.images) for d, _ in self._parts])
+        if with_targets:
+            image_names += [
+                n for n in ("gt_offset", "gt_count", "gt_logged") if n not in image_names
+            ]
+        if labelled:
+            image_names += [n for n in _LABELS if n not in image_names]
+        self.images = _Columns(image_names, self._image_column)  # type: ignore[assignment]
+        self.detections = _Columns(
+            _common([list(d.detections) for d, _ in self._parts]), self._detection_column
+        )  # type: ignore[assignment]
+        self.targets = _Columns(  # type: ignore[assignment]
+            ["boxes", "labels"] if with_targets else [], self._target_column
+        )
+
+    @classmethod
+    def of(cls, data: ResultData) -> ResultView:
+        """``data`` as a view (itself if it is one already)."""
+        if isinstance(data, ResultView):
+            return data
+        return cls([(data, np.arange(len(data), dtype=np.int64))])
+
+    # -- columns ---------------------------------------------------------------------------
+
+    def _image_column(self, name: str) -> Any:
+        if name in ("det_offset", "gt_offset"):
+            counts = np.asarray(self.images["det_count" if name == "det_offset" else "gt_count"])
+            return (np.cumsum(counts) - counts).astype(np.int64)
+        pieces: list[Any] = []
+        for data, idx in self._parts:
+            if name in _LABELS and self._labelled and name not in data.images:
+                pieces.append([_label_of(data)[name]] * len(idx))
+            elif name in ("gt_count", "gt_logged") and name not in data.images:
+                pieces.append(np.zeros(len(idx), np.int64 if name == "gt_count" else np.int8))
+            else:
+                pieces.append(_take(data.images[name], idx))
+        if not pieces:
+            return np.empty(0)
+        return _concat(pieces, name)
+
+    def _rows(self, data: ResultData, idx: np.ndarray, group: str) -> np.ndarray:
+        prefix = "det" if group == "detections" else "gt"
+        if f"{prefix}_offset" not in data.images:
+            return np.empty(0, np.int64)
+        return ranges(data.images[f"{prefix}_offset"][idx], data.images[f"{prefix}_count"][idx])
+
+    def _detection_column(self, name: str) -> Any:
+        pieces = [
+            data.detections[name][self._rows(data, idx, "detections")] for data, idx in self._parts
+        ]
+        return _concat(pieces, name)
+
+    def _target_column(self, name: str) -> Any:
+        empty = np.empty((0, 4), np.float32) if name == "boxes" else np.empty(0, np.int64)
+        pieces = [
+            data.targets[name][self._rows(data, idx, "targets")] if name in data.targets else empty
+            for data, idx in self._parts
+        ]
+        return _concat(pieces, name)
+
+    # -- rows ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        return f"ResultView({self.source!r}, images={len(self)})"
+
+    def _locate(self, i: int) -> tuple[ResultData, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"image row {i} is out of range: this view has {n} images")
+        i = i % n
+        part = int(np.searchsorted(self._starts, i, side="right")) - 1
+        data, idx = self._parts[part]
+        return data, int(idx[i - self._starts[part]])
+
+    def image_detections(self, i: int) -> DetectionOutput:
+        data, row = self._locate(i)
+        return data.image_detections(row)
+
+    def image_targets(self, i: int) -> dict[str, torch.Tensor]:
+        data, row = self._locate(i)
+        return data.image_targets(row)
+
+    def feature(self, i: int, name: str, decompress: bool = True):
+        data, row = self._locate(i)
+        return data.feature(row, name, decompress)
+
+    def feature_names(self) -> list[str]:
+        return sorted({n for data, _ in self._parts for n in data.feature_names()})
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = [data.class_names for data, _ in self._parts]
+        return names[0] if names and all(n == names[0] for n in names) else None
+
+    @property
+    def has_targets(self) -> bool:
+        return any(data.has_targets for data, _ in self._parts)
+
+    # -- slicing ---------------------------------------------------------------------------
+
+    def _subset(self, keep: np.ndarray) -> ResultView:
+        """The view of the rows where ``keep`` (a bool mask over this view's rows) is true."""
+        parts = [
+            (data, idx[keep[self._starts[k] : self._starts[k + 1]]])
+            for k, (data, idx) in enumerate(self._parts)
+        ]
+        return ResultView([(d, i) for d, i in parts if len(i)] or parts[:1], self._labelled)
+
+    def where(
+        self,
+        dataset_type: str | Sequence[str] | None = None,
+        n_epoch: int | Sequence[int] | None = None,
+        input_id_prefix: str | None = None,
+        **fields: Any,
+    ) -> ResultView:
+        """See :meth:`pyodlog.io.reader.ResultData.where`."""
+        keep = np.ones(len(self), bool)
+        conditions: dict[str, Any] = dict(fields)
+        if dataset_type is not None:
+            conditions["dataset_type"] = dataset_type
+        if n_epoch is not None:
+            conditions["n_epoch"] = n_epoch
+        for name, wanted in conditions.items():
+            if name not in self.images:
+                raise KeyError(
+                    f"where({name}=...): no such image column; the columns are {sorted(self.images)}"
+                )
+            keep &= _match(self.images[name], wanted, name)
+        if input_id_prefix is not None:
+            if not isinstance(input_id_prefix, str):
+                raise ValueError(f"input_id_prefix must be a str, got {input_id_prefix!r}")
+            keep &= np.fromiter(
+                (s.startswith(input_id_prefix) for s in self.images["input_id"]), bool, len(self)
+            )
+        return self._subset(keep)
+
+    def iter_chunks(
+        self, rows: int = DEFAULT_CHUNK_ROWS, progress: bool | None = None
+    ) -> Iterator[ResultView]:
+        """Consecutive views of at most ``rows`` images, in row order (a chunk never spans two results).
+
+        Args:
+            rows: images per chunk.
+            progress: a tqdm bar (on stderr); None: only for more than 100,000 images and when
+                stderr is a terminal.
+        """
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+        with progress_bar(len(self), progress) as bar:
+            for data, idx in self._parts:
+                for start in range(0, len(idx), rows):
+                    chunk = ResultView([(data, idx[start : start + rows])], self._labelled)
+                    yield chunk
+                    bar.update(len(chunk))
+
+
+def _common(names: list[list[str]]) -> list[str]:
+    """The names every list has, in the first list's order."""
+    if not names:
+        return []
+    rest = [set(n) for n in names[1:]]
+    return [n for n in names[0] if all(n in r for r in rest)]
+
+
+def _match(column: Any, wanted: Any, name: str) -> np.ndarray:
+    if callable(wanted):
+        mask = np.asarray(wanted(column if not isinstance(column, list) else np.asarray(column)))
+        if mask.dtype != bool or mask.shape != (len(column),):
+            raise ValueError(
+                f"where({name}=callable): the callable must return a bool mask of {len(column)} values"
+            )
+        return mask
+    values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+    if isinstance(column, list):
+        accepted = set(values)
+        return np.fromiter((v in accepted for v in column), bool, len(column))
+    return np.isin(np.asarray(column), np.asarray(values))
