@@ -207,3 +207,47 @@ def test_names_the_model_carries_are_read(tmp_path):
     Config.id2label = {0: "LABEL_0", 1: "LABEL_1"}  # what an untrained config has: no names
     assert resolve_class_names(None, WithConfig(), 2) is None
     assert resolve_class_names(None, torch.nn.Linear(1, 1), 2) is None
+
+
+# -- every family: the generic path, DETR's own __call__, YOLO's predict -----------------------------
+
+
+def _records(logger):
+    return logger.sink.records(logger.model_name, logger.version_name, logger.result_name)
+
+
+def test_detr_logs_targets_and_reads_its_id2label():
+    from tests.helpers.detr_models import small_detr
+
+    torch.manual_seed(0)
+    model = small_detr().eval()
+    model.config.id2label = {i: f"thing{i}" for i in range(6)}
+    logger = pyodlog.create_logger(model, "detr", "v1", sink=pyodlog.InMemorySink())
+    assert logger.class_names == [f"thing{i}" for i in range(6)] + [""]  # + "no object"
+    pixels = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        logger(pixels, targets=[_target([[1, 1, 9, 9]], [5]), _target(np.zeros((0, 4)), [])])
+        with pytest.raises(ValueError, match="targets has 1 entries but the batch has 2"):
+            logger(pixels, targets=[_target([[1, 1, 9, 9]], [5])])
+    record = _records(logger)[-1]
+    assert record.targets["counts"] == [1, 0]
+    assert record.targets["labels"].tolist() == [5]
+    logger.close()
+
+
+def test_yolo_logs_targets_without_passing_them_to_predict_and_reads_its_names():
+    from tests.test_family_yolo import build_yolo, np_images
+
+    yolo = build_yolo()
+    yolo.model.names = {i: f"c{i}" for i in range(80)}
+    logger = pyodlog.create_logger(yolo, "yolo", "v1", sink=pyodlog.InMemorySink())
+    assert logger.class_names[:2] == ["c0", "c1"] and len(logger.class_names) == 80
+    images = np_images()
+    gts = [_target([[1, 1, 20, 20]], [3]), _target(np.zeros((0, 4)), []), GOOD[0]]
+    logger(images, imgsz=160, targets=gts)
+    record = _records(logger)[-1]
+    assert record.targets["counts"] == [1, 0, 2]
+    with pytest.raises(ValueError, match="outside the model's classes"):
+        logger(images, imgsz=160, targets=[_target([[1, 1, 2, 2]], [80]), GOOD[1], GOOD[1]])
+    assert len(_records(logger)) == 1  # refused before predict ran
+    logger.close()
