@@ -234,3 +234,38 @@ def test_to_coco_writes_results_and_ground_truth_pycocotools_reads(logged, tmp_p
     assert gt.dataset["images"][0]["file_name"] == logged.images["input_id"][0]
     assert {c["name"] for c in gt.dataset["categories"]} <= set(NAMES[1:])
     assert evaluate(logged).map == pytest.approx(coco_eval.stats[0], abs=1e-9)
+
+
+def test_the_readme_analysis_block_runs(tmp_path, monkeypatch):
+    from tests.helpers.readme_blocks import block_starting_with
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(
+        compile(block_starting_with("# analysis-data"), "README.md:analysis-data", "exec"),
+        namespace,
+    )
+    both, val, report = namespace["both"], namespace["val"], namespace["report"]
+    assert len(both) == 8 and val.images["input_id"] == ["val/0.jpg", "val/1.jpg"]
+    assert set(both.images["version_name"]) == {"2024.06", "2024.07"}
+    assert val.class_names[1] == "person" and len(val.class_names) == 91
+    assert {"map", "map_50", "map_75", "per_class", "confusion_matrix", "errors"} <= set(report)
+    assert report["n_images"] == 2 and report["n_ground_truth"] == 1
+    assert set(namespace["tables"]) == {"images", "detections", "targets"}
+    assert namespace["files"]["detections"].exists() and namespace["coco"]["ground_truth"].exists()
+
+
+def test_a_result_without_detections_converts(tmp_path):
+    calls = [
+        {
+            "outputs": [detections(np.zeros((0, 4)), [], [])],
+            "targets": None,
+            "input_ids": ["empty"],
+        }
+    ]
+    data = pyodlog.open_result(log_calls(tmp_path, calls))
+    tables = data.to_arrow()
+    assert tables["images"].num_rows == 1 and tables["detections"].num_rows == 0
+    assert tables["detections"].schema.field("logits").type == pa.list_(pa.float32(), 4)
+    assert "targets" not in tables
+    assert set(data.to_coco(tmp_path / "coco")) == {"results"}

@@ -42,6 +42,15 @@ def _fixed(values: np.ndarray) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
 
 
+def _rows2d(values: Any, n: int) -> np.ndarray:
+    """A per-detection vector column as [n, width] (width 0 when it has no rows and no shape)."""
+    values = np.asarray(values)
+    if values.ndim == 2:
+        return values
+    width = int(np.prod(values.shape[1:])) if values.ndim > 1 else 0
+    return values.reshape(n, width)
+
+
 def _names_column(names: list[str] | None, labels: np.ndarray) -> Any:
     import pyarrow as pa
 
@@ -93,14 +102,14 @@ def _chunk_tables(chunk: Any, first_row: int, names: list[str] | None) -> dict[s
         "label": labels,
         "class_name": _names_column(names, labels),
         "candidate_index": np.asarray(det["candidate_index"], np.int64),
-        "logits": _fixed(np.asarray(det["logits"]).reshape(len(labels), -1)),
+        "logits": _fixed(_rows2d(det["logits"], len(labels))),
     }
     for extra in det:
         if extra == "embeddings":
-            dcols["embedding"] = _fixed(np.asarray(det[extra]).reshape(len(labels), -1))
+            dcols["embedding"] = _fixed(_rows2d(det[extra], len(labels)))
         elif extra not in ("boxes", "scores", "labels", "candidate_index", "logits"):
             values = np.asarray(det[extra])
-            dcols[extra] = values if values.ndim == 1 else _fixed(values.reshape(len(labels), -1))
+            dcols[extra] = values if values.ndim == 1 else _fixed(_rows2d(values, len(labels)))
     tables["detections"] = pa.table(dcols)
     if "gt_count" in images and "boxes" in chunk.targets:
         gt_counts = np.asarray(images["gt_count"], np.int64)
