@@ -251,3 +251,23 @@ def test_yolo_logs_targets_without_passing_them_to_predict_and_reads_its_names()
         logger(images, imgsz=160, targets=[_target([[1, 1, 2, 2]], [80]), GOOD[1], GOOD[1]])
     assert len(_records(logger)) == 1  # refused before predict ran
     logger.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
+def test_targets_on_the_gpu_are_checked_by_shape_and_stored(tmp_path):
+    from pyodlog.monitoring.validation import check_targets
+
+    on_gpu = [{k: v.cuda() for k, v in t.items()} for t in GOOD]
+    checked = check_targets(on_gpu, 2, 5)
+    assert checked["boxes"].is_cuda and checked["counts"] == [2, 0]
+    with pytest.raises(ValueError, match="expected \\[N, 4\\]"):
+        check_targets([{"boxes": torch.zeros(2, 3).cuda(), "labels": torch.zeros(2).long()}], 1)
+    torch.manual_seed(0)
+    model = TinyDetector().eval().cuda()
+    logger = TinyDetectorLogger(model, "tiny", "gpu", sink=HDF5Store(tmp_path / "data"))
+    with torch.no_grad():
+        logger([image.cuda() for image in IMAGES], targets=on_gpu)
+    logger.close()
+    data = pyodlog.open_result(logger.sink.directory)
+    assert torch.equal(data.image_targets(0)["boxes"], GOOD[0]["boxes"])
