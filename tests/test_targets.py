@@ -271,3 +271,18 @@ def test_targets_on_the_gpu_are_checked_by_shape_and_stored(tmp_path):
     logger.close()
     data = pyodlog.open_result(logger.sink.directory)
     assert torch.equal(data.image_targets(0)["boxes"], GOOD[0]["boxes"])
+
+
+def test_the_collector_accepts_a_segment_with_targets_and_refuses_a_broken_one(tmp_path):
+    from pyodlog_collector.segment_check import InvalidSegment, check_segment
+
+    logger = _logger(tmp_path)
+    with torch.no_grad():
+        logger(IMAGES, targets=GOOD)
+    logger.close()
+    segment = next(logger.sink.directory.glob("*.h5"))
+    check_segment(segment)  # what pyodlog writes is what the collector takes
+    with h5py.File(segment, "r+") as f:
+        f["images/gt_count"][0] = 9  # points past the targets table
+    with pytest.raises(InvalidSegment, match="images/gt_offset points outside its table"):
+        check_segment(segment)
