@@ -123,7 +123,6 @@ class Evaluation:
     iou_thresholds: list[float]
     max_detections: int
     score_threshold: float
-    stats: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain Python values (NaN where a value is undefined)."""
