@@ -286,3 +286,24 @@ def test_the_collector_accepts_a_segment_with_targets_and_refuses_a_broken_one(t
         f["images/gt_count"][0] = 9  # points past the targets table
     with pytest.raises(InvalidSegment, match="images/gt_offset points outside its table"):
         check_segment(segment)
+
+
+def test_a_result_logged_before_class_names_were_stored_stays_usable(tmp_path, caplog):
+    first = _logger(tmp_path)  # no names: what every result before this change was
+    with torch.no_grad():
+        first(IMAGES)
+    first.close()
+    name = first.result_name
+    names = ["background", "cat", "dog", "bird", "fish"]
+    with caplog.at_level("WARNING", logger="pyodlog"):
+        second = _logger(tmp_path, class_names=names, result_name=name)
+    assert "created without class names" in caplog.text
+    with torch.no_grad():
+        second(IMAGES)
+    second.close()
+    data = pyodlog.open_result(second.sink.directory)
+    assert len(data) == 4 and data.class_names is None
+    named = _logger(tmp_path / "other", class_names=names)
+    named.close()
+    with pytest.raises(pyodlog.SchemaMismatchError):  # names that differ from the stored ones
+        _logger(tmp_path / "other", class_names=["x"] * 5, result_name=named.result_name)
