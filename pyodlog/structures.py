@@ -254,6 +254,10 @@ class CallRecord:
         model_name, version_name, result_name: where the record belongs.
         thumbnails: what the images' JPEG thumbnails are made from, off the inference path
             (``log_images``; a :class:`pyodlog.io.thumbnails.ThumbnailSource`), or None.
+
+        targets: the call's ground truth (``targets=``), or None: ``{"boxes": Tensor[M, 4]``
+            float32 xyxy original-image pixels, ``"labels": Tensor[M]`` int64, ``"counts":
+            list[int]`` boxes per image``}``, the images' boxes one after the other.
     """
 
     input_ids: list[str]
@@ -268,6 +272,7 @@ class CallRecord:
     version_name: str = ""
     result_name: str = ""
     thumbnails: Any = None
+    targets: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -64,6 +64,12 @@ _NUMERIC: dict[str, tuple[str, tuple[int | None, ...]]] = {
     "features_payload": ("|u1", ()),
     "features_scale": ("<f4", ()),
     "features_offset": ("<f4", ()),
+    # Ground truth (targets=, issue 15): only in segments of calls that passed it.
+    "images/gt_offset": ("<i8", ()),
+    "images/gt_count": ("<i8", ()),
+    "images/gt_logged": ("|i1", ()),
+    "targets/boxes": ("<f4", (4,)),
+    "targets/labels": ("<i8", ()),
 }
 # String columns, stored as '<name>.bytes' (uint8) and '<name>.spans' (int64 [offset, length]).
 _STRINGS = (
@@ -105,9 +111,11 @@ _INDEX = (
     "features/payload_nbytes",
     "features/qrow_offset",
     "features/qrow_count",
+    "images/gt_offset",
+    "images/gt_count",
 )
 _RAGGED = (".bytes", ".spans")
-_GROUPS = {"": ("images", "detections", "features"), "images": ("fields",)}
+_GROUPS = {"": ("images", "detections", "features", "targets"), "images": ("fields",)}
 MAX_OBJECTS = 4096
 MAX_ATTRIBUTE_BYTES = 1 << 20
 
@@ -237,7 +245,7 @@ def _check_tables(np, data: dict[str, Any], lengths: dict[str, int]) -> None:
     def rows(name: str) -> int:
         return lengths[name]
 
-    for table in ("images/", "detections/", "features/"):
+    for table in ("images/", "detections/", "features/", "targets/"):
         names = [n for n in lengths if n.startswith(table) and not n.endswith(".bytes")]
         if len({rows(n) for n in names}) > 1:
             raise InvalidSegment(
@@ -259,6 +267,17 @@ def _check_tables(np, data: dict[str, Any], lengths: dict[str, int]) -> None:
 
     n_images, n_detections = rows("images/det_count"), rows("detections/scores")
     within(data["images/det_offset"], data["images/det_count"], n_detections, "images/det_offset")
+    if "images/gt_offset" in lengths or "targets/labels" in lengths:
+        if not {"images/gt_offset", "images/gt_count", "targets/boxes", "targets/labels"} <= set(
+            lengths
+        ):
+            raise InvalidSegment("ground-truth columns are missing (images/gt_*, targets/*)")
+        within(
+            data["images/gt_offset"],
+            data["images/gt_count"],
+            rows("targets/labels"),
+            "images/gt_offset",
+        )
     if features:
         image_row = data["features/image_row"]
         if len(image_row) and (int(image_row.min()) < 0 or int(image_row.max()) >= n_images):

@@ -12,6 +12,11 @@ A segment holds three groups, each a set of equal-length columns:
   Boxes, scores, logits and embeddings are always stored as float32, whatever
   the model computed in: float16 and bfloat16 values (autocast, ``.half()``
   models) widen to float32 exactly; float64 values are rounded to float32.
+* ``targets`` (only when a call passed ``targets=``): one row per ground-truth
+  box — ``boxes`` [4] float32 xyxy original-image pixels, ``labels`` int64;
+  images then have ``gt_offset`` and ``gt_count`` into it, and ``gt_logged``
+  (int8: 1 when the call passed targets, 0 for images logged without targets in
+  the same segment, whose ``gt_count`` is 0).
 * ``features``: one row per (image, captured tensor) — ``image_row``,
   ``name``, ``method``, ``dtype``, ``shape`` [8] / ``original_shape`` [8]
   (-1 padded; without the batch axis when ``per_image``), ``per_image``
@@ -283,6 +288,7 @@ def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
     batch.rows("detections/logits", detection_rows(det.logits, np.float32))
     if det.embeddings is not None:
         batch.rows("detections/embeddings", detection_rows(det.embeddings, np.float32))
+    _target_rows(record, batch, n)
 
     for name, feature in record.features.items():
         payload, payload_dtype = _host_payload(feature.payload)
@@ -329,3 +335,42 @@ def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
     batch.n_images += n
     batch.n_detections += int(counts.sum())
     batch.n_records += 1
+
+
+def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
+    """The ground truth of a call (``targets=``): ``targets/*`` rows and images ``gt_offset``/``gt_count``.
+
+    A batch has these columns as soon as one of its records has targets: the images of its
+    records without (before or after) get ``gt_count`` 0, so every image column has every row.
+    """
+    targets = record.targets
+    has_columns = "images/gt_offset" in batch.numeric
+    if targets is None and not has_columns:
+        return
+    if not has_columns and batch.n_images:
+        # Images of earlier records of this batch had no targets.
+        batch.rows("images/gt_offset", np.zeros(batch.n_images, np.int64))
+        batch.rows("images/gt_count", np.zeros(batch.n_images, np.int64))
+        batch.rows("images/gt_logged", np.zeros(batch.n_images, np.int8))
+    base = sum(len(p) for p in batch.numeric.get("targets/labels", []))
+    counts = np.asarray(targets["counts"] if targets is not None else [0] * n, np.int64)
+    if len(counts) != n:
+        raise ValueError(f"targets has {len(counts)} entries for {n} images")
+    batch.rows(
+        "images/gt_offset", base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    )
+    batch.rows("images/gt_count", counts)
+    # 1: the call passed targets (an image without objects has gt_count 0 too), 0: it did not.
+    batch.rows("images/gt_logged", np.full(n, 0 if targets is None else 1, np.int8))
+    boxes = (
+        _host(targets["boxes"]).astype(np.float32).reshape(-1, 4) if targets is not None else None
+    )
+    labels = _host(targets["labels"]).astype(np.int64).reshape(-1) if targets is not None else None
+    if boxes is None or labels is None:
+        boxes, labels = np.empty((0, 4), np.float32), np.empty(0, np.int64)
+    if len(boxes) != int(counts.sum()) or len(labels) != len(boxes):
+        raise ValueError(
+            f"targets hold {len(boxes)} boxes and {len(labels)} labels, their counts say {int(counts.sum())}"
+        )
+    batch.rows("targets/boxes", boxes)
+    batch.rows("targets/labels", labels)

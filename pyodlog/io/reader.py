@@ -27,6 +27,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from pyodlog.io.rows import DEFAULT_CHUNK_ROWS, progress_bar, ranges
 from pyodlog.io.segment import (
     CHECKSUM_SUFFIX,
     SEGMENT_FORMAT,
@@ -48,6 +50,7 @@ from pyodlog_protocol.layout import META, meta_path
 __all__ = [
     "CorruptResultError",
     "ResultData",
+    "ResultView",
     "merge_tables",
     "open_result",
     "read_epochs",
@@ -74,7 +77,7 @@ class CorruptResultError(ValueError):
 
 # -- what a segment may contain -----------------------------------------------------------------
 
-_GROUPS = {"images", "images/fields", "detections", "features"}
+_GROUPS = {"images", "images/fields", "detections", "features", "targets"}
 _I8, _I32, _I64 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.int64)
 _F32, _F64, _U8 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8)
 _FLOATS: set[np.dtype] = {np.dtype(np.float16), _F32, _F64}
@@ -104,6 +107,19 @@ _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
     "features_payload": ({_U8}, ()),
     "features_scale": (_FLOATS, ()),
     "features_offset": (_FLOATS, ()),
+    # Ground truth (issue 15): only in segments of calls that passed targets=.
+    "images/gt_offset": ({_I64}, ()),
+    "images/gt_count": ({_I64}, ()),
+    "images/gt_logged": ({_I8}, ()),
+    "targets/boxes": ({_F32}, (4,)),
+    "targets/labels": ({_I64}, ()),
+}
+_TARGET_COLUMNS = {
+    "images/gt_offset",
+    "images/gt_count",
+    "images/gt_logged",
+    "targets/boxes",
+    "targets/labels",
 }
 _STRINGS = {
     "images/input_id",
@@ -146,6 +162,7 @@ _REQUIRED = {
         "features/dtype",
         "features/payload_dtype",
     },
+    "targets": {"targets/boxes", "targets/labels"},
 }
 # What a feature's tensors may be: names read from a file never reach getattr() unchecked.
 _PAYLOAD_DTYPES = {
@@ -586,6 +603,10 @@ def _prefix(t: Tables) -> tuple[int, int, int, int, int]:
     count = num.get("images/det_count", np.empty(0, np.int64))[:n]
     offset = num.get("images/det_offset", np.empty(0, np.int64))[:n]
     n = _first_false(_contiguous(offset, count, n_det_available), n)
+    if "images/gt_offset" in num:  # ground truth: an image is complete with all its targets
+        gt_available = min(_lengths(t, "targets/"), default=0)
+        gt_count, gt_offset = num["images/gt_count"][:n], num["images/gt_offset"][:n]
+        n = min(n, _first_false(_contiguous(gt_offset, gt_count, gt_available), len(gt_count)))
     n_feat = min(_lengths(t, "features/"), default=0)
     most_feat = max(_lengths(t, "features/"), default=0)
     rows = num.get("features/image_row", np.empty(0, np.int64))
@@ -646,6 +667,11 @@ def _cut(t: Tables, n: int, n_det: int, n_feat: int, last_q: int, last_p: int) -
             out.numeric[k] = v[:n_det]
         elif k.startswith("features/"):
             out.numeric[k] = v[:n_feat]
+    if "images/gt_offset" in t.numeric:
+        n_gt = int(out.numeric["images/gt_count"].sum()) if n else 0
+        for k, v in t.numeric.items():
+            if k.startswith("targets/"):
+                out.numeric[k] = v[:n_gt]
     for k, texts in t.strings.items():
         out.strings[k] = texts[:n] if k.startswith("images/") else texts[:n_feat]
     for k in ("features_scale", "features_offset"):
@@ -670,7 +696,9 @@ def trim_to_consistent(tables: Tables) -> Tables:
 def _check_consistent(t: Tables, label: str) -> None:
     """A closed segment's columns must agree exactly (what a crash leaves is only in ``.part`` files)."""
     n, n_det, n_feat, _, _ = _prefix(t)
-    for group, kept in (("images/", n), ("detections/", n_det), ("features/", n_feat)):
+    n_gt = int(t.numeric["images/gt_count"][:n].sum()) if "images/gt_count" in t.numeric else 0
+    groups = [("images/", n), ("detections/", n_det), ("features/", n_feat), ("targets/", n_gt)]
+    for group, kept in groups:
         lengths = _lengths(t, group)
         if any(length != kept for length in lengths):
             raise CorruptResultError(
@@ -699,10 +727,13 @@ def merge_tables(
 ) -> Tables:
     """Concatenates segments' tables, optionally keeping the images of one epoch, with offsets renumbered."""
     out = Tables()
-    images_base = det_base = payload_base = qrow_base = 0
+    images_base = det_base = payload_base = qrow_base = gt_base = 0
+    with_targets = any("images/gt_offset" in p.numeric for p in parts if p.n_images)
     for part in parts:
         if part.n_images == 0:
             continue
+        if with_targets:
+            part = _with_target_columns(part)
         epoch = part.numeric["images/n_epoch"]
         keep = (
             np.ones(part.n_images, bool)
@@ -732,6 +763,9 @@ def merge_tables(
             for k, v in part.numeric.items()
             if k.startswith("detections/")
         }
+        gt_cols: dict[str, np.ndarray] = {}
+        if with_targets:
+            gt_cols, gt_base = _merge_target_rows(part, rows, image_cols, gt_base)
         feat_rows = (
             np.flatnonzero(keep[part.numeric["features/image_row"]])
             if "features/image_row" in part.numeric and len(part.numeric["features/image_row"])
@@ -763,7 +797,7 @@ def merge_tables(
             feat_cols["features/qrow_offset"] = np.asarray(new_qrow_offset, np.int64)
             feat_cols["features/image_row"] = new_row[part.numeric["features/image_row"][feat_rows]]
             payload_base, qrow_base = p_cursor, q_cursor
-        for cols in (image_cols, det_cols, feat_cols):
+        for cols in (image_cols, det_cols, feat_cols, gt_cols):
             for k, v in cols.items():
                 out.numeric[k] = np.concatenate([out.numeric[k], v]) if k in out.numeric else v
         for k in ("features_scale", "features_offset"):
@@ -791,6 +825,39 @@ def merge_tables(
     return out
 
 
+def _with_target_columns(part: Tables) -> Tables:
+    """A segment's tables with ground-truth columns (no targets per image) when it has none."""
+    if "images/gt_offset" in part.numeric:
+        return part
+    n = part.n_images
+    numeric = dict(part.numeric)
+    numeric["images/gt_offset"] = np.zeros(n, np.int64)
+    numeric["images/gt_count"] = np.zeros(n, np.int64)
+    numeric["images/gt_logged"] = np.zeros(n, np.int8)
+    numeric["targets/boxes"] = np.empty((0, 4), np.float32)
+    numeric["targets/labels"] = np.empty(0, np.int64)
+    return Tables(numeric, part.strings, part.payload, part.attrs)
+
+
+def _merge_target_rows(
+    part: Tables, rows: np.ndarray, image_cols: dict[str, np.ndarray], gt_base: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """The ground-truth rows of the kept images ``rows``, and ``gt_offset`` renumbered from ``gt_base``."""
+    offsets, counts = part.numeric["images/gt_offset"][rows], part.numeric["images/gt_count"][rows]
+    gt_rows = (
+        np.concatenate([np.arange(o, o + c) for o, c in zip(offsets, counts)]).astype(np.int64)
+        if len(rows)
+        else np.empty(0, np.int64)
+    )
+    image_cols["images/gt_offset"] = (
+        gt_base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        if len(rows)
+        else np.empty(0, np.int64)
+    )
+    cols = {k: v[gt_rows] for k, v in part.numeric.items() if k.startswith("targets/")}
+    return cols, gt_base + len(gt_rows)
+
+
 def _empty_columns(
     schema: dict[str, Any] | None,
 ) -> dict[str, tuple[np.dtype, tuple[int, ...]] | None]:
@@ -804,7 +871,7 @@ def _empty_columns(
             tuple(0 if d is None else d for d in row),
         )
         for name, (dtypes, row) in _NUMERIC.items()
-        if name not in ("detections/embeddings", "features_payload")
+        if name not in ("detections/embeddings", "features_payload") and name not in _TARGET_COLUMNS
     }
     columns["images/image_size"] = (_I32, (2,))
     columns["features_scale"] = columns["features_offset"] = (_F32, ())
@@ -852,6 +919,9 @@ class ResultData:
         detections: ``{column: array}``, one row per detection (``boxes``
             [N, 4] xyxy, ``scores``, ``labels``, ``candidate_index``,
             ``logits`` [N, C], ``embeddings`` [N, E] when logged).
+        targets: ``{column: array}``, one row per ground-truth box of the calls that
+            passed ``targets=`` (``boxes`` [M, 4] xyxy original-image pixels, ``labels``);
+            images then have ``gt_offset``/``gt_count``. Empty (``{}``) when none was logged.
         manifest: the export manifest (ZIP) or the result's ``result.json`` (folder).
         skipped: damaged segments left out of a folder's records (each was warned about).
     """
@@ -875,9 +945,103 @@ class ResultData:
         # additional_fields appear under their own names
         self.images: dict[str, Any] = {k.split("/", 1)[-1]: v for k, v in images.items()}
         self.detections: dict[str, np.ndarray] = strip(tables.numeric, "detections/")
+        self.targets: dict[str, np.ndarray] = strip(tables.numeric, "targets/")
 
     def __len__(self) -> int:
         return self._t.n_images
+
+    # -- ground truth, class names, slices (issue 15) ---------------------------------------
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The name of each label (index = label), from the result's schema; None if unknown."""
+        schema = self.manifest.get("schema") if isinstance(self.manifest, dict) else None
+        names = schema.get("class_names") if isinstance(schema, dict) else None
+        if names is None:
+            raw = self._t.attrs.get("class_names")
+            try:
+                names = json.loads(raw) if isinstance(raw, str) else None
+            except ValueError:
+                names = None
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return list(names)
+        return None
+
+    def image_targets(self, i: int) -> dict[str, torch.Tensor]:
+        """The ground truth logged for image row ``i``: ``{"boxes": Tensor[M, 4], "labels": Tensor[M]}``.
+
+        Empty tensors when the image was logged without ``targets=``.
+        """
+        n_images = len(self)
+        if not -n_images <= i < n_images:
+            raise IndexError(f"image row {i} is out of range: this result has {n_images} images")
+        i = i % n_images
+        if "gt_offset" not in self.images or "boxes" not in self.targets:
+            return {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+        o, n = int(self.images["gt_offset"][i]), int(self.images["gt_count"][i])
+        return {
+            "boxes": torch.from_numpy(np.ascontiguousarray(self.targets["boxes"][o : o + n])),
+            "labels": torch.from_numpy(np.ascontiguousarray(self.targets["labels"][o : o + n])),
+        }
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether any image was logged with ground truth (``targets=``)."""
+        return "gt_count" in self.images and bool(len(self.targets.get("labels", ())))
+
+    def where(
+        self,
+        dataset_type: str | list[str] | None = None,
+        n_epoch: int | list[int] | None = None,
+        input_id_prefix: str | None = None,
+        **fields: Any,
+    ) -> ResultData:
+        """The images matching every condition, as a view (index arrays: no column is copied).
+
+        Args:
+            dataset_type: one value or a list of accepted values.
+            n_epoch: one epoch or a list (-1: untagged).
+            input_id_prefix: keep the ``input_id`` starting with it.
+            **fields: ``images`` column = value, a list of accepted values, or a callable
+                ``column array -> bool mask`` (e.g. ``score=lambda v: v > 3``).
+
+        Returns:
+            a :class:`ResultView`, usable wherever a ResultData is
+            (``images``, ``detections``, ``targets``, ``image_detections``, ``feature``,
+            ``where`` again, ``iter_chunks``).
+
+        Raises:
+            KeyError: a field that is no ``images`` column (the message lists them).
+        """
+        return ResultView.of(self).where(dataset_type, n_epoch, input_id_prefix, **fields)
+
+    def iter_chunks(self, rows: int = 65536, progress: bool | None = None) -> Any:
+        """Consecutive views of at most ``rows`` images (see :meth:`ResultView.iter_chunks`)."""
+        return ResultView.of(self).iter_chunks(rows, progress)
+
+    def to_arrow(self) -> dict[str, Any]:
+        """``{"images", "detections"[, "targets"]}`` pyarrow Tables joined by ``image_row`` (:mod:`pyodlog.io.interop`)."""
+        from pyodlog.io.interop import to_arrow
+
+        return to_arrow(self)
+
+    def to_pandas(self) -> dict[str, Any]:
+        """:meth:`to_arrow` as pandas DataFrames."""
+        from pyodlog.io.interop import to_pandas
+
+        return to_pandas(self)
+
+    def to_parquet(self, path: str | Path, rows: int = 65536) -> dict[str, Path]:
+        """Writes ``images.parquet``, ``detections.parquet`` (``targets.parquet``) into folder ``path``, chunk by chunk."""
+        from pyodlog.io.interop import to_parquet
+
+        return to_parquet(self, path, rows)
+
+    def to_coco(self, path: str | Path) -> dict[str, Path]:
+        """Writes COCO ``results.json`` (and ``ground_truth.json`` when targets were logged) into folder ``path``."""
+        from pyodlog.io.interop import to_coco
+
+        return to_coco(self, path)
 
     def __repr__(self) -> str:
         return f"ResultData({self.source!r}, images={len(self)}, detections={len(self.detections.get('scores', []))})"
@@ -1236,3 +1400,271 @@ def _extract_verified(
             f"{label}: its SHA-256 ({digest.hexdigest()}) differs from the manifest's "
             f"({entry['sha256']}): the ZIP was changed or damaged after export"
         )
+
+
+# -- views: slices of results by index arrays (issue 15) -------------------------------------------
+
+_LABELS = ("source", "model_name", "version_name", "result_name")
+
+
+def _take(column: Any, idx: np.ndarray) -> Any:
+    if isinstance(column, list):
+        return [column[i] for i in idx.tolist()]
+    return column[idx]
+
+
+def _concat(pieces: list[Any], name: str) -> Any:
+    if pieces and isinstance(pieces[0], list):
+        return [v for p in pieces for v in p]
+    shapes = {p.shape[1:] for p in pieces}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"column {name!r} has rows of shapes {sorted(shapes)} in the results combined (e.g. "
+            f"logits of models with different class counts): select one result with "
+            f"where(model_name=..., version_name=...) first"
+        )
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+class _Columns(Mapping):
+    """Columns gathered on first access (then kept)."""
+
+    def __init__(self, names: list[str], get: Callable[[str], Any]) -> None:
+        self._names, self._get = names, get
+        self._cache: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._cache:
+            self._cache[name] = self._get(name)
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"<columns {self._names}>"
+
+
+def _label_of(data: ResultData) -> dict[str, str]:
+    manifest = data.manifest if isinstance(data.manifest, dict) else {}
+    attrs = getattr(data, "_t", None)
+    attrs = attrs.attrs if attrs is not None else {}
+    return {
+        "source": data.source,
+        **{k: str(manifest.get(k, attrs.get(k, ""))) for k in _LABELS[1:]},
+    }
+
+
+class ResultView(ResultData):
+    """Image rows of one or more results read back, by index: a ResultData that copies nothing up front.
+
+    Everything a ResultData offers works on it: ``images``, ``detections``, ``targets`` (columns
+    gathered on first access), ``image_detections(i)``, ``image_targets(i)``, ``feature(i,
+    name)``, ``class_names``, ``where(...)``, ``iter_chunks(...)``. Row ``i`` of a view is its
+    ``i``-th selected image; ``det_offset``/``gt_offset`` are renumbered for the view's own
+    ``detections``/``targets``.
+
+    Args:
+        parts: ``(result, image rows)`` pairs (a result is a ResultData read back, not a view).
+        labelled: add the image columns ``source``, ``model_name``, ``version_name``,
+            ``result_name`` (what :func:`open_results` makes).
+    """
+
+    def __init__(self, parts: list[tuple[ResultData, np.ndarray]], labelled: bool = False) -> None:
+        self._parts = [(data, np.asarray(idx, np.int64)) for data, idx in parts]
+        self._labelled = labelled
+        self._starts = np.cumsum([0] + [len(idx) for _, idx in self._parts]).astype(np.int64)
+        first = self._parts[0][0] if self._parts else None
+        self.manifest = first.manifest if first is not None else {}
+        self.source = (
+            first.source
+            if len({d.source for d, _ in self._parts}) == 1 and first is not None
+            else ", ".join(sorted({d.source for d, _ in self._parts}))
+        )
+        self.skipped = [p for d, _ in self._parts for p in d.skipped]
+        with_targets = any("gt_offset" in d.images for d, _ in self._parts)
+        image_names = _common([list(d.images) for d, _ in self._parts])
+        if with_targets:
+            image_names += [
+                n for n in ("gt_offset", "gt_count", "gt_logged") if n not in image_names
+            ]
+        if labelled:
+            image_names += [n for n in _LABELS if n not in image_names]
+        self.images = _Columns(image_names, self._image_column)  # type: ignore[assignment]
+        self.detections = _Columns(
+            _common([list(d.detections) for d, _ in self._parts]), self._detection_column
+        )  # type: ignore[assignment]
+        self.targets = _Columns(  # type: ignore[assignment]
+            ["boxes", "labels"] if with_targets else [], self._target_column
+        )
+
+    @classmethod
+    def of(cls, data: ResultData) -> ResultView:
+        """``data`` as a view (itself if it is one already)."""
+        if isinstance(data, ResultView):
+            return data
+        return cls([(data, np.arange(len(data), dtype=np.int64))])
+
+    # -- columns ---------------------------------------------------------------------------
+
+    def _image_column(self, name: str) -> Any:
+        if name in ("det_offset", "gt_offset"):
+            counts = np.asarray(self.images["det_count" if name == "det_offset" else "gt_count"])
+            return (np.cumsum(counts) - counts).astype(np.int64)
+        pieces: list[Any] = []
+        for data, idx in self._parts:
+            if name in _LABELS and self._labelled and name not in data.images:
+                pieces.append([_label_of(data)[name]] * len(idx))
+            elif name in ("gt_count", "gt_logged") and name not in data.images:
+                pieces.append(np.zeros(len(idx), np.int64 if name == "gt_count" else np.int8))
+            else:
+                pieces.append(_take(data.images[name], idx))
+        if not pieces:
+            return np.empty(0)
+        return _concat(pieces, name)
+
+    def _rows(self, data: ResultData, idx: np.ndarray, group: str) -> np.ndarray:
+        prefix = "det" if group == "detections" else "gt"
+        if f"{prefix}_offset" not in data.images:
+            return np.empty(0, np.int64)
+        return ranges(data.images[f"{prefix}_offset"][idx], data.images[f"{prefix}_count"][idx])
+
+    def _detection_column(self, name: str) -> Any:
+        pieces = [
+            data.detections[name][self._rows(data, idx, "detections")] for data, idx in self._parts
+        ]
+        return _concat(pieces, name)
+
+    def _target_column(self, name: str) -> Any:
+        empty = np.empty((0, 4), np.float32) if name == "boxes" else np.empty(0, np.int64)
+        pieces = [
+            data.targets[name][self._rows(data, idx, "targets")] if name in data.targets else empty
+            for data, idx in self._parts
+        ]
+        return _concat(pieces, name)
+
+    # -- rows ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        return f"ResultView({self.source!r}, images={len(self)})"
+
+    def _locate(self, i: int) -> tuple[ResultData, int]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"image row {i} is out of range: this view has {n} images")
+        i = i % n
+        part = int(np.searchsorted(self._starts, i, side="right")) - 1
+        data, idx = self._parts[part]
+        return data, int(idx[i - self._starts[part]])
+
+    def image_detections(self, i: int) -> DetectionOutput:
+        data, row = self._locate(i)
+        return data.image_detections(row)
+
+    def image_targets(self, i: int) -> dict[str, torch.Tensor]:
+        data, row = self._locate(i)
+        return data.image_targets(row)
+
+    def feature(self, i: int, name: str, decompress: bool = True):
+        data, row = self._locate(i)
+        return data.feature(row, name, decompress)
+
+    def feature_names(self) -> list[str]:
+        return sorted({n for data, _ in self._parts for n in data.feature_names()})
+
+    @property
+    def class_names(self) -> list[str] | None:
+        names = [data.class_names for data, _ in self._parts]
+        return names[0] if names and all(n == names[0] for n in names) else None
+
+    @property
+    def has_targets(self) -> bool:
+        return any(data.has_targets for data, _ in self._parts)
+
+    # -- slicing ---------------------------------------------------------------------------
+
+    def _subset(self, keep: np.ndarray) -> ResultView:
+        """The view of the rows where ``keep`` (a bool mask over this view's rows) is true."""
+        parts = [
+            (data, idx[keep[self._starts[k] : self._starts[k + 1]]])
+            for k, (data, idx) in enumerate(self._parts)
+        ]
+        return ResultView([(d, i) for d, i in parts if len(i)] or parts[:1], self._labelled)
+
+    def where(
+        self,
+        dataset_type: str | Sequence[str] | None = None,
+        n_epoch: int | Sequence[int] | None = None,
+        input_id_prefix: str | None = None,
+        **fields: Any,
+    ) -> ResultView:
+        """See :meth:`pyodlog.io.reader.ResultData.where`."""
+        keep = np.ones(len(self), bool)
+        conditions: dict[str, Any] = dict(fields)
+        if dataset_type is not None:
+            conditions["dataset_type"] = dataset_type
+        if n_epoch is not None:
+            conditions["n_epoch"] = n_epoch
+        for name, wanted in conditions.items():
+            if name not in self.images:
+                raise KeyError(
+                    f"where({name}=...): no such image column; the columns are {sorted(self.images)}"
+                )
+            keep &= _match(self.images[name], wanted, name)
+        if input_id_prefix is not None:
+            if not isinstance(input_id_prefix, str):
+                raise ValueError(f"input_id_prefix must be a str, got {input_id_prefix!r}")
+            keep &= np.fromiter(
+                (s.startswith(input_id_prefix) for s in self.images["input_id"]), bool, len(self)
+            )
+        return self._subset(keep)
+
+    def iter_chunks(
+        self, rows: int = DEFAULT_CHUNK_ROWS, progress: bool | None = None
+    ) -> Iterator[ResultView]:
+        """Consecutive views of at most ``rows`` images, in row order (a chunk never spans two results).
+
+        Args:
+            rows: images per chunk.
+            progress: a tqdm bar (on stderr); None: only for more than 100,000 images and when
+                stderr is a terminal.
+        """
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"rows must be an int >= 1, got {rows!r}")
+        with progress_bar(len(self), progress) as bar:
+            for data, idx in self._parts:
+                for start in range(0, len(idx), rows):
+                    chunk = ResultView([(data, idx[start : start + rows])], self._labelled)
+                    yield chunk
+                    bar.update(len(chunk))
+
+
+def _common(names: list[list[str]]) -> list[str]:
+    """The names every list has, in the first list's order."""
+    if not names:
+        return []
+    rest = [set(n) for n in names[1:]]
+    return [n for n in names[0] if all(n in r for r in rest)]
+
+
+def _match(column: Any, wanted: Any, name: str) -> np.ndarray:
+    if callable(wanted):
+        mask = np.asarray(wanted(column if not isinstance(column, list) else np.asarray(column)))
+        if mask.dtype != bool or mask.shape != (len(column),):
+            raise ValueError(
+                f"where({name}=callable): the callable must return a bool mask of {len(column)} values"
+            )
+        return mask
+    values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+    if isinstance(column, list):
+        accepted = set(values)
+        return np.fromiter((v in accepted for v in column), bool, len(column))
+    return np.isin(np.asarray(column), np.asarray(values))

@@ -101,6 +101,7 @@ _SHIFTS = {
     "features/image_row": "images",
     "features/payload_offset": "payload",
     "features/qrow_offset": "qrows",
+    "images/gt_offset": "targets",  # ground truth (issue 15)
 }
 
 
@@ -220,6 +221,7 @@ class SegmentWriter:
             "qrows": 0,
             "features": 0,
             "records": 0,
+            "targets": 0,
         }
         self.nbytes = 0
         self._key = os.path.realpath(self.part)
@@ -341,6 +343,7 @@ class SegmentWriter:
         self.counts["qrows"] += batch.n_qrows
         self.counts["features"] += batch.n_features
         self.counts["records"] += batch.n_records
+        self.counts["targets"] += sum(len(p) for p in numeric.get("targets/labels", []))
         self.nbytes += batch.nbytes
         _COMMITTED[self._key] = dict(self.counts)
 

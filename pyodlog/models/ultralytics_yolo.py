@@ -54,6 +54,7 @@ from pyodlog.monitoring.validation import (
     check_dataset_type,
     check_field_values,
     check_input_ids,
+    check_targets,
 )
 from pyodlog.ops import postprocess_detections
 from pyodlog.ops.compression import CompressedFeature
@@ -405,6 +406,7 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
                 "nms=False runs YOLO's end-to-end (NMS-free) head, which pyodlog does not log yet: "
                 "leave nms out (or pass nms=True) to use its NMS head"
             )
+        raw_targets = kwargs.pop("targets", None)  # ground truth: logged, never passed to predict
         names = {spec.name for spec in self._field_specs}
         field_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in names}
         predict_kwargs = {**self._nms_defaults, **nms, **kwargs}
@@ -413,6 +415,8 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         if n_known is not None:
             check_input_ids(input_ids, n_known)
             check_field_values(self._field_specs, field_kwargs, n_known)
+        # Checked before predict runs when the source's image count is known.
+        targets = check_targets(raw_targets, n_known, self.n_class) if n_known is not None else None
         timestamp = time.time()
         with self._call_capture() as capture:
             yolo: Any = self.model
@@ -428,7 +432,16 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
                 ]
                 return ids, img_sizes, check_field_values(self._field_specs, field_kwargs, n_images)
 
-            record = self._record_of_call(capture, output, identities, dataset_type, timestamp)
+            record = None
+            try:
+                if raw_targets is not None and targets is None:
+                    targets = check_targets(raw_targets, len(output), self.n_class)
+            except ValueError as error:  # the model answered: counted, never raised
+                self._logging_failed(error)
+            else:
+                record = self._record_of_call(
+                    capture, output, identities, dataset_type, timestamp, targets=targets
+                )
         if record is not None:
             self._submit_or_count(record)
         return output

@@ -21,6 +21,7 @@ from pyodlog.monitoring.modes import refuse_cuda_graphs
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
 from pyodlog.monitoring.tracer import CallCapture, ObjectDetectionTorchTracer
 from pyodlog.monitoring.validation import (
+    check_class_names,
     check_dataset_type,
     check_field_specs,
     check_field_values,
@@ -28,6 +29,7 @@ from pyodlog.monitoring.validation import (
     check_input_ids,
     check_n_class,
     check_target_layers,
+    check_targets,
     check_thresholds,
 )
 from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
@@ -35,7 +37,13 @@ from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
 if TYPE_CHECKING:
     from pyodlog.sync import SyncConfig
 
-__all__ = ["NmsConfig", "ObjectDetectionTorchLogger", "unwrap_model"]
+__all__ = [
+    "NmsConfig",
+    "ObjectDetectionTorchLogger",
+    "model_class_names",
+    "resolve_class_names",
+    "unwrap_model",
+]
 
 
 @dataclass
@@ -154,7 +162,6 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             images are downscaled on the device and encoded there with nvJPEG by the writer).
             For image-tensor inputs (a list of ``[C, H, W]`` or a ``[B, C, H, W]`` tensor, float
             in [0, 1] or uint8); read back with ``ResultData.thumbnail(i)``.
-
         retention: the local disk budget (keyword only; :class:`pyodlog.Retention`). None or
             True: ``Retention()`` (default budget ``min(10 GiB, 25 % of the free space at start
             + what the result holds)``; only segments the collector acknowledged are ever
@@ -165,6 +172,12 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             ``prometheus_client`` is installed, else none; True: the default registry
             (``ImportError`` without ``prometheus_client``); a ``CollectorRegistry``: that one;
             False: none.
+        class_names: the name of each label (keyword only): a list (index = label), a
+            ``{label: name}`` dict, or torchvision weights (``weights.meta["categories"]``, e.g.
+            ``class_names=FasterRCNN_ResNet50_FPN_Weights.DEFAULT``: torchvision models do not
+            carry their names). None reads them from the model where it has them (Ultralytics
+            ``names``, transformers ``config.id2label``). Stored in the result's schema
+            (``result.json``, the export manifest); read back as ``ResultData.class_names``.
     """
 
     #: Human-readable name of the model family, for error messages.
@@ -194,6 +207,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         log_images: dict[str, int] | None = None,
         retention: Any = None,
         metrics: Any = None,
+        class_names: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -219,6 +233,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         self._log_images = check_log_images(log_images)
         if not isinstance(log_embeddings, bool):
             raise ValueError(f"log_embeddings must be True or False, got {log_embeddings!r}")
+        self.class_names = resolve_class_names(class_names, core, model_n_class)
         self.model = model
         self.n_class = model_n_class
         self.log_embeddings = log_embeddings
@@ -287,6 +302,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             "target_layers": {s.alias: s.to_dict() for s in layers},
             "family": type(self).__name__,
         }
+        if getattr(self, "class_names", None) is not None:
+            schema["class_names"] = self.class_names
         self._init_monitoring(
             model_name,
             version_name,
@@ -439,7 +456,10 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             input_ids: one string per image; generated (uuid4) when None.
             dataset_type: e.g. 'train', 'val', 'test', 'deploying'.
             **kwargs: ``img_sizes`` (original ``(h, w)`` per image: boxes are
-                logged in those coordinates; default the input sizes) and the
+                logged in those coordinates; default the input sizes), ``targets``
+                (ground truth, torchvision's format: ``[{"boxes": Tensor[N, 4] xyxy
+                original-image pixels, "labels": Tensor[N]}, ...]``, one per image; checked
+                before the model runs, logged beside the detections) and the
                 values of ``additional_fields`` (one value for all images, or
                 one per image).
 
@@ -482,13 +502,19 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         n_images = len(img_sizes)
         ids = check_input_ids(input_ids, n_images) or [uuid.uuid4().hex for _ in range(n_images)]
         dataset_type = check_dataset_type(dataset_type)
+        targets = check_targets(kwargs.pop("targets", None), n_images, self.n_class)
         fields = check_field_values(self._field_specs, kwargs, n_images)
         timestamp = time.time()
         # This call's own hook captures (self._state): calls in other threads have theirs.
         with self._call_capture() as capture:
             output = self._run_model(model_input)
             record = self._record_of_call(
-                capture, output, lambda: (ids, img_sizes, fields), dataset_type, timestamp
+                capture,
+                output,
+                lambda: (ids, img_sizes, fields),
+                dataset_type,
+                timestamp,
+                targets=targets,
             )
         if record is not None:
             self._attach_thumbnails(record, model_input)
@@ -511,12 +537,14 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         identities: Callable[[], tuple[list[str], list[tuple[int, int]], dict[str, Any]]],
         dataset_type: str,
         timestamp: float,
+        targets: dict[str, Any] | None = None,
     ) -> CallRecord | None:
         """The record of a call whose model answered, or None (the failure counted and reported).
 
         ``identities()`` gives the call's input ids, original image sizes and field values (a
         family may learn them only from the output). From here on the call returns the model's
-        output whatever logging does.
+        output whatever logging does. ``targets`` is the call's checked ground truth
+        (:func:`~pyodlog.monitoring.validation.check_targets`), logged beside the detections.
         """
         self._count_call_seen()
         try:
@@ -526,8 +554,21 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 detections = self._as_detection_batch(
                     self._parse_model_output(output, img_sizes), img_sizes
                 )
+            if targets is not None and len(targets["counts"]) != len(img_sizes):
+                raise ValueError(
+                    f"targets has {len(targets['counts'])} entries but the call had {len(img_sizes)} "
+                    f"images: pass one target dict per image"
+                )
             return CallRecord(
-                ids, dataset_type, self.n_epoch, timestamp, img_sizes, detections, features, fields
+                ids,
+                dataset_type,
+                self.n_epoch,
+                timestamp,
+                img_sizes,
+                detections,
+                features,
+                fields,
+                targets=targets,
             )
         except Exception as error:
             self._logging_failed(error)
@@ -553,3 +594,56 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         self._remove_hooks()
         self._release_model()
         self._close_monitoring()
+
+
+# -- class names (issue 15) -----------------------------------------------------------------------
+
+
+def _placeholder_names(names: list[str]) -> bool:
+    """Names a library makes up when it knows none (``"0"``, ``"LABEL_0"``, ``"class_0"``)."""
+    return all(
+        n in ("", str(i), f"LABEL_{i}", f"class_{i}", f"class{i}") for i, n in enumerate(names)
+    )
+
+
+def model_class_names(model: Any) -> list[str] | dict[int, str] | None:
+    """The class names a model carries itself, or None.
+
+    Ultralytics (``YOLO`` and ``DetectionModel``): ``model.names``; transformers:
+    ``model.config.id2label``. Torchvision models carry none (their weights do: pass
+    ``class_names=weights``). Placeholder names (``"0"``, ``"LABEL_0"``) count as none.
+    """
+    for owner in (model, getattr(model, "model", None)):
+        names = getattr(owner, "names", None) if owner is not None else None
+        if isinstance(names, (dict, list, tuple)) and names:
+            return dict(names) if isinstance(names, dict) else list(names)
+    config = getattr(model, "config", None)
+    id2label = getattr(config, "id2label", None)
+    if isinstance(id2label, dict) and id2label:
+        return dict(id2label)
+    return None
+
+
+def resolve_class_names(value: Any, model: nn.Module, n_class: int) -> list[str] | None:
+    """``class_names`` as given (a list, a dict, torchvision weights), else the model's, checked.
+
+    Raises:
+        ValueError: names that do not fit the model's ``n_class`` labels (the message says how).
+    """
+    if value is None:
+        found = model_class_names(model)
+        if found is None:
+            return None
+        try:
+            names = check_class_names(found, n_class, "the model's class names")
+        except ValueError:
+            return None  # names the model carries but that do not fit its head: not used
+        return None if names is None or _placeholder_names(names) else names
+    meta = getattr(value, "meta", None)  # a torchvision WeightsEnum member
+    if isinstance(meta, dict):
+        if "categories" not in meta:
+            raise ValueError(
+                f"class_names={value!r} has no meta['categories']: pass a list of names instead"
+            )
+        value = meta["categories"]
+    return check_class_names(value, n_class)

@@ -18,6 +18,7 @@ from pyodlog_protocol import is_valid_name  # the collector accepts exactly thes
 __all__ = [
     "FieldSpec",
     "LayerSpec",
+    "check_class_names",
     "check_dataset_type",
     "check_encodable",
     "check_field_specs",
@@ -28,6 +29,7 @@ __all__ = [
     "check_n_epoch",
     "check_name",
     "check_target_layers",
+    "check_targets",
     "check_thresholds",
 ]
 
@@ -166,6 +168,8 @@ RESERVED_FIELDS = {
     "image_size",
     "img_sizes",
     "detections",
+    "targets",
+    "class_names",
 }
 
 
@@ -402,3 +406,157 @@ def check_target_layers(target_layers: Any, model: torch.nn.Module) -> list[Laye
             pool_to = (int(pool_to[0]), int(pool_to[1]))
         out.append(LayerSpec(alias, path, compression, pool_to))
     return out
+
+
+# -- ground truth and class names (issue 15) ----------------------------------------------------
+
+
+def check_targets(targets: Any, n_images: int, n_class: int | None = None) -> dict[str, Any] | None:
+    """The call's ``targets=`` (torchvision's format), checked before the model runs.
+
+    ``targets`` is one mapping per image with ``"boxes"`` (``Tensor[N, 4]`` xyxy in original-image
+    pixels) and ``"labels"`` (``Tensor[N]`` integers); other keys (``masks``, ``image_id``, …) are
+    ignored. Tensors on a device are checked by shape and dtype only (their values would need a
+    host sync); CPU tensors, NumPy arrays and lists also by value: finite boxes with
+    ``x2 >= x1`` and ``y2 >= y1``, labels in ``[0, n_class)``.
+
+    Returns:
+        None for None, else ``{"boxes": Tensor[M, 4] float32, "labels": Tensor[M] int64,
+        "counts": list[int]}`` (every image's boxes one after the other, on the targets' device).
+
+    Raises:
+        ValueError: naming the image and what is wrong, and the expected format.
+    """
+    if targets is None:
+        return None
+    how = (
+        'pass targets=[{"boxes": Tensor[N, 4] (x1, y1, x2, y2 in original-image pixels), '
+        '"labels": Tensor[N] (int)}, ...], one dict per image'
+    )
+    if (
+        isinstance(targets, Mapping)
+        or not isinstance(targets, Sequence)
+        or isinstance(targets, str)
+    ):
+        raise ValueError(f"targets must be a list of dicts, got {type(targets).__name__}: {how}")
+    if len(targets) != n_images:
+        raise ValueError(
+            f"targets has {len(targets)} entries but the batch has {n_images} images: {how}"
+        )
+    boxes_list, labels_list, counts = [], [], []
+    device = None
+    for i, target in enumerate(targets):
+        if not isinstance(target, Mapping) or "boxes" not in target or "labels" not in target:
+            got = sorted(map(str, target)) if isinstance(target, Mapping) else type(target).__name__
+            raise ValueError(
+                f"targets[{i}] must be a dict with 'boxes' and 'labels', got {got}: {how}"
+            )
+        boxes, labels = target["boxes"], target["labels"]
+        try:
+            boxes = boxes if isinstance(boxes, torch.Tensor) else torch.as_tensor(np.asarray(boxes))
+            labels = (
+                labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+            )
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"targets[{i}] boxes/labels are not numeric arrays ({error}): {how}"
+            ) from None
+        if boxes.numel() == 0 and boxes.dim() <= 1:
+            boxes = boxes.reshape(0, 4)
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(
+                f"targets[{i}]['boxes'] has shape {tuple(boxes.shape)}, expected [N, 4]: {how}"
+            )
+        if boxes.dtype == torch.bool or boxes.is_complex():
+            raise ValueError(
+                f"targets[{i}]['boxes'] has dtype {boxes.dtype}, expected a number type"
+            )
+        if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
+            raise ValueError(
+                f"targets[{i}]['labels'] has shape {tuple(labels.shape)} for {boxes.shape[0]} boxes: "
+                f"expected [{boxes.shape[0]}]"
+            )
+        if labels.numel() and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+            raise ValueError(
+                f"targets[{i}]['labels'] has dtype {labels.dtype}: class indices are integers "
+                f"(e.g. labels.long())"
+            )
+        if device is None:
+            device = boxes.device
+        if boxes.device != device or labels.device != device:
+            raise ValueError(
+                f"targets[{i}] is on {boxes.device}/{labels.device}, targets[0] on {device}: "
+                f"put every target on one device"
+            )
+        if boxes.device.type == "cpu":
+            b = boxes.detach().to(torch.float64)
+            if not bool(torch.isfinite(b).all()):
+                raise ValueError(f"targets[{i}]['boxes'] holds NaN or infinite coordinates")
+            bad = torch.nonzero((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])).flatten()
+            if len(bad):
+                raise ValueError(
+                    f"targets[{i}]['boxes'][{int(bad[0])}] = {b[int(bad[0])].tolist()} is not xyxy "
+                    f"(x2 < x1 or y2 < y1): convert it, e.g. torchvision.ops.box_convert(boxes, "
+                    f"'xywh', 'xyxy')"
+                )
+            if labels.numel():
+                low, high = int(labels.min()), int(labels.max())
+                if low < 0 or (n_class is not None and high >= n_class):
+                    raise ValueError(
+                        f"targets[{i}]['labels'] holds {low if low < 0 else high}, outside the model's "
+                        f"classes [0, {n_class})"
+                    )
+        boxes_list.append(boxes.detach().to(torch.float32))
+        labels_list.append(labels.detach().to(torch.int64))
+        counts.append(int(boxes.shape[0]))
+    return {
+        "boxes": torch.cat(boxes_list) if boxes_list else torch.zeros(0, 4),
+        "labels": torch.cat(labels_list) if labels_list else torch.zeros(0, dtype=torch.int64),
+        "counts": counts,
+    }
+
+
+def check_class_names(
+    value: Any, n_class: int | None, argument: str = "class_names"
+) -> list[str] | None:
+    """Class names: a list of ``n_class`` strings (index = label), or a ``{label: name}`` mapping.
+
+    A mapping may leave labels out (e.g. COCO's unused ids, a background): those get ``""``.
+
+    Raises:
+        ValueError: not strings, wrong length, labels outside ``[0, n_class)``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        try:
+            keys = {int(k): v for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{argument} keys must be class indices (ints), got {list(value)[:5]!r}"
+            ) from None
+        size = n_class if n_class is not None else (max(keys) + 1 if keys else 0)
+        if keys and (min(keys) < 0 or max(keys) >= size):
+            raise ValueError(
+                f"{argument} has label {min(keys) if min(keys) < 0 else max(keys)}, outside the "
+                f"model's classes [0, {size})"
+            )
+        value = [keys.get(i, "") for i in range(size)]
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"{argument} must be a list of strings (index = label), got {type(value).__name__}"
+        )
+    names = list(value)
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or len(name) > 256:
+            raise ValueError(
+                f"{argument}[{i}] must be a string of at most 256 characters, got {name!r}"
+            )
+        check_encodable(name, f"{argument}[{i}]")
+    if n_class is not None and len(names) != n_class:
+        raise ValueError(
+            f"{argument} has {len(names)} names, the model's class head has {n_class} classes "
+            f"(labels 0..{n_class - 1}; torchvision counts the background as label 0): pass one "
+            f"name per label, or a {{label: name}} dict"
+        )
+    return names

@@ -8,6 +8,7 @@ ranks), then make the syncer that sends closed segments to the collector. Each s
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "check_retention",
     "make_syncer",
     "open_result",
+    "open_with_class_names",
     "resolve_sync",
 ]
 
@@ -109,7 +111,9 @@ def open_result(
     """
 
     def resolve() -> tuple[str, int | None]:
-        info = sink.open_result(model_name, version_name, result_name, schema, force_recreate)
+        info = open_with_class_names(
+            sink, model_name, version_name, result_name, schema, force_recreate
+        )
         if dist is not None:
             # The other ranks open the result that rank 0 made: any replacement happens now.
             sink.activate()
@@ -120,7 +124,7 @@ def open_result(
     resolved_result, resolved_epoch = agree(dist, resolve)
     if dist is not None and dist.rank != 0:
         try:
-            sink.open_result(model_name, version_name, resolved_result, schema, False)
+            open_with_class_names(sink, model_name, version_name, resolved_result, schema, False)
         except SchemaMismatchError:
             if not force_recreate:
                 raise
@@ -245,3 +249,42 @@ def attach_metrics(logger: Any, registry: Any) -> None:
     from pyodlog.monitoring.metrics import expose_metrics
 
     expose_metrics(logger, None if registry == "default" else registry)
+
+
+def open_with_class_names(
+    sink: Sink,
+    model_name: str,
+    version_name: str,
+    result_name: str | None,
+    schema: dict[str, Any],
+    force_recreate: bool,
+) -> Any:
+    """``sink.open_result``; a result created without class names (by a pyodlog that stored none)
+    is opened without them, with a warning, instead of refusing its schema.
+
+    Class names read from the model (Ultralytics ``names``, transformers ``id2label``) would
+    otherwise make every result logged before they were stored a schema mismatch. Names that
+    differ from the stored ones are still a :class:`SchemaMismatchError`.
+    """
+    try:
+        return sink.open_result(model_name, version_name, result_name, schema, force_recreate)
+    except SchemaMismatchError:
+        if "class_names" not in schema or force_recreate:
+            raise
+        without = {k: v for k, v in schema.items() if k != "class_names"}
+        try:
+            info = sink.open_result(model_name, version_name, result_name, without, False)
+        except SchemaMismatchError:
+            pass
+        else:
+            schema.pop("class_names")
+            logging.getLogger("pyodlog").warning(
+                "pyodlog: result %s of %s/%s was created without class names, so the class names "
+                "are not stored in it (pass another result_name, or force_table_recreate=True, "
+                "to store them)",
+                info.result_name,
+                model_name,
+                version_name,
+            )
+            return info
+        raise
