@@ -273,48 +273,14 @@ def _add_report_parser(sub) -> None:
     report.add_argument("--json", action="store_true", help="print the report's numbers as JSON")
 
 
-def parse_where(pairs: list[str]) -> dict[str, Any]:
-    """``["n_epoch=3", "dataset_type=deploying"]`` → ``{"n_epoch": 3, "dataset_type": "deploying"}``.
-
-    Values are typed: integers, floats, ``true``/``false``, ``none``; anything
-    else (or a value in quotes) stays a string. A key given twice gives a list.
-    """
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(
-                f"--where {pair!r} is not KEY=VALUE (e.g. --where dataset_type=deploying)"
-            )
-        value: Any
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-            value = text[1:-1]
-        elif text.lower() in ("true", "false"):
-            value = text.lower() == "true"
-        elif text.lower() in ("none", "null"):
-            value = None
-        else:
-            try:
-                value = int(text)
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    value = text
-        if key in out:
-            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
-        else:
-            out[key] = value
-    return out
-
-
 def _sliced(path: str | Path, pairs: list[str], option: str):
     from pyodlog.io.reader import open_result
 
     data = open_result(path)
     if not pairs:
         return data
+    from pyodlog.analysis.slices import parse_where
+
     kwargs = parse_where(pairs)
     where = getattr(data, "where", None)
     if where is None:

@@ -14,7 +14,7 @@ import torch
 import pyodlog
 from pyodlog.analysis import compare
 from pyodlog.analysis.report import analyse, html_page, render_html, report_numbers
-from pyodlog.cli import parse_where
+from pyodlog.analysis.slices import parse_where
 from tests.helpers import child_env
 from tests.helpers.synthetic_results import write_synthetic_result
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger

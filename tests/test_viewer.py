@@ -260,3 +260,25 @@ def test_top5_probabilities_follow_the_family_class_head(logged):
     detail = ViewerResult(data).detail(row)
     sigmoid = 1 / (1 + np.exp(-logits[top]))
     assert [p for *_, p in detail.detections[0]["top5"]] == pytest.approx(sigmoid.tolist())
+
+
+def test_result_page_reports_a_slice_and_its_drift_against_another(logged, server):
+    """The result page embeds the analysis report; `where=` / `against=` pick the slices (issue 16)."""
+    data = pyodlog.open_result(logged)
+    types = sorted(set(data.images["dataset_type"]))
+    assert len(types) >= 2, types
+    status, body, _ = get(server.url + "r/0/result")
+    page = body.decode()
+    assert status == 200 and "id='analysis-report'" in page and "id='drift-form'" in page
+    query = f"r/0/result?where=dataset_type={types[1]}&against=dataset_type={types[0]}"
+    status, body, _ = get(server.url + query)
+    page = body.decode()
+    assert status == 200 and "id='analysis-report'" in page and "report-error" not in page
+    report = page[page.index("id='analysis-report'") :]
+    # With a reference slice the report's drift section holds verdicts, not the "no reference" note.
+    assert "no reference slice" not in report and "drift-form" not in report
+    status, body, _ = get(server.url + "r/0/result")
+    assert "no reference slice" in body.decode()
+    assert f"value='dataset_type={types[1]}'" in page  # the form keeps the slice shown
+    status, body, _ = get(server.url + "r/0/result?where=no_such_field=1")
+    assert status == 200 and "id='report-error'" in body.decode()

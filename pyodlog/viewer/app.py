@@ -14,7 +14,7 @@ import math
 import mimetypes
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import numpy as np
@@ -490,21 +490,42 @@ def _histogram(values: np.ndarray, bins: int, low: float, high: float, element_i
     )
 
 
-def _analysis_report(result: ViewerResult) -> str | None:
-    """HOOK (issue 16 ↔ the `report` developer): the analysis layer's HTML report, when importable.
+def _analysis_report(
+    result: ViewerResult, where: dict[str, Any] | None = None, against: dict[str, Any] | None = None
+) -> str | None:
+    """The analysis layer's HTML report of the result (``pyodlog.analysis.report.render_html``).
 
-    ``pyodlog.analysis.report.render_html(data)`` returns a full HTML page; the result page embeds
-    it (an iframe's ``srcdoc``) in place of its own counts section. Until that module exists this
-    returns None and the viewer shows its own class counts and histograms only.
+    ``where`` picks the slice to report on and ``against`` the reference slice its drift is measured
+    against (both ``ResultData.where`` keywords, from the page's ``where=k=v`` / ``against=k=v``
+    query parameters). A report is rendered once per (where, against) and kept: the result is
+    read-only, so it cannot change while the viewer runs.
     """
     try:
         from pyodlog.analysis.report import render_html
     except ImportError:
         return None
-    return str(render_html(result.data))
+    key = (repr(sorted((where or {}).items())), repr(sorted((against or {}).items())))
+    cache = result.__dict__.setdefault("_reports", {})
+    if key not in cache:
+        data = result.data.where(**where) if where else result.data
+        reference = result.data.where(**against) if against else None
+        cache[key] = str(render_html(data, against=reference))
+    return cast(str, cache[key])
 
 
-def render_result(viewer: Viewer, rid: int) -> HTMLResponse:
+def _joined(params: Any, name: str) -> str:
+    return " ".join(params.getlist(name)) if params is not None else ""
+
+
+def _slice_param(params: Any, name: str) -> dict[str, Any] | None:
+    """``name=k=v`` query parameters (repeatable) as ``ResultData.where`` keywords, typed like the CLI's."""
+    from pyodlog.analysis.slices import parse_where
+
+    pairs = [value for value in params.getlist(name) if value]
+    return parse_where(pairs) if pairs else None
+
+
+def render_result(viewer: Viewer, rid: int, params: Any = None) -> HTMLResponse:
     result = viewer.result(rid)
     counts = result.class_counts()
     peak = max((c for _, c in counts), default=1)
@@ -520,7 +541,21 @@ def render_result(viewer: Viewer, rid: int) -> HTMLResponse:
         f"<p><span id='n-images'>{result.n_images}</span> images, "
         f"<span id='n-detections'>{len(result.scores)}</span> detections</p>",
     ]
-    report = _analysis_report(result)
+    where = _slice_param(params, "where") if params is not None else None
+    against = _slice_param(params, "against") if params is not None else None
+    try:
+        report = _analysis_report(result, where, against)
+    except (ValueError, KeyError, TypeError) as error:
+        body.append(
+            f"<p class='error' id='report-error'>No analysis for this slice: {_e(str(error))}</p>"
+        )
+        report = None
+    body.append(
+        f"<form id='drift-form' method='get' action='/r/{rid}/result'>Report on "
+        f"<input name='where' placeholder='dataset_type=deploying' value='{_e(_joined(params, 'where'))}'> "
+        f"against <input name='against' placeholder='dataset_type=val' "
+        f"value='{_e(_joined(params, 'against'))}'> <button type='submit'>analyse</button></form>"
+    )
     if report is not None:
         body.append(
             f"<h3>Analysis</h3><iframe id='analysis-report' srcdoc='{_e(report)}' "
@@ -600,8 +635,8 @@ def create_app(path: str | Path, images_root: str | Path | None = None) -> FastA
         return render_image(viewer, rid, row)
 
     @app.get("/r/{rid}/result", response_class=HTMLResponse)
-    def result_page(rid: int) -> Response:
-        return render_result(viewer, rid)
+    def result_page(rid: int, request: Request) -> Response:
+        return render_result(viewer, rid, request.query_params)
 
     @app.get("/r/{rid}/api/images")
     def api_images(rid: int, request: Request) -> Response:
