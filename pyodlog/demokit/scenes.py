@@ -16,9 +16,9 @@ Domains:
 - ``"val"`` (also the training distribution, with other seeds): 160×160 images,
   1–4 objects of 20–56 px in saturated colours, a soft beige texture with faint
   stripes, at most two thin lines of clutter, little sensor noise.
-- ``"deploying"``: the same classes, shifted — smaller objects (12–36 px), dark or
-  pastel colours, a blotchy green high-contrast texture, more noise, and clutter
-  the detector never saw (ellipses, rings, lines).
+- ``"deploying"``: the same classes, shifted — smaller objects (14–44 px), more of
+  them, three colours never seen in training besides the val ones, a blotchy green
+  texture, more noise, and clutter the detector never saw (ellipses, rings).
 
 Boxes are ``[x1, y1, x2, y2]`` in pixels, the tight box of the object's pixels
 (pixel ``(x, y)`` covers ``[x, x + 1) × [y, y + 1)``), as torchvision detectors
@@ -60,20 +60,22 @@ class Domain:
     noise: float  # std of the per-pixel sensor noise
 
 
+_VAL_PALETTE = (
+    (0.90, 0.15, 0.15),
+    (0.15, 0.75, 0.20),
+    (0.15, 0.30, 0.90),
+    (0.95, 0.85, 0.10),
+    (0.85, 0.20, 0.85),
+    (0.10, 0.80, 0.85),
+    (0.95, 0.50, 0.05),
+)
+
 _DOMAINS: dict[str, Domain] = {
     "val": Domain(
         size=(160, 160),
         n_objects=(1, 4),
         radius=(10.0, 28.0),
-        palette=(
-            (0.90, 0.15, 0.15),
-            (0.15, 0.75, 0.20),
-            (0.15, 0.30, 0.90),
-            (0.95, 0.85, 0.10),
-            (0.85, 0.20, 0.85),
-            (0.10, 0.80, 0.85),
-            (0.95, 0.50, 0.05),
-        ),
+        palette=_VAL_PALETTE,
         background=(0.62, 0.58, 0.50),
         texture_contrast=0.10,
         texture_cells=6,
@@ -85,22 +87,21 @@ _DOMAINS: dict[str, Domain] = {
     "deploying": Domain(
         size=(160, 160),
         n_objects=(2, 6),
-        radius=(6.0, 18.0),
+        radius=(7.0, 22.0),
+        # the val colours and three the detector never saw (dark brown, pastel pink, dull blue)
         palette=(
-            (0.35, 0.20, 0.10),
-            (0.10, 0.12, 0.40),
-            (0.40, 0.42, 0.10),
-            (0.25, 0.25, 0.25),
-            (0.95, 0.70, 0.80),
-            (0.70, 0.90, 0.75),
+            *_VAL_PALETTE,
+            (0.30, 0.20, 0.10),
+            (0.95, 0.75, 0.85),
+            (0.35, 0.45, 0.80),
         ),
         background=(0.45, 0.55, 0.35),
-        texture_contrast=0.25,
+        texture_contrast=0.18,
         texture_cells=14,
         stripes=0.0,
         n_clutter=(2, 5),
         clutter_kinds=("line", "ellipse", "ring"),
-        noise=0.05,
+        noise=0.04,
     ),
 }
 
