@@ -37,9 +37,10 @@ import torch
 import torchvision
 
 import pyodlog
-from pyodlog.demokit.detector import load_detector, match_counts
+from pyodlog.demokit.detector import match_counts
 from pyodlog.demokit.scenes import CLASS_NAMES, Scene, make_scenes
 from pyodlog.demokit.timing import paired_rotation
+from pyodlog.demokit.train import load_detector
 
 #: Logger options that other parts of pyodlog add; passed only when this pyodlog accepts them.
 OPTIONAL_LOGGER_OPTIONS: dict[str, Any] = {
@@ -95,7 +96,8 @@ class TargetsSupport:
         try:
             output = logger(images, targets=targets, **kwargs)
         except ValueError as error:  # refused before the model ran: nothing was recorded
-            if self.supported or "'targets'" not in str(error):
+            unknown = "unknown keyword argument" in str(error) and "'targets'" in str(error)
+            if self.supported or not unknown:
                 raise
             self.supported = False
             return logger(images, **kwargs)

@@ -123,3 +123,22 @@ def test_the_ratio_summary_is_the_median_and_quartiles_of_the_paired_ratios():
     assert (summary.q1, summary.q3) == (pytest.approx(1.1), pytest.approx(1.3))
     with pytest.raises(ValueError, match="at least one rotation"):
         RatioSummary.of([])
+
+
+def test_the_demo_passes_only_the_optional_logger_options_this_pyodlog_takes(tmp_path):
+    from pyodlog.demo import create_demo_logger
+    from pyodlog.demokit.detector import build_detector
+    from pyodlog.io import HDF5Store
+
+    logger, used = create_demo_logger(
+        build_detector().eval(),
+        {"log_embeddings": False, "an_option_from_the_future": 3},
+        model_name="m",
+        version_name="v",
+        sink=HDF5Store(tmp_path / "store"),
+    )
+    with logger:
+        assert used == ["log_embeddings"]
+        assert logger.log_embeddings is False
+    with pytest.raises(TypeError, match="unexpected keyword argument 'version'"):
+        create_demo_logger(build_detector().eval(), {}, model_name="m", version="v")

@@ -10,13 +10,13 @@ from pyodlog.demokit.detector import (
     WEIGHTS_PATH,
     WEIGHTS_SHA256,
     WeightsError,
-    load_detector,
     match_counts,
     read_weights,
     save_weights,
     sha256_of,
 )
 from pyodlog.demokit.scenes import CLASS_NAMES, make_scenes
+from pyodlog.demokit.train import cache_path, load_detector
 
 # Measured with the committed weights (score >= 0.5, IoU >= 0.5): val scenes 0..15 precision 1.00
 # and recall 1.00 (45 objects); deploying scenes 0..15 precision 0.31, recall 0.43 (54 objects).
@@ -69,7 +69,7 @@ def test_missing_weights_load_from_the_checked_cache(tmp_path, monkeypatch):
     """Without the committed file, a cached retrain is used, checked against its .sha256."""
     monkeypatch.setattr(detector, "WEIGHTS_PATH", tmp_path / "absent.pt")
     monkeypatch.setenv("PYODLOG_DEMO_CACHE", str(tmp_path / "cache"))
-    cached = detector.cache_path()
+    cached = cache_path()
     assert cached.parent == tmp_path / "cache"
     committed = read_weights(WEIGHTS_PATH, WEIGHTS_SHA256)
     sha = save_weights(committed, cached, {"schedule": "test"})

@@ -6,9 +6,9 @@ single-level RPN and a 256-wide box head: about 1.1 M parameters, 160 px inputs.
 
 Its weights ship with pyodlog (``demo_detector.pt`` beside this module, float16,
 about 2 MB) and are checked against :data:`WEIGHTS_SHA256` when loaded. When the
-file is missing, :func:`load_detector` retrains a smaller schedule (under two
-minutes on two CPU cores) and caches it (``PYODLOG_DEMO_CACHE``, default
-``~/.cache/pyodlog``), with a ``.sha256`` beside it.
+file is missing, :func:`pyodlog.demokit.train.load_detector` retrains a smaller
+schedule (under two minutes; a weaker detector) and caches it
+(``PYODLOG_DEMO_CACHE``, default ``~/.cache/pyodlog``), with a ``.sha256`` beside it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pyodlog.demokit.scenes import CLASS_NAMES
 
 #: The weights that ship with pyodlog.
 WEIGHTS_PATH = Path(__file__).with_name("demo_detector.pt")
-#: SHA-256 of :data:`WEIGHTS_PATH`; :func:`load_detector` refuses any other file.
+#: SHA-256 of :data:`WEIGHTS_PATH`; :func:`read_weights` is given it and refuses any other file.
 WEIGHTS_SHA256 = "a614da5d4c9615ab293e40012b65fd9e561e0a009baadcdd12431670e5f5c5ef"
 #: Side of the (square) images the detector takes.
 IMAGE_SIZE = 160
@@ -149,42 +149,6 @@ def weights_info(path: str | os.PathLike[str] = WEIGHTS_PATH) -> dict[str, Any]:
     """What the training recorded in a weights file (schedule, seconds, val metrics)."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     return dict(payload.get("info", {}))
-
-
-def cache_path() -> Path:
-    """Where a retrained detector is cached: ``$PYODLOG_DEMO_CACHE`` or ``~/.cache/pyodlog``."""
-    folder = os.environ.get("PYODLOG_DEMO_CACHE") or Path.home() / ".cache" / "pyodlog"
-    return Path(folder) / "demo_detector_quick.pt"
-
-
-def load_detector(*, retrain_seconds: float = 90.0, verbose: bool = True) -> tuple[FasterRCNN, str]:
-    """The trained demo detector, eval mode, and where its weights came from.
-
-    The committed weights when present (SHA-256 checked); otherwise a cached quick
-    retrain (checked against its ``.sha256``); otherwise trains one now for about
-    ``retrain_seconds`` and caches it.
-
-    Raises:
-        WeightsError: a weights file exists but fails its checksum.
-    """
-    if WEIGHTS_PATH.exists():
-        return read_weights(WEIGHTS_PATH, WEIGHTS_SHA256), str(WEIGHTS_PATH)
-    cached = cache_path()
-    sidecar = Path(str(cached) + ".sha256")
-    if cached.exists() and sidecar.exists():
-        return read_weights(cached, sidecar.read_text().strip()), str(cached)
-    from pyodlog.demokit.train import (
-        train,
-    )  # only when needed: training code is not loaded otherwise
-
-    if verbose:
-        print(
-            f"the demo detector's weights {WEIGHTS_PATH} are missing: training a smaller schedule "
-            f"(~{retrain_seconds:.0f} s), cached in {cached}"
-        )
-    model = train(time_budget_s=retrain_seconds, verbose=verbose)
-    sha = save_weights(model, cached, {"schedule": "quick", "seconds": retrain_seconds})
-    return read_weights(cached, sha), str(cached)
 
 
 def match_counts(

@@ -1,4 +1,8 @@
-"""Trains the demo detector on generated scenes (the script behind ``demo_detector.pt``).
+"""Trains the demo detector on generated scenes (the script behind ``demo_detector.pt``), and loads it.
+
+:func:`load_detector` gives the shipped weights, or trains and caches a quick
+replacement when they are missing.
+
 
 The committed weights were made by::
 
@@ -15,16 +19,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torchvision.models.detection import FasterRCNN
 
+from pyodlog.demokit import detector
 from pyodlog.demokit.detector import (
+    WEIGHTS_SHA256,
     average_precision_50,
     build_detector,
     match_counts,
+    read_weights,
     save_weights,
 )
 from pyodlog.demokit.scenes import CLASS_NAMES, TRAIN_SEED_BASE, make_scene, make_scenes
@@ -78,11 +87,15 @@ def train(
     total = iterations if iterations is not None else 10**9
     start = time.perf_counter()
     step = 0
+    warm_at = 0.0
     next_seed = TRAIN_SEED_BASE + seed * 10_000_000
     while step < total:
-        if time_budget_s is not None and step == 10:
-            per_step = (time.perf_counter() - start) / 10
-            total = max(20, int(time_budget_s / per_step))
+        if time_budget_s is not None and step in (10, 40):
+            # the first steps are slower (allocator, caches): estimate again once warm
+            elapsed = time.perf_counter() - start
+            per_step = elapsed / 10 if step == 10 else (elapsed - warm_at) / 30
+            warm_at = elapsed
+            total = max(step + 10, step + int((time_budget_s - elapsed) / per_step))
         scenes = [make_scene(next_seed + i, "val") for i in range(batch_size)]
         next_seed += batch_size
         if step < warmup:
@@ -109,6 +122,45 @@ def train(
                 flush=True,
             )
     return model.eval()
+
+
+def cache_path() -> Path:
+    """Where a retrained detector is cached: ``$PYODLOG_DEMO_CACHE`` or ``~/.cache/pyodlog``."""
+    folder = os.environ.get("PYODLOG_DEMO_CACHE") or Path.home() / ".cache" / "pyodlog"
+    return Path(folder) / "demo_detector_quick.pt"
+
+
+def load_detector(
+    *, retrain_seconds: float = 100.0, verbose: bool = True
+) -> tuple[FasterRCNN, str]:
+    """The trained demo detector, eval mode, and where its weights came from.
+
+    The committed weights when present (SHA-256 checked); otherwise a cached quick
+    retrain (checked against its ``.sha256``); otherwise trains one now for about
+    ``retrain_seconds`` and caches it.
+
+    Raises:
+        WeightsError: a weights file exists but fails its checksum.
+    """
+    if detector.WEIGHTS_PATH.exists():
+        return read_weights(detector.WEIGHTS_PATH, WEIGHTS_SHA256), str(detector.WEIGHTS_PATH)
+    cached = cache_path()
+    sidecar = Path(str(cached) + ".sha256")
+    if cached.exists() and sidecar.exists():
+        return read_weights(cached, sidecar.read_text().strip()), str(cached)
+    from pyodlog.demokit.train import (
+        train,
+    )  # only when needed: training code is not loaded otherwise
+
+    if verbose:
+        print(
+            f"the demo detector's weights {detector.WEIGHTS_PATH} are missing: training a smaller schedule "
+            f"(~{retrain_seconds:.0f} s; a weaker detector than the shipped one), cached in {cached}; "
+            "`git checkout -- pyodlog/demokit/demo_detector.pt` restores the shipped weights"
+        )
+    model = train(time_budget_s=retrain_seconds, verbose=verbose)
+    sha = save_weights(model, cached, {"schedule": "quick", "seconds": retrain_seconds})
+    return read_weights(cached, sha), str(cached)
 
 
 def main(argv: list[str] | None = None) -> None:
