@@ -2,7 +2,9 @@
 
 pytest-benchmark (bench_overhead.py) times each variant in its own test, one
 after the other, so slow drift of the machine lands between variants; here
-every rotation runs all four back to back, so drift cancels in the ratios.
+every rotation runs all four back to back (in alternating order), so drift cancels in
+the ratios: the per-rotation (paired) ratio to bare is printed as its median and IQR.
+The timing itself is pyodlog.demokit.timing.paired_rotation, which `make demo` uses too.
 The loggers' hooks all sit on the one model; each logger's hooks act only
 inside its own calls (the naive logger's hook only stores a reference).
 
@@ -12,10 +14,8 @@ Usage: .venv/bin/python -m benchmarks.overhead_paired MODEL BATCH ROTATIONS
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ import torch
 import pyodlog
 from benchmarks.bench_overhead import FPN_LEVEL, NaiveLogger, _make
 from benchmarks.environment import print_header
+from pyodlog.demokit.timing import paired_rotation
 from pyodlog.io import HDF5Store
 
 
@@ -47,22 +48,20 @@ def main(name: str, batch: int, rotations: int) -> None:
         ),
         "naive h5py logger": NaiveLogger(model, folder / "naive.h5", FPN_LEVEL),
     }
-    times = {k: [] for k in variants}
     with torch.inference_mode():
-        for call in variants.values():
-            call(images)
-        for _ in range(rotations):
-            for key, call in variants.items():
-                start = time.perf_counter()
-                call(images)
-                times[key].append(time.perf_counter() - start)
-    bare = statistics.median(times["bare"])
-    print(f"{name}, batch {batch}, {rotations} rotations")
-    for key, t in times.items():
-        median = statistics.median(t)
+        timed = paired_rotation(
+            {key: (lambda call=call: call(images)) for key, call in variants.items()},
+            rotations,
+            warmup=1,
+        )
+    bare = timed.median("bare")
+    print(f"{name}, batch {batch}, {rotations} rotations (order alternating)")
+    for key in variants:
+        median = timed.median(key)
         print(
             f"{key:30s} median {median * 1e3:9.2f} ms  {median / bare:.3f}x bare  "
-            f"overhead {(median - bare) * 1e3:7.2f} ms  {batch / median:6.1f} images/s"
+            f"overhead {(median - bare) * 1e3:7.2f} ms  {batch / median:6.1f} images/s  "
+            f"paired {timed.ratio(key, 'bare')}"
         )
     for call in variants.values():
         if hasattr(call, "close"):

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pyodlog.models",),
     ("pyodlog.analysis",),
     ("pyodlog.viewer",),
-    ("pyodlog.cli", "pyodlog.demo", "pyodlog.__main__", "pyodlog"),
+    ("pyodlog.cli", "pyodlog.demo", "pyodlog.demokit", "pyodlog.__main__", "pyodlog"),
 ]
 # The top of the stack is the only part of the library allowed to reach the collector.
 MAY_IMPORT_COLLECTOR = ("pyodlog.cli",)
