@@ -31,6 +31,7 @@ import tracemalloc
 import numpy as np
 
 import pyodlog
+from benchmarks.environment import print_header
 from pyodlog.analysis import compare
 from pyodlog.analysis.report import report_numbers
 from tests.helpers.synthetic_results import write_synthetic_result
@@ -126,4 +127,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.bench_analysis")
     main()

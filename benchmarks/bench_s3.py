@@ -33,6 +33,7 @@ import time
 import uuid
 from pathlib import Path
 
+from benchmarks.environment import print_header
 from pyodlog.sync import CollectorClient, S3Target, SyncConfig, Syncer
 from pyodlog.sync.secret import Secret
 from tests.helpers import child_env
@@ -152,4 +153,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.bench_s3")
     main()

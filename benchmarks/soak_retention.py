@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import pyodlog
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store, WriterConfig
 from pyodlog.io.reader import read_segment
 from pyodlog.io.retention import folder_bytes
@@ -182,4 +183,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.soak_retention")
     sys.exit(main())

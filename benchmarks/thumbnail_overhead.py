@@ -20,6 +20,7 @@ import torch
 import torchvision
 
 import pyodlog
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 
 
@@ -71,6 +72,7 @@ def main(rotations: int, batch: int) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.thumbnail_overhead")
     main(
         int(sys.argv[1]) if len(sys.argv) > 1 else 20, int(sys.argv[2]) if len(sys.argv) > 2 else 2
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.environment import print_header
 from pyodlog.io.export import write_tables
 from pyodlog.io.reader import Tables
 from pyodlog.io.segment import write_checksum
@@ -97,4 +98,5 @@ def main(n_det: int) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.viewer_first_page")
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000)
