@@ -49,7 +49,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         SchemaMismatchError,
         Sink,
     )
-    from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
+    from pyodlog.monitoring.sampling import Sampling
+    from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput, RecordStorage
     from pyodlog.sync import SyncConfig, SyncError, UploadSummary
 
 # Public name -> the module that defines it. Loading is lazy (PEP 562) so that `import pyodlog`,
@@ -88,6 +89,8 @@ _EXPORTS: dict[str, str] = {
     "CallRecord": "pyodlog.structures",
     "DetectionBatch": "pyodlog.structures",
     "DetectionOutput": "pyodlog.structures",
+    "RecordStorage": "pyodlog.structures",
+    "Sampling": "pyodlog.monitoring.sampling",
     "SyncConfig": "pyodlog.sync",
     "SyncError": "pyodlog.sync",
     "UploadSummary": "pyodlog.sync",
@@ -123,9 +126,11 @@ __all__ = [
     "NmsConfig",
     "ObjectDetectionTorchLogger",
     "ObjectDetectionTorchTracer",
+    "RecordStorage",
     "ResultData",
     "RetinaNetLogger",
     "SSDLogger",
+    "Sampling",
     "SchemaMismatchError",
     "Sink",
     "StorageError",

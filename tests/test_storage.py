@@ -141,6 +141,8 @@ def test_wait_for_save_makes_records_durable_in_the_open_segment(tmp_path):
         "durable": 5,
         "segments_closed": 0,
         "dropped_device_copies": 0,
+        "sampled_out": 0,
+        "aggregate_errors": 0,
     }
     logger.close()
     assert not list(store.directory.glob("*.part")) and len(store.segments()) == 1

@@ -454,13 +454,15 @@ class HDF5Store(SegmentStore):
         # One consistent snapshot while other threads log: outcomes first, then what was submitted.
         written, dropped = self._writer.written, self._writer.dropped
         quarantined = self._writer.quarantined
+        sampled_out = self._writer.sampled_out
         submitted = self._writer.submitted
         stats.update(
             submitted=submitted,
             written=written,
             dropped=dropped,
             quarantined=quarantined,
-            queued=submitted - written - dropped - quarantined,
+            sampled_out=sampled_out,
+            queued=submitted - written - sampled_out - dropped - quarantined,
             dropped_device_copies=self.copier.dropped,
         )
         return stats

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from pyodlog.io.sink import Sink
 from pyodlog.monitoring.modes import refuse_cuda_graphs
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
+from pyodlog.monitoring.sampling import Sampling, check_sampling
 from pyodlog.monitoring.tracer import CallCapture, ObjectDetectionTorchTracer
 from pyodlog.monitoring.validation import (
     check_dataset_type,
@@ -26,6 +27,7 @@ from pyodlog.monitoring.validation import (
     check_img_sizes,
     check_input_ids,
     check_n_class,
+    check_storage,
     check_target_layers,
     check_thresholds,
 )
@@ -147,6 +149,12 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         log_embeddings: record a per-detection embedding where the family has one.
         sync_config: how to reach the collector (keyword only): TLS CA bundle,
             timeouts, retries, piece size (:class:`pyodlog.SyncConfig`).
+        sampling: which calls' rows are written (keyword only): None (every call), a rate in
+            (0, 1], or a :class:`pyodlog.Sampling` policy; the always-on aggregates count every
+            call either way (README "Sampling").
+        storage: the stored precision of logits and embeddings (keyword only): None (compact:
+            float16 logits, uint8 embeddings projected to 128 dimensions), ``"float32"`` (exact)
+            or a :class:`pyodlog.RecordStorage`; part of the result's schema.
     """
 
     #: Human-readable name of the model family, for error messages.
@@ -173,6 +181,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         sink: Sink | None = None,
         log_embeddings: bool = True,
         sync_config: SyncConfig | None = None,
+        sampling: float | Sampling | None = None,
+        storage: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -197,6 +207,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             )
         if not isinstance(log_embeddings, bool):
             raise ValueError(f"log_embeddings must be True or False, got {log_embeddings!r}")
+        self._sampling = check_sampling(sampling)
+        self._storage = check_storage(storage)
         self.model = model
         self.n_class = model_n_class
         self.log_embeddings = log_embeddings
@@ -261,6 +273,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             "target_layers": {s.alias: s.to_dict() for s in layers},
             "family": type(self).__name__,
         }
+        if not self._storage.is_full:  # compact columns: how to read them is part of the schema
+            schema["storage"] = self._storage.to_dict()
         self._init_monitoring(
             model_name,
             version_name,

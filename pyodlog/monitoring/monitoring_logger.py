@@ -255,6 +255,9 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
             self.version_name,
             self.result_name,
         )
+        record.sampling = getattr(
+            self, "_sampling", None
+        )  # applied by the store, off the call's path
         self._sink.submit(record)
 
     def wait_for_save(self, interval: float = 3) -> None:
