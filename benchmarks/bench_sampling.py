@@ -32,6 +32,7 @@ from benchmarks.bench_overhead import _make
 from pyodlog.io import HDF5Store
 from pyodlog.io.aggregates import SKETCH_DIM, SKETCH_SEED, Aggregates, summarize_call
 from pyodlog.io.columns import ColumnBatch, record_to_columns
+from pyodlog.io.writer import WriterConfig
 from pyodlog.ops.compression import random_projection
 from tests.helpers.records import open_store, synthetic_record
 
@@ -43,7 +44,8 @@ def cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def call_costs(rotations: int) -> None:
+def call_costs(rotations: int, block: int = 4) -> None:
+    """Blocks of ``block`` calls per variant in rotation; a logger's block ends with wait_for_save."""
     model = _make(MODEL)
     images = [torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(1))]
     folder = Path(tempfile.mkdtemp())
@@ -51,7 +53,13 @@ def call_costs(rotations: int) -> None:
     sampled = pyodlog.create_logger(
         model, "b", "sampled", sink=HDF5Store(folder / "b"), sampling=pyodlog.Sampling(1e-9)
     )
-    variants = {"bare": model, "logged (every call written)": logged, "sampled out": sampled}
+    hot = pyodlog.create_logger(model, "b", "hot", sink=pyodlog.InMemorySink(max_records=1))
+    variants = {
+        "bare": model,
+        "logged (every call written)": logged,
+        "sampled out (aggregates only)": sampled,
+        "the call's own logging work only (InMemorySink)": hot,
+    }
     wall: dict[str, list[float]] = {k: [] for k in variants}
     cpus: dict[str, list[float]] = {k: [] for k in variants}
     with torch.inference_mode():
@@ -62,21 +70,24 @@ def call_costs(rotations: int) -> None:
         for _ in range(rotations):
             for key, call in variants.items():
                 c0, t0 = cpu(), time.perf_counter()
-                call(images)
-                if call is not model:  # the writer's work for this call is done too
+                for _ in range(block):
+                    call(images)
+                if call in (logged, sampled):  # the writer's work for these calls is done too
                     call.wait_for_save()
-                wall[key].append(time.perf_counter() - t0)
-                cpus[key].append(cpu() - c0)
-    n_det = int(logged.stats()["written"])
-    print(f"\n## Cost of a call ({MODEL}, batch 1, 480x640, {rotations} rotations, HDF5 on disk)")
-    print("| variant | wall median | CPU median (all threads) | vs bare (wall) |")
+                wall[key].append((time.perf_counter() - t0) / block)
+                cpus[key].append((cpu() - c0) / block)
+    print(
+        f"\n## Cost of a call ({MODEL}, batch 1, 480x640, {rotations} rotations of "
+        f"{block} calls per variant, HDF5 on disk)"
+    )
+    print("| variant | wall median | CPU median (all threads) | CPU over bare |")
     print("|---|---|---|---|")
-    bare = statistics.median(wall["bare"])
+    bare_cpu = statistics.median(cpus["bare"])
     for key in variants:
         w, c = statistics.median(wall[key]), statistics.median(cpus[key])
-        print(f"| {key} | {w * 1e3:.1f} ms | {c * 1e3:.1f} ms | {w / bare:.3f}x |")
-    print(f"(calls written: {n_det}; sampled out: {sampled.stats()['sampled_out']})")
-    for logger in (logged, sampled):
+        print(f"| {key} | {w * 1e3:.1f} ms | {c * 1e3:.1f} ms | {(c - bare_cpu) * 1e3:+.1f} ms |")
+    print(f"(written: {logged.stats()['written']}; sampled out: {sampled.stats()['sampled_out']})")
+    for logger in (logged, sampled, hot):
         logger.close()
     seg = sorted((folder / "a").rglob("*.h5"))
     if seg:
@@ -89,6 +100,8 @@ def call_costs(rotations: int) -> None:
 
 
 def writer_stages(n_calls: int = 200) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the writer's tensors are small: one thread, measured by thread_time
     records = [synthetic_record(s, 1, 100, 91, 1024) for s in range(n_calls)]
     for r in records:
         r.detections.counts[:] = 100
@@ -111,7 +124,8 @@ def writer_stages(n_calls: int = 200) -> None:
         record_to_columns(r, ColumnBatch(), pyodlog.RecordStorage.full(), 1.0)
     timings["summary + rows, float32 storage"] = time.thread_time() - t0
     with tempfile.TemporaryDirectory() as tmp:
-        store = open_store(Path(tmp), 91)
+        config = WriterConfig(flush_interval=0.01, backpressure="block")  # nothing dropped
+        store = open_store(Path(tmp), 91, config=config)
         t0 = time.perf_counter()
         for r in records:
             store.submit(r)
@@ -119,7 +133,9 @@ def writer_stages(n_calls: int = 200) -> None:
         timings["whole writer path incl. HDF5 append (wall, default storage)"] = (
             time.perf_counter() - t0
         )
+        assert store.stats()["written"] == n_calls
         store.close()
+    torch.set_num_threads(threads)
     print(f"\n## Writer work per call (1 image, 100 detections, C=91, E=1024; {n_calls} calls)")
     print("| stage | per call |")
     print("|---|---|")

@@ -186,3 +186,14 @@ def test_damaged_aggregates_are_refused_with_the_file_named(tmp_path):
     write_checksum(segment)  # damaged before its checksum was taken
     with pytest.raises(pyodlog.CorruptResultError, match="aggregates are damaged"):
         pyodlog.open_result(tmp_path / "m/v/r", strict=True)
+
+
+def test_a_call_without_detections_is_counted():
+    record = synthetic_record(0, n_images=2, emb_dim=32)
+    record.detections.counts[:] = 0
+    summary = summarize_call(record, N_CLASS)
+    agg = Aggregates(N_CLASS)
+    agg.add(summary, kept=True)
+    t = agg.totals()
+    assert (t["calls"], t["images"], t["detections"]) == (1, 2, 0)
+    assert t["detections_per_image"][0] == 2 and t["embedding_mean"] is None

@@ -220,3 +220,14 @@ def test_the_readme_production_example_runs():
     assert namespace["totals"]["calls"] == 13
     weights = namespace["result"].images["sample_weight"]
     assert len(weights) == len(namespace["result"]) >= 1 and weights[-1] == 1.0  # the val call
+
+
+def test_a_policy_pickles_with_its_record_for_the_quarantine():
+    import pickle
+
+    policy = pyodlog.Sampling(0.3, deterministic=False, watch_classes=[2], seed=4)
+    record = peaked(0)
+    record.sampling = policy
+    back = pickle.loads(pickle.dumps(record)).sampling
+    assert back.to_dict() == policy.to_dict()
+    assert back.decide(summary_of(record), ["a"]) == policy.decide(summary_of(record), ["a"])

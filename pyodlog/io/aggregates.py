@@ -183,7 +183,7 @@ def summarize_call(record: CallRecord, n_class: int) -> CallSummary:
         one_hot[torch.arange(n_det, device=z.device), cls] = 1.0
         sketch_n = one_hot.sum(0)
         sketch_sum = one_hot.T @ z
-        outer = (z[:, :, None] * z[:, None, :]).reshape(n_det, -1)
+        outer = (z[:, :, None] * z[:, None, :]).reshape(n_det, SKETCH_DIM * SKETCH_DIM)
         sketch_sq = (one_hot.T @ outer).reshape(classes, SKETCH_DIM, SKETCH_DIM)
 
     def host(t: torch.Tensor) -> np.ndarray:

@@ -639,19 +639,29 @@ class RecordWriter:
         try:
             summary = summarize_call(call, self.n_class)
         except Exception as error:
-            self.aggregate_errors += 1
-            self.last_aggregate_error = f"{type(error).__name__}: {error}"
+            self._aggregate_failed(error)
             return 1.0
         weight: float | None = 1.0
         if policy is not None:
             try:
                 weight = policy.decide(summary, list(call.input_ids))
             except Exception as error:
-                self.aggregate_errors += 1
-                self.last_aggregate_error = f"{type(error).__name__}: {error}"
+                self._aggregate_failed(error)
                 weight = 1.0
         self.aggregates.add(summary, kept=weight is not None)
         return weight
+
+    def _aggregate_failed(self, error: Exception) -> None:
+        """Counted (``stats()["aggregate_errors"]``); the first one is logged with its traceback."""
+        self.aggregate_errors += 1
+        self.last_aggregate_error = f"{type(error).__name__}: {error}"
+        if self.aggregate_errors == 1:
+            log.error(
+                "pyodlog could not summarise a call for its aggregates or sampling (the call's rows are "
+                "kept; later failures are only counted in stats()['aggregate_errors']): %s",
+                self.last_aggregate_error,
+                exc_info=error,
+            )
 
     def _write_aggregates_segment(self) -> None:
         """Aggregates of calls that left no rows (all sampled out) and no open segment: a segment of their own."""

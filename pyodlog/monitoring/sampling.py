@@ -133,6 +133,16 @@ class Sampling:
             f"deterministic={self.deterministic}, seed={self.seed})"
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (a quarantined record carries its policy): the lock is made anew.
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rate": self.rate,
