@@ -20,7 +20,9 @@ from pyodlog.io.segment import write_checksum
 from pyodlog.io.writer import WriterConfig
 from pyodlog.ops.compression import random_projection
 from pyodlog_collector.segment_check import check_segment
+from tests.helpers.collector_process import KEY_A, CollectorProcess, write_keys
 from tests.helpers.records import open_store, synthetic_record, valid_rows
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 N_CLASS = 7
 
@@ -197,3 +199,43 @@ def test_a_call_without_detections_is_counted():
     t = agg.totals()
     assert (t["calls"], t["images"], t["detections"]) == (1, 2, 0)
     assert t["detections_per_image"][0] == 2 and t["embedding_mean"] is None
+
+
+@pytest.fixture
+def big_collector(tmp_path):
+    """A real collector process with its default limits (a segment is about 1 MiB of chunks)."""
+    server = CollectorProcess(tmp_path / "collector", write_keys(tmp_path / "keys.txt")).start()
+    yield server
+    server.stop()
+
+
+def test_aggregates_of_a_sampled_run_reach_the_collector(tmp_path, big_collector):
+    """Segments with rows and a segment of aggregates only (every call sampled out) are uploaded."""
+    collector = big_collector
+    store = pyodlog.HDF5Store(tmp_path / "local", config=WriterConfig(flush_interval=0.01))
+    logger = TinyDetectorLogger(
+        TinyDetector().eval(),
+        "tiny",
+        "v1",
+        result_name="run",
+        n_epoch=2,
+        sink=store,
+        api_endpoint=collector.url,
+        api_key=KEY_A,
+        auto_sync=False,
+        sampling=pyodlog.Sampling(1e-9),
+    )
+    with torch.no_grad():
+        for i in range(4):
+            logger([torch.rand(3, 32, 32)], input_ids=[f"a{i}"])
+        logger([torch.rand(3, 32, 32)], input_ids=["v0"], dataset_type="val")  # kept
+        summary = logger.upload()  # closes the segment with rows
+        for i in range(3):
+            logger([torch.rand(3, 32, 32)], input_ids=[f"b{i}"])
+        logger.upload()  # a segment of aggregates only, sent though it holds no image of epoch 2
+    logger.close()
+    assert summary.segments == 1
+    remote = pyodlog.open_result(collector.root / "tenant-a" / "tiny" / "v1" / "run")
+    assert remote.images["input_id"] == ["v0"]
+    totals = remote.aggregates().totals(n_epoch=2)
+    assert (totals["calls"], totals["images"], totals["sampled_calls"]) == (8, 8, 1)
