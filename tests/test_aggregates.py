@@ -239,3 +239,26 @@ def test_aggregates_of_a_sampled_run_reach_the_collector(tmp_path, big_collector
     assert remote.images["input_id"] == ["v0"]
     totals = remote.aggregates().totals(n_epoch=2)
     assert (totals["calls"], totals["images"], totals["sampled_calls"]) == (8, 8, 1)
+
+
+def test_a_close_that_fails_writes_the_aggregates_once(tmp_path):
+    """ENOSPC while closing: the segment is rolled back (its aggregates too) and closed again later."""
+    store = open_store(tmp_path, N_CLASS)
+    failures = []
+
+    def full_disk_once(name):
+        if name == "<close>" and not failures:
+            failures.append(name)
+            raise OSError(28, "No space left on device")
+
+    store.writer.column_fault = full_disk_once
+    records = [synthetic_record(seed) for seed in range(4)]
+    for r in records:
+        store.submit(r)
+    with pytest.raises(pyodlog.StorageError):
+        store.rotate()
+    store.rotate()  # the disk is back: the rolled-back segment closes
+    store.close()
+    res = pyodlog.open_result(tmp_path / "m/v/r", strict=True)
+    assert failures and len(res) == 8
+    assert res.aggregates().totals()["calls"] == 4

@@ -943,6 +943,7 @@ class RecordWriter:
                 tables = None
                 self._move_to_quarantine(seg.part, error)
             if tables is not None:
+                tables.aggregates = []  # still held in memory: they go into the next segment
                 try:
                     path = write_closed(seg.part, tables, rolled_back=True)
                 except OSError:
