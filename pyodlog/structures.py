@@ -322,7 +322,7 @@ class RecordStorage:
 
     @classmethod
     def full(cls) -> RecordStorage:
-        """float32 logits and embeddings, every dimension: the exact storage of pyodlog <= 0.2."""
+        """float32 logits and embeddings, every dimension: the exact storage of segment formats 1 and 2."""
         return cls("float32", "float32", None, 0)
 
     @property

@@ -151,7 +151,7 @@ def test_float32_storage_keeps_the_old_schema_and_a_change_of_storage_is_a_schem
     with TinyDetectorLogger(
         model, "tiny", "v1", sink=pyodlog.InMemorySink(), storage="float32"
     ) as exact:
-        assert "storage" not in exact.schema  # the schema of pyodlog <= 0.2: old results still open
+        assert "storage" not in exact.schema  # the schema before format 3: old results still open
     with TinyDetectorLogger(model, "tiny", "v1", sink=pyodlog.InMemorySink()) as compact:
         assert compact.schema["storage"] == pyodlog.RecordStorage().to_dict()
     with torch.no_grad(), TinyDetectorLogger(model, "tiny", "v3", storage="float32") as logger:

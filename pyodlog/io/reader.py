@@ -928,8 +928,8 @@ class ResultData:
         """The always-on aggregates of every call, sampled out or not, merged over the segments read.
 
         Counts (calls, images, detections, histograms) are exact sums; the embedding sketch
-        sums merge up to float64 rounding. Empty for results written without them (pyodlog <=
-        0.2, or segments still open). See :class:`pyodlog.io.aggregates.Aggregates`.
+        sums merge up to float64 rounding. Empty for results written without them (segment
+        formats 1 and 2, or segments still open). See :class:`pyodlog.io.aggregates.Aggregates`.
         """
         n_class = (
             self.manifest.get("schema", {}).get("n_class")

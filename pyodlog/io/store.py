@@ -235,7 +235,8 @@ class HDF5Store(SegmentStore):
                 if not force_recreate:
                     raise SchemaMismatchError(
                         f"result {result_name!r} in {directory} was created with another schema "
-                        f"(additional_fields, n_class or target_layers differ): pass force_table_recreate=True to "
+                        f"(additional_fields, n_class, target_layers or storage differ; a result written before segment format 3 "
+                        f"opens with storage='float32'): pass force_table_recreate=True to "
                         f"start it again (its records are moved aside to {result_name}.replaced-<UTC time>, "
                         f"never deleted), or use another result_name"
                     )

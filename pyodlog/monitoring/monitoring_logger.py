@@ -255,9 +255,8 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
             self.version_name,
             self.result_name,
         )
-        record.sampling = getattr(
-            self, "_sampling", None
-        )  # applied by the store, off the call's path
+        # The sampling policy travels with the record: the store applies it, off the call's path.
+        record.sampling = getattr(self, "_sampling", None)
         self._sink.submit(record)
 
     def wait_for_save(self, interval: float = 3) -> None:

@@ -408,7 +408,7 @@ def check_target_layers(target_layers: Any, model: torch.nn.Module) -> list[Laye
 
 def check_storage(value: Any) -> RecordStorage:
     """``storage=`` of ``create_logger``: None (the compact default), ``"float32"`` (exact, every
-    dimension: the storage of pyodlog <= 0.2), or a :class:`pyodlog.RecordStorage`."""
+    dimension: the storage of segment formats 1 and 2), or a :class:`pyodlog.RecordStorage`."""
     if value is None:
         return RecordStorage()
     if isinstance(value, RecordStorage):

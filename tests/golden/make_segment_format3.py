@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python tests/golden/make_segment_format3.py
 
-A segment of format 3 as pyodlog 0.2 writes it by default: float16 logits, uint8 embeddings
+A segment of format 3 as this pyodlog writes it by default: float16 logits, uint8 embeddings
 projected from 160 to 128 dimensions, ``images/sample_weight`` (sampling at rate 0.5, by
 input_id hash: some calls sampled out), and the aggregates of every call.
 """
