@@ -231,3 +231,33 @@ def test_a_policy_pickles_with_its_record_for_the_quarantine():
     back = pickle.loads(pickle.dumps(record)).sampling
     assert back.to_dict() == policy.to_dict()
     assert back.decide(summary_of(record), ["a"]) == policy.decide(summary_of(record), ["a"])
+
+
+def test_segments_without_weights_read_as_weight_one_beside_weighted_ones(tmp_path):
+    from pyodlog.io.export import write_tables
+    from pyodlog.io.reader import read_segment
+    from pyodlog.io.segment import write_checksum
+
+    store = open_store(tmp_path, storage="float32")
+    policy = pyodlog.Sampling(0.5)
+    for seed in range(6):
+        r = peaked(seed)
+        r.sampling = policy
+        store.submit(r)
+    store.close()
+    directory = tmp_path / "m/v/r"
+    (segment,) = directory.glob("*.h5")
+    # The same rows as an older writer stored them: no sample_weight column, no aggregates.
+    tables = read_segment(segment)
+    del tables.numeric["images/sample_weight"]
+    tables.aggregates = []
+    older = directory / ("seg-00000000000000000001-r000-p1-000000-000001.h5")
+    write_tables(older, tables, dict(tables.attrs, segment_format=2))
+    write_checksum(older)
+    res = pyodlog.open_result(directory, strict=True)
+    n = len(tables.strings["images/input_id"])
+    weights = res.images["sample_weight"]
+    assert len(res) == 2 * n and len(weights) == 2 * n
+    assert weights[:n].tolist() == [1.0] * n  # the older segment sorts first
+    assert weights[n:].tolist() == read_segment(segment).numeric["images/sample_weight"].tolist()
+    assert res.aggregates().totals()["calls"] == 6  # only the newer segment has aggregates
