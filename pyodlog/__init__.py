@@ -52,7 +52,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         Sink,
     )
     from pyodlog.monitoring.metrics import expose_metrics
-    from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput
+        from pyodlog.monitoring.sampling import Sampling
+    from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput, RecordStorage
     from pyodlog.sync import SyncConfig, SyncError, UploadSummary
 
 # Public name -> the module that defines it. Loading is lazy (PEP 562) so that `import pyodlog`,
@@ -98,6 +99,8 @@ _EXPORTS: dict[str, str] = {
     "CallRecord": "pyodlog.structures",
     "DetectionBatch": "pyodlog.structures",
     "DetectionOutput": "pyodlog.structures",
+    "RecordStorage": "pyodlog.structures",
+    "Sampling": "pyodlog.monitoring.sampling",
     "SyncConfig": "pyodlog.sync",
     "SyncError": "pyodlog.sync",
     "UploadSummary": "pyodlog.sync",
@@ -134,11 +137,13 @@ __all__ = [
     "NmsConfig",
     "ObjectDetectionTorchLogger",
     "ObjectDetectionTorchTracer",
+    "RecordStorage",
     "ResultData",
     "ResultView",
     "Retention",
     "RetinaNetLogger",
     "SSDLogger",
+    "Sampling",
     "SchemaMismatchError",
     "Sink",
     "StorageError",

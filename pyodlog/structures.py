@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from pyodlog.ops.compression import CompressedFeature
 
-__all__ = ["BOX_FORMAT", "CallRecord", "DetectionBatch", "DetectionOutput"]
+__all__ = ["BOX_FORMAT", "CallRecord", "DetectionBatch", "DetectionOutput", "RecordStorage"]
 
 #: How every box pyodlog logs, stores and returns is written: ``(x1, y1, x2, y2)`` corners in
 #: pixels of the original image (``img_sizes``), x to the right, y down (torchvision's ``"xyxy"``).
@@ -273,6 +273,97 @@ class CallRecord:
     result_name: str = ""
     thumbnails: Any = None
     targets: dict[str, Any] | None = None
+    #: The logger's sampling policy (``pyodlog.Sampling``) or None: the store decides, off the
+    #: inference path, whether the call's rows are written (its aggregates always are).
+    sampling: Any = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+#: How a per-detection float column may be stored (see :class:`RecordStorage`).
+STORAGE_PRECISIONS = ("float32", "float16", "bfloat16", "uint8")
+
+
+@dataclass(frozen=True)
+class RecordStorage:
+    """How the per-detection ``logits`` and ``embeddings`` are stored (boxes and scores: float32 always).
+
+    The default cuts a detection's bytes to 8-25 % of float32 storage (README: "Compact
+    records"); the reader widens every column back to float32 transparently.
+
+    Attributes:
+        logits: ``"float16"`` (default; finite values beyond +-65504 are clamped to it),
+            ``"bfloat16"``, ``"uint8"`` (per-row affine codes + float32 scale and offset, the
+            feature quantisation of :func:`pyodlog.ops.compression.quantize_uint8`) or
+            ``"float32"`` (exact).
+        embeddings: the same choices; default ``"uint8"``.
+        embedding_dim: project embeddings wider than this onto this many dimensions with a
+            seeded random orthogonal projection (scaled by ``sqrt(E / k)`` so that lengths and
+            distances are preserved in expectation); None keeps every dimension. Default 128.
+        projection_seed: the projection's seed (stored in the schema: the same seed and widths
+            give the same projection on every machine).
+    """
+
+    logits: str = "float16"
+    embeddings: str = "uint8"
+    embedding_dim: int | None = 128
+    projection_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("logits", "embeddings"):
+            value = getattr(self, name)
+            if value not in STORAGE_PRECISIONS:
+                raise ValueError(
+                    f"RecordStorage({name}={value!r}): choose one of {STORAGE_PRECISIONS}"
+                )
+        dim = self.embedding_dim
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(
+                f"RecordStorage(embedding_dim={dim!r}) must be an int >= 1, or None to keep every dimension"
+            )
+        seed = self.projection_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(
+                f"RecordStorage(projection_seed={seed!r}) must be an int in [0, 2**63)"
+            )
+
+    @classmethod
+    def full(cls) -> RecordStorage:
+        """float32 logits and embeddings, every dimension: the exact storage of segment formats 1 and 2."""
+        return cls("float32", "float32", None, 0)
+
+    @property
+    def is_full(self) -> bool:
+        return (
+            self.logits == "float32" and self.embeddings == "float32" and self.embedding_dim is None
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "logits": self.logits,
+            "embeddings": self.embeddings,
+            "embedding_dim": self.embedding_dim,
+            "projection_seed": self.projection_seed,
+            "projection": "orthogonal-gaussian-qr",
+        }
+
+    @classmethod
+    def from_dict(cls, spec: Any) -> RecordStorage:
+        """The storage a schema's ``"storage"`` entry describes (absent: :meth:`full`)."""
+        if not isinstance(spec, dict):
+            return cls.full()
+        return cls(
+            spec.get("logits", "float32"),
+            spec.get("embeddings", "float32"),
+            spec.get("embedding_dim"),
+            int(spec.get("projection_seed", 0)),
+        )
+
+    def embedding_width(self, width: int) -> int:
+        """How many values a stored embedding of a ``width``-wide one has."""
+        return (
+            width
+            if self.embedding_dim is None or width <= self.embedding_dim
+            else self.embedding_dim
+        )

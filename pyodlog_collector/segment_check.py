@@ -39,7 +39,7 @@ from typing import Any
 __all__ = ["InvalidSegment", "SegmentChecker", "check_segment"]
 
 # Numeric columns: (dtype, row shape); None in a row shape is any length >= 0.
-_NUMERIC: dict[str, tuple[str, tuple[int | None, ...]]] = {
+_NUMERIC: dict[str, tuple[str | tuple[str, ...], tuple[int | None, ...]]] = {
     "images/det_offset": ("<i8", ()),
     "images/det_count": ("<i8", ()),
     "images/n_epoch": ("<i8", ()),
@@ -71,6 +71,22 @@ _NUMERIC: dict[str, tuple[str, tuple[int | None, ...]]] = {
     "targets/boxes": ("<f4", (4,)),
     "targets/labels": ("<i8", ()),
 }
+# Segment format 3 (pyodlog/io/columns.py, pyodlog/io/aggregates.py): compact logits and
+# embeddings (float16, bfloat16 as uint16, uint8 codes with a per-row float32 scale and offset),
+# the images' sample_weight, and the always-on aggregates (UTF-8 JSON bytes).
+_COMPACT_ROWS = ("<f4", "<f2", "<u2", "|u1")
+_NUMERIC.update(
+    {
+        "detections/logits": (_COMPACT_ROWS, (None,)),
+        "detections/embeddings": (_COMPACT_ROWS, (None,)),
+        "detections/logits_scale": ("<f4", ()),
+        "detections/logits_offset": ("<f4", ()),
+        "detections/embeddings_scale": ("<f4", ()),
+        "detections/embeddings_offset": ("<f4", ()),
+        "images/sample_weight": ("<f4", ()),
+        "aggregates": ("|u1", ()),
+    }
+)
 # String columns, stored as '<name>.bytes' (uint8) and '<name>.spans' (int64 [offset, length]).
 _STRINGS = (
     "images/input_id",

@@ -109,6 +109,8 @@ def run_mode(name, model, call_input, mode=contextlib.nullcontext, **logger_kwar
     """Bare call and logged call in ``mode``; returns (got, want, logit rows of the logged call, result)."""
     with mode():
         want = model(call_input)
+        # Exact float32 storage: the stored logits are compared bit for bit with the head's.
+        logger_kwargs.setdefault("storage", "float32")
         logger = pyodlog.create_logger(model, name, "v1", **logger_kwargs)  # name: a model name
         with head_logit_rows(model) as rows:
             got = logger(call_input)
@@ -418,7 +420,7 @@ def test_torch_compile(fresh_dynamo):
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         want = compiled(images())  # the bare compiled call: compiled without the logger's hooks
-        with pyodlog.create_logger(compiled, "ssdlite", "v1") as logger:
+        with pyodlog.create_logger(compiled, "ssdlite", "v1", storage="float32") as logger:
             assert logger._core is model  # the hooks are on the compiled module's original
             assert_outputs_equal(logger(images()), want)  # returned; the record is not made
             stats = logger.stats()

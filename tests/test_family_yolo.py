@@ -339,7 +339,8 @@ def test_read_back_from_the_hdf5_store(yolo):
         d = result.image_detections(row)
         assert len(d) == len(r) > 0
         assert_logged_equal_results([d], [r])
-        assert d.logits.shape == (len(d), 80) and d.embeddings.shape == (len(d), 448)
+        # The default storage projects the 448-wide embeddings to 128 dimensions (RecordStorage).
+        assert d.logits.shape == (len(d), 80) and d.embeddings.shape == (len(d), 128)
 
 
 def test_refused_arguments_say_why(yolo):

@@ -145,6 +145,8 @@ def test_wait_for_save_makes_records_durable_in_the_open_segment(tmp_path):
             "dropped_device_copies": 0,
             "segments_open": 1,
             "queue_depth": 0,
+            "sampled_out": 0,
+            "aggregate_errors": 0,
         }.items()
     )
     logger.close()

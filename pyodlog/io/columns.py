@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from pyodlog.io.thumbnails import encode_thumbnails
-from pyodlog.ops.compression import METHODS
-from pyodlog.structures import CallRecord
+from pyodlog.ops.compression import METHODS, compact_rows
+from pyodlog.structures import CallRecord, RecordStorage
 
 __all__ = ["MAX_DIMS", "ColumnBatch", "decode_str", "encode_str", "record_to_columns"]
 
@@ -186,7 +186,12 @@ def _host_payload(t: torch.Tensor) -> tuple[np.ndarray, str]:
     return values, str(values.dtype)
 
 
-def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
+def record_to_columns(
+    record: CallRecord,
+    batch: ColumnBatch,
+    storage: RecordStorage | None = None,
+    sample_weight: float | None = None,
+) -> None:
     """Appends one record's rows to ``batch`` (vectorised per record: no loop over detections).
 
     Cross-table offsets (``det_offset``, ``image_row``, ``payload_offset``,
@@ -195,10 +200,17 @@ def record_to_columns(record: CallRecord, batch: ColumnBatch) -> None:
 
     All or nothing: a record that cannot become rows (e.g. a str that
     :func:`encode_str` refuses) raises and leaves ``batch`` as it was.
+
+    ``storage`` (None: float32) gives the precision of ``logits`` and ``embeddings``
+    (:class:`~pyodlog.structures.RecordStorage`; a uint8 column gets ``<name>_scale`` and
+    ``<name>_offset`` columns); ``sample_weight`` (None: no column) is the images'
+    ``sample_weight``, the inverse of the probability that sampling kept the call.
     """
     mark = batch.mark()
     try:
-        _record_rows(record, batch)
+        _record_rows(record, batch, storage)
+        if sample_weight is not None:
+            batch.rows("images/sample_weight", np.full(len(record), sample_weight, np.float32))
     except BaseException:
         batch.rollback(mark)
         raise
@@ -241,7 +253,33 @@ def _thumbnail_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
     batch.blobs("images/thumbnail", encode_thumbnails(record.thumbnails, n))
 
 
-def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
+def _compact_detection_rows(batch: ColumnBatch, det, storage: RecordStorage, valid, full) -> None:
+    """``logits`` and ``embeddings`` in the storage's precision (see :func:`compact_rows`)."""
+    n, d = det.boxes.shape[0], det.boxes.shape[1]
+    index = None if full else torch.from_numpy(np.flatnonzero(valid.reshape(-1)))
+    for name, tensor, precision, project in (
+        ("logits", det.logits, storage.logits, None),
+        ("embeddings", det.embeddings, storage.embeddings, storage.embedding_dim),
+    ):
+        if tensor is None:
+            continue
+        rows = tensor.detach().cpu().reshape(n * d, tensor.shape[-1])
+        if index is not None:
+            rows = rows.index_select(0, index)
+        values, scale, offset = compact_rows(rows, precision, project, storage.projection_seed)
+        if values.dtype == torch.int16:  # bfloat16, stored as its 16-bit pattern
+            array = values.numpy().view(np.uint16)
+        else:
+            array = values.numpy()
+        batch.rows(f"detections/{name}", array)
+        if scale is not None and offset is not None:
+            batch.rows(f"detections/{name}_scale", scale.numpy())
+            batch.rows(f"detections/{name}_offset", offset.numpy())
+
+
+def _record_rows(
+    record: CallRecord, batch: ColumnBatch, storage: RecordStorage | None = None
+) -> None:
     det = record.detections
     n = len(record)
     counts = _host(det.counts).astype(np.int64)
@@ -285,9 +323,12 @@ def _record_rows(record: CallRecord, batch: ColumnBatch) -> None:
     batch.rows("detections/scores", detection_rows(det.scores, np.float32))
     batch.rows("detections/labels", detection_rows(det.labels, np.int64))
     batch.rows("detections/candidate_index", detection_rows(det.candidate_index, np.int64))
-    batch.rows("detections/logits", detection_rows(det.logits, np.float32))
-    if det.embeddings is not None:
-        batch.rows("detections/embeddings", detection_rows(det.embeddings, np.float32))
+    if storage is None or storage.is_full:
+        batch.rows("detections/logits", detection_rows(det.logits, np.float32))
+        if det.embeddings is not None:
+            batch.rows("detections/embeddings", detection_rows(det.embeddings, np.float32))
+    else:
+        _compact_detection_rows(batch, det, storage, valid, full)
     _target_rows(record, batch, n)
 
     for name, feature in record.features.items():

@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from pyodlog.io.aggregates import Aggregates
 from pyodlog.io.reader import CorruptResultError, Tables, merge_tables, read_segments
 from pyodlog.io.segment import SEGMENT_FORMAT, encode_strings, sha256_file
 
@@ -49,6 +50,9 @@ def write_tables(path: Path, tables: Tables, attrs: dict[str, Any]) -> None:
                 else np.empty((0, 2), np.int64),
             )
         f.create_dataset("features_payload", data=tables.payload)
+        if tables.aggregates:  # the segments' always-on aggregates, merged into one
+            merged = Aggregates.merged(tables.aggregates).to_json()
+            f.create_dataset("aggregates", data=np.frombuffer(merged, np.uint8))
 
 
 def export_zip(

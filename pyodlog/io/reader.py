@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from pyodlog.io.aggregates import Aggregates
 from pyodlog.io.rows import DEFAULT_CHUNK_ROWS, progress_bar, ranges
 from pyodlog.io.segment import (
     CHECKSUM_SUFFIX,
@@ -43,7 +44,7 @@ from pyodlog.io.segment import (
     reading_open_segment,
     sha256_file,
 )
-from pyodlog.ops.compression import METHODS, CompressedFeature
+from pyodlog.ops.compression import METHODS, CompressedFeature, widen_rows
 from pyodlog.structures import DetectionOutput
 from pyodlog_protocol.layout import META, meta_path
 
@@ -80,6 +81,9 @@ class CorruptResultError(ValueError):
 _GROUPS = {"images", "images/fields", "detections", "features", "targets"}
 _I8, _I32, _I64 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.int64)
 _F32, _F64, _U8 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8)
+# Compact per-detection rows (segment format 3): float16, bfloat16 as its uint16 pattern, uint8 codes.
+_F16, _U16 = np.dtype(np.float16), np.dtype(np.uint16)
+_COMPACT: set[np.dtype] = {_F32, _F16, _U16, _U8}
 _FLOATS: set[np.dtype] = {np.dtype(np.float16), _F32, _F64}
 # name: (allowed dtypes, row shape; None in a row shape: any length)
 _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
@@ -92,8 +96,14 @@ _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
     "detections/scores": ({_F32}, ()),
     "detections/labels": ({_I64}, ()),
     "detections/candidate_index": ({_I64}, ()),
-    "detections/logits": ({_F32}, (None,)),
-    "detections/embeddings": ({_F32}, (None,)),
+    "detections/logits": (_COMPACT, (None,)),
+    "detections/embeddings": (_COMPACT, (None,)),
+    "detections/logits_scale": ({_F32}, ()),
+    "detections/logits_offset": ({_F32}, ()),
+    "detections/embeddings_scale": ({_F32}, ()),
+    "detections/embeddings_offset": ({_F32}, ()),
+    "images/sample_weight": ({_F32}, ()),
+    "aggregates": ({_U8}, ()),
     "features/image_row": ({_I64}, ()),
     "features/method": ({_I8}, ()),
     "features/per_image": ({_I8}, ()),
@@ -208,6 +218,8 @@ class Tables:
     strings: dict[str, list[str]] = field(default_factory=dict)
     payload: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint8))
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: The always-on aggregates each closed segment carries (pyodlog.io.aggregates), unmerged.
+    aggregates: list[Aggregates] = field(default_factory=list)
 
     @property
     def n_images(self) -> int:
@@ -397,6 +409,13 @@ def _to_tables(
     if stray:
         raise CorruptResultError(f"{label}: {stray[0]} has no .spans column")
     tables.payload = data.pop("features_payload", np.empty(0, np.uint8))
+    aggregates = data.pop("aggregates", None)
+    if aggregates is not None and len(aggregates):
+        try:
+            tables.aggregates = [Aggregates.from_json(aggregates.tobytes())]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            raise CorruptResultError(f"{label}: its aggregates are damaged ({error})") from error
+    _widen_compact(data, label, lenient)
     tables.numeric = data
     for group, required in _REQUIRED.items():
         present = {k for k in (*tables.numeric, *tables.strings) if k.startswith(group + "/")}
@@ -405,6 +424,38 @@ def _to_tables(
                 f"{label}: its {group} columns lack {sorted(required - present)}"
             )
     return tables
+
+
+def _widen_compact(data: dict[str, np.ndarray], label: str, lenient: bool) -> None:
+    """Compact ``logits``/``embeddings`` (segment format 3) widened to float32, in place.
+
+    float16 and bfloat16 (its uint16 pattern) widen exactly; uint8 codes are dequantised with
+    their per-row ``<name>_scale`` and ``<name>_offset`` (which are then dropped).
+    """
+    for name in ("detections/logits", "detections/embeddings"):
+        values = data.get(name)
+        scale = data.pop(name + "_scale", None)
+        offset = data.pop(name + "_offset", None)
+        if values is None or values.dtype == _F32:
+            continue
+        if values.dtype == _U8:
+            if scale is None or offset is None:
+                raise CorruptResultError(
+                    f"{label}: {name} holds uint8 codes without {name}_scale/_offset"
+                )
+            rows = min(len(values), len(scale), len(offset))
+            if rows < len(values) and not lenient:
+                raise CorruptResultError(
+                    f"{label}: {name} has {len(values)} rows but its scale/offset {len(scale)}/{len(offset)}"
+                )
+            codes = torch.from_numpy(np.ascontiguousarray(values[:rows]))
+            data[name] = widen_rows(
+                codes, torch.from_numpy(scale[:rows].copy()), torch.from_numpy(offset[:rows].copy())
+            ).numpy()
+        elif values.dtype == _U16:
+            data[name] = (values.astype(np.uint32) << 16).view(np.float32)
+        else:
+            data[name] = values.astype(np.float32)
 
 
 def read_segment(path: str | Path, swmr: bool = False) -> Tables:
@@ -659,7 +710,7 @@ def _prefix(t: Tables) -> tuple[int, int, int, int, int]:
 
 
 def _cut(t: Tables, n: int, n_det: int, n_feat: int, last_q: int, last_p: int) -> Tables:
-    out = Tables(attrs=t.attrs)
+    out = Tables(attrs=t.attrs, aggregates=list(t.aggregates))
     for k, v in t.numeric.items():
         if k.startswith("images/"):
             out.numeric[k] = v[:n]
@@ -730,10 +781,16 @@ def merge_tables(
     images_base = det_base = payload_base = qrow_base = gt_base = 0
     with_targets = any("images/gt_offset" in p.numeric for p in parts if p.n_images)
     for part in parts:
+        for aggregates in part.aggregates:
+            out.aggregates.append(aggregates.select(keep_epoch) if use_epoch_filter else aggregates)
+    weighted = any("images/sample_weight" in p.numeric for p in parts if p.n_images)
+    for part in parts:
         if part.n_images == 0:
             continue
         if with_targets:
             part = _with_target_columns(part)
+        if weighted and "images/sample_weight" not in part.numeric:  # older or unsampled segments
+            part.numeric["images/sample_weight"] = np.ones(part.n_images, np.float32)
         epoch = part.numeric["images/n_epoch"]
         keep = (
             np.ones(part.n_images, bool)
@@ -871,7 +928,9 @@ def _empty_columns(
             tuple(0 if d is None else d for d in row),
         )
         for name, (dtypes, row) in _NUMERIC.items()
-        if name not in ("detections/embeddings", "features_payload") and name not in _TARGET_COLUMNS
+        if name not in ("detections/embeddings", "features_payload", "aggregates")
+        and name not in _TARGET_COLUMNS
+        and not (name.startswith("detections/") and name.endswith(("_scale", "_offset")))
     }
     columns["images/image_size"] = (_I32, (2,))
     columns["features_scale"] = columns["features_offset"] = (_F32, ())
@@ -1045,6 +1104,20 @@ class ResultData:
 
     def __repr__(self) -> str:
         return f"ResultData({self.source!r}, images={len(self)}, detections={len(self.detections.get('scores', []))})"
+
+    def aggregates(self) -> Aggregates:
+        """The always-on aggregates of every call, sampled out or not, merged over the segments read.
+
+        Counts (calls, images, detections, histograms) are exact sums; the embedding sketch
+        sums merge up to float64 rounding. Empty for results written without them (segment
+        formats 1 and 2, or segments still open). See :class:`pyodlog.io.aggregates.Aggregates`.
+        """
+        n_class = (
+            self.manifest.get("schema", {}).get("n_class")
+            if isinstance(self.manifest.get("schema"), dict)
+            else None
+        )
+        return Aggregates.merged(self._t.aggregates, n_class if isinstance(n_class, int) else None)
 
     def image_detections(self, i: int) -> DetectionOutput:
         """The detections of image row ``i``, as the model returned them.

@@ -53,7 +53,9 @@ __all__ = [
 
 log = logging.getLogger("pyodlog")
 
-SEGMENT_FORMAT = 2
+# 3: compact logits/embeddings (float16, bfloat16, uint8 + scale/offset), images/sample_weight,
+# the aggregates dataset (pyodlog.io.aggregates); docs/file-format.md.
+SEGMENT_FORMAT = 3
 CHECKSUM_SUFFIX = ".sha256"
 _READ_BLOCK = 1 << 20
 # What each open segment of this process has completed and flushed, by real
@@ -245,6 +247,7 @@ class SegmentWriter:
             self._create(name + ".bytes", np.uint8, ())
             self._create(name + ".spans", np.int64, (2,))
         self._create("features_payload", np.uint8, ())
+        self._create("aggregates", np.uint8, ())  # written at close (pyodlog.io.aggregates)
         for name in ("features_scale", "features_offset"):
             if name not in self.numeric_columns:
                 self._create(name, np.float32, ())

@@ -237,7 +237,8 @@ class HDF5Store(SegmentStore):
                 if not force_recreate:
                     raise SchemaMismatchError(
                         f"result {result_name!r} in {directory} was created with another schema "
-                        f"(additional_fields, n_class or target_layers differ): pass force_table_recreate=True to "
+                        f"(additional_fields, n_class, target_layers or storage differ; a result written before segment format 3 "
+                        f"opens with storage='float32'): pass force_table_recreate=True to "
                         f"start it again (its records are moved aside to {result_name}.replaced-<UTC time>, "
                         f"never deleted), or use another result_name"
                     )
@@ -514,13 +515,15 @@ class HDF5Store(SegmentStore):
         # One consistent snapshot while other threads log: outcomes first, then what was submitted.
         written, dropped = self._writer.written, self._writer.dropped
         quarantined = self._writer.quarantined
+        sampled_out = self._writer.sampled_out
         submitted = self._writer.submitted
         stats.update(
             submitted=submitted,
             written=written,
             dropped=dropped,
             quarantined=quarantined,
-            queued=submitted - written - dropped - quarantined,
+            sampled_out=sampled_out,
+            queued=submitted - written - sampled_out - dropped - quarantined,
             dropped_device_copies=self.copier.dropped,
         )
         by_reason = dict(self._writer.dropped_by_reason)

@@ -47,14 +47,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import h5py
+import numpy as np
 
 from pyodlog._checks import check_number
+from pyodlog.io.aggregates import Aggregates, summarize_call
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.export import write_tables
 from pyodlog.io.reader import Tables, read_segment, trim_to_consistent
 from pyodlog.io.segment import CHUNK_BYTES, SegmentWriter, fsync_dir, segment_name, write_checksum
-from pyodlog.structures import CallRecord
+from pyodlog.structures import CallRecord, RecordStorage
 
 if TYPE_CHECKING:
     from pyodlog.io.retention import RetentionGuard
@@ -305,6 +307,14 @@ class _Segment(SegmentWriter):
     def unlock(self) -> None:
         self._release_lock()
 
+    def write_aggregates(self, data: bytes) -> None:
+        """Writes the aggregates (JSON bytes) into the segment's ``aggregates`` dataset, just before closing.
+
+        Not committed: a failed close rolls it back with everything else after the last append.
+        """
+        self._append_direct("aggregates", [np.frombuffer(data, np.uint8)])
+        self._file.flush()
+
 
 class RecordWriter:
     """Owns the writer thread of one result directory in one process.
@@ -332,6 +342,9 @@ class RecordWriter:
         self.dropped = 0
         self.quarantined = 0
         self.durable = 0
+        self.sampled_out = 0  # calls whose rows sampling left out (their aggregates are kept)
+        self.aggregate_errors = 0
+        self.last_aggregate_error: str | None = None
         self.lost_at_close = 0
         self._left_open = False
         self.segments_closed: list[Path] = []
@@ -355,6 +368,11 @@ class RecordWriter:
         # ... or before each column of an append (a failure half-way through a batch).
         self.column_fault: Callable[[str], None] | None = None
         self.copier: DeviceCopier | None = None
+        schema: dict[str, Any] = attrs["schema"] if isinstance(attrs.get("schema"), dict) else {}
+        self.storage = RecordStorage.from_dict(schema.get("storage"))
+        self.n_class = max(int(attrs.get("n_class", 0) or 0), 0)
+        # Every call's aggregates since the last closed segment (written into the next one).
+        self.aggregates = Aggregates(self.n_class)
         # Called on the writer thread with each closed segment's path (the syncer's wake-up).
         self.segment_listeners: list[Callable[[Path], None]] = (
             segment_listeners if segment_listeners is not None else []
@@ -384,7 +402,7 @@ class RecordWriter:
 
     @property
     def queued(self) -> int:
-        return self.submitted - self.written - self.dropped - self.quarantined
+        return self.submitted - self.written - self.sampled_out - self.dropped - self.quarantined
 
     def submit(self, record: CallRecord | PendingRecord) -> None:
         """Enqueues a call's record; never waits with ``backpressure="drop"`` (the default)."""
@@ -556,6 +574,8 @@ class RecordWriter:
             "segments_open": int(self._segment is not None),
             "bytes_written": self.bytes_written,
             "queue_depth": self._queue.qsize(),
+            "sampled_out": self.sampled_out,
+            "aggregate_errors": self.aggregate_errors,
         }
 
     # -- the thread: one loop over named steps ------------------------------------------------
@@ -610,17 +630,93 @@ class RecordWriter:
             if isinstance(record, PendingRecord):
                 try:
                     call = record.wait()  # device copies: waited for here, on the writer thread
-                    record_to_columns(call, self._pending)
+                    self._rows_of(call)
                 finally:
                     if self.copier is not None:
                         self.copier.release(record)
             else:
-                record_to_columns(record, self._pending)
+                self._rows_of(record)
         except Exception as error:
             self._quarantine(call, 1, _input_ids_of(call), error)
             return
         if was_empty:
             self._first_pending_at = time.monotonic()
+
+    def _rows_of(self, call: CallRecord) -> None:
+        """Counts the call in the aggregates, asks its sampling policy, and adds its rows if kept."""
+        weight = self._sample(call)
+        if weight is None:
+            with self._lock:
+                self.sampled_out += 1
+            return
+        record_to_columns(call, self._pending, self.storage, weight)
+
+    def _sample(self, call: CallRecord) -> float | None:
+        """The call's sample weight (1.0 unsampled), or None when sampling leaves its rows out.
+
+        A failure here is counted (``aggregate_errors``) and the call kept: a bug in a summary
+        never loses rows.
+        """
+        policy = getattr(call, "sampling", None)
+        try:
+            summary = summarize_call(call, self.n_class)
+        except Exception as error:
+            self._aggregate_failed(error)
+            return 1.0
+        weight: float | None = 1.0
+        if policy is not None:
+            try:
+                weight = policy.decide(summary, list(call.input_ids))
+            except Exception as error:
+                self._aggregate_failed(error)
+                weight = 1.0
+        self.aggregates.add(summary, kept=weight is not None)
+        return weight
+
+    def _aggregate_failed(self, error: Exception) -> None:
+        """Counted (``stats()["aggregate_errors"]``); the first one is logged with its traceback."""
+        self.aggregate_errors += 1
+        self.last_aggregate_error = f"{type(error).__name__}: {error}"
+        if self.aggregate_errors == 1:
+            log.error(
+                "pyodlog could not summarise a call for its aggregates or sampling (the call's rows are "
+                "kept; later failures are only counted in stats()['aggregate_errors']): %s",
+                self.last_aggregate_error,
+                exc_info=error,
+            )
+
+    def _write_aggregates_segment(self) -> None:
+        """Aggregates of calls that left no rows (all sampled out) and no open segment: a segment of their own."""
+        if not self.aggregates or self._segment is not None:
+            return
+        self._segment_seq += 1
+        name = segment_name(time.time_ns(), self.rank, os.getpid(), self._token, self._segment_seq)
+        attrs = dict(self.attrs, rank=self.rank, pid=os.getpid(), created=time.time())
+        self._segment = _Segment(
+            self.directory / name, attrs, self._empty_batch(), self.column_fault
+        )
+        self._close_segment()
+
+    def _empty_batch(self) -> ColumnBatch:
+        """The columns every segment has, without rows."""
+        batch = ColumnBatch()
+        for name, dtype, row in (
+            ("images/det_offset", np.int64, ()),
+            ("images/det_count", np.int64, ()),
+            ("images/n_epoch", np.int64, ()),
+            ("images/timestamp", np.float64, ()),
+            ("images/image_size", np.int32, (2,)),
+            ("images/sample_weight", np.float32, ()),
+            ("detections/boxes", np.float32, (4,)),
+            ("detections/scores", np.float32, ()),
+            ("detections/labels", np.int64, ()),
+            ("detections/candidate_index", np.int64, ()),
+            ("detections/logits", np.float32, (self.n_class,)),
+        ):
+            batch.rows(name, np.empty((0, *row), dtype))
+        batch.text("images/input_id", [])
+        batch.text("images/dataset_type", [])
+        return batch
 
     def _due(self) -> bool:
         """Whether to write now: a batch is full or old enough, or a failed segment awaits closing."""
@@ -645,6 +741,17 @@ class RecordWriter:
         self._disk_ok()
         return True
 
+    def _settle_aggregates(self, rotate: bool) -> bool:
+        """At a rotation with no segment open: the pending aggregates go to a segment of their own."""
+        if not rotate or self._segment is not None or not self.aggregates:
+            return True
+        try:
+            self._write_aggregates_segment()
+        except OSError as error:
+            self._disk_failed(error)
+            return False
+        return True
+
     def _settle(self, rotate: bool) -> bool:
         """Makes the open segment durable (or closes it); False on a disk error."""
         if self._segment is None:
@@ -665,7 +772,11 @@ class RecordWriter:
 
     def _answer(self, barrier: _Barrier) -> None:
         """A barrier: one write attempt now (even during backoff), then fsync or rotate."""
-        if self._flush() and self._settle(barrier.rotate):
+        if (
+            self._flush()
+            and self._settle(barrier.rotate)
+            and self._settle_aggregates(barrier.rotate)
+        ):
             self.durable = self.written
         else:
             barrier.error = self.last_disk_error
@@ -674,7 +785,10 @@ class RecordWriter:
     def _finish(self) -> None:
         """At stop: one last write attempt and close; what cannot be written is counted and reported."""
         flushed = self._flush()
-        if self._settle(rotate=True) and flushed:  # the open segment is closed either way
+        settled = self._settle(rotate=True)
+        if settled and flushed:
+            self._settle_aggregates(rotate=True)
+        if settled and flushed:  # the open segment is closed either way
             self.durable = self.written
             return
         lost = self._pending.n_records
@@ -800,11 +914,14 @@ class RecordWriter:
         if self._segment is None:
             return
         try:
+            if self.aggregates:
+                self._segment.write_aggregates(self.aggregates.to_json())
             path = self._segment.close()
         except BaseException:
             self._segment_failed()
             raise
         self._segment = None
+        self.aggregates = Aggregates(self.n_class)  # in that segment now
         self._closed(path)
 
     def _closed(self, path: Path) -> None:
@@ -872,6 +989,7 @@ class RecordWriter:
                 tables = None
                 self._move_to_quarantine(seg.part, error)
             if tables is not None:
+                tables.aggregates = []  # still held in memory: they go into the next segment
                 try:
                     path = write_closed(seg.part, tables, rolled_back=True)
                 except OSError:

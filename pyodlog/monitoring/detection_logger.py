@@ -19,6 +19,7 @@ from pyodlog.io.sink import Sink
 from pyodlog.io.thumbnails import check_log_images, thumbnail_source
 from pyodlog.monitoring.modes import refuse_cuda_graphs
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
+from pyodlog.monitoring.sampling import Sampling, check_sampling
 from pyodlog.monitoring.tracer import CallCapture, ObjectDetectionTorchTracer
 from pyodlog.monitoring.validation import (
     check_class_names,
@@ -28,6 +29,7 @@ from pyodlog.monitoring.validation import (
     check_img_sizes,
     check_input_ids,
     check_n_class,
+    check_storage,
     check_target_layers,
     check_targets,
     check_thresholds,
@@ -178,6 +180,12 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             carry their names). None reads them from the model where it has them (Ultralytics
             ``names``, transformers ``config.id2label``). Stored in the result's schema
             (``result.json``, the export manifest); read back as ``ResultData.class_names``.
+        sampling: which calls' rows are written (keyword only): None (every call), a rate in
+            (0, 1], or a :class:`pyodlog.Sampling` policy; the always-on aggregates count every
+            call either way (README "Sampling").
+        storage: the stored precision of logits and embeddings (keyword only): None (compact:
+            float16 logits, uint8 embeddings projected to 128 dimensions), ``"float32"`` (exact)
+            or a :class:`pyodlog.RecordStorage`; part of the result's schema.
     """
 
     #: Human-readable name of the model family, for error messages.
@@ -208,6 +216,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         retention: Any = None,
         metrics: Any = None,
         class_names: Any = None,
+        sampling: float | Sampling | None = None,
+        storage: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -234,6 +244,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         if not isinstance(log_embeddings, bool):
             raise ValueError(f"log_embeddings must be True or False, got {log_embeddings!r}")
         self.class_names = resolve_class_names(class_names, core, model_n_class)
+        self._sampling = check_sampling(sampling)
+        self._storage = check_storage(storage)
         self.model = model
         self.n_class = model_n_class
         self.log_embeddings = log_embeddings
@@ -304,6 +316,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         }
         if getattr(self, "class_names", None) is not None:
             schema["class_names"] = self.class_names
+        if not self._storage.is_full:  # compact columns: how to read them is part of the schema
+            schema["storage"] = self._storage.to_dict()
         self._init_monitoring(
             model_name,
             version_name,

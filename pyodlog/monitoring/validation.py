@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyodlog.structures import RecordStorage
 from pyodlog_protocol import is_valid_name  # the collector accepts exactly these names
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "check_n_class",
     "check_n_epoch",
     "check_name",
+    "check_storage",
     "check_target_layers",
     "check_targets",
     "check_thresholds",
@@ -560,3 +562,19 @@ def check_class_names(
             f"name per label, or a {{label: name}} dict"
         )
     return names
+
+
+def check_storage(value: Any) -> RecordStorage:
+    """``storage=`` of ``create_logger``: None (the compact default), ``"float32"`` (exact, every
+    dimension: the storage of segment formats 1 and 2), or a :class:`pyodlog.RecordStorage`."""
+    if value is None:
+        return RecordStorage()
+    if isinstance(value, RecordStorage):
+        return value
+    if value == "float32":
+        return RecordStorage.full()
+    raise ValueError(
+        f"storage must be None (compact: float16 logits, uint8 embeddings projected to 128 dimensions), "
+        f"'float32' (exact) or a pyodlog.RecordStorage(logits=..., embeddings=..., embedding_dim=...); "
+        f"got {value!r}"
+    )

@@ -19,11 +19,14 @@ __all__ = [
     "MAX_CODE",
     "METHODS",
     "CompressedFeature",
+    "compact_rows",
     "compress_features",
     "decompress_features",
     "dequantize_uint8",
     "dequantize_uint8_reference",
     "quantize_uint8",
+    "random_projection",
+    "widen_rows",
 ]
 
 #: Finite values use codes 0..MAX_CODE; the three codes above are -inf, +inf and NaN.
@@ -209,6 +212,78 @@ def decompress_features(c: CompressedFeature) -> Tensor:
             raise ValueError("a uint8 CompressedFeature needs its scale and offset")
         return dequantize_uint8(c.payload, c.scale, c.offset, c.dtype)
     return c.payload.to(c.dtype)
+
+
+# -- compact per-detection rows (logits, embeddings) -------------------------------------------
+
+_PROJECTIONS: dict[tuple[int, int, int], Tensor] = {}
+FLOAT16_MAX = 65504.0
+
+
+def random_projection(in_dim: int, out_dim: int, seed: int) -> Tensor:
+    """A seeded random orthogonal projection ``Tensor[in_dim, out_dim]`` float32 (CPU), cached.
+
+    The columns are orthonormal (QR of a Gaussian matrix drawn with ``torch.Generator``
+    seeded by ``seed``: the same on every machine) and scaled by ``sqrt(in_dim / out_dim)``,
+    so ``x @ P`` keeps squared lengths and distances in expectation (Johnson-Lindenstrauss:
+    relative error of a squared distance about ``sqrt(2 / out_dim)``, README "Compact records").
+    """
+    key = (int(in_dim), int(out_dim), int(seed))
+    cached = _PROJECTIONS.get(key)
+    if cached is None:
+        generator = torch.Generator().manual_seed(int(seed))
+        gauss = torch.randn(in_dim, out_dim, generator=generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(gauss)
+        q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+        cached = (q * math.sqrt(in_dim / out_dim)).to(torch.float32)
+        _PROJECTIONS[key] = cached
+    return cached
+
+
+def compact_rows(
+    x: Tensor, precision: str, project_to: int | None = None, seed: int = 0
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Rows ``Tensor[N, W]`` in a storage precision: ``(values, scale, offset)``.
+
+    Optionally projected first (``project_to`` < W: ``x @ random_projection(W, project_to, seed)``,
+    on ``x``'s device). ``"float16"`` clamps finite values to +-65504 (inf and NaN kept);
+    ``"bfloat16"`` gives the 16-bit pattern as int16; ``"uint8"`` per-row codes with float32
+    ``scale`` and ``offset`` ``[N]`` (:func:`quantize_uint8`: error <= scale / 2, inf/NaN exact);
+    ``"float32"`` a float32 copy. Scale and offset are None except for ``"uint8"``.
+    """
+    x = x.float()
+    if project_to is not None and x.shape[-1] > project_to:
+        x = x @ random_projection(x.shape[-1], project_to, seed).to(x.device)
+    if precision == "float32":
+        return x, None, None
+    if precision == "float16":
+        finite = torch.isfinite(x)
+        return torch.where(finite, x.clamp(-FLOAT16_MAX, FLOAT16_MAX), x).half(), None, None
+    if precision == "bfloat16":
+        return x.bfloat16().view(torch.int16), None, None
+    if precision == "uint8":
+        if x.shape[0] == 0:
+            empty = torch.empty(0, dtype=torch.float32, device=x.device)
+            return torch.empty(x.shape, dtype=torch.uint8, device=x.device), empty, empty
+        return quantize_uint8(x.contiguous())
+    raise ValueError(f"precision must be float32, float16, bfloat16 or uint8, got {precision!r}")
+
+
+def widen_rows(values: Tensor, scale: Tensor | None = None, offset: Tensor | None = None) -> Tensor:
+    """The inverse of :func:`compact_rows` (up to its rounding): float32 ``Tensor[N, W]``.
+
+    The dtype tells the precision: uint8 codes (with ``scale`` and ``offset``), int16/uint16
+    bfloat16 patterns, float16, float32. Works without the compiled extension.
+    """
+    if values.dtype == torch.uint8:
+        if scale is None or offset is None:
+            raise ValueError("uint8 rows need their scale and offset")
+        if values.shape[0] == 0:
+            return torch.empty(values.shape, dtype=torch.float32)
+        return dequantize_uint8(values, scale, offset, torch.float32)
+    if values.dtype in (torch.int16, torch.uint16):
+        return values.view(torch.bfloat16).float()
+    return values.float()
 
 
 @register_fake("pyodlog::quantize_uint8_out")

@@ -143,7 +143,8 @@ class Syncer:
         epochs = self._epochs.get(path.name)
         if epochs is None:  # closed segments never change: read once
             epochs = self._epochs[path.name] = {int(e) for e in read_epochs(path).tolist()}
-        return self.n_epoch in epochs
+        # A segment without images holds only aggregates (every call sampled out): always sent.
+        return self.n_epoch in epochs or not epochs
 
     def _checksum(self, path: Path) -> tuple[str, int]:
         """SHA-256 and size of a closed segment, hashed once (a retried pass does not read it again)."""

@@ -1,0 +1,210 @@
+"""Sampling: which calls' rows are written, and with which weight.
+
+``create_logger(..., sampling=0.01)`` or ``sampling=pyodlog.Sampling(...)``. The decision is
+made off the inference path: the store's writer thread summarises every call (its
+aggregates count 100 % of the calls, :mod:`pyodlog.io.aggregates`) and asks the policy
+whether to write the call's rows. The call itself does nothing more than an unsampled one
+(no host sync, no extra work on the device).
+
+A call is always kept when it holds a near-miss, a detection whose uncertainty passes a
+threshold, a detection of a watched class, or when its ``dataset_type`` is not
+``"deploying"`` (each switchable); otherwise each of its images is drawn at ``rate`` (from a
+hash of its ``input_id`` when ``deterministic``, so reruns draw the same images whatever the
+batching) and the call is kept when one of them is. A kept call's images carry
+``sample_weight`` = 1 / the probability that the call was kept (1 for an always-kept call),
+so weighted counts and means over the kept rows are unbiased (Horvitz-Thompson).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Sampling", "check_sampling"]
+
+_UNCERTAINTY = ("entropy", "margin")
+
+
+class Sampling:
+    """A sampling policy for :func:`pyodlog.create_logger` (``sampling=``).
+
+    Args:
+        rate: the probability that an image is drawn, in (0, 1] (1: keep every call).
+        keep_near_misses: always keep a call that holds a near-miss (when near-misses are
+            logged; otherwise this never triggers).
+        keep_uncertain: ``{"entropy": e}`` keeps a call with a detection whose normalised
+            entropy (entropy of its class probabilities / ln C, in [0, 1]) is ``>= e``;
+            ``{"margin": m}`` one whose top-1 minus top-2 class probability is ``<= m``;
+            both may be given. None: off. Computed from the logits when the record holds no
+            uncertainty columns.
+        watch_classes: always keep a call with a detection of one of these labels.
+        keep_other_dataset_types: always keep calls whose ``dataset_type`` is not
+            ``"deploying"`` (train, val, test, ...).
+        deterministic: draw each image from a hash of ``(seed, input_id)`` (reruns keep the
+            same images); False: a pseudo-random draw seeded by ``seed``.
+        seed: the hash's (or generator's) seed.
+
+    Raises:
+        ValueError: an argument out of range (the message names it).
+    """
+
+    def __init__(
+        self,
+        rate: float = 0.01,
+        *,
+        keep_near_misses: bool = True,
+        keep_uncertain: Mapping[str, float] | None = None,
+        watch_classes: Iterable[int] = (),
+        keep_other_dataset_types: bool = True,
+        deterministic: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if (
+            isinstance(rate, bool)
+            or not isinstance(rate, (int, float, np.floating, np.integer))
+            or not 0.0 < float(rate) <= 1.0
+        ):
+            raise ValueError(
+                f"Sampling(rate={rate!r}): the rate must be a number in (0, 1], e.g. 0.01 to keep 1 % "
+                "of the images (1.0 keeps every call)"
+            )
+        for name, value in (
+            ("keep_near_misses", keep_near_misses),
+            ("keep_other_dataset_types", keep_other_dataset_types),
+            ("deterministic", deterministic),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"Sampling({name}={value!r}) must be True or False")
+        thresholds: dict[str, float] = {}
+        if keep_uncertain is not None:
+            if not isinstance(keep_uncertain, Mapping) or not keep_uncertain:
+                raise ValueError(
+                    f"Sampling(keep_uncertain={keep_uncertain!r}) must be a dict like {{'entropy': 0.5}} "
+                    "or {'margin': 0.1} (or None)"
+                )
+            for key, threshold in keep_uncertain.items():
+                if key not in _UNCERTAINTY:
+                    raise ValueError(
+                        f"Sampling(keep_uncertain=...) has {key!r}: use 'entropy' (normalised, keep when "
+                        ">= the value) and/or 'margin' (keep when <= the value)"
+                    )
+                if (
+                    isinstance(threshold, bool)
+                    or not isinstance(threshold, (int, float, np.floating, np.integer))
+                    or not 0.0 <= float(threshold) <= 1.0
+                ):
+                    raise ValueError(
+                        f"Sampling(keep_uncertain={{{key!r}: {threshold!r}}}): the threshold must be in [0, 1]"
+                    )
+                thresholds[key] = float(threshold)
+        if isinstance(watch_classes, (str, bytes)) or not isinstance(watch_classes, Iterable):
+            raise ValueError(
+                f"Sampling(watch_classes={watch_classes!r}) must be a list of class labels (ints)"
+            )
+        watched = list(watch_classes)
+        if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in watched):
+            raise ValueError(
+                f"Sampling(watch_classes={watched!r}) must hold class labels (ints), as in detections['labels']"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Sampling(seed={seed!r}) must be an int")
+        self.rate = float(rate)
+        self.keep_near_misses = keep_near_misses
+        self.keep_uncertain = thresholds
+        self.watch_classes = tuple(sorted({int(c) for c in watched}))
+        self.keep_other_dataset_types = keep_other_dataset_types
+        self.deterministic = deterministic
+        self.seed = seed
+        self._watched = np.asarray(self.watch_classes, np.int64)
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._salt = seed.to_bytes(16, "little", signed=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sampling(rate={self.rate}, keep_near_misses={self.keep_near_misses}, "
+            f"keep_uncertain={self.keep_uncertain or None}, watch_classes={list(self.watch_classes)}, "
+            f"keep_other_dataset_types={self.keep_other_dataset_types}, "
+            f"deterministic={self.deterministic}, seed={self.seed})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable (a quarantined record carries its policy): the lock is made anew.
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rate": self.rate,
+            "keep_near_misses": self.keep_near_misses,
+            "keep_uncertain": dict(self.keep_uncertain),
+            "watch_classes": list(self.watch_classes),
+            "keep_other_dataset_types": self.keep_other_dataset_types,
+            "deterministic": self.deterministic,
+            "seed": self.seed,
+        }
+
+    # -- the decision (the writer thread) ----------------------------------------------------
+
+    def always_keeps(self, summary: Any) -> str | None:
+        """Why a call is kept whatever the draw (``"dataset_type"``, ``"near_miss"``,
+        ``"uncertain"``, ``"watched_class"``), or None."""
+        if self.keep_other_dataset_types and summary.dataset_type != "deploying":
+            return "dataset_type"
+        if self.keep_near_misses and summary.has_near_miss:
+            return "near_miss"
+        if "entropy" in self.keep_uncertain and bool(
+            np.any(summary.entropy >= self.keep_uncertain["entropy"])
+        ):
+            return "uncertain"
+        if "margin" in self.keep_uncertain and bool(
+            np.any(summary.margin <= self.keep_uncertain["margin"])
+        ):
+            return "uncertain"
+        if len(self._watched) and bool(np.isin(summary.labels, self._watched).any()):
+            return "watched_class"
+        return None
+
+    def draw(self, input_id: str) -> float:
+        """The image's draw in [0, 1): kept at ``rate`` when the draw is below it."""
+        if self.deterministic:
+            digest = hashlib.blake2b(
+                input_id.encode("utf-8", "surrogateescape"), digest_size=8, key=self._salt
+            ).digest()
+            return int.from_bytes(digest, "little") / 2.0**64
+        with self._lock:
+            return self._random.random()
+
+    def decide(self, summary: Any, input_ids: list[str]) -> float | None:
+        """The weight of a kept call (1 / its probability of being kept), or None to sample it out."""
+        if self.rate >= 1.0 or self.always_keeps(summary) is not None:
+            return 1.0
+        if any(self.draw(i) < self.rate for i in input_ids):
+            return 1.0 / (1.0 - (1.0 - self.rate) ** len(input_ids))
+        return None
+
+
+def check_sampling(value: Any) -> Sampling | None:
+    """``sampling=`` of ``create_logger``: None (every call), a rate in (0, 1], or a :class:`Sampling`."""
+    if value is None or isinstance(value, Sampling):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(
+            f"sampling must be None (log every call), a rate in (0, 1] such as 0.01, or a "
+            f"pyodlog.Sampling(...) policy; got {type(value).__name__} {value!r}"
+        )
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(
+            f"sampling={value!r}: a rate must be in (0, 1], e.g. 0.01 keeps 1 % of the images"
+        )
+    return Sampling(float(value))
