@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
         Sink,
     )
     from pyodlog.monitoring.metrics import expose_metrics
-        from pyodlog.monitoring.sampling import Sampling
+    from pyodlog.monitoring.sampling import Sampling
     from pyodlog.structures import CallRecord, DetectionBatch, DetectionOutput, RecordStorage
     from pyodlog.sync import SyncConfig, SyncError, UploadSummary
 
