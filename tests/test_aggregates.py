@@ -262,3 +262,15 @@ def test_a_close_that_fails_writes_the_aggregates_once(tmp_path):
     res = pyodlog.open_result(tmp_path / "m/v/r", strict=True)
     assert failures and len(res) == 8
     assert res.aggregates().totals()["calls"] == 4
+
+
+def test_embeddings_narrower_than_the_sketch_are_summarised_exactly():
+    """A 3-d embedding (narrower than the 16-d sketch) maps by an exact isometry, not a crash."""
+    from pyodlog.io.aggregates import SKETCH_DIM, SKETCH_SEED
+    from pyodlog.ops.compression import random_projection
+
+    projection = random_projection(3, SKETCH_DIM, SKETCH_SEED)
+    assert projection.shape == (3, SKETCH_DIM)
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    z = x @ projection
+    torch.testing.assert_close(z @ z.T, x @ x.T, rtol=1e-4, atol=1e-4)  # inner products kept

@@ -163,7 +163,7 @@ def test_acknowledged_segments_are_deleted_oldest_first_and_logging_resumes(tmp_
     held = {p.name for p in collector.segments("tenant-a", "tiny", "v1", "run")}
     assert deleted <= held
 
-    run.log(12)  # fits again (acknowledged segments make room as needed)
+    run.log(6)  # fits again: two more segments (acknowledged segments make room as needed)
     stats = run.logger.stats()
     run.logger.upload()
     run.store.retention.check()

@@ -137,7 +137,11 @@ def _describe(
     class_n = np.zeros(max(n_labels, 0), np.int64)
     class_score = np.zeros(max(n_labels, 0))
     # Sampled logging (images["sample_weight"]): what the population held, besides what was logged.
-    weighted = "sample_weight" in images
+    # Every reader gives format-3 results a sample_weight column (1.0 when nothing was sampled out):
+    # the report speaks of weights only when some image stands for more than itself.
+    weighted = "sample_weight" in images and bool(
+        np.any(np.asarray(images["sample_weight"], np.float64) != 1.0)
+    )
     class_weighted = np.zeros(max(n_labels, 0))
     weighted_images = (
         float(np.sum(np.asarray(images["sample_weight"], np.float64))) if weighted else 0.0

@@ -232,10 +232,14 @@ def random_projection(in_dim: int, out_dim: int, seed: int) -> Tensor:
     cached = _PROJECTIONS.get(key)
     if cached is None:
         generator = torch.Generator().manual_seed(int(seed))
-        gauss = torch.randn(in_dim, out_dim, generator=generator, dtype=torch.float64)
+        wide = in_dim < out_dim  # e.g. the 16-d aggregate sketch of 3-d embeddings
+        shape = (out_dim, in_dim) if wide else (in_dim, out_dim)
+        gauss = torch.randn(*shape, generator=generator, dtype=torch.float64)
         q, r = torch.linalg.qr(gauss)
         q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
-        cached = (q * math.sqrt(in_dim / out_dim)).to(torch.float32)
+        # Wider than its input: orthonormal rows, an exact isometry (no scaling needed); else
+        # orthonormal columns scaled to keep squared lengths in expectation.
+        cached = (q.T if wide else q * math.sqrt(in_dim / out_dim)).to(torch.float32)
         _PROJECTIONS[key] = cached
     return cached
 
