@@ -29,6 +29,7 @@ import torch
 
 import pyodlog
 from benchmarks.bench_overhead import _make
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 from pyodlog.io.aggregates import SKETCH_DIM, SKETCH_SEED, Aggregates, summarize_call
 from pyodlog.io.columns import ColumnBatch, record_to_columns
@@ -249,4 +250,5 @@ def main(rotations: int) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.bench_sampling")
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 10)
