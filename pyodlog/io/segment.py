@@ -9,8 +9,9 @@ fsynced, renamed) and fsyncs the folder; a closed segment is never written
 again, and readers verify it against that checksum.
 
 Segment format (the ``segment_format`` file attribute): 1 (no attribute) is
-pyodlog 0.1.0's layout without a checksum; 2 adds the SHA-256 sidecar. Both
-are read; a segment that lost its sidecar (a crash between the rename and the
+pyodlog 0.1.0's layout without a checksum; 2 adds the SHA-256 sidecar; 3 may
+add the ``near_misses`` group, the images' ``nm_*`` columns and the detections'
+uncertainty columns (docs/file-format.md). All are read; a segment that lost its sidecar (a crash between the rename and the
 sidecar) is read unverified.
 """
 
@@ -53,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger("pyodlog")
 
-SEGMENT_FORMAT = 2
+SEGMENT_FORMAT = 3
 CHECKSUM_SUFFIX = ".sha256"
 _READ_BLOCK = 1 << 20
 # What each open segment of this process has completed and flushed, by real
@@ -101,6 +102,7 @@ _SHIFTS = {
     "features/image_row": "images",
     "features/payload_offset": "payload",
     "features/qrow_offset": "qrows",
+    "images/nm_offset": "near_misses",
 }
 
 
@@ -216,6 +218,7 @@ class SegmentWriter:
             "qrows": 0,
             "features": 0,
             "records": 0,
+            "near_misses": 0,
         }
         self.nbytes = 0
         self._key = os.path.realpath(self.part)
@@ -337,6 +340,7 @@ class SegmentWriter:
         self.counts["qrows"] += batch.n_qrows
         self.counts["features"] += batch.n_features
         self.counts["records"] += batch.n_records
+        self.counts["near_misses"] += batch.n_near_misses
         self.nbytes += batch.nbytes
         _COMMITTED[self._key] = dict(self.counts)
 
