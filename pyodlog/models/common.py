@@ -452,9 +452,11 @@ def near_misses_of(
     """
     device = scores.device
     floor = score_thresh / 2 if floor is None else floor
+    # Under autocast a head's scores and decoded boxes can differ in dtype: the operator takes one.
+    common = torch.promote_types(scores.dtype, boxes.dtype)
     out = postprocess_detections_near_miss(
-        scores,
-        boxes,
+        scores.to(common),
+        boxes.to(common),
         rows_of_images(rows_per_image, device),
         host_tensor(net_sizes, torch.long, device),
         host_tensor(input_sizes, torch.long, device),

@@ -271,6 +271,7 @@ class TransformersDetrLogger(ObjectDetectionTorchLogger):
             keep.sum(1),
             list(img_sizes),
             embeddings,
+            near_misses=None,  # not logged for DETR (no NMS; a query selection)
             **with_uncertainty(picked, SOFTMAX if self._kind == "softmax" else SIGMOID),
         )
 

@@ -472,6 +472,7 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
             counts,
             list(img_sizes),
             embeddings,
+            near_misses=None,  # not logged for YOLO (its NMS runs in Ultralytics)
             **with_uncertainty(logits, SIGMOID),  # YOLO's head: per-class sigmoid
         )
 

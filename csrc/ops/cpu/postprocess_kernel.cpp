@@ -185,15 +185,27 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     }
   }
 
-  // The survivors, with their clipped boxes. With near-misses, those at or
-  // below score_thresh are set aside (they take no part in NMS).
-  std::vector<Pair<T>> pairs;
-  std::vector<Pair<T>> below;
-  pairs.reserve(keys.size());
-  for (size_t i = 0; i < keys.size(); ++i) {
+  // With near-misses, the pairs at or below score_thresh are set aside (they take no part in
+  // NMS); only the best K of them can be near-misses, so only those become pairs.
+  std::vector<uint64_t> below_keys;
+  size_t n_below = 0;
+  if (near_misses) {
+    const auto above_end = std::partition(keys.begin(), keys.end(), [&](uint64_t key) {
+      return common::passes_score(static_cast<T>(scores[key & 0xffffffffu]), score_thresh);
+    });
+    below_keys.assign(above_end, keys.end());
+    keys.erase(above_end, keys.end());
+    n_below = below_keys.size();
+    if (static_cast<int64_t>(below_keys.size()) > nm->k) {
+      keep_topk<T, S>(below_keys, nm->k, scores);
+    }
+  }
+
+  // The survivors, with their clipped boxes.
+  const auto make_pair = [&](uint64_t key) {
     Pair<T> p;
-    const int64_t flat = static_cast<int64_t>(keys[i] & 0xffffffffu);
-    p.visit = keys[i];
+    const int64_t flat = static_cast<int64_t>(key & 0xffffffffu);
+    p.visit = key;
     p.row = flat / n_classes;
     p.label = flat % n_classes;
     p.score = static_cast<T>(scores[flat]);
@@ -205,11 +217,15 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     if (config.clip) {
       common::clip_box(p.box, net_w, net_h);
     }
-    if (near_misses && !common::passes_score(p.score, score_thresh)) {
-      below.push_back(p);
-    } else {
-      pairs.push_back(p);
-    }
+    return p;
+  };
+  std::vector<Pair<T>> pairs(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    pairs[i] = make_pair(keys[i]);
+  }
+  std::vector<Pair<T>> below(below_keys.size());
+  for (size_t i = 0; i < below_keys.size(); ++i) {
+    below[i] = make_pair(below_keys[i]);
   }
 
   // Per-class greedy NMS. The pairs are bucketed by class (a counting sort),
@@ -334,6 +350,7 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   for (size_t i = n_out; i < pairs.size(); ++i) {
     misses.push_back({pairs[i], common::kOverCap, -1, NAN});
   }
+  const size_t n_misses = misses.size() - below.size() + n_below;  // every near-miss, counted
   const size_t n_nm = std::min<size_t>(misses.size(), static_cast<size_t>(nm->k));
   const auto miss_before = [](const Miss& a, const Miss& b) { return visits_before<T>(a.pair, b.pair); };
   std::partial_sort(misses.begin(), misses.begin() + n_nm, misses.end(), miss_before);
@@ -352,7 +369,7 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     nm->iou[i] = m.iou;
   }
   *nm->count = static_cast<int64_t>(n_nm);
-  *nm->exhausted = misses.size() > n_nm;
+  *nm->exhausted = n_misses > n_nm;
 }
 
 PostprocessNearMissResult postprocess_cpu(const at::Tensor& scores, const at::Tensor& boxes,
