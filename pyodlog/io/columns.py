@@ -20,6 +20,16 @@ A segment holds three groups, each a set of equal-length columns:
   keeps the dtype compression gave it; a ``bfloat16`` payload is stored as its
   16-bit pattern with ``payload_dtype`` ``"bfloat16"`` (lossless).
 
+* ``near_misses`` (segment format 3, when the logger logs them): one row per
+  near-miss — the columns of ``detections`` plus ``reason`` (uint8: 1
+  below_score, 2 suppressed, 3 over_cap), ``suppressed_by`` (int64, the
+  suppressing detection's row within its image's detections, -1 if none) and
+  ``suppressor_iou`` (float32, NaN if none); images then have ``nm_offset``,
+  ``nm_count`` and the replay envelope (``nm_floor``, ``nm_k``,
+  ``nm_exhausted``, ``nm_score_thresh``, ``nm_iou_thresh``,
+  ``nm_max_detections``). Detections (and near-misses) may carry float32
+  ``entropy``, ``margin`` and ``energy``.
+
 Strings are stored as ragged bytes: a flat ``<name>.bytes`` uint8 column and a
 ``<name>.spans`` int64 [2] column (offset, length): SWMR appends need
 fixed-size types. Strings are stored losslessly: UTF-8 with ``surrogateescape``
