@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from torchvision.models import detection
 
 import pyodlog
-from pyodlog.io.segment import SEGMENT_FORMAT
+from pyodlog.io.segment import SEGMENT_FORMAT, write_checksum
 from pyodlog.ops.postprocess import BELOW_SCORE, OVER_CAP, SUPPRESSED
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -164,3 +165,24 @@ def test_a_segment_with_only_part_of_the_near_miss_columns_is_refused(tmp_path):
         sidecar.unlink()
     with pytest.raises(pyodlog.CorruptResultError, match="near_misses/reason"):
         pyodlog.open_result(result_dir(), strict=True)
+
+
+def test_a_format_2_segment_reads_as_before_without_near_misses(tmp_path):
+    """Written before near-misses existed (tests/golden/README.md): read unchanged, no near-miss
+    or uncertainty column, and replay gives back its detections."""
+    expected = json.loads((GOLDEN / "segment-format2.json").read_text())
+    directory = tmp_path / "golden2" / "v1" / "run"
+    directory.mkdir(parents=True)
+    with gzip.open(GOLDEN / "segment-format2.h5.gz") as src:
+        (directory / "seg-golden2.h5").write_bytes(src.read())
+    write_checksum(directory / "seg-golden2.h5")  # the sidecar its writer wrote (not kept here)
+    with h5py.File(directory / "seg-golden2.h5", "r") as f:
+        assert f.attrs["segment_format"] == 2
+    result = pyodlog.open_result(directory, strict=True)
+    assert result.images["input_id"] == expected["input_id"]
+    assert result.images["det_count"].tolist() == expected["det_count"]
+    np.testing.assert_array_equal(result.detections["scores"], np.float32(expected["scores"]))
+    assert result.detections["labels"].tolist() == expected["labels"]
+    assert result.near_misses == {} and "entropy" not in result.detections
+    assert "nm_offset" not in result.images
+    assert result.replay().counts.tolist() == expected["det_count"]
