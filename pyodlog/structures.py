@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -11,11 +12,24 @@ from torch.nn.utils.rnn import pad_sequence
 
 from pyodlog.ops.compression import CompressedFeature
 
-__all__ = ["BOX_FORMAT", "CallRecord", "DetectionBatch", "DetectionOutput", "RecordStorage"]
+__all__ = [
+    "BOX_FORMAT",
+    "UNCERTAINTY_COLUMNS",
+    "CallRecord",
+    "DetectionBatch",
+    "DetectionOutput",
+    "NearMissBatch",
+    "RecordStorage",
+]
 
 #: How every box pyodlog logs, stores and returns is written: ``(x1, y1, x2, y2)`` corners in
 #: pixels of the original image (``img_sizes``), x to the right, y down (torchvision's ``"xyxy"``).
 BOX_FORMAT = "xyxy"
+
+
+#: Per-detection uncertainty columns (float32), logged by the families that compute them
+#: (:func:`pyodlog.ops.detection_uncertainty`).
+UNCERTAINTY_COLUMNS = ("entropy", "margin", "energy")
 
 
 class DetectionOutput:
@@ -120,6 +134,67 @@ class DetectionOutput:
 
 
 @dataclass
+class NearMissBatch:
+    """The near-misses of a batch, padded to ``K`` per image (see :class:`pyodlog.ops.NearMisses`).
+
+    The same per-row fields as :class:`DetectionBatch` (``boxes`` in original-image coordinates,
+    ``scores``, ``labels``, ``logits``, ``candidate_index`` within the image, ``embeddings``, the
+    uncertainty columns) plus ``reason`` (uint8: 1 below_score, 2 suppressed, 3 over_cap),
+    ``suppressed_by`` (int64 detection row of the suppressor within the image's detections, -1 if
+    none) and ``suppressor_iou`` (float32, NaN if none), and the envelope of the call: ``floor``
+    (near-misses below the score threshold are above it), ``k`` (the budget per image),
+    ``exhausted`` (``Tensor[B]`` bool: an image had more near-misses than ``k``) and the
+    thresholds the detections were made with (``score_thresh``, ``iou_thresh``,
+    ``max_detections``).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    logits: Tensor
+    candidate_index: Tensor
+    counts: Tensor
+    reason: Tensor
+    suppressed_by: Tensor
+    suppressor_iou: Tensor
+    exhausted: Tensor
+    floor: float
+    k: int
+    score_thresh: float
+    iou_thresh: float
+    max_detections: int
+    embeddings: Tensor | None = None
+    entropy: Tensor | None = None
+    margin: Tensor | None = None
+    energy: Tensor | None = None
+
+    _TENSORS: ClassVar[tuple[str, ...]] = (
+        "boxes",
+        "scores",
+        "labels",
+        "logits",
+        "candidate_index",
+        "counts",
+        "reason",
+        "suppressed_by",
+        "suppressor_iou",
+        "exhausted",
+        "embeddings",
+        "entropy",
+        "margin",
+        "energy",
+    )
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every tensor field that is set, by name."""
+        return {k: getattr(self, k) for k in self._TENSORS if getattr(self, k) is not None}
+
+    def map_tensors(self, fn) -> NearMissBatch:
+        """A copy with ``fn`` applied to every tensor field (e.g. a copy to the host)."""
+        return dataclasses.replace(self, **{k: fn(v) for k, v in self.tensors().items()})
+
+
+@dataclass
 class DetectionBatch:
     """The detections of a batch, padded to ``D`` per image: what the hot path produces.
 
@@ -136,6 +211,9 @@ class DetectionBatch:
         counts: ``Tensor[B]`` int64 detections per image.
         image_sizes: original ``(h, w)`` of each image.
         embeddings: ``Tensor[B, D, E]`` or None.
+        entropy, margin, energy: ``Tensor[B, D]`` float32 uncertainty of each detection, or None
+            (:func:`pyodlog.ops.detection_uncertainty`).
+        near_misses: the batch's :class:`NearMissBatch`, or None (not logged).
     """
 
     box_format: ClassVar[str] = BOX_FORMAT
@@ -148,9 +226,29 @@ class DetectionBatch:
     counts: Tensor
     image_sizes: list[tuple[int, int]]
     embeddings: Tensor | None = None
+    entropy: Tensor | None = None
+    margin: Tensor | None = None
+    energy: Tensor | None = None
+    near_misses: NearMissBatch | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
+
+    def all_tensors(self) -> list[Tensor]:
+        """Every tensor of the batch, its near-misses' included."""
+        out = list(self.tensors().values())
+        if self.near_misses is not None:
+            out.extend(self.near_misses.tensors().values())
+        return out
+
+    def map_tensors(self, fn) -> DetectionBatch:
+        """A copy with ``fn`` applied to every tensor (near-misses included), e.g. a copy to the host."""
+        return dataclasses.replace(
+            self,
+            image_sizes=list(self.image_sizes),
+            near_misses=None if self.near_misses is None else self.near_misses.map_tensors(fn),
+            **{k: fn(v) for k, v in self.tensors().items()},
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         out = {
@@ -163,11 +261,13 @@ class DetectionBatch:
         }
         if self.embeddings is not None:
             out["embeddings"] = self.embeddings
+        for name in UNCERTAINTY_COLUMNS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     def to(self, device, non_blocking: bool = False) -> DetectionBatch:
-        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
-        return DetectionBatch(image_sizes=list(self.image_sizes), **moved)
+        return self.map_tensors(lambda v: v.to(device, non_blocking=non_blocking))
 
     @classmethod
     def from_outputs(

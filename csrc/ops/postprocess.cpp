@@ -57,6 +57,25 @@ PostprocessResult empty_postprocess_result(const at::Tensor& scores, const at::T
           at::zeros({n_images}, index_options)};
 }
 
+void check_near_miss_args(int64_t near_miss, double near_miss_floor) {
+  TORCH_CHECK(near_miss >= 0, "near_miss must be >= 0 (near-misses kept per image), got ", near_miss);
+  TORCH_CHECK(!std::isnan(near_miss_floor), "near_miss_floor must be a number, got NaN");
+}
+
+NearMissResult empty_near_miss_result(const at::Tensor& scores, const at::Tensor& boxes, int64_t n_images,
+                                      int64_t near_miss) {
+  const auto index_options = scores.options().dtype(at::kLong);
+  return {at::zeros({n_images, near_miss, 4}, boxes.options()),
+          at::zeros({n_images, near_miss}, scores.options()),
+          at::full({n_images, near_miss}, -1, index_options),
+          at::full({n_images, near_miss}, -1, index_options),
+          at::zeros({n_images, near_miss}, scores.options().dtype(at::kByte)),
+          at::full({n_images, near_miss}, -1, index_options),
+          at::full({n_images, near_miss}, NAN, scores.options().dtype(at::kFloat)),
+          at::zeros({n_images}, index_options),
+          at::zeros({n_images}, scores.options().dtype(at::kBool))};
+}
+
 }  // namespace pyodlog
 
 TORCH_LIBRARY_FRAGMENT(pyodlog, m) {
@@ -65,4 +84,16 @@ TORCH_LIBRARY_FRAGMENT(pyodlog, m) {
       "Tensor orig_sizes, float score_thresh, float iou_thresh, int max_detections, int first_label=0, "
       "float min_size=0., int topk=-1, Tensor? topk_group=None, bool topk_per_class=False, bool clip=True) "
       "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor candidates, Tensor counts)");
+  // The same pass, also returning up to `near_miss` near-misses per image (see
+  // ops/common/near_miss_math.h): below_score (above near_miss_floor),
+  // suppressed (with the detection row that suppressed it and their IoU),
+  // over_cap.
+  m.def(
+      "postprocess_detections_near_miss(Tensor scores, Tensor boxes, Tensor image_index, Tensor net_sizes, "
+      "Tensor orig_sizes, float score_thresh, float iou_thresh, int max_detections, int near_miss, "
+      "float near_miss_floor, int first_label=0, float min_size=0., int topk=-1, Tensor? topk_group=None, "
+      "bool topk_per_class=False, bool clip=True) "
+      "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor candidates, Tensor counts, Tensor nm_boxes, "
+      "Tensor nm_scores, Tensor nm_labels, Tensor nm_candidates, Tensor nm_reason, Tensor nm_suppressed_by, "
+      "Tensor nm_suppressor_iou, Tensor nm_counts, Tensor nm_exhausted)");
 }

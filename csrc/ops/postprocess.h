@@ -29,4 +29,24 @@ int64_t check_postprocess_args(const at::Tensor& scores, const at::Tensor& boxes
 PostprocessResult empty_postprocess_result(const at::Tensor& scores, const at::Tensor& boxes, int64_t n_images,
                                            int64_t max_detections);
 
+// The near-misses of postprocess_detections_near_miss, padded to K per image:
+// boxes [B, K, 4], scores [B, K], labels [B, K] (-1), candidates [B, K] (-1),
+// reason [B, K] uint8 (0), suppressed_by [B, K] int64 (-1), suppressor_iou
+// [B, K] float32 (NaN), counts [B] int64, exhausted [B] bool.
+using NearMissResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor>;
+
+void check_near_miss_args(int64_t near_miss, double near_miss_floor);
+
+NearMissResult empty_near_miss_result(const at::Tensor& scores, const at::Tensor& boxes, int64_t n_images,
+                                      int64_t near_miss);
+
+using PostprocessNearMissResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline PostprocessNearMissResult join_results(PostprocessResult d, NearMissResult m) {
+  return std::tuple_cat(std::move(d), std::move(m));
+}
+
 }  // namespace pyodlog

@@ -26,6 +26,16 @@ A segment holds three groups, each a set of equal-length columns:
   keeps the dtype compression gave it; a ``bfloat16`` payload is stored as its
   16-bit pattern with ``payload_dtype`` ``"bfloat16"`` (lossless).
 
+* ``near_misses`` (segment format 3, when the logger logs them): one row per
+  near-miss — the columns of ``detections`` plus ``reason`` (uint8: 1
+  below_score, 2 suppressed, 3 over_cap), ``suppressed_by`` (int64, the
+  suppressing detection's row within its image's detections, -1 if none) and
+  ``suppressor_iou`` (float32, NaN if none); images then have ``nm_offset``,
+  ``nm_count`` and the replay envelope (``nm_floor``, ``nm_k``,
+  ``nm_exhausted``, ``nm_score_thresh``, ``nm_iou_thresh``,
+  ``nm_max_detections``). Detections (and near-misses) may carry float32
+  ``entropy``, ``margin`` and ``energy``.
+
 Strings are stored as ragged bytes: a flat ``<name>.bytes`` uint8 column and a
 ``<name>.spans`` int64 [2] column (offset, length): SWMR appends need
 fixed-size types. Strings are stored losslessly: UTF-8 with ``surrogateescape``
@@ -44,7 +54,7 @@ import torch
 
 from pyodlog.io.thumbnails import encode_thumbnails
 from pyodlog.ops.compression import METHODS, compact_rows
-from pyodlog.structures import CallRecord, RecordStorage
+from pyodlog.structures import UNCERTAINTY_COLUMNS, CallRecord, NearMissBatch, RecordStorage
 
 __all__ = ["MAX_DIMS", "ColumnBatch", "decode_str", "encode_str", "record_to_columns"]
 
@@ -97,6 +107,7 @@ class ColumnBatch:
     n_qrows: int = 0
     payload_bytes: int = 0
     n_records: int = 0
+    n_near_misses: int = 0
 
     def rows(self, name: str, value: np.ndarray) -> None:
         self.numeric.setdefault(name, []).append(value)
@@ -117,11 +128,12 @@ class ColumnBatch:
             len(self.payload),
             (self.n_images, self.n_detections, self.n_features, self.n_qrows),
             (self.payload_bytes, self.n_records),
+            self.n_near_misses,
         )
 
     def rollback(self, mark: tuple) -> None:
         """Forgets every row added after :meth:`mark` (a record that failed half-way leaves no rows)."""
-        numeric, strings, payload, counts, (payload_bytes, n_records) = mark
+        numeric, strings, payload, counts, (payload_bytes, n_records), n_near_misses = mark
         for table, lengths in ((self.numeric, numeric), (self.strings, strings)):
             for name in list(table):
                 if name in lengths:
@@ -131,6 +143,7 @@ class ColumnBatch:
         del self.payload[payload:]
         self.n_images, self.n_detections, self.n_features, self.n_qrows = counts
         self.payload_bytes, self.n_records = payload_bytes, n_records
+        self.n_near_misses = n_near_misses
 
     @property
     def nbytes(self) -> int:
@@ -330,6 +343,11 @@ def _record_rows(
     else:
         _compact_detection_rows(batch, det, storage, valid, full)
     _target_rows(record, batch, n)
+    for name in UNCERTAINTY_COLUMNS:
+        if getattr(det, name) is not None:
+            batch.rows(f"detections/{name}", detection_rows(getattr(det, name), np.float32))
+    if det.near_misses is not None:
+        _near_miss_rows(det.near_misses, n, batch)
 
     for name, feature in record.features.items():
         payload, payload_dtype = _host_payload(feature.payload)
@@ -415,3 +433,52 @@ def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
         )
     batch.rows("targets/boxes", boxes)
     batch.rows("targets/labels", labels)
+
+
+def _near_miss_rows(nm: NearMissBatch, n: int, batch: ColumnBatch) -> None:
+    """The ``near_misses`` rows of a record and its images' ``nm_*`` columns (the envelope).
+
+    Images get ``nm_offset``/``nm_count`` into ``near_misses`` and the envelope of their call:
+    ``nm_floor``, ``nm_k``, ``nm_exhausted`` and the thresholds the detections were made with
+    (``nm_score_thresh``, ``nm_iou_thresh``, ``nm_max_detections``).
+    """
+    counts = _host(nm.counts).astype(np.int64)
+    k = nm.boxes.shape[1]
+    valid = np.arange(k)[None, :] < counts[:, None]
+    batch.rows(
+        "images/nm_offset",
+        batch.n_near_misses + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
+    )
+    batch.rows("images/nm_count", counts)
+    batch.rows("images/nm_exhausted", _host(nm.exhausted).astype(np.int8).reshape(n))
+    batch.rows("images/nm_floor", np.full(n, float(nm.floor), np.float64))
+    batch.rows("images/nm_k", np.full(n, int(nm.k), np.int64))
+    batch.rows("images/nm_score_thresh", np.full(n, float(nm.score_thresh), np.float64))
+    batch.rows("images/nm_iou_thresh", np.full(n, float(nm.iou_thresh), np.float64))
+    batch.rows("images/nm_max_detections", np.full(n, int(nm.max_detections), np.int64))
+
+    def rows(t: torch.Tensor, dtype) -> np.ndarray:
+        return _host(t)[valid].astype(dtype, copy=False)
+
+    for name, dtype in NEAR_MISS_COLUMNS.items():
+        value = getattr(nm, name)
+        if value is not None:
+            batch.rows(f"near_misses/{name}", rows(value, dtype))
+    batch.n_near_misses += int(counts.sum())
+
+
+#: The columns of the ``near_misses`` group and their stored dtypes.
+NEAR_MISS_COLUMNS = {
+    "boxes": np.float32,
+    "scores": np.float32,
+    "labels": np.int64,
+    "candidate_index": np.int64,
+    "logits": np.float32,
+    "embeddings": np.float32,
+    "entropy": np.float32,
+    "margin": np.float32,
+    "energy": np.float32,
+    "reason": np.uint8,
+    "suppressed_by": np.int64,
+    "suppressor_iou": np.float32,
+}

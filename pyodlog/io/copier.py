@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pyodlog.structures import CallRecord, DetectionBatch
+from pyodlog.structures import CallRecord
 
 __all__ = ["CopyStreams", "DeviceCopier", "PendingRecord"]
 
@@ -49,7 +49,7 @@ class PendingRecord:
 
 
 def _cuda_tensors(record: CallRecord) -> Iterator[Tensor]:
-    yield from record.detections.tensors().values()
+    yield from record.detections.all_tensors()
     for feature in record.features.values():
         for part in (feature.payload, feature.scale, feature.offset):
             if part is not None:
@@ -184,9 +184,7 @@ class DeviceCopier:
                 return out
 
             det = record.detections
-            detections = DetectionBatch(
-                **{k: host(v) for k, v in det.tensors().items()}, image_sizes=list(det.image_sizes)
-            )
+            detections = det.map_tensors(host)
             features = {
                 name: dataclasses.replace(
                     f, payload=host(f.payload), scale=host(f.scale), offset=host(f.offset)

@@ -78,7 +78,7 @@ class CorruptResultError(ValueError):
 
 # -- what a segment may contain -----------------------------------------------------------------
 
-_GROUPS = {"images", "images/fields", "detections", "features", "targets"}
+_GROUPS = {"images", "images/fields", "detections", "features", "targets", "near_misses"}
 _I8, _I32, _I64 = np.dtype(np.int8), np.dtype(np.int32), np.dtype(np.int64)
 _F32, _F64, _U8 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint8)
 # Compact per-detection rows (segment format 3): float16, bfloat16 as its uint16 pattern, uint8 codes.
@@ -123,6 +123,30 @@ _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
     "images/gt_logged": ({_I8}, ()),
     "targets/boxes": ({_F32}, (4,)),
     "targets/labels": ({_I64}, ()),
+    # segment format 3: uncertainty, near-misses and their envelope (all optional)
+    "detections/entropy": ({_F32}, ()),
+    "detections/margin": ({_F32}, ()),
+    "detections/energy": ({_F32}, ()),
+    "images/nm_offset": ({_I64}, ()),
+    "images/nm_count": ({_I64}, ()),
+    "images/nm_exhausted": ({_I8}, ()),
+    "images/nm_floor": ({_F64}, ()),
+    "images/nm_k": ({_I64}, ()),
+    "images/nm_score_thresh": ({_F64}, ()),
+    "images/nm_iou_thresh": ({_F64}, ()),
+    "images/nm_max_detections": ({_I64}, ()),
+    "near_misses/boxes": ({_F32}, (4,)),
+    "near_misses/scores": ({_F32}, ()),
+    "near_misses/labels": ({_I64}, ()),
+    "near_misses/candidate_index": ({_I64}, ()),
+    "near_misses/logits": ({_F32}, (None,)),
+    "near_misses/embeddings": ({_F32}, (None,)),
+    "near_misses/entropy": ({_F32}, ()),
+    "near_misses/margin": ({_F32}, ()),
+    "near_misses/energy": ({_F32}, ()),
+    "near_misses/reason": ({_U8}, ()),
+    "near_misses/suppressed_by": ({_I64}, ()),
+    "near_misses/suppressor_iou": ({_F32}, ()),
 }
 _TARGET_COLUMNS = {
     "images/gt_offset",
@@ -130,6 +154,25 @@ _TARGET_COLUMNS = {
     "images/gt_logged",
     "targets/boxes",
     "targets/labels",
+}
+# The columns a segment with near-misses has (all or none of them).
+_NEAR_MISS_REQUIRED = {
+    "images/nm_offset",
+    "images/nm_count",
+    "images/nm_exhausted",
+    "images/nm_floor",
+    "images/nm_k",
+    "images/nm_score_thresh",
+    "images/nm_iou_thresh",
+    "images/nm_max_detections",
+    "near_misses/boxes",
+    "near_misses/scores",
+    "near_misses/labels",
+    "near_misses/candidate_index",
+    "near_misses/logits",
+    "near_misses/reason",
+    "near_misses/suppressed_by",
+    "near_misses/suppressor_iou",
 }
 _STRINGS = {
     "images/input_id",
@@ -423,6 +466,11 @@ def _to_tables(
             raise CorruptResultError(
                 f"{label}: its {group} columns lack {sorted(required - present)}"
             )
+    near_miss = {k for k in tables.numeric if k in _NEAR_MISS_REQUIRED}
+    if near_miss and near_miss != _NEAR_MISS_REQUIRED:
+        raise CorruptResultError(
+            f"{label}: it has near-miss columns but lacks {sorted(_NEAR_MISS_REQUIRED - near_miss)}"
+        )
     return tables
 
 
@@ -658,6 +706,7 @@ def _prefix(t: Tables) -> tuple[int, int, int, int, int]:
         gt_available = min(_lengths(t, "targets/"), default=0)
         gt_count, gt_offset = num["images/gt_count"][:n], num["images/gt_offset"][:n]
         n = min(n, _first_false(_contiguous(gt_offset, gt_count, gt_available), len(gt_count)))
+    n = _near_miss_prefix(t, n)
     n_feat = min(_lengths(t, "features/"), default=0)
     most_feat = max(_lengths(t, "features/"), default=0)
     rows = num.get("features/image_row", np.empty(0, np.int64))
@@ -709,9 +758,29 @@ def _prefix(t: Tables) -> tuple[int, int, int, int, int]:
     return n, n_det, n_feat, last_q, last_p
 
 
+def _near_miss_prefix(t: Tables, n: int) -> int:
+    """The first ``n`` images, fewer where an image's near-misses are not all present."""
+    if "images/nm_offset" not in t.numeric:
+        return n
+    available = min(_lengths(t, "near_misses/"), default=0)
+    count = t.numeric.get("images/nm_count", np.empty(0, np.int64))[:n]
+    offset = t.numeric["images/nm_offset"][: len(count)]
+    return min(n, _first_false(_contiguous(offset, count, available), len(offset)))
+
+
+def _n_near_misses(t: Tables, n: int) -> int:
+    """Near-miss rows of the first ``n`` images."""
+    if not n or "images/nm_offset" not in t.numeric:
+        return 0
+    return int(t.numeric["images/nm_offset"][n - 1] + t.numeric["images/nm_count"][n - 1])
+
+
 def _cut(t: Tables, n: int, n_det: int, n_feat: int, last_q: int, last_p: int) -> Tables:
     out = Tables(attrs=t.attrs, aggregates=list(t.aggregates))
+    n_nm = _n_near_misses(t, n)
     for k, v in t.numeric.items():
+        if k.startswith("near_misses/"):
+            out.numeric[k] = v[:n_nm]
         if k.startswith("images/"):
             out.numeric[k] = v[:n]
         elif k.startswith("detections/"):
@@ -748,7 +817,13 @@ def _check_consistent(t: Tables, label: str) -> None:
     """A closed segment's columns must agree exactly (what a crash leaves is only in ``.part`` files)."""
     n, n_det, n_feat, _, _ = _prefix(t)
     n_gt = int(t.numeric["images/gt_count"][:n].sum()) if "images/gt_count" in t.numeric else 0
-    groups = [("images/", n), ("detections/", n_det), ("features/", n_feat), ("targets/", n_gt)]
+    groups = [
+        ("images/", n),
+        ("detections/", n_det),
+        ("features/", n_feat),
+        ("targets/", n_gt),
+        ("near_misses/", _n_near_misses(t, n)),
+    ]
     for group, kept in groups:
         lengths = _lengths(t, group)
         if any(length != kept for length in lengths):
@@ -784,6 +859,8 @@ def merge_tables(
         for aggregates in part.aggregates:
             out.aggregates.append(aggregates.select(keep_epoch) if use_epoch_filter else aggregates)
     weighted = any("images/sample_weight" in p.numeric for p in parts if p.n_images)
+    parts = _aligned_optional_columns(parts)
+    nm_base = 0
     for part in parts:
         if part.n_images == 0:
             continue
@@ -823,6 +900,16 @@ def merge_tables(
         gt_cols: dict[str, np.ndarray] = {}
         if with_targets:
             gt_cols, gt_base = _merge_target_rows(part, rows, image_cols, gt_base)
+        if "images/nm_offset" in part.numeric:
+            nm_rows, image_cols["images/nm_offset"] = _picked_rows(
+                part.numeric["images/nm_offset"][rows],
+                part.numeric["images/nm_count"][rows],
+                nm_base,
+            )
+            det_cols.update(
+                {k: v[nm_rows] for k, v in part.numeric.items() if k.startswith("near_misses/")}
+            )
+            nm_base += len(nm_rows)
         feat_rows = (
             np.flatnonzero(keep[part.numeric["features/image_row"]])
             if "features/image_row" in part.numeric and len(part.numeric["features/image_row"])
@@ -915,6 +1002,53 @@ def _merge_target_rows(
     return cols, gt_base + len(gt_rows)
 
 
+def _picked_rows(offset: np.ndarray, count: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows ``offset[i] : offset[i] + count[i]`` of the images kept, and their new offsets from ``base``."""
+    if not len(offset):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    rows = np.concatenate([np.arange(o, o + c) for o, c in zip(offset, count)]).astype(np.int64)
+    new = base + np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    return rows, new
+
+
+# What an image logged without near-misses (or uncertainty) gets when merged with images that have
+# them: no near-miss, an envelope that says none was logged (nm_k -1), NaN uncertainty.
+_NOT_LOGGED: dict[str, tuple[Any, np.dtype]] = {
+    "images/nm_offset": (0, _I64),
+    "images/nm_count": (0, _I64),
+    "images/nm_exhausted": (0, _I8),
+    "images/nm_floor": (np.nan, _F64),
+    "images/nm_k": (-1, _I64),
+    "images/nm_score_thresh": (np.nan, _F64),
+    "images/nm_iou_thresh": (np.nan, _F64),
+    "images/nm_max_detections": (-1, _I64),
+    "detections/entropy": (np.nan, _F32),
+    "detections/margin": (np.nan, _F32),
+    "detections/energy": (np.nan, _F32),
+}
+
+
+def _aligned_optional_columns(parts: list[Tables]) -> list[Tables]:
+    """Parts where some segments have the optional near-miss/uncertainty columns and others not:
+    the others get them (filled as :data:`_NOT_LOGGED`), so that columns stay row-aligned."""
+    wanted = {k for p in parts if p.n_images for k in p.numeric if k in _NOT_LOGGED}
+    if not wanted:
+        return parts
+    out = []
+    for p in parts:
+        missing = wanted - set(p.numeric)
+        if not missing or not p.n_images:
+            out.append(p)
+            continue
+        numeric = dict(p.numeric)
+        n_det = len(numeric.get("detections/scores", ()))
+        for k in missing:
+            value, dtype = _NOT_LOGGED[k]
+            numeric[k] = np.full(p.n_images if k.startswith("images/") else n_det, value, dtype)
+        out.append(Tables(numeric, p.strings, p.payload, p.attrs))
+    return out
+
+
 def _empty_columns(
     schema: dict[str, Any] | None,
 ) -> dict[str, tuple[np.dtype, tuple[int, ...]] | None]:
@@ -930,6 +1064,8 @@ def _empty_columns(
         for name, (dtypes, row) in _NUMERIC.items()
         if name not in ("detections/embeddings", "features_payload", "aggregates")
         and name not in _TARGET_COLUMNS
+        and name not in _NOT_LOGGED
+        and not name.startswith("near_misses/")  # optional: absent unless logged
         and not (name.startswith("detections/") and name.endswith(("_scale", "_offset")))
     }
     columns["images/image_size"] = (_I32, (2,))
@@ -1005,6 +1141,9 @@ class ResultData:
         self.images: dict[str, Any] = {k.split("/", 1)[-1]: v for k, v in images.items()}
         self.detections: dict[str, np.ndarray] = strip(tables.numeric, "detections/")
         self.targets: dict[str, np.ndarray] = strip(tables.numeric, "targets/")
+        #: ``{column: array}``, one row per near-miss (empty when none was logged): the columns of
+        #: ``detections`` plus ``reason``, ``suppressed_by``, ``suppressor_iou``.
+        self.near_misses: dict[str, np.ndarray] = strip(tables.numeric, "near_misses/")
 
     def __len__(self) -> int:
         return self._t.n_images
@@ -1165,6 +1304,80 @@ class ResultData:
             return None
         data = column[i % n_images]
         return bytes(data) if data else None
+
+    def image_near_misses(self, i: int) -> dict[str, torch.Tensor]:
+        """The near-misses of image row ``i``: ``{column: tensor}``, by score descending.
+
+        Columns as :attr:`near_misses` (``boxes`` [N, 4] xyxy in original-image coordinates,
+        ``scores``, ``labels``, ``logits`` [N, C], ``candidate_index``, ``reason`` (1
+        below_score, 2 suppressed, 3 over_cap), ``suppressed_by`` (row of the suppressing
+        detection in :meth:`image_detections`, -1 if none), ``suppressor_iou`` (NaN if none), and
+        ``embeddings``/``entropy``/``margin``/``energy`` when logged); empty when none was logged.
+        """
+        n_images = len(self)
+        if not -n_images <= i < n_images:
+            raise IndexError(f"image row {i} is out of range: this result has {n_images} images")
+        i = i % n_images
+        if "nm_offset" not in self.images:
+            return {
+                k: torch.from_numpy(np.ascontiguousarray(v[:0]))
+                for k, v in self.near_misses.items()
+            }
+        o, n = int(self.images["nm_offset"][i]), int(self.images["nm_count"][i])
+        return {
+            k: torch.from_numpy(np.ascontiguousarray(v[o : o + n]))
+            for k, v in self.near_misses.items()
+        }
+
+    def replay(
+        self,
+        score_thresh: float | None = None,
+        iou_thresh: float | None = None,
+        max_detections_per_image: int | None = None,
+        strict: bool = True,
+    ):
+        """The detections the model would have returned with other thresholds, without the model.
+
+        Runs the model's post-processing (score filter, per-class NMS, the best
+        ``max_detections_per_image``) on each image's logged detections and near-misses. Exact --
+        the same boxes, scores, labels and order as running the model with those thresholds --
+        inside the logged envelope: ``score_thresh`` at or above the image's floor (the
+        ``near_miss_floor``; when the image's near-miss budget was exhausted, its lowest
+        near-miss score), any ``iou_thresh`` and cap. See :mod:`pyodlog.io.replay`.
+
+        Args:
+            score_thresh, iou_thresh, max_detections_per_image: None keeps the logged value.
+            strict: outside the envelope raise ``ValueError`` (stating it); with False, return a
+                best effort and flag the images in ``Replay.exact``.
+
+        Returns:
+            :class:`pyodlog.io.replay.Replay` (``replay[i]`` is image ``i``'s
+            :class:`~pyodlog.DetectionOutput`).
+        """
+        from pyodlog.io.replay import replay
+
+        return replay(self, score_thresh, iou_thresh, max_detections_per_image, strict)
+
+    def sweep(
+        self,
+        score_thresh: list[float],
+        iou_thresh: list[float] | None = None,
+        max_detections_per_image: int | None = None,
+        strict: bool = True,
+    ):
+        """Detections per class over a grid of thresholds, replayed in one pass (no model).
+
+        One NMS per IoU threshold (greedy NMS is prefix-consistent: a higher score threshold
+        keeps the pairs of a lower one above it), vectorised over images and score thresholds.
+
+        Returns:
+            A ``pandas.DataFrame``, one row per (score_thresh, iou_thresh, label): ``detections``
+            (how many), ``images`` (how many images have at least one), ``exact`` (every image
+            inside the envelope; outside it a ``ValueError`` unless ``strict=False``).
+        """
+        from pyodlog.io.replay import sweep
+
+        return sweep(self, score_thresh, iou_thresh, max_detections_per_image, strict)
 
     def feature_names(self) -> list[str]:
         return sorted(set(self._t.strings.get("features/name", [])))

@@ -9,8 +9,9 @@ fsynced, renamed) and fsyncs the folder; a closed segment is never written
 again, and readers verify it against that checksum.
 
 Segment format (the ``segment_format`` file attribute): 1 (no attribute) is
-pyodlog 0.1.0's layout without a checksum; 2 adds the SHA-256 sidecar. Both
-are read; a segment that lost its sidecar (a crash between the rename and the
+pyodlog 0.1.0's layout without a checksum; 2 adds the SHA-256 sidecar; 3 may
+add the ``near_misses`` group, the images' ``nm_*`` columns and the detections'
+uncertainty columns (docs/file-format.md). All are read; a segment that lost its sidecar (a crash between the rename and the
 sidecar) is read unverified.
 """
 
@@ -55,7 +56,8 @@ log = logging.getLogger("pyodlog")
 
 # 3: compact logits/embeddings (float16, bfloat16, uint8 + scale/offset), images/sample_weight,
 # the aggregates dataset (pyodlog.io.aggregates); docs/file-format.md.
-SEGMENT_FORMAT = 3
+# 4: near-miss candidates (the near_misses group, images nm_*), uncertainty columns.
+SEGMENT_FORMAT = 4
 CHECKSUM_SUFFIX = ".sha256"
 _READ_BLOCK = 1 << 20
 # What each open segment of this process has completed and flushed, by real
@@ -104,6 +106,7 @@ _SHIFTS = {
     "features/payload_offset": "payload",
     "features/qrow_offset": "qrows",
     "images/gt_offset": "targets",  # ground truth (issue 15)
+    "images/nm_offset": "near_misses",
 }
 
 
@@ -224,6 +227,7 @@ class SegmentWriter:
             "features": 0,
             "records": 0,
             "targets": 0,
+            "near_misses": 0,
         }
         self.nbytes = 0
         self._key = os.path.realpath(self.part)
@@ -347,6 +351,7 @@ class SegmentWriter:
         self.counts["features"] += batch.n_features
         self.counts["records"] += batch.n_records
         self.counts["targets"] += sum(len(p) for p in numeric.get("targets/labels", []))
+        self.counts["near_misses"] += batch.n_near_misses
         self.nbytes += batch.nbytes
         _COMMITTED[self._key] = dict(self.counts)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -12,6 +12,9 @@ from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import roi_align
 
 from pyodlog.monitoring.modes import captured, refuse_cuda_graphs
+from pyodlog.ops.postprocess import postprocess_detections_near_miss
+from pyodlog.ops.uncertainty import detection_uncertainty
+from pyodlog.structures import NearMissBatch
 
 __all__ = [
     "ReturnedDetections",
@@ -24,9 +27,11 @@ __all__ = [
     "local_index",
     "logged_boxes",
     "match_detections",
+    "near_misses_of",
     "refuse_cuda_graphs",
     "returned_detections",
     "rows_of_images",
+    "with_uncertainty",
 ]
 
 
@@ -376,3 +381,141 @@ def logged_boxes(
 def image_sizes_of(images: Any) -> list[tuple[int, int]]:
     """(h, w) of each image of a list of ``[C, H, W]`` tensors or a ``[B, C, H, W]`` tensor."""
     return [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+
+
+# -- near-misses and uncertainty ------------------------------------------------------------------
+
+
+def with_uncertainty(logits: Tensor, kind: int | None) -> dict[str, Tensor]:
+    """``{"entropy", "margin", "energy"}`` of logit rows (:func:`pyodlog.ops.detection_uncertainty`),
+    or ``{}`` when ``kind`` is None (a family that does not say how its head activates)."""
+    if kind is None:
+        return {}
+    return detection_uncertainty(logits, kind)._asdict()
+
+
+def near_misses_of(
+    returned: ReturnedDetections,
+    matched: Tensor,
+    scores: Tensor,
+    boxes: Tensor,
+    rows_per_image: Sequence[int],
+    net_sizes: Sequence[tuple[int, int]],
+    input_sizes: Sequence[tuple[int, int]],
+    img_sizes: Sequence[tuple[int, int]],
+    logits: Tensor,
+    *,
+    k: int,
+    floor: float | None,
+    score_thresh: float,
+    iou_thresh: float,
+    max_detections: int,
+    first_label: int = 0,
+    min_size: float = 0.0,
+    topk: int = -1,
+    topk_group: Tensor | None = None,
+    topk_per_class: bool = False,
+    clip: bool = True,
+    uncertainty_kind: int | None = None,
+    embeddings: Callable[[Tensor], Tensor] | None = None,
+) -> NearMissBatch:
+    """The near-misses of a batch, from the candidates the model post-processed (one fused pass).
+
+    Runs :func:`pyodlog.ops.postprocess_detections_near_miss` on the model's candidates with the
+    model's own settings: its detections are the model's (:func:`match_detections` found them
+    among the same candidates), its near-misses are every other pair above the floor, the first
+    ``k`` of each image by score. What a logger subclass must provide for its family to log
+    near-misses is exactly these arguments.
+
+    Args:
+        returned: the model's detections (:func:`returned_detections`), in ``input_sizes`` coordinates.
+        matched: ``Tensor[B, D]`` the row of ``scores`` of each returned detection (:func:`match_detections`).
+        scores: ``Tensor[N, C]`` activated class scores of every candidate, as the model computes them.
+        boxes: ``Tensor[N, 4]`` or ``Tensor[N, C, 4]`` decoded boxes in network-input coordinates
+            (not clipped: the operator clips them to ``net_sizes``).
+        rows_per_image: candidate rows of each image (image 0's first).
+        net_sizes, input_sizes, img_sizes: (h, w) per image the network saw, the model resizes
+            its boxes back to, and the logged boxes refer to.
+        logits: ``Tensor[N, C]`` the logit vector of each candidate (logged per near-miss).
+        k, floor: near-misses per image; the lowest score (exclusive) of a below-score one
+            (None: half of ``score_thresh``).
+        score_thresh, iou_thresh, max_detections, first_label, min_size, topk, topk_group,
+            topk_per_class, clip: the model's post-processing (see
+            :func:`pyodlog.ops.postprocess_detections`; ``clip``: the model clips its boxes to
+            the network input).
+        uncertainty_kind: :data:`pyodlog.ops.uncertainty.SOFTMAX` or ``SIGMOID`` (None: no columns).
+        embeddings: ``fn(rows)`` -> ``Tensor[B, K, E]`` embedding of candidate rows ``Tensor[B, K]``
+            (-1 in padding), or None.
+
+    Returns:
+        :class:`~pyodlog.structures.NearMissBatch`.
+    """
+    device = scores.device
+    floor = score_thresh / 2 if floor is None else floor
+    # Under autocast a head's scores and decoded boxes can differ in dtype: the operator takes one.
+    common = torch.promote_types(scores.dtype, boxes.dtype)
+    out = postprocess_detections_near_miss(
+        scores.to(common),
+        boxes.to(common),
+        rows_of_images(rows_per_image, device),
+        host_tensor(net_sizes, torch.long, device),
+        host_tensor(input_sizes, torch.long, device),
+        score_thresh,
+        iou_thresh,
+        max_detections,
+        k,
+        floor,
+        first_label=first_label,
+        min_size=min_size,
+        topk=topk,
+        topk_group=topk_group,
+        topk_per_class=topk_per_class,
+        clip=clip,
+    )
+    det, nm = out.detections, out.near_misses
+    n_images = len(rows_per_image)
+    nm_boxes = nm.boxes
+    if [tuple(s) for s in img_sizes] != [tuple(s) for s in input_sizes]:
+        nm_boxes = clip_and_resize(
+            nm_boxes.reshape(-1, 4), [k] * n_images, None, input_sizes, img_sizes
+        ).reshape(n_images, k, 4)
+    # The suppressor as a row of the logged (returned) detections: the operator's detection of
+    # the same candidate and class.
+    suppressed_by = nm.suppressed_by
+    if returned.scores.shape[1] and det.candidates.shape[1] and k:
+        at = suppressed_by.clamp(min=0)
+        cand, lab = det.candidates.gather(1, at), det.labels.gather(1, at)  # [B, K]
+        valid = (
+            torch.arange(returned.scores.shape[1], device=device)[None, :]
+            < returned.counts[:, None]
+        )
+        same = (
+            (matched[:, None, :] == cand[:, :, None])
+            & (returned.labels[:, None, :] == lab[:, :, None])
+            & valid[:, None, :]
+        )  # [B, K, D]
+        row = same.to(torch.int8).argmax(-1)
+        suppressed_by = torch.where((suppressed_by >= 0) & same.any(-1), row, -1)
+    else:
+        suppressed_by = torch.full_like(suppressed_by, -1)
+    first_row = host_tensor([sum(rows_per_image[:i]) for i in range(n_images)], torch.long, device)
+    nm_logits = gather_rows(logits, nm.candidates)
+    return NearMissBatch(
+        boxes=nm_boxes,
+        scores=nm.scores,
+        labels=nm.labels,
+        logits=nm_logits,
+        candidate_index=local_index(nm.candidates, first_row),
+        counts=nm.counts,
+        reason=nm.reason,
+        suppressed_by=suppressed_by,
+        suppressor_iou=nm.suppressor_iou,
+        exhausted=nm.exhausted,
+        floor=float(floor),
+        k=int(k),
+        score_thresh=float(score_thresh),
+        iou_thresh=float(iou_thresh),
+        max_detections=int(max_detections),
+        embeddings=None if embeddings is None else embeddings(nm.candidates),
+        **with_uncertainty(nm_logits, uncertainty_kind),
+    )

@@ -19,6 +19,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from pyodlog.models.common import (
+    ReturnedDetections,
     captured,
     clip_and_resize,
     gather_rows,
@@ -27,12 +28,15 @@ from pyodlog.models.common import (
     local_index,
     logged_boxes,
     match_detections,
+    near_misses_of,
     returned_detections,
+    with_uncertainty,
 )
 from pyodlog.models.common import parts as _parts
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import ObjectDetectionTorchLogger
-from pyodlog.structures import DetectionBatch
+from pyodlog.ops.uncertainty import SIGMOID, SOFTMAX
+from pyodlog.structures import DetectionBatch, NearMissBatch
 
 __all__ = ["FCOSLogger", "RetinaNetLogger", "SSDLogger"]
 
@@ -44,6 +48,10 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
     first_label = 0
     #: Whether the levels share a channel count, so an RoI feature can serve as embedding.
     fpn_embeddings = True
+    #: How the head activates its logits (the uncertainty columns): softmax or per-class sigmoid.
+    uncertainty_kind: int = SIGMOID
+    #: The top-k runs per (image, class) (SSD) rather than per (image, FPN level) (RetinaNet, FCOS).
+    topk_per_class = False
 
     def _register_model_hooks(self, model: nn.Module) -> None:
         parts = _parts(model)
@@ -102,9 +110,10 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         rows = [n_anchors] * n_images
         # The model's candidates as it returns them: scores activated as it does, boxes decoded,
         # clipped to the network input and resized to the input images.
+        scores = self._scores(head).reshape(-1, n_classes)
         candidates = match_detections(
             returned,
-            self._scores(head).reshape(-1, n_classes),
+            scores,
             clip_and_resize(boxes, rows, net_sizes, net_sizes, self._state["input_sizes"]),
             rows,
             first_label=self.first_label,
@@ -121,15 +130,87 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             embeddings = level_roi_features(
                 features, net_boxes, level_of, self._state["padded_size"]
             )
+        logits = gather_rows(cls_logits.reshape(-1, n_classes), candidates)
+        near_misses = None
+        if self.near_miss:
+            near_misses = self._near_misses(
+                returned,
+                candidates,
+                scores,
+                boxes,
+                rows,
+                img_sizes,
+                cls_logits.reshape(-1, n_classes),
+            )
         return DetectionBatch(
             logged_boxes(returned, self._state["input_sizes"], img_sizes),
             returned.scores,
             returned.labels,
-            gather_rows(cls_logits.reshape(-1, n_classes), candidates),
+            logits,
             local,
             returned.counts,
             list(img_sizes),
             embeddings,
+            near_misses=near_misses,
+            **with_uncertainty(logits, self.uncertainty_kind),
+        )
+
+    def _near_misses(
+        self,
+        returned: ReturnedDetections,
+        candidates: Tensor,
+        scores: Tensor,
+        boxes: Tensor,
+        rows: list[int],
+        img_sizes: list[tuple[int, int]],
+        logits: Tensor,
+    ) -> NearMissBatch:
+        """The near-misses of the anchors the model post-processed, with its own settings."""
+        model = _parts(self._core)
+        features = self._state["features"]
+        net_sizes = self._state["net_sizes"]
+        n_images, n_anchors = len(rows), rows[0]
+        device = scores.device
+        levels = self._anchor_levels(features, n_anchors, device)
+        topk_group = None
+        if not self.topk_per_class:
+            # RetinaNet and FCOS keep their top-k per (image, FPN level).
+            topk_group = (
+                torch.arange(n_images, device=device)[:, None] * len(features) + levels[None, :]
+            ).reshape(-1)
+        embeddings = None
+        if self.log_embeddings and self.fpn_embeddings:
+            net_boxes = clip_and_resize(boxes, rows, net_sizes, net_sizes, net_sizes)
+            first_row = torch.arange(n_images, device=device) * n_anchors
+
+            def embeddings(nm_rows: Tensor) -> Tensor:
+                local = local_index(nm_rows, first_row)
+                level_of = torch.where(local >= 0, levels[local.clamp(min=0)], local)
+                return level_roi_features(
+                    features, gather_rows(net_boxes, nm_rows), level_of, self._state["padded_size"]
+                )
+
+        return near_misses_of(
+            returned,
+            candidates,
+            scores,
+            boxes,
+            rows,
+            net_sizes,
+            self._state["input_sizes"],
+            img_sizes,
+            logits,
+            k=self.near_miss,
+            floor=self.near_miss_floor,
+            score_thresh=model.score_thresh,
+            iou_thresh=model.nms_thresh,
+            max_detections=model.detections_per_img,
+            first_label=self.first_label,
+            topk=model.topk_candidates,
+            topk_group=topk_group,
+            topk_per_class=self.topk_per_class,
+            uncertainty_kind=self.uncertainty_kind,
+            embeddings=embeddings,
         )
 
 
@@ -155,7 +236,10 @@ class RetinaNetLogger(_DenseHeadLogger):
 
 @register_logger(priority=10)
 class FCOSLogger(_DenseHeadLogger):
-    """torchvision FCOS: score = sqrt(sigmoid(class) * sigmoid(centerness)); logits are the location's class row."""
+    """torchvision FCOS: score = sqrt(sigmoid(class) * sigmoid(centerness)); logits are the location's class row.
+
+    The uncertainty columns are those of the class logits (per-class sigmoid), without centerness.
+    """
 
     family = "torchvision FCOS"
 
@@ -183,6 +267,8 @@ class SSDLogger(_DenseHeadLogger):
     family = "torchvision SSD, SSDlite"
     first_label = 1
     fpn_embeddings = False
+    uncertainty_kind = SOFTMAX
+    topk_per_class = True
 
     @staticmethod
     def detect(model: nn.Module) -> bool:

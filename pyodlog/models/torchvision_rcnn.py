@@ -19,11 +19,14 @@ from pyodlog.models.common import (
     local_index,
     logged_boxes,
     match_detections,
+    near_misses_of,
     returned_detections,
+    with_uncertainty,
 )
 from pyodlog.models.common import parts as _parts
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import NmsConfig, ObjectDetectionTorchLogger
+from pyodlog.ops.uncertainty import SOFTMAX
 from pyodlog.structures import DetectionBatch
 
 __all__ = ["TorchvisionRCNNLogger"]
@@ -37,7 +40,9 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
     per detection, the proposal it came from is found by box, score and label
     among every (proposal, class) pair, and its ``class_logits`` row (all
     classes, background included) and box-head feature (the input of
-    ``box_predictor``, e.g. 1024 values, as embedding) are logged.
+    ``box_predictor``, e.g. 1024 values, as embedding) are logged, with the
+    uncertainty of the softmax over ``class_logits`` and, with ``near_miss``,
+    the near-misses of the same proposals (:func:`~pyodlog.models.common.near_misses_of`).
     """
 
     family = "torchvision Faster R-CNN (all backbones, v1 and v2), Mask R-CNN, Keypoint R-CNN"
@@ -95,9 +100,10 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         boxes = heads.box_coder.decode(self._state["box_regression"], proposals).reshape(
             n_rows, n_class, 4
         )
+        scores = F.softmax(class_logits, -1)
         candidates = match_detections(
             returned,
-            F.softmax(class_logits, -1),
+            scores,
             clip_and_resize(
                 boxes,
                 counts,
@@ -113,13 +119,41 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
             if self.log_embeddings
             else None
         )
+        logits = gather_rows(class_logits, candidates)
+        near_misses = None
+        if self.near_miss:
+            box_features = self._state["box_features"].flatten(1)
+            near_misses = near_misses_of(
+                returned,
+                candidates,
+                scores,
+                boxes,
+                counts,
+                self._state["net_sizes"],
+                self._state["input_sizes"],
+                img_sizes,
+                class_logits,
+                k=self.near_miss,
+                floor=self.near_miss_floor,
+                score_thresh=heads.score_thresh,
+                iou_thresh=heads.nms_thresh,
+                max_detections=heads.detections_per_img,
+                first_label=1,
+                min_size=1e-2,
+                uncertainty_kind=SOFTMAX,
+                embeddings=(lambda rows: gather_rows(box_features, rows))
+                if self.log_embeddings
+                else None,
+            )
         return DetectionBatch(
             logged_boxes(returned, self._state["input_sizes"], img_sizes),
             returned.scores,
             returned.labels,
-            gather_rows(class_logits, candidates),
+            logits,
             local_index(candidates, host_tensor(first_row, torch.long, device)),
             returned.counts,
             list(img_sizes),
             embeddings,
+            near_misses=near_misses,
+            **with_uncertainty(logits, SOFTMAX),
         )

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pyodlog.models.common import gather_rows, host_tensor
+from pyodlog.models.common import gather_rows, host_tensor, with_uncertainty
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import (
     NmsConfig,
@@ -41,6 +41,7 @@ from pyodlog.monitoring.detection_logger import (
 from pyodlog.monitoring.validation import (
     check_img_sizes,
 )
+from pyodlog.ops.uncertainty import SIGMOID, SOFTMAX
 from pyodlog.structures import DetectionBatch
 
 __all__ = ["TransformersDetrLogger"]
@@ -256,6 +257,7 @@ class TransformersDetrLogger(ObjectDetectionTorchLogger):
         scale = host_tensor([(w, h, w, h) for h, w in img_sizes], torch.float32, device)
         boxes = boxes * scale[:, None, :]
         zero = torch.zeros((), dtype=scores.dtype, device=device)
+        picked = gather_rows(logits.reshape(n_images * n_queries, n_classes), rows)
         embeddings = None
         if self.log_embeddings:
             hidden = model_output.last_hidden_state
@@ -264,11 +266,13 @@ class TransformersDetrLogger(ObjectDetectionTorchLogger):
             torch.where(keep[..., None], boxes, torch.zeros((), dtype=boxes.dtype, device=device)),
             torch.where(keep, scores, zero),
             torch.where(keep, labels, -1),
-            gather_rows(logits.reshape(n_images * n_queries, n_classes), rows),
+            picked,
             torch.where(keep, query, -1),
             keep.sum(1),
             list(img_sizes),
             embeddings,
+            near_misses=None,  # not logged for DETR (no NMS; a query selection)
+            **with_uncertainty(picked, SOFTMAX if self._kind == "softmax" else SIGMOID),
         )
 
 

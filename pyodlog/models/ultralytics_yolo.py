@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
-from pyodlog.models.common import gather_rows, host_tensor, local_index
+from pyodlog.models.common import gather_rows, host_tensor, local_index, with_uncertainty
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import (
     NmsConfig,
@@ -58,6 +58,7 @@ from pyodlog.monitoring.validation import (
 )
 from pyodlog.ops import postprocess_detections
 from pyodlog.ops.compression import CompressedFeature
+from pyodlog.ops.uncertainty import SIGMOID
 from pyodlog.structures import DetectionBatch
 
 __all__ = ["UltralyticsYOLOLogger"]
@@ -476,7 +477,16 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         ):
             raise RuntimeError("a YOLO batch was captured without its detections")
         return DetectionBatch(
-            boxes, scores, labels, logits, candidates, counts, list(img_sizes), embeddings
+            boxes,
+            scores,
+            labels,
+            logits,
+            candidates,
+            counts,
+            list(img_sizes),
+            embeddings,
+            near_misses=None,  # not logged for YOLO (its NMS runs in Ultralytics)
+            **with_uncertainty(logits, SIGMOID),  # YOLO's head: per-class sigmoid
         )
 
     def _detections(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 import uuid
@@ -40,12 +41,38 @@ if TYPE_CHECKING:
     from pyodlog.sync import SyncConfig
 
 __all__ = [
+    "DEFAULT_NEAR_MISS",
     "NmsConfig",
     "ObjectDetectionTorchLogger",
+    "check_near_miss",
     "model_class_names",
     "resolve_class_names",
     "unwrap_model",
 ]
+
+
+#: Near-miss candidates logged per image by default (``near_miss=``): README, "What the model
+#: almost said", gives the overhead and storage this costs.
+DEFAULT_NEAR_MISS = 32
+
+
+def check_near_miss(near_miss: Any, near_miss_floor: Any) -> tuple[int, float | None]:
+    """``near_miss`` and ``near_miss_floor`` checked; ValueError naming what is wrong."""
+    if isinstance(near_miss, bool) or not isinstance(near_miss, int) or near_miss < 0:
+        raise ValueError(
+            f"near_miss must be an int >= 0 (near-miss candidates logged per image; 0 logs none), "
+            f"got {near_miss!r}"
+        )
+    if near_miss_floor is not None and (
+        isinstance(near_miss_floor, bool)
+        or not isinstance(near_miss_floor, (int, float))
+        or not math.isfinite(near_miss_floor)
+    ):
+        raise ValueError(
+            f"near_miss_floor must be a finite score or None (half the model's score threshold), "
+            f"got {near_miss_floor!r}"
+        )
+    return int(near_miss), None if near_miss_floor is None else float(near_miss_floor)
 
 
 @dataclass
@@ -156,6 +183,14 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         sink: where records go (keyword only); default :class:`pyodlog.HDF5Store`
             (local HDF5 under ``PYODLOG_HOME`` or ``./pyodlog_data``).
         log_embeddings: record a per-detection embedding where the family has one.
+        near_miss: near-miss candidates logged per image besides the detections (keyword only,
+            int >= 0, default :data:`DEFAULT_NEAR_MISS`; 0 logs none): candidates the model dropped
+            for a score under ``score_thresh`` (but above ``near_miss_floor``), suppressed by NMS,
+            or cut by ``max_detections_per_image`` -- what ``ResultData.replay`` replays from.
+            Families that support it: torchvision R-CNN, RetinaNet, FCOS, SSD/SSDlite; a custom
+            subclass sets ``DetectionBatch.near_misses`` itself (see ``near_misses_of``).
+        near_miss_floor: the lowest score (exclusive) of a below-score near-miss (keyword only);
+            None: half the model's score threshold.
         sync_config: how to reach the collector (keyword only): TLS CA bundle,
             timeouts, retries, piece size (:class:`pyodlog.SyncConfig`).
         log_images: None (default) or ``{"max_side": 256, "quality": 85}`` (keyword only):
@@ -218,6 +253,8 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         class_names: Any = None,
         sampling: float | Sampling | None = None,
         storage: Any = None,
+        near_miss: int = DEFAULT_NEAR_MISS,
+        near_miss_floor: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -246,6 +283,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         self.class_names = resolve_class_names(class_names, core, model_n_class)
         self._sampling = check_sampling(sampling)
         self._storage = check_storage(storage)
+        self.near_miss, self.near_miss_floor = check_near_miss(near_miss, near_miss_floor)
         self.model = model
         self.n_class = model_n_class
         self.log_embeddings = log_embeddings

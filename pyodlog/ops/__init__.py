@@ -13,16 +13,28 @@ from pyodlog.ops.compression import (
     quantize_uint8,
 )
 from pyodlog.ops.nms import batched_nms
-from pyodlog.ops.postprocess import PostprocessedDetections, postprocess_detections
+from pyodlog.ops.postprocess import (
+    NearMisses,
+    PostprocessedDetections,
+    PostprocessedWithNearMisses,
+    postprocess_detections,
+    postprocess_detections_near_miss,
+)
+from pyodlog.ops.uncertainty import Uncertainty, detection_uncertainty
 
 __all__ = [
     "CompressedFeature",
+    "NearMisses",
     "PostprocessedDetections",
+    "PostprocessedWithNearMisses",
+    "Uncertainty",
     "batched_nms",
     "compress_features",
     "decompress_features",
     "dequantize_uint8",
+    "detection_uncertainty",
     "postprocess_detections",
+    "postprocess_detections_near_miss",
     "quantize_uint8",
     "scale_boxes",
 ]

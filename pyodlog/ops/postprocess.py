@@ -9,7 +9,17 @@ from torch import Tensor
 
 from pyodlog._extension import assert_has_ops, register_fake
 
-__all__ = ["PostprocessedDetections", "postprocess_detections"]
+__all__ = [
+    "BELOW_SCORE",
+    "OVER_CAP",
+    "REASONS",
+    "SUPPRESSED",
+    "NearMisses",
+    "PostprocessedDetections",
+    "PostprocessedWithNearMisses",
+    "postprocess_detections",
+    "postprocess_detections_near_miss",
+]
 
 
 class PostprocessedDetections(NamedTuple):
@@ -75,9 +85,9 @@ def postprocess_detections(
 
     Outputs are padded to ``max_detections``. On CUDA the kernel synchronises with the host once:
     counting the (candidate, class) pairs above ``score_thresh`` (``nonzero``) sizes the work. The
-    family loggers do not call it on the inference path (they log the detections the model returned,
-    see :func:`pyodlog.models.common.match_detections`); it is for users who post-process a head
-    themselves.
+    family loggers log the detections the model returned (see
+    :func:`pyodlog.models.common.match_detections`); with ``near_miss`` they run
+    :func:`postprocess_detections_near_miss` on the model's candidates for the near-misses.
 
     Args:
         scores: ``Tensor[N, C]`` activated class scores of each candidate.
@@ -152,4 +162,154 @@ def _postprocess_detections_fake(
         scores.new_empty((n_images, max_detections), dtype=torch.long),
         scores.new_empty((n_images, max_detections), dtype=torch.long),
         scores.new_empty((n_images,), dtype=torch.long),
+    )
+
+
+# -- near-misses ---------------------------------------------------------------------------------
+
+#: Near-miss reason codes (``NearMisses.reason``, the ``reason`` column of ``near_misses``).
+BELOW_SCORE, SUPPRESSED, OVER_CAP = 1, 2, 3
+REASONS = {BELOW_SCORE: "below_score", SUPPRESSED: "suppressed", OVER_CAP: "over_cap"}
+
+
+class NearMisses(NamedTuple):
+    """The near-misses of a batch, padded to ``K`` per image, in visiting order.
+
+    A near-miss is a (candidate, class) pair that passed the floor, ``min_size`` and the top-k but
+    is not a detection. Of an image's near-misses the first ``K`` by score descending (ties:
+    ``candidate * C + class`` ascending) are returned, whatever their reason.
+
+    Attributes:
+        boxes: ``Tensor[B, K, 4]`` xyxy in original-image coordinates (as detections).
+        scores: ``Tensor[B, K]``.
+        labels: ``Tensor[B, K]`` int64, -1 in padding.
+        candidates: ``Tensor[B, K]`` int64 row of ``scores`` the pair came from, -1 in padding.
+        reason: ``Tensor[B, K]`` uint8: 1 ``below_score`` (``floor < score <= score_thresh``),
+            2 ``suppressed`` (NMS removed it), 3 ``over_cap`` (kept by NMS, beyond
+            ``max_detections``); 0 in padding.
+        suppressed_by: ``Tensor[B, K]`` int64: for ``suppressed``, the detection row (within the
+            image) of the kept pair that suppressed it (greedy NMS's suppressor: the first kept
+            pair of its class in visiting order overlapping it by more than ``iou_thresh``); -1
+            otherwise, and when that pair was itself cut by ``max_detections``.
+        suppressor_iou: ``Tensor[B, K]`` float32 IoU with the suppressor, NaN when none.
+        counts: ``Tensor[B]`` int64 near-misses of each image.
+        exhausted: ``Tensor[B]`` bool: the image had more than ``K`` near-misses (always False
+            with ``K = 0``: no near-miss is computed then).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    candidates: Tensor
+    reason: Tensor
+    suppressed_by: Tensor
+    suppressor_iou: Tensor
+    counts: Tensor
+    exhausted: Tensor
+
+
+class PostprocessedWithNearMisses(NamedTuple):
+    """:class:`PostprocessedDetections` and the :class:`NearMisses` of the same pass."""
+
+    detections: PostprocessedDetections
+    near_misses: NearMisses
+
+
+def postprocess_detections_near_miss(
+    scores: Tensor,
+    boxes: Tensor,
+    image_index: Tensor,
+    net_sizes: Tensor,
+    orig_sizes: Tensor,
+    score_thresh: float,
+    iou_thresh: float,
+    max_detections: int,
+    near_miss: int,
+    near_miss_floor: float,
+    first_label: int = 0,
+    min_size: float = 0.0,
+    topk: int = -1,
+    topk_group: Tensor | None = None,
+    topk_per_class: bool = False,
+    clip: bool = True,
+) -> PostprocessedWithNearMisses:
+    """:func:`postprocess_detections` that also returns up to ``near_miss`` near-misses per image.
+
+    One pass: pairs are collected down to ``near_miss_floor`` (exclusive) instead of
+    ``score_thresh``; the top-k ranks them among all of those (a pair's rank depends only on the
+    pairs above it, so the detections are exactly :func:`postprocess_detections`'s); pairs at or
+    below ``score_thresh`` are ``below_score`` near-misses and take no part in NMS; NMS records,
+    for each pair it removes, which kept pair removed it and their IoU; kept pairs beyond
+    ``max_detections`` are ``over_cap``. See :class:`NearMisses`.
+
+    Together the detections and the near-misses of an image hold every pair with a score above
+    the floor that the model could return at any score threshold >= the floor (any IoU
+    threshold, any cap) -- unless ``exhausted``; then every pair above the lowest near-miss
+    score. That is what :meth:`pyodlog.ResultData.replay` replays from.
+
+    Args:
+        near_miss: near-misses kept per image (>= 0; 0 returns none).
+        near_miss_floor: the lowest score (exclusive) a ``below_score`` near-miss may have.
+        Others: as :func:`postprocess_detections`.
+
+    Returns:
+        :class:`PostprocessedWithNearMisses`.
+    """
+    assert_has_ops()
+    out = torch.ops.pyodlog.postprocess_detections_near_miss.default(
+        scores,
+        boxes,
+        image_index,
+        net_sizes,
+        orig_sizes,
+        float(score_thresh),
+        float(iou_thresh),
+        int(max_detections),
+        int(near_miss),
+        float(near_miss_floor),
+        int(first_label),
+        float(min_size),
+        int(topk),
+        topk_group,
+        bool(topk_per_class),
+        bool(clip),
+    )
+    return PostprocessedWithNearMisses(PostprocessedDetections(*out[:5]), NearMisses(*out[5:]))
+
+
+@register_fake("pyodlog::postprocess_detections_near_miss")
+def _postprocess_detections_near_miss_fake(
+    scores,
+    boxes,
+    image_index,
+    net_sizes,
+    orig_sizes,
+    score_thresh,
+    iou_thresh,
+    max_detections,
+    near_miss,
+    near_miss_floor,
+    first_label=0,
+    min_size=0.0,
+    topk=-1,
+    topk_group=None,
+    topk_per_class=False,
+    clip=True,
+):
+    detections = _postprocess_detections_fake(
+        scores, boxes, image_index, net_sizes, orig_sizes, score_thresh, iou_thresh, max_detections
+    )
+    torch._check(near_miss >= 0, lambda: "near_miss must be >= 0")
+    n_images, k = net_sizes.shape[0], near_miss
+    return (
+        *detections,
+        boxes.new_empty((n_images, k, 4)),
+        scores.new_empty((n_images, k)),
+        scores.new_empty((n_images, k), dtype=torch.long),
+        scores.new_empty((n_images, k), dtype=torch.long),
+        scores.new_empty((n_images, k), dtype=torch.uint8),
+        scores.new_empty((n_images, k), dtype=torch.long),
+        scores.new_empty((n_images, k), dtype=torch.float32),
+        scores.new_empty((n_images,), dtype=torch.long),
+        scores.new_empty((n_images,), dtype=torch.bool),
     )

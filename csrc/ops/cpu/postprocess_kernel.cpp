@@ -4,6 +4,7 @@
 // batched_nms, and the best max_detections written out scaled to the original
 // image size.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 #include <torch/library.h>
 
 #include "ops/common/box_math.h"
+#include "ops/common/near_miss_math.h"
 #include "ops/common/nms_order.h"
 #include "ops/common/postprocess_math.h"
 #include "ops/cpu/greedy_nms.h"
@@ -123,13 +125,36 @@ void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_
   out.insert(out.end(), scratch.begin(), scratch.end());
 }
 
+// Where one image's near-misses go (postprocess_detections_near_miss), or none.
+template <typename S, typename B>
+struct NearMissOut {
+  int64_t k;
+  double floor;
+  B* boxes;
+  S* scores;
+  int64_t* labels;
+  int64_t* candidates;
+  uint8_t* reason;
+  int64_t* suppressed_by;
+  float* iou;
+  int64_t* count;
+  bool* exhausted;
+};
+
 template <typename T, typename S, typename B>
 void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, int64_t n_classes,
                        const std::vector<int64_t>& rows, const int64_t* topk_group, T net_h, T net_w, float ratio_h,
                        float ratio_w, const PostprocessConfig& config, B* out_boxes, S* out_scores,
-                       int64_t* out_labels, int64_t* out_candidates, int64_t* out_count) {
+                       int64_t* out_labels, int64_t* out_candidates, int64_t* out_count,
+                       const NearMissOut<S, B>* nm = nullptr) {
   const T score_thresh = static_cast<T>(config.score_thresh);
   const T min_size = static_cast<T>(config.min_size);
+  const bool near_misses = nm != nullptr && nm->k > 0;
+  // With near-misses, pairs are collected down to the floor; the top-k ranks
+  // them among all of those (a pair's rank depends only on the pairs above it,
+  // so the pairs above score_thresh keep the ranks they would have without).
+  const T collect_thresh = common::collect_threshold(score_thresh, static_cast<T>(near_misses ? nm->floor : 0.0),
+                                                     near_misses);
 
   // Rows grouped by their top-k group (one group when there is no top-k).
   std::vector<int64_t> grouped_rows = rows;
@@ -151,21 +176,36 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     const int64_t* end = grouped_rows.data() + group_starts[g + 1];
     if (config.topk_per_class) {
       for (int64_t c = config.first_label; c < n_classes; ++c) {
-        collect_group<T, S, B>(scores, boxes, per_class_boxes, n_classes, c, c + 1, begin, end, score_thresh, min_size,
-                               config.clip, net_h, net_w, topk, scratch, keys);
+        collect_group<T, S, B>(scores, boxes, per_class_boxes, n_classes, c, c + 1, begin, end, collect_thresh,
+                               min_size, config.clip, net_h, net_w, topk, scratch, keys);
       }
     } else {
       collect_group<T, S, B>(scores, boxes, per_class_boxes, n_classes, config.first_label, n_classes, begin, end,
-                             score_thresh, min_size, config.clip, net_h, net_w, topk, scratch, keys);
+                             collect_thresh, min_size, config.clip, net_h, net_w, topk, scratch, keys);
+    }
+  }
+
+  // With near-misses, the pairs at or below score_thresh are set aside (they take no part in
+  // NMS); only the best K of them can be near-misses, so only those become pairs.
+  std::vector<uint64_t> below_keys;
+  size_t n_below = 0;
+  if (near_misses) {
+    const auto above_end = std::partition(keys.begin(), keys.end(), [&](uint64_t key) {
+      return common::passes_score(static_cast<T>(scores[key & 0xffffffffu]), score_thresh);
+    });
+    below_keys.assign(above_end, keys.end());
+    keys.erase(above_end, keys.end());
+    n_below = below_keys.size();
+    if (static_cast<int64_t>(below_keys.size()) > nm->k) {
+      keep_topk<T, S>(below_keys, nm->k, scores);
     }
   }
 
   // The survivors, with their clipped boxes.
-  std::vector<Pair<T>> pairs(keys.size());
-  for (size_t i = 0; i < keys.size(); ++i) {
-    Pair<T>& p = pairs[i];
-    const int64_t flat = static_cast<int64_t>(keys[i] & 0xffffffffu);
-    p.visit = keys[i];
+  const auto make_pair = [&](uint64_t key) {
+    Pair<T> p;
+    const int64_t flat = static_cast<int64_t>(key & 0xffffffffu);
+    p.visit = key;
     p.row = flat / n_classes;
     p.label = flat % n_classes;
     p.score = static_cast<T>(scores[flat]);
@@ -177,6 +217,15 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     if (config.clip) {
       common::clip_box(p.box, net_w, net_h);
     }
+    return p;
+  };
+  std::vector<Pair<T>> pairs(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    pairs[i] = make_pair(keys[i]);
+  }
+  std::vector<Pair<T>> below(below_keys.size());
+  for (size_t i = 0; i < below_keys.size(); ++i) {
+    below[i] = make_pair(below_keys[i]);
   }
 
   // Per-class greedy NMS. The pairs are bucketed by class (a counting sort),
@@ -202,10 +251,15 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   }
   const T threshold = common::nms_threshold<T>(config.iou_thresh);
   std::vector<char> kept(by_label.size(), 0);
+  // With near-misses: for a suppressed pair, the position (in by_label) of the
+  // kept pair that suppressed it and their IoU.
+  std::vector<int64_t> suppressor(near_misses ? by_label.size() : 0, -1);
+  std::vector<T> suppressor_iou(near_misses ? by_label.size() : 0, T(0));
   // Small workloads stay on the calling thread (a parallel region costs microseconds).
   const int64_t grain = by_label.size() < 4096 ? n_labels : 1;
   at::parallel_for(0, n_labels, grain, [&](int64_t c_begin, int64_t c_end) {
     GreedyNms<T> nms;
+    std::vector<int64_t> kept_at;  // by_label position of each pair kept in this class
     for (int64_t c = c_begin; c < c_end; ++c) {
       auto first = by_label.begin() + label_starts[c], last = by_label.begin() + label_starts[c + 1];
       if (first == last) {
@@ -213,22 +267,48 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
       }
       std::sort(first, last, visits_before<T>);
       nms.reset();
+      kept_at.clear();
       for (auto it = first; it != last; ++it) {
         const T* b = it->box;
-        kept[it - by_label.begin()] = nms.offer(b[0], b[1], b[2], b[3], threshold) ? 1 : 0;
+        const int64_t at_pos = it - by_label.begin();
+        if (!near_misses) {
+          kept[at_pos] = nms.offer(b[0], b[1], b[2], b[3], threshold) ? 1 : 0;
+          continue;
+        }
+        int64_t which = -1;
+        T v = T(0);
+        kept[at_pos] = nms.offer_traced(b[0], b[1], b[2], b[3], threshold, &which, &v) ? 1 : 0;
+        if (kept[at_pos]) {
+          kept_at.push_back(at_pos);
+        } else {
+          suppressor[at_pos] = kept_at[which];
+          suppressor_iou[at_pos] = v;
+        }
       }
     }
   });
+  std::vector<int64_t> kept_positions;  // by_label position of each kept pair, in compacted order
   size_t n_kept = 0;
   for (size_t i = 0; i < by_label.size(); ++i) {
     if (kept[i]) {
       pairs[n_kept++] = by_label[i];
+      if (near_misses) {
+        kept_positions.push_back(static_cast<int64_t>(i));
+      }
     }
   }
   pairs.resize(n_kept);
 
   const size_t n_out = std::min<size_t>(pairs.size(), static_cast<size_t>(config.max_detections));
-  std::partial_sort(pairs.begin(), pairs.begin() + n_out, pairs.end(), visits_before<T>);
+  if (!near_misses) {
+    std::partial_sort(pairs.begin(), pairs.begin() + n_out, pairs.end(), visits_before<T>);
+  } else {
+    // Every kept pair is ranked: the first n_out are detections, the rest over_cap.
+    for (size_t i = 0; i < n_kept; ++i) {
+      pairs[i].group = kept_positions[i];  // remember where each came from
+    }
+    std::sort(pairs.begin(), pairs.end(), visits_before<T>);
+  }
   for (size_t i = 0; i < n_out; ++i) {
     const Pair<T>& p = pairs[i];
     B in[4];
@@ -241,23 +321,73 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     out_candidates[i] = p.row;
   }
   *out_count = static_cast<int64_t>(n_out);
+  if (!near_misses) {
+    return;
+  }
+
+  // Near-misses: every pair that is not a detection, the first K in visiting order.
+  std::vector<int64_t> detection_row(by_label.size(), -1);  // by_label position -> detection row
+  for (size_t i = 0; i < n_out; ++i) {
+    detection_row[pairs[i].group] = static_cast<int64_t>(i);
+  }
+  struct Miss {
+    Pair<T> pair;
+    uint8_t reason;
+    int64_t suppressed_by;
+    float iou;
+  };
+  std::vector<Miss> misses;
+  misses.reserve(below.size() + by_label.size() - n_out);
+  for (const Pair<T>& p : below) {
+    misses.push_back({p, common::kBelowScore, -1, NAN});
+  }
+  for (size_t i = 0; i < by_label.size(); ++i) {
+    if (!kept[i]) {
+      misses.push_back({by_label[i], common::kSuppressed, detection_row[suppressor[i]],
+                        static_cast<float>(suppressor_iou[i])});
+    }
+  }
+  for (size_t i = n_out; i < pairs.size(); ++i) {
+    misses.push_back({pairs[i], common::kOverCap, -1, NAN});
+  }
+  const size_t n_misses = misses.size() - below.size() + n_below;  // every near-miss, counted
+  const size_t n_nm = std::min<size_t>(misses.size(), static_cast<size_t>(nm->k));
+  const auto miss_before = [](const Miss& a, const Miss& b) { return visits_before<T>(a.pair, b.pair); };
+  std::partial_sort(misses.begin(), misses.begin() + n_nm, misses.end(), miss_before);
+  for (size_t i = 0; i < n_nm; ++i) {
+    const Miss& m = misses[i];
+    B in[4];
+    for (int k = 0; k < 4; ++k) {
+      in[k] = static_cast<B>(m.pair.box[k]);
+    }
+    common::scale_box(in, nm->boxes + 4 * i, ratio_w, ratio_h, /*clip=*/false, 0.0f, 0.0f);
+    nm->scores[i] = static_cast<S>(m.pair.score);
+    nm->labels[i] = m.pair.label;
+    nm->candidates[i] = m.pair.row;
+    nm->reason[i] = m.reason;
+    nm->suppressed_by[i] = m.suppressed_by;
+    nm->iou[i] = m.iou;
+  }
+  *nm->count = static_cast<int64_t>(n_nm);
+  *nm->exhausted = n_misses > n_nm;
 }
 
-PostprocessResult postprocess_detections_cpu(const at::Tensor& scores, const at::Tensor& boxes,
-                                             const at::Tensor& image_index, const at::Tensor& net_sizes,
-                                             const at::Tensor& orig_sizes, double score_thresh, double iou_thresh,
-                                             int64_t max_detections, int64_t first_label, double min_size,
-                                             int64_t topk, const std::optional<at::Tensor>& topk_group,
-                                             bool topk_per_class, bool clip) {
-  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
-                                 min_size,     topk,       topk_per_class, clip};
+PostprocessNearMissResult postprocess_cpu(const at::Tensor& scores, const at::Tensor& boxes,
+                                          const at::Tensor& image_index, const at::Tensor& net_sizes,
+                                          const at::Tensor& orig_sizes, const PostprocessConfig& config,
+                                          int64_t near_miss, double near_miss_floor,
+                                          const std::optional<at::Tensor>& topk_group) {
   const int64_t n_images =
       check_postprocess_args(scores, boxes, image_index, net_sizes, orig_sizes, topk_group, config);
-  auto result = empty_postprocess_result(scores, boxes, n_images, max_detections);
+  check_near_miss_args(near_miss, near_miss_floor);
+  auto result = empty_postprocess_result(scores, boxes, n_images, config.max_detections);
+  auto misses = empty_near_miss_result(scores, boxes, n_images, near_miss);
   auto& [out_boxes, out_scores, out_labels, out_candidates, out_counts] = result;
-  if (n_images == 0 || max_detections == 0 || scores.size(0) == 0) {
-    return result;
+  auto& [nm_boxes, nm_scores, nm_labels, nm_candidates, nm_reason, nm_by, nm_iou, nm_counts, nm_exhausted] = misses;
+  if (n_images == 0 || (config.max_detections == 0 && near_miss == 0) || scores.size(0) == 0) {
+    return join_results(result, misses);
   }
+  const int64_t max_detections = config.max_detections;
   const at::Tensor net = net_sizes.to(at::kFloat).contiguous();
   const at::Tensor orig = orig_sizes.to(at::kFloat).contiguous();
   const at::Tensor image = image_index.to(at::kLong).contiguous();
@@ -295,6 +425,17 @@ PostprocessResult postprocess_detections_cpu(const at::Tensor& scores, const at:
       for (int64_t b = begin; b < end; ++b) {
         const float rh = common::size_ratio(orig_hw[2 * b], net_hw[2 * b]);
         const float rw = common::size_ratio(orig_hw[2 * b + 1], net_hw[2 * b + 1]);
+        NearMissOut<S, S> nm{near_miss,
+                             near_miss_floor,
+                             nm_boxes.data_ptr<S>() + b * near_miss * 4,
+                             nm_scores.data_ptr<S>() + b * near_miss,
+                             nm_labels.data_ptr<int64_t>() + b * near_miss,
+                             nm_candidates.data_ptr<int64_t>() + b * near_miss,
+                             nm_reason.data_ptr<uint8_t>() + b * near_miss,
+                             nm_by.data_ptr<int64_t>() + b * near_miss,
+                             nm_iou.data_ptr<float>() + b * near_miss,
+                             nm_counts.data_ptr<int64_t>() + b,
+                             nm_exhausted.data_ptr<bool>() + b};
         auto run = [&](auto compute_tag) {
           using T = decltype(compute_tag);
           postprocess_image<T, S, S>(
@@ -302,7 +443,8 @@ PostprocessResult postprocess_detections_cpu(const at::Tensor& scores, const at:
               static_cast<T>(net_hw[2 * b]), static_cast<T>(net_hw[2 * b + 1]), rh, rw, config,
               out_boxes.data_ptr<S>() + b * max_detections * 4, out_scores.data_ptr<S>() + b * max_detections,
               out_labels.data_ptr<int64_t>() + b * max_detections,
-              out_candidates.data_ptr<int64_t>() + b * max_detections, out_counts.data_ptr<int64_t>() + b);
+              out_candidates.data_ptr<int64_t>() + b * max_detections, out_counts.data_ptr<int64_t>() + b,
+              near_miss > 0 ? &nm : nullptr);
         };
         if (as_double) {
           run(double{});
@@ -312,13 +454,37 @@ PostprocessResult postprocess_detections_cpu(const at::Tensor& scores, const at:
       }
     });
   });
-  return result;
+  return join_results(result, misses);
+}
+
+PostprocessResult postprocess_detections_cpu(const at::Tensor& scores, const at::Tensor& boxes,
+                                             const at::Tensor& image_index, const at::Tensor& net_sizes,
+                                             const at::Tensor& orig_sizes, double score_thresh, double iou_thresh,
+                                             int64_t max_detections, int64_t first_label, double min_size,
+                                             int64_t topk, const std::optional<at::Tensor>& topk_group,
+                                             bool topk_per_class, bool clip) {
+  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
+                                 min_size,     topk,       topk_per_class, clip};
+  auto all = postprocess_cpu(scores, boxes, image_index, net_sizes, orig_sizes, config, 0, 0.0, topk_group);
+  return {std::get<0>(all), std::get<1>(all), std::get<2>(all), std::get<3>(all), std::get<4>(all)};
+}
+
+PostprocessNearMissResult postprocess_detections_near_miss_cpu(
+    const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& image_index, const at::Tensor& net_sizes,
+    const at::Tensor& orig_sizes, double score_thresh, double iou_thresh, int64_t max_detections, int64_t near_miss,
+    double near_miss_floor, int64_t first_label, double min_size, int64_t topk,
+    const std::optional<at::Tensor>& topk_group, bool topk_per_class, bool clip) {
+  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
+                                 min_size,     topk,       topk_per_class, clip};
+  return postprocess_cpu(scores, boxes, image_index, net_sizes, orig_sizes, config, near_miss, near_miss_floor,
+                         topk_group);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyodlog, CPU, m) {
   m.impl("postprocess_detections", &postprocess_detections_cpu);
+  m.impl("postprocess_detections_near_miss", &postprocess_detections_near_miss_cpu);
 }
 
 }  // namespace cpu

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "ops/common/box_math.h"
+#include "ops/common/near_miss_math.h"
 #include "ops/common/postprocess_math.h"
 #include "ops/cuda/group_nms.cuh"
 #include "ops/postprocess.h"
@@ -85,35 +86,104 @@ __global__ void write_detections_kernel(const int64_t* __restrict__ order, const
   }
 }
 
-PostprocessResult postprocess_detections_cuda(const at::Tensor& scores, const at::Tensor& boxes,
-                                              const at::Tensor& image_index, const at::Tensor& net_sizes,
-                                              const at::Tensor& orig_sizes, double score_thresh, double iou_thresh,
-                                              int64_t max_detections, int64_t first_label, double min_size,
-                                              int64_t topk, const std::optional<at::Tensor>& topk_group,
-                                              bool topk_per_class, bool clip) {
-  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
-                                 min_size,     topk,       topk_per_class, clip};
+// For each pair NMS suppressed (sorted NMS positions, `offset` its rank in its
+// group): the first kept pair of its group in visiting order that suppresses it
+// (common::suppresses, as the CPU kernel's greedy pass decides), as a pair index.
+template <typename T>
+__global__ void suppressor_kernel(const T* __restrict__ sorted_box, const int64_t* __restrict__ sorted_group,
+                                  const int64_t* __restrict__ offset, const uint8_t* __restrict__ kept_sorted,
+                                  const int64_t* __restrict__ order, int64_t none_key, int64_t n, T threshold,
+                                  int64_t* __restrict__ suppressor, float* __restrict__ suppressor_iou) {
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n;
+       q += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    if (sorted_group[q] == none_key || kept_sorted[q]) {
+      continue;
+    }
+    const int64_t p = order[q];
+    for (int64_t j = q - offset[q]; j < q; ++j) {
+      T v;
+      if (kept_sorted[j] && common::suppresses(sorted_box + 4 * j, sorted_box + 4 * q, threshold, &v)) {
+        suppressor[p] = order[j];
+        suppressor_iou[p] = static_cast<float>(v);
+        break;
+      }
+    }
+  }
+}
+
+template <typename T, typename S>
+__global__ void write_near_misses_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ rank,
+                                         const int64_t* __restrict__ key, int64_t none_key, int64_t n_pairs,
+                                         int64_t k, const T* __restrict__ box, const T* __restrict__ score,
+                                         const int64_t* __restrict__ image, const int64_t* __restrict__ row,
+                                         const int64_t* __restrict__ label, const uint8_t* __restrict__ reason,
+                                         const int64_t* __restrict__ suppressor,
+                                         const float* __restrict__ suppressor_iou,
+                                         const int64_t* __restrict__ detection_row, const float* __restrict__ net,
+                                         const float* __restrict__ orig, S* __restrict__ out_boxes,
+                                         S* __restrict__ out_scores, int64_t* __restrict__ out_labels,
+                                         int64_t* __restrict__ out_candidates, uint8_t* __restrict__ out_reason,
+                                         int64_t* __restrict__ out_by, float* __restrict__ out_iou) {
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n_pairs;
+       q += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    if (key[q] == none_key || rank[q] >= k) {
+      continue;
+    }
+    const int64_t p = order[q];
+    const int64_t i = image[p];
+    const int64_t slot = i * k + rank[q];
+    S in[4];
+    for (int c = 0; c < 4; ++c) {
+      in[c] = static_cast<S>(box[4 * p + c]);
+    }
+    common::scale_box(in, out_boxes + 4 * slot, common::size_ratio(orig[2 * i + 1], net[2 * i + 1]),
+                      common::size_ratio(orig[2 * i], net[2 * i]), /*clip=*/false, 0.0f, 0.0f);
+    out_scores[slot] = static_cast<S>(score[p]);
+    out_labels[slot] = label[p];
+    out_candidates[slot] = row[p];
+    out_reason[slot] = reason[p];
+    if (reason[p] == common::kSuppressed) {
+      out_by[slot] = suppressor[p] >= 0 ? detection_row[suppressor[p]] : -1;
+      out_iou[slot] = suppressor_iou[p];
+    }
+  }
+}
+
+PostprocessNearMissResult postprocess_cuda(const at::Tensor& scores, const at::Tensor& boxes,
+                                           const at::Tensor& image_index, const at::Tensor& net_sizes,
+                                           const at::Tensor& orig_sizes, const PostprocessConfig& config,
+                                           int64_t near_miss, double near_miss_floor,
+                                           const std::optional<at::Tensor>& topk_group) {
   const int64_t n_images =
       check_postprocess_args(scores, boxes, image_index, net_sizes, orig_sizes, topk_group, config);
+  check_near_miss_args(near_miss, near_miss_floor);
   const c10::cuda::CUDAGuard guard(scores.device());
-  auto result = empty_postprocess_result(scores, boxes, n_images, max_detections);
+  auto result = empty_postprocess_result(scores, boxes, n_images, config.max_detections);
+  auto misses = empty_near_miss_result(scores, boxes, n_images, near_miss);
   const int64_t n_classes = scores.size(1);
-  if (n_images == 0 || max_detections == 0 || scores.size(0) == 0 || first_label >= n_classes) {
-    return result;
+  const int64_t max_detections = config.max_detections, first_label = config.first_label, topk = config.topk;
+  const double score_thresh = config.score_thresh, iou_thresh = config.iou_thresh;
+  if (n_images == 0 || (max_detections == 0 && near_miss == 0) || scores.size(0) == 0 ||
+      first_label >= n_classes) {
+    return join_results(result, misses);
   }
   auto& [out_boxes, out_scores, out_labels, out_candidates, out_counts] = result;
+  auto& [nm_boxes, nm_scores, nm_labels, nm_candidates, nm_reason, nm_by, nm_iou, nm_counts, nm_exhausted] = misses;
+  const bool want = near_miss > 0;
   const at::ScalarType compute = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor net = net_sizes.to(at::kFloat).contiguous();
   const at::Tensor orig = orig_sizes.to(at::kFloat).contiguous();
   const at::Tensor image_of_row = image_index.to(at::kLong);
   const int64_t n_fg = n_classes - first_label;
 
-  // Pairs above the score threshold, in (row, class) order. The one host sync.
+  // Pairs above the score threshold (with near-misses: above the floor), in
+  // (row, class) order. The one host sync.
   const at::Tensor fg_scores = scores.narrow(1, first_label, n_fg).to(compute);
-  const at::Tensor pair = fg_scores.reshape({-1}).gt(at::Scalar(score_thresh)).nonzero().squeeze(1);
+  const double collect = want && near_miss_floor < score_thresh ? near_miss_floor : score_thresh;
+  const at::Tensor pair = fg_scores.reshape({-1}).gt(at::Scalar(collect)).nonzero().squeeze(1);
   const int64_t n_pairs = pair.size(0);
   if (n_pairs == 0) {
-    return result;
+    return join_results(result, misses);
   }
   const at::Tensor row = pair.div(n_fg, "floor");
   const at::Tensor label = pair.remainder(n_fg).add_(first_label);
@@ -125,8 +195,8 @@ PostprocessResult postprocess_detections_cuda(const at::Tensor& scores, const at
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(compute, "admit_pairs", [&] {
     admit_pairs_kernel<scalar_t><<<blocks_for(n_pairs), kThreads, 0, stream>>>(
-        box.data_ptr<scalar_t>(), image.data_ptr<int64_t>(), net.data_ptr<float>(), n_pairs, clip,
-        static_cast<scalar_t>(min_size), admitted.data_ptr<bool>());
+        box.data_ptr<scalar_t>(), image.data_ptr<int64_t>(), net.data_ptr<float>(), n_pairs, config.clip,
+        static_cast<scalar_t>(config.min_size), admitted.data_ptr<bool>());
   });
   AT_CUDA_CHECK(cudaGetLastError());
   const int64_t none = std::numeric_limits<int64_t>::max();
@@ -135,7 +205,7 @@ PostprocessResult postprocess_detections_cuda(const at::Tensor& scores, const at
   // Top-k of each group: rank inside the group in visiting order.
   if (topk > 0) {
     at::Tensor group = topk_group.has_value() ? topk_group->to(at::kLong).index_select(0, row) : image;
-    if (topk_per_class) {
+    if (config.topk_per_class) {
       group = group * n_classes + label;
     }
     group = at::where(admitted, group, none_t);
@@ -145,9 +215,12 @@ PostprocessResult postprocess_detections_cuda(const at::Tensor& scores, const at
     keep.index_copy_(0, order, in_topk);
     admitted = admitted.logical_and(keep);
   }
+  // Pairs at or below score_thresh (collected for near-misses only) take no part in NMS.
+  const at::Tensor above = want ? score.gt(at::Scalar(score_thresh)) : at::ones_like(admitted);
+  const at::Tensor in_nms = admitted.logical_and(above);
 
   // NMS per (image, class).
-  const at::Tensor nms_group = at::where(admitted, image * n_classes + label, none_t);
+  const at::Tensor nms_group = at::where(in_nms, image * n_classes + label, none_t);
   const at::Tensor nms_order = sort_by_key_then_score(nms_group, score);
   const at::Tensor sorted_box = box.index_select(0, nms_order).contiguous();
   const at::Tensor sorted_group = nms_group.index_select(0, nms_order).contiguous();
@@ -164,26 +237,102 @@ PostprocessResult postprocess_detections_cuda(const at::Tensor& scores, const at
   const at::Tensor sorted_key = final_key.index_select(0, final_order).contiguous();
   const at::Tensor rank = rank_in_runs(sorted_key).contiguous();
   at::Tensor counts = at::zeros({n_images}, out_counts.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "write_detections", [&] {
+  if (max_detections > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "write_detections", [&] {
+      using S = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(compute, "write_detections_compute", [&] {
+        write_detections_kernel<scalar_t, S><<<blocks_for(n_pairs), kThreads, 0, stream>>>(
+            final_order.data_ptr<int64_t>(), rank.data_ptr<int64_t>(), sorted_key.data_ptr<int64_t>(), none, n_pairs,
+            max_detections, box.data_ptr<scalar_t>(), score.data_ptr<scalar_t>(), image.data_ptr<int64_t>(),
+            row.data_ptr<int64_t>(), label.data_ptr<int64_t>(), net.data_ptr<float>(), orig.data_ptr<float>(),
+            out_boxes.data_ptr<S>(), out_scores.data_ptr<S>(), out_labels.data_ptr<int64_t>(),
+            out_candidates.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
+      });
+    });
+    AT_CUDA_CHECK(cudaGetLastError());
+  }
+  out_counts.copy_(counts);
+  if (!want) {
+    return join_results(result, misses);
+  }
+
+  // Near-misses: below_score, suppressed (with the kept pair that did it), over_cap.
+  const at::Tensor is_kept_sorted = sorted_key.ne(none);
+  const at::Tensor minus_one = at::full({}, -1, rank.options());
+  at::Tensor detection_row = at::empty_like(rank);  // per pair: its detection row, or -1
+  detection_row.index_copy_(0, final_order,
+                            at::where(is_kept_sorted.logical_and(rank.lt(max_detections)), rank, minus_one));
+  at::Tensor over_cap = at::empty_like(admitted);
+  over_cap.index_copy_(0, final_order, is_kept_sorted.logical_and(rank.ge(max_detections)));
+  at::Tensor suppressor = at::full({n_pairs}, -1, rank.options());
+  at::Tensor suppressor_iou = at::full({n_pairs}, NAN, scores.options().dtype(at::kFloat));
+  const at::Tensor group_offset = rank_in_runs(sorted_group).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(compute, "suppressors", [&] {
+    suppressor_kernel<scalar_t><<<blocks_for(n_pairs), kThreads, 0, stream>>>(
+        sorted_box.data_ptr<scalar_t>(), sorted_group.data_ptr<int64_t>(), group_offset.data_ptr<int64_t>(),
+        kept_sorted.data_ptr<uint8_t>(), nms_order.data_ptr<int64_t>(), none, n_pairs,
+        common::nms_threshold<scalar_t>(iou_thresh), suppressor.data_ptr<int64_t>(),
+        suppressor_iou.data_ptr<float>());
+  });
+  AT_CUDA_CHECK(cudaGetLastError());
+  const at::Tensor suppressed = in_nms.logical_and(kept.to(at::kBool).logical_not());
+  const auto byte = [&](int v) { return at::full({}, v, admitted.options().dtype(at::kByte)); };
+  const at::Tensor reason = at::where(
+      admitted.logical_and(above.logical_not()), byte(common::kBelowScore),
+      at::where(suppressed, byte(common::kSuppressed), at::where(over_cap, byte(common::kOverCap), byte(0))));
+  const at::Tensor is_miss = reason.ne(0);
+  const at::Tensor nm_key = at::where(is_miss, image, none_t);
+  const at::Tensor nm_order = sort_by_key_then_score(nm_key, score);
+  const at::Tensor nm_sorted_key = nm_key.index_select(0, nm_order).contiguous();
+  const at::Tensor nm_rank = rank_in_runs(nm_sorted_key).contiguous();
+  const at::Tensor totals = at::zeros({n_images}, rank.options()).index_add_(0, image, is_miss.to(at::kLong));
+  nm_counts.copy_(totals.clamp_max(near_miss));
+  nm_exhausted.copy_(totals.gt(near_miss));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "write_near_misses", [&] {
     using S = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES(compute, "write_detections_compute", [&] {
-      write_detections_kernel<scalar_t, S><<<blocks_for(n_pairs), kThreads, 0, stream>>>(
-          final_order.data_ptr<int64_t>(), rank.data_ptr<int64_t>(), sorted_key.data_ptr<int64_t>(), none, n_pairs,
-          max_detections, box.data_ptr<scalar_t>(), score.data_ptr<scalar_t>(), image.data_ptr<int64_t>(),
-          row.data_ptr<int64_t>(), label.data_ptr<int64_t>(), net.data_ptr<float>(), orig.data_ptr<float>(),
-          out_boxes.data_ptr<S>(), out_scores.data_ptr<S>(), out_labels.data_ptr<int64_t>(),
-          out_candidates.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
+    AT_DISPATCH_FLOATING_TYPES(compute, "write_near_misses_compute", [&] {
+      write_near_misses_kernel<scalar_t, S><<<blocks_for(n_pairs), kThreads, 0, stream>>>(
+          nm_order.data_ptr<int64_t>(), nm_rank.data_ptr<int64_t>(), nm_sorted_key.data_ptr<int64_t>(), none,
+          n_pairs, near_miss, box.data_ptr<scalar_t>(), score.data_ptr<scalar_t>(), image.data_ptr<int64_t>(),
+          row.data_ptr<int64_t>(), label.data_ptr<int64_t>(), reason.data_ptr<uint8_t>(),
+          suppressor.data_ptr<int64_t>(), suppressor_iou.data_ptr<float>(), detection_row.data_ptr<int64_t>(),
+          net.data_ptr<float>(), orig.data_ptr<float>(), nm_boxes.data_ptr<S>(), nm_scores.data_ptr<S>(),
+          nm_labels.data_ptr<int64_t>(), nm_candidates.data_ptr<int64_t>(), nm_reason.data_ptr<uint8_t>(),
+          nm_by.data_ptr<int64_t>(), nm_iou.data_ptr<float>());
     });
   });
   AT_CUDA_CHECK(cudaGetLastError());
-  out_counts.copy_(counts);
-  return result;
+  return join_results(result, misses);
+}
+
+PostprocessResult postprocess_detections_cuda(const at::Tensor& scores, const at::Tensor& boxes,
+                                              const at::Tensor& image_index, const at::Tensor& net_sizes,
+                                              const at::Tensor& orig_sizes, double score_thresh, double iou_thresh,
+                                              int64_t max_detections, int64_t first_label, double min_size,
+                                              int64_t topk, const std::optional<at::Tensor>& topk_group,
+                                              bool topk_per_class, bool clip) {
+  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
+                                 min_size,     topk,       topk_per_class, clip};
+  auto all = postprocess_cuda(scores, boxes, image_index, net_sizes, orig_sizes, config, 0, 0.0, topk_group);
+  return {std::get<0>(all), std::get<1>(all), std::get<2>(all), std::get<3>(all), std::get<4>(all)};
+}
+
+PostprocessNearMissResult postprocess_detections_near_miss_cuda(
+    const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& image_index, const at::Tensor& net_sizes,
+    const at::Tensor& orig_sizes, double score_thresh, double iou_thresh, int64_t max_detections, int64_t near_miss,
+    double near_miss_floor, int64_t first_label, double min_size, int64_t topk,
+    const std::optional<at::Tensor>& topk_group, bool topk_per_class, bool clip) {
+  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
+                                 min_size,     topk,       topk_per_class, clip};
+  return postprocess_cuda(scores, boxes, image_index, net_sizes, orig_sizes, config, near_miss, near_miss_floor,
+                          topk_group);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyodlog, CUDA, m) {
   m.impl("postprocess_detections", &postprocess_detections_cuda);
+  m.impl("postprocess_detections_near_miss", &postprocess_detections_near_miss_cuda);
 }
 
 }  // namespace cuda

@@ -1,0 +1,127 @@
+"""Near-miss logging: the fused operator with vs without near-misses, and a logged call's overhead.
+
+Paired rotation (each variant once per rotation, back to back, so that drift of a shared machine
+cancels in the ratios), medians:
+
+* ``op``: ``postprocess_detections`` (the detections alone) against
+  ``postprocess_detections_near_miss`` with K = 32 (default floor: half the score threshold) on
+  the same batch-of-8 candidates of a real Faster R-CNN and RetinaNet (benchmarks/bench_postprocess.py).
+* ``call``: bare ``model(images)`` against a logged call with ``near_miss=0`` and with the default
+  ``near_miss`` (detections + logits, uncertainty on), batch 1, 480x640 images.
+* storage: bytes per image of the detections and near-miss rows of the logged call.
+
+Usage: .venv/bin/python -m benchmarks.bench_near_miss [OP_ROTATIONS] [CALL_ROTATIONS]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pyodlog
+from benchmarks.bench_overhead import _make
+from benchmarks.bench_postprocess import _inputs
+from pyodlog.io import HDF5Store
+from pyodlog.monitoring.detection_logger import DEFAULT_NEAR_MISS
+from pyodlog.ops import postprocess_detections, postprocess_detections_near_miss
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired(variants: dict, rotations: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(rotations):
+        for name, fn in variants.items():
+            times[name].append(_time(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def op_ratio(family: str, rotations: int) -> dict[str, float]:
+    _, activate_decode, image_index, net, orig, kwargs = _inputs(family)
+    scores, boxes = activate_decode()
+    floor = kwargs["score_thresh"] / 2
+    return paired(
+        {
+            "without": lambda: postprocess_detections(
+                scores, boxes, image_index, net, orig, **kwargs
+            ),
+            "with": lambda: postprocess_detections_near_miss(
+                scores,
+                boxes,
+                image_index,
+                net,
+                orig,
+                near_miss=DEFAULT_NEAR_MISS,
+                near_miss_floor=floor,
+                **kwargs,
+            ),
+        },
+        rotations,
+    )
+
+
+def call_ratio(name: str, rotations: int) -> tuple[dict[str, float], dict[str, float]]:
+    model = _make(name)
+    images = [torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(1))]
+    folder = Path(tempfile.mkdtemp())
+    loggers = {
+        "near_miss=0": pyodlog.create_logger(
+            model, "b", "nm0", sink=HDF5Store(folder / "a"), log_embeddings=False, near_miss=0
+        ),
+        f"near_miss={DEFAULT_NEAR_MISS}": pyodlog.create_logger(
+            model, "b", "nm", sink=HDF5Store(folder / "b"), log_embeddings=False
+        ),
+    }
+    with torch.inference_mode():
+        times = paired(
+            {
+                "bare": lambda: model(images),
+                **{k: (lambda lg=lg: lg(images)) for k, lg in loggers.items()},
+            },
+            rotations,
+        )
+    sizes = {}
+    for key, logger in loggers.items():
+        data = pyodlog.open_result(logger.export(folder / key))
+        logger.close()
+        n = len(data)
+        det = sum(v.nbytes for v in data.detections.values()) / n
+        nm = sum(v.nbytes for v in data.near_misses.values()) / n
+        sizes[key] = (det, nm, float(np.mean(data.images["det_count"])))
+    return times, sizes
+
+
+def main(op_rotations: int = 30, call_rotations: int = 10) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for family in ("fasterrcnn", "retinanet"):
+        t = op_ratio(family, op_rotations)
+        print(
+            f"op {family} batch 8: without {t['without'] * 1e3:.2f} ms, with K={DEFAULT_NEAR_MISS} "
+            f"{t['with'] * 1e3:.2f} ms, ratio {t['with'] / t['without']:.3f}"
+        )
+    for name in ("fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn"):
+        times, sizes = call_ratio(name, call_rotations)
+        bare = times.pop("bare")
+        print(f"call {name} batch 1: bare {bare * 1e3:.1f} ms")
+        for key, t in times.items():
+            det, nm, n_det = sizes[key]
+            print(
+                f"  {key}: {t * 1e3:.1f} ms, {t / bare:.3f}x bare; per image {n_det:.0f} detections "
+                f"{det:.0f} B, near-misses {nm:.0f} B"
+            )
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))
