@@ -81,14 +81,48 @@ def test_near_misses_are_always_kept_when_the_record_has_them():
     policy = pyodlog.Sampling(RARE)
     record = peaked(0)
     assert policy.decide(summary_of(record), record.input_ids) is None
-    record.near_misses = SimpleNamespace(counts=torch.tensor([0, 2]))  # issue 14's near-misses
+    record.detections.near_misses = SimpleNamespace(
+        counts=torch.tensor([0, 2])
+    )  # issue 14's near-misses
     assert policy.always_keeps(summary_of(record)) == "near_miss"
     assert policy.decide(summary_of(record), record.input_ids) == 1.0
-    record.near_misses = SimpleNamespace(counts=torch.tensor([0, 0]))
+    record.detections.near_misses = SimpleNamespace(counts=torch.tensor([0, 0]))
     assert policy.decide(summary_of(record), record.input_ids) is None
-    record.near_misses = SimpleNamespace(counts=torch.tensor([1, 0]))
+    record.detections.near_misses = SimpleNamespace(counts=torch.tensor([1, 0]))
     off = pyodlog.Sampling(RARE, keep_near_misses=False)
     assert off.decide(summary_of(record), record.input_ids) is None
+
+
+def test_a_real_logger_keeps_every_call_with_near_misses(tmp_path):
+    """Issue 14's near-misses (a real RetinaNet logging them) drive issue 22's sampling."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=160, max_size=160
+    ).eval()
+    logger = pyodlog.create_logger(
+        model,
+        "rn",
+        "v1",
+        sink=pyodlog.HDF5Store(tmp_path),
+        score_thresh=0.0102,
+        near_miss=8,
+        sampling=pyodlog.Sampling(RARE),
+        metrics=False,
+    )
+    with torch.inference_mode():
+        for i in range(3):
+            logger([torch.rand(3, 160, 160)], input_ids=[f"img-{i}"])
+    logger.wait_for_save()
+    stats = logger.stats()
+    directory = logger.sink.directory
+    logger.close()
+    result = pyodlog.open_result(directory)
+    kept_with_near_misses = int((result.images["nm_count"] > 0).sum())
+    # Every call had near-misses (random weights: many candidates just under the threshold).
+    assert kept_with_near_misses == len(result) == 3 and stats["sampled_out"] == 0
+    assert (result.images["sample_weight"] == 1.0).all()
 
 
 @pytest.mark.parametrize("measure, threshold", [("entropy", 0.5), ("margin", 0.2)])

@@ -133,7 +133,8 @@ def _per_detection(det: Any, name: str, valid: torch.Tensor) -> torch.Tensor | N
 
 
 def _has_near_miss(record: CallRecord) -> bool:
-    near = getattr(record, "near_misses", None)
+    """The record's detections carry near-misses (``near_miss=K`` > 0) and one image has one."""
+    near = getattr(record.detections, "near_misses", None)
     counts = getattr(near, "counts", None)
     if isinstance(counts, torch.Tensor):
         return bool(counts.sum().item() > 0)
