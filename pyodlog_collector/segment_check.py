@@ -87,6 +87,39 @@ _NUMERIC.update(
         "aggregates": ("|u1", ()),
     }
 )
+# Segment format 4 (issue 14): per-detection uncertainty, near-miss candidates (their own table, in
+# the storage precision of the detections) and each image's replay envelope.
+_NUMERIC.update(
+    {
+        "detections/entropy": ("<f4", ()),
+        "detections/margin": ("<f4", ()),
+        "detections/energy": ("<f4", ()),
+        "images/nm_offset": ("<i8", ()),
+        "images/nm_count": ("<i8", ()),
+        "images/nm_exhausted": ("|i1", ()),
+        "images/nm_floor": ("<f8", ()),
+        "images/nm_k": ("<i8", ()),
+        "images/nm_score_thresh": ("<f8", ()),
+        "images/nm_iou_thresh": ("<f8", ()),
+        "images/nm_max_detections": ("<i8", ()),
+        "near_misses/boxes": ("<f4", (4,)),
+        "near_misses/scores": ("<f4", ()),
+        "near_misses/labels": ("<i8", ()),
+        "near_misses/candidate_index": ("<i8", ()),
+        "near_misses/logits": (_COMPACT_ROWS, (None,)),
+        "near_misses/embeddings": (_COMPACT_ROWS, (None,)),
+        "near_misses/logits_scale": ("<f4", ()),
+        "near_misses/logits_offset": ("<f4", ()),
+        "near_misses/embeddings_scale": ("<f4", ()),
+        "near_misses/embeddings_offset": ("<f4", ()),
+        "near_misses/entropy": ("<f4", ()),
+        "near_misses/margin": ("<f4", ()),
+        "near_misses/energy": ("<f4", ()),
+        "near_misses/reason": ("|u1", ()),
+        "near_misses/suppressed_by": ("<i8", ()),
+        "near_misses/suppressor_iou": ("<f4", ()),
+    }
+)
 # String columns, stored as '<name>.bytes' (uint8) and '<name>.spans' (int64 [offset, length]).
 _STRINGS = (
     "images/input_id",
@@ -129,9 +162,14 @@ _INDEX = (
     "features/qrow_count",
     "images/gt_offset",
     "images/gt_count",
+    "images/nm_offset",
+    "images/nm_count",
 )
 _RAGGED = (".bytes", ".spans")
-_GROUPS = {"": ("images", "detections", "features", "targets"), "images": ("fields",)}
+_GROUPS = {
+    "": ("images", "detections", "features", "targets", "near_misses"),
+    "images": ("fields",),
+}
 MAX_OBJECTS = 4096
 MAX_ATTRIBUTE_BYTES = 1 << 20
 
@@ -261,7 +299,7 @@ def _check_tables(np, data: dict[str, Any], lengths: dict[str, int]) -> None:
     def rows(name: str) -> int:
         return lengths[name]
 
-    for table in ("images/", "detections/", "features/", "targets/"):
+    for table in ("images/", "detections/", "features/", "targets/", "near_misses/"):
         names = [n for n in lengths if n.startswith(table) and not n.endswith(".bytes")]
         if len({rows(n) for n in names}) > 1:
             raise InvalidSegment(
@@ -293,6 +331,15 @@ def _check_tables(np, data: dict[str, Any], lengths: dict[str, int]) -> None:
             data["images/gt_count"],
             rows("targets/labels"),
             "images/gt_offset",
+        )
+    if "images/nm_offset" in lengths or "near_misses/scores" in lengths:
+        if not {"images/nm_offset", "images/nm_count", "near_misses/scores"} <= set(lengths):
+            raise InvalidSegment("near-miss columns are missing (images/nm_*, near_misses/*)")
+        within(
+            data["images/nm_offset"],
+            data["images/nm_count"],
+            rows("near_misses/scores"),
+            "images/nm_offset",
         )
     if features:
         image_row = data["features/image_row"]

@@ -102,7 +102,7 @@ def test_the_segment_holds_near_misses_per_the_contract(tmp_path):
     assert {SUPPRESSED, OVER_CAP} <= seen
 
 
-def test_segments_are_format_3_and_mixed_results_stay_aligned(tmp_path):
+def test_segments_are_format_4_and_mixed_results_stay_aligned(tmp_path):
     model = rcnn()
     with pyodlog.create_logger(
         model, "m", "v", result_name="r", auto_sync=False, near_miss=0
@@ -115,7 +115,7 @@ def test_segments_are_format_3_and_mixed_results_stay_aligned(tmp_path):
         lg(images(1))
     for segment in result_dir().glob("seg-*.h5"):
         with h5py.File(segment, "r") as f:
-            assert f.attrs["segment_format"] == SEGMENT_FORMAT == 3
+            assert f.attrs["segment_format"] == SEGMENT_FORMAT == 4
     result = pyodlog.open_result(result_dir(), strict=True)
     assert len(result) == 4
     assert result.images["nm_k"].tolist() == [-1, -1, 8, 8]
@@ -186,3 +186,27 @@ def test_a_format_2_segment_reads_as_before_without_near_misses(tmp_path):
     assert result.near_misses == {} and "entropy" not in result.detections
     assert "nm_offset" not in result.images
     assert result.replay().counts.tolist() == expected["det_count"]
+
+
+def test_near_misses_are_stored_in_the_detections_precision_and_the_collector_accepts_them(
+    tmp_path,
+):
+    """Compact storage (the default) applies to near-misses as to detections, so a replay mixes
+    rows of one kind; the reference collector's segment check accepts such a segment."""
+    from pyodlog_collector.segment_check import check_segment
+
+    with pyodlog.create_logger(rcnn(), "m", "v", result_name="r", near_miss=8) as lg:
+        lg(images(0))
+        lg.wait_for_save()
+    segments = sorted(result_dir().glob("seg-*.h5"))
+    assert segments
+    for segment in segments:
+        with h5py.File(segment, "r") as f:
+            assert f["near_misses/logits"].dtype == np.float16  # like detections/logits
+            if "detections/embeddings" in f:
+                assert f["near_misses/embeddings"].dtype == f["detections/embeddings"].dtype
+                assert f["near_misses/embeddings"].shape[1] == f["detections/embeddings"].shape[1]
+        check_segment(segment)  # raises InvalidSegment if the collector would refuse it
+    result = pyodlog.open_result(result_dir(), strict=True)
+    assert result.near_misses["logits"].dtype == np.float32  # widened on read
+    assert result.near_misses["logits"].shape[1] == result.detections["logits"].shape[1]

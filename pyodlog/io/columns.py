@@ -266,8 +266,11 @@ def _thumbnail_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
     batch.blobs("images/thumbnail", encode_thumbnails(record.thumbnails, n))
 
 
-def _compact_detection_rows(batch: ColumnBatch, det, storage: RecordStorage, valid, full) -> None:
-    """``logits`` and ``embeddings`` in the storage's precision (see :func:`compact_rows`)."""
+def _compact_detection_rows(
+    batch: ColumnBatch, det, storage: RecordStorage, valid, full, group: str = "detections"
+) -> None:
+    """``logits`` and ``embeddings`` of ``group`` (``detections`` or ``near_misses``: the same
+    precision, so that a replay mixes them alike) in the storage's precision (:func:`compact_rows`)."""
     n, d = det.boxes.shape[0], det.boxes.shape[1]
     index = None if full else torch.from_numpy(np.flatnonzero(valid.reshape(-1)))
     for name, tensor, precision, project in (
@@ -284,10 +287,10 @@ def _compact_detection_rows(batch: ColumnBatch, det, storage: RecordStorage, val
             array = values.numpy().view(np.uint16)
         else:
             array = values.numpy()
-        batch.rows(f"detections/{name}", array)
+        batch.rows(f"{group}/{name}", array)
         if scale is not None and offset is not None:
-            batch.rows(f"detections/{name}_scale", scale.numpy())
-            batch.rows(f"detections/{name}_offset", offset.numpy())
+            batch.rows(f"{group}/{name}_scale", scale.numpy())
+            batch.rows(f"{group}/{name}_offset", offset.numpy())
 
 
 def _record_rows(
@@ -347,7 +350,7 @@ def _record_rows(
         if getattr(det, name) is not None:
             batch.rows(f"detections/{name}", detection_rows(getattr(det, name), np.float32))
     if det.near_misses is not None:
-        _near_miss_rows(det.near_misses, n, batch)
+        _near_miss_rows(det.near_misses, n, batch, storage)
 
     for name, feature in record.features.items():
         payload, payload_dtype = _host_payload(feature.payload)
@@ -435,7 +438,9 @@ def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
     batch.rows("targets/labels", labels)
 
 
-def _near_miss_rows(nm: NearMissBatch, n: int, batch: ColumnBatch) -> None:
+def _near_miss_rows(
+    nm: NearMissBatch, n: int, batch: ColumnBatch, storage: RecordStorage | None = None
+) -> None:
     """The ``near_misses`` rows of a record and its images' ``nm_*`` columns (the envelope).
 
     Images get ``nm_offset``/``nm_count`` into ``near_misses`` and the envelope of their call:
@@ -460,10 +465,14 @@ def _near_miss_rows(nm: NearMissBatch, n: int, batch: ColumnBatch) -> None:
     def rows(t: torch.Tensor, dtype) -> np.ndarray:
         return _host(t)[valid].astype(dtype, copy=False)
 
+    compact = storage is not None and not storage.is_full
     for name, dtype in NEAR_MISS_COLUMNS.items():
         value = getattr(nm, name)
-        if value is not None:
+        if value is not None and not (compact and name in ("logits", "embeddings")):
             batch.rows(f"near_misses/{name}", rows(value, dtype))
+    if compact:
+        assert storage is not None
+        _compact_detection_rows(batch, nm, storage, valid, False, group="near_misses")
     batch.n_near_misses += int(counts.sum())
 
 

@@ -139,8 +139,12 @@ _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
     "near_misses/scores": ({_F32}, ()),
     "near_misses/labels": ({_I64}, ()),
     "near_misses/candidate_index": ({_I64}, ()),
-    "near_misses/logits": ({_F32}, (None,)),
-    "near_misses/embeddings": ({_F32}, (None,)),
+    "near_misses/logits": (_COMPACT, (None,)),
+    "near_misses/embeddings": (_COMPACT, (None,)),
+    "near_misses/logits_scale": ({_F32}, ()),
+    "near_misses/logits_offset": ({_F32}, ()),
+    "near_misses/embeddings_scale": ({_F32}, ()),
+    "near_misses/embeddings_offset": ({_F32}, ()),
     "near_misses/entropy": ({_F32}, ()),
     "near_misses/margin": ({_F32}, ()),
     "near_misses/energy": ({_F32}, ()),
@@ -475,12 +479,18 @@ def _to_tables(
 
 
 def _widen_compact(data: dict[str, np.ndarray], label: str, lenient: bool) -> None:
-    """Compact ``logits``/``embeddings`` (segment format 3) widened to float32, in place.
+    """Compact ``logits``/``embeddings`` of detections and near-misses (segment formats 3 and 4)
+    widened to float32, in place.
 
     float16 and bfloat16 (its uint16 pattern) widen exactly; uint8 codes are dequantised with
     their per-row ``<name>_scale`` and ``<name>_offset`` (which are then dropped).
     """
-    for name in ("detections/logits", "detections/embeddings"):
+    for name in (
+        "detections/logits",
+        "detections/embeddings",
+        "near_misses/logits",
+        "near_misses/embeddings",
+    ):
         values = data.get(name)
         scale = data.pop(name + "_scale", None)
         offset = data.pop(name + "_offset", None)
