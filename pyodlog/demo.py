@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -42,8 +41,9 @@ from pyodlog.demokit.scenes import CLASS_NAMES, Scene, make_scenes
 from pyodlog.demokit.timing import paired_rotation
 from pyodlog.demokit.train import load_detector
 
-#: Logger options that other parts of pyodlog add; passed only when this pyodlog accepts them.
-OPTIONAL_LOGGER_OPTIONS: dict[str, Any] = {
+#: What the demo logs beside the detections: class names, near-misses (what the model almost
+#: said) and a thumbnail of each image (so that `pyodlog view` shows the scenes).
+DEMO_LOGGER_OPTIONS: dict[str, Any] = {
     "class_names": CLASS_NAMES,
     "near_miss": 10,
     "log_images": {"max_side": 160, "quality": 85},
@@ -57,52 +57,6 @@ def same_detections(recorded: pyodlog.DetectionOutput, returned: dict) -> bool:
         and torch.equal(recorded.scores, returned["scores"])
         and torch.equal(recorded.labels, returned["labels"])
     )
-
-
-def create_demo_logger(
-    model: torch.nn.Module, optional: dict[str, Any], **kwargs: Any
-) -> tuple[pyodlog.ObjectDetectionTorchLogger, list[str]]:
-    """``create_logger(model, **kwargs, **optional)``, leaving out the optional options this pyodlog lacks.
-
-    Returns the logger and the names of the optional options it took.
-    """
-    options = dict(optional)
-    while True:
-        try:
-            return pyodlog.create_logger(model, **kwargs, **options), sorted(options)
-        except TypeError as error:
-            missing = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-            if missing is None or missing.group(1) not in options:
-                raise
-            del options[missing.group(1)]
-
-
-class TargetsSupport:
-    """Whether the logger's call takes ``targets=`` (found out on the first call that passes them)."""
-
-    def __init__(self) -> None:
-        self.supported: bool | None = None
-
-    def call(
-        self,
-        logger: pyodlog.ObjectDetectionTorchLogger,
-        images: list[torch.Tensor],
-        targets: list[dict[str, torch.Tensor]] | None,
-        **kwargs: Any,
-    ) -> Any:
-        """``logger(images, targets=targets, **kwargs)``, or without targets when unsupported."""
-        if targets is None or self.supported is False:
-            return logger(images, **kwargs)
-        try:
-            output = logger(images, targets=targets, **kwargs)
-        except ValueError as error:  # refused before the model ran: nothing was recorded
-            unknown = "unknown keyword argument" in str(error) and "'targets'" in str(error)
-            if self.supported or not unknown:
-                raise
-            self.supported = False
-            return logger(images, **kwargs)
-        self.supported = True
-        return output
 
 
 def _batches(scenes: list[Scene], size: int) -> list[list[Scene]]:
@@ -211,13 +165,12 @@ def main(argv: list[str] | None = None) -> None:
         "target_layers": {"features": {"path": "backbone", "compression": "uint8"}},
         "additional_fields": [{"name": "camera", "dtype": "str", "default": "lab-cam"}],
     }
-    logger, optional = create_demo_logger(model, OPTIONAL_LOGGER_OPTIONS, **logger_kwargs)
+    logger = pyodlog.create_logger(model, **logger_kwargs, **DEMO_LOGGER_OPTIONS)
     print(
         f"{type(logger).__name__} for {type(model).__name__}: result {logger.result_name!r}, epoch "
-        f"{logger.n_epoch}, data in {getattr(logger.sink, 'directory', None)}; options of this "
-        f"pyodlog used: {optional or 'none'} (of {sorted(OPTIONAL_LOGGER_OPTIONS)})"
+        f"{logger.n_epoch}, data in {getattr(logger.sink, 'directory', None)}; also logged: "
+        f"{', '.join(sorted(DEMO_LOGGER_OPTIONS))}, ground truth of the val set (targets=)"
     )
-    targets_support = TargetsSupport()
     identical = True
     outputs: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in sets}
     last_output: list[dict[str, torch.Tensor]] = []
@@ -226,10 +179,9 @@ def main(argv: list[str] | None = None) -> None:
             for number, batch in enumerate(_batches(scenes, args.batch)):
                 images = [s.image for s in batch]
                 want = model(images)
-                got = targets_support.call(
-                    logger,
+                got = logger(
                     images,
-                    [s.target for s in batch] if dataset_type == "val" else None,
+                    targets=[s.target for s in batch] if dataset_type == "val" else None,
                     input_ids=[
                         f"{dataset_type}-{number * args.batch + i:03d}" for i in range(len(batch))
                     ],
@@ -258,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{kinds.count(name)} {name}" for name in sets)
         + f"): {counts['detections']} detections, {counts['features']} layer tensors, "
         f"{stats['dropped']} dropped; ground truth logged with val: "
-        f"{bool(targets_support.supported)}"
+        f"{int(result.images['gt_count'].sum()) if 'gt_count' in result.images else 0} objects, "
+        f"near-misses: {len(result.near_misses.get('scores', ()))}"
     )
     for name, scenes in sets.items():
         print(f"detector on {name}: {_quality(outputs[name], scenes)}")
@@ -289,15 +242,16 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.timing_seconds > 0:
         timing_images = [s.image for s in sets["val"][: args.batch]]
-        used = {key: OPTIONAL_LOGGER_OPTIONS[key] for key in optional}
         print(
-            measure_overhead(model, {**logger_kwargs, **used}, timing_images, args.timing_seconds)
+            measure_overhead(
+                model, {**logger_kwargs, **DEMO_LOGGER_OPTIONS}, timing_images, args.timing_seconds
+            )
         )
     print("next:")
     print(f"  pyodlog view {zip_path}")
     print(
-        f"  pyodlog report {zip_path} --where dataset_type=val --against {zip_path} "
-        "--against-where dataset_type=deploying"
+        f"  pyodlog report {zip_path} --where dataset_type=deploying --against {zip_path} "
+        "--against-where dataset_type=val --out demo-report.html"
     )
 
 

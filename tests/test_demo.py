@@ -45,8 +45,8 @@ def test_the_demo_logs_val_and_deploying_and_prints_the_next_commands(tmp_path):
     zip_path = zips[0]
     assert f"  pyodlog view {zip_path}\n" in out
     assert (
-        f"  pyodlog report {zip_path} --where dataset_type=val --against {zip_path} "
-        "--against-where dataset_type=deploying\n"
+        f"  pyodlog report {zip_path} --where dataset_type=deploying --against {zip_path} "
+        "--against-where dataset_type=val --out demo-report.html\n"
     ) in out
     assert "outputs unchanged by logging: True; the ZIP's detections equal the model's: True" in out
     assert re.search(r"logged/bare x\d+\.\d+ \(IQR \d+\.\d+-\d+\.\d+, \d+ paired calls\)", out), out
@@ -60,12 +60,12 @@ def test_the_demo_logs_val_and_deploying_and_prints_the_next_commands(tmp_path):
     assert [str(v) for v in result.images["input_id"]][:2] == ["val-000", "val-001"]
     assert {str(v) for v in result.images["camera"][6:]} <= {"field-cam-0", "field-cam-1"}
     assert len(result.detections["boxes"]) > 0
-    if getattr(result, "targets", None) is not None:  # once the logger takes targets= (issue 15)
-        assert "ground truth logged with val: True" in out
-        val_objects = sum(len(s.labels) for s in make_scenes(6, "val"))
-        assert len(result.targets["boxes"]) == val_objects
-    else:
-        assert "ground truth logged with val: False" in out
+    val_objects = sum(len(s.labels) for s in make_scenes(6, "val"))
+    assert f"ground truth logged with val: {val_objects} objects" in out
+    assert len(result.targets["boxes"]) == val_objects
+    assert result.class_names is not None and "circle" in result.class_names
+    assert all(result.thumbnail(i) for i in range(len(result)))  # the viewer shows the scenes
+    assert "nm_count" in result.images  # near-misses logged (what the model almost said)
 
 
 class FakeClock:
@@ -123,22 +123,3 @@ def test_the_ratio_summary_is_the_median_and_quartiles_of_the_paired_ratios():
     assert (summary.q1, summary.q3) == (pytest.approx(1.1), pytest.approx(1.3))
     with pytest.raises(ValueError, match="at least one rotation"):
         RatioSummary.of([])
-
-
-def test_the_demo_passes_only_the_optional_logger_options_this_pyodlog_takes(tmp_path):
-    from pyodlog.demo import create_demo_logger
-    from pyodlog.demokit.detector import build_detector
-    from pyodlog.io import HDF5Store
-
-    logger, used = create_demo_logger(
-        build_detector().eval(),
-        {"log_embeddings": False, "an_option_from_the_future": 3},
-        model_name="m",
-        version_name="v",
-        sink=HDF5Store(tmp_path / "store"),
-    )
-    with logger:
-        assert used == ["log_embeddings"]
-        assert logger.log_embeddings is False
-    with pytest.raises(TypeError, match="unexpected keyword argument 'version'"):
-        create_demo_logger(build_detector().eval(), {}, model_name="m", version="v")
