@@ -160,8 +160,40 @@ def test_float32_storage_keeps_the_old_schema_and_a_change_of_storage_is_a_schem
         path = logger.export(str(tmp_path / "x.zip"))
     res = pyodlog.open_result(path)
     assert res.detections["logits"].dtype == np.float32 and len(res) == 2
-    with pytest.raises(pyodlog.SchemaMismatchError):  # the default is compact: another schema
-        TinyDetectorLogger(model, "tiny", "v3", result_name=logger.result_name)
+    # A storage the user asks for that differs from the result's is another schema.
+    with pytest.raises(pyodlog.SchemaMismatchError):
+        TinyDetectorLogger(
+            model,
+            "tiny",
+            "v3",
+            result_name=logger.result_name,
+            storage=pyodlog.RecordStorage(logits="bfloat16"),
+        )
+
+
+def test_a_result_written_before_compact_records_is_continued_in_float32(tmp_path, caplog):
+    """The default storage (compact) meets a result an earlier pyodlog wrote (float32, no "storage"
+    in its schema): the result is continued as it was written, with a warning, not refused."""
+    model = TinyDetector().eval()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    with torch.no_grad(), TinyDetectorLogger(model, "tiny", "old", storage="float32") as first:
+        first(images, input_ids=["a", "b"])
+        first.wait_for_save()
+    folder = first.sink.directory
+    before = json.loads((folder / "result.json").read_text())["schema"]
+    assert "storage" not in before  # what pyodlog wrote before segment format 3
+    with caplog.at_level("WARNING", "pyodlog"), torch.no_grad():
+        with TinyDetectorLogger(model, "tiny", "old", result_name=first.result_name) as later:
+            assert "storage" not in later.schema
+            later(images, input_ids=["c", "d"])
+            later.wait_for_save()
+    assert any("continued as it was written" in r.getMessage() for r in caplog.records)
+    assert json.loads((folder / "result.json").read_text())["schema"] == before
+    for segment in folder.glob("seg-*.h5"):
+        with h5py.File(segment, "r") as f:
+            assert f["detections/logits"].dtype == np.float32  # the result's own precision
+    result = pyodlog.open_result(folder)
+    assert result.images["input_id"] == ["a", "b", "c", "d"]
 
 
 @pytest.mark.parametrize(

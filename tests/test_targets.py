@@ -297,7 +297,7 @@ def test_a_result_logged_before_class_names_were_stored_stays_usable(tmp_path, c
     names = ["background", "cat", "dog", "bird", "fish"]
     with caplog.at_level("WARNING", logger="pyodlog"):
         second = _logger(tmp_path, class_names=names, result_name=name)
-    assert "created without class names" in caplog.text
+    assert "created by an earlier pyodlog without class_names" in caplog.text
     with torch.no_grad():
         second(IMAGES)
     second.close()

@@ -283,6 +283,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         self.class_names = resolve_class_names(class_names, core, model_n_class)
         self._sampling = check_sampling(sampling)
         self._storage = check_storage(storage)
+        # Schema keys filled in by a default (not by the user): an older result lacking them is
+        # continued as it was written (monitoring/wiring.open_with_class_names).
+        self._schema_defaults: tuple[str, ...] = ("storage",) if storage is None else ()
         self.near_miss, self.near_miss_floor = check_near_miss(near_miss, near_miss_floor)
         self.model = model
         self.n_class = model_n_class

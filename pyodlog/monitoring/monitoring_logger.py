@@ -114,6 +114,7 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
             n_epoch,
             schema,
             force_table_recreate,
+            defaulted=getattr(self, "_schema_defaults", ()),
         )
         self._syncer: Syncer | None = wiring.make_syncer(
             sink, sync, self.model_name, self.version_name, self.result_name, self.n_epoch

@@ -104,15 +104,17 @@ def open_result(
     n_epoch: str | int | None,
     schema: dict[str, Any],
     force_recreate: bool,
+    defaulted: tuple[str, ...] = (),
 ) -> tuple[str, int | None]:
     """Resolves the result and the epoch (``'latest'``: the highest in the result, 0 if none).
 
     Under ``torch.distributed`` rank 0 decides and every rank follows, so all ranks write one result.
+    ``defaulted``: schema keys a default filled in (see :func:`open_with_class_names`).
     """
 
     def resolve() -> tuple[str, int | None]:
         info = open_with_class_names(
-            sink, model_name, version_name, result_name, schema, force_recreate
+            sink, model_name, version_name, result_name, schema, force_recreate, defaulted
         )
         if dist is not None:
             # The other ranks open the result that rank 0 made: any replacement happens now.
@@ -124,7 +126,9 @@ def open_result(
     resolved_result, resolved_epoch = agree(dist, resolve)
     if dist is not None and dist.rank != 0:
         try:
-            open_with_class_names(sink, model_name, version_name, resolved_result, schema, False)
+            open_with_class_names(
+                sink, model_name, version_name, resolved_result, schema, False, defaulted
+            )
         except SchemaMismatchError:
             if not force_recreate:
                 raise
@@ -258,33 +262,48 @@ def open_with_class_names(
     result_name: str | None,
     schema: dict[str, Any],
     force_recreate: bool,
+    defaulted: tuple[str, ...] = (),
 ) -> Any:
-    """``sink.open_result``; a result created without class names (by a pyodlog that stored none)
-    is opened without them, with a warning, instead of refusing its schema.
+    """``sink.open_result``; a result created by an older pyodlog, before a schema key existed, is
+    continued as it was written, with a warning, instead of refusing its schema.
 
-    Class names read from the model (Ultralytics ``names``, transformers ``id2label``) would
-    otherwise make every result logged before they were stored a schema mismatch. Names that
-    differ from the stored ones are still a :class:`SchemaMismatchError`.
+    The keys that may be left out: ``class_names`` (read from the model: Ultralytics ``names``,
+    transformers ``id2label``; without this, every result logged before names were stored would
+    be a mismatch), and those in ``defaulted`` — keys a default filled in, not the user (today
+    ``storage``: a result written before compact records keeps its float32 rows). A value that
+    differs from a stored one, or a key the user asked for, is still a
+    :class:`SchemaMismatchError`. The keys left out are removed from ``schema``.
     """
     try:
         return sink.open_result(model_name, version_name, result_name, schema, force_recreate)
     except SchemaMismatchError:
-        if "class_names" not in schema or force_recreate:
+        if force_recreate:
             raise
-        without = {k: v for k, v in schema.items() if k != "class_names"}
-        try:
-            info = sink.open_result(model_name, version_name, result_name, without, False)
-        except SchemaMismatchError:
-            pass
-        else:
-            schema.pop("class_names")
+        optional = [k for k in ("class_names", *defaulted) if k in schema]
+        candidates = [{k} for k in optional] + ([set(optional)] if len(optional) > 1 else [])
+        for dropped in candidates:
+            without = {k: v for k, v in schema.items() if k not in dropped}
+            try:
+                info = sink.open_result(model_name, version_name, result_name, without, False)
+            except SchemaMismatchError:
+                continue
+            for key in dropped:
+                schema.pop(key)
             logging.getLogger("pyodlog").warning(
-                "pyodlog: result %s of %s/%s was created without class names, so the class names "
-                "are not stored in it (pass another result_name, or force_table_recreate=True, "
-                "to store them)",
+                "pyodlog: result %s of %s/%s was created by an earlier pyodlog without %s, so it is "
+                "continued as it was written (%s); pass another result_name, or "
+                "force_table_recreate=True, to use the new defaults",
                 info.result_name,
                 model_name,
                 version_name,
+                " and ".join(sorted(dropped)),
+                "; ".join(_WHAT_IT_MEANS[k] for k in sorted(dropped)),
             )
             return info
         raise
+
+
+_WHAT_IT_MEANS = {
+    "class_names": "no class names are stored in it",
+    "storage": "logits and embeddings stay float32, not the compact default",
+}
