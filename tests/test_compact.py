@@ -182,11 +182,14 @@ def test_a_result_written_before_compact_records_is_continued_in_float32(tmp_pat
     folder = first.sink.directory
     before = json.loads((folder / "result.json").read_text())["schema"]
     assert "storage" not in before  # what pyodlog wrote before segment format 3
-    with caplog.at_level("WARNING", "pyodlog"), torch.no_grad():
-        with TinyDetectorLogger(model, "tiny", "old", result_name=first.result_name) as later:
-            assert "storage" not in later.schema
-            later(images, input_ids=["c", "d"])
-            later.wait_for_save()
+    with (
+        caplog.at_level("WARNING", "pyodlog"),
+        torch.no_grad(),
+        TinyDetectorLogger(model, "tiny", "old", result_name=first.result_name) as later,
+    ):
+        assert "storage" not in later.schema
+        later(images, input_ids=["c", "d"])
+        later.wait_for_save()
     assert any("continued as it was written" in r.getMessage() for r in caplog.records)
     assert json.loads((folder / "result.json").read_text())["schema"] == before
     for segment in folder.glob("seg-*.h5"):
