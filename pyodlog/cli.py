@@ -101,7 +101,7 @@ def _add_view_parser(sub: Any) -> None:
     view.add_argument(
         "path",
         type=result_location,
-        help="a result folder, an exported ZIP, or a PYODLOG_HOME to pick one of its results from",
+        help="a result folder, an exported ZIP, an s3:// result, or a PYODLOG_HOME to pick one of its results from",
     )
     view.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
@@ -258,7 +258,7 @@ def _add_report_parser(sub) -> None:
     report.add_argument(
         "--against",
         type=result_location,
-        help="the reference result folder or ZIP to compare PATH with (drift)",
+        help="the reference result (folder, ZIP or s3://) to compare PATH with (drift)",
     )
     report.add_argument(
         "--against-where",

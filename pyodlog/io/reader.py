@@ -1119,11 +1119,17 @@ class ResultData:
         images: ``{column: array or list of str}``, one row per image
             (``input_id``, ``dataset_type``, ``n_epoch`` (-1: untagged),
             ``timestamp``, ``image_size``, ``det_offset``, ``det_count``,
-            and one column per additional field under its own name). A result
-            without records has every column, empty.
+            ``sample_weight`` (segment format 3 on), ``nm_*`` (the near-miss
+            envelope, when logged), ``gt_*`` (when targets were logged), and one
+            column per additional field under its own name). A result
+            without records has every column, empty. Thumbnails: :meth:`thumbnail`.
         detections: ``{column: array}``, one row per detection (``boxes``
             [N, 4] xyxy, ``scores``, ``labels``, ``candidate_index``,
-            ``logits`` [N, C], ``embeddings`` [N, E] when logged).
+            ``logits`` [N, C], ``embeddings`` [N, E] when logged, ``entropy``,
+            ``margin``, ``energy`` when logged), widened to float32.
+        near_misses: ``{column: array}``, one row per near-miss (the columns of
+            ``detections`` plus ``reason``, ``suppressed_by``, ``suppressor_iou``);
+            see :meth:`image_near_misses`, :meth:`replay`, :meth:`sweep`.
         targets: ``{column: array}``, one row per ground-truth box of the calls that
             passed ``targets=`` (``boxes`` [M, 4] xyxy original-image pixels, ``labels``);
             images then have ``gt_offset``/``gt_count``. Empty (``{}``) when none was logged.

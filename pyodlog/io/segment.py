@@ -9,10 +9,12 @@ fsynced, renamed) and fsyncs the folder; a closed segment is never written
 again, and readers verify it against that checksum.
 
 Segment format (the ``segment_format`` file attribute): 1 (no attribute) is
-pyodlog 0.1.0's layout without a checksum; 2 adds the SHA-256 sidecar; 3 may
-add the ``near_misses`` group, the images' ``nm_*`` columns and the detections'
-uncertainty columns (docs/file-format.md). All are read; a segment that lost its sidecar (a crash between the rename and the
-sidecar) is read unverified.
+pyodlog 0.1.0's layout without a checksum; 2 adds the SHA-256 sidecar; 3 adds
+compact logits/embeddings, ``images/sample_weight`` and the ``aggregates``
+dataset; 4 may add the ``near_misses`` group, the images' ``nm_*`` columns and
+the detections' uncertainty columns (docs/file-format.md). All are read; a
+segment that lost its sidecar (a crash between the rename and the sidecar) is
+read unverified.
 """
 
 from __future__ import annotations
