@@ -27,6 +27,7 @@ import torch
 import pyodlog
 from benchmarks.bench_overhead import _make
 from benchmarks.bench_postprocess import _inputs
+from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 from pyodlog.monitoring.detection_logger import DEFAULT_NEAR_MISS
 from pyodlog.ops import postprocess_detections, postprocess_detections_near_miss
@@ -124,4 +125,5 @@ def main(op_rotations: int = 30, call_rotations: int = 10) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.bench_near_miss")
     main(*(int(a) for a in sys.argv[1:]))

@@ -77,13 +77,29 @@ def logged(family, tmp_path, near_miss):
     return model, imgs, data
 
 
+def _within_ties(scores: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor):
+    """Rows in a canonical order inside each run of equal scores: the model's own order among
+    exactly tied scores is not defined (torchvision's topk and sort may give either, run to run,
+    with the threads they use), so only that order is left out of the comparison."""
+    key = torch.cat([scores[:, None].double(), labels[:, None].double(), boxes.double()], 1)
+    order = sorted(range(len(scores)), key=lambda r: (-key[r, 0].item(), *key[r, 1:].tolist()))
+    index = torch.tensor(order, dtype=torch.long)
+    return labels[index], boxes[index]
+
+
 def assert_same(replayed, output):
     assert len(replayed) == len(output)
     for i, want in enumerate(output):
         got = replayed[i]
-        assert torch.equal(got.labels, want["labels"]), f"image {i}: labels"
         assert torch.equal(got.scores, want["scores"]), f"image {i}: scores"
-        assert torch.equal(got.boxes, want["boxes"]), f"image {i}: boxes"
+        if torch.equal(got.labels, want["labels"]) and torch.equal(got.boxes, want["boxes"]):
+            continue
+        # Same scores in the same order: what may differ is the order inside ties only.
+        assert len(torch.unique(got.scores)) < len(got.scores), f"image {i}: labels/boxes"
+        got_l, got_b = _within_ties(got.scores, got.labels, got.boxes)
+        want_l, want_b = _within_ties(want["scores"], want["labels"], want["boxes"])
+        assert torch.equal(got_l, want_l), f"image {i}: labels"
+        assert torch.equal(got_b, want_b), f"image {i}: boxes"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
