@@ -42,11 +42,10 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 from typing import Any, BinaryIO
 
-from pyodlog_collector.storage import BodyReadError, PieceResult, SegmentKey
+from pyodlog_collector.storage import BodyReadError, PieceResult, SegmentKey, SegmentStorageBase
 from pyodlog_protocol import is_valid_name, parse_uint
 from pyodlog_protocol.files import READ_BLOCK
 from pyodlog_protocol.layout import (
@@ -78,7 +77,7 @@ def _code(error: BaseException) -> tuple[str | None, int | None]:
     )
 
 
-class S3CollectorStorage:
+class S3CollectorStorage(SegmentStorageBase):
     """Stores uploaded segments in ``s3://bucket/prefix``, one key tree per tenant.
 
     Args:
@@ -117,8 +116,7 @@ class S3CollectorStorage:
                 response_checksum_validation="when_required",
             ),
         )
-        self._checker = None
-        self._checker_lock = threading.Lock()
+        self._init_checker()
 
     def check_access(self) -> None:
         """Raises OSError (a message without any secret) when the bucket cannot be reached."""
@@ -131,19 +129,6 @@ class S3CollectorStorage:
                 + (f"HTTP {status} {code}" if code else error.__class__.__name__)
                 + " (check the bucket, AWS_ENDPOINT_URL and the AWS credentials)"
             ) from None
-
-    def _segment_checker(self):
-        with self._checker_lock:
-            if self._checker is None:
-                from pyodlog_collector.segment_check import SegmentChecker
-
-                self._checker = SegmentChecker()
-            return self._checker
-
-    def close(self) -> None:
-        with self._checker_lock:
-            if self._checker is not None:
-                self._checker.close()
 
     # -- keys --------------------------------------------------------------------------------------
 
@@ -184,8 +169,11 @@ class S3CollectorStorage:
                 pieces.append((int(match["offset"]), int(match["length"]), entry["Key"]))
         return sorted(pieces)
 
+    def _received(self, key: SegmentKey, sha256: str) -> int:
+        return self._covered(self._pieces(key, sha256))
+
     @staticmethod
-    def _received(pieces: list[tuple[int, int, str]]) -> int:
+    def _covered(pieces: list[tuple[int, int, str]]) -> int:
         """The contiguous run of bytes from 0 that the pieces cover."""
         covered = 0
         for offset, length, _ in pieces:
@@ -205,64 +193,6 @@ class S3CollectorStorage:
         return {"sha256": meta.get("sha256"), "bytes": int(head["ContentLength"])}
 
     # -- the protocol's operations -----------------------------------------------------------------
-
-    def status(self, key: SegmentKey, sha256: str | None) -> dict[str, object]:
-        meta = self._stored_meta(key)
-        if meta is not None:
-            return {
-                "status": "stored",
-                "sha256": meta["sha256"],
-                "bytes": meta["bytes"],
-                "received": meta["bytes"],
-            }
-        if sha256 is None:
-            return {"status": "absent", "received": 0}
-        received = self._received(self._pieces(key, sha256))
-        return {"status": "partial" if received else "absent", "received": received}
-
-    def check_piece(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
-    ) -> PieceResult | None:
-        if total > self.max_segment_bytes:
-            return PieceResult(
-                413,
-                {
-                    "error": "segment_too_large",
-                    "detail": f"total {total} is above this collector's "
-                    f"--max-segment-bytes {self.max_segment_bytes}",
-                    "max_segment_bytes": self.max_segment_bytes,
-                },
-            )
-        if offset + length > total:
-            return PieceResult(
-                400,
-                {
-                    "error": "bad_range",
-                    "detail": f"offset {offset} + {length} bytes > total {total}",
-                },
-            )
-        meta = self._stored_meta(key)
-        if meta is not None:
-            return self._stored_answer(meta, sha256)
-        received = self._received(self._pieces(key, sha256))
-        if offset > received:
-            return PieceResult(409, {"error": "offset_mismatch", "received": received})
-        return None
-
-    @staticmethod
-    def _stored_answer(meta: dict[str, Any], sha256: str) -> PieceResult:
-        if meta["sha256"] == sha256:
-            return PieceResult(
-                200, {"status": "exists", "sha256": sha256, "received": meta["bytes"]}
-            )
-        return PieceResult(
-            409,
-            {
-                "error": "checksum_conflict",
-                "detail": "this segment id is stored with another SHA-256",
-                "sha256": meta["sha256"],
-            },
-        )
 
     def write_piece(
         self,
@@ -302,7 +232,7 @@ class S3CollectorStorage:
             piece_key = f"{self._staging(key, sha256)}{offset:020d}-{length:020d}"
             self._put(piece_key, spool, length, _b64(digest.digest()))
         pieces = self._pieces(key, sha256)
-        received = self._received(pieces)
+        received = self._covered(pieces)
         if received < total:
             return PieceResult(202, {"status": "partial", "received": received})
         return self._commit(key, sha256, total, pieces)
@@ -339,7 +269,7 @@ class S3CollectorStorage:
                     if _code(error)[1] == 404:  # another collector committed and cleaned up
                         meta = self._stored_meta(key)
                         if meta is not None:
-                            return self._stored_answer(meta, sha256)
+                            return self.stored_answer(meta, sha256)
                     raise OSError(f"cannot read a staged piece ({_code(error)[0]})") from None
                 skip = written - offset
                 for block in stream.iter_chunks(READ_BLOCK):
@@ -401,7 +331,7 @@ class S3CollectorStorage:
                         "the store refused a conditional write of a missing key"
                     ) from None
                 if meta["sha256"] != sha256:
-                    return self._stored_answer(meta, sha256)
+                    return self.stored_answer(meta, sha256)
                 status = 200
         meta_body = json.dumps(
             {

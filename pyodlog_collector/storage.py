@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pyodlog_protocol import is_valid_name
 from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
@@ -97,7 +97,114 @@ class _KeyedLocks:
             return len(self._entries)
 
 
-class CollectorStorage:
+class SegmentStorageBase:
+    """What every collector storage (local folder, S3 bucket) answers the same way.
+
+    The protocol's answers that depend only on whether a segment is stored (and with which
+    SHA-256) and on how many bytes of an upload are staged: :meth:`status`, :meth:`check_piece`,
+    :meth:`stored_answer`; and the lazily started segment checker. A backend provides
+    :meth:`_stored_meta` and :meth:`_received`, and sets ``max_segment_bytes`` and
+    ``check_segments`` (and calls :meth:`_init_checker`).
+    """
+
+    max_segment_bytes: int
+    check_segments: bool
+
+    def _init_checker(self) -> None:
+        self._checker = None
+        self._checker_lock = threading.Lock()
+
+    def _segment_checker(self):
+        with self._checker_lock:
+            if self._checker is None:
+                from pyodlog_collector.segment_check import SegmentChecker
+
+                self._checker = SegmentChecker()
+            return self._checker
+
+    def close(self) -> None:
+        """Stops the segment check's worker processes."""
+        with self._checker_lock:
+            if self._checker is not None:
+                self._checker.close()
+
+    def _stored_meta(self, key: SegmentKey) -> dict[str, Any] | None:
+        """``{"sha256", "bytes", ...}`` of the stored segment, or None when it is not stored."""
+        raise NotImplementedError
+
+    def _received(self, key: SegmentKey, sha256: str) -> int:
+        """How many bytes of the upload of ``sha256`` are staged (0: none)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def stored_answer(meta: dict[str, Any], sha256: str) -> PieceResult:
+        """The answer to a piece of a segment that is already stored: the same SHA-256 is "exists",
+        another one a ``checksum_conflict``."""
+        if meta["sha256"] == sha256:
+            return PieceResult(
+                200, {"status": "exists", "sha256": sha256, "received": meta["bytes"]}
+            )
+        return PieceResult(
+            409,
+            {
+                "error": "checksum_conflict",
+                "detail": "this segment id is stored with another SHA-256",
+                "sha256": meta["sha256"],
+            },
+        )
+
+    def status(self, key: SegmentKey, sha256: str | None) -> dict[str, object]:
+        """Whether the segment is stored (and with which checksum), or how many bytes of it are staged.
+
+        Takes no lock: an upload in progress (even a stalled one) never delays it.
+        The metadata is in place before the segment becomes visible, so a visible
+        segment always has it.
+        """
+        meta = self._stored_meta(key)
+        if meta is not None:
+            return {
+                "status": "stored",
+                "sha256": meta["sha256"],
+                "bytes": meta["bytes"],
+                "received": meta["bytes"],
+            }
+        if sha256 is None:
+            return {"status": "absent", "received": 0}
+        received = self._received(key, sha256)
+        return {"status": "partial" if received else "absent", "received": received}
+
+    def check_piece(
+        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
+    ) -> PieceResult | None:
+        """The answer to a piece that is refused (or not needed) before its body is read, else None."""
+        if total > self.max_segment_bytes:
+            return PieceResult(
+                413,
+                {
+                    "error": "segment_too_large",
+                    "detail": f"total {total} is above this collector's "
+                    f"--max-segment-bytes {self.max_segment_bytes}",
+                    "max_segment_bytes": self.max_segment_bytes,
+                },
+            )
+        if offset + length > total:
+            return PieceResult(
+                400,
+                {
+                    "error": "bad_range",
+                    "detail": f"offset {offset} + {length} bytes > total {total}",
+                },
+            )
+        meta = self._stored_meta(key)
+        if meta is not None:
+            return self.stored_answer(meta, sha256)
+        received = self._received(key, sha256)
+        if offset > received:
+            return PieceResult(409, {"error": "offset_mismatch", "received": received})
+        return None
+
+
+class CollectorStorage(SegmentStorageBase):
     """Stores uploaded segments under ``root``, one folder tree per tenant.
 
     Args:
@@ -116,22 +223,7 @@ class CollectorStorage:
         self.max_segment_bytes = int(max_segment_bytes)
         self.check_segments = check_segments
         self._locks = _KeyedLocks()
-        self._checker = None
-        self._checker_lock = threading.Lock()
-
-    def _segment_checker(self):
-        with self._checker_lock:
-            if self._checker is None:
-                from pyodlog_collector.segment_check import SegmentChecker
-
-                self._checker = SegmentChecker()
-            return self._checker
-
-    def close(self) -> None:
-        """Stops the segment check's worker processes."""
-        with self._checker_lock:
-            if self._checker is not None:
-                self._checker.close()
+        self._init_checker()
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -167,75 +259,13 @@ class CollectorStorage:
                 "bytes": self._final(key).stat().st_size,
             }
 
-    @staticmethod
-    def _size(path: Path) -> int:
+    def _received(self, key: SegmentKey, sha256: str) -> int:
         try:
-            return path.stat().st_size
+            return self._staged(key, sha256).stat().st_size
         except FileNotFoundError:
             return 0
 
     # -- the protocol's operations -----------------------------------------------------------------
-
-    def status(self, key: SegmentKey, sha256: str | None) -> dict[str, object]:
-        """Whether the segment is stored (and with which checksum), or how many bytes of it are staged.
-
-        Takes no lock: an upload in progress (even a stalled one) never delays it.
-        The metadata is in place before the segment is renamed into place, so a
-        visible segment always has it.
-        """
-        meta = self._stored_meta(key)
-        if meta is not None:
-            return {
-                "status": "stored",
-                "sha256": meta["sha256"],
-                "bytes": meta["bytes"],
-                "received": meta["bytes"],
-            }
-        if sha256 is None:
-            return {"status": "absent", "received": 0}
-        received = self._size(self._staged(key, sha256))
-        return {"status": "partial" if received else "absent", "received": received}
-
-    def check_piece(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
-    ) -> PieceResult | None:
-        """The answer to a piece that is refused (or not needed) before its body is read, else None."""
-        if total > self.max_segment_bytes:
-            return PieceResult(
-                413,
-                {
-                    "error": "segment_too_large",
-                    "detail": f"total {total} is above this collector's "
-                    f"--max-segment-bytes {self.max_segment_bytes}",
-                    "max_segment_bytes": self.max_segment_bytes,
-                },
-            )
-        if offset + length > total:
-            return PieceResult(
-                400,
-                {
-                    "error": "bad_range",
-                    "detail": f"offset {offset} + {length} bytes > total {total}",
-                },
-            )
-        meta = self._stored_meta(key)
-        if meta is not None:
-            if meta["sha256"] == sha256:
-                return PieceResult(
-                    200, {"status": "exists", "sha256": sha256, "received": meta["bytes"]}
-                )
-            return PieceResult(
-                409,
-                {
-                    "error": "checksum_conflict",
-                    "detail": "this segment id is stored with another SHA-256",
-                    "sha256": meta["sha256"],
-                },
-            )
-        received = self._size(self._staged(key, sha256))
-        if offset > received:
-            return PieceResult(409, {"error": "offset_mismatch", "received": received})
-        return None
 
     def write_piece(
         self,
