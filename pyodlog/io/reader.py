@@ -887,29 +887,22 @@ def merge_tables(
         rows = np.flatnonzero(keep)
         new_row = np.full(part.n_images, -1, np.int64)
         new_row[rows] = images_base + np.arange(len(rows))
-        det_off, det_cnt = (
+        image_cols = {k: v[rows] for k, v in part.numeric.items() if k.startswith("images/")}
+        det_rows, image_cols["images/det_offset"] = _picked_rows(
             part.numeric["images/det_offset"][rows],
             part.numeric["images/det_count"][rows],
+            det_base,
         )
-        det_rows = (
-            np.concatenate([np.arange(o, o + c) for o, c in zip(det_off, det_cnt)])
-            if len(rows)
-            else np.empty(0, np.int64)
-        )
-        image_cols = {k: v[rows] for k, v in part.numeric.items() if k.startswith("images/")}
-        image_cols["images/det_offset"] = (
-            det_base + np.concatenate([[0], np.cumsum(det_cnt)[:-1]]).astype(np.int64)
-            if len(rows)
-            else np.empty(0, np.int64)
-        )
-        det_cols = {
-            k: v[det_rows.astype(np.int64)]
-            for k, v in part.numeric.items()
-            if k.startswith("detections/")
-        }
+        det_cols = {k: v[det_rows] for k, v in part.numeric.items() if k.startswith("detections/")}
         gt_cols: dict[str, np.ndarray] = {}
         if with_targets:
-            gt_cols, gt_base = _merge_target_rows(part, rows, image_cols, gt_base)
+            gt_rows, image_cols["images/gt_offset"] = _picked_rows(
+                part.numeric["images/gt_offset"][rows],
+                part.numeric["images/gt_count"][rows],
+                gt_base,
+            )
+            gt_cols = {k: v[gt_rows] for k, v in part.numeric.items() if k.startswith("targets/")}
+            gt_base += len(gt_rows)
         if "images/nm_offset" in part.numeric:
             nm_rows, image_cols["images/nm_offset"] = _picked_rows(
                 part.numeric["images/nm_offset"][rows],
@@ -991,25 +984,6 @@ def _with_target_columns(part: Tables) -> Tables:
     numeric["targets/boxes"] = np.empty((0, 4), np.float32)
     numeric["targets/labels"] = np.empty(0, np.int64)
     return Tables(numeric, part.strings, part.payload, part.attrs)
-
-
-def _merge_target_rows(
-    part: Tables, rows: np.ndarray, image_cols: dict[str, np.ndarray], gt_base: int
-) -> tuple[dict[str, np.ndarray], int]:
-    """The ground-truth rows of the kept images ``rows``, and ``gt_offset`` renumbered from ``gt_base``."""
-    offsets, counts = part.numeric["images/gt_offset"][rows], part.numeric["images/gt_count"][rows]
-    gt_rows = (
-        np.concatenate([np.arange(o, o + c) for o, c in zip(offsets, counts)]).astype(np.int64)
-        if len(rows)
-        else np.empty(0, np.int64)
-    )
-    image_cols["images/gt_offset"] = (
-        gt_base + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        if len(rows)
-        else np.empty(0, np.int64)
-    )
-    cols = {k: v[gt_rows] for k, v in part.numeric.items() if k.startswith("targets/")}
-    return cols, gt_base + len(gt_rows)
 
 
 def _picked_rows(offset: np.ndarray, count: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
