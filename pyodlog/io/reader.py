@@ -639,21 +639,39 @@ def _read_closed(path: Path, strict: bool = False) -> Tables:
     return tables
 
 
-def _read_open(part: Path, attempts: int = 3) -> Tables:
+def _read_open(part: Path, attempts: int = 5) -> Tables:
     """An open segment's complete images; under its final name if it was closed meanwhile.
 
-    Another process's writer may be mid-flush: a failed read is tried again shortly.
+    Another process's writer may be mid-flush: a failed read is tried again shortly, and so is a
+    read caught in the middle of an append (columns of different lengths, so the complete prefix
+    is cut short — the cut can reach back into rows the writer already acknowledged when the
+    column that says which image a row belongs to lags the others). Between appends every
+    column agrees; a writer that died mid-append leaves a cut that stays, and after the last
+    attempt that trimmed view is returned (the most complete one seen).
     """
+    best: Tables | None = None
     for attempt in range(attempts):
+        last = attempt == attempts - 1
         try:
-            return trim_to_consistent(read_segment(part, swmr=True))
+            tables = read_segment(part, swmr=True)
         except FileNotFoundError:
             return _read_closed(part.with_name(part.name[: -len(".part")]))
         except CorruptResultError:
-            if attempt == attempts - 1:
+            if last:
+                if best is not None:
+                    return best
                 raise
             time.sleep(0.05)
-    raise AssertionError("unreachable")
+            continue
+        trimmed = trim_to_consistent(tables)
+        if trimmed.n_images == tables.n_images:
+            return trimmed  # nothing cut: between two appends
+        if best is None or trimmed.n_images >= best.n_images:
+            best = trimmed
+        if not last:
+            time.sleep(0.05)
+    assert best is not None
+    return best
 
 
 def read_segments(paths: list[Path], strict: bool = False) -> tuple[list[Tables], list[Path]]:
