@@ -26,12 +26,16 @@ def _images():
     return [torch.rand(3, h, w, generator=g) for h, w in SIZES]
 
 
-def faster_rcnn_inputs():
+def faster_rcnn_inputs(device="cpu"):
     torch.manual_seed(0)
-    model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-        weights=None, weights_backbone=None, box_score_thresh=0.02
-    ).eval()
-    imgs = _images()
+    model = (
+        detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+            weights=None, weights_backbone=None, box_score_thresh=0.02
+        )
+        .eval()
+        .to(device)
+    )
+    imgs = [i.to(device) for i in _images()]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         t, _ = model.transform(imgs)
@@ -41,11 +45,14 @@ def faster_rcnn_inputs():
         class_logits, box_regression = heads.box_predictor(
             heads.box_head(heads.box_roi_pool(feats, proposals, t.image_sizes))
         )
-        class_logits = torch.randn(class_logits.shape, generator=g) * 2
-        box_regression = torch.randn(box_regression.shape, generator=g) * 0.5
+        class_logits = (torch.randn(class_logits.shape, generator=g) * 2).to(device)
+        box_regression = (torch.randn(box_regression.shape, generator=g) * 0.5).to(device)
     orig = [tuple(i.shape[-2:]) for i in imgs]
-    net_t, orig_t = torch.tensor(t.image_sizes), torch.tensor(orig)
-    image_index = torch.cat([torch.full((len(p),), i) for i, p in enumerate(proposals)])
+    net_t = torch.tensor(t.image_sizes, device=device)
+    orig_t = torch.tensor(orig, device=device)
+    image_index = torch.cat(
+        [torch.full((len(p),), i, device=device) for i, p in enumerate(proposals)]
+    )
 
     def torchvision_post():
         boxes, scores, labels = heads.postprocess_detections(
@@ -70,20 +77,26 @@ def faster_rcnn_inputs():
     return torchvision_post, activate_decode, image_index, net_t, orig_t, kwargs
 
 
-def retinanet_inputs():
+def retinanet_inputs(device="cpu"):
     torch.manual_seed(0)
-    model = detection.retinanet_resnet50_fpn(
-        weights=None, weights_backbone=None, min_size=256, max_size=416
-    ).eval()
-    imgs = _images()
+    model = (
+        detection.retinanet_resnet50_fpn(
+            weights=None, weights_backbone=None, min_size=256, max_size=416
+        )
+        .eval()
+        .to(device)
+    )
+    imgs = [i.to(device) for i in _images()]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         t, _ = model.transform(imgs)
         features = list(model.backbone(t.tensors).values())
         head = model.head(features)
         head = {
-            "cls_logits": torch.randn(head["cls_logits"].shape, generator=g) - 3,
-            "bbox_regression": torch.randn(head["bbox_regression"].shape, generator=g) * 0.5,
+            "cls_logits": (torch.randn(head["cls_logits"].shape, generator=g) - 3).to(device),
+            "bbox_regression": (torch.randn(head["bbox_regression"].shape, generator=g) * 0.5).to(
+                device
+            ),
         }
         anchors = model.anchor_generator(t, features)
     hw = [x.size(2) * x.size(3) for x in features]
@@ -93,9 +106,11 @@ def retinanet_inputs():
     split_anchors = [list(x.split(per_level)) for x in anchors]
     orig = [tuple(i.shape[-2:]) for i in imgs]
     n_images, n_anchors, n_classes = head["cls_logits"].shape
-    level = torch.cat([torch.full((n,), lvl) for lvl, n in enumerate(per_level)])
-    topk_group = (torch.arange(n_images)[:, None] * len(per_level) + level[None, :]).reshape(-1)
-    image_index = torch.arange(n_images).repeat_interleave(n_anchors)
+    level = torch.cat([torch.full((n,), lvl, device=device) for lvl, n in enumerate(per_level)])
+    topk_group = (
+        torch.arange(n_images, device=device)[:, None] * len(per_level) + level[None, :]
+    ).reshape(-1)
+    image_index = torch.arange(n_images, device=device).repeat_interleave(n_anchors)
 
     def torchvision_post():
         return model.transform.postprocess(
@@ -123,8 +138,8 @@ def retinanet_inputs():
         torchvision_post,
         activate_decode,
         image_index,
-        torch.tensor(t.image_sizes),
-        torch.tensor(orig),
+        torch.tensor(t.image_sizes, device=device),
+        torch.tensor(orig, device=device),
         kwargs,
     )
 

@@ -40,6 +40,9 @@ def _memory_gib() -> float | None:
 
 
 def _commit() -> str:
+    # A copy without .git (a GPU machine gets the working tree only) is told its commit.
+    if os.environ.get("PYODLOG_COMMIT"):
+        return os.environ["PYODLOG_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=10"],
