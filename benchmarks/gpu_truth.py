@@ -504,7 +504,6 @@ def section_end_to_end(folder: Path, rotations: int, compile_too: bool) -> dict:
 
 
 def main(out_dir: Path, budget: float) -> None:
-    print_header("benchmarks.gpu_truth")
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp())
@@ -549,4 +548,5 @@ def main(out_dir: Path, budget: float) -> None:
 
 
 if __name__ == "__main__":
+    print_header("benchmarks.gpu_truth")
     main(Path(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 300.0)
