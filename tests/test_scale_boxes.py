@@ -51,6 +51,7 @@ def test_matches_reference_for_a_batch_of_non_square_images(device, clip):
 
 
 def test_clip_pulls_boxes_outside_the_image_onto_its_border(device):
+    # The sizes stay on the CPU even for CUDA boxes: scale_boxes copies them to the boxes' device.
     boxes = torch.tensor([[-50.0, -10.0, 400.0, 300.0], [10.0, 20.0, 30.0, 40.0]], device=device)
     got = scale_boxes(boxes, torch.tensor([[200, 200]]), torch.tensor([[100, 400]]), clip=True)
     # ratio_w = 2, ratio_h = 0.5; the first box spills out on every side.

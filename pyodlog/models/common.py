@@ -201,7 +201,8 @@ def clip_and_resize(
 
     The same arithmetic as torchvision's ``box_ops.clip_boxes_to_image`` and
     ``transform.resize_boxes`` (the ratio a float32 division, the product in
-    float32 or wider, then cast back), so applied to a detector's candidates it
+    float32 or wider, then cast back; on CUDA, float16/bfloat16 boxes are multiplied
+    by the ratio rounded to their dtype, as PyTorch does there), so applied to a detector's candidates it
     gives bit for bit the boxes the detector returns. The ratios are computed on
     the host and copied without waiting for the device.
 
@@ -226,7 +227,13 @@ def clip_and_resize(
         for f, t in zip(from_sizes, to_sizes)
     ]
     compute = _compute_dtype(dtype)
-    ratio = host_tensor(ratios, torch.float32, device).to(compute)[image]  # [N, 2] (w, h)
+    ratio = host_tensor(ratios, torch.float32, device)
+    if device.type != "cpu" and compute != dtype:
+        # torchvision multiplies the boxes by a 0-dim float32 tensor on their device: on the CPU
+        # that acts as a scalar (exact float32), on CUDA it is first cast to the boxes' dtype
+        # (float16/bfloat16), and the product then rounds from that rounded ratio.
+        ratio = ratio.to(dtype)
+    ratio = ratio.to(compute)[image]  # [N, 2] (w, h)
     ratio = ratio.repeat(1, 2).reshape(-1, *([1] * (boxes.dim() - 2)), 4)
     return (boxes.to(compute) * ratio).to(dtype).reshape(shape)
 

@@ -29,6 +29,8 @@ def scale_boxes(
         boxes: ``Tensor[N, 4]`` xyxy boxes, floating point.
         from_sizes: ``Tensor[B, 2]`` (height, width) each image had when the boxes were made.
         to_sizes: ``Tensor[B, 2]`` (height, width) to scale to (e.g. the original images).
+            Sizes may live on the CPU while the boxes are on a GPU (they are a few
+            numbers, usually known on the host): they are copied to the boxes' device.
         clip: clamp the scaled boxes to ``[0, w] x [0, h]`` of ``to_sizes``
             (NaN coordinates stay NaN, as with ``torch.clamp``).
         image_index: ``Tensor[N]`` int64, the image each box belongs to. May be
@@ -43,6 +45,10 @@ def scale_boxes(
             rather than forcing a host sync).
     """
     assert_has_ops()
+    if isinstance(from_sizes, Tensor) and from_sizes.device != boxes.device:
+        from_sizes = from_sizes.to(boxes.device, non_blocking=True)
+    if isinstance(to_sizes, Tensor) and to_sizes.device != boxes.device:
+        to_sizes = to_sizes.to(boxes.device, non_blocking=True)
     return torch.ops.pyodlog.scale_boxes.default(boxes, from_sizes, to_sizes, clip, image_index)
 
 
