@@ -181,3 +181,28 @@ def test_cuda_codes_equal_cpu_codes():
     gpu = quantize_uint8(x.cuda())
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
+@pytest.mark.parametrize(
+    "shape, offset",
+    [
+        ((3, 5, 100, 100), 0),  # long rows (>= 8192), float4 loads: one row per multiprocessor
+        ((3, 5, 100, 101), 0),  # long rows of odd length: the scalar long-row path
+        ((2, 3, 100, 100), 1),  # a storage offset that breaks 16-byte alignment: scalar path
+        ((8, 64, 12), 0),  # short rows, float4 loads
+    ],
+)
+def test_cuda_codes_equal_cpu_codes_on_every_kernel_path(shape, offset):
+    n = torch.Size(shape).numel()
+    flat = torch.randn(n + offset, generator=torch.Generator().manual_seed(4)) * 7
+    x = flat[offset:].reshape(shape)
+    x.view(-1)[:: max(1, n // 5)] = float("nan")
+    x.view(-1)[3] = float("-inf")
+    x.view(-1)[-2] = float("inf")
+    x[0, 1] = 2.5  # a constant channel
+    cpu = quantize_uint8(x)
+    gpu = quantize_uint8(flat.cuda()[offset:].reshape(shape))
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())
