@@ -4,7 +4,8 @@
 #   2. runs every CUDA test (pytest -m cuda; none may be skipped for lack of a GPU),
 #   3. measures the GPU figures (benchmarks/gpu_truth.py) within what is left of the budget.
 # Everything lands in $OUT (machine.txt, build.log, cuda-tests.log/.xml, gpu_truth.json/.log,
-# copier_trace.json.gz, and the built extension, so that a second call can skip the build).
+# copier_trace.json.gz, profiles.tgz; with KEEP_SO=1 the built extension, so that a second call
+# can skip the build).
 # Usage (repository root, on the GPU machine):  OUT=/some/dir bash benchmarks/gpu_session.sh [PREBUILT.so]
 set -u
 OUT=${OUT:-/tmp/pyodlog-gpu}
@@ -34,7 +35,9 @@ else
     exit 1
   fi
   since "built"
-  for so in pyodlog/_C*.so; do strip --strip-debug -o "$OUT/$(basename "$so")" "$so"; done
+  if [ -n "${KEEP_SO:-}" ]; then  # for a second call that skips the build
+    for so in pyodlog/_C*.so; do strip --strip-debug -o "$OUT/$(basename "$so")" "$so"; done
+  fi
 fi
 $PY -c "import pyodlog, json; print(json.dumps(pyodlog.build_info()))" || exit 1
 
@@ -46,4 +49,6 @@ grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/cuda-tests.log" | tail -60
 
 since "GPU figures"
 timeout "$((TRUTH_S + 30))" $PY -m benchmarks.gpu_truth "$OUT" "$TRUTH_S" 2>&1 | tee "$OUT/gpu_truth.log" | grep -v "^ \|^{\|^}"
+# One archive of the profiler tables (the device tool brings back at most 8 files).
+(cd "$OUT" && tar czf profiles.tgz profile_*.txt 2>/dev/null && rm -f profile_*.txt)
 since "done"

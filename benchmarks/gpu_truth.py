@@ -82,6 +82,34 @@ def _timed(fn, reps: int, warmup: int = 3) -> dict[str, float]:
     return {"median_ms": statistics.median(times) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3}
 
 
+def _profile_table(fn, path: Path, reps: int = 3, stacks: bool = False) -> None:
+    """Writes torch.profiler's table (top ops by device time, then by host time) of ``reps`` calls;
+    with ``stacks``, also grouped by the Python lines that called them (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if DEVICE == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    fn()
+    _sync()
+    with profile(activities=activities, with_stack=stacks) as prof:
+        for _ in range(reps):
+            fn()
+        _sync()
+    table = prof.key_averages()
+    if stacks:
+        path.with_suffix(".stacks.txt").write_text(
+            prof.key_averages(group_by_stack_n=6).table(sort_by="cpu_time_total", row_limit=40)
+        )
+    by_device = "cuda_time_total" if DEVICE == "cuda" else "cpu_time_total"
+    path.write_text(
+        f"# {reps} calls, by device time\n"
+        + table.table(sort_by=by_device, row_limit=25)
+        + f"\n# {reps} calls, by host time\n"
+        + table.table(sort_by="cpu_time_total", row_limit=25)
+    )
+
+
 def _events_ms(fn, reps: int, warmup: int = 3) -> float:
     """Median device time (ms) between CUDA events around ``fn`` (no host time)."""
     if DEVICE != "cuda":
@@ -167,7 +195,7 @@ def section_nms() -> dict:
 # -- 2. fused post-processing ---------------------------------------------------------------------
 
 
-def _postprocess_family(inputs) -> dict:
+def _postprocess_family(inputs, profile_to: Path | None = None) -> dict:
     from pyodlog.ops import postprocess_detections
 
     torchvision_post, activate_decode, image_index, net, orig, kwargs = inputs(DEVICE)
@@ -194,6 +222,11 @@ def _postprocess_family(inputs) -> dict:
                 reps=30,
             ),
         }
+        if profile_to is not None:
+            _profile_table(
+                lambda: postprocess_detections(scores, boxes, image_index, net, orig, **kwargs),
+                profile_to,
+            )
     base = row["torchvision"]["median_ms"]
     row["speedup op"] = base / row["pyodlog op"]["median_ms"]
     row["speedup end-to-end"] = (
@@ -202,12 +235,12 @@ def _postprocess_family(inputs) -> dict:
     return row
 
 
-def section_postprocess() -> dict:
+def section_postprocess(out_dir: Path) -> dict:
     from benchmarks.bench_postprocess import faster_rcnn_inputs, retinanet_inputs
 
     out = {}
     for family, inputs in (("fasterrcnn", faster_rcnn_inputs), ("retinanet", retinanet_inputs)):
-        row = out[family] = _postprocess_family(inputs)
+        row = out[family] = _postprocess_family(inputs, out_dir / f"profile_op_{family}.txt")
         print(
             f"postprocess {family:10s} torchvision {row['torchvision']['median_ms']:7.3f} ms  "
             f"op x{row['speedup op']:.2f}  end-to-end x{row['speedup end-to-end']:.2f}  "
@@ -442,7 +475,7 @@ def section_copier(folder: Path, out_dir: Path) -> dict:
 # -- 6. end to end --------------------------------------------------------------------------------
 
 
-def section_end_to_end(folder: Path, rotations: int, compile_too: bool) -> dict:
+def section_end_to_end(folder: Path, out_dir: Path, rotations: int, compile_too: bool) -> dict:
     from benchmarks.bench_overhead import NaiveLogger
     from pyodlog.demokit.timing import paired_rotation
 
@@ -461,6 +494,11 @@ def section_end_to_end(folder: Path, rotations: int, compile_too: bool) -> dict:
                 {k: (lambda c=c: (c(images), _sync())) for k, c in variants.items()},
                 rotations,
                 warmup=2,
+            )
+            _profile_table(
+                lambda call=variants["pyodlog detections+logits"]: call(images),
+                out_dir / f"profile_logged_{name}.txt",
+                stacks=True,
             )
         bare = timed.median("bare")
         row = {"bare ms": bare * 1e3, "rotations": rotations}
@@ -533,13 +571,13 @@ def main(out_dir: Path, budget: float) -> None:
 
     sections = [
         ("nms", section_nms, 20),
-        ("postprocess", section_postprocess, 20),
+        ("postprocess", lambda: section_postprocess(out_dir), 20),
         ("quantize", section_quantize, 10),
         ("host_syncs", lambda: section_host_syncs(folder), 40),
         ("copier", lambda: section_copier(folder, out_dir), 30),
         (
             "end_to_end",
-            lambda: section_end_to_end(folder, 2 if DRY else 15, compile_too=left() > 200),
+            lambda: section_end_to_end(folder, out_dir, 2 if DRY else 15, compile_too=left() > 200),
             60,
         ),
     ]
