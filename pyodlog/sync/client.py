@@ -403,9 +403,11 @@ class CollectorClient:
         sha256: str,
         offset: int,
         total: int,
-        data: bytes | BinaryIO,
+        data: bytes | memoryview | BinaryIO,
     ) -> tuple[int, dict[str, Any]]:
         """Sends bytes ``[offset, offset + len(data))`` of a segment; returns the status and JSON answer.
+
+        A ``memoryview`` (of a mapped file) is handed to the socket as it is, without a copy.
 
         201: stored (verified); 200: the collector had it; 202: partial
         (``received``); 409: ``offset_mismatch`` (resume at ``received``) or
