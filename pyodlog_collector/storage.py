@@ -24,14 +24,12 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from pyodlog_protocol import is_valid_name
 from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
@@ -52,8 +50,7 @@ class BodyReadError(Exception):
     """The request body could not be read (the client went away or stalled): not a storage failure."""
 
 
-@dataclass(frozen=True)
-class SegmentKey:
+class SegmentKey(NamedTuple):
     """Where a segment belongs: tenant, model, version, result, rank and segment id."""
 
     tenant: str
@@ -64,8 +61,7 @@ class SegmentKey:
     segment_id: str
 
 
-@dataclass
-class PieceResult:
+class PieceResult(NamedTuple):
     """What happened to an uploaded piece: an HTTP status and a JSON body."""
 
     status: int
@@ -333,7 +329,7 @@ class CollectorStorage(SegmentStorageBase):
                 return appended
         folder = self._staging_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
-        piece = folder / f"{key.segment_id}.{sha256}.{secrets.token_hex(8)}.piece"
+        piece = folder / f"{key.segment_id}.{sha256}.{os.urandom(8).hex()}.piece"
         # The piece continues the running hash of what is staged, if it starts where that ends.
         base = self._running_hash(key, sha256) if offset else None
         running = (
@@ -516,7 +512,7 @@ class CollectorStorage(SegmentStorageBase):
             os.replace(piece, staged)  # the same as truncating to 0 and writing the piece
         elif self._upload_id(key, sha256) in self._appenders:
             # Another request is appending to the staged file: leave that file alone, stage a copy.
-            copy = piece.with_name(f"{key.segment_id}.{sha256}.{secrets.token_hex(8)}.piece")
+            copy = piece.with_name(f"{key.segment_id}.{sha256}.{os.urandom(8).hex()}.piece")
             try:
                 with open(copy, "wb") as f, open(staged, "rb") as old, open(piece, "rb") as src:
                     left = offset
