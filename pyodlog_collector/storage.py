@@ -44,6 +44,9 @@ _STAGED_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.part")
 _PIECE_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.[0-9a-f]{16}\.piece")
 # Running SHA-256 states of staged uploads kept at most (a dropped one means one more read at commit).
 MAX_RUNNING_HASHES = 4096
+# A piece may start this far beyond what is staged, and waits this long for the bytes before it.
+AHEAD_BYTES = 256 << 20
+AHEAD_WAIT = 30.0
 
 
 class BodyReadError(Exception):
@@ -108,6 +111,9 @@ class SegmentStorageBase:
 
     max_segment_bytes: int
     check_segments: bool
+    #: How far beyond what is staged a piece may start: it is held (its body unread) until the
+    #: bytes before it arrived on other connections (pieces in flight). 0: refused at once (409).
+    ahead_bytes: int = 0
 
     def _init_checker(self) -> None:
         self._checker = None
@@ -173,9 +179,19 @@ class SegmentStorageBase:
         return {"status": "partial" if received else "absent", "received": received}
 
     def check_piece(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        length: int,
+        ahead: bool = False,
     ) -> PieceResult | None:
-        """The answer to a piece that is refused (or not needed) before its body is read, else None."""
+        """The answer to a piece that is refused (or not needed) before its body is read, else None.
+
+        ``ahead``: a piece up to :attr:`ahead_bytes` beyond what is staged passes (it waits
+        for the bytes before it); otherwise a piece beyond what is staged is a 409.
+        """
         if total > self.max_segment_bytes:
             return PieceResult(
                 413,
@@ -198,7 +214,7 @@ class SegmentStorageBase:
         if meta is not None:
             return self.stored_answer(meta, sha256)
         received = self._received(key, sha256)
-        if offset > received:
+        if offset > received + (self.ahead_bytes if ahead else 0):
             return PieceResult(409, {"error": "offset_mismatch", "received": received})
         return None
 
@@ -209,13 +225,20 @@ class CollectorStorage(SegmentStorageBase):
     Args:
         root: the collector's data folder (created if missing).
         max_segment_bytes: the largest segment accepted (announced ``total``).
+        ahead_bytes: how far beyond what is staged a piece may start; it waits at most
+            ``ahead_wait`` seconds (its body unread) for the bytes before it, then is a 409.
         check_segments: check each complete upload with
             :func:`pyodlog_collector.segment_check.check_segment` (in a worker process)
             before it becomes visible (refused with 422 ``invalid_segment`` otherwise).
     """
 
     def __init__(
-        self, root: str | Path, max_segment_bytes: int = 8 << 30, check_segments: bool = True
+        self,
+        root: str | Path,
+        max_segment_bytes: int = 8 << 30,
+        check_segments: bool = True,
+        ahead_bytes: int = AHEAD_BYTES,
+        ahead_wait: float = AHEAD_WAIT,
     ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -232,6 +255,10 @@ class CollectorStorage(SegmentStorageBase):
         # Upload id -> the inode of the staged file that one request is appending its body to
         # (see _append_piece); read and changed under the segment's lock.
         self._appenders: dict[tuple[str, ...], int] = {}
+        # Pieces in flight wait for the staged uploads to grow: every change is a new generation.
+        self.ahead_bytes, self.ahead_wait = int(ahead_bytes), float(ahead_wait)
+        self._progress = threading.Condition()
+        self._generation = 0
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -311,18 +338,81 @@ class CollectorStorage(SegmentStorageBase):
         of its own first; only then, under the segment's lock, it joins the staged
         upload. Neither holds a lock while the body arrives, so a slow or stalled
         client delays nobody. Repeating a piece is harmless: a piece at an offset
-        below what is staged overwrites the same bytes. A piece beyond what is
-        staged is refused (409, with ``received``) so the client resumes at the
-        right place. Every byte is hashed as it arrives, so the commit does not read
+        below what is staged overwrites the same bytes. A piece up to
+        ``ahead_bytes`` beyond what is staged (pieces in flight on several
+        connections) waits, its body unread, for the bytes before it; one further
+        ahead, or still ahead after ``ahead_wait`` seconds, is refused (409, with
+        ``received``) so the client resumes at the right place. Every byte is hashed as it arrives, so the commit does not read
         the upload again (unless a restart or overlapping pieces lost the running hash).
 
         Raises:
             BodyReadError: the body could not be read (nothing was staged).
             OSError: the collector cannot write.
         """
-        early = self.check_piece(key, sha256, offset, total, length)
+        early = self.check_piece(key, sha256, offset, total, length, ahead=True)
+        if early is None and offset:
+            early = self._wait_for_predecessors(key, sha256, offset, total, length)
         if early is not None:
+            self._drop_body(body, length)
             return early
+        try:
+            return self._receive(key, sha256, offset, total, body, length)
+        finally:
+            self._notify()  # pieces waiting for this one look again
+
+    def _notify(self) -> None:
+        with self._progress:
+            self._generation += 1
+            self._progress.notify_all()
+
+    def _wait_for_predecessors(
+        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
+    ) -> PieceResult | None:
+        """Waits (no lock held, the body unread) until the staged upload reaches ``offset``.
+
+        Returns None when it did; else the answer (409 ``offset_mismatch`` after
+        ``ahead_wait`` seconds, or the segment was stored meanwhile).
+        """
+        deadline = time.monotonic() + self.ahead_wait
+        while True:
+            with self._progress:
+                generation = self._generation
+            early = self.check_piece(key, sha256, offset, total, length)
+            if early is None or early.body.get("error") != "offset_mismatch":
+                return early
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return early
+            with self._progress:
+                if self._generation == generation:
+                    self._progress.wait(left)
+
+    @staticmethod
+    def _drop_body(body: BinaryIO | io.BufferedIOBase, length: int) -> None:
+        """Reads a body that is not used, so the connection stays in step with the client."""
+        left = length
+        while left:
+            try:
+                block = body.read(min(READ_BLOCK, left))
+            except OSError as error:
+                raise BodyReadError(
+                    f"reading the body failed after {length - left} of {length} bytes "
+                    f"({error.__class__.__name__})"
+                ) from None
+            if not block:
+                raise BodyReadError(f"the client sent {length - left} of {length} bytes")
+            left -= len(block)
+
+    def _receive(
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        body: BinaryIO | io.BufferedIOBase,
+        length: int,
+    ) -> PieceResult:
+        """:meth:`write_piece` for a piece that starts within what is staged."""
         if offset:
             appended = self._append_piece(key, sha256, offset, total, body, length)
             if appended is not None:

@@ -293,3 +293,112 @@ def test_a_stalled_append_delays_no_other_upload_of_the_segment_and_stores_nothi
         assert (status, body["status"]) == (200, "exists")
     assert (collector.root / "tenant-a" / "m" / "v" / "r" / "seg.h5").read_bytes() == data
     assert list(staged.glob("*")) == []
+
+
+# -- pieces in flight -------------------------------------------------------------------------------------
+
+
+def test_a_piece_ahead_waits_for_the_bytes_before_it_and_then_is_appended(tmp_path):
+    import threading
+
+    data = real_segment(6)
+    cut = len(data) // 2
+    digest = sha(data)
+    storage = CollectorStorage(tmp_path / "root", check_segments=False)
+    key = SegmentKey("t", "m", "v", "r", 0, "seg.h5")
+    assert storage.ahead_bytes > 0  # announced on status answers (X-Pieces-Ahead)
+    answers = {}
+    tail = data[cut:]
+    ahead = threading.Thread(
+        target=lambda: answers.setdefault(
+            "tail",
+            storage.write_piece(key, digest, cut, len(data), io.BytesIO(tail), len(tail)),
+        )
+    )
+    ahead.start()
+    head = data[:cut]
+    answer = storage.write_piece(key, digest, 0, len(data), io.BytesIO(head), cut)
+    assert answer.status == 202
+    ahead.join(10)
+    assert answers["tail"].status == 201  # held until the head arrived, then stored
+    assert (tmp_path / "root" / "t" / "m" / "v" / "r" / "seg.h5").read_bytes() == data
+
+
+def test_a_piece_ahead_whose_predecessor_never_comes_is_told_where_to_resume(tmp_path):
+    data = real_segment(6)
+    cut = len(data) // 2
+    digest = sha(data)
+    storage = CollectorStorage(tmp_path / "root", check_segments=False, ahead_wait=0.2)
+    key = SegmentKey("t", "m", "v", "r", 0, "seg.h5")
+    tail = io.BytesIO(data[cut:])
+    started = time.monotonic()
+    answer = storage.write_piece(key, digest, cut, len(data), tail, len(data) - cut)
+    assert (answer.status, answer.body) == (409, {"error": "offset_mismatch", "received": 0})
+    assert 0.2 <= time.monotonic() - started < 5
+    assert tail.read() == b""  # its body was read (and dropped): the connection stays in step
+    # Further ahead than the collector holds pieces: refused at once.
+    far = CollectorStorage(tmp_path / "root2", check_segments=False, ahead_bytes=cut - 1)
+    started = time.monotonic()
+    answer = far.write_piece(key, digest, cut, len(data), io.BytesIO(data[cut:]), len(data) - cut)
+    assert answer.status == 409 and time.monotonic() - started < 0.2
+
+
+def test_pieces_in_flight_resume_after_the_collector_is_killed_mid_upload(
+    tmp_path, collector, monkeypatch
+):
+    import threading
+
+    from pyodlog.sync import CollectorClient, SyncConfig, SyncError
+    from tests.test_sync import FAST
+
+    # How many pieces are on their way at once (the real requests, counted).
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+    real_put = CollectorClient.put_piece
+
+    def counted(self, *args, **kwargs):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            return real_put(self, *args, **kwargs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(CollectorClient, "put_piece", counted)
+    sync = SyncConfig(**dict(FAST, chunk_bytes=64 << 10))
+    logger = make_logger(tmp_path / "local", collector.url, heavy=True, sync=sync)
+    log_calls(logger, 8)  # ~9 MB of uncompressed features in one segment
+    logger.wait_for_save()
+    logger.sink.rotate()
+    (segment,) = logger.sink.segments()
+    size = segment.stat().st_size
+    staging = collector.root / "tenant-a" / ".staging" / "tiny" / "v1" / "run"
+    killed_at = []
+
+    def kill_when_a_quarter_arrived():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            staged = list(staging.glob("*.part")) if staging.is_dir() else []
+            if staged and staged[0].stat().st_size > size // 4:
+                collector.kill()
+                killed_at.append(staged[0].stat().st_size)
+                return
+            time.sleep(0.0005)
+
+    killer = threading.Thread(target=kill_when_a_quarter_arrived)
+    killer.start()
+    with pytest.raises(SyncError, match="cannot reach the collector"):
+        logger.upload()
+    killer.join()
+    assert killed_at and killed_at[0] < size
+    assert state["most"] == 2  # the next piece was on its way while one was taken in
+    assert collector.segments("tenant-a", "tiny", "v1", "run") == []  # nothing half-visible
+    collector.start()  # same port, same root: the running hashes are gone, the staged bytes not
+    summary = logger.upload()
+    assert summary.segments == 1 and summary.bytes <= size - killed_at[0] + 2 * sync.chunk_bytes
+    (stored,) = collector.segments("tenant-a", "tiny", "v1", "run")
+    assert sha256_file(stored) == sha256_file(segment)
+    assert acks(logger)[segment.name + ".ack"]["sha256"] == sha256_file(segment)
+    assert list(staging.glob("*")) == []
+    logger.close()

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -332,8 +333,23 @@ class Syncer:
         if progress is not None:
             progress.update(offset)
         # A collector that keeps answering without progress must not keep us here forever.
-        rounds_left = 2 * (size // self.config.chunk_bytes + 1) + 16
-        with _SegmentBytes(path, size) as body:
+        chunk = self.config.chunk_bytes
+        rounds_left = 2 * (size // chunk + 1) + 16
+        # A collector that holds a piece until the bytes before it arrived ("ahead", protocol
+        # 1.1) gets the next piece while it takes in this one, on a second connection: no pause
+        # at the end of every piece. Otherwise one piece after the other.
+        ahead = status.get("ahead")
+        pool = (
+            ThreadPoolExecutor(2, thread_name_prefix="pyodlog-sync-piece")
+            if _is_count(ahead) and ahead >= chunk and size - offset > chunk
+            else None
+        )
+        in_flight: dict[int, tuple[memoryview | bytes, Future]] = {}
+
+        def send(at: int, data: memoryview | bytes) -> tuple[int, dict]:
+            return client.put_piece(model, version, result, rank, path.name, sha, at, size, data)
+
+        with _SegmentBytes(path, size) as body, _settled(pool, in_flight):
             while True:
                 rounds_left -= 1
                 if rounds_left < 0:
@@ -341,11 +357,24 @@ class Syncer:
                         f"the collector at {self.client.endpoint} makes no progress with {path.name} "
                         "(it keeps asking for bytes it already got); is it a pyodlog collector?"
                     )
-                piece = body.piece(offset, min(self.config.chunk_bytes, size - offset))
-                code, answer = client.put_piece(
-                    model, version, result, rank, path.name, sha, offset, size, piece
-                )
+                length = min(chunk, size - offset)
+                sent = in_flight.pop(offset, None)
+                if sent is not None and len(sent[0]) != length:
+                    sent = None
+                piece = sent[0] if sent is not None else body.piece(offset, length)
+                if pool is not None:
+                    after = offset + length
+                    if sent is None:
+                        sent = (piece, pool.submit(send, offset, piece))
+                    if after < size and after not in in_flight:
+                        nxt = body.piece(after, min(chunk, size - after))
+                        in_flight[after] = (nxt, pool.submit(send, after, nxt))
+                    code, answer = sent[1].result()
+                else:
+                    code, answer = send(offset, piece)
                 error = answer.get("error")
+                if code != 202 or answer.get("received") != offset + length:
+                    _settle(in_flight)  # an answer off the plan: what was sent ahead is moot
                 if code in (200, 201):
                     if recorded and (code == 200 or not ours):
                         self._vouch(
@@ -594,6 +623,25 @@ class Syncer:
             if self.last_error is None
             else self.client.redact(str(self.last_error)),
         }
+
+
+def _settle(in_flight: dict[int, tuple[memoryview | bytes, Future]]) -> None:
+    """Waits for the pieces sent ahead and forgets them (their answers no longer matter)."""
+    for _, future in in_flight.values():
+        with contextlib.suppress(Exception):
+            future.result()
+    in_flight.clear()
+
+
+@contextlib.contextmanager
+def _settled(pool: ThreadPoolExecutor | None, in_flight: dict):
+    """No piece is still on its way when the segment's pass ends (also when it fails)."""
+    try:
+        yield
+    finally:
+        _settle(in_flight)
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _describe(value: object, text: bool = False) -> str:
