@@ -402,3 +402,28 @@ def test_pieces_in_flight_resume_after_the_collector_is_killed_mid_upload(
     assert acks(logger)[segment.name + ".ack"]["sha256"] == sha256_file(segment)
     assert list(staging.glob("*")) == []
     logger.close()
+
+
+def test_a_segment_truncated_mid_upload_is_an_error_not_a_crash(tmp_path, collector, monkeypatch):
+    from pyodlog.sync import CollectorClient, SyncConfig, SyncError
+    from tests.test_sync import FAST
+
+    sync = SyncConfig(**dict(FAST, chunk_bytes=64 << 10))
+    logger = make_logger(tmp_path / "local", collector.url, heavy=True, sync=sync)
+    log_calls(logger, 2)
+    logger.wait_for_save()
+    logger.sink.rotate()
+    (segment,) = logger.sink.segments()
+    real_put = CollectorClient.put_piece
+
+    def truncating(self, *args, **kwargs):
+        answer = real_put(self, *args, **kwargs)
+        with open(segment, "r+b") as f:  # someone copies another file over it (cp truncates first)
+            f.truncate(100 << 10)
+        return answer
+
+    monkeypatch.setattr(CollectorClient, "put_piece", truncating)
+    with pytest.raises(SyncError, match="shorter than when its upload began"):
+        logger.upload()
+    assert collector.segments("tenant-a", "tiny", "v1", "run") == []
+    logger.close()

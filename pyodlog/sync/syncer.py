@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
+import os
 import random
 import sys
 import threading
@@ -92,43 +92,46 @@ class _SidecarDoubt(Exception):
 
 
 class _SegmentBytes:
-    """A closed segment's bytes, mapped into memory: pieces are views of the page cache, not copies.
+    """Reads a closed segment's pieces into a few buffers that are reused (no allocation per piece).
 
-    ``requests`` hands a view to ``socket.sendall`` as it is, so a piece goes from
-    the file's pages to the socket in one copy (the kernel's), like a ``bytes`` body.
+    A piece is a view of one of the buffers, handed to ``socket.sendall`` as it is.
+    Three buffers turn round: at most two pieces are on their way at once (the
+    current one and the next), so the buffer read into is never one still being
+    sent. Not a memory map: a file truncated under a map kills the process
+    (SIGBUS) when a page past its end is touched; a read just comes up short.
     """
 
-    def __init__(self, path: Path, size: int) -> None:
-        self._path, self._size = path, size
-        self._map: mmap.mmap | None = None
-        self._view: memoryview | None = None
+    def __init__(self, path: Path, size: int, buffers: list[bytearray]) -> None:
+        self._path, self._size, self._buffers = path, size, buffers
+        self._next = 0
+        self._fd: int | None = None
 
     def __enter__(self) -> _SegmentBytes:
-        if self._size:
-            with open(self._path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), self._size, access=mmap.ACCESS_READ)
-            with contextlib.suppress(OSError, AttributeError):
-                self._map.madvise(mmap.MADV_SEQUENTIAL)
-            self._view = memoryview(self._map)
+        self._fd = os.open(self._path, os.O_RDONLY)
         return self
 
     def piece(self, offset: int, length: int) -> memoryview | bytes:
-        if self._view is None or length == 0:
+        if length == 0:
             return b""
-        if offset + length > len(self._view):
-            raise SyncError(
-                f"{self._path.name} is shorter than when its upload began: a closed segment "
-                "must not change"
-            )
-        return self._view[offset : offset + length]
+        assert self._fd is not None
+        buffer = self._buffers[self._next % len(self._buffers)]
+        self._next += 1
+        view = memoryview(buffer)[:length]  # length <= chunk_bytes == len(buffer)
+        done = 0
+        while done < length:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise SyncError(
+                    f"{self._path.name} is shorter than when its upload began ({offset + done} of "
+                    f"{self._size} bytes): a closed segment must not change"
+                )
+            done += n
+        return view
 
     def __exit__(self, *exc: object) -> None:
-        if self._view is not None:
-            self._view.release()  # a piece still referenced keeps the mapping until it is collected
-            with contextlib.suppress(BufferError):
-                assert self._map is not None
-                self._map.close()
-            self._view = self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Syncer:
@@ -170,6 +173,7 @@ class Syncer:
         self._pass_lock = threading.Lock()
         self._warned: set[str] = set()  # refused segments already warned about
         self.sidecar_mismatches = 0  # segments whose checksum file disagreed with their bytes
+        self._buffers: list[bytearray] = []  # the pieces' buffers, reused (see _SegmentBytes)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self.last_error: BaseException | None = None
@@ -349,7 +353,11 @@ class Syncer:
         def send(at: int, data: memoryview | bytes) -> tuple[int, dict]:
             return client.put_piece(model, version, result, rank, path.name, sha, at, size, data)
 
-        with _SegmentBytes(path, size) as body, _settled(pool, in_flight):
+        # Kept for the next segments (their pages are touched once); never resized: a response
+        # still alive may hold a view of one. Untouched pages of a buffer take no memory.
+        while len(self._buffers) < (3 if pool is not None else 1):
+            self._buffers.append(bytearray(chunk))
+        with _SegmentBytes(path, size, self._buffers) as body, _settled(pool, in_flight):
             while True:
                 rounds_left -= 1
                 if rounds_left < 0:
@@ -359,7 +367,9 @@ class Syncer:
                     )
                 length = min(chunk, size - offset)
                 sent = in_flight.pop(offset, None)
-                if sent is not None and len(sent[0]) != length:
+                if sent is not None and len(sent[0]) != length:  # not this piece: let it finish
+                    with contextlib.suppress(Exception):
+                        sent[1].result()
                     sent = None
                 piece = sent[0] if sent is not None else body.piece(offset, length)
                 if pool is not None:
