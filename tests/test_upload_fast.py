@@ -404,26 +404,39 @@ def test_pieces_in_flight_resume_after_the_collector_is_killed_mid_upload(
     logger.close()
 
 
-def test_a_segment_truncated_mid_upload_is_an_error_not_a_crash(tmp_path, collector, monkeypatch):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_segment_truncated_mid_upload_is_an_error_not_a_crash(tmp_path, monkeypatch, scheme):
+    """Over HTTP the pieces are views of the mapped file, over TLS reads into buffers: a file cut
+    short under a map must not kill the process (SIGBUS), whichever way it is sent."""
     from pyodlog.sync import CollectorClient, SyncConfig, SyncError
+    from tests.helpers.collector_process import make_tls_files
     from tests.test_sync import FAST
 
-    sync = SyncConfig(**dict(FAST, chunk_bytes=64 << 10))
-    logger = make_logger(tmp_path / "local", collector.url, heavy=True, sync=sync)
-    log_calls(logger, 2)
-    logger.wait_for_save()
-    logger.sink.rotate()
-    (segment,) = logger.sink.segments()
-    real_put = CollectorClient.put_piece
+    options, config = [], dict(FAST, chunk_bytes=64 << 10)
+    if scheme == "https":
+        ca, cert, key = make_tls_files(tmp_path / "tls")
+        options, config["ca_bundle"] = ["--tls-cert", str(cert), "--tls-key", str(key)], str(ca)
+    server = CollectorProcess(tmp_path / "collector", write_keys(tmp_path / "keys.txt"), options)
+    server.start()
+    try:
+        endpoint = f"{scheme}://{'localhost' if scheme == 'https' else '127.0.0.1'}:{server.port}"
+        logger = make_logger(tmp_path / "local", endpoint, heavy=True, sync=SyncConfig(**config))
+        log_calls(logger, 2)
+        logger.wait_for_save()
+        logger.sink.rotate()
+        (segment,) = logger.sink.segments()
+        real_put = CollectorClient.put_piece
 
-    def truncating(self, *args, **kwargs):
-        answer = real_put(self, *args, **kwargs)
-        with open(segment, "r+b") as f:  # someone copies another file over it (cp truncates first)
-            f.truncate(100 << 10)
-        return answer
+        def truncating(self, *args, **kwargs):
+            answer = real_put(self, *args, **kwargs)
+            with open(segment, "r+b") as f:  # another file copied over it (cp truncates first)
+                f.truncate(100 << 10)
+            return answer
 
-    monkeypatch.setattr(CollectorClient, "put_piece", truncating)
-    with pytest.raises(SyncError, match="shorter than when its upload began"):
-        logger.upload()
-    assert collector.segments("tenant-a", "tiny", "v1", "run") == []
-    logger.close()
+        monkeypatch.setattr(CollectorClient, "put_piece", truncating)
+        with pytest.raises(SyncError, match="shorter than when its upload began"):
+            logger.upload()
+        assert server.segments("tenant-a", "tiny", "v1", "run") == []
+        logger.close()
+    finally:
+        server.stop()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import random
 import sys
@@ -91,44 +92,101 @@ class _SidecarDoubt(Exception):
     """An answer that the SHA-256 read from a sidecar cannot be trusted for: hash the file, send again."""
 
 
-class _SegmentBytes:
-    """Reads a closed segment's pieces into a few buffers that are reused (no allocation per piece).
+# Buffers of finished uploads, for the next ones (any Syncer of this process): a new buffer's pages
+# are faulted in on first use, which costs about as much as the copy into it.
+_FREE_BUFFERS: list[bytearray] = []
+_FREE_LOCK = threading.Lock()
+_MAX_FREE_BYTES = 32 << 20  # kept at most (three of the default 8 MiB pieces)
 
-    A piece is a view of one of the buffers, handed to ``socket.sendall`` as it is.
-    Three buffers turn round: at most two pieces are on their way at once (the
-    current one and the next), so the buffer read into is never one still being
-    sent. Not a memory map: a file truncated under a map kills the process
-    (SIGBUS) when a page past its end is touched; a read just comes up short.
+
+def _take_buffers(count: int, size: int) -> list[bytearray]:
+    with _FREE_LOCK:
+        taken = [b for b in _FREE_BUFFERS if len(b) == size][:count]
+        for buffer in taken:
+            _FREE_BUFFERS.remove(buffer)
+    return taken + [bytearray(size) for _ in range(count - len(taken))]
+
+
+@contextlib.contextmanager
+def _given_back(buffers: list[bytearray] | None):
+    """Returns the buffers for reuse once no piece in them is on its way any more."""
+    try:
+        yield
+    finally:
+        with _FREE_LOCK:
+            _FREE_BUFFERS.extend(buffers or [])
+            while sum(map(len, _FREE_BUFFERS)) > _MAX_FREE_BYTES:
+                _FREE_BUFFERS.pop(0)
+
+
+class _SegmentBytes:
+    """A closed segment's pieces, as views handed to ``socket.sendall`` as they are.
+
+    Over plain HTTP (a loopback collector, or a trusted network) the views are of the
+    file mapped into memory: only the kernel reads them (``send``), so a piece goes
+    from the page cache to the socket in one copy, and a file truncated meanwhile
+    makes ``send`` fail (EFAULT), it cannot kill the process. Over TLS the encryption
+    reads the bytes in this process, where a page past a truncated file's end is a
+    SIGBUS: there the pieces are read (``preadv``) into reused buffers (``buffers``;
+    three turn round, and at most two pieces are on their way at once). Either way a
+    file found shorter than at the start is a :class:`SyncError`.
     """
 
-    def __init__(self, path: Path, size: int, buffers: list[bytearray]) -> None:
-        self._path, self._size, self._buffers = path, size, buffers
+    def __init__(self, path: Path, size: int, buffers: list[bytearray] | None, chunk: int) -> None:
+        self._path, self._size, self._buffers, self._chunk = path, size, buffers, chunk
         self._next = 0
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
 
     def __enter__(self) -> _SegmentBytes:
         self._fd = os.open(self._path, os.O_RDONLY)
+        if self._buffers is None and self._size:
+            try:
+                self._map = mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # shorter already, or cannot be mapped: read it
+                self._buffers = []
+            else:
+                self._view = memoryview(self._map)
         return self
+
+    def _short(self, at: int) -> SyncError:
+        return SyncError(
+            f"{self._path.name} is shorter than when its upload began ({at} of {self._size} "
+            "bytes): a closed segment must not change"
+        )
 
     def piece(self, offset: int, length: int) -> memoryview | bytes:
         if length == 0:
             return b""
         assert self._fd is not None
+        if self._view is not None:
+            if os.fstat(self._fd).st_size < offset + length:
+                raise self._short(os.fstat(self._fd).st_size)
+            return self._view[offset : offset + length]
+        assert self._buffers is not None
+        if not self._buffers:  # the file could not be mapped: read it as over TLS
+            self._buffers.extend(bytearray(self._chunk) for _ in range(3))
         buffer = self._buffers[self._next % len(self._buffers)]
         self._next += 1
-        view = memoryview(buffer)[:length]  # length <= chunk_bytes == len(buffer)
+        if len(buffer) < length:
+            raise SyncError(f"a piece of {length} bytes does not fit a buffer of {len(buffer)}")
+        view = memoryview(buffer)[:length]
         done = 0
         while done < length:
             n = os.preadv(self._fd, [view[done:]], offset + done)
             if n == 0:
-                raise SyncError(
-                    f"{self._path.name} is shorter than when its upload began ({offset + done} of "
-                    f"{self._size} bytes): a closed segment must not change"
-                )
+                raise self._short(offset + done)
             done += n
         return view
 
     def __exit__(self, *exc: object) -> None:
+        if self._view is not None:
+            self._view.release()  # a piece still referenced keeps the mapping until it is collected
+            with contextlib.suppress(BufferError):
+                assert self._map is not None
+                self._map.close()
+            self._view = self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -173,7 +231,6 @@ class Syncer:
         self._pass_lock = threading.Lock()
         self._warned: set[str] = set()  # refused segments already warned about
         self.sidecar_mismatches = 0  # segments whose checksum file disagreed with their bytes
-        self._buffers: list[bytearray] = []  # the pieces' buffers, reused (see _SegmentBytes)
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self.last_error: BaseException | None = None
@@ -353,11 +410,17 @@ class Syncer:
         def send(at: int, data: memoryview | bytes) -> tuple[int, dict]:
             return client.put_piece(model, version, result, rank, path.name, sha, at, size, data)
 
-        # Kept for the next segments (their pages are touched once); never resized: a response
-        # still alive may hold a view of one. Untouched pages of a buffer take no memory.
-        while len(self._buffers) < (3 if pool is not None else 1):
-            self._buffers.append(bytearray(chunk))
-        with _SegmentBytes(path, size, self._buffers) as body, _settled(pool, in_flight):
+        # Mapped over plain HTTP, read into reused buffers over TLS (see _SegmentBytes).
+        buffers = (
+            _take_buffers(3 if pool is not None else 1, chunk)
+            if not client.endpoint.startswith("http://")
+            else None
+        )
+        with (
+            _given_back(buffers),
+            _SegmentBytes(path, size, buffers, chunk) as body,
+            _settled(pool, in_flight),
+        ):
             while True:
                 rounds_left -= 1
                 if rounds_left < 0:
