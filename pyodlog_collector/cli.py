@@ -249,7 +249,8 @@ def _serve(args) -> int:
         flush=True,
     )
     try:
-        server.serve_forever(poll_interval=0.2)
+        # The poll interval is how long a SIGTERM (shutdown()) waits for the loop to notice it.
+        server.serve_forever(poll_interval=0.05)
     except KeyboardInterrupt:
         pass
     finally:

@@ -29,6 +29,7 @@ from pyodlog_collector.metrics import CONTENT_TYPE, CollectorMetrics
 from pyodlog_collector.storage import BodyReadError, CollectorStorage, SegmentKey
 from pyodlog_protocol import (
     API_PREFIX,
+    HEADER_PIECES_AHEAD,
     NAME_RULE,
     PROTOCOL_VERSION,
     is_valid_name,
@@ -698,7 +699,12 @@ class CollectorHandler(BaseHTTPRequestHandler):
             )
         if len(parts) == 5:
             key = self._segment_key(tenant, parts)
-            return self._send_json(200, storage.status(key, self._query_sha(query, required=False)))
+            ahead = getattr(storage, "ahead_bytes", 0)
+            return self._send_json(
+                200,
+                storage.status(key, self._query_sha(query, required=False)),
+                {HEADER_PIECES_AHEAD: str(ahead)} if ahead else None,
+            )
         if len(parts) == 6 and parts[5] == "content":
             return self._send_content(self._segment_key(tenant, parts[:5]))
         raise _Reject(404, "not_found", "no such endpoint")
@@ -761,7 +767,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
                 f"{self.server.max_request_bytes} bytes: upload the segment in smaller pieces",
             )
         storage = self.server.storage
-        early = storage.check_piece(key, sha, offset, total, length)
+        early = storage.check_piece(key, sha, offset, total, length, ahead=True)
         if early is not None:
             self._discard_body()
             return self._send_json(early.status, early.body)

@@ -18,19 +18,18 @@ gets here, so no path leaves the root.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from pyodlog_protocol import is_valid_name
 from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
@@ -43,14 +42,18 @@ log = logging.getLogger("pyodlog.collector")
 # (one request's body on its way in).
 _STAGED_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.part")
 _PIECE_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.[0-9a-f]{16}\.piece")
+# Running SHA-256 states of staged uploads kept at most (a dropped one means one more read at commit).
+MAX_RUNNING_HASHES = 4096
+# A piece may start this far beyond what is staged, and waits this long for the bytes before it.
+AHEAD_BYTES = 256 << 20
+AHEAD_WAIT = 30.0
 
 
 class BodyReadError(Exception):
     """The request body could not be read (the client went away or stalled): not a storage failure."""
 
 
-@dataclass(frozen=True)
-class SegmentKey:
+class SegmentKey(NamedTuple):
     """Where a segment belongs: tenant, model, version, result, rank and segment id."""
 
     tenant: str
@@ -61,8 +64,7 @@ class SegmentKey:
     segment_id: str
 
 
-@dataclass
-class PieceResult:
+class PieceResult(NamedTuple):
     """What happened to an uploaded piece: an HTTP status and a JSON body."""
 
     status: int
@@ -109,6 +111,9 @@ class SegmentStorageBase:
 
     max_segment_bytes: int
     check_segments: bool
+    #: How far beyond what is staged a piece may start: it is held (its body unread) until the
+    #: bytes before it arrived on other connections (pieces in flight). 0: refused at once (409).
+    ahead_bytes: int = 0
 
     def _init_checker(self) -> None:
         self._checker = None
@@ -174,9 +179,19 @@ class SegmentStorageBase:
         return {"status": "partial" if received else "absent", "received": received}
 
     def check_piece(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        length: int,
+        ahead: bool = False,
     ) -> PieceResult | None:
-        """The answer to a piece that is refused (or not needed) before its body is read, else None."""
+        """The answer to a piece that is refused (or not needed) before its body is read, else None.
+
+        ``ahead``: a piece up to :attr:`ahead_bytes` beyond what is staged passes (it waits
+        for the bytes before it); otherwise a piece beyond what is staged is a 409.
+        """
         if total > self.max_segment_bytes:
             return PieceResult(
                 413,
@@ -199,7 +214,7 @@ class SegmentStorageBase:
         if meta is not None:
             return self.stored_answer(meta, sha256)
         received = self._received(key, sha256)
-        if offset > received:
+        if offset > received + (self.ahead_bytes if ahead else 0):
             return PieceResult(409, {"error": "offset_mismatch", "received": received})
         return None
 
@@ -210,13 +225,20 @@ class CollectorStorage(SegmentStorageBase):
     Args:
         root: the collector's data folder (created if missing).
         max_segment_bytes: the largest segment accepted (announced ``total``).
+        ahead_bytes: how far beyond what is staged a piece may start; it waits at most
+            ``ahead_wait`` seconds (its body unread) for the bytes before it, then is a 409.
         check_segments: check each complete upload with
             :func:`pyodlog_collector.segment_check.check_segment` (in a worker process)
             before it becomes visible (refused with 422 ``invalid_segment`` otherwise).
     """
 
     def __init__(
-        self, root: str | Path, max_segment_bytes: int = 8 << 30, check_segments: bool = True
+        self,
+        root: str | Path,
+        max_segment_bytes: int = 8 << 30,
+        check_segments: bool = True,
+        ahead_bytes: int = AHEAD_BYTES,
+        ahead_wait: float = AHEAD_WAIT,
     ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -224,6 +246,19 @@ class CollectorStorage(SegmentStorageBase):
         self.check_segments = check_segments
         self._locks = _KeyedLocks()
         self._init_checker()
+        # (tenant, model, version, result, segment id, sha256) -> (SHA-256 of the staged bytes so far,
+        # how many): each piece is hashed as it arrives, so a complete upload is not read again to be
+        # verified. Replaced (never changed in place) under the segment's lock; dropped whenever the
+        # staged file changes in any other way. A restart forgets them: the commit then hashes the file.
+        self._running: dict[tuple[str, ...], tuple[Any, int]] = {}
+        self._running_guard = threading.Lock()
+        # Upload id -> the inode of the staged file that one request is appending its body to
+        # (see _append_piece); read and changed under the segment's lock.
+        self._appenders: dict[tuple[str, ...], int] = {}
+        # Pieces in flight wait for the staged uploads to grow: every change is a new generation.
+        self.ahead_bytes, self.ahead_wait = int(ahead_bytes), float(ahead_wait)
+        self._progress = threading.Condition()
+        self._generation = 0
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -244,6 +279,26 @@ class CollectorStorage(SegmentStorageBase):
 
     def _lock(self, key: SegmentKey):
         return self._locks.hold((key.tenant, key.model, key.version, key.result, key.segment_id))
+
+    @staticmethod
+    def _upload_id(key: SegmentKey, sha256: str) -> tuple[str, ...]:
+        return (key.tenant, key.model, key.version, key.result, key.segment_id, sha256)
+
+    def _running_hash(self, key: SegmentKey, sha256: str) -> tuple[Any, int] | None:
+        with self._running_guard:
+            return self._running.get(self._upload_id(key, sha256))
+
+    def _set_running_hash(
+        self, key: SegmentKey, sha256: str, state: tuple[Any, int] | None
+    ) -> None:
+        """Under the segment's lock: records (or, with None, forgets) the staged upload's running hash."""
+        upload = self._upload_id(key, sha256)
+        with self._running_guard:
+            self._running.pop(upload, None)
+            if state is not None:
+                while len(self._running) >= MAX_RUNNING_HASHES:  # the oldest go first
+                    del self._running[next(iter(self._running))]
+                self._running[upload] = state
 
     def _stored_meta(self, key: SegmentKey) -> dict[str, object] | None:
         if not self._final(key).exists():
@@ -278,23 +333,102 @@ class CollectorStorage(SegmentStorageBase):
     ) -> PieceResult:
         """Writes ``length`` bytes read from ``body`` at ``offset`` of the segment's ``total`` bytes.
 
-        The body goes to a file of its own first, without any lock, so a slow or
-        stalled client delays nobody; only then, under the segment's lock, the
-        piece joins the staged upload. Repeating a piece is harmless: a piece at an
-        offset below what is staged overwrites the same bytes. A piece beyond what
-        is staged is refused (409, with ``received``) so the client resumes at the
-        right place.
+        A piece that continues the staged upload at its end goes straight into the
+        staged file (:meth:`_append_piece`): no copy. Any other piece goes to a file
+        of its own first; only then, under the segment's lock, it joins the staged
+        upload. Neither holds a lock while the body arrives, so a slow or stalled
+        client delays nobody. Repeating a piece is harmless: a piece at an offset
+        below what is staged overwrites the same bytes. A piece up to
+        ``ahead_bytes`` beyond what is staged (pieces in flight on several
+        connections) waits, its body unread, for the bytes before it; one further
+        ahead, or still ahead after ``ahead_wait`` seconds, is refused (409, with
+        ``received``) so the client resumes at the right place. Every byte is hashed as it arrives, so the commit does not read
+        the upload again (unless a restart or overlapping pieces lost the running hash).
 
         Raises:
             BodyReadError: the body could not be read (nothing was staged).
             OSError: the collector cannot write.
         """
-        early = self.check_piece(key, sha256, offset, total, length)
+        early = self.check_piece(key, sha256, offset, total, length, ahead=True)
+        if early is None and offset:
+            early = self._wait_for_predecessors(key, sha256, offset, total, length)
         if early is not None:
+            self._drop_body(body, length)
             return early
+        try:
+            return self._receive(key, sha256, offset, total, body, length)
+        finally:
+            self._notify()  # pieces waiting for this one look again
+
+    def _notify(self) -> None:
+        with self._progress:
+            self._generation += 1
+            self._progress.notify_all()
+
+    def _wait_for_predecessors(
+        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
+    ) -> PieceResult | None:
+        """Waits (no lock held, the body unread) until the staged upload reaches ``offset``.
+
+        Returns None when it did; else the answer (409 ``offset_mismatch`` after
+        ``ahead_wait`` seconds, or the segment was stored meanwhile).
+        """
+        deadline = time.monotonic() + self.ahead_wait
+        while True:
+            with self._progress:
+                generation = self._generation
+            early = self.check_piece(key, sha256, offset, total, length)
+            if early is None or early.body.get("error") != "offset_mismatch":
+                return early
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return early
+            with self._progress:
+                if self._generation == generation:
+                    self._progress.wait(left)
+
+    @staticmethod
+    def _drop_body(body: BinaryIO | io.BufferedIOBase, length: int) -> None:
+        """Reads a body that is not used, so the connection stays in step with the client."""
+        left = length
+        while left:
+            try:
+                block = body.read(min(READ_BLOCK, left))
+            except OSError as error:
+                raise BodyReadError(
+                    f"reading the body failed after {length - left} of {length} bytes "
+                    f"({error.__class__.__name__})"
+                ) from None
+            if not block:
+                raise BodyReadError(f"the client sent {length - left} of {length} bytes")
+            left -= len(block)
+
+    def _receive(
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        body: BinaryIO | io.BufferedIOBase,
+        length: int,
+    ) -> PieceResult:
+        """:meth:`write_piece` for a piece that starts within what is staged."""
+        if offset:
+            appended = self._append_piece(key, sha256, offset, total, body, length)
+            if appended is not None:
+                return appended
         folder = self._staging_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
-        piece = folder / f"{key.segment_id}.{sha256}.{secrets.token_hex(8)}.piece"
+        piece = folder / f"{key.segment_id}.{sha256}.{os.urandom(8).hex()}.piece"
+        # The piece continues the running hash of what is staged, if it starts where that ends.
+        base = self._running_hash(key, sha256) if offset else None
+        running = (
+            hashlib.sha256()
+            if offset == 0
+            else base[0].copy()
+            if base and base[1] == offset
+            else None
+        )
         try:
             with open(piece, "wb") as f:
                 left = length
@@ -309,23 +443,180 @@ class CollectorStorage(SegmentStorageBase):
                     if not block:
                         raise BodyReadError(f"the client sent {length - left} of {length} bytes")
                     f.write(block)
+                    if running is not None:
+                        running.update(block)  # releases the GIL, like the write
                     left -= len(block)
             with self._lock(key):
-                return self._apply(key, sha256, offset, total, piece, length)
+                # Still the state this piece continues (no other piece was applied meanwhile)?
+                if offset and (base is None or self._running_hash(key, sha256) is not base):
+                    running = None
+                return self._apply(key, sha256, offset, total, piece, length, running)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 piece.unlink()
 
+    def _append_piece(
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        body: BinaryIO | io.BufferedIOBase,
+        length: int,
+    ) -> PieceResult | None:
+        """Writes a piece that starts where the staged upload ends straight into the staged file.
+
+        One request at a time per upload appends (it is registered, under the
+        segment's lock, with the staged file's inode); it holds no lock while its
+        body arrives. A piece that arrives meanwhile takes the other way, and
+        replaces the staged file with a copy rather than changing it in place
+        (:meth:`_apply`): an appender whose file was replaced wrote into a file
+        nobody sees any more, and answers with what is staged now. A body that does
+        not arrive whole is cut off again (nothing of it stays staged). Returns None
+        when the piece cannot be appended now (not at the end, or another request
+        is appending): the caller takes the other way.
+
+        Raises:
+            BodyReadError: the body could not be read.
+            OSError: the collector cannot write.
+        """
+        upload = self._upload_id(key, sha256)
+        staged = self._staged(key, sha256)
+        with self._lock(key):
+            if upload in self._appenders:
+                return None
+            try:
+                fd = os.open(staged, os.O_WRONLY)
+            except FileNotFoundError:
+                return None
+            try:
+                info = os.fstat(fd)
+                if info.st_size != offset:
+                    os.close(fd)
+                    return None
+            except OSError:
+                os.close(fd)
+                raise
+            base = self._running_hash(key, sha256)
+            if base is not None and base[1] != offset:
+                base = None
+            self._appenders[upload] = info.st_ino
+            self._set_running_hash(key, sha256, None)  # the staged file changes now
+        running = base[0].copy() if base is not None else None
+        failure: BodyReadError | None = None
+        try:
+            written = 0
+            while written < length:
+                try:
+                    block = body.read(min(READ_BLOCK, length - written))
+                except OSError as error:  # a timeout or a reset: the client's side
+                    failure = BodyReadError(
+                        f"reading the body failed after {written} of {length} bytes "
+                        f"({error.__class__.__name__})"
+                    )
+                    break
+                if not block:
+                    failure = BodyReadError(f"the client sent {written} of {length} bytes")
+                    break
+                view = memoryview(block)
+                while view:
+                    n = os.pwrite(fd, view, offset + written)
+                    view, written = view[n:], written + n
+                if running is not None:
+                    running.update(block)  # releases the GIL, like the write
+        except BaseException:
+            with self._lock(key):
+                self._end_append(upload, fd, staged, info.st_ino, offset, base, cut=True)
+            raise
+        with self._lock(key):
+            ours = self._end_append(
+                upload, fd, staged, info.st_ino, offset, base, cut=failure is not None
+            )
+            if failure is not None:
+                raise failure
+            if not ours:  # replaced meanwhile: these bytes went nowhere
+                meta = self._stored_meta(key)
+                if meta is not None:
+                    return self.stored_answer(meta, sha256)
+                received = self._received(key, sha256)
+                return PieceResult(202, {"status": "partial", "received": received})
+            received = offset + length
+            if received < total:
+                if running is not None:
+                    self._set_running_hash(key, sha256, (running, received))
+                return PieceResult(202, {"status": "partial", "received": received})
+            return self._commit(key, staged, sha256, total, running)
+
+    def _end_append(
+        self,
+        upload: tuple[str, ...],
+        fd: int,
+        staged: Path,
+        inode: int,
+        offset: int,
+        base: tuple[Any, int] | None,
+        cut: bool,
+    ) -> bool:
+        """Under the segment's lock: ends an append; ``cut``: drops what it wrote. Whether the file it
+        appended to is still the staged one."""
+        self._appenders.pop(upload, None)
+        try:
+            try:
+                ours = os.stat(staged).st_ino == inode
+            except FileNotFoundError:
+                ours = False
+            if ours and cut:
+                os.ftruncate(fd, offset)
+                if base is not None:
+                    self._set_running_hash(*self._key_of(upload), base)
+        finally:
+            os.close(fd)
+        return ours
+
+    @staticmethod
+    def _key_of(upload: tuple[str, ...]) -> tuple[SegmentKey, str]:
+        tenant, model, version, result, segment_id, sha256 = upload
+        return SegmentKey(tenant, model, version, result, 0, segment_id), sha256
+
     def _apply(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, piece: Path, length: int
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        piece: Path,
+        length: int,
+        running: Any = None,
     ) -> PieceResult:
-        """Under the segment's lock: adds a received piece to the staged upload; commits when complete."""
+        """Under the segment's lock: adds a received piece to the staged upload; commits when complete.
+
+        ``running``: the SHA-256 of the staged bytes before ``offset`` and of the piece,
+        when known (see :meth:`write_piece`); else the commit reads the staged file.
+        """
         early = self.check_piece(key, sha256, offset, total, length)  # again: others ran meanwhile
         if early is not None:
             return early
+        self._set_running_hash(key, sha256, None)  # the staged file changes now
         staged = self._staged(key, sha256)
         if offset == 0:
             os.replace(piece, staged)  # the same as truncating to 0 and writing the piece
+        elif self._upload_id(key, sha256) in self._appenders:
+            # Another request is appending to the staged file: leave that file alone, stage a copy.
+            copy = piece.with_name(f"{key.segment_id}.{sha256}.{os.urandom(8).hex()}.piece")
+            try:
+                with open(copy, "wb") as f, open(staged, "rb") as old, open(piece, "rb") as src:
+                    left = offset
+                    while left:
+                        block = old.read(min(READ_BLOCK, left))
+                        if not block:
+                            raise OSError(f"the staged upload is shorter than {offset} bytes")
+                        f.write(block)
+                        left -= len(block)
+                    shutil.copyfileobj(src, f, READ_BLOCK)
+                os.replace(copy, staged)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    copy.unlink()
         else:
             with open(staged, "r+b") as f, open(piece, "rb") as src:
                 f.truncate(offset)
@@ -333,11 +624,16 @@ class CollectorStorage(SegmentStorageBase):
                 shutil.copyfileobj(src, f, READ_BLOCK)
         received = offset + length
         if received < total:
+            if running is not None:
+                self._set_running_hash(key, sha256, (running, received))
             return PieceResult(202, {"status": "partial", "received": received})
-        return self._commit(key, staged, sha256, total)
+        return self._commit(key, staged, sha256, total, running)
 
-    def _commit(self, key: SegmentKey, staged: Path, sha256: str, total: int) -> PieceResult:
-        actual = sha256_file(staged)
+    def _commit(
+        self, key: SegmentKey, staged: Path, sha256: str, total: int, running: Any = None
+    ) -> PieceResult:
+        # Every byte was hashed as it arrived (one pass), or, after a restart or an overlap, is read now.
+        actual = running.hexdigest() if running is not None else sha256_file(staged)
         if actual != sha256:
             staged.unlink()
             return PieceResult(
@@ -393,6 +689,7 @@ class CollectorStorage(SegmentStorageBase):
         for other in self._files(self._staging_dir(key)):
             match = _STAGED_NAME.fullmatch(other.name)
             if match and match["segment"] == key.segment_id:
+                self._set_running_hash(key, match["sha"], None)
                 with contextlib.suppress(FileNotFoundError):
                     other.unlink()
         return PieceResult(201, {"status": "stored", "sha256": sha256, "received": total})
@@ -428,6 +725,8 @@ class CollectorStorage(SegmentStorageBase):
                         try:
                             if entry.stat().st_mtime >= limit:
                                 continue
+                            if entry.name.endswith(".part"):
+                                self._set_running_hash(key, match["sha"], None)
                             entry.unlink()
                         except FileNotFoundError:
                             continue

@@ -16,6 +16,7 @@ from urllib.parse import quote
 __all__ = [
     "API_PREFIX",
     "HEADER_IDEMPOTENCY_KEY",
+    "HEADER_PIECES_AHEAD",
     "NAME_PATTERN",
     "NAME_RULE",
     "PROTOCOL_VERSION",
@@ -33,6 +34,8 @@ __all__ = [
 PROTOCOL_VERSION = 1
 API_PREFIX = f"/v{PROTOCOL_VERSION}"
 HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
+#: On a segment's status answer: how far beyond ``received`` a piece may start (pieces in flight).
+HEADER_PIECES_AHEAD = "X-Pieces-Ahead"
 
 #: Model, version, result, segment and tenant names: they become folder and file
 #: names on both sides, so only these characters, and never a leading '.' (no

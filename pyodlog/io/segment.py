@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ __all__ = [
     "encode_strings",
     "fsync_dir",
     "quarantine_segment",
+    "read_checksum",
     "reading_open_segment",
     "segment_name",
     "segment_rank",
@@ -161,6 +163,43 @@ def write_checksum(path: Path) -> Path | None:
             error,
         )
         return None
+
+
+_SIDECAR_LINE = re.compile(rb"([0-9a-f]{64})  ([^\x00-\x1f/]+)\n")
+
+
+def read_checksum(path: Path) -> str | None:
+    """The SHA-256 that this segment's writer recorded in ``<path>.sha256`` at close, or None.
+
+    For the uploader, which sends it instead of hashing the segment once more: it is
+    returned only when the sidecar is what :func:`write_checksum` writes (one line
+    ``'<hex>  <name>'`` naming this very file, a regular file, not a link) and was
+    written after the segment's last change (a segment modified after its sidecar
+    makes the sidecar stale). Anything else (missing, unreadable, foreign or stale)
+    gives None: the caller hashes the file itself. The collector verifies the
+    SHA-256 of every byte it receives, so a sidecar that still lies is refused there.
+    """
+    sidecar = path.with_name(path.name + CHECKSUM_SUFFIX)
+    try:
+        fd = os.open(str(sidecar), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 512:
+            return None
+        text = os.read(fd, 513)
+        segment_mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    match = _SIDECAR_LINE.fullmatch(text)
+    if match is None or match.group(2) != os.fsencode(path.name):
+        return None
+    if info.st_mtime_ns < segment_mtime:  # the segment changed after its sidecar was written
+        return None
+    return match.group(1).decode("ascii")
 
 
 @contextlib.contextmanager

@@ -26,7 +26,9 @@ from urllib3.util.retry import Retry
 from pyodlog._checks import check_number
 from pyodlog_protocol import (
     HEADER_IDEMPOTENCY_KEY,
+    HEADER_PIECES_AHEAD,
     is_loopback_host,
+    parse_uint,
     segment_path,
     segments_path,
 )
@@ -336,6 +338,16 @@ class CollectorClient:
         self, method: str, path: str, expect: tuple[int, ...] = (200,), **kwargs
     ) -> tuple[int, dict[str, Any]]:
         response = self._request(method, path, **kwargs)
+        return response.status_code, self._answer(response, method, path, expect)
+
+    def _answer(
+        self,
+        response: requests.Response,
+        method: str,
+        path: str,
+        expect: tuple[int, ...] = (200,),
+    ) -> dict[str, Any]:
+        """The JSON object of an answer with one of the ``expect``ed statuses, else a SyncError."""
         where = f"{method} {self.endpoint}{path.split('?')[0]}"
         if response.status_code not in expect:
             raise self._error(
@@ -351,7 +363,7 @@ class CollectorClient:
                 f"the collector's answer to {where} (HTTP {response.status_code}) is not a JSON "
                 "object; is api_endpoint a pyodlog collector?"
             )
-        return response.status_code, answer
+        return answer
 
     def _malformed(self, method: str, path: str, what: str) -> SyncError:
         return self._error(
@@ -379,9 +391,16 @@ class CollectorClient:
     def status(
         self, model: str, version: str, result: str, rank: int, segment_id: str, sha256: str
     ) -> dict[str, Any]:
-        """``{"status": "stored"|"partial"|"absent", "received": bytes, ["sha256": ...]}``."""
+        """``{"status": "stored"|"partial"|"absent", "received": bytes, ["sha256": ...]}``.
+
+        Plus ``"ahead"``: how far beyond ``received`` a piece may start, when the
+        collector holds pieces in flight (its ``X-Pieces-Ahead`` header; 0 otherwise).
+        """
         path = segment_path(model, version, result, rank, segment_id)
-        answer = self._json("GET", path, params={"sha256": sha256})[1]
+        response = self._request("GET", path, params={"sha256": sha256})
+        answer = self._answer(response, "GET", path)
+        ahead = parse_uint(response.headers.get(HEADER_PIECES_AHEAD, "0").strip())
+        answer["ahead"] = ahead or 0
         state = answer.get("status")
         if state not in ("stored", "partial", "absent"):
             raise self._malformed("GET", path, f"'status' is {_short(state)}")
@@ -403,9 +422,11 @@ class CollectorClient:
         sha256: str,
         offset: int,
         total: int,
-        data: bytes | BinaryIO,
+        data: bytes | memoryview | BinaryIO,
     ) -> tuple[int, dict[str, Any]]:
         """Sends bytes ``[offset, offset + len(data))`` of a segment; returns the status and JSON answer.
+
+        A ``memoryview`` (of a mapped file) is handed to the socket as it is, without a copy.
 
         201: stored (verified); 200: the collector had it; 202: partial
         (``received``); 409: ``offset_mismatch`` (resume at ``received``) or

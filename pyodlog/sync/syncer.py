@@ -20,18 +20,22 @@ and are retried.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
+import os
 import random
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pyodlog.io.reader import read_epochs
-from pyodlog.io.segment import segment_rank
+from pyodlog.io.segment import read_checksum, segment_rank
 from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, _is_count
 from pyodlog.sync.state import SyncState
 from pyodlog_protocol.files import sha256_file
@@ -84,6 +88,110 @@ class _Refused(Exception):
     """The collector refused one segment for good (the pass goes on with the others)."""
 
 
+class _SidecarDoubt(Exception):
+    """An answer that the SHA-256 read from a sidecar cannot be trusted for: hash the file, send again."""
+
+
+# Buffers of finished uploads, for the next ones (any Syncer of this process): a new buffer's pages
+# are faulted in on first use, which costs about as much as the copy into it.
+_FREE_BUFFERS: list[bytearray] = []
+_FREE_LOCK = threading.Lock()
+_MAX_FREE_BYTES = 32 << 20  # kept at most (three of the default 8 MiB pieces)
+
+
+def _take_buffers(count: int, size: int) -> list[bytearray]:
+    with _FREE_LOCK:
+        taken = [b for b in _FREE_BUFFERS if len(b) == size][:count]
+        for buffer in taken:
+            _FREE_BUFFERS.remove(buffer)
+    return taken + [bytearray(size) for _ in range(count - len(taken))]
+
+
+@contextlib.contextmanager
+def _given_back(buffers: list[bytearray] | None):
+    """Returns the buffers for reuse once no piece in them is on its way any more."""
+    try:
+        yield
+    finally:
+        with _FREE_LOCK:
+            _FREE_BUFFERS.extend(buffers or [])
+            while sum(map(len, _FREE_BUFFERS)) > _MAX_FREE_BYTES:
+                _FREE_BUFFERS.pop(0)
+
+
+class _SegmentBytes:
+    """A closed segment's pieces, as views handed to ``socket.sendall`` as they are.
+
+    Over plain HTTP (a loopback collector, or a trusted network) the views are of the
+    file mapped into memory: only the kernel reads them (``send``), so a piece goes
+    from the page cache to the socket in one copy, and a file truncated meanwhile
+    makes ``send`` fail (EFAULT), it cannot kill the process. Over TLS the encryption
+    reads the bytes in this process, where a page past a truncated file's end is a
+    SIGBUS: there the pieces are read (``preadv``) into reused buffers (``buffers``;
+    three turn round, and at most two pieces are on their way at once). Either way a
+    file found shorter than at the start is a :class:`SyncError`.
+    """
+
+    def __init__(self, path: Path, size: int, buffers: list[bytearray] | None, chunk: int) -> None:
+        self._path, self._size, self._buffers, self._chunk = path, size, buffers, chunk
+        self._next = 0
+        self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+
+    def __enter__(self) -> _SegmentBytes:
+        self._fd = os.open(self._path, os.O_RDONLY)
+        if self._buffers is None and self._size:
+            try:
+                self._map = mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # shorter already, or cannot be mapped: read it
+                self._buffers = []
+            else:
+                self._view = memoryview(self._map)
+        return self
+
+    def _short(self, at: int) -> SyncError:
+        return SyncError(
+            f"{self._path.name} is shorter than when its upload began ({at} of {self._size} "
+            "bytes): a closed segment must not change"
+        )
+
+    def piece(self, offset: int, length: int) -> memoryview | bytes:
+        if length == 0:
+            return b""
+        assert self._fd is not None
+        if self._view is not None:
+            if os.fstat(self._fd).st_size < offset + length:
+                raise self._short(os.fstat(self._fd).st_size)
+            return self._view[offset : offset + length]
+        assert self._buffers is not None
+        if not self._buffers:  # the file could not be mapped: read it as over TLS
+            self._buffers.extend(bytearray(self._chunk) for _ in range(3))
+        buffer = self._buffers[self._next % len(self._buffers)]
+        self._next += 1
+        if len(buffer) < length:
+            raise SyncError(f"a piece of {length} bytes does not fit a buffer of {len(buffer)}")
+        view = memoryview(buffer)[:length]
+        done = 0
+        while done < length:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise self._short(offset + done)
+            done += n
+        return view
+
+    def __exit__(self, *exc: object) -> None:
+        if self._view is not None:
+            self._view.release()  # a piece still referenced keeps the mapping until it is collected
+            with contextlib.suppress(BufferError):
+                assert self._map is not None
+                self._map.close()
+            self._view = self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Syncer:
     """Uploads one result's closed segments to one collector.
 
@@ -119,9 +227,10 @@ class Syncer:
         self.n_epoch = n_epoch
         self.config = config
         self._epochs: dict[str, set[int]] = {}
-        self._checksums: dict[str, tuple[int, int, str]] = {}
+        self._checksums: dict[str, tuple[int, int, str, bool]] = {}
         self._pass_lock = threading.Lock()
         self._warned: set[str] = set()  # refused segments already warned about
+        self.sidecar_mismatches = 0  # segments whose checksum file disagreed with their bytes
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self.last_error: BaseException | None = None
@@ -146,17 +255,30 @@ class Syncer:
         # A segment without images holds only aggregates (every call sampled out): always sent.
         return self.n_epoch in epochs or not epochs
 
-    def _checksum(self, path: Path) -> tuple[str, int]:
-        """SHA-256 and size of a closed segment, hashed once (a retried pass does not read it again)."""
+    def _checksum(self, path: Path, trust_sidecar: bool = True) -> tuple[str, int, bool]:
+        """SHA-256 and size of a closed segment, and whether the SHA-256 is the sidecar's.
+
+        The writer recorded the SHA-256 in ``<segment>.sha256`` when it closed the
+        segment (:func:`pyodlog.io.segment.read_checksum`): that one is used, so the
+        segment is not read once more before its first byte is sent. Without a
+        trusted sidecar (or with ``trust_sidecar=False``) the file is hashed, once: a
+        retried pass does not read it again.
+        """
         stat = path.stat()
         cached = self._checksums.get(path.name)
-        if cached is None or cached[:2] != (stat.st_size, stat.st_mtime_ns):
+        if (
+            cached is None
+            or cached[:2] != (stat.st_size, stat.st_mtime_ns)
+            or (cached[3] and not trust_sidecar)
+        ):
+            recorded = read_checksum(path) if trust_sidecar else None
             cached = self._checksums[path.name] = (
                 stat.st_size,
                 stat.st_mtime_ns,
-                sha256_file(path),
+                recorded if recorded is not None else sha256_file(path),
+                recorded is not None,
             )
-        return cached[2], cached[0]
+        return cached[2], cached[0], cached[3]
 
     def _selected(self, own_rank_only: bool) -> list[Path]:
         """The result's closed segments of the selected epoch (and of this rank's, if asked)."""
@@ -185,22 +307,75 @@ class Syncer:
     def _send(self, path: Path, summary: UploadSummary, progress, stored: dict[str, str]) -> None:
         """Sends one segment; ``stored`` is the collector's listing (segment id -> SHA-256) of this pass.
 
+        The SHA-256 comes from the segment's sidecar when the writer left one
+        (:meth:`_checksum`). It is trusted only where the collector checks it: an
+        upload of every byte that the collector verified and stored. Wherever the
+        collector's answer rests on the SHA-256 alone (already stored, another
+        SHA-256 under this id, an upload resumed from bytes sent earlier, a
+        checksum mismatch), the file is hashed first and the segment sent again
+        with its own SHA-256, so a stale or forged sidecar never gets a segment
+        acknowledged that the collector does not hold.
+
         Raises:
             _Refused: the collector refused this segment for good.
             SyncError: anything else (the pass stops, and is retried later).
         """
-        model, version, result = self.names
         rank = segment_rank(path.name)
         rank = self.rank if rank is None else rank
-        sha, size = self._checksum(path)
         if hasattr(self.client, "send_segment"):  # an object store (pyodlog.sync.s3)
+            # The store keeps the SHA-256 it is given as the object's metadata: hash the file.
+            sha, size, _ = self._checksum(path, trust_sidecar=False)
             self._send_object(path, rank, sha, size, summary, progress)
             return
+        sha, size, recorded = self._checksum(path)
+        if recorded:
+            try:
+                self._send_to_collector(path, rank, sha, size, True, summary, progress, stored)
+                return
+            except _SidecarDoubt as doubt:
+                actual, size, _ = self._checksum(path, trust_sidecar=False)
+                if actual != sha:
+                    log.warning(
+                        "pyodlog: the checksum file of segment %s says SHA-256 %s but the segment "
+                        "hashes to %s (%s); sending it with its own SHA-256. The sidecar is stale or "
+                        "damaged, or the segment changed after it was closed: check the disk",
+                        path.name,
+                        sha,
+                        actual,
+                        doubt,
+                    )
+                    self.sidecar_mismatches += 1
+                sha = actual
+        self._send_to_collector(path, rank, sha, size, False, summary, progress, stored)
+
+    def _send_to_collector(
+        self,
+        path: Path,
+        rank: int,
+        sha: str,
+        size: int,
+        recorded: bool,
+        summary: UploadSummary,
+        progress,
+        stored: dict[str, str],
+    ) -> None:
+        """Sends one segment under ``sha`` (``recorded``: the sidecar's, not yet checked; see :meth:`_send`).
+
+        Raises:
+            _SidecarDoubt: ``recorded`` and an answer that rests on the SHA-256 alone.
+            _Refused, SyncError: as :meth:`_send`.
+        """
+        model, version, result = self.names
+        client = cast(CollectorClient, self.client)  # an object store went to _send_object
         if path.name in stored:  # the listing answered: no status request for this segment
             status = {"status": "stored", "sha256": stored[path.name]}
         else:  # how much of it the collector has staged (an upload cut off earlier resumes there)
-            status = self.client.status(model, version, result, rank, path.name, sha)
+            status = client.status(model, version, result, rank, path.name, sha)
         if status["status"] == "stored":
+            if recorded:
+                if status.get("sha256") != sha:
+                    raise _SidecarDoubt("the collector holds this segment id with another SHA-256")
+                self._vouch(path, sha, "the collector holds a segment of this id already")
             if status.get("sha256") != sha:
                 raise _Refused(
                     "HTTP 409 checksum_conflict: the collector holds this segment id with another "
@@ -212,12 +387,40 @@ class Syncer:
                 progress.update(size)
             return
         offset = min(int(status["received"]), size)
+        # Whether every byte staged at the collector was sent by this call: only then does the
+        # collector's check of the SHA-256 vouch for a SHA-256 read from the sidecar.
+        ours = offset == 0
         restarted = False
         if progress is not None:
             progress.update(offset)
         # A collector that keeps answering without progress must not keep us here forever.
-        rounds_left = 2 * (size // self.config.chunk_bytes + 1) + 16
-        with open(path, "rb") as f:
+        chunk = self.config.chunk_bytes
+        rounds_left = 2 * (size // chunk + 1) + 16
+        # A collector that holds a piece until the bytes before it arrived ("ahead", protocol
+        # 1.1) gets the next piece while it takes in this one, on a second connection: no pause
+        # at the end of every piece. Otherwise one piece after the other.
+        ahead = status.get("ahead")
+        pool = (
+            ThreadPoolExecutor(2, thread_name_prefix="pyodlog-sync-piece")
+            if _is_count(ahead) and ahead >= chunk and size - offset > chunk
+            else None
+        )
+        in_flight: dict[int, tuple[memoryview | bytes, Future]] = {}
+
+        def send(at: int, data: memoryview | bytes) -> tuple[int, dict]:
+            return client.put_piece(model, version, result, rank, path.name, sha, at, size, data)
+
+        # Mapped over plain HTTP, read into reused buffers over TLS (see _SegmentBytes).
+        buffers = (
+            _take_buffers(3 if pool is not None else 1, chunk)
+            if not client.endpoint.startswith("http://")
+            else None
+        )
+        with (
+            _given_back(buffers),
+            _SegmentBytes(path, size, buffers, chunk) as body,
+            _settled(pool, in_flight),
+        ):
             while True:
                 rounds_left -= 1
                 if rounds_left < 0:
@@ -225,13 +428,35 @@ class Syncer:
                         f"the collector at {self.client.endpoint} makes no progress with {path.name} "
                         "(it keeps asking for bytes it already got); is it a pyodlog collector?"
                     )
-                f.seek(offset)
-                piece = f.read(min(self.config.chunk_bytes, size - offset))
-                code, answer = self.client.put_piece(
-                    model, version, result, rank, path.name, sha, offset, size, piece
-                )
+                length = min(chunk, size - offset)
+                sent = in_flight.pop(offset, None)
+                if sent is not None and len(sent[0]) != length:  # not this piece: let it finish
+                    with contextlib.suppress(Exception):
+                        sent[1].result()
+                    sent = None
+                piece = sent[0] if sent is not None else body.piece(offset, length)
+                if pool is not None:
+                    after = offset + length
+                    if sent is None:
+                        sent = (piece, pool.submit(send, offset, piece))
+                    if after < size and after not in in_flight:
+                        nxt = body.piece(after, min(chunk, size - after))
+                        in_flight[after] = (nxt, pool.submit(send, after, nxt))
+                    code, answer = sent[1].result()
+                else:
+                    code, answer = send(offset, piece)
                 error = answer.get("error")
+                if code != 202 or answer.get("received") != offset + length:
+                    _settle(in_flight)  # an answer off the plan: what was sent ahead is moot
                 if code in (200, 201):
+                    if recorded and (code == 200 or not ours):
+                        self._vouch(
+                            path,
+                            sha,
+                            "the collector holds a segment of this id already"
+                            if code == 200
+                            else "the upload was resumed from bytes sent earlier",
+                        )
                     summary.bytes += len(piece) if code == 201 else 0
                     if progress is not None:
                         progress.update(size - offset)
@@ -248,12 +473,20 @@ class Syncer:
                         summary.bytes += len(piece)
                         if progress is not None:
                             progress.update(len(piece))
-                    offset = received  # another sender, or a lost answer: resume there
+                    # Not where our own pieces lead: another sender, or a lost answer.
+                    if received != (offset + len(piece) if code == 202 else offset):
+                        ours = received == 0
+                    offset = received
                     continue
-                if code == 422 and error == "checksum_mismatch" and not restarted:
-                    # The bytes were damaged on the way: send once more from the start.
-                    restarted, offset = True, 0
-                    continue
+                if code == 422 and error == "checksum_mismatch":
+                    if recorded:
+                        raise _SidecarDoubt("the collector found another SHA-256 in the bytes")
+                    if not restarted:
+                        # The bytes were damaged on the way: send once more from the start.
+                        restarted, offset, ours = True, 0, True
+                        continue
+                if code == 409 and error == "checksum_conflict" and recorded:
+                    raise _SidecarDoubt("the collector holds this segment id with another SHA-256")
                 detail = answer.get("detail", "")
                 if code == 413 and error != "segment_too_large":
                     # The piece, not the segment, is too large: every segment would be refused.
@@ -268,6 +501,15 @@ class Syncer:
                 )
         self.state.acknowledge(path.name, sha, size, self.client.endpoint)
         summary.segments += 1
+
+    def _vouch(self, path: Path, sha: str, why: str) -> None:
+        """Hashes the file: the collector's answer (``why``) rests on ``sha``, read from the sidecar.
+
+        Raises:
+            _SidecarDoubt: the file does not hash to ``sha``.
+        """
+        if self._checksum(path, trust_sidecar=False)[0] != sha:
+            raise _SidecarDoubt(why)
 
     def _send_object(
         self, path: Path, rank: int, sha: str, size: int, summary: UploadSummary, progress
@@ -350,7 +592,7 @@ class Syncer:
                     except _Refused as refusal:
                         reason = self.client.redact(str(refusal))[:400]
                         self.state.refuse(
-                            path.name, self._checksum(path)[0], reason, self.client.endpoint
+                            path.name, self._checksum(path, False)[0], reason, self.client.endpoint
                         )
                         self._warned.add(path.name)
                         summary.refused[path.name] = reason
@@ -454,6 +696,25 @@ class Syncer:
             if self.last_error is None
             else self.client.redact(str(self.last_error)),
         }
+
+
+def _settle(in_flight: dict[int, tuple[memoryview | bytes, Future]]) -> None:
+    """Waits for the pieces sent ahead and forgets them (their answers no longer matter)."""
+    for _, future in in_flight.values():
+        with contextlib.suppress(Exception):
+            future.result()
+    in_flight.clear()
+
+
+@contextlib.contextmanager
+def _settled(pool: ThreadPoolExecutor | None, in_flight: dict):
+    """No piece is still on its way when the segment's pass ends (also when it fails)."""
+    try:
+        yield
+    finally:
+        _settle(in_flight)
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 def _describe(value: object, text: bool = False) -> str:
