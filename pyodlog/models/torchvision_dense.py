@@ -132,7 +132,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             )
         logits = gather_rows(cls_logits.reshape(-1, n_classes), candidates)
         near_misses = None
-        if self.near_miss:
+        if self.near_miss and not self._sampled_out_now():  # sampled out: no rows
             near_misses = self._near_misses(
                 returned,
                 candidates,

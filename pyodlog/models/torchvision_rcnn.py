@@ -121,7 +121,7 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         )
         logits = gather_rows(class_logits, candidates)
         near_misses = None
-        if self.near_miss:
+        if self.near_miss and not self._sampled_out_now():  # sampled out: no rows
             box_features = self._state["box_features"].flatten(1)
             near_misses = near_misses_of(
                 returned,
