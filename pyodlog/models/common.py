@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ __all__ = [
     "ReturnedDetections",
     "captured",
     "clip_and_resize",
+    "first_rows",
     "gather_rows",
     "host_tensor",
     "image_sizes_of",
@@ -31,6 +33,7 @@ __all__ = [
     "refuse_cuda_graphs",
     "returned_detections",
     "rows_of_images",
+    "sizes_tensor",
     "with_uncertainty",
 ]
 
@@ -55,11 +58,30 @@ def host_tensor(values: Sequence, dtype: torch.dtype, device: torch.device) -> T
 
 def rows_of_images(counts: Sequence[int], device: torch.device) -> Tensor:
     """``Tensor[sum(counts)]``: the image of each row when images' rows are concatenated."""
+    return _rows_of_images(tuple(int(n) for n in counts), device)
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_of_images(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """:func:`rows_of_images`, made once per ``counts`` (read only: every call reuses it)."""
     if not counts:
         return torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(
-        [torch.full((int(n),), i, dtype=torch.long, device=device) for i, n in enumerate(counts)]
+        [torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)]
     )
+
+
+def sizes_tensor(sizes: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """``Tensor[B, 2]`` int64 of (h, w) per image on ``device``, made once per distinct sizes
+    (read only), without waiting for the device."""
+    return _constant(tuple((int(h), int(w)) for h, w in sizes), torch.long, device)
+
+
+def first_rows(rows_per_image: Sequence[int], device: torch.device) -> Tensor:
+    """``Tensor[B]`` int64: the first row of each image when images' rows are concatenated
+    (read only, made once per distinct counts)."""
+    counts = [int(n) for n in rows_per_image]
+    return _constant(tuple(sum(counts[:i]) for i in range(len(counts))), torch.long, device)
 
 
 def gather_rows(table: Tensor, candidates: Tensor) -> Tensor:
@@ -215,20 +237,38 @@ def clip_and_resize(
         A tensor of ``boxes``' shape and dtype.
     """
     device, dtype = boxes.device, boxes.dtype
-    image = rows_of_images(rows_per_image, device)
     shape = boxes.shape
-    if clip_sizes is not None:
-        hw = host_tensor(clip_sizes, torch.long, device).to(dtype)[image]  # [N, 2]
-        limit = hw.flip(-1).repeat(1, 2).reshape(-1, *([1] * (boxes.dim() - 2)), 4)
-        boxes = torch.clamp(boxes, min=torch.zeros((), dtype=dtype, device=device), max=limit)
     ratios = [
         (np.float32(t[1]) / np.float32(f[1]), np.float32(t[0]) / np.float32(f[0]))
         for f, t in zip(from_sizes, to_sizes)
     ]
     compute = _compute_dtype(dtype)
+    trailing = [1] * (boxes.dim() - 2)
+    if len(set(ratios)) == 1 and (clip_sizes is None or len(set(map(tuple, clip_sizes))) == 1):
+        # Every image alike (always so for one image): one row broadcast, no per-row gather.
+        if clip_sizes is not None:
+            h, w = clip_sizes[0]
+            limit = _constant((w, h, w, h), dtype, device)
+            boxes = torch.clamp(boxes, min=_constant((0,), dtype, device), max=limit)
+        if ratios[0] == (1.0, 1.0):  # x * 1 is x, in any float dtype
+            return boxes.reshape(shape)
+        rw, rh = ratios[0]
+        ratio = _constant((float(rw), float(rh), float(rw), float(rh)), torch.float32, device)
+        return (boxes.to(compute) * ratio.to(compute)).to(dtype).reshape(shape)
+    image = rows_of_images(rows_per_image, device)
+    if clip_sizes is not None:
+        hw = host_tensor(clip_sizes, torch.long, device).to(dtype)[image]  # [N, 2]
+        limit = hw.flip(-1).repeat(1, 2).reshape(-1, *trailing, 4)
+        boxes = torch.clamp(boxes, min=torch.zeros((), dtype=dtype, device=device), max=limit)
     ratio = host_tensor(ratios, torch.float32, device).to(compute)[image]  # [N, 2] (w, h)
-    ratio = ratio.repeat(1, 2).reshape(-1, *([1] * (boxes.dim() - 2)), 4)
+    ratio = ratio.repeat(1, 2).reshape(-1, *trailing, 4)
     return (boxes.to(compute) * ratio).to(dtype).reshape(shape)
+
+
+@functools.lru_cache(maxsize=512)
+def _constant(values: tuple[Any, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small read-only tensor of host values on ``device``, made once (reused by every call)."""
+    return host_tensor(list(values), dtype, device)
 
 
 _MASKS = {k: (1 << (64 - k)) - 1 for k in (27, 30, 31)}
@@ -461,8 +501,8 @@ def near_misses_of(
         scores.to(common),
         boxes.to(common),
         rows_of_images(rows_per_image, device),
-        host_tensor(net_sizes, torch.long, device),
-        host_tensor(input_sizes, torch.long, device),
+        sizes_tensor(net_sizes, device),
+        sizes_tensor(input_sizes, device),
         score_thresh,
         iou_thresh,
         max_detections,
@@ -501,7 +541,7 @@ def near_misses_of(
         suppressed_by = torch.where((suppressed_by >= 0) & same.any(-1), row, -1)
     else:
         suppressed_by = torch.full_like(suppressed_by, -1)
-    first_row = host_tensor([sum(rows_per_image[:i]) for i in range(n_images)], torch.long, device)
+    first_row = first_rows(rows_per_image, device)
     nm_logits = gather_rows(logits, nm.candidates)
     return NearMissBatch(
         boxes=nm_boxes,

@@ -10,6 +10,7 @@ from by its box, score and label (:func:`pyodlog.models.common.match_detections`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -39,6 +40,18 @@ from pyodlog.ops.uncertainty import SIGMOID, SOFTMAX
 from pyodlog.structures import DetectionBatch, NearMissBatch
 
 __all__ = ["FCOSLogger", "RetinaNetLogger", "SSDLogger"]
+
+
+@functools.lru_cache(maxsize=64)
+def _levels(sizes: tuple[int, ...], n_anchors: int, device: torch.device) -> Tensor:
+    """``Tensor[A]`` the FPN level of each anchor (read only; made once per feature-map shape)."""
+    per_location = n_anchors // sum(sizes)
+    return torch.cat(
+        [
+            torch.full((n * per_location,), lvl, dtype=torch.long, device=device)
+            for lvl, n in enumerate(sizes)
+        ]
+    )
 
 
 class _DenseHeadLogger(ObjectDetectionTorchLogger):
@@ -83,14 +96,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         self, features: list[Tensor], n_anchors: int, device: torch.device
     ) -> Tensor:
         """``Tensor[A]``: the FPN level of each anchor of an image."""
-        sizes = [f.shape[-2] * f.shape[-1] for f in features]
-        per_location = n_anchors // sum(sizes)
-        return torch.cat(
-            [
-                torch.full((n * per_location,), lvl, dtype=torch.long, device=device)
-                for lvl, n in enumerate(sizes)
-            ]
-        )
+        return _levels(tuple(int(f.shape[-2] * f.shape[-1]) for f in features), n_anchors, device)
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]
