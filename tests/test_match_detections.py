@@ -36,13 +36,14 @@ def _reference(scores, boxes, output, rows_per_image, first_label):
 
 
 def _tied_candidates(per_class: bool, seed: int):
-    """Three images (300, 0 and 500 candidates), 6 classes, scores on a grid of 3 values and boxes
-    drawn from 4 distinct ones: almost every detection has many pairs equal in score, in box, or in
+    """Three images (300, 0 and 500 candidates), 6 classes, scores on a grid of 3 values (and NaN
+    in class 0 of every 7th row) and boxes drawn from 4 distinct ones: almost every detection has many pairs equal in score, in box, or in
     both, and some pairs are identical in everything (the lowest is the answer)."""
     g = torch.Generator().manual_seed(seed)
     rows_per_image = [300, 0, 500]
     n, c = sum(rows_per_image), 6
     scores = (torch.randint(1, 4, (n, c), generator=g).float() / 7).contiguous()
+    scores[::7, 0] = float("nan")  # a NaN in a row hides none of the row's other pairs
     pool = torch.rand(4, 4, generator=g) * 50
     if per_class:
         boxes = pool[torch.randint(0, 4, (n, c), generator=g)]
@@ -100,3 +101,49 @@ def test_match_costs_far_less_than_sorting_the_pairs():
     t_match = best_of(lambda: match_detections(returned, scores, boxes, [n]))
     t_sort = best_of(lambda: scores.reshape(-1).sort())
     assert t_match < 0.5 * t_sort, (t_match, t_sort)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
+@pytest.mark.parametrize("per_class", [False, True], ids=["class-agnostic", "per-class boxes"])
+@pytest.mark.parametrize("first_label", [0, 1])
+def test_on_cuda_the_match_is_the_same_and_never_waits_for_the_device(per_class, first_label):
+    scores, boxes, output, rows_per_image = _tied_candidates(per_class, 0)
+    expected = _reference(scores, boxes, output, rows_per_image, first_label)
+    scores, boxes = scores.cuda(), boxes.cuda()
+    output = [{k: v.cuda() for k, v in o.items()} for o in output]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        returned = returned_detections(output, len(output), "test")
+        found = match_detections(returned, scores, boxes, rows_per_image, first_label=first_label)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert found.cpu().tolist() == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU present")
+@pytest.mark.parametrize(
+    "rows, clip, sizes_from, sizes_to",
+    [
+        ([300], [(480, 640)], [(480, 640)], [(480, 640)]),  # ratio 1: clipped only
+        ([300], [(320, 427)], [(320, 427)], [(480, 640)]),  # one image: one broadcast row
+        ([200, 100], [(320, 427)] * 2, [(320, 427)] * 2, [(480, 640)] * 2),  # alike images
+        ([200, 100], [(320, 427), (300, 400)], [(320, 427), (300, 400)], [(480, 640), (450, 600)]),
+    ],
+)
+def test_on_cuda_clip_and_resize_equals_the_cpu_and_never_waits(rows, clip, sizes_from, sizes_to):
+    from pyodlog.models.common import clip_and_resize
+
+    boxes = torch.rand(300, 7, 4, generator=torch.Generator().manual_seed(0)) * 900 - 50
+    expected = clip_and_resize(boxes, rows, clip, sizes_from, sizes_to)
+    on_device = boxes.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = clip_and_resize(on_device, rows, clip, sizes_from, sizes_to)
+        again = clip_and_resize(on_device, rows, clip, sizes_from, sizes_to)  # cached constants
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(first.cpu(), expected) and torch.equal(again.cpu(), expected)

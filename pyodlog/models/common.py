@@ -369,18 +369,25 @@ def match_detections(
         start += int(n_rows)
         if n_rows == 0 or returned.lengths[b] == 0:
             continue
-        img_scores = scores[rows, first_label:].reshape(-1)  # [n * C'] pair scores
+        by_row = scores[rows, first_label:]  # [n, C']
+        img_scores = by_row.reshape(-1)  # [n * C'] pair scores
         # Only a pair whose score is one of the image's returned scores can match (bit-equal
         # values), so only a pair scoring at least the lowest returned score needs a key: one
         # comparison per pair (a pass the model's own score threshold makes too), no sort of the
         # pairs (torch.isin sorted all of them: 0.65 s of RetinaNet's 9 M pairs). (Padding is
         # +inf, above every score: no boolean indexing, so no sync on CUDA.)
         lowest = torch.where(valid[b], det_scores[b], float("inf")).amin()
-        keep = img_scores >= lowest
         if device.type == "cpu":
-            pair = keep.nonzero().squeeze(1)  # the CPU compacts for free
+            # The CPU compacts for free: first the rows holding such a pair (a row's best score;
+            # NaN rows kept, a NaN compares false only itself), then the pairs of those rows.
+            best_of_row = by_row.amax(1) if by_row.shape[1] else by_row.new_zeros(by_row.shape[0])
+            near = ((best_of_row >= lowest) | best_of_row.isnan()).nonzero().squeeze(1)
+            inner = (by_row[near] >= lowest).nonzero()
+            pair = near[inner[:, 0]] * by_row.shape[1] + inner[:, 1]  # ascending, as a flat scan
         else:
+            keep = img_scores >= lowest
             pair = torch.arange(keep.numel(), device=device)
+        n_pairs = img_scores.numel()
         row, cls = pair // labels.shape[0], pair % labels.shape[0]
         img_boxes = boxes[rows]
         box_key = _box_key(img_boxes[row, cls + first_label] if per_class else img_boxes[row])
@@ -390,11 +397,11 @@ def match_detections(
         hit = sorted_keys[pos] == pair_key
         if device.type != "cpu":
             hit &= keep
-        best = torch.full((d + 1,), keep.numel(), dtype=torch.long, device=device)
+        best = torch.full((d + 1,), n_pairs, dtype=torch.long, device=device)
         best.scatter_reduce_(0, torch.where(hit, pos, d), pair, "amin", include_self=True)
         found = best[torch.searchsorted(sorted_keys, det_key[b])]  # [D] pair index or sentinel
-        ok = found < keep.numel()
-        found = found.clamp(max=keep.numel() - 1)
+        ok = found < n_pairs
+        found = found.clamp(max=n_pairs - 1)
         f_row, f_cls = found // labels.shape[0], found % labels.shape[0] + first_label
         f_box = img_boxes[f_row, f_cls] if per_class else img_boxes[f_row]
         ok &= (
