@@ -6,7 +6,10 @@ bare ``model(images)``; a logged call (every call written, default settings: nea
 uncertainty, embeddings); a sampled-out call (``Sampling(1e-9, keep_near_misses=False)``: its
 draw fails before the model runs, so it records only what the always-on aggregates need). The
 writer thread runs beside, as in production. Printed: per variant the median time, and the
-overhead over bare of the sampled-out call as a fraction of the logged call's overhead.
+overhead over bare of the sampled-out call as a fraction of the logged call's overhead; then,
+measured in the same calls, the median time of each logger's own work after the model answered
+(``_record_of_call`` and the submit, ``time.perf_counter`` around them): the part of the
+overhead the model's run-to-run noise does not hide.
 
 Usage: python -m benchmarks.overhead_sampling MODEL BATCH ROTATIONS [CLOCK]
   CLOCK: wall (default) or thread (the calling thread's CPU time, one intra-op thread; see
@@ -15,8 +18,10 @@ Usage: python -m benchmarks.overhead_sampling MODEL BATCH ROTATIONS [CLOCK]
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +52,11 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
         sampling=pyodlog.Sampling(1e-9, keep_near_misses=False),
     )
     variants = {"bare": model, "logged": logged, "sampled out": sampled}
+    own: dict[str, list[float]] = {"logged": [], "sampled out": []}
+    for key in own:
+        logger = variants[key]
+        for method in ("_record_of_call", "_submit_or_count"):
+            setattr(logger, method, _timed(getattr(logger, method), own[key]))
     with torch.inference_mode():
         timed = paired_rotation(
             {key: (lambda call=call: call(images)) for key, call in variants.items()},
@@ -67,6 +77,12 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
             f"{key:12s} median {median * 1e3:9.2f} ms  overhead {(median - bare) * 1e3:7.2f} ms  "
             f"paired {timed.ratio(key, 'bare')}"
         )
+    for key, spent in own.items():
+        per_call = [a + b for a, b in zip(spent[0::2], spent[1::2])]
+        print(
+            f"{key:12s} the logger's own work after the model answered: median "
+            f"{statistics.median(per_call) * 1e3:.3f} ms per call ({len(per_call)} calls)"
+        )
     over = {k: [r - 1 for r in timed.ratios(k, "bare")] for k in ("logged", "sampled out")}
     med = {k: sorted(v)[len(v) // 2] for k, v in over.items()}
     print(
@@ -79,6 +95,19 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
     )
     logged.close()
     sampled.close()
+
+
+def _timed(method, spent: list[float]):
+    """``method`` adding its wall time to ``spent`` at each call (``clock`` independent)."""
+
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    return run
 
 
 if __name__ == "__main__":
