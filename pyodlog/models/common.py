@@ -57,18 +57,31 @@ def host_tensor(values: Sequence, dtype: torch.dtype, device: torch.device) -> T
 
 
 def rows_of_images(counts: Sequence[int], device: torch.device) -> Tensor:
-    """``Tensor[sum(counts)]``: the image of each row when images' rows are concatenated."""
-    return _rows_of_images(tuple(int(n) for n in counts), device)
+    """``Tensor[sum(counts)]``: the image of each row when images' rows are concatenated
+    (read only: a small one is shared by the calls of the same ``counts``)."""
+    key = tuple(int(n) for n in counts)
+    if sum(key) <= _CACHED_ROWS:
+        return _cached_rows_of_images(key, device)
+    return _rows_of_images(key, device)
 
 
-@functools.lru_cache(maxsize=256)
+#: Row indexes up to this many rows (512 KiB) are kept for reuse; larger ones are cheap to make
+#: next to the work over their rows, and keeping them would hold megabytes per input shape.
+_CACHED_ROWS = 65_536
+
+
 def _rows_of_images(counts: tuple[int, ...], device: torch.device) -> Tensor:
-    """:func:`rows_of_images`, made once per ``counts`` (read only: every call reuses it)."""
     if not counts:
         return torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(
         [torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)]
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_rows_of_images(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """:func:`rows_of_images` of a few rows, made once per ``counts`` (read only: reused)."""
+    return _rows_of_images(counts, device)
 
 
 def sizes_tensor(sizes: Sequence[Sequence[int]], device: torch.device) -> Tensor:

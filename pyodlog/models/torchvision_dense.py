@@ -42,7 +42,7 @@ from pyodlog.structures import DetectionBatch, NearMissBatch
 __all__ = ["FCOSLogger", "RetinaNetLogger", "SSDLogger"]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4)  # a few input shapes; each up to ~1.6 MB (800 px, 9 anchors)
 def _levels(sizes: tuple[int, ...], n_anchors: int, device: torch.device) -> Tensor:
     """``Tensor[A]`` the FPN level of each anchor (read only; made once per feature-map shape)."""
     per_location = n_anchors // sum(sizes)
