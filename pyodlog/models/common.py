@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -20,6 +21,7 @@ __all__ = [
     "ReturnedDetections",
     "captured",
     "clip_and_resize",
+    "first_rows",
     "gather_rows",
     "host_tensor",
     "image_sizes_of",
@@ -31,6 +33,7 @@ __all__ = [
     "refuse_cuda_graphs",
     "returned_detections",
     "rows_of_images",
+    "sizes_tensor",
     "with_uncertainty",
 ]
 
@@ -54,12 +57,44 @@ def host_tensor(values: Sequence, dtype: torch.dtype, device: torch.device) -> T
 
 
 def rows_of_images(counts: Sequence[int], device: torch.device) -> Tensor:
-    """``Tensor[sum(counts)]``: the image of each row when images' rows are concatenated."""
+    """``Tensor[sum(counts)]``: the image of each row when images' rows are concatenated
+    (read only: a small one is shared by the calls of the same ``counts``)."""
+    key = tuple(int(n) for n in counts)
+    if sum(key) <= _CACHED_ROWS:
+        return _cached_rows_of_images(key, device)
+    return _rows_of_images(key, device)
+
+
+#: Row indexes up to this many rows (512 KiB) are kept for reuse; larger ones are cheap to make
+#: next to the work over their rows, and keeping them would hold megabytes per input shape.
+_CACHED_ROWS = 65_536
+
+
+def _rows_of_images(counts: tuple[int, ...], device: torch.device) -> Tensor:
     if not counts:
         return torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(
-        [torch.full((int(n),), i, dtype=torch.long, device=device) for i, n in enumerate(counts)]
+        [torch.full((n,), i, dtype=torch.long, device=device) for i, n in enumerate(counts)]
     )
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_rows_of_images(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """:func:`rows_of_images` of a few rows, made once per ``counts`` (read only: reused)."""
+    return _rows_of_images(counts, device)
+
+
+def sizes_tensor(sizes: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+    """``Tensor[B, 2]`` int64 of (h, w) per image on ``device``, made once per distinct sizes
+    (read only), without waiting for the device."""
+    return _constant(tuple((int(h), int(w)) for h, w in sizes), torch.long, device)
+
+
+def first_rows(rows_per_image: Sequence[int], device: torch.device) -> Tensor:
+    """``Tensor[B]`` int64: the first row of each image when images' rows are concatenated
+    (read only, made once per distinct counts)."""
+    counts = [int(n) for n in rows_per_image]
+    return _constant(tuple(sum(counts[:i]) for i in range(len(counts))), torch.long, device)
 
 
 def gather_rows(table: Tensor, candidates: Tensor) -> Tensor:
@@ -216,26 +251,42 @@ def clip_and_resize(
         A tensor of ``boxes``' shape and dtype.
     """
     device, dtype = boxes.device, boxes.dtype
-    image = rows_of_images(rows_per_image, device)
     shape = boxes.shape
-    if clip_sizes is not None:
-        hw = host_tensor(clip_sizes, torch.long, device).to(dtype)[image]  # [N, 2]
-        limit = hw.flip(-1).repeat(1, 2).reshape(-1, *([1] * (boxes.dim() - 2)), 4)
-        boxes = torch.clamp(boxes, min=torch.zeros((), dtype=dtype, device=device), max=limit)
     ratios = [
         (np.float32(t[1]) / np.float32(f[1]), np.float32(t[0]) / np.float32(f[0]))
         for f, t in zip(from_sizes, to_sizes)
     ]
     compute = _compute_dtype(dtype)
-    ratio = host_tensor(ratios, torch.float32, device)
-    if device.type != "cpu" and compute != dtype:
-        # torchvision multiplies the boxes by a 0-dim float32 tensor on their device: on the CPU
-        # that acts as a scalar (exact float32), on CUDA it is first cast to the boxes' dtype
-        # (float16/bfloat16), and the product then rounds from that rounded ratio.
-        ratio = ratio.to(dtype)
-    ratio = ratio.to(compute)[image]  # [N, 2] (w, h)
-    ratio = ratio.repeat(1, 2).reshape(-1, *([1] * (boxes.dim() - 2)), 4)
+    trailing = [1] * (boxes.dim() - 2)
+    # torchvision multiplies the boxes by a 0-dim float32 tensor on their device: on the CPU that
+    # acts as a scalar (exact float32), on CUDA it is first cast to the boxes' dtype
+    # (float16/bfloat16), and the product then rounds from that rounded ratio.
+    ratio_dtype = dtype if device.type != "cpu" and compute != dtype else torch.float32
+    if len(set(ratios)) == 1 and (clip_sizes is None or len(set(map(tuple, clip_sizes))) == 1):
+        # Every image alike (always so for one image): one row broadcast, no per-row gather.
+        if clip_sizes is not None:
+            h, w = clip_sizes[0]
+            limit = _constant((w, h, w, h), dtype, device)
+            boxes = torch.clamp(boxes, min=_constant((0,), dtype, device), max=limit)
+        if ratios[0] == (1.0, 1.0):  # x * 1 is x, in any float dtype
+            return boxes.reshape(shape)
+        rw, rh = ratios[0]
+        ratio = _constant((float(rw), float(rh), float(rw), float(rh)), torch.float32, device)
+        return (boxes.to(compute) * ratio.to(ratio_dtype).to(compute)).to(dtype).reshape(shape)
+    image = rows_of_images(rows_per_image, device)
+    if clip_sizes is not None:
+        hw = host_tensor(clip_sizes, torch.long, device).to(dtype)[image]  # [N, 2]
+        limit = hw.flip(-1).repeat(1, 2).reshape(-1, *trailing, 4)
+        boxes = torch.clamp(boxes, min=torch.zeros((), dtype=dtype, device=device), max=limit)
+    ratio = host_tensor(ratios, torch.float32, device).to(ratio_dtype).to(compute)[image]  # [N, 2]
+    ratio = ratio.repeat(1, 2).reshape(-1, *trailing, 4)
     return (boxes.to(compute) * ratio).to(dtype).reshape(shape)
+
+
+@functools.lru_cache(maxsize=512)
+def _constant(values: tuple[Any, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small read-only tensor of host values on ``device``, made once (reused by every call)."""
+    return host_tensor(list(values), dtype, device)
 
 
 _MASKS = {k: (1 << (64 - k)) - 1 for k in (27, 30, 31)}
@@ -267,6 +318,10 @@ def _box_key(boxes: Tensor) -> Tensor:
     return key
 
 
+# Spare scatter slots for the pairs that match no detection on CUDA (a power of two).
+_SPARE_SLOTS = 1024
+
+
 def match_detections(
     returned: ReturnedDetections,
     scores: Tensor,
@@ -279,9 +334,11 @@ def match_detections(
     A detector's returned detection ``(box, score, label)`` is one candidate
     ``n`` with ``scores[n, label] == score`` and box ``boxes[n]`` (or
     ``boxes[n, label]``) equal to it, bit for bit. This finds that candidate
-    for every detection at once: each (candidate, class) pair gets a 64-bit key
-    of its (label, score, box), looked up among the detections' keys (sorted,
-    ``searchsorted``), and the lowest matching pair wins; a match is then
+    for every detection at once: each (candidate, class) pair scoring at least
+    the image's lowest returned score gets a 64-bit key of its (label, score,
+    box), looked up among the detections' keys (sorted, ``searchsorted``:
+    O(P log D) for P such pairs and D detections, after one O(N C) comparison),
+    and the lowest matching pair wins; a match is then
     checked field by field, so a hash collision can only leave a detection
     unmatched, never matched wrongly. Tied scores do not matter: the box and
     label pick the candidate the model picked. Candidates identical in box,
@@ -293,9 +350,9 @@ def match_detections(
     candidates are rounded to the returned dtype first; widening is exact).
 
     Tensor operations only (a loop over images, none over detections), no host
-    synchronisation on CUDA. Only pairs whose score is one of the image's returned
-    scores can match: on the CPU only those are keyed; on CUDA all are, masked
-    (no compaction, so no sync).
+    synchronisation on CUDA. Only pairs scoring at least the image's lowest
+    returned score can match: on the CPU only those are keyed; on CUDA all are,
+    masked (no compaction, so no sync).
 
     Args:
         returned: the model's detections (:func:`returned_detections`), boxes in
@@ -334,33 +391,47 @@ def match_detections(
         start += int(n_rows)
         if n_rows == 0 or returned.lengths[b] == 0:
             continue
-        img_scores = scores[rows, first_label:]  # [n, C']
+        by_row = scores[rows, first_label:]  # [n, C']
+        img_scores = by_row.reshape(-1)  # [n * C'] pair scores
         # Only a pair whose score is one of the image's returned scores can match (bit-equal
-        # values): far fewer pairs to key than all of them (SSD: 3,234 anchors x 91 classes).
-        # (Padding becomes NaN, which equals nothing: no boolean indexing, so no sync on CUDA.)
-        wanted = torch.where(valid[b], det_scores[b], torch.full_like(det_scores[b], float("nan")))
-        keep = torch.isin(img_scores, wanted)
+        # values), so only a pair scoring at least the lowest returned score needs a key: one
+        # comparison per pair (a pass the model's own score threshold makes too), no sort of the
+        # pairs (torch.isin sorted all of them: 0.65 s of RetinaNet's 9 M pairs). (Padding is
+        # +inf, above every score: no boolean indexing, so no sync on CUDA.)
+        lowest = torch.where(valid[b], det_scores[b], float("inf")).amin()
         if device.type == "cpu":
-            pair = keep.reshape(-1).nonzero().squeeze(1)  # the CPU compacts for free
+            # The CPU compacts for free: first the rows holding such a pair (a row's best score;
+            # NaN rows kept, a NaN compares false only itself), then the pairs of those rows.
+            best_of_row = by_row.amax(1) if by_row.shape[1] else by_row.new_zeros(by_row.shape[0])
+            near = ((best_of_row >= lowest) | best_of_row.isnan()).nonzero().squeeze(1)
+            inner = (by_row[near] >= lowest).nonzero()
+            pair = near[inner[:, 0]] * by_row.shape[1] + inner[:, 1]  # ascending, as a flat scan
         else:
+            keep = img_scores >= lowest
             pair = torch.arange(keep.numel(), device=device)
+        n_pairs = img_scores.numel()
         row, cls = pair // labels.shape[0], pair % labels.shape[0]
-        box_key = _box_key(boxes[rows][row, cls + first_label] if per_class else boxes[rows])
-        if not per_class:
-            box_key = box_key[row]
-        pair_key = _mix(_mix(box_key ^ labels[cls]) ^ _bits(img_scores.reshape(-1)[pair]))
+        img_boxes = boxes[rows]
+        box_key = _box_key(img_boxes[row, cls + first_label] if per_class else img_boxes[row])
+        pair_key = _mix(_mix(box_key ^ labels[cls]) ^ _bits(img_scores[pair]))
         sorted_keys, _ = det_key[b].sort()
         pos = torch.searchsorted(sorted_keys, pair_key).clamp(max=d - 1)
         hit = sorted_keys[pos] == pair_key
         if device.type != "cpu":
-            hit &= keep.reshape(-1)
-        best = torch.full((d + 1,), keep.numel(), dtype=torch.long, device=device)
-        best.scatter_reduce_(0, torch.where(hit, pos, d), pair, "amin", include_self=True)
+            hit &= keep
+        # Pairs that hit no detection go to spare slots after the D real ones. On CUDA every
+        # pair is keyed (no compaction, no sync): one shared spare slot would take millions of
+        # atomic updates on one address per image (RetinaNet at 800 px, batch 8, on an H200:
+        # 2 s a call), so they are spread over _SPARE_SLOTS slots by pair index.
+        spare = 1 if device.type == "cpu" else _SPARE_SLOTS
+        best = torch.full((d + spare,), n_pairs, dtype=torch.long, device=device)
+        miss = d if spare == 1 else d + (pair & (spare - 1))
+        best.scatter_reduce_(0, torch.where(hit, pos, miss), pair, "amin", include_self=True)
         found = best[torch.searchsorted(sorted_keys, det_key[b])]  # [D] pair index or sentinel
-        ok = found < keep.numel()
-        found = found.clamp(max=keep.numel() - 1)
+        ok = found < n_pairs
+        found = found.clamp(max=n_pairs - 1)
         f_row, f_cls = found // labels.shape[0], found % labels.shape[0] + first_label
-        f_box = boxes[rows][f_row, f_cls] if per_class else boxes[rows][f_row]
+        f_box = img_boxes[f_row, f_cls] if per_class else img_boxes[f_row]
         ok &= (
             valid[b]
             & (f_cls == det_labels[b])
@@ -465,8 +536,8 @@ def near_misses_of(
         scores.to(common),
         boxes.to(common),
         rows_of_images(rows_per_image, device),
-        host_tensor(net_sizes, torch.long, device),
-        host_tensor(input_sizes, torch.long, device),
+        sizes_tensor(net_sizes, device),
+        sizes_tensor(input_sizes, device),
         score_thresh,
         iou_thresh,
         max_detections,
@@ -505,7 +576,7 @@ def near_misses_of(
         suppressed_by = torch.where((suppressed_by >= 0) & same.any(-1), row, -1)
     else:
         suppressed_by = torch.full_like(suppressed_by, -1)
-    first_row = host_tensor([sum(rows_per_image[:i]) for i in range(n_images)], torch.long, device)
+    first_row = first_rows(rows_per_image, device)
     nm_logits = gather_rows(logits, nm.candidates)
     return NearMissBatch(
         boxes=nm_boxes,

@@ -10,6 +10,7 @@ from by its box, score and label (:func:`pyodlog.models.common.match_detections`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -39,6 +40,18 @@ from pyodlog.ops.uncertainty import SIGMOID, SOFTMAX
 from pyodlog.structures import DetectionBatch, NearMissBatch
 
 __all__ = ["FCOSLogger", "RetinaNetLogger", "SSDLogger"]
+
+
+@functools.lru_cache(maxsize=4)  # a few input shapes; each up to ~1.6 MB (800 px, 9 anchors)
+def _levels(sizes: tuple[int, ...], n_anchors: int, device: torch.device) -> Tensor:
+    """``Tensor[A]`` the FPN level of each anchor (read only; made once per feature-map shape)."""
+    per_location = n_anchors // sum(sizes)
+    return torch.cat(
+        [
+            torch.full((n * per_location,), lvl, dtype=torch.long, device=device)
+            for lvl, n in enumerate(sizes)
+        ]
+    )
 
 
 class _DenseHeadLogger(ObjectDetectionTorchLogger):
@@ -83,14 +96,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         self, features: list[Tensor], n_anchors: int, device: torch.device
     ) -> Tensor:
         """``Tensor[A]``: the FPN level of each anchor of an image."""
-        sizes = [f.shape[-2] * f.shape[-1] for f in features]
-        per_location = n_anchors // sum(sizes)
-        return torch.cat(
-            [
-                torch.full((n * per_location,), lvl, dtype=torch.long, device=device)
-                for lvl, n in enumerate(sizes)
-            ]
-        )
+        return _levels(tuple(int(f.shape[-2] * f.shape[-1]) for f in features), n_anchors, device)
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]
@@ -132,7 +138,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             )
         logits = gather_rows(cls_logits.reshape(-1, n_classes), candidates)
         near_misses = None
-        if self.near_miss:
+        if self.near_miss and not self._sampled_out_now():  # sampled out: no rows
             near_misses = self._near_misses(
                 returned,
                 candidates,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -13,8 +12,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from pyodlog.models.common import (
     captured,
     clip_and_resize,
+    first_rows,
     gather_rows,
-    host_tensor,
     image_sizes_of,
     local_index,
     logged_boxes,
@@ -94,7 +93,6 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         device = class_logits.device
         n_rows, n_class = class_logits.shape
         counts = [int(p.shape[0]) for p in proposals]
-        first_row = [sum(counts[:i]) for i in range(len(counts))]
         # Exactly RoIHeads.postprocess_detections' scores and boxes, then GeneralizedRCNN's resize.
         # (decode returns [0, C * 4] for no proposal at all: the reshape makes it [0, C, 4].)
         boxes = heads.box_coder.decode(self._state["box_regression"], proposals).reshape(
@@ -121,7 +119,7 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         )
         logits = gather_rows(class_logits, candidates)
         near_misses = None
-        if self.near_miss:
+        if self.near_miss and not self._sampled_out_now():  # sampled out: no rows
             box_features = self._state["box_features"].flatten(1)
             near_misses = near_misses_of(
                 returned,
@@ -150,7 +148,7 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
             returned.scores,
             returned.labels,
             logits,
-            local_index(candidates, host_tensor(first_row, torch.long, device)),
+            local_index(candidates, first_rows(counts, device)),
             returned.counts,
             list(img_sizes),
             embeddings,

@@ -560,8 +560,16 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         targets = check_targets(kwargs.pop("targets", None), n_images, self.n_class)
         fields = check_field_values(self._field_specs, kwargs, n_images)
         timestamp = time.time()
+        # Sampling's draw, before the model runs: a call nothing can keep any more records only
+        # what the always-on aggregates need (README "Sampling").
+        decision = (
+            None
+            if self._sampling is None
+            else self._sampling.before_call(dataset_type, ids, self.near_miss > 0)
+        )
+        sampled_out = decision is not None and decision.sampled_out
         # This call's own hook captures (self._state): calls in other threads have theirs.
-        with self._call_capture() as capture:
+        with self._call_capture(sampled_out) as capture:
             output = self._run_model(model_input)
             record = self._record_of_call(
                 capture,
@@ -572,7 +580,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 targets=targets,
             )
         if record is not None:
-            self._attach_thumbnails(record, model_input)
+            record.sampling = decision
+            if not sampled_out:
+                self._attach_thumbnails(record, model_input)
             self._submit_or_count(record)
         return output
 

@@ -293,8 +293,10 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
             self.version_name,
             self.result_name,
         )
-        # The sampling policy travels with the record: the store applies it, off the call's path.
-        record.sampling = getattr(self, "_sampling", None)
+        # The sampling policy travels with the record: the store applies it, off the call's path
+        # (a call path that drew the call before its model ran set its CallDecision already).
+        if record.sampling is None:
+            record.sampling = getattr(self, "_sampling", None)
         self._sink.submit(record)
         with self._errors_lock:
             self._records_submitted += 1

@@ -1,10 +1,15 @@
 """Sampling: which calls' rows are written, and with which weight.
 
-``create_logger(..., sampling=0.01)`` or ``sampling=pyodlog.Sampling(...)``. The decision is
-made off the inference path: the store's writer thread summarises every call (its
-aggregates count 100 % of the calls, :mod:`pyodlog.io.aggregates`) and asks the policy
-whether to write the call's rows. The call itself does nothing more than an unsampled one
-(no host sync, no extra work on the device).
+``create_logger(..., sampling=0.01)`` or ``sampling=pyodlog.Sampling(...)``. The images' draw
+is made on the call path before the model runs (:meth:`Sampling.before_call`: a hash of the
+input ids, host strings only, no host sync); the rest of the decision off the inference path:
+the store's writer thread summarises every call (its aggregates count 100 % of the calls,
+:mod:`pyodlog.io.aggregates`) and asks the call's :class:`CallDecision` whether to write the
+call's rows. A call that nothing can keep any more once its draw failed (no output-dependent
+rule: near-misses not logged or not kept, no ``keep_uncertain``, no ``watch_classes``) is
+*sampled out before the model runs*: the logger then does only what the aggregates need (the
+detections, their logits and embeddings), without near-misses, ``target_layers`` features or
+thumbnails.
 
 A call is always kept when it holds a near-miss, a detection whose uncertainty passes a
 threshold, a detection of a watched class, or when its ``dataset_type`` is not
@@ -25,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Sampling", "check_sampling"]
+__all__ = ["CallDecision", "Sampling", "check_sampling"]
 
 _UNCERTAINTY = ("entropy", "margin")
 
@@ -189,8 +194,85 @@ class Sampling:
         """The weight of a kept call (1 / its probability of being kept), or None to sample it out."""
         if self.rate >= 1.0 or self.always_keeps(summary) is not None:
             return 1.0
-        if any(self.draw(i) < self.rate for i in input_ids):
-            return 1.0 / (1.0 - (1.0 - self.rate) ** len(input_ids))
+        if self.drawn(input_ids):
+            return self.drawn_weight(len(input_ids))
+        return None
+
+    def drawn(self, input_ids: list[str]) -> bool:
+        """Whether one of the call's images is drawn (kept at ``rate``)."""
+        return any(self.draw(i) < self.rate for i in input_ids)
+
+    def drawn_weight(self, n_images: int) -> float:
+        """The weight of a call kept by its draw alone: 1 / P(one of its ``n_images`` is drawn)."""
+        return 1.0 / (1.0 - (1.0 - self.rate) ** n_images)
+
+    def output_can_keep(self, near_misses_logged: bool) -> bool:
+        """Whether a rule that looks at the model's output (near-misses, uncertainty, watched
+        classes) can keep a call; ``near_misses_logged``: the logger logs near-misses."""
+        return bool(
+            (self.keep_near_misses and near_misses_logged)
+            or self.keep_uncertain
+            or len(self._watched)
+        )
+
+    def before_call(
+        self, dataset_type: str, input_ids: list[str], near_misses_logged: bool
+    ) -> CallDecision:
+        """The call's decision as far as it is known before the model runs (the draw made now,
+        once: the writer does not draw again). Host values only: no device access."""
+        if self.rate >= 1.0 or (self.keep_other_dataset_types and dataset_type != "deploying"):
+            return CallDecision(self, drawn=True, sampled_out=False)
+        drawn = self.drawn(input_ids)
+        out = not drawn and not self.output_can_keep(near_misses_logged)
+        return CallDecision(self, drawn=drawn, sampled_out=out)
+
+
+class CallDecision:
+    """One call's sampling decision, its draw made on the call path (:meth:`Sampling.before_call`).
+
+    What a record carries as ``sampling``: the writer asks :meth:`decide` with the call's
+    summary, as it asks a :class:`Sampling`; the answer is the policy's, with this call's draw.
+
+    Attributes:
+        policy: the :class:`Sampling` policy.
+        drawn: one of the call's images was drawn (or the call is kept whatever its output).
+        sampled_out: known before the model ran: nothing can keep the call (the logger then
+            records only what the aggregates need).
+    """
+
+    __slots__ = ("drawn", "policy", "sampled_out")
+
+    def __init__(self, policy: Sampling, *, drawn: bool, sampled_out: bool) -> None:
+        self.policy = policy
+        self.drawn = drawn
+        self.sampled_out = sampled_out
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"policy": self.policy, "drawn": self.drawn, "sampled_out": self.sampled_out}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return f"CallDecision({self.policy!r}, drawn={self.drawn}, sampled_out={self.sampled_out})"
+
+    @property
+    def rate(self) -> float:
+        return self.policy.rate
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.policy.to_dict()
+
+    def decide(self, summary: Any, input_ids: list[str]) -> float | None:
+        """As :meth:`Sampling.decide`, with this call's draw (made once, before the model ran)."""
+        if self.sampled_out:
+            return None
+        policy = self.policy
+        if policy.rate >= 1.0 or policy.always_keeps(summary) is not None:
+            return 1.0
+        if self.drawn:
+            return policy.drawn_weight(len(input_ids))
         return None
 
 

@@ -81,9 +81,11 @@ class CallCapture:
         capturing: whether hooks record (True while the model runs).
         error: the first exception a hook raised in this call (the hook stops, the model goes on;
             :meth:`ObjectDetectionTorchTracer._end_capture` raises it after the model answered).
+        sampled_out: sampling left this call out before the model ran: only what the always-on
+            aggregates need is captured (no ``target_layers`` feature is compressed).
     """
 
-    __slots__ = ("captured", "capturing", "error", "raw", "state")
+    __slots__ = ("captured", "capturing", "error", "raw", "sampled_out", "state")
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
@@ -91,6 +93,7 @@ class CallCapture:
         self.captured: dict[tuple[str, int], CompressedFeature] = {}
         self.capturing = True
         self.error: Exception | None = None
+        self.sampled_out = False
 
     def fail(self, error: Exception) -> None:
         """A hook failed: keep the first error and stop capturing (this call will not be logged)."""
@@ -177,6 +180,8 @@ class ObjectDetectionTorchTracer:
             # FPN levels) keeps every output: alias/0, alias/1, ...
             calls = capture.raw.setdefault(spec.alias, [])
             calls.append(detached(output))
+            if capture.sampled_out:  # no row will be written: nothing to compress
+                return
             with torch.no_grad():
                 for name, tensor in flatten_output(output, spec.alias):
                     if tensor.dtype.is_floating_point:
@@ -188,14 +193,22 @@ class ObjectDetectionTorchTracer:
 
         return hook
 
+    def _sampled_out_now(self) -> bool:
+        """Whether the call running in this context was sampled out before its model ran
+        (its parse then skips what only written rows need: near-misses)."""
+        capture = self._capture_now()
+        return capture is not None and capture.sampled_out
+
     @contextmanager
-    def _call_capture(self) -> Iterator[CallCapture]:
+    def _call_capture(self, sampled_out: bool = False) -> Iterator[CallCapture]:
         """Makes a new :class:`CallCapture` current for the ``with`` block, and drops it after.
 
         The block runs the model and then reads the capture (``_end_capture``,
         ``_parse_model_output``); the capture is dropped also when it raises.
+        ``sampled_out``: sampling left the call out before the model runs.
         """
         capture = CallCapture()
+        capture.sampled_out = sampled_out
         token = self._current_call.set(capture)
         self._calls_made = True
         try:

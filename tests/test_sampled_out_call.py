@@ -1,0 +1,136 @@
+"""A call sampling leaves out is decided before its model runs and does only what the aggregates
+need (issue 22): no features compressed, no near-misses, no thumbnails; the aggregates still
+count it exactly as a fully logged call."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torchvision
+
+import pyodlog
+from pyodlog.monitoring.sampling import CallDecision
+from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
+
+RARE = 1e-9  # a rate no image of these tests is drawn at
+FRAMES = 12
+
+
+def _frames():
+    g = torch.Generator().manual_seed(5)
+    return [torch.rand(3, 64, 64, generator=g) for _ in range(FRAMES)]
+
+
+def _run(tmp_path, name, sampling):
+    torch.manual_seed(0)
+    model = TinyDetector().eval()
+    logger = TinyDetectorLogger(
+        model,
+        "tiny",
+        name,
+        sink=pyodlog.HDF5Store(tmp_path / name),
+        score_thresh=0.0,
+        sampling=sampling,
+        target_layers={"stem": "backbone.0"},
+        log_images={"max_side": 32},
+        metrics=False,
+    )
+    with torch.inference_mode():
+        for i, frame in enumerate(_frames()):
+            logger([frame], input_ids=[f"frame-{i}"])
+            # What the user reads from the hooks is there either way.
+            assert logger.get_hooked_features("stem").shape[1] == 8
+        logger([_frames()[0]], input_ids=["val-0"], dataset_type="val")
+    logger.wait_for_save()
+    stats = logger.stats()
+    directory = logger.sink.directory
+    logger.close()
+    return stats, pyodlog.open_result(directory)
+
+
+def test_sampled_out_calls_write_nothing_and_count_in_the_aggregates_exactly(tmp_path):
+    full_stats, full = _run(tmp_path, "full", None)
+    stats, sampled = _run(tmp_path, "sampled", pyodlog.Sampling(RARE, keep_near_misses=False))
+    assert full_stats["written"] == FRAMES + 1 and stats["written"] == 1  # only the val call
+    assert stats["sampled_out"] == FRAMES and stats["logging_errors"] == 0
+    assert sampled.images["input_id"] == ["val-0"]
+    assert sampled.images["sample_weight"].tolist() == [1.0]
+    assert "stem" in sampled.feature_names()  # the kept call has its features
+    # Every histogram, count and sketch equals the fully logged run's: only sampled_calls differ.
+    a, b = full.aggregates().to_dict(), sampled.aggregates().to_dict()
+    for group_a, group_b in zip(a["groups"], b["groups"]):
+        group_a.pop("sampled_calls"), group_b.pop("sampled_calls")
+    assert a == b
+    assert sampled.aggregates().totals()["calls"] == FRAMES + 1
+    assert sampled.aggregates().totals()["sampled_calls"] == 1
+
+
+def test_the_record_of_a_sampled_out_call_holds_only_what_the_aggregates_need():
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.01
+    ).eval()
+    sink = pyodlog.InMemorySink()
+    logger = pyodlog.create_logger(
+        model,
+        "frcnn",
+        "v1",
+        sink=sink,
+        sampling=pyodlog.Sampling(RARE, keep_near_misses=False),
+        target_layers={"fpn": "backbone.fpn.layer_blocks.0"},
+        metrics=False,
+    )
+    image = [torch.rand(3, 160, 160, generator=torch.Generator().manual_seed(1))]
+    with torch.inference_mode():
+        out = logger(image, input_ids=["a"])
+        logger(image, input_ids=["b"], dataset_type="val")  # kept whatever its draw
+    logger.close()
+    out_record, kept_record = sink.records("frcnn", "v1", logger.result_name)
+    assert isinstance(out_record.sampling, CallDecision) and out_record.sampling.sampled_out
+    assert out_record.sampling.decide(None, ["a"]) is None
+    assert out_record.features == {} and out_record.detections.near_misses is None
+    # The detections, their logits and embeddings (what the aggregates summarise) are there.
+    det = out_record.detections
+    n = int(det.counts[0])
+    assert n == len(out[0]["scores"]) > 0
+    assert torch.equal(det.boxes[0, :n], out[0]["boxes"])
+    assert torch.equal(det.scores[0, :n], out[0]["scores"])
+    assert det.logits.shape[-1] == 91 and det.embeddings is not None
+    assert (det.candidate_index[0, :n] >= 0).all()
+    # The kept call: everything, as without sampling.
+    assert not kept_record.sampling.sampled_out
+    assert "fpn" in kept_record.features and kept_record.detections.near_misses is not None
+
+
+def test_the_draw_is_made_once_on_the_call_path_and_pickles_with_the_record():
+    policy = pyodlog.Sampling(0.5, deterministic=False, seed=3, keep_near_misses=False)
+    reference = pyodlog.Sampling(0.5, deterministic=False, seed=3)
+    decisions = [policy.before_call("deploying", ["same-id"], True) for _ in range(50)]
+    assert [d.drawn for d in decisions] == [reference.drawn(["same-id"]) for _ in range(50)]
+    assert [d.sampled_out for d in decisions] == [not d.drawn for d in decisions]
+    # The writer asks the decision, which does not draw again.
+    quiet = SimpleNamespace(
+        dataset_type="deploying",
+        has_near_miss=False,
+        labels=np.zeros(0, np.int64),
+        entropy=np.zeros(0, np.float32),
+        margin=np.zeros(0, np.float32),
+    )
+    weights = [d.decide(quiet, ["same-id"]) for d in decisions if d.drawn]
+    assert weights == [2.0] * len(weights)
+    back = pickle.loads(pickle.dumps(decisions[0]))
+    assert (back.drawn, back.sampled_out, back.to_dict()) == (
+        decisions[0].drawn,
+        decisions[0].sampled_out,
+        policy.to_dict(),
+    )
+    # A rule that looks at the output keeps the call undecided until the writer summarises it.
+    watching = pyodlog.Sampling(RARE, watch_classes=[1], keep_near_misses=False)
+    assert not watching.before_call("deploying", ["x"], False).sampled_out
+    assert not pyodlog.Sampling(RARE).before_call("deploying", ["x"], True).sampled_out
+    assert pyodlog.Sampling(RARE).before_call("deploying", ["x"], False).sampled_out
+    assert not pyodlog.Sampling(RARE).before_call("val", ["x"], False).sampled_out
+    assert np.isclose(policy.drawn_weight(2), 1 / 0.75)
