@@ -69,9 +69,10 @@ class Point:
     x: int
     detections: float  # mean detections per image the model returned
     seconds: dict[str, float]  # variant -> median seconds per call
-    overhead: dict[
-        str, float
-    ]  # logged variant -> median of the per-rotation (logged - bare) seconds
+    # logged variant -> median of the per-rotation (logged - bare) seconds
+    overhead: dict[str, float]
+    # variant -> its fastest call (the least disturbed one on a shared machine)
+    fastest: dict[str, float]
     ratios: dict[str, RatioSummary]  # logged variant -> paired ratio to bare
     rotations: int
     written: dict[str, tuple[int, int]]  # logged variant -> (written, dropped) after the point
@@ -146,6 +147,7 @@ def measure_point(
         x=x,
         detections=statistics.fmean(len(o["boxes"]) for o in returned),
         seconds={name: timed.median(name) for name in variants},
+        fastest={name: min(timed.times[name]) for name in variants},
         overhead={
             name: statistics.median(a - b for a, b in zip(timed.times[name], timed.times["bare"]))
             for name in loggers
@@ -185,8 +187,11 @@ def call_table(title: str, x_name: str, points: list[Point], per: str) -> str:
     names = list(LOGGED)
     head = f"| {x_name} | detections/image | bare ms |"
     for name in names:
-        head += f" {name} ms | ratio (IQR) | overhead ms | overhead µs per {per} |"
-    lines = [f"### {title}", "", head + " rotations |", "|---" * (4 + 4 * len(names)) + "|"]
+        head += (
+            f" {name} ms | paired ratio (IQR) | fastest/fastest | overhead ms"
+            f" | overhead µs per {per} |"
+        )
+    lines = [f"### {title}", "", head + " rotations |", "|---" * (4 + 5 * len(names)) + "|"]
     for p in points:
         units = p.x
         row = f"| {p.x:,} | {p.detections:,.0f} | {p.seconds['bare'] * 1e3:.1f} |"
@@ -195,6 +200,7 @@ def call_table(title: str, x_name: str, points: list[Point], per: str) -> str:
             over = _overhead(p, name)
             row += (
                 f" {p.seconds[name] * 1e3:.1f} | {r.median:.3f} ({r.q1:.3f}–{r.q3:.3f}) |"
+                f" {p.fastest[name] / p.fastest['bare']:.3f} |"
                 f" {over * 1e3:+.2f} | {over / units * 1e6:+.1f} |"
             )
         lines.append(row + f" {p.rotations} |")
@@ -240,8 +246,8 @@ class Soak:
 def memory_vs_calls(calls: int, every: int, min_size: int) -> Soak:
     """``memory_soak``'s full logging over ``calls`` calls, RSS sampled every ``every`` calls.
 
-    The model runs at ``min_size`` px (160: a quarter of the 320 px backbone work, so that thousands
-    of calls take a minute or two on 2 cores; what is logged per call is the same kind).
+    The model runs at ``min_size`` px (128: about a sixth of the 320 px backbone's work, so that
+    thousands of calls take a minute or two on 2 cores; what is logged per call is the same kind).
     """
     from benchmarks.memory_soak import soak
 
@@ -324,17 +330,21 @@ def profile_points(points: list[tuple[int, int]] = PROFILE_POINTS) -> str:
                 if fn == name and path.endswith(file) and "pyodlog" in path
             )
             rows[label].append(cumulative / calls)
-    per_call = [b * d for b, d in points]
     head = "| ms per logged call | " + " | ".join(f"batch {b}, {d} det." for b, d in points)
     lines = [
         "### where the logger's call-path time goes (cProfile, fully logged call)",
         "",
-        head + " | log-log slope vs detections per call |",
-        "|---" * (len(points) + 2) + "|",
+        head + " | log-log slope vs batch (100 det.) | vs detections (batch 1) |",
+        "|---" * (len(points) + 3) + "|",
     ]
     for label, values in rows.items():
-        fit = _slope_or_none(list(zip(per_call, values)))
-        lines.append(f"| {label} | " + " | ".join(f"{v * 1e3:.2f}" for v in values) + f" | {fit} |")
+        by_batch = [(b, v) for (b, d), v in zip(points, values) if d == 100]
+        by_dets = [(d, v) for (b, d), v in zip(points, values) if b == 1]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{v * 1e3:.2f}" for v in values)
+            + f" | {_slope_or_none(by_batch)} | {_slope_or_none(by_dets)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -393,13 +403,13 @@ def main() -> None:
     parser.add_argument(
         "--budget",
         type=float,
-        default=6.0,
+        default=5.0,
         help="seconds of timed calls per point (at least 3 rotations)",
     )
     parser.add_argument("--soak-calls", type=int, default=2000)
     parser.add_argument("--every", type=int, default=50, help="RSS sampled every N calls")
     parser.add_argument(
-        "--soak-min-size", type=int, default=160, help="the soak model's input size (px)"
+        "--soak-min-size", type=int, default=128, help="the soak model's input size (px)"
     )
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the call path at a few points"
