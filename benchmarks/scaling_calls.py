@@ -338,8 +338,8 @@ def profile_points(points: list[tuple[int, int]] = PROFILE_POINTS) -> str:
         "|---" * (len(points) + 3) + "|",
     ]
     for label, values in rows.items():
-        by_batch = [(b, v) for (b, d), v in zip(points, values) if d == 100]
-        by_dets = [(d, v) for (b, d), v in zip(points, values) if b == 1]
+        by_batch = [(float(b), v) for (b, d), v in zip(points, values) if d == 100]
+        by_dets = [(float(d), v) for (b, d), v in zip(points, values) if b == 1]
         lines.append(
             f"| {label} | "
             + " | ".join(f"{v * 1e3:.2f}" for v in values)
