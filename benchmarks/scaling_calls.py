@@ -390,6 +390,9 @@ def plot(
         ax.set_title(f"host RSS vs logged calls ({soak.bytes_per_call():+,.0f} B/call)")
         ax.set_xlabel("logged calls")
         ax.set_ylabel("RSS MiB")
+        mib = [r / 2**20 for _, r in soak.samples]
+        ax.set_ylim(min(mib) - 64, max(mib) + 64)  # flat at the scale of a leak, not of a page
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
