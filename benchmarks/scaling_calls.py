@@ -295,15 +295,14 @@ PROFILED = {
 PROFILE_POINTS = [(1, 10), (1, 100), (1, 1_000), (4, 100), (16, 100)]  # (batch, detections)
 
 
-def profile_points(points: list[tuple[int, int]] = PROFILE_POINTS) -> str:
-    """cProfile of the fully logged call at each (batch, detections): ms per call of the logger's parts.
+def profile_points(points: list[tuple[int, int]] = PROFILE_POINTS) -> dict[str, list[float]]:
+    """cProfile of the fully logged call at each (batch, detections): seconds of the logger's parts.
 
-    A markdown table, one column per point, one row per :data:`PROFILED` function (its cumulative
-    time, torch operators it calls included, in one logged call: each call is profiled on its own
-    and the fastest call's figure is kept, as robust to other load as a shared machine allows),
-    with each row's log-log slope against the batch (at 100 detections per image) and against the
-    detections per image (at batch 1). cProfile adds its own cost per Python call, the same at
-    every point; the model's run is in no row.
+    For each :data:`PROFILED` function, its cumulative time at each point (torch operators it calls
+    included) in one logged call: each call is profiled on its own
+    and the fastest call's figure is kept, as robust to other load as a shared machine allows.
+    cProfile adds its own cost per Python call, the same at every point; the model's run is in no
+    function's figure.
     """
     rows: dict[str, list[float]] = {label: [] for label in PROFILED}
     for batch, detections in points:
@@ -334,6 +333,14 @@ def profile_points(points: list[tuple[int, int]] = PROFILE_POINTS) -> str:
             shutil.rmtree(folder, ignore_errors=True)
         for label, seconds in best.items():
             rows[label].append(seconds)
+    return rows
+
+
+def profile_table(
+    rows: dict[str, list[float]], points: list[tuple[int, int]] = PROFILE_POINTS
+) -> str:
+    """:func:`profile_points` as a markdown table, with each row's log-log slope against the batch
+    (at 100 detections per image) and against the detections per image (at batch 1)."""
     head = "| ms per logged call | " + " | ".join(f"batch {b}, {d} det." for b, d in points)
     lines = [
         "### where the logger's call-path time goes (cProfile, fully logged call)",
@@ -353,15 +360,20 @@ def profile_points(points: list[tuple[int, int]] = PROFILE_POINTS) -> str:
 
 
 def plot(
-    batch: list[Point] | None, dets: list[Point] | None, soak: Soak | None, path: Path
+    batch: list[Point] | None,
+    dets: list[Point] | None,
+    soak: Soak | None,
+    profile: dict[str, list[float]] | None,
+    path: Path,
 ) -> None:
-    """Log-log panels of the call curves (time and overhead) and a linear panel of RSS vs calls."""
+    """Log-log panels of the call curves (time and paired overhead), a linear panel of RSS vs calls
+    and a log-log panel of the logger's call-path time (cProfile) vs detections per call."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [p for p in (batch, dets, soak) if p is not None]
+    panels = [p for p in (batch, dets, soak, profile) if p is not None]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     ax_iter = iter(axes[0])
     for points, x_name, title in (
@@ -378,7 +390,10 @@ def plot(
             over = [(p.x, _overhead(p, name)) for p in points]
             kept = [(x, y) for x, y in over if y > 0]
             if kept:
-                ax.loglog(*zip(*kept), marker="x", linestyle="--", label=f"overhead: {name}")
+                omitted = " (points ≤ 0: noise, omitted)" if len(kept) < len(over) else ""
+                ax.loglog(
+                    *zip(*kept), marker="x", linestyle="--", label=f"overhead: {name}{omitted}"
+                )
         ax.set_title(title)
         ax.set_xlabel(x_name)
         ax.set_ylabel("seconds per call (median)")
@@ -394,6 +409,31 @@ def plot(
         ax.set_ylim(min(mib) - 64, max(mib) + 64)  # flat at the scale of a leak, not of a page
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.grid(True, alpha=0.3)
+    if profile is not None:
+        ax = next(ax_iter)
+        for label in (
+            "after the model (record of the call)",
+            "  match_detections",
+            "  near_misses_of",
+        ):
+            for axis, keep, style in (("batch", 100, "-"), ("detections", 1, ":")):
+                xy = [
+                    (b * d, v)
+                    for (b, d), v in zip(PROFILE_POINTS, profile[label])
+                    if (d if axis == "batch" else b) == keep
+                ]
+                ax.loglog(
+                    *zip(*xy), marker="o", linestyle=style, label=f"{label.strip()}, vs {axis}"
+                )
+        guide = [1e1, 1.6e3]
+        ax.loglog(
+            guide, [1e-3 * x / guide[0] for x in guide], color="grey", alpha=0.5, label="slope 1"
+        )
+        ax.set_title("logger call path (cProfile) vs detections per call")
+        ax.set_xlabel("detections per call (batch × detections per image)")
+        ax.set_ylabel("seconds per call (fastest profiled call)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -453,9 +493,11 @@ def main() -> None:
     if "memory" in chosen:
         soak = memory_vs_calls(args.soak_calls, args.every, args.soak_min_size)
         print(memory_table(soak, args.every), flush=True)
+    profile = None
     if args.profile:
-        print(profile_points(), flush=True)
-    plot(batch, dets, soak, args.png)
+        profile = profile_points()
+        print(profile_table(profile), flush=True)
+    plot(batch, dets, soak, profile, args.png)
     print(f"plot: {args.png}")
 
 
