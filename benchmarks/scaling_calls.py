@@ -176,7 +176,10 @@ def _overhead(point: Point, name: str) -> float:
 
 
 def _slope_or_none(xy: list[tuple[float, float]]) -> str:
-    """The log-log slope, or a note where a value is not positive (an overhead lost in the noise)."""
+    """The log-log slope, or a note where it has no meaning: fewer than two distinct x, or a value
+    that is not positive (an overhead lost in the noise)."""
+    if len({x for x, _ in xy}) < 2:
+        return "n/a (fewer than two points)"
     if any(y <= 0 for _, y in xy):
         return "n/a (an overhead ≤ 0 at some point: within the noise)"
     return f"{slope(xy):.2f}"
@@ -295,7 +298,9 @@ PROFILED = {
 PROFILE_POINTS = [(1, 10), (1, 100), (1, 1_000), (4, 100), (16, 100)]  # (batch, detections)
 
 
-def profile_points(points: list[tuple[int, int]] = PROFILE_POINTS) -> dict[str, list[float]]:
+def profile_points(
+    points: list[tuple[int, int]] = PROFILE_POINTS, min_size: int = 320
+) -> dict[str, list[float]]:
     """cProfile of the fully logged call at each (batch, detections): seconds of the logger's parts.
 
     For each :data:`PROFILED` function, its cumulative time at each point (torch operators it calls
@@ -306,7 +311,7 @@ def profile_points(points: list[tuple[int, int]] = PROFILE_POINTS) -> dict[str, 
     """
     rows: dict[str, list[float]] = {label: [] for label in PROFILED}
     for batch, detections in points:
-        model = _model(detections)
+        model = _model(detections, min_size)
         images = _images(batch)
         folder = Path(tempfile.mkdtemp(prefix="pyodlog-curves-"))
         lg = _loggers(model, folder, detections)["+embeddings+FPN uint8"]
