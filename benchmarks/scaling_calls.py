@@ -8,7 +8,10 @@ kernels:
 * **detections**: the same at batch 1 with 10 → 1,000 detections per image (score threshold 0.001 so
   random weights fill the quota; ``max_detections_per_image`` sets it, through the logger);
 * **memory**: host memory (RSS) every ``--every`` calls over ``--soak-calls`` fully logged calls with
-  the writer running (``benchmarks/memory_soak.py``'s setup), and the fitted growth in bytes per call.
+  the writer running (``benchmarks/memory_soak.py``'s setup), and the fitted growth in bytes per call;
+* **sink**: at batch 1 and 10, 100, 1,000 detections, the same logger writing to HDF5 and to memory
+  (no writer work), paired with the bare model: the writer thread's share of the overhead;
+* ``--profile``: cProfile of the logger's own call path at a few (batch, detections) points.
 
 Every point times the bare model and two loggers in paired rotation
 (:func:`pyodlog.demokit.timing.paired_rotation`, as ``benchmarks/overhead_paired.py``): each rotation
@@ -17,7 +20,7 @@ the per-rotation ratios (with its IQR). The writer thread runs during the timing
 Prints a markdown table per curve with the log-log slopes (1.00 = linear) of the bare time, the logged
 time and the overhead (logged − bare), and writes a plot (``--png``, default ``scaling_calls.png``).
 
-Usage: python -m benchmarks.scaling_calls [batch] [detections] [memory]
+Usage: python -m benchmarks.scaling_calls [batch] [detections] [memory] [sink]
            [--rotations N] [--budget S] [--soak-calls N] [--every N] [--profile] [--png PATH]
        (no curve named: all of them)
 """
@@ -168,6 +171,66 @@ def overhead_vs_detections(rotations: int, budget_s: float) -> list[Point]:
     """10 → 1,000 detections per image at batch 1 (the loggers set ``detections_per_img``)."""
     model = _model(100)
     return [measure_point(d, 1, d, rotations, budget_s, model) for d in DETECTIONS]
+
+
+def writer_share(rotations: int, budget_s: float) -> str:
+    """Whose cost the call overhead is: the same logger writing to HDF5 or to memory, paired.
+
+    At batch 1 and 10, 100, 1,000 detections per image: the bare model, a detections+logits logger on
+    an ``HDF5Store`` (the writer thread turns every record into rows and appends them) and one on an
+    ``InMemorySink`` that keeps two records (no writer work at all). What the first costs more than
+    the second is the writer thread's share of the call's time (GIL, cores); the rest is the call
+    path itself. A markdown table.
+    """
+    from pyodlog.io.sink import InMemorySink
+
+    lines = [
+        "### the writer thread's share (detections+logits, batch 1)",
+        "",
+        "| detections | bare ms | to HDF5 ms | paired ratio (IQR) | overhead ms "
+        "| in memory ms | paired ratio (IQR) | overhead ms | HDF5 − memory ms | rotations |",
+        "|---" * 10 + "|",
+    ]
+    for d in (10, 100, 1_000):
+        model = _model(d)
+        images = _images(1)
+        folder = Path(tempfile.mkdtemp(prefix="pyodlog-curves-"))
+        options: dict[str, Any] = dict(
+            score_thresh=SCORE_THRESH,
+            max_detections_per_image=d,
+            metrics=False,
+            log_embeddings=False,
+        )
+        sinks = {"hdf5": HDF5Store(folder), "memory": InMemorySink(max_records=2)}
+        loggers = {
+            key: pyodlog.create_logger(model, "curves", key, sink=sink, **options)
+            for key, sink in sinks.items()
+        }
+        calls: dict[str, Callable[[], object]] = {"bare": partial(model, images)}
+        calls.update({key: partial(lg, images) for key, lg in loggers.items()})
+        try:
+            with torch.inference_mode():
+                timed = paired_rotation(
+                    calls, rotations, warmup=2, min_rotations=3, time_budget_s=budget_s
+                )
+            loggers["hdf5"].wait_for_save()
+        finally:
+            for lg in loggers.values():
+                lg.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        over = {
+            key: statistics.median(a - b for a, b in zip(timed.times[key], timed.times["bare"]))
+            for key in loggers
+        }
+        row = f"| {d:,} | {timed.median('bare') * 1e3:.1f} |"
+        for key in loggers:
+            r = timed.ratio(key, "bare")
+            row += (
+                f" {timed.median(key) * 1e3:.1f} | {r.median:.3f} ({r.q1:.3f}–{r.q3:.3f}) |"
+                f" {over[key] * 1e3:+.2f} |"
+            )
+        lines.append(row + f" {(over['hdf5'] - over['memory']) * 1e3:+.2f} | {timed.rotations} |")
+    return "\n".join(lines) + "\n"
 
 
 def _overhead(point: Point, name: str) -> float:
@@ -379,6 +442,8 @@ def plot(
     import matplotlib.pyplot as plt
 
     panels = [p for p in (batch, dets, soak, profile) if p is not None]
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     ax_iter = iter(axes[0])
     for points, x_name, title in (
@@ -443,7 +508,7 @@ def plot(
     fig.savefig(path, dpi=110)
 
 
-CURVES = ("batch", "detections", "memory")
+CURVES = ("batch", "detections", "memory", "sink")
 
 
 def main() -> None:
@@ -502,8 +567,11 @@ def main() -> None:
     if args.profile:
         profile = profile_points()
         print(profile_table(profile), flush=True)
-    plot(batch, dets, soak, profile, args.png)
-    print(f"plot: {args.png}")
+    if "sink" in chosen:
+        print(writer_share(args.rotations, args.budget), flush=True)
+    if any(curve is not None for curve in (batch, dets, soak, profile)):
+        plot(batch, dets, soak, profile, args.png)
+        print(f"plot: {args.png}")
 
 
 if __name__ == "__main__":
