@@ -63,3 +63,12 @@ def test_profile_rows_cover_the_logger_call_path():
     assert all(0 < m <= a for m, a in zip(rows["  match_detections"], after))
     table = profile_table(rows, points)
     assert "log-log slope vs batch (100 det.)" in table
+
+
+def test_writer_share_pairs_hdf5_and_memory_sinks_at_each_detection_count():
+    from benchmarks.scaling_calls import writer_share
+
+    table = writer_share(rotations=1, budget_s=0.0)
+    rows = [line for line in table.splitlines() if line.startswith("| 1")]
+    assert [row.split("|")[1].strip() for row in rows] == ["10", "100", "1,000"]
+    assert all(row.rstrip(" |").endswith("| 1") for row in rows)  # one timed rotation each
