@@ -84,6 +84,16 @@ bench-quick: $(BUILD_STAMP)
 		--benchmark-json=.benchmarks/quick.json -p no:cacheprovider
 	$(PY) benchmarks/report.py .benchmarks/quick.json
 
+# The growth curves (issue 17, curves not points): NMS and the writer (benchmarks/scaling.py ->
+# scaling.png), the logged call vs batch size and detections per image, and host memory vs logged
+# calls (benchmarks/scaling_calls.py -> scaling_calls.png). Its own target, not part of `make bench`:
+# the call curves alone took 5-9 minutes on the shared 2-core machine, too much of the 15 minutes
+# that `make bench` may take (issue 17).
+.PHONY: bench-curves
+bench-curves: $(BUILD_STAMP)
+	$(PY) -m benchmarks.scaling
+	$(PY) -m benchmarks.scaling_calls --profile
+
 clean:
 	rm -rf build pyodlog/_C*.so $(BUILD_STAMP)
 

@@ -23,9 +23,16 @@ from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 
 
-def main(calls: int) -> None:
+def soak(
+    calls: int, every: int = 50, model: torch.nn.Module | None = None
+) -> tuple[list[tuple[int, int]], dict]:
+    """Logs ``calls`` calls; returns ``(calls so far, RSS bytes)`` every ``every`` calls and the sink's stats.
+
+    ``model``: a Faster R-CNN with an FPN (default ``fasterrcnn_mobilenet_v3_large_320_fpn`` as
+    ``bench_overhead`` makes it). Also used by ``benchmarks/scaling_calls.py`` (memory vs calls).
+    """
     process = psutil.Process()
-    model = _make("fasterrcnn_mobilenet_v3_large_320_fpn")
+    model = _make("fasterrcnn_mobilenet_v3_large_320_fpn") if model is None else model
     images = [torch.rand(3, 480, 640)]
     logger = pyodlog.create_logger(
         model,
@@ -35,16 +42,21 @@ def main(calls: int) -> None:
         target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}},
     )
     samples = []
-    start = time.perf_counter()
     with torch.inference_mode():
         for i in range(1, calls + 1):
             logger(images)
-            if i % 50 == 0:
+            if i % every == 0:
                 samples.append((i, process.memory_info().rss))
     logger.wait_for_save()
-    elapsed = time.perf_counter() - start
     stats = logger.sink.stats()
     logger.close()
+    return samples, stats
+
+
+def main(calls: int) -> None:
+    start = time.perf_counter()
+    samples, stats = soak(calls)
+    elapsed = time.perf_counter() - start
     mib = [rss / 2**20 for _, rss in samples]
     print(
         f"{calls} calls in {elapsed:.1f} s; written {stats['written']}, dropped {stats['dropped']}"
