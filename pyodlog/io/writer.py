@@ -50,7 +50,13 @@ import h5py
 import numpy as np
 
 from pyodlog._checks import check_number
-from pyodlog.io.aggregates import Aggregates, summarize_call
+from pyodlog.io.aggregates import (
+    Aggregates,
+    CallSummary,
+    summarize_call,
+    summarize_calls,
+    summary_fits,
+)
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.export import write_tables
@@ -357,6 +363,11 @@ class RecordWriter:
         self._quarantine_seq = 0
         self._token = secrets.token_hex(3)
         self._pending = ColumnBatch()
+        # Calls taken but not yet summarised nor turned into rows: done together at the next
+        # flush (one aggregate summary over all of them, see _rows_of_inbox).
+        self._inbox: list[CallRecord] = []
+        self._inbox_images = 0
+        self._inbox_bytes = 0
         self._first_pending_at = 0.0
         self._retry_at = 0.0
         self._backoff = FIRST_BACKOFF
@@ -600,7 +611,7 @@ class RecordWriter:
     def _next_item(self) -> Any:
         """The next queued item, or None when a pending flush or a retry is due first."""
         timeout = None
-        if self._pending.n_records or self._broken is not None:
+        if self._pending.n_records or self._inbox or self._broken is not None:
             wake = max(self._first_pending_at + self.config.flush_interval, self._retry_at)
             timeout = max(0.0, wake - time.monotonic())
         try:
@@ -610,7 +621,10 @@ class RecordWriter:
 
     def _held_full(self) -> bool:
         p = self._pending
-        return p.n_images >= self.config.batch_images or p.nbytes >= self.config.batch_bytes
+        return (
+            p.n_images + self._inbox_images >= self.config.batch_images
+            or p.nbytes + self._inbox_bytes >= self.config.batch_bytes
+        )
 
     def _take(self, record: CallRecord | PendingRecord) -> None:
         """Turns a record into pending rows; quarantines it if it cannot be; drops it while the disk fails and a batch is held."""
@@ -624,54 +638,84 @@ class RecordWriter:
                 reason="disk_error",
             )
             return
-        call = record
-        was_empty = not self._pending.n_records
+        call: Any = record
+        was_empty = not self._pending.n_records and not self._inbox
         try:
             if isinstance(record, PendingRecord):
                 try:
                     call = record.wait()  # device copies: waited for here, on the writer thread
-                    self._rows_of(call)
                 finally:
                     if self.copier is not None:
                         self.copier.release(record)
-            else:
-                self._rows_of(record)
+            nbytes = _record_nbytes(call)
         except Exception as error:
             self._quarantine(call, 1, _input_ids_of(call), error)
             return
+        # Summarised and turned into rows with the other calls of its flush (_rows_of_inbox).
+        self._inbox.append(call)
+        self._inbox_images += len(call.input_ids)
+        self._inbox_bytes += nbytes
         if was_empty:
             self._first_pending_at = time.monotonic()
 
-    def _rows_of(self, call: CallRecord) -> None:
-        """Counts the call in the aggregates, asks its sampling policy, and adds its rows if kept."""
-        weight = self._sample(call)
-        if weight is None:
-            with self._lock:
-                self.sampled_out += 1
+    def _rows_of_inbox(self) -> None:
+        """The calls taken since the last flush: counted in the aggregates (one summary over all of
+        them), sampled, and turned into pending rows (a call that cannot become rows is quarantined)."""
+        if not self._inbox:
             return
-        record_to_columns(call, self._pending, self.storage, weight)
-
-    def _sample(self, call: CallRecord) -> float | None:
-        """The call's sample weight (1.0 unsampled), or None when sampling leaves its rows out.
-
-        A failure here is counted (``aggregate_errors``) and the call kept: a bug in a summary
-        never loses rows.
-        """
-        policy = getattr(call, "sampling", None)
-        try:
-            summary = summarize_call(call, self.n_class)
-        except Exception as error:
-            self._aggregate_failed(error)
-            return 1.0
-        weight: float | None = 1.0
-        if policy is not None:
+        calls, self._inbox = self._inbox, []
+        self._inbox_images = self._inbox_bytes = 0
+        for call, weight in zip(calls, self._sample_calls(calls)):
+            if weight is None:
+                with self._lock:
+                    self.sampled_out += 1
+                continue
             try:
-                weight = policy.decide(summary, list(call.input_ids))
+                record_to_columns(call, self._pending, self.storage, weight)
             except Exception as error:
-                self._aggregate_failed(error)
-                weight = 1.0
-        self.aggregates.add(summary, kept=weight is not None)
-        return weight
+                self._quarantine(call, 1, _input_ids_of(call), error)
+
+    def _sample_calls(self, calls: list[CallRecord]) -> list[float | None]:
+        """Each call's sample weight (None: sampled out), all of them counted in the aggregates.
+
+        A call that carries its summary (``aggregate_summary``, e.g. made on the call path) is
+        counted from it; the others are summarised together (:func:`summarize_calls`), or one
+        by one when that fails (a failing call is counted in ``aggregate_errors`` and kept).
+        """
+        summaries: list[Any] = [_precomputed(call, self.n_class) for call in calls]
+        todo = [i for i, summary in enumerate(summaries) if summary is None]
+        batch = None
+        if todo:
+            try:
+                batch = summarize_calls([calls[i] for i in todo], self.n_class)
+            except Exception:  # find the call(s) at fault, one by one
+                batch = None
+            if batch is not None:
+                for j, i in enumerate(todo):
+                    summaries[i] = batch.call(j)
+            else:
+                for i in todo:
+                    try:
+                        summaries[i] = summarize_call(calls[i], self.n_class)
+                    except Exception as error:
+                        self._aggregate_failed(error)
+        weights: list[float | None] = []
+        for call, summary in zip(calls, summaries):
+            weight: float | None = 1.0
+            policy = getattr(call, "sampling", None)
+            if policy is not None and summary is not None:
+                try:
+                    weight = policy.decide(summary, list(call.input_ids))
+                except Exception as error:
+                    self._aggregate_failed(error)
+                    weight = 1.0
+            weights.append(weight)
+        if batch is not None:
+            batch.add_to(self.aggregates, [weights[i] is not None for i in todo])
+        for i, summary in enumerate(summaries):
+            if isinstance(summary, CallSummary):  # carried, or summarised alone
+                self.aggregates.add(summary, kept=weights[i] is not None)
+        return weights
 
     def _aggregate_failed(self, error: Exception) -> None:
         """Counted (``stats()["aggregate_errors"]``); the first one is logged with its traceback."""
@@ -725,12 +769,13 @@ class RecordWriter:
             return False
         if self._broken is not None:
             return True
-        return bool(self._pending.n_records) and (
+        return bool(self._pending.n_records or self._inbox) and (
             self._held_full() or now >= self._first_pending_at + self.config.flush_interval
         )
 
     def _flush(self) -> bool:
         """Rolls a failed segment back, then appends what is pending. False on a disk error (a retry is scheduled)."""
+        self._rows_of_inbox()
         try:
             self._recover_broken()
             if self._pending.n_records:
@@ -1082,6 +1127,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _record_nbytes(call: CallRecord) -> int:
+    """Bytes of a call's tensors (what its rows will hold, about), for the batch size limit."""
+    total = sum(t.numel() * t.element_size() for t in call.detections.all_tensors())
+    return total + sum(f.nbytes for f in call.features.values())
+
+
+def _precomputed(call: CallRecord, n_class: int) -> CallSummary | None:
+    """The call's own summary (``call.aggregate_summary``, what :func:`summarize_call` returns,
+    e.g. made on the call path) when it has one that fits these aggregates; else None."""
+    summary = getattr(call, "aggregate_summary", None)
+    return summary if summary_fits(summary, n_class) else None
 
 
 def _input_ids_of(record: Any) -> list[str]:
