@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -131,8 +132,11 @@ def test_writer_throughput(benchmark, case, impl):
 # -- standalone: paired rounds, medians, and a profile of the writer thread --------------------
 
 
-def _paired(case: str, rounds: int, calls: int | None, profile: int) -> dict[str, float]:
-    """``rounds`` rounds of (raw write, store) one after the other: medians (and a profile's top lines)."""
+def _paired(
+    case: str, rounds: int, calls: int | None, profile: int, serial_too: bool = False
+) -> dict[str, float]:
+    """``rounds`` rounds of (raw write, store[, store without the helper thread]) one after the
+    other: medians and ratios (and a profile's top lines)."""
     import cProfile
     import pstats
     import statistics
@@ -156,13 +160,18 @@ def _paired(case: str, rounds: int, calls: int | None, profile: int) -> dict[str
             profiler.runcall(run, self)
 
         threading.Thread.run = profiled_run  # type: ignore[method-assign]
-    sink = HDF5Store(
-        tempfile.mkdtemp(dir=folder),
-        config=WriterConfig(flush_interval=1.0, batch_images=256, backpressure="block"),
-    )
-    sink.open_result("bench", "v1", "r", {"n_class": C}, False)
-    raw_times: list[float] = []
-    store_times: list[float] = []
+    sinks = {}
+    for name in ["HDF5Store"] + (["HDF5Store, one thread"] if serial_too else []):
+        sink = HDF5Store(
+            tempfile.mkdtemp(dir=folder),
+            config=WriterConfig(flush_interval=1.0, batch_images=256, backpressure="block"),
+        )
+        sink.open_result("bench", "v1", "r", {"n_class": C}, False)
+        if name != "HDF5Store":
+            sink.activate()
+            sink.writer.pipelined = False  # summaries on the writer thread itself
+        sinks[name] = sink
+    times: dict[str, list[float]] = {"raw write": [], **{name: [] for name in sinks}}
     try:
         for i in range(rounds + 1):  # the first round warms up
             path = os.path.join(folder, "raw.bin")
@@ -174,31 +183,36 @@ def _paired(case: str, rounds: int, calls: int | None, profile: int) -> dict[str
                 os.fsync(f.fileno())
             t1 = time.perf_counter()
             os.unlink(path)
-            t2 = time.perf_counter()
-            for r in records:
-                sink.submit(r)
-            sink.wait_for_save()
-            t3 = time.perf_counter()
             if i:
-                raw_times.append(t1 - t0)
-                store_times.append(t3 - t2)
-        assert sink.stats()["written"] == (rounds + 1) * n_calls
+                times["raw write"].append(t1 - t0)
+            for name, sink in sinks.items():
+                t2 = time.perf_counter()
+                for r in records:
+                    sink.submit(r)
+                sink.wait_for_save()
+                t3 = time.perf_counter()
+                if i:
+                    times[name].append(t3 - t2)
+        for sink in sinks.values():
+            assert sink.stats()["written"] == (rounds + 1) * n_calls  # none dropped
     finally:
-        sink.close()
+        for sink in sinks.values():
+            sink.close()
         threading.Thread.run = run  # type: ignore[method-assign]
         shutil.rmtree(folder, ignore_errors=True)
-    raw, ours = statistics.median(raw_times), statistics.median(store_times)
     images = n_calls * B
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    raw = medians["raw write"]
     print(
-        f"{case}: {n_calls} calls, {images} images, {nbytes / 2**20:.1f} MiB; median of {rounds} "
-        f"paired rounds: raw write {raw * 1e3:.1f} ms, HDF5Store {ours * 1e3:.1f} ms "
-        f"({images / ours:,.0f} images/s; raw write {images / raw:,.0f}); raw/store {raw / ours:.2f}"
+        f"{case}: {n_calls} calls, {images} images, {nbytes / 2**20:.1f} MiB; medians of {rounds} "
+        "rounds (raw write and the store(s) one after the other in each round):"
     )
-    print(
-        f"  rounds (ms): raw {[round(t * 1e3, 1) for t in raw_times]}, "
-        f"store {[round(t * 1e3, 1) for t in store_times]}",
-        flush=True,
-    )
+    for name, median in medians.items():
+        print(
+            f"  {name:22s} {median * 1e3:7.1f} ms  {images / median:9,.0f} images/s  "
+            f"raw/this {raw / median:.2f}   rounds (ms): {[round(t * 1e3, 1) for t in times[name]]}"
+        )
+    sys.stdout.flush()
     if profilers:
         print(
             f"  profile of pyodlog's threads, all {rounds + 1} rounds ({len(profilers)} threads):"
@@ -207,7 +221,7 @@ def _paired(case: str, rounds: int, calls: int | None, profile: int) -> dict[str
         for extra in profilers[1:]:
             stats.add(extra)
         stats.sort_stats("tottime").print_stats(profile)
-    return {"raw": raw, "store": ours, "images": images}
+    return medians
 
 
 if __name__ == "__main__":
@@ -225,9 +239,14 @@ if __name__ == "__main__":
         "--profile",
         type=int,
         default=0,
-        help="print this many top lines of a cProfile of the last round",
+        help="print this many top lines of a cProfile of pyodlog's threads (all rounds)",
+    )
+    parser.add_argument(
+        "--serial-too",
+        action="store_true",
+        help="also time a store whose writer summarises on its own thread (no helper thread)",
     )
     args = parser.parse_args()
     print_header("pyodlog writer vs raw write() on tmpfs (benchmarks/bench_writer.py)")
     for name in CASES if args.case == "all" else [args.case]:
-        _paired(name, args.rounds, args.calls, args.profile)
+        _paired(name, args.rounds, args.calls, args.profile, args.serial_too)

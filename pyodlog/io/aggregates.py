@@ -300,26 +300,49 @@ _INNER_NP = {name: np.asarray(edges[1:-1], np.float64) for name, edges in BINS.i
 
 
 def uncertainty_np(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`uncertainty` of float32 rows ``[N, C]`` in numpy (single-threaded, row by row the
-    same floats whatever the other rows)."""
+    """:func:`uncertainty` of float32 rows ``[N, C]`` in numpy (one thread; a row's values do not
+    depend on the other rows).
+
+    With ``y = z - max z``, ``e = exp y`` and ``s = sum e``: entropy ``log s - sum(e y) / s``,
+    margin ``(1 - exp y2) / s`` (``y2`` the second largest); rows where that is not finite
+    (``-inf`` or NaN logits) take the definition ``-sum p log p`` itself.
+    """
     n, c = logits.shape
     if n == 0 or c == 0:
         return np.zeros(n, np.float32), np.ones(n, np.float32)
-    top = logits.max(axis=1, keepdims=True)
-    shifted = logits - top
+    logits = logits.astype(np.float32, copy=False)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        total = e.sum(axis=1)
+        entropy = np.log(total) - np.einsum("ij,ij->i", e, shifted) / total
+        if c > 1:
+            top = shifted.argmax(axis=1)[:, None]
+            np.put_along_axis(shifted, top, -np.inf, axis=1)  # shifted is ours
+            margin = (1 - np.exp(shifted.max(axis=1))) / total
+        else:
+            margin = np.ones(n, np.float32)
+        bad = np.flatnonzero(~(np.isfinite(entropy) & np.isfinite(margin)))
+        if len(bad):
+            entropy[bad], margin[bad] = _uncertainty_by_definition(logits[bad])
+    entropy = entropy / np.float32(math.log(c)) if c > 1 else entropy * 0
+    return entropy.astype(np.float32, copy=False), margin.astype(np.float32, copy=False)
+
+
+def _uncertainty_by_definition(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy (nats, ``0 log 0 = 0``) and margin of ``softmax(logits)`` as written (NaN in, NaN out)."""
+    c = logits.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        shifted = logits - logits.max(axis=1, keepdims=True)
         log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         p = np.exp(log_p)
         entropy = -(p * np.nan_to_num(log_p, nan=0.0, posinf=0.0, neginf=0.0)).sum(axis=1)
-    entropy = entropy / np.float32(math.log(c)) if c > 1 else entropy * 0
-    if c > 1:
-        where = p.argmax(axis=1)[:, None]
-        first = np.take_along_axis(p, where, axis=1)[:, 0]
-        np.put_along_axis(p, where, -np.inf, axis=1)
-        margin = first - p.max(axis=1)
-    else:
-        margin = np.ones(n, np.float32)
-    return entropy.astype(np.float32, copy=False), margin.astype(np.float32, copy=False)
+        if c < 2:
+            return entropy, np.ones(len(p), p.dtype)
+        top = p.argmax(axis=1)[:, None]
+        first = np.take_along_axis(p, top, axis=1)[:, 0]
+        np.put_along_axis(p, top, -np.inf, axis=1)
+        return entropy, first - p.max(axis=1)
 
 
 class _RecordRows:
@@ -345,18 +368,47 @@ class _RecordRows:
         return None
 
     def projected_embeddings(self) -> np.ndarray:
-        """The embeddings' sketch projection, float64 ``[rows, SKETCH_DIM]``.
+        """The embeddings' sketch projection, float64 ``[rows, SKETCH_DIM]``."""
+        emb = self.rows(self.det.embeddings).astype(np.float32, copy=False)
+        projection = _projection_np(emb.shape[-1])
+        return _matmul_one_thread(emb, projection).astype(np.float64)
 
-        torch's matmul: numpy's threaded BLAS is many times slower when the cores are busy.
-        """
-        emb = self.det.embeddings.detach()
-        if self.full:
-            emb = emb.reshape(self.n * self.d, emb.shape[-1])
-        else:
-            emb = emb[torch.from_numpy(self.valid).to(emb.device)]
-        emb = emb.float()
-        projection = random_projection(emb.shape[-1], SKETCH_DIM, SKETCH_SEED)
-        return _host((emb @ projection.to(emb.device)).double())
+
+def _projection_np(width: int) -> np.ndarray:
+    """The sketch's projection of ``width``-wide embeddings as a C-ordered numpy array (cached)."""
+    cached = _PROJECTIONS_NP.get(width)
+    if cached is None:
+        projection = random_projection(width, SKETCH_DIM, SKETCH_SEED).numpy()
+        cached = _PROJECTIONS_NP[width] = np.ascontiguousarray(projection)
+    return cached
+
+
+_PROJECTIONS_NP: dict[int, np.ndarray] = {}
+# OpenBLAS runs a product on one thread below this many multiply-adds. Threaded BLAS (numpy's or
+# torch's) is many times slower than one thread when the other cores are busy, e.g. with the
+# model's own intra-op threads: the writer's products stay under it, in row blocks.
+_ONE_THREAD_MACS = 65536 * 4
+
+
+def _matmul_one_thread(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for ``a [N, K]``, ``b [K, M]``, computed in row blocks that BLAS keeps on one thread."""
+    rows = max(1, (_ONE_THREAD_MACS - 1) // max(1, a.shape[1] * b.shape[1]))
+    if a.shape[0] <= rows:
+        return a @ b
+    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    for start in range(0, a.shape[0], rows):
+        np.matmul(a[start : start + rows], b, out=out[start : start + rows])
+    return out
+
+
+def _gram(z: np.ndarray) -> np.ndarray:
+    """``z.T @ z`` for ``z [N, K]``, summed over row blocks that BLAS keeps on one thread."""
+    rows = max(1, (_ONE_THREAD_MACS - 1) // max(1, z.shape[1] * z.shape[1]))
+    out = np.zeros((z.shape[1], z.shape[1]), np.float64)
+    for start in range(0, z.shape[0], rows):
+        block = z[start : start + rows]
+        out += block.T @ block
+    return out
 
 
 def summarize_calls(records: list[CallRecord], n_class: int) -> CallsSummary:
@@ -446,13 +498,13 @@ def summarize_calls(records: list[CallRecord], n_class: int) -> CallsSummary:
         squares = np.zeros((n_keys, SKETCH_DIM, SKETCH_DIM), np.float64)
         if len(key):  # per (group, class) present: the sum of its rows and of their outer products
             order = np.argsort(key, kind="stable")
-            ordered, z_sorted = key[order], torch.from_numpy(z[order])
+            ordered, z_sorted = key[order], z[order]
             starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
             stops = np.concatenate([starts[1:], [len(ordered)]])
             for k, a, b in zip(ordered[starts].tolist(), starts.tolist(), stops.tolist()):
                 rows_k = z_sorted[a:b]
-                sums[k] = rows_k.sum(0).numpy()
-                squares[k] = (rows_k.T @ rows_k).numpy()
+                sums[k] = rows_k.sum(axis=0)
+                squares[k] = _gram(rows_k)
         sketch_n = np.bincount(key, minlength=n_keys).astype(np.float64).reshape(n_groups, classes)
         sketch_sum = sums.reshape(n_groups, classes, SKETCH_DIM)
         sketch_sq = squares.reshape(n_groups, classes, SKETCH_DIM, SKETCH_DIM)
