@@ -195,3 +195,27 @@ def test_the_pipelined_writer_stores_the_same_rows_in_the_same_order(tmp_path):
         assert a[key] == b[key]  # counts: exact, whatever calls were summarised together
     np.testing.assert_allclose(a["embedding_cov"], b["embedding_cov"], rtol=1e-9, atol=1e-12)
     assert a["calls"] == len(records)
+
+
+@pytest.mark.parametrize("name", ["score", "entropy", "margin", "box_size"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_fast_bins_are_the_bins_of_the_edges(name, dtype):
+    """Bins found by arithmetic equal a binary search of the fixed edges, on and beside every edge."""
+    from pyodlog.io.aggregates import BINS, _bucket_np
+
+    edges = np.asarray(BINS[name], np.float64)
+    finite = edges[np.isfinite(edges)].astype(dtype)
+    rng = np.random.default_rng(0)
+    scale = 2.0 if name != "box_size" else 20000.0
+    values = np.concatenate(
+        [
+            finite,
+            np.nextafter(finite, dtype(-np.inf)),
+            np.nextafter(finite, dtype(np.inf)),
+            (rng.random(5000) * scale - 0.5).astype(dtype),
+            np.asarray([np.nan, np.inf, -np.inf, -0.0, 0.0, -3.0, 1e30], dtype),
+        ]
+    ).astype(dtype)
+    want = np.searchsorted(edges[1:-1], values.astype(np.float64), side="right")
+    want[np.isnan(values)] = len(edges) - 2
+    np.testing.assert_array_equal(_bucket_np(values, name), want)
