@@ -219,3 +219,16 @@ def test_the_fast_bins_are_the_bins_of_the_edges(name, dtype):
     want = np.searchsorted(edges[1:-1], values.astype(np.float64), side="right")
     want[np.isnan(values)] = len(edges) - 2
     np.testing.assert_array_equal(_bucket_np(values, name), want)
+
+
+def test_float16_rows_are_the_halves_of_the_clamped_values():
+    """compact_rows' one cast gives the halves of the finite values clamped to +-65504 (inf, NaN kept)."""
+    from pyodlog.ops.compression import FLOAT16_MAX, compact_rows
+
+    edge = [1e6, -1e6, 65519.9, 65520.0, -65520.0, 65504.0, 7e4, 0.0, -0.0, 1e-8]
+    x = torch.tensor([edge + [float("inf"), -float("inf"), float("nan")]] * 3)
+    x = torch.cat([x, torch.randn(50, 13) * 3e4])
+    got, scale, offset = compact_rows(x, "float16")
+    want = torch.where(torch.isfinite(x), x.clamp(-FLOAT16_MAX, FLOAT16_MAX), x).half()
+    assert scale is None and offset is None and got.dtype == torch.float16
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # bit for bit, NaN included

@@ -261,8 +261,14 @@ def compact_rows(
     if precision == "float32":
         return x, None, None
     if precision == "float16":
-        finite = torch.isfinite(x)
-        return torch.where(finite, x.clamp(-FLOAT16_MAX, FLOAT16_MAX), x).half(), None, None
+        # One cast; only values the cast took to +-inf though finite (beyond +-65520) are put
+        # back to +-65504: the same halves as clamping the finite values first.
+        values = x.half()
+        overflow = torch.isinf(values)
+        if bool(overflow.any()):
+            overflow &= torch.isfinite(x)
+            values[overflow] = torch.where(x[overflow] > 0, FLOAT16_MAX, -FLOAT16_MAX).half()
+        return values, None, None
     if precision == "bfloat16":
         return x.bfloat16().view(torch.int16), None, None
     if precision == "uint8":
