@@ -133,7 +133,12 @@ def test_writer_throughput(benchmark, case, impl):
 
 
 def _paired(
-    case: str, rounds: int, calls: int | None, profile: int, serial_too: bool = False
+    case: str,
+    rounds: int,
+    calls: int | None,
+    profile: int,
+    serial_too: bool = False,
+    compact: bool = False,
 ) -> dict[str, float]:
     """``rounds`` rounds of (raw write, store[, store without the helper thread]) one after the
     other: medians and ratios (and a profile's top lines)."""
@@ -166,7 +171,12 @@ def _paired(
             tempfile.mkdtemp(dir=folder),
             config=WriterConfig(flush_interval=1.0, batch_images=256, backpressure="block"),
         )
-        sink.open_result("bench", "v1", "r", {"n_class": C}, False)
+        schema: dict = {"n_class": C}
+        if compact:  # the logger's default storage (float16 logits, 128-d uint8 embeddings)
+            from pyodlog.structures import RecordStorage
+
+            schema["storage"] = RecordStorage().to_dict()
+        sink.open_result("bench", "v1", "r", schema, False)
         if name != "HDF5Store":
             sink.activate()
             sink.writer.pipelined = False  # summaries on the writer thread itself
@@ -204,7 +214,8 @@ def _paired(
     medians = {name: statistics.median(t) for name, t in times.items()}
     raw = medians["raw write"]
     print(
-        f"{case}: {n_calls} calls, {images} images, {nbytes / 2**20:.1f} MiB; medians of {rounds} "
+        f"{case}{' (compact storage)' if compact else ''}: {n_calls} calls, {images} images, "
+        f"{nbytes / 2**20:.1f} MiB (float32); medians of {rounds} "
         "rounds (raw write and the store(s) one after the other in each round):"
     )
     for name, median in medians.items():
@@ -246,7 +257,12 @@ if __name__ == "__main__":
         action="store_true",
         help="also time a store whose writer summarises on its own thread (no helper thread)",
     )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="the store writes the logger's default compact records (the raw baseline: float32)",
+    )
     args = parser.parse_args()
     print_header("pyodlog writer vs raw write() on tmpfs (benchmarks/bench_writer.py)")
     for name in CASES if args.case == "all" else [args.case]:
-        _paired(name, args.rounds, args.calls, args.profile, args.serial_too)
+        _paired(name, args.rounds, args.calls, args.profile, args.serial_too, args.compact)

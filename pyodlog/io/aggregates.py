@@ -28,7 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyodlog.ops.compression import random_projection
+from pyodlog.ops.compression import (
+    ONE_THREAD_MACS,
+    c_order_projection,
+    matmul_one_thread,
+)
 from pyodlog.structures import CallRecord
 
 __all__ = [
@@ -404,40 +408,13 @@ class _RecordRows:
     def projected_embeddings(self) -> np.ndarray:
         """The embeddings' sketch projection, float64 ``[rows, SKETCH_DIM]``."""
         emb = self.rows(self.det.embeddings).astype(np.float32, copy=False)
-        projection = _projection_np(emb.shape[-1])
-        return _matmul_one_thread(emb, projection).astype(np.float64)
-
-
-def _projection_np(width: int) -> np.ndarray:
-    """The sketch's projection of ``width``-wide embeddings as a C-ordered numpy array (cached)."""
-    cached = _PROJECTIONS_NP.get(width)
-    if cached is None:
-        projection = random_projection(width, SKETCH_DIM, SKETCH_SEED).numpy()
-        cached = _PROJECTIONS_NP[width] = np.ascontiguousarray(projection)
-    return cached
-
-
-_PROJECTIONS_NP: dict[int, np.ndarray] = {}
-# OpenBLAS runs a product on one thread below this many multiply-adds. Threaded BLAS (numpy's or
-# torch's) is many times slower than one thread when the other cores are busy, e.g. with the
-# model's own intra-op threads: the writer's products stay under it, in row blocks.
-_ONE_THREAD_MACS = 65536 * 4
-
-
-def _matmul_one_thread(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` for ``a [N, K]``, ``b [K, M]``, computed in row blocks that BLAS keeps on one thread."""
-    rows = max(1, (_ONE_THREAD_MACS - 1) // max(1, a.shape[1] * b.shape[1]))
-    if a.shape[0] <= rows:
-        return a @ b
-    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-    for start in range(0, a.shape[0], rows):
-        np.matmul(a[start : start + rows], b, out=out[start : start + rows])
-    return out
+        projection = c_order_projection(emb.shape[-1], SKETCH_DIM, SKETCH_SEED)
+        return matmul_one_thread(emb, projection).astype(np.float64)
 
 
 def _gram(z: np.ndarray) -> np.ndarray:
     """``z.T @ z`` for ``z [N, K]``, summed over row blocks that BLAS keeps on one thread."""
-    rows = max(1, (_ONE_THREAD_MACS - 1) // max(1, z.shape[1] * z.shape[1]))
+    rows = max(1, (ONE_THREAD_MACS - 1) // max(1, z.shape[1] * z.shape[1]))
     out = np.zeros((z.shape[1], z.shape[1]), np.float64)
     for start in range(0, z.shape[0], rows):
         block = z[start : start + rows]
