@@ -43,7 +43,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -691,13 +691,18 @@ class RecordWriter:
         )
         if not full or not self.pipelined or self.last_disk_error is not None or self._broken:
             return
-        if self._rows_pool is None:
-            self._rows_pool = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"pyodlog-summary-{self.directory.name}"
-            )
-        calls, self._inbox = self._inbox, []
+        try:
+            if self._rows_pool is None:
+                self._rows_pool = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"pyodlog-summary-{self.directory.name}"
+                )
+            job = self._rows_pool.submit(_summaries_of, self._inbox, self.n_class)
+        except RuntimeError:  # the interpreter is shutting down: summarised at the flush instead
+            self.pipelined = False
+            return
+        self._jobs.append((self._inbox, job))
+        self._inbox = []
         self._inbox_images = self._inbox_bytes = 0
-        self._jobs.append((calls, self._rows_pool.submit(_summaries_of, calls, self.n_class)))
         while len(self._jobs) > 1:
             self._apply_job()
             if self._held_full() and not self._flush(drain=False):
@@ -716,7 +721,11 @@ class RecordWriter:
                 reason="disk_error",
             )
             return
-        self._apply_summaries(calls, job.result())
+        try:
+            summarized = job.result()
+        except CancelledError:  # the helper was stopped (interpreter exit): summarise here
+            summarized = _summaries_of(calls, self.n_class)
+        self._apply_summaries(calls, summarized)
 
     def _drain_jobs(self) -> None:
         """Applies every summary under way, in order; a batch full by then is appended at once, as
