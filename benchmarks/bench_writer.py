@@ -137,10 +137,10 @@ def _paired(
     rounds: int,
     calls: int | None,
     profile: int,
-    serial_too: bool = False,
+    summary_thread: bool = False,
     compact: bool = False,
 ) -> dict[str, float]:
-    """``rounds`` rounds of (raw write, store[, store without the helper thread]) one after the
+    """``rounds`` rounds of (raw write, store[, store with a summary thread]) one after the
     other: medians and ratios (and a profile's top lines)."""
     import cProfile
     import pstats
@@ -166,10 +166,15 @@ def _paired(
 
         threading.Thread.run = profiled_run  # type: ignore[method-assign]
     sinks = {}
-    for name in ["HDF5Store"] + (["HDF5Store, one thread"] if serial_too else []):
+    for name in ["HDF5Store"] + (["HDF5Store, summary thread"] if summary_thread else []):
         sink = HDF5Store(
             tempfile.mkdtemp(dir=folder),
-            config=WriterConfig(flush_interval=1.0, batch_images=256, backpressure="block"),
+            config=WriterConfig(
+                flush_interval=1.0,
+                batch_images=256,
+                backpressure="block",
+                summary_thread=name != "HDF5Store",
+            ),
         )
         schema: dict = {"n_class": C}
         if compact:  # the logger's default storage (float16 logits, 128-d uint8 embeddings)
@@ -177,9 +182,6 @@ def _paired(
 
             schema["storage"] = RecordStorage().to_dict()
         sink.open_result("bench", "v1", "r", schema, False)
-        if name != "HDF5Store":
-            sink.activate()
-            sink.writer.pipelined = False  # summaries on the writer thread itself
         sinks[name] = sink
     times: dict[str, list[float]] = {"raw write": [], **{name: [] for name in sinks}}
     try:
@@ -253,9 +255,9 @@ if __name__ == "__main__":
         help="print this many top lines of a cProfile of pyodlog's threads (all rounds)",
     )
     parser.add_argument(
-        "--serial-too",
+        "--summary-thread",
         action="store_true",
-        help="also time a store whose writer summarises on its own thread (no helper thread)",
+        help="also time a store with WriterConfig(summary_thread=True) (summaries on a helper thread)",
     )
     parser.add_argument(
         "--compact",
@@ -265,4 +267,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     print_header("pyodlog writer vs raw write() on tmpfs (benchmarks/bench_writer.py)")
     for name in CASES if args.case == "all" else [args.case]:
-        _paired(name, args.rounds, args.calls, args.profile, args.serial_too, args.compact)
+        _paired(name, args.rounds, args.calls, args.profile, args.summary_thread, args.compact)

@@ -170,9 +170,10 @@ def test_the_pipelined_writer_stores_the_same_rows_in_the_same_order(tmp_path):
         store = open_store(
             root,
             N_CLASS,
-            config=WriterConfig(flush_interval=5.0, batch_images=4, backpressure="block"),
+            config=WriterConfig(
+                flush_interval=5.0, batch_images=4, backpressure="block", summary_thread=pipelined
+            ),
         )
-        store.writer.pipelined = pipelined
         for r in records[:17]:
             store.submit(r)
         store.wait_for_save()
@@ -232,3 +233,11 @@ def test_float16_rows_are_the_halves_of_the_clamped_values():
     want = torch.where(torch.isfinite(x), x.clamp(-FLOAT16_MAX, FLOAT16_MAX), x).half()
     assert scale is None and offset is None and got.dtype == torch.float16
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))  # bit for bit, NaN included
+
+
+def test_the_summary_thread_is_opt_in():
+    from pyodlog.io.writer import WriterConfig
+
+    assert WriterConfig().summary_thread is False
+    with pytest.raises(ValueError, match="summary_thread must be True or False"):
+        WriterConfig(summary_thread="yes")  # type: ignore[arg-type]

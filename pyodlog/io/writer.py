@@ -169,6 +169,10 @@ class WriterConfig:
             by ``wait_for_save``) or ``"block"`` (opt-in: wait up to
             ``block_timeout`` seconds for room, then drop).
         block_timeout: see ``backpressure``.
+        summary_thread: summarise a full batch's calls (aggregates and sampling) on a helper
+            thread while the writer thread appends the batch before it. Off by default: it pays
+            only where the writer has a core of its own, and it holds one more batch in memory
+            (taken from the queue before the batch ahead of it is written).
     """
 
     flush_interval: float = 1.0
@@ -180,8 +184,11 @@ class WriterConfig:
     queue_size: int = 64
     backpressure: str = "drop"
     block_timeout: float = 30.0
+    summary_thread: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.summary_thread, bool):
+            raise ValueError(f"summary_thread must be True or False, got {self.summary_thread!r}")
         if self.backpressure not in ("block", "drop"):
             raise ValueError(f"backpressure must be 'block' or 'drop', got {self.backpressure!r}")
         for name in (
@@ -375,7 +382,7 @@ class RecordWriter:
         self._jobs: deque[tuple[list[CallRecord], Future[_Summarized]]] = deque()
         self._rows_pool: ThreadPoolExecutor | None = None
         #: Summarise full batches on a helper thread while this one writes (see _pipeline).
-        self.pipelined = True
+        self.pipelined = config.summary_thread
         self._first_pending_at = 0.0
         self._retry_at = 0.0
         self._backoff = FIRST_BACKOFF
