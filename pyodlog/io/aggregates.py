@@ -1,7 +1,9 @@
 """Always-on aggregates: cheap, mergeable statistics of 100 % of the calls, sampled out or not.
 
-Every call a logger sees is summarised off the inference path (on the writer thread, from
-the record it handed over) into fixed-size counts, whether or not sampling keeps its rows:
+Every call a logger sees is summarised off the inference path (by the writer, from the
+record it handed over: one :func:`summarize_calls` over the calls of a flush, in numpy; or
+from the record's own ``aggregate_summary``, a :func:`summarize_call` made elsewhere) into
+fixed-size counts, whether or not sampling keeps its rows:
 
 * per ``(dataset_type, n_epoch)``: calls, images, detections, calls whose rows were kept
   (``sampled_calls``), and a detections-per-image histogram;
