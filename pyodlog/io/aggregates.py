@@ -1,7 +1,9 @@
 """Always-on aggregates: cheap, mergeable statistics of 100 % of the calls, sampled out or not.
 
-Every call a logger sees is summarised off the inference path (on the writer thread, from
-the record it handed over) into fixed-size counts, whether or not sampling keeps its rows:
+Every call a logger sees is summarised off the inference path (by the writer, from the
+record it handed over: one :func:`summarize_calls` over the calls of a flush, in numpy; or
+from the record's own ``aggregate_summary``, a :func:`summarize_call` made elsewhere) into
+fixed-size counts, whether or not sampling keeps its rows:
 
 * per ``(dataset_type, n_epoch)``: calls, images, detections, calls whose rows were kept
   (``sampled_calls``), and a detections-per-image histogram;
@@ -28,7 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyodlog.ops.compression import random_projection
+from pyodlog.ops.compression import (
+    ONE_THREAD_MACS,
+    c_order_projection,
+    matmul_one_thread,
+)
 from pyodlog.structures import CallRecord
 
 __all__ = [
@@ -38,8 +44,13 @@ __all__ = [
     "SKETCH_SEED",
     "Aggregates",
     "CallSummary",
+    "CallView",
+    "CallsSummary",
     "summarize_call",
+    "summarize_calls",
+    "summary_fits",
     "uncertainty",
+    "uncertainty_np",
 ]
 
 AGGREGATES_FORMAT = 1
@@ -64,11 +75,17 @@ _ROW = int(sum(_WIDTHS))
 def uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised entropy and margin of ``softmax(logits)`` per row of ``Tensor[N, C]``.
 
+    On the CPU the computation is :func:`uncertainty_np`'s (what the aggregates use); on a
+    device the same formula in PyTorch.
+
     Returns:
         ``(entropy, margin)``, float32 ``[N]``: entropy in nats divided by ``ln C`` (0: one
         class certain, 1: uniform), margin = top-1 minus top-2 probability (1 for ``C == 1``).
     """
     logits = logits.float()
+    if logits.device.type == "cpu":
+        entropy_np, margin_np = uncertainty_np(logits.detach().numpy())
+        return torch.from_numpy(entropy_np), torch.from_numpy(margin_np)
     n, c = logits.shape
     if n == 0 or c == 0:
         empty = logits.new_zeros(n)
@@ -78,18 +95,14 @@ def uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     entropy = -(p * log_p.nan_to_num(0.0, 0.0, 0.0)).sum(-1)
     entropy = entropy / math.log(c) if c > 1 else entropy * 0
     if c > 1:
-        top = p.topk(2, dim=-1).values
-        margin = top[:, 0] - top[:, 1]
+        # top-1 minus top-2 without a sort: the row's maximum, then the maximum of the row with
+        # that one entry masked (the two values topk(2) gives).
+        first, where = p.max(dim=-1)
+        p.scatter_(1, where[:, None], -math.inf)  # p is ours (made above) and not used again
+        margin = first - p.max(dim=-1).values
     else:
         margin = torch.ones(n, dtype=p.dtype, device=p.device)
     return entropy, margin
-
-
-def _bucket(values: torch.Tensor, name: str) -> torch.Tensor:
-    edges = torch.tensor(BINS[name], dtype=torch.float64, device=values.device)
-    inner = edges[1:-1]
-    index = torch.bucketize(values.double(), inner, right=True)
-    return torch.where(torch.isnan(values), len(edges) - 2, index)
 
 
 @dataclass
@@ -124,14 +137,6 @@ class CallSummary:
     has_near_miss: bool = False
 
 
-def _per_detection(det: Any, name: str, valid: torch.Tensor) -> torch.Tensor | None:
-    """A per-detection column the record already carries (e.g. issue 14's ``entropy``), or None."""
-    value = getattr(det, name, None)
-    if isinstance(value, torch.Tensor) and value.shape[:2] == valid.shape:
-        return value[valid].float()
-    return None
-
-
 def _has_near_miss(record: CallRecord) -> bool:
     """The record's detections carry near-misses (``near_miss=K`` > 0) and one image has one."""
     near = getattr(record.detections, "near_misses", None)
@@ -142,71 +147,397 @@ def _has_near_miss(record: CallRecord) -> bool:
 
 
 def summarize_call(record: CallRecord, n_class: int) -> CallSummary:
-    """The :class:`CallSummary` of one record (host tensors: run it off the inference path)."""
-    det = record.detections
-    n_images = len(record)
-    counts = det.counts.to(torch.long)
-    d = det.boxes.shape[1]
-    valid = torch.arange(d, device=counts.device)[None, :] < counts[:, None]
-    labels = det.labels[valid].to(torch.long)
-    n_det = int(labels.shape[0])
+    """The :class:`CallSummary` of one record (host tensors: run it off the inference path).
+
+    The same computation as :func:`summarize_calls` over one record (so the two agree exactly).
+    """
+    batch = summarize_calls([record], n_class)
+    return CallSummary(
+        batch.keys[0][0],
+        batch.keys[0][1],
+        int(batch.n_images[0]),
+        int(batch.n_detections[0]),
+        batch.detections_per_image[0],
+        batch.hist[0],
+        None if batch.sketch_n is None else batch.sketch_n[0],
+        None if batch.sketch_sum is None else batch.sketch_sum[0],
+        None if batch.sketch_sq is None else batch.sketch_sq[0],
+        batch.labels,
+        batch.entropy,
+        batch.margin,
+        batch.has_near_miss[0],
+    )
+
+
+def summary_fits(summary: Any, n_class: int) -> bool:
+    """Whether ``summary`` is a :class:`CallSummary` that aggregates of ``n_class`` classes can add
+    (what the writer checks before it uses a record's precomputed ``aggregate_summary``)."""
+    if not isinstance(summary, CallSummary):
+        return False
+    hist = summary.hist
+    dpi = summary.detections_per_image
+    return (
+        isinstance(hist, np.ndarray)
+        and hist.shape == (n_class + 1, _ROW)
+        and isinstance(dpi, np.ndarray)
+        and dpi.shape == (len(BINS["detections_per_image"]) - 1,)
+        and (summary.sketch_n is None or np.shape(summary.sketch_n) == (n_class + 1,))
+    )
+
+
+@dataclass
+class CallView:
+    """What a sampling policy looks at for one call of a :class:`CallsSummary` (a
+    :class:`CallSummary` without the histograms, which are summed per key instead)."""
+
+    dataset_type: str
+    n_epoch: int
+    n_images: int
+    n_detections: int
+    labels: np.ndarray
+    entropy: np.ndarray
+    margin: np.ndarray
+    has_near_miss: bool = False
+
+
+@dataclass
+class CallsSummary:
+    """What several calls contribute to the aggregates, computed together.
+
+    One bucketing and one ``bincount`` over the detections of every call (a flush's worth)
+    instead of a dozen small operations per call; histograms and sketches are kept per key
+    ``(dataset_type, n_epoch)`` (``group_keys``), the per-detection values per call
+    (:meth:`call`, what a sampling policy decides on).
+
+    Attributes:
+        keys: each call's ``(dataset_type, n_epoch)``; ``call_group``: its index in ``group_keys``.
+        n_images, n_detections: ``int64[calls]``; ``det_offsets``: ``int64[calls + 1]`` into
+            ``labels``, ``entropy`` and ``margin`` (every call's detections, one after the other).
+        hist: ``int64[groups, C + 1, sum of widths]``; ``detections_per_image``: ``int64[groups, bins]``.
+        sketch_n, sketch_sum, sketch_sq: per group and class (None when no call has embeddings).
+        has_near_miss: per call.
+    """
+
+    n_class: int
+    keys: list[tuple[str, int]]
+    call_group: np.ndarray
+    group_keys: list[tuple[str, int]]
+    n_images: np.ndarray
+    n_detections: np.ndarray
+    det_offsets: np.ndarray
+    labels: np.ndarray
+    entropy: np.ndarray
+    margin: np.ndarray
+    has_near_miss: list[bool]
+    hist: np.ndarray
+    detections_per_image: np.ndarray
+    sketch_n: np.ndarray | None = None
+    sketch_sum: np.ndarray | None = None
+    sketch_sq: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def call(self, i: int) -> CallView:
+        """The ``i``-th call's key, counts and per-detection values (views, no copy)."""
+        a, b = int(self.det_offsets[i]), int(self.det_offsets[i + 1])
+        dataset_type, n_epoch = self.keys[i]
+        return CallView(
+            dataset_type,
+            n_epoch,
+            int(self.n_images[i]),
+            int(self.n_detections[i]),
+            self.labels[a:b],
+            self.entropy[a:b],
+            self.margin[a:b],
+            self.has_near_miss[i],
+        )
+
+    def add_to(self, aggregates: Aggregates, kept: list[bool] | np.ndarray) -> None:
+        """Counts every call into ``aggregates`` (``kept[i]``: call ``i``'s rows were written).
+
+        Raises:
+            ValueError: ``aggregates`` counts another number of classes.
+        """
+        if aggregates.n_class != self.n_class:
+            raise ValueError(
+                f"a summary of {self.n_class} classes cannot be added to aggregates of {aggregates.n_class}"
+            )
+        kept_calls = np.bincount(
+            self.call_group, weights=np.asarray(kept, np.float64), minlength=len(self.group_keys)
+        )
+        calls = np.bincount(self.call_group, minlength=len(self.group_keys))
+        images = np.bincount(self.call_group, weights=self.n_images, minlength=len(self.group_keys))
+        detections = np.bincount(
+            self.call_group, weights=self.n_detections, minlength=len(self.group_keys)
+        )
+        for g, key in enumerate(self.group_keys):
+            group = aggregates._group(key)
+            group.calls += int(calls[g])
+            group.images += int(images[g])
+            group.detections += int(detections[g])
+            group.sampled_calls += int(kept_calls[g])
+            group.detections_per_image += self.detections_per_image[g]
+            group.hist += self.hist[g]
+            if self.sketch_n is not None:
+                group.sketch_n += self.sketch_n[g]
+                group.sketch_sum += self.sketch_sum[g]  # type: ignore[index]
+                group.sketch_sq += self.sketch_sq[g]  # type: ignore[index]
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array (a view for a CPU tensor); 16-bit floats widened to float32."""
+    t = t.detach()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def _bucket_np(values: np.ndarray, name: str) -> np.ndarray:
+    """The bin of each value: ``searchsorted(inner edges, side="right")`` (a value on an edge
+    counts in the bin it opens), NaN in the last bin. The fixed bins of [0, 1] and of the box
+    size are found by arithmetic and checked against the edges (the same bins, several times
+    faster than a binary search)."""
+    if name == "box_size":
+        return _bucket_powers_of_two(values)
+    if BINS[name] is _UNIT:
+        return _bucket_unit(values)
+    inner = _INNER_NP[name]
+    index = np.searchsorted(inner, values.astype(np.float64, copy=False), side="right")
+    index[np.isnan(values)] = len(inner)
+    return index
+
+
+def _bucket_unit(values: np.ndarray) -> np.ndarray:
+    """:func:`_bucket_np` for the 20 bins of [0, 1]: ``floor(20 v)``, then moved by one where the
+    float64 edges ``i / 20`` say otherwise."""
+    with np.errstate(invalid="ignore"):
+        index = np.clip(values * np.float32(20), 0, 19)
+    nan = np.isnan(index)
+    index[nan] = 0
+    index = index.astype(np.intp)
+    index -= values < _UNIT_EDGES[index]
+    index += values >= _UNIT_EDGES[index + 1]
+    np.minimum(index, 19, out=index)  # +inf
+    index[nan] = 19
+    return index
+
+
+def _bucket_powers_of_two(values: np.ndarray) -> np.ndarray:
+    """:func:`_bucket_np` for the box size's bins ``[0, 2, 4, ..., 8192, inf]``: the exponent."""
+    _, exponent = np.frexp(values)
+    index = np.clip(exponent.astype(np.intp) - 1, 0, 13)
+    with np.errstate(invalid="ignore"):
+        index[values < 2] = 0
+    index[np.isnan(values) | (values == np.inf)] = 13  # the last bin
+    return index
+
+
+_INNER_NP = {name: np.asarray(edges[1:-1], np.float64) for name, edges in BINS.items()}
+# The unit bins' edges with -inf and +inf around them: bin k holds _UNIT_EDGES[k] <= v < [k + 1].
+_UNIT_EDGES = np.concatenate([[-np.inf], _INNER_NP["score"], [np.inf]])
+assert BINS["box_size"][1:-1] == [float(2**i) for i in range(1, 14)]  # _bucket_powers_of_two
+
+
+def uncertainty_np(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`uncertainty` of float32 rows ``[N, C]`` in numpy (one thread; a row's values do not
+    depend on the other rows).
+
+    With ``y = z - max z``, ``e = exp y`` and ``s = sum e``: entropy ``log s - sum(e y) / s``,
+    margin ``(1 - exp y2) / s`` (``y2`` the second largest); rows where that is not finite
+    (``-inf`` or NaN logits) take the definition ``-sum p log p`` itself.
+    """
+    n, c = logits.shape
+    if n == 0 or c == 0:
+        return np.zeros(n, np.float32), np.ones(n, np.float32)
+    logits = logits.astype(np.float32, copy=False)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        total = e.sum(axis=1)
+        entropy = np.log(total) - np.einsum("ij,ij->i", e, shifted) / total
+        if c > 1:
+            top = shifted.argmax(axis=1)[:, None]
+            np.put_along_axis(shifted, top, -np.inf, axis=1)  # shifted is ours
+            margin = (1 - np.exp(shifted.max(axis=1))) / total
+        else:
+            margin = np.ones(n, np.float32)
+        bad = np.flatnonzero(~(np.isfinite(entropy) & np.isfinite(margin)))
+        if len(bad):
+            entropy[bad], margin[bad] = _uncertainty_by_definition(logits[bad])
+    entropy = entropy / np.float32(math.log(c)) if c > 1 else entropy * 0
+    return entropy.astype(np.float32, copy=False), margin.astype(np.float32, copy=False)
+
+
+def _uncertainty_by_definition(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entropy (nats, ``0 log 0 = 0``) and margin of ``softmax(logits)`` as written (NaN in, NaN out)."""
+    c = logits.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        p = np.exp(log_p)
+        entropy = -(p * np.nan_to_num(log_p, nan=0.0, posinf=0.0, neginf=0.0)).sum(axis=1)
+        if c < 2:
+            return entropy, np.ones(len(p), p.dtype)
+        top = p.argmax(axis=1)[:, None]
+        first = np.take_along_axis(p, top, axis=1)[:, 0]
+        np.put_along_axis(p, top, -np.inf, axis=1)
+        return entropy, first - p.max(axis=1)
+
+
+class _RecordRows:
+    """The valid rows of one record's padded ``[B, D, ...]`` detection tensors, as numpy arrays
+    (views when every image is at its quota, the common case under load)."""
+
+    def __init__(self, det: Any) -> None:
+        self.det = det
+        self.counts = _host(det.counts).astype(np.int64, copy=False).reshape(-1)
+        self.n, self.d = len(self.counts), int(det.boxes.shape[1])
+        self.full = bool(self.n) and int(self.counts.min()) == self.d
+        self.valid = np.arange(self.d)[None, :] < self.counts[:, None]
+
+    def rows(self, t: torch.Tensor) -> np.ndarray:
+        a = _host(t)
+        return a.reshape(self.n * self.d, *a.shape[2:]) if self.full else a[self.valid]
+
+    def column(self, name: str) -> np.ndarray | None:
+        """A per-detection float column the record carries (e.g. ``entropy``), or None."""
+        value = getattr(self.det, name, None)
+        if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == (self.n, self.d):
+            return self.rows(value).astype(np.float32, copy=False)
+        return None
+
+    def projected_embeddings(self) -> np.ndarray:
+        """The embeddings' sketch projection, float64 ``[rows, SKETCH_DIM]``."""
+        emb = self.rows(self.det.embeddings).astype(np.float32, copy=False)
+        projection = c_order_projection(emb.shape[-1], SKETCH_DIM, SKETCH_SEED)
+        return matmul_one_thread(emb, projection).astype(np.float64)
+
+
+def _gram(z: np.ndarray) -> np.ndarray:
+    """``z.T @ z`` for ``z [N, K]``, summed over row blocks that BLAS keeps on one thread."""
+    rows = max(1, (ONE_THREAD_MACS - 1) // max(1, z.shape[1] * z.shape[1]))
+    out = np.zeros((z.shape[1], z.shape[1]), np.float64)
+    for start in range(0, z.shape[0], rows):
+        block = z[start : start + rows]
+        out += block.T @ block
+    return out
+
+
+def summarize_calls(records: list[CallRecord], n_class: int) -> CallsSummary:
+    """The :class:`CallsSummary` of several records, computed together (host tensors: off the
+    inference path); per key the same counts as :func:`summarize_call` of each record, summed.
+
+    In numpy (one thread: a writer thread never competes with the model's intra-op threads).
+    Per record it only picks the valid rows (views when every image is at its quota) and, for
+    a record without ``entropy``/``margin`` columns, computes them from its logits; the buckets
+    and histograms are one ``bincount`` over every detection of every record.
+    """
     classes = n_class + 1
-    cls = torch.where((labels >= 0) & (labels < n_class), labels, n_class)
-    logits = det.logits[valid].float()
-    entropy = _per_detection(det, "entropy", valid)
-    margin = _per_detection(det, "margin", valid)
-    if entropy is not None and n_class > 1:
-        entropy = entropy / math.log(n_class)  # the logged column is in nats
-    if entropy is None or margin is None:
-        own_entropy, own_margin = uncertainty(logits)
-        entropy = own_entropy if entropy is None else entropy
-        margin = own_margin if margin is None else margin
-    boxes = det.boxes[valid].float()
-    size = (
-        (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    ).sqrt()
-    scores = det.scores[valid].float()
-    index = torch.cat(
+    keys = [(r.dataset_type, -1 if r.n_epoch is None else int(r.n_epoch)) for r in records]
+    group_index: dict[tuple[str, int], int] = {}
+    call_group = np.asarray([group_index.setdefault(k, len(group_index)) for k in keys], np.int64)
+    n_groups = len(group_index)
+    counts_of: list[np.ndarray] = []
+    labels_of: list[np.ndarray] = []
+    scores_of: list[np.ndarray] = []
+    boxes_of: list[np.ndarray] = []
+    entropy_of: list[np.ndarray] = []
+    margin_of: list[np.ndarray] = []
+    z_of: list[tuple[int, np.ndarray]] = []  # records with embeddings: their sketch projection
+    for i, record in enumerate(records):
+        part = _RecordRows(record.detections)
+        counts_of.append(part.counts)
+        labels_of.append(part.rows(part.det.labels).astype(np.int64, copy=False))
+        scores_of.append(part.rows(part.det.scores).astype(np.float32, copy=False))
+        boxes_of.append(part.rows(part.det.boxes).astype(np.float32, copy=False).reshape(-1, 4))
+        entropy, margin = part.column("entropy"), part.column("margin")
+        if entropy is not None and n_class > 1:
+            entropy = entropy / np.float32(math.log(n_class))  # the logged column is in nats
+        if entropy is None or margin is None:  # no column: from the logits (row by row)
+            own_entropy, own_margin = uncertainty_np(
+                part.rows(part.det.logits).astype(np.float32, copy=False)
+            )
+            entropy = own_entropy if entropy is None else entropy
+            margin = own_margin if margin is None else margin
+        entropy_of.append(entropy)
+        margin_of.append(margin)
+        if part.det.embeddings is not None:
+            z_of.append((i, part.projected_embeddings()))
+
+    def cat(parts: list[Any], empty: np.ndarray) -> np.ndarray:
+        return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else empty)
+
+    counts_all = cat(counts_of, np.zeros(0, np.int64))
+    n_images = np.asarray([len(c) for c in counts_of], np.int64)
+    n_detections = np.asarray([len(a) for a in labels_of], np.int64)
+    det_offsets = np.concatenate([[0], np.cumsum(n_detections)]).astype(np.int64)
+    labels = cat(labels_of, np.zeros(0, np.int64))
+    scores = cat(scores_of, np.zeros(0, np.float32))
+    boxes = cat(boxes_of, np.zeros((0, 4), np.float32))
+    entropy_all = cat(entropy_of, np.zeros(0, np.float32))
+    margin_all = cat(margin_of, np.zeros(0, np.float32))
+    det_group = np.repeat(call_group, n_detections)
+    cls = np.where((labels >= 0) & (labels < n_class), labels, n_class)
+    with np.errstate(invalid="ignore"):
+        size = np.sqrt(
+            np.maximum(boxes[:, 2] - boxes[:, 0], np.float32(0))
+            * np.maximum(boxes[:, 3] - boxes[:, 1], np.float32(0))
+        )
+    base = (det_group * classes + cls) * _ROW
+    index = np.concatenate(
         [
-            cls * _ROW + start + _bucket(values, name)
-            for name, start, values in zip(_HISTS, _STARTS, (scores, entropy, margin, size))
+            base + (start + _bucket_np(values, name))
+            for name, start, values in zip(_HISTS, _STARTS, (scores, entropy_all, margin_all, size))
         ]
     )
-    hist = torch.bincount(index, minlength=classes * _ROW).reshape(classes, _ROW)
-    per_image = _bucket(counts.double(), "detections_per_image")
-    dpi = torch.bincount(per_image, minlength=len(BINS["detections_per_image"]) - 1)
-    sketch_n = sketch_sum = sketch_sq = None
-    if det.embeddings is not None:
-        emb = det.embeddings[valid].float()
-        z = emb @ random_projection(emb.shape[-1], SKETCH_DIM, SKETCH_SEED).to(emb.device)
-        z = z.double()
-        one_hot = torch.zeros(n_det, classes, dtype=torch.float64, device=z.device)
-        one_hot[torch.arange(n_det, device=z.device), cls] = 1.0
-        sketch_n = one_hot.sum(0)
-        sketch_sum = one_hot.T @ z
-        outer = (z[:, :, None] * z[:, None, :]).reshape(n_det, SKETCH_DIM * SKETCH_DIM)
-        sketch_sq = (one_hot.T @ outer).reshape(classes, SKETCH_DIM, SKETCH_DIM)
-
-    def host(t: torch.Tensor) -> np.ndarray:
-        return t.detach().cpu().numpy()
-
-    def maybe(t: torch.Tensor | None) -> np.ndarray | None:
-        return None if t is None else host(t)
-
-    return CallSummary(
-        record.dataset_type,
-        -1 if record.n_epoch is None else int(record.n_epoch),
-        n_images,
-        n_det,
-        host(dpi).astype(np.int64),
-        host(hist).astype(np.int64),
-        maybe(sketch_n),
-        maybe(sketch_sum),
-        maybe(sketch_sq),
-        host(labels),
-        host(entropy),
-        host(margin),
-        _has_near_miss(record),
+    hist = np.bincount(index, minlength=n_groups * classes * _ROW)
+    n_dpi = len(BINS["detections_per_image"]) - 1
+    image_group = np.repeat(call_group, n_images)
+    dpi = np.bincount(
+        image_group * n_dpi + _bucket_np(counts_all.astype(np.float64), "detections_per_image"),
+        minlength=n_groups * n_dpi,
+    )
+    sketch_n: np.ndarray | None = None
+    sketch_sum: np.ndarray | None = None
+    sketch_sq: np.ndarray | None = None
+    if z_of:
+        z = cat([a for _, a in z_of], np.zeros((0, SKETCH_DIM)))
+        key = det_group * classes + cls
+        if len(z_of) < len(records):  # the detections of the records with embeddings
+            key = np.concatenate([key[det_offsets[i] : det_offsets[i + 1]] for i, _ in z_of])
+        n_keys = n_groups * classes
+        sums = np.zeros((n_keys, SKETCH_DIM), np.float64)
+        squares = np.zeros((n_keys, SKETCH_DIM, SKETCH_DIM), np.float64)
+        if len(key):  # per (group, class) present: the sum of its rows and of their outer products
+            order = np.argsort(key, kind="stable")
+            ordered, z_sorted = key[order], z[order]
+            starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+            stops = np.concatenate([starts[1:], [len(ordered)]])
+            for k, a, b in zip(ordered[starts].tolist(), starts.tolist(), stops.tolist()):
+                rows_k = z_sorted[a:b]
+                sums[k] = rows_k.sum(axis=0)
+                squares[k] = _gram(rows_k)
+        sketch_n = np.bincount(key, minlength=n_keys).astype(np.float64).reshape(n_groups, classes)
+        sketch_sum = sums.reshape(n_groups, classes, SKETCH_DIM)
+        sketch_sq = squares.reshape(n_groups, classes, SKETCH_DIM, SKETCH_DIM)
+    return CallsSummary(
+        n_class=n_class,
+        keys=keys,
+        call_group=call_group,
+        group_keys=list(group_index),
+        n_images=n_images,
+        n_detections=n_detections,
+        det_offsets=det_offsets,
+        labels=labels,
+        entropy=entropy_all,
+        margin=margin_all,
+        has_near_miss=[_has_near_miss(r) for r in records],
+        hist=hist.astype(np.int64, copy=False).reshape(n_groups, classes, _ROW),
+        detections_per_image=dpi.astype(np.int64, copy=False).reshape(n_groups, n_dpi),
+        sketch_n=sketch_n,
+        sketch_sum=sketch_sum,
+        sketch_sq=sketch_sq,
     )
 
 

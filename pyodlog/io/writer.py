@@ -41,7 +41,9 @@ import shutil
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +52,14 @@ import h5py
 import numpy as np
 
 from pyodlog._checks import check_number
-from pyodlog.io.aggregates import Aggregates, summarize_call
+from pyodlog.io.aggregates import (
+    Aggregates,
+    CallsSummary,
+    CallSummary,
+    summarize_call,
+    summarize_calls,
+    summary_fits,
+)
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.export import write_tables
@@ -160,6 +169,10 @@ class WriterConfig:
             by ``wait_for_save``) or ``"block"`` (opt-in: wait up to
             ``block_timeout`` seconds for room, then drop).
         block_timeout: see ``backpressure``.
+        summary_thread: summarise a full batch's calls (aggregates and sampling) on a helper
+            thread while the writer thread appends the batch before it. Off by default: it pays
+            only where the writer has a core of its own, and it holds one more batch in memory
+            (taken from the queue before the batch ahead of it is written).
     """
 
     flush_interval: float = 1.0
@@ -171,8 +184,11 @@ class WriterConfig:
     queue_size: int = 64
     backpressure: str = "drop"
     block_timeout: float = 30.0
+    summary_thread: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.summary_thread, bool):
+            raise ValueError(f"summary_thread must be True or False, got {self.summary_thread!r}")
         if self.backpressure not in ("block", "drop"):
             raise ValueError(f"backpressure must be 'block' or 'drop', got {self.backpressure!r}")
         for name in (
@@ -357,6 +373,16 @@ class RecordWriter:
         self._quarantine_seq = 0
         self._token = secrets.token_hex(3)
         self._pending = ColumnBatch()
+        # Calls taken but not yet summarised nor turned into rows: done together at the next
+        # flush (one aggregate summary over all of them, see _rows_of_inbox).
+        self._inbox: list[CallRecord] = []
+        self._inbox_images = 0
+        self._inbox_bytes = 0
+        # Summaries of full inboxes computing on the helper thread (pipelined), oldest first.
+        self._jobs: deque[tuple[list[CallRecord], Future[_Summarized]]] = deque()
+        self._rows_pool: ThreadPoolExecutor | None = None
+        #: Summarise full batches on a helper thread while this one writes (see _pipeline).
+        self.pipelined = config.summary_thread
         self._first_pending_at = 0.0
         self._retry_at = 0.0
         self._backoff = FIRST_BACKOFF
@@ -600,7 +626,7 @@ class RecordWriter:
     def _next_item(self) -> Any:
         """The next queued item, or None when a pending flush or a retry is due first."""
         timeout = None
-        if self._pending.n_records or self._broken is not None:
+        if self._pending.n_records or self._inbox or self._jobs or self._broken is not None:
             wake = max(self._first_pending_at + self.config.flush_interval, self._retry_at)
             timeout = max(0.0, wake - time.monotonic())
         try:
@@ -610,7 +636,10 @@ class RecordWriter:
 
     def _held_full(self) -> bool:
         p = self._pending
-        return p.n_images >= self.config.batch_images or p.nbytes >= self.config.batch_bytes
+        return (
+            p.n_images + self._inbox_images >= self.config.batch_images
+            or p.nbytes + self._inbox_bytes >= self.config.batch_bytes
+        )
 
     def _take(self, record: CallRecord | PendingRecord) -> None:
         """Turns a record into pending rows; quarantines it if it cannot be; drops it while the disk fails and a batch is held."""
@@ -624,54 +653,117 @@ class RecordWriter:
                 reason="disk_error",
             )
             return
-        call = record
-        was_empty = not self._pending.n_records
+        call: Any = record
+        was_empty = not self._pending.n_records and not self._inbox and not self._jobs
         try:
             if isinstance(record, PendingRecord):
                 try:
                     call = record.wait()  # device copies: waited for here, on the writer thread
-                    self._rows_of(call)
                 finally:
                     if self.copier is not None:
                         self.copier.release(record)
-            else:
-                self._rows_of(record)
+            nbytes = _record_nbytes(call)
         except Exception as error:
             self._quarantine(call, 1, _input_ids_of(call), error)
             return
+        # Summarised and turned into rows with the other calls of its flush (_rows_of_inbox).
+        self._inbox.append(call)
+        self._inbox_images += len(call.input_ids)
+        self._inbox_bytes += nbytes
         if was_empty:
             self._first_pending_at = time.monotonic()
+        self._pipeline()
 
-    def _rows_of(self, call: CallRecord) -> None:
-        """Counts the call in the aggregates, asks its sampling policy, and adds its rows if kept."""
-        weight = self._sample(call)
-        if weight is None:
-            with self._lock:
-                self.sampled_out += 1
+    def _rows_of_inbox(self) -> None:
+        """Every call taken so far becomes pending rows: the summaries computing on the helper
+        thread are waited for and applied in order, then the calls still in the inbox are
+        summarised here (see :meth:`_apply_summaries`)."""
+        self._drain_jobs()
+        if not self._inbox:
             return
-        record_to_columns(call, self._pending, self.storage, weight)
+        calls, self._inbox = self._inbox, []
+        self._inbox_images = self._inbox_bytes = 0
+        self._apply_summaries(calls, _summaries_of(calls, self.n_class))
 
-    def _sample(self, call: CallRecord) -> float | None:
-        """The call's sample weight (1.0 unsampled), or None when sampling leaves its rows out.
+    def _pipeline(self) -> None:
+        """A full inbox is summarised on the helper thread while this thread writes the batch
+        before it: with two summaries under way, the older is applied and its rows appended.
 
-        A failure here is counted (``aggregate_errors``) and the call kept: a bug in a summary
-        never loses rows.
+        Only while the disk takes writes (a failing disk keeps the one-batch bound of
+        :meth:`_take`); the order of calls, rows and barriers is unchanged.
         """
-        policy = getattr(call, "sampling", None)
+        full = (
+            self._inbox_images >= self.config.batch_images
+            or self._inbox_bytes >= self.config.batch_bytes
+        )
+        if not full or not self.pipelined or self.last_disk_error is not None or self._broken:
+            return
         try:
-            summary = summarize_call(call, self.n_class)
-        except Exception as error:
+            if self._rows_pool is None:
+                self._rows_pool = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"pyodlog-summary-{self.directory.name}"
+                )
+            job = self._rows_pool.submit(_summaries_of, self._inbox, self.n_class)
+        except RuntimeError:  # the interpreter is shutting down: summarised at the flush instead
+            self.pipelined = False
+            return
+        self._jobs.append((self._inbox, job))
+        self._inbox = []
+        self._inbox_images = self._inbox_bytes = 0
+        while len(self._jobs) > 1:
+            self._apply_job()
+            if self._held_full() and not self._flush(drain=False):
+                break  # the disk failed: the rest waits for the retry (drained in order)
+
+    def _apply_job(self) -> None:
+        """The oldest summary under way, waited for and applied. While the disk fails with a
+        batch held, its calls are dropped and counted instead, as :meth:`_take` drops them."""
+        calls, job = self._jobs.popleft()
+        if self.last_disk_error is not None and self._held_full():
+            job.cancel()
+            self._count_drop(
+                len(calls),
+                f"the disk fails ({getattr(self.last_disk_error, 'strerror', None) or self.last_disk_error}) "
+                f"and a batch of {self._pending.n_records} calls is already held for retry",
+                reason="disk_error",
+            )
+            return
+        try:
+            summarized = job.result()
+        except CancelledError:  # the helper was stopped (interpreter exit): summarise here
+            summarized = _summaries_of(calls, self.n_class)
+        self._apply_summaries(calls, summarized)
+
+    def _drain_jobs(self) -> None:
+        """Applies every summary under way, in order; a batch full by then is appended at once, as
+        the writer appends a full batch (a disk error is recorded and retried as any)."""
+        while self._jobs:
+            self._apply_job()
+            if self._held_full() and self.last_disk_error is None:
+                self._flush(drain=False)
+
+    def _apply_summaries(self, calls: list[CallRecord], summarized: _Summarized) -> None:
+        """Counts the calls in the aggregates, and turns the kept ones into pending rows (a call
+        that cannot become rows is quarantined)."""
+        for error in summarized.errors:
             self._aggregate_failed(error)
-            return 1.0
-        weight: float | None = 1.0
-        if policy is not None:
+        weights = summarized.weights
+        if summarized.batch is not None:
+            summarized.batch.add_to(
+                self.aggregates, [weights[i] is not None for i in summarized.batch_calls]
+            )
+        for summary, weight in zip(summarized.summaries, weights):
+            if isinstance(summary, CallSummary):  # carried, or summarised alone
+                self.aggregates.add(summary, kept=weight is not None)
+        for call, weight in zip(calls, weights):
+            if weight is None:
+                with self._lock:
+                    self.sampled_out += 1
+                continue
             try:
-                weight = policy.decide(summary, list(call.input_ids))
+                record_to_columns(call, self._pending, self.storage, weight)
             except Exception as error:
-                self._aggregate_failed(error)
-                weight = 1.0
-        self.aggregates.add(summary, kept=weight is not None)
-        return weight
+                self._quarantine(call, 1, _input_ids_of(call), error)
 
     def _aggregate_failed(self, error: Exception) -> None:
         """Counted (``stats()["aggregate_errors"]``); the first one is logged with its traceback."""
@@ -725,12 +817,15 @@ class RecordWriter:
             return False
         if self._broken is not None:
             return True
-        return bool(self._pending.n_records) and (
+        return bool(self._pending.n_records or self._inbox or self._jobs) and (
             self._held_full() or now >= self._first_pending_at + self.config.flush_interval
         )
 
-    def _flush(self) -> bool:
-        """Rolls a failed segment back, then appends what is pending. False on a disk error (a retry is scheduled)."""
+    def _flush(self, drain: bool = True) -> bool:
+        """Rolls a failed segment back, then appends what is pending (with ``drain``, every call
+        taken so far). False on a disk error (a retry is scheduled)."""
+        if drain:
+            self._rows_of_inbox()
         try:
             self._recover_broken()
             if self._pending.n_records:
@@ -788,6 +883,7 @@ class RecordWriter:
         settled = self._settle(rotate=True)
         if settled and flushed:
             self._settle_aggregates(rotate=True)
+        self._stop_pool()
         if settled and flushed:  # the open segment is closed either way
             self.durable = self.written
             return
@@ -811,8 +907,15 @@ class RecordWriter:
             broken.unlock()
             log.warning("pyodlog left %s for recovery at the next start", broken.part.name)
 
+    def _stop_pool(self) -> None:
+        """Ends the helper thread (its summaries were all applied, or are not needed any more)."""
+        pool, self._rows_pool = self._rows_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def _die(self, error: BaseException) -> None:
         self._fatal = error
+        self._stop_pool()
         log.exception("pyodlog's writer thread failed")
         # Wake every waiter.
         while True:
@@ -1082,6 +1185,80 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@dataclass
+class _Summarized:
+    """What :func:`_summarize_and_sample` found for a list of calls."""
+
+    weights: list[float | None]  # per call: its sample weight, None when sampled out
+    summaries: list[Any]  # per call: its CallSummary (carried, or alone) or CallView, or None
+    batch: CallsSummary | None  # the summary of the calls batch_calls, computed together
+    batch_calls: list[int]
+    errors: list[Exception]  # summaries or sampling decisions that failed (the calls are kept)
+
+
+def _summarize_and_sample(calls: list[CallRecord], n_class: int) -> _Summarized:
+    """The calls' aggregate summaries and sample weights; touches nothing else (it may run on the
+    writer's helper thread).
+
+    A call that carries its summary (``aggregate_summary``, e.g. made on the call path) is
+    counted from it; the others are summarised together (:func:`summarize_calls`), or one by
+    one when that fails (a call whose summary fails is kept, not counted, and its error
+    reported).
+    """
+    summaries: list[Any] = [_precomputed(call, n_class) for call in calls]
+    todo = [i for i, summary in enumerate(summaries) if summary is None]
+    errors: list[Exception] = []
+    batch = None
+    if todo:
+        try:
+            batch = summarize_calls([calls[i] for i in todo], n_class)
+        except Exception:  # find the call(s) at fault, one by one
+            batch = None
+        if batch is not None:
+            for j, i in enumerate(todo):
+                summaries[i] = batch.call(j)
+        else:
+            for i in todo:
+                try:
+                    summaries[i] = summarize_call(calls[i], n_class)
+                except Exception as error:
+                    errors.append(error)
+    weights: list[float | None] = []
+    for call, summary in zip(calls, summaries):
+        weight: float | None = 1.0
+        policy = getattr(call, "sampling", None)
+        if policy is not None and summary is not None:
+            try:
+                weight = policy.decide(summary, list(call.input_ids))
+            except Exception as error:
+                errors.append(error)
+                weight = 1.0
+        weights.append(weight)
+    return _Summarized(weights, summaries, batch, todo if batch is not None else [], errors)
+
+
+def _summaries_of(calls: list[CallRecord], n_class: int) -> _Summarized:
+    """:func:`_summarize_and_sample`; if even that fails, every call is kept and left uncounted
+    (the error is reported; a call that cannot become rows is quarantined later)."""
+    try:
+        return _summarize_and_sample(calls, n_class)
+    except Exception as error:
+        return _Summarized([1.0] * len(calls), [None] * len(calls), None, [], [error])
+
+
+def _record_nbytes(call: CallRecord) -> int:
+    """Bytes of a call's tensors (what its rows will hold, about), for the batch size limit."""
+    total = sum(t.numel() * t.element_size() for t in call.detections.all_tensors())
+    return total + sum(f.nbytes for f in call.features.values())
+
+
+def _precomputed(call: CallRecord, n_class: int) -> CallSummary | None:
+    """The call's own summary (``call.aggregate_summary``, what :func:`summarize_call` returns,
+    e.g. made on the call path) when it has one that fits these aggregates; else None."""
+    summary = getattr(call, "aggregate_summary", None)
+    return summary if summary_fits(summary, n_class) else None
 
 
 def _input_ids_of(record: Any) -> list[str]:

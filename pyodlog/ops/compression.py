@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -217,6 +218,20 @@ def decompress_features(c: CompressedFeature) -> Tensor:
 # -- compact per-detection rows (logits, embeddings) -------------------------------------------
 
 _PROJECTIONS: dict[tuple[int, int, int], Tensor] = {}
+_PROJECTIONS_C: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def c_order_projection(in_dim: int, out_dim: int, seed: int) -> np.ndarray:
+    """:func:`random_projection` as a C-ordered numpy array (cached; BLAS reads it faster than
+    the QR's column-major layout)."""
+    key = (int(in_dim), int(out_dim), int(seed))
+    cached = _PROJECTIONS_C.get(key)
+    if cached is None:
+        cached = np.ascontiguousarray(random_projection(in_dim, out_dim, seed).numpy())
+        _PROJECTIONS_C[key] = cached
+    return cached
+
+
 FLOAT16_MAX = 65504.0
 
 
@@ -244,6 +259,23 @@ def random_projection(in_dim: int, out_dim: int, seed: int) -> Tensor:
     return cached
 
 
+# OpenBLAS runs a product on one thread below this many multiply-adds. Threaded BLAS (numpy's or
+# torch's) is many times slower than one thread when the other cores are busy, e.g. with the
+# model's own intra-op threads: the writer's products stay under it, in row blocks.
+ONE_THREAD_MACS = 65536 * 4
+
+
+def matmul_one_thread(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for ``a [N, K]``, ``b [K, M]``, computed in row blocks that BLAS keeps on one thread."""
+    rows = max(1, (ONE_THREAD_MACS - 1) // max(1, a.shape[1] * b.shape[1]))
+    if a.shape[0] <= rows:
+        return a @ b
+    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    for start in range(0, a.shape[0], rows):
+        np.matmul(a[start : start + rows], b, out=out[start : start + rows])
+    return out
+
+
 def compact_rows(
     x: Tensor, precision: str, project_to: int | None = None, seed: int = 0
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -257,12 +289,22 @@ def compact_rows(
     """
     x = x.float()
     if project_to is not None and x.shape[-1] > project_to:
-        x = x @ random_projection(x.shape[-1], project_to, seed).to(x.device)
+        if x.device.type == "cpu":  # the writer thread: BLAS on one thread (see matmul_one_thread)
+            projection = c_order_projection(x.shape[-1], project_to, seed)
+            x = torch.from_numpy(matmul_one_thread(x.detach().numpy(), projection))
+        else:
+            x = x @ random_projection(x.shape[-1], project_to, seed).to(x.device)
     if precision == "float32":
         return x, None, None
     if precision == "float16":
-        finite = torch.isfinite(x)
-        return torch.where(finite, x.clamp(-FLOAT16_MAX, FLOAT16_MAX), x).half(), None, None
+        # One cast; only values the cast took to +-inf though finite (beyond +-65520) are put
+        # back to +-65504: the same halves as clamping the finite values first.
+        values = x.half()
+        overflow = torch.isinf(values)
+        if bool(overflow.any()):
+            overflow &= torch.isfinite(x)
+            values[overflow] = torch.where(x[overflow] > 0, FLOAT16_MAX, -FLOAT16_MAX).half()
+        return values, None, None
     if precision == "bfloat16":
         return x.bfloat16().view(torch.int16), None, None
     if precision == "uint8":
