@@ -577,7 +577,12 @@ def main(out_dir: Path, budget: float) -> None:
         ("copier", lambda: section_copier(folder, out_dir), 30),
         (
             "end_to_end",
-            lambda: section_end_to_end(folder, out_dir, 2 if DRY else 15, compile_too=left() > 200),
+            lambda: section_end_to_end(
+                folder,
+                out_dir,
+                2 if DRY else int(os.environ.get("GPU_TRUTH_ROTATIONS", "15")),
+                compile_too=left() > 200,
+            ),
             60,
         ),
     ]
