@@ -43,16 +43,14 @@ __global__ void admit_pairs_kernel(T* __restrict__ box, const int64_t* __restric
   }
 }
 
-// Rank of each sorted position inside its run of equal keys.
+// Rank of each sorted position inside its run of equal keys (keys ascending): its position
+// minus the first position of its key, found by a binary search per position. (A cummax
+// over the run starts gives the same ranks, but PyTorch's CUDA cummax of one long row is a
+// single-block scan: on an H200 it took 345 ms for the ~11 M pairs of one RetinaNet call at
+// 800 px, 71 % of the logged call's GPU time.)
 inline at::Tensor rank_in_runs(const at::Tensor& sorted_key) {
-  const int64_t n = sorted_key.size(0);
-  const at::Tensor position = at::arange(n, sorted_key.options());
-  at::Tensor run_start = at::ones({n}, sorted_key.options().dtype(at::kBool));
-  if (n > 1) {
-    run_start.narrow(0, 1, n - 1).copy_(sorted_key.narrow(0, 1, n - 1).ne(sorted_key.narrow(0, 0, n - 1)));
-  }
-  const at::Tensor start = std::get<0>(at::where(run_start, position, at::zeros_like(position)).cummax(0));
-  return position - start;
+  const at::Tensor key = sorted_key.contiguous();
+  return at::arange(key.size(0), key.options()) - at::searchsorted(key, key);
 }
 
 template <typename T, typename S>
