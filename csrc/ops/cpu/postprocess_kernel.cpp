@@ -82,20 +82,40 @@ uint64_t keep_topk(std::vector<uint64_t>& keys, int64_t topk, const S* scores) {
 // Rows arrive in increasing order, so a later pair visits after an earlier one
 // of equal score: once `topk` are held, only a strictly higher score than the
 // worst of them can enter, and the score filter is raised to that.
+// The pairs at or below the score threshold (but above the near-miss floor) of a
+// collection without top-k: only the best `k` of them (visiting order) can become
+// near-misses, so they are held apart and pruned like a top-k: past 2k of them only
+// the best k are kept and the floor is raised to the worst kept score, so that the
+// pairs under it skip their box check. `seen` counts the pairs held (more than k
+// when pruned: the near-miss budget is then exhausted whatever the exact count).
+struct BelowCollector {
+  int64_t k = 0;
+  std::vector<uint64_t> keys;
+  size_t seen = 0;
+};
+
 template <typename T, typename S, typename B>
 void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_t n_classes, int64_t first_label,
                    int64_t last_label, const int64_t* rows_begin, const int64_t* rows_end, T score_thresh,
                    T min_size, bool clip, T net_h, T net_w, int64_t topk, std::vector<uint64_t>& scratch,
-                   std::vector<uint64_t>& out) {
+                   std::vector<uint64_t>& out, BelowCollector* below = nullptr, T above_thresh = T(0)) {
   scratch.clear();
   T cutoff = score_thresh;
+  T below_cutoff = score_thresh;  // with `below`: score_thresh is the floor
   const size_t prune_at = topk > 0 ? static_cast<size_t>(2 * topk) : SIZE_MAX;
+  const size_t below_prune_at = below != nullptr ? static_cast<size_t>(2 * below->k) : SIZE_MAX;
   for (const int64_t* r = rows_begin; r != rows_end; ++r) {
     const int64_t row = *r;
     const S* row_scores = scores + row * n_classes;
     for (int64_t c = first_label; c < last_label; ++c) {
       const T score = static_cast<T>(row_scores[c]);
-      if (!common::passes_score(score, cutoff)) {
+      bool is_below = false;
+      if (below != nullptr) {
+        if (!common::passes_score(score, below_cutoff)) {
+          continue;
+        }
+        is_below = !common::passes_score(score, above_thresh);
+      } else if (!common::passes_score(score, cutoff)) {
         continue;
       }
       if (min_size > T(0)) {
@@ -110,6 +130,16 @@ void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_
         if (!common::large_enough(box, min_size)) {
           continue;
         }
+      }
+      if (is_below) {
+        below->keys.push_back(visit_of(score, static_cast<uint32_t>(row * n_classes + c)));
+        ++below->seen;
+        if (below->keys.size() >= below_prune_at) {
+          const uint64_t worst = keep_topk<T, S>(below->keys, below->k, scores);
+          const T worst_score = static_cast<T>(scores[worst & 0xffffffffu]);
+          below_cutoff = worst_score > below_cutoff ? worst_score : below_cutoff;
+        }
+        continue;
       }
       scratch.push_back(visit_of(score, static_cast<uint32_t>(row * n_classes + c)));
       if (scratch.size() >= prune_at) {
@@ -171,17 +201,23 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   }
   std::vector<uint64_t> keys, scratch;
   const int64_t topk = config.topk > 0 ? config.topk : 0;
+  // Without top-k, the pairs below score_thresh are held apart while collecting (a pair's
+  // fate does not depend on them); with top-k they are ranked with the others first.
+  BelowCollector below_collector;
+  below_collector.k = near_misses ? nm->k : 0;
+  BelowCollector* below_sink = near_misses && topk == 0 ? &below_collector : nullptr;
   for (size_t g = 0; g + 1 < group_starts.size(); ++g) {
     const int64_t* begin = grouped_rows.data() + group_starts[g];
     const int64_t* end = grouped_rows.data() + group_starts[g + 1];
     if (config.topk_per_class) {
       for (int64_t c = config.first_label; c < n_classes; ++c) {
         collect_group<T, S, B>(scores, boxes, per_class_boxes, n_classes, c, c + 1, begin, end, collect_thresh,
-                               min_size, config.clip, net_h, net_w, topk, scratch, keys);
+                               min_size, config.clip, net_h, net_w, topk, scratch, keys, below_sink, score_thresh);
       }
     } else {
       collect_group<T, S, B>(scores, boxes, per_class_boxes, n_classes, config.first_label, n_classes, begin, end,
-                             collect_thresh, min_size, config.clip, net_h, net_w, topk, scratch, keys);
+                             collect_thresh, min_size, config.clip, net_h, net_w, topk, scratch, keys, below_sink,
+                             score_thresh);
     }
   }
 
@@ -189,7 +225,13 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   // NMS); only the best K of them can be near-misses, so only those become pairs.
   std::vector<uint64_t> below_keys;
   size_t n_below = 0;
-  if (near_misses) {
+  if (below_sink != nullptr) {
+    below_keys = std::move(below_collector.keys);
+    n_below = below_collector.seen;
+    if (static_cast<int64_t>(below_keys.size()) > nm->k) {
+      keep_topk<T, S>(below_keys, nm->k, scores);
+    }
+  } else if (near_misses) {
     const auto above_end = std::partition(keys.begin(), keys.end(), [&](uint64_t key) {
       return common::passes_score(static_cast<T>(scores[key & 0xffffffffu]), score_thresh);
     });
@@ -303,11 +345,13 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   if (!near_misses) {
     std::partial_sort(pairs.begin(), pairs.begin() + n_out, pairs.end(), visits_before<T>);
   } else {
-    // Every kept pair is ranked: the first n_out are detections, the rest over_cap.
+    // The first n_out kept pairs are detections, the rest over_cap; of those only the first K
+    // can be near-misses, so only max_detections + K are ranked.
     for (size_t i = 0; i < n_kept; ++i) {
       pairs[i].group = kept_positions[i];  // remember where each came from
     }
-    std::sort(pairs.begin(), pairs.end(), visits_before<T>);
+    const size_t n_ranked = std::min<size_t>(pairs.size(), n_out + static_cast<size_t>(nm->k));
+    std::partial_sort(pairs.begin(), pairs.begin() + n_ranked, pairs.end(), visits_before<T>);
   }
   for (size_t i = 0; i < n_out; ++i) {
     const Pair<T>& p = pairs[i];
@@ -336,21 +380,35 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     int64_t suppressed_by;
     float iou;
   };
+  // Each reason contributes its own first K (any of the first K overall is among them).
+  const size_t k = static_cast<size_t>(nm->k);
+  std::vector<int64_t> suppressed;
+  for (size_t i = 0; i < by_label.size(); ++i) {
+    if (!kept[i]) {
+      suppressed.push_back(static_cast<int64_t>(i));
+    }
+  }
+  const size_t n_suppressed = suppressed.size();
+  if (suppressed.size() > k) {
+    std::nth_element(suppressed.begin(), suppressed.begin() + (k - 1), suppressed.end(),
+                     [&](int64_t a, int64_t b) { return visits_before<T>(by_label[a], by_label[b]); });
+    suppressed.resize(k);
+  }
+  const size_t n_over_cap = pairs.size() - n_out;
+  const size_t over_cap_end = std::min<size_t>(pairs.size(), n_out + k);
   std::vector<Miss> misses;
-  misses.reserve(below.size() + by_label.size() - n_out);
+  misses.reserve(below.size() + suppressed.size() + (over_cap_end - n_out));
   for (const Pair<T>& p : below) {
     misses.push_back({p, common::kBelowScore, -1, NAN});
   }
-  for (size_t i = 0; i < by_label.size(); ++i) {
-    if (!kept[i]) {
-      misses.push_back({by_label[i], common::kSuppressed, detection_row[suppressor[i]],
-                        static_cast<float>(suppressor_iou[i])});
-    }
+  for (const int64_t i : suppressed) {
+    misses.push_back({by_label[i], common::kSuppressed, detection_row[suppressor[i]],
+                      static_cast<float>(suppressor_iou[i])});
   }
-  for (size_t i = n_out; i < pairs.size(); ++i) {
+  for (size_t i = n_out; i < over_cap_end; ++i) {
     misses.push_back({pairs[i], common::kOverCap, -1, NAN});
   }
-  const size_t n_misses = misses.size() - below.size() + n_below;  // every near-miss, counted
+  const size_t n_misses = n_below + n_suppressed + n_over_cap;  // every near-miss, counted
   const size_t n_nm = std::min<size_t>(misses.size(), static_cast<size_t>(nm->k));
   const auto miss_before = [](const Miss& a, const Miss& b) { return visits_before<T>(a.pair, b.pair); };
   std::partial_sort(misses.begin(), misses.begin() + n_nm, misses.end(), miss_before);
