@@ -81,37 +81,6 @@ class GreedyNms {
     return true;
   }
 
-  // As offer(); a suppressed candidate also gets the position (among this
-  // group's kept boxes, in the order they were kept) of the first kept box that
-  // overlaps it by more than the threshold -- greedy NMS's suppressor -- and
-  // their IoU (common::suppresses, the arithmetic of the CUDA kernel).
-  bool offer_traced(T x1, T y1, T x2, T y2, T threshold, int64_t* suppressor, T* iou_out) {
-    const T area = common::box_area(x1, y1, x2, y2);
-    const int64_t n = static_cast<int64_t>(kx1_.size());
-    const T b[4] = {x1, y1, x2, y2};
-    constexpr int64_t kBlock = 32;
-    for (int64_t k = 0; k < n; k += kBlock) {
-      const int64_t len = std::min(kBlock, n - k);
-      if (count_overlaps_dispatch(kx1_.data() + k, ky1_.data() + k, kx2_.data() + k, ky2_.data() + k,
-                                  karea_.data() + k, len, x1, y1, x2, y2, area, threshold) == 0) {
-        continue;
-      }
-      for (int64_t j = k; j < k + len; ++j) {
-        const T kb[4] = {kx1_[j], ky1_[j], kx2_[j], ky2_[j]};
-        if (common::suppresses(kb, b, threshold, iou_out)) {
-          *suppressor = j;
-          return false;
-        }
-      }
-    }
-    kx1_.push_back(x1);
-    ky1_.push_back(y1);
-    kx2_.push_back(x2);
-    ky2_.push_back(y2);
-    karea_.push_back(area);
-    return true;
-  }
-
   // Starts a new group, keeping the allocated capacity.
   void reset() {
     kx1_.clear();

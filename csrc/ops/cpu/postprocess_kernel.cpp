@@ -293,15 +293,10 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   }
   const T threshold = common::nms_threshold<T>(config.iou_thresh);
   std::vector<char> kept(by_label.size(), 0);
-  // With near-misses: for a suppressed pair, the position (in by_label) of the
-  // kept pair that suppressed it and their IoU.
-  std::vector<int64_t> suppressor(near_misses ? by_label.size() : 0, -1);
-  std::vector<T> suppressor_iou(near_misses ? by_label.size() : 0, T(0));
   // Small workloads stay on the calling thread (a parallel region costs microseconds).
   const int64_t grain = by_label.size() < 4096 ? n_labels : 1;
   at::parallel_for(0, n_labels, grain, [&](int64_t c_begin, int64_t c_end) {
     GreedyNms<T> nms;
-    std::vector<int64_t> kept_at;  // by_label position of each pair kept in this class
     for (int64_t c = c_begin; c < c_end; ++c) {
       auto first = by_label.begin() + label_starts[c], last = by_label.begin() + label_starts[c + 1];
       if (first == last) {
@@ -309,23 +304,9 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
       }
       std::sort(first, last, visits_before<T>);
       nms.reset();
-      kept_at.clear();
       for (auto it = first; it != last; ++it) {
         const T* b = it->box;
-        const int64_t at_pos = it - by_label.begin();
-        if (!near_misses) {
-          kept[at_pos] = nms.offer(b[0], b[1], b[2], b[3], threshold) ? 1 : 0;
-          continue;
-        }
-        int64_t which = -1;
-        T v = T(0);
-        kept[at_pos] = nms.offer_traced(b[0], b[1], b[2], b[3], threshold, &which, &v) ? 1 : 0;
-        if (kept[at_pos]) {
-          kept_at.push_back(at_pos);
-        } else {
-          suppressor[at_pos] = kept_at[which];
-          suppressor_iou[at_pos] = v;
-        }
+        kept[it - by_label.begin()] = nms.offer(b[0], b[1], b[2], b[3], threshold) ? 1 : 0;
       }
     }
   });
@@ -401,9 +382,20 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   for (const Pair<T>& p : below) {
     misses.push_back({p, common::kBelowScore, -1, NAN});
   }
+  // A suppressed pair's suppressor: the first kept pair of its class, in visiting order, that
+  // overlaps it beyond the threshold (kept before it, so greedy NMS's own), found for the K
+  // that can be near-misses only, with the CUDA kernel's arithmetic (common::suppresses).
   for (const int64_t i : suppressed) {
-    misses.push_back({by_label[i], common::kSuppressed, detection_row[suppressor[i]],
-                      static_cast<float>(suppressor_iou[i])});
+    const Pair<T>& p = by_label[i];
+    int64_t by = -1;
+    T v = T(0);
+    for (int64_t j = label_starts[p.label]; j < label_starts[p.label + 1]; ++j) {
+      if (kept[j] && common::suppresses(by_label[j].box, p.box, threshold, &v)) {
+        by = j;
+        break;
+      }
+    }
+    misses.push_back({p, common::kSuppressed, by >= 0 ? detection_row[by] : -1, by >= 0 ? static_cast<float>(v) : NAN});
   }
   for (size_t i = n_out; i < over_cap_end; ++i) {
     misses.push_back({pairs[i], common::kOverCap, -1, NAN});
