@@ -147,3 +147,20 @@ def test_on_cuda_clip_and_resize_equals_the_cpu_and_never_waits(rows, clip, size
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(first.cpu(), expected) and torch.equal(again.cpu(), expected)
+
+
+def test_a_nan_returned_score_does_not_unmatch_the_other_detections():
+    from pyodlog.models.common import ReturnedDetections, match_detections
+
+    scores = torch.tensor([[0.0, 0.9], [0.0, float("nan")], [0.0, 0.5]])
+    boxes = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]])
+    returned = ReturnedDetections(
+        boxes[None],
+        torch.tensor([[0.9, float("nan"), 0.5]]),
+        torch.tensor([[1, 1, 1]]),
+        torch.tensor([3]),
+        [3],
+    )
+    got = match_detections(returned, scores, boxes, [3], first_label=1)
+    # NaN equals nothing, so that detection stays unmatched; the others are found.
+    assert got.tolist() == [[0, -1, 2]]

@@ -267,3 +267,27 @@ def test_opcheck():
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("topk", [-1, 100])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_tied_below_score_pairs_across_classes_keep_visiting_order(device, per_class, topk):
+    # Pair (5, 0) is collected first when classes are walked one by one; (1, 1) ties it and
+    # visits first (lower row). With K=1 and the held pair pruned to, the tie must still win.
+    scores = torch.zeros(6, 2)
+    scores[5, 0], scores[0, 1], scores[1, 1] = 0.3, 0.2, 0.3
+    boxes = torch.tensor([[i * 100.0, 0.0, i * 100.0 + 50, 50.0] for i in range(6)])
+    out, _ = run_nm(
+        scores,
+        boxes,
+        torch.zeros(6, dtype=torch.long),
+        1,
+        device,
+        near_miss=1,
+        near_miss_floor=0.0,
+        topk=topk,
+        topk_per_class=per_class,
+    )
+    nm = out.near_misses
+    assert int(nm.counts[0]) == 1 and bool(nm.exhausted[0])
+    assert (int(nm.candidates[0, 0]), int(nm.labels[0, 0])) == (1, 1)

@@ -398,7 +398,8 @@ def match_detections(
         # comparison per pair (a pass the model's own score threshold makes too), no sort of the
         # pairs (torch.isin sorted all of them: 0.65 s of RetinaNet's 9 M pairs). (Padding is
         # +inf, above every score: no boolean indexing, so no sync on CUDA.)
-        lowest = torch.where(valid[b], det_scores[b], float("inf")).amin()
+        # (A NaN returned score matches no pair; it must not make the lowest NaN for the others.)
+        lowest = torch.where(valid[b] & ~det_scores[b].isnan(), det_scores[b], float("inf")).amin()
         if device.type == "cpu":
             # The CPU compacts for free: first the rows holding such a pair (a row's best score;
             # NaN rows kept, a NaN compares false only itself), then the pairs of those rows.

@@ -209,7 +209,10 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   for (size_t g = 0; g + 1 < group_starts.size(); ++g) {
     const int64_t* begin = grouped_rows.data() + group_starts[g];
     const int64_t* end = grouped_rows.data() + group_starts[g + 1];
-    if (config.topk_per_class) {
+    // Per class only when there is a top-k to take per class: without one the classes collect
+    // alike, and one pass over the rows keeps the flat index rising, which the below
+    // collector's pruning needs (a pair tied with the worst held one visits after it).
+    if (config.topk_per_class && topk > 0) {
       for (int64_t c = config.first_label; c < n_classes; ++c) {
         collect_group<T, S, B>(scores, boxes, per_class_boxes, n_classes, c, c + 1, begin, end, collect_thresh,
                                min_size, config.clip, net_h, net_w, topk, scratch, keys, below_sink, score_thresh);
@@ -389,7 +392,7 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     const Pair<T>& p = by_label[i];
     int64_t by = -1;
     T v = T(0);
-    for (int64_t j = label_starts[p.label]; j < label_starts[p.label + 1]; ++j) {
+    for (int64_t j = label_starts[p.label]; j < i; ++j) {  // kept before it
       if (kept[j] && common::suppresses(by_label[j].box, p.box, threshold, &v)) {
         by = j;
         break;
