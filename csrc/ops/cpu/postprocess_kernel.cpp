@@ -75,25 +75,40 @@ uint64_t keep_topk(std::vector<uint64_t>& keys, int64_t topk, const S* scores) {
   }
 }
 
-// Collects, for the rows of one top-k group, the visiting keys of the pairs that
-// pass the score filter (and min_size), keeping only the best `topk` of them
-// (all when topk <= 0). Only keys are handled here (8 bytes a pair): a dense
-// head passes millions of pairs, and boxes are built for the survivors only.
-// Rows arrive in increasing order, so a later pair visits after an earlier one
-// of equal score: once `topk` are held, only a strictly higher score than the
-// worst of them can enter, and the score filter is raised to that.
 // The pairs at or below the score threshold (but above the near-miss floor) of a
 // collection without top-k: only the best `k` of them (visiting order) can become
-// near-misses, so they are held apart and pruned like a top-k: past 2k of them only
-// the best k are kept and the floor is raised to the worst kept score, so that the
-// pairs under it skip their box check. `seen` counts the pairs held (more than k
-// when pruned: the near-miss budget is then exhausted whatever the exact count).
+// near-misses, so they are held apart and pruned like a top-k (hold_best), so that
+// the pairs under the raised floor skip their box check. `seen` counts the pairs
+// held (more than k when pruned: the near-miss budget is then exhausted whatever
+// the exact count).
 struct BelowCollector {
   int64_t k = 0;
   std::vector<uint64_t> keys;
   size_t seen = 0;
 };
 
+// Holds `key` among `keys`, the best `k` so far (all when k <= 0): past 2k held keys,
+// only the best k are kept, and the returned score filter is raised to the worst of
+// them. Keys arrive in visiting order among equal scores (rows increase), so a later
+// pair of equal score visits after the worst held one: only a strictly higher score
+// can still enter.
+template <typename T, typename S>
+T hold_best(std::vector<uint64_t>& keys, uint64_t key, int64_t k, const S* scores, T cutoff) {
+  keys.push_back(key);
+  if (k <= 0 || keys.size() < static_cast<size_t>(2 * k)) {
+    return cutoff;
+  }
+  const uint64_t worst = keep_topk<T, S>(keys, k, scores);
+  const T worst_score = static_cast<T>(scores[worst & 0xffffffffu]);
+  return worst_score > cutoff ? worst_score : cutoff;
+}
+
+// Collects, for the rows of one top-k group, the visiting keys of the pairs that
+// pass the score filter (and min_size), keeping only the best `topk` of them
+// (all when topk <= 0). Only keys are handled here (8 bytes a pair): a dense
+// head passes millions of pairs, and boxes are built for the survivors only.
+// With `below`, `score_thresh` is the near-miss floor and the pairs at or below
+// `above_thresh` go to `below` instead.
 template <typename T, typename S, typename B>
 void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_t n_classes, int64_t first_label,
                    int64_t last_label, const int64_t* rows_begin, const int64_t* rows_end, T score_thresh,
@@ -102,8 +117,6 @@ void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_
   scratch.clear();
   T cutoff = score_thresh;
   T below_cutoff = score_thresh;  // with `below`: score_thresh is the floor
-  const size_t prune_at = topk > 0 ? static_cast<size_t>(2 * topk) : SIZE_MAX;
-  const size_t below_prune_at = below != nullptr ? static_cast<size_t>(2 * below->k) : SIZE_MAX;
   for (const int64_t* r = rows_begin; r != rows_end; ++r) {
     const int64_t row = *r;
     const S* row_scores = scores + row * n_classes;
@@ -131,21 +144,12 @@ void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_
           continue;
         }
       }
+      const uint64_t key = visit_of(score, static_cast<uint32_t>(row * n_classes + c));
       if (is_below) {
-        below->keys.push_back(visit_of(score, static_cast<uint32_t>(row * n_classes + c)));
         ++below->seen;
-        if (below->keys.size() >= below_prune_at) {
-          const uint64_t worst = keep_topk<T, S>(below->keys, below->k, scores);
-          const T worst_score = static_cast<T>(scores[worst & 0xffffffffu]);
-          below_cutoff = worst_score > below_cutoff ? worst_score : below_cutoff;
-        }
-        continue;
-      }
-      scratch.push_back(visit_of(score, static_cast<uint32_t>(row * n_classes + c)));
-      if (scratch.size() >= prune_at) {
-        const uint64_t worst = keep_topk<T, S>(scratch, topk, scores);
-        const T worst_score = static_cast<T>(scores[worst & 0xffffffffu]);
-        cutoff = worst_score > cutoff ? worst_score : cutoff;
+        below_cutoff = hold_best<T, S>(below->keys, key, below->k, scores, below_cutoff);
+      } else {
+        cutoff = hold_best<T, S>(scratch, key, topk, scores, cutoff);
       }
     }
   }
