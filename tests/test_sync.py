@@ -181,17 +181,12 @@ def test_auto_sync_never_blocks_inference_and_catches_up_when_the_collector_retu
     assert len(collector.segments("tenant-a", "tiny", "v1", "run")) == 3
 
 
-def test_a_collector_killed_mid_upload_is_resumed_without_duplicates(tmp_path, collector):
-    root = tmp_path / "local"
-    sync = SyncConfig(**dict(FAST, chunk_bytes=16 << 10))
-    logger = make_logger(root, collector.url, heavy=True, sync=sync)
-    log_calls(logger, 8)  # ~9 MB of uncompressed features in one segment
-    logger.wait_for_save()
-    logger.sink.rotate()
-    (segment,) = logger.sink.segments()
-    size = segment.stat().st_size
+def kill_when_a_quarter_is_staged(collector, size):
+    """A started thread that kills the collector once more than a quarter of a ``size``-byte
+    upload of tiny/v1/run sits in its staging folder, and the list that receives the staged
+    size at that moment."""
     staging = collector.root / "tenant-a" / ".staging" / "tiny" / "v1" / "run"
-    killed_at = []
+    killed_at: list[int] = []
 
     def kill_when_a_quarter_arrived():
         deadline = time.monotonic() + 60
@@ -205,6 +200,19 @@ def test_a_collector_killed_mid_upload_is_resumed_without_duplicates(tmp_path, c
 
     killer = threading.Thread(target=kill_when_a_quarter_arrived)
     killer.start()
+    return killer, killed_at
+
+
+def test_a_collector_killed_mid_upload_is_resumed_without_duplicates(tmp_path, collector):
+    root = tmp_path / "local"
+    sync = SyncConfig(**dict(FAST, chunk_bytes=16 << 10))
+    logger = make_logger(root, collector.url, heavy=True, sync=sync)
+    log_calls(logger, 8)  # ~9 MB of uncompressed features in one segment
+    logger.wait_for_save()
+    logger.sink.rotate()
+    (segment,) = logger.sink.segments()
+    size = segment.stat().st_size
+    killer, killed_at = kill_when_a_quarter_is_staged(collector, size)
     with pytest.raises(SyncError, match=f"cannot reach the collector .*{collector.port}"):
         logger.upload()
     killer.join()

@@ -36,7 +36,7 @@ from tests.helpers.collector_process import (
     write_segment_of_size,
 )
 from tests.test_collector_hardening import read_answer, request
-from tests.test_sync import log_calls, make_logger
+from tests.test_sync import kill_when_a_quarter_is_staged, log_calls, make_logger
 
 
 def sha(data: bytes) -> str:
@@ -373,21 +373,7 @@ def test_pieces_in_flight_resume_after_the_collector_is_killed_mid_upload(
     logger.sink.rotate()
     (segment,) = logger.sink.segments()
     size = segment.stat().st_size
-    staging = collector.root / "tenant-a" / ".staging" / "tiny" / "v1" / "run"
-    killed_at = []
-
-    def kill_when_a_quarter_arrived():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            staged = list(staging.glob("*.part")) if staging.is_dir() else []
-            if staged and staged[0].stat().st_size > size // 4:
-                collector.kill()
-                killed_at.append(staged[0].stat().st_size)
-                return
-            time.sleep(0.0005)
-
-    killer = threading.Thread(target=kill_when_a_quarter_arrived)
-    killer.start()
+    killer, killed_at = kill_when_a_quarter_is_staged(collector, size)
     with pytest.raises(SyncError, match="cannot reach the collector"):
         logger.upload()
     killer.join()
@@ -400,6 +386,7 @@ def test_pieces_in_flight_resume_after_the_collector_is_killed_mid_upload(
     (stored,) = collector.segments("tenant-a", "tiny", "v1", "run")
     assert sha256_file(stored) == sha256_file(segment)
     assert acks(logger)[segment.name + ".ack"]["sha256"] == sha256_file(segment)
+    staging = collector.root / "tenant-a" / ".staging" / "tiny" / "v1" / "run"
     assert list(staging.glob("*")) == []
     logger.close()
 
