@@ -36,7 +36,9 @@ from pyodlog.io import HDF5Store
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
-def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
+def setup(name: str, batch: int, clock: str) -> tuple[torch.nn.Module, list[torch.Tensor], Path]:
+    """The model (one intra-op thread for the thread clock), ``batch`` 480x640 images and a fresh
+    folder for the loggers' data: what every paired overhead script measures on."""
     if clock == "thread":
         torch.set_num_threads(1)
     model = _make(name)
@@ -44,7 +46,11 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
         torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(batch))
         for _ in range(batch)
     ]
-    folder = Path(tempfile.mkdtemp())
+    return model, images, Path(tempfile.mkdtemp())
+
+
+def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
+    model, images, folder = setup(name, batch, clock)
     variants = {
         "bare": model,
         "pyodlog detections+logits": pyodlog.create_logger(

@@ -20,29 +20,19 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import pyodlog
-from benchmarks.bench_overhead import _make
 from benchmarks.environment import print_header
-from benchmarks.overhead_paired import CLOCKS
+from benchmarks.overhead_paired import CLOCKS, setup
 from pyodlog.demokit.timing import paired_rotation
 from pyodlog.io import HDF5Store
 
 
 def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
-    if clock == "thread":
-        torch.set_num_threads(1)
-    model = _make(name)
-    images = [
-        torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(batch))
-        for _ in range(batch)
-    ]
-    folder = Path(tempfile.mkdtemp())
+    model, images, folder = setup(name, batch, clock)
     logged = pyodlog.create_logger(model, "b", "logged", sink=HDF5Store(folder / "a"))
     sampled = pyodlog.create_logger(
         model,
