@@ -49,4 +49,37 @@ inline PostprocessNearMissResult join_results(PostprocessResult d, NearMissResul
   return std::tuple_cat(std::move(d), std::move(m));
 }
 
+// One device's post-processing, detections and near-misses (near_miss = 0: none).
+using PostprocessImpl = PostprocessNearMissResult (*)(const at::Tensor& scores, const at::Tensor& boxes,
+                                                      const at::Tensor& image_index, const at::Tensor& net_sizes,
+                                                      const at::Tensor& orig_sizes, const PostprocessConfig& config,
+                                                      int64_t near_miss, double near_miss_floor,
+                                                      const std::optional<at::Tensor>& topk_group);
+
+// The operators' entry points (their schema's argument order) over a device's implementation:
+// m.impl("postprocess_detections", &postprocess_detections_op<postprocess_cpu>).
+template <PostprocessImpl Impl>
+PostprocessResult postprocess_detections_op(const at::Tensor& scores, const at::Tensor& boxes,
+                                            const at::Tensor& image_index, const at::Tensor& net_sizes,
+                                            const at::Tensor& orig_sizes, double score_thresh, double iou_thresh,
+                                            int64_t max_detections, int64_t first_label, double min_size,
+                                            int64_t topk, const std::optional<at::Tensor>& topk_group,
+                                            bool topk_per_class, bool clip) {
+  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
+                                 min_size,     topk,       topk_per_class, clip};
+  auto all = Impl(scores, boxes, image_index, net_sizes, orig_sizes, config, 0, 0.0, topk_group);
+  return {std::get<0>(all), std::get<1>(all), std::get<2>(all), std::get<3>(all), std::get<4>(all)};
+}
+
+template <PostprocessImpl Impl>
+PostprocessNearMissResult postprocess_detections_near_miss_op(
+    const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& image_index, const at::Tensor& net_sizes,
+    const at::Tensor& orig_sizes, double score_thresh, double iou_thresh, int64_t max_detections, int64_t near_miss,
+    double near_miss_floor, int64_t first_label, double min_size, int64_t topk,
+    const std::optional<at::Tensor>& topk_group, bool topk_per_class, bool clip) {
+  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
+                                 min_size,     topk,       topk_per_class, clip};
+  return Impl(scores, boxes, image_index, net_sizes, orig_sizes, config, near_miss, near_miss_floor, topk_group);
+}
+
 }  // namespace pyodlog

@@ -303,34 +303,11 @@ PostprocessNearMissResult postprocess_cuda(const at::Tensor& scores, const at::T
   return join_results(result, misses);
 }
 
-PostprocessResult postprocess_detections_cuda(const at::Tensor& scores, const at::Tensor& boxes,
-                                              const at::Tensor& image_index, const at::Tensor& net_sizes,
-                                              const at::Tensor& orig_sizes, double score_thresh, double iou_thresh,
-                                              int64_t max_detections, int64_t first_label, double min_size,
-                                              int64_t topk, const std::optional<at::Tensor>& topk_group,
-                                              bool topk_per_class, bool clip) {
-  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
-                                 min_size,     topk,       topk_per_class, clip};
-  auto all = postprocess_cuda(scores, boxes, image_index, net_sizes, orig_sizes, config, 0, 0.0, topk_group);
-  return {std::get<0>(all), std::get<1>(all), std::get<2>(all), std::get<3>(all), std::get<4>(all)};
-}
-
-PostprocessNearMissResult postprocess_detections_near_miss_cuda(
-    const at::Tensor& scores, const at::Tensor& boxes, const at::Tensor& image_index, const at::Tensor& net_sizes,
-    const at::Tensor& orig_sizes, double score_thresh, double iou_thresh, int64_t max_detections, int64_t near_miss,
-    double near_miss_floor, int64_t first_label, double min_size, int64_t topk,
-    const std::optional<at::Tensor>& topk_group, bool topk_per_class, bool clip) {
-  const PostprocessConfig config{score_thresh, iou_thresh, max_detections, first_label,
-                                 min_size,     topk,       topk_per_class, clip};
-  return postprocess_cuda(scores, boxes, image_index, net_sizes, orig_sizes, config, near_miss, near_miss_floor,
-                          topk_group);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyodlog, CUDA, m) {
-  m.impl("postprocess_detections", &postprocess_detections_cuda);
-  m.impl("postprocess_detections_near_miss", &postprocess_detections_near_miss_cuda);
+  m.impl("postprocess_detections", &postprocess_detections_op<postprocess_cuda>);
+  m.impl("postprocess_detections_near_miss", &postprocess_detections_near_miss_op<postprocess_cuda>);
 }
 
 }  // namespace cuda
