@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from pyodlog_collector import ApiKeys, KeyFileError
+from pyodlog_collector.storage import AHEAD_WAIT
 from pyodlog_protocol import segment_path, segments_path
 from tests.helpers.collector_process import (
     KEY_A,
@@ -49,7 +50,17 @@ def test_pieces_are_stored_only_once_complete_and_verified(collector):
     assert get(url, KEY_A, sha256=digest).json() == {"status": "partial", "received": half}
     # A repeated piece is harmless (the client's retry of a lost answer).
     assert put(url, KEY_A, data[:half], sha256=digest, offset=0, total=len(data)).status_code == 202
-    gap = put(url, KEY_A, data[half + 10 :], sha256=digest, offset=half + 10, total=len(data))
+    # A piece ahead of what is staged is held AHEAD_WAIT seconds for the bytes before it (pieces
+    # in flight), then refused: the client must wait longer than that for the answer.
+    gap = put(
+        url,
+        KEY_A,
+        data[half + 10 :],
+        timeout=AHEAD_WAIT + 30,
+        sha256=digest,
+        offset=half + 10,
+        total=len(data),
+    )
     assert gap.status_code == 409 and gap.json() == {"error": "offset_mismatch", "received": half}
     done = put(url, KEY_A, data[half:], sha256=digest, offset=half, total=len(data))
     assert done.status_code == 201 and done.json()["status"] == "stored"

@@ -273,9 +273,11 @@ class FakeCollector(LoopbackServer):
         return status, list(headers.items()), data
 
 
-def put(url: str, key: str | None, data: bytes = b"", **params) -> requests.Response:
+def put(
+    url: str, key: str | None, data: bytes = b"", timeout: float = 30, **params
+) -> requests.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return requests.put(url, data=data, params=params, headers=headers, timeout=30)
+    return requests.put(url, data=data, params=params, headers=headers, timeout=timeout)
 
 
 def get(url: str, key: str | None, **params) -> requests.Response:
