@@ -485,6 +485,55 @@ def test_recovery_keeps_only_complete_images_when_columns_stopped_at_different_l
     assert set(trimmed.numeric["features/image_row"]) == {0, 1, 2}
 
 
+def test_recovery_keeps_every_flushed_call_when_a_crash_cut_the_next_calls_images_and_features(
+    tmp_path,
+):
+    """A SIGKILL while HDF5 rewrote the object headers of the append after an acknowledged one:
+    some image and feature columns already had the next call's rows, others not. Found by killing
+    the writer at each of its pwrite calls (benchmarks/soak_crash.py --every-write): the reader cut
+    back one call too far and lost acknowledged images."""
+    from pyodlog.io.reader import trim_to_consistent
+
+    logger, store = make_logger(
+        tmp_path,
+        config=WriterConfig(flush_interval=0.01, batch_images=2),
+        target_layers={"b": {"path": "backbone.0", "compression": "uint8"}},
+    )
+    with torch.no_grad():
+        for i in range(5):
+            logger(batch(n=2, seed=i), input_ids=[f"i{i}-{j}" for j in range(2)])
+    store.rotate()
+    logger.close()
+    (segment,) = store.segments()
+    full = read_segment(segment)
+    assert full.n_images == 10
+    rows = full.numeric["features/image_row"]
+    assert list(rows) == list(range(10))  # one feature row per image
+    # The state on disk: images 8 and 9 (the fifth call) reached some image columns, and some
+    # feature columns (image_row among them), but not all.
+    short_images = {"images/sample_weight"}
+    long_features = {
+        "features/image_row",
+        "features/method",
+        "features/per_image",
+        "features/shape",
+    }
+    cut = short_images | {n for n in full.numeric if n.startswith("features/")} - long_features
+    numeric = {name: v[:8] if name in cut else v for name, v in full.numeric.items()}
+    strings = {name: values[:8] for name, values in full.strings.items()}
+    payload_end = int(full.numeric["features/payload_offset"][8])
+    damaged = type(full)(numeric, strings, full.payload[:payload_end], full.attrs)
+    trimmed = trim_to_consistent(damaged)
+    assert trimmed.strings["images/input_id"] == [f"i{i}-{j}" for i in range(4) for j in range(2)]
+    assert list(trimmed.numeric["features/image_row"]) == list(range(8))
+    # A first cut row that cannot have been written (it goes backwards) gives up its predecessor's
+    # image, and with it that image's call.
+    numeric["features/image_row"] = rows.copy()
+    numeric["features/image_row"][8] = 3
+    garbled = type(full)(numeric, strings, full.payload[:payload_end], full.attrs)
+    assert trim_to_consistent(garbled).n_images == 6
+
+
 @pytest.mark.parametrize(
     "counts", [[5, 5, 5], [5, 2, 0], [0, 0, 0]], ids=["every-image-full", "partial", "empty"]
 )

@@ -762,9 +762,16 @@ def _prefix(t: Tables) -> tuple[int, int, int, int, int]:
         )
         n_feat = _first_false(ok, n_feat)
     if n_feat < most_feat:
-        # Feature rows were cut: the call of the first cut row is incomplete.
+        # Feature rows were cut: the image of the first cut row, and every later one, may miss
+        # feature rows. Rows follow their images' order, so a first cut row naming an image from
+        # the last complete row's up to the images written is believed, even when that image is
+        # itself cut (then the images before it all keep their features: cutting back further
+        # would lose acknowledged images); any other value was never written, and the last
+        # complete row's image is given up.
+        last = int(rows[n_feat - 1]) if n_feat else 0
         nxt = int(rows[n_feat]) if n_feat < len(rows) else -1
-        n = min(n, nxt if 0 <= nxt < n_rows else int(rows[n_feat - 1]) if n_feat else 0)
+        written = max(_lengths(t, "images/"), default=0)
+        n = min(n, nxt if last <= nxt <= written else last)
     if n < n_rows and n:
         timestamps = num.get("images/timestamp")
         if timestamps is None or len(timestamps) < n + 1:
