@@ -5,6 +5,7 @@ count it exactly as a fully logged call."""
 from __future__ import annotations
 
 import pickle
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,10 @@ import torch
 import torchvision
 
 import pyodlog
+from pyodlog.models.torchvision_rcnn import TorchvisionRCNNLogger
+from pyodlog.monitoring.deferred import DeferredBudget, DeferredDetections
 from pyodlog.monitoring.sampling import CallDecision
+from pyodlog.structures import DetectionBatch
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 RARE = 1e-9  # a rate no image of these tests is drawn at
@@ -130,7 +134,123 @@ def test_the_draw_is_made_once_on_the_call_path_and_pickles_with_the_record():
     # A rule that looks at the output keeps the call undecided until the writer summarises it.
     watching = pyodlog.Sampling(RARE, watch_classes=[1], keep_near_misses=False)
     assert not watching.before_call("deploying", ["x"], False).sampled_out
-    assert not pyodlog.Sampling(RARE).before_call("deploying", ["x"], True).sampled_out
+    nm_rule = pyodlog.Sampling(RARE, keep_near_misses=True)
+    assert not nm_rule.before_call("deploying", ["x"], True).sampled_out
+    assert nm_rule.before_call("deploying", ["x"], False).sampled_out
+    # The default is the rate alone: near-misses logged or not, a call not drawn is out at once.
+    assert pyodlog.Sampling(RARE).before_call("deploying", ["x"], True).sampled_out
     assert pyodlog.Sampling(RARE).before_call("deploying", ["x"], False).sampled_out
     assert not pyodlog.Sampling(RARE).before_call("val", ["x"], False).sampled_out
     assert np.isclose(policy.drawn_weight(2), 1 / 0.75)
+
+
+# -- the parse of a sampled-out call runs on the writer thread (issue 22, sampling2) -------------
+
+
+class _ThreadRecording:
+    """A logger subclass mixin that notes the thread each parse runs on (the real parse runs)."""
+
+    def _parse_model_output(self, model_output, img_sizes):
+        self.parse_threads.append(threading.current_thread() is threading.main_thread())
+        return super()._parse_model_output(model_output, img_sizes)
+
+
+def _rcnn_run(tmp_path, name, sampling, *, mutate=False, logger_class=None):
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.01
+    ).eval()
+    cls = logger_class or type(
+        "RecordingRCNN", (_ThreadRecording, TorchvisionRCNNLogger), {"parse_threads": None}
+    )
+    logger = cls(
+        model,
+        "frcnn",
+        name,
+        sink=pyodlog.HDF5Store(tmp_path / name),
+        sampling=sampling,
+        metrics=False,
+    )
+    logger.parse_threads = []
+    g = torch.Generator().manual_seed(3)
+    frames = [torch.rand(3, 160, 160, generator=g) for _ in range(6)]
+    with torch.inference_mode():
+        for i, frame in enumerate(frames):
+            out = logger([frame], input_ids=[f"f{i}"])
+            assert len(out[0]["scores"]) > 0
+            if mutate:  # the caller changes what it got back, in place: the log must not see it
+                out[0]["boxes"] += 1000.0
+                out[0]["scores"].zero_()
+                out[0]["labels"].fill_(3)
+    logger.wait_for_save()
+    stats = logger.stats()
+    directory = logger.sink.directory
+    threads = list(logger.parse_threads)
+    logger.close()
+    return stats, pyodlog.open_result(directory), threads
+
+
+def _without_sampled_calls(aggregates):
+    a = aggregates.to_dict()
+    for group in a["groups"]:
+        group.pop("sampled_calls")
+    return a
+
+
+def test_a_sampled_out_rcnn_call_is_parsed_on_the_writer_thread_with_the_same_aggregates(tmp_path):
+    _, full, full_threads = _rcnn_run(tmp_path, "full", None)
+    stats, sampled, threads = _rcnn_run(tmp_path, "sampled", pyodlog.Sampling(RARE), mutate=True)
+    assert full_threads == [True] * 6  # logged calls: parsed on the call path
+    assert threads == [False] * 6  # sampled out: parsed by the writer, not by the caller
+    assert stats["sampled_out"] == 6 and stats["written"] == 0
+    assert stats["logging_errors"] == 0 and stats["quarantined"] == 0
+    # The aggregates are those of the same calls fully logged, although the caller changed its
+    # output in place right after each call (the call kept its own copy of the detections).
+    assert _without_sampled_calls(sampled.aggregates()) == _without_sampled_calls(full.aggregates())
+    assert sampled.aggregates().totals()["calls"] == 6
+
+
+def test_a_deferred_parse_that_fails_is_counted_not_raised(tmp_path):
+    class Failing(TorchvisionRCNNLogger):
+        def _parse_model_output(self, model_output, img_sizes):
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("parse failed on the writer")
+            return super()._parse_model_output(model_output, img_sizes)
+
+    stats, result, _ = _rcnn_run(
+        tmp_path,
+        "failing",
+        pyodlog.Sampling(RARE),
+        logger_class=type("RecordingFailing", (_ThreadRecording, Failing), {"parse_threads": None}),
+    )
+    # Every call returned its output; the parse failures are counted and the calls kept aside.
+    assert stats["logging_errors"] == 6 and stats["quarantined"] == 6
+    assert "parse failed on the writer" in stats["last_logging_error"]
+    assert result.aggregates().totals()["calls"] == 0
+
+
+def test_deferred_detections_parse_once_and_hold_a_bounded_budget():
+    made = []
+    batch = DetectionBatch(
+        torch.zeros(1, 1, 4),
+        torch.ones(1, 1),
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.zeros(1, 1, 3),
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.ones(1, dtype=torch.long),
+        [(8, 8)],
+    )
+    held = [torch.zeros(1000)]
+    budget = DeferredBudget(6000)
+    assert budget.take(4000) and not budget.take(4000) and budget.refused == 1
+    deferred = DeferredDetections(
+        lambda: made.append(1) or batch, held, lambda: budget.give_back(4000)
+    )
+    assert isinstance(deferred, DetectionBatch) and not deferred.parsed
+    assert deferred.all_tensors() == held and made == []  # the store's hand-over parses nothing
+    assert torch.equal(deferred.scores, batch.scores) and deferred.embeddings is None
+    assert torch.equal(deferred.counts, batch.counts) and made == [1]  # once
+    assert budget.held == 0 and deferred.parsed and deferred.all_tensors()[0] is batch.boxes
+    back = pickle.loads(pickle.dumps(deferred))
+    assert type(back) is DetectionBatch and torch.equal(back.scores, batch.scores)
+    assert budget.take(6000)  # the bound is free again
