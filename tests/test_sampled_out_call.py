@@ -4,11 +4,13 @@ count it exactly as a fully logged call."""
 
 from __future__ import annotations
 
+import math
 import pickle
 import threading
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torchvision
 
@@ -60,6 +62,13 @@ def test_sampled_out_calls_write_nothing_and_count_in_the_aggregates_exactly(tmp
     stats, sampled = _run(tmp_path, "sampled", pyodlog.Sampling(RARE, keep_near_misses=False))
     assert full_stats["written"] == FRAMES + 1 and stats["written"] == 1  # only the val call
     assert stats["sampled_out"] == FRAMES and stats["logging_errors"] == 0
+    # stats() and its Prometheus form count the sampled-out calls (they were 0 before).
+    assert (stats["calls_seen"], stats["calls_logged"], stats["calls_sampled_out"]) == (
+        FRAMES + 1,
+        1,
+        FRAMES,
+    )
+    assert full_stats["calls_sampled_out"] == 0 and full_stats["calls_logged"] == FRAMES + 1
     assert sampled.images["input_id"] == ["val-0"]
     assert sampled.images["sample_weight"].tolist() == [1.0]
     assert "stem" in sampled.feature_names()  # the kept call has its features
@@ -91,7 +100,10 @@ def test_the_record_of_a_sampled_out_call_holds_only_what_the_aggregates_need():
     with torch.inference_mode():
         out = logger(image, input_ids=["a"])
         logger(image, input_ids=["b"], dataset_type="val")  # kept whatever its draw
+    stats = logger.stats()
     logger.close()
+    # A sink without a policy of its own: the logger counts the call it sampled out.
+    assert (stats["calls_seen"], stats["calls_logged"], stats["calls_sampled_out"]) == (2, 1, 1)
     out_record, kept_record = sink.records("frcnn", "v1", logger.result_name)
     assert isinstance(out_record.sampling, CallDecision) and out_record.sampling.sampled_out
     assert out_record.sampling.decide(None, ["a"]) is None
@@ -197,6 +209,23 @@ def _without_sampled_calls(aggregates):
     return a
 
 
+def _assert_same(a, b, where="aggregates"):
+    """Equal, counts exactly; the embedding sketch's float64 sums up to their rounding (the writer
+    sums the calls of each flush together, and flushes fall differently in two runs)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and "sketch" in where:
+        assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12), (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
 def test_a_sampled_out_rcnn_call_is_parsed_on_the_writer_thread_with_the_same_aggregates(tmp_path):
     _, full, full_threads = _rcnn_run(tmp_path, "full", None)
     stats, sampled, threads = _rcnn_run(tmp_path, "sampled", pyodlog.Sampling(RARE), mutate=True)
@@ -206,7 +235,9 @@ def test_a_sampled_out_rcnn_call_is_parsed_on_the_writer_thread_with_the_same_ag
     assert stats["logging_errors"] == 0 and stats["quarantined"] == 0
     # The aggregates are those of the same calls fully logged, although the caller changed its
     # output in place right after each call (the call kept its own copy of the detections).
-    assert _without_sampled_calls(sampled.aggregates()) == _without_sampled_calls(full.aggregates())
+    _assert_same(
+        _without_sampled_calls(sampled.aggregates()), _without_sampled_calls(full.aggregates())
+    )
     assert sampled.aggregates().totals()["calls"] == 6
 
 
@@ -254,3 +285,37 @@ def test_deferred_detections_parse_once_and_hold_a_bounded_budget():
     back = pickle.loads(pickle.dumps(deferred))
     assert type(back) is DetectionBatch and torch.equal(back.scores, batch.scores)
     assert budget.take(6000)  # the bound is free again
+
+
+def test_prometheus_counts_the_sampled_out_calls(tmp_path):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    registry = prometheus_client.CollectorRegistry()
+    torch.manual_seed(0)
+    logger = TinyDetectorLogger(
+        TinyDetector().eval(),
+        "tiny",
+        "v1",
+        result_name="run",
+        sink=pyodlog.HDF5Store(tmp_path),
+        score_thresh=0.0,
+        sampling=0.5,  # the rate alone: about half the calls are sampled out before they run
+        metrics=registry,
+    )
+    with torch.inference_mode():
+        for i, frame in enumerate(_frames()):
+            logger([frame], input_ids=[f"frame-{i}"])
+    logger.wait_for_save()
+    stats = logger.stats()
+    labels = {"model": "tiny", "version": "v1", "result": "run", "rank": "0"}
+
+    scraped = {
+        name: registry.get_sample_value(f"pyodlog_{name}_total", labels)
+        for name in ("calls_seen", "calls_sampled_out", "calls_logged")
+    }
+    out = sum(logger._sampling.draw(f"frame-{i}") >= 0.5 for i in range(FRAMES))
+    logger.close()
+    assert 0 < out < FRAMES
+    assert stats["calls_sampled_out"] == stats["sampled_out"] == out
+    assert stats["calls_logged"] == stats["written"] == FRAMES - out
+    assert stats["calls_seen"] == FRAMES
+    assert scraped == {"calls_seen": FRAMES, "calls_sampled_out": out, "calls_logged": FRAMES - out}

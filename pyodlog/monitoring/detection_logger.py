@@ -599,7 +599,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             )
         if record is not None:
             record.sampling = decision
-            if not sampled_out:
+            if sampled_out:
+                self._count_sampled_out()
+            else:
                 self._attach_thumbnails(record, model_input)
             self._submit_or_count(record)
         return output
