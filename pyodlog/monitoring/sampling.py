@@ -9,7 +9,8 @@ call's rows. A call that nothing can keep any more once its draw failed (no outp
 rule: near-misses not logged or not kept, no ``keep_uncertain``, no ``watch_classes``) is
 *sampled out before the model runs*: the logger then does only what the aggregates need (the
 detections, their logits and embeddings), without near-misses, ``target_layers`` features or
-thumbnails.
+thumbnails, and on the CPU leaves even that parse to the store's writer thread
+(:mod:`pyodlog.monitoring.deferred`).
 
 A call is always kept when its ``dataset_type`` is not ``"deploying"`` (default on: known
 before the call, it costs nothing), and, when asked, when it holds a near-miss, a detection
