@@ -279,9 +279,15 @@ def test_deferred_detections_parse_once_and_hold_a_bounded_budget():
     )
     assert isinstance(deferred, DetectionBatch) and not deferred.parsed
     assert deferred.all_tensors() == held and made == []  # the store's hand-over parses nothing
+    # Another thread (the store's writer taking the record) that lists its tensors parses it.
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(deferred.all_tensors()))
+    reader.start()
+    reader.join()
+    assert made == [1] and seen[0][0] is batch.boxes and budget.held == 0
     assert torch.equal(deferred.scores, batch.scores) and deferred.embeddings is None
     assert torch.equal(deferred.counts, batch.counts) and made == [1]  # once
-    assert budget.held == 0 and deferred.parsed and deferred.all_tensors()[0] is batch.boxes
+    assert deferred.parsed and deferred.all_tensors()[0] is batch.boxes
     back = pickle.loads(pickle.dumps(deferred))
     assert type(back) is DetectionBatch and torch.equal(back.scores, batch.scores)
     assert budget.take(6000)  # the bound is free again
@@ -319,3 +325,43 @@ def test_prometheus_counts_the_sampled_out_calls(tmp_path):
     assert stats["calls_logged"] == stats["written"] == FRAMES - out
     assert stats["calls_seen"] == FRAMES
     assert scraped == {"calls_seen": FRAMES, "calls_sampled_out": out, "calls_logged": FRAMES - out}
+
+
+def test_sampled_out_calls_past_the_bound_or_with_autograd_history_are_parsed_on_their_path(
+    tmp_path,
+):
+    cls = type(
+        "RecordingTiny",
+        (_ThreadRecording, TinyDetectorLogger),
+        {"parse_threads": None, "max_deferred_bytes": 1},
+    )
+    torch.manual_seed(0)
+    logger = cls(
+        TinyDetector().eval(),
+        "tiny",
+        "bound",
+        sink=pyodlog.HDF5Store(tmp_path),
+        score_thresh=0.0,
+        sampling=pyodlog.Sampling(RARE),
+        metrics=False,
+    )
+    logger.parse_threads = []
+    frames = _frames()
+    with torch.inference_mode():
+        logger([frames[0]], input_ids=["a"])  # nothing unparsed yet: deferred
+    logger.wait_for_save()
+    assert logger.parse_threads == [False] and logger._deferred_budget.held == 0
+    assert logger._deferred_budget.take(1)  # as if another call's captures held the whole bound
+    with torch.inference_mode():
+        for i in range(2):
+            logger([frames[i + 1]], input_ids=[f"b{i}"])
+    logger._deferred_budget.give_back(1)
+    logger([frames[3]], input_ids=["grad"])  # autograd on: its captures hold a graph
+    logger.wait_for_save()
+    stats = logger.stats()
+    directory = logger.sink.directory
+    logger.close()
+    assert logger.parse_threads == [False, True, True, True]
+    assert logger._deferred_budget.refused == 2
+    assert stats["calls_sampled_out"] == 4 and stats["logging_errors"] == 0
+    assert pyodlog.open_result(directory).aggregates().totals()["calls"] == 4

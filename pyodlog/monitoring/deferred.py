@@ -100,9 +100,13 @@ class DeferredBudget:
 class DeferredDetections(DetectionBatch):
     """A :class:`DetectionBatch` made when first read: ``make()`` parses the call's output from
     the references it keeps. Reading any field (or :meth:`resolve`) parses it, once, in the
-    reading thread; a parse that fails raises its error at every read. :meth:`all_tensors`
-    before that returns the tensors held (what the call's record costs in memory), without
-    parsing, so handing the record over (the store's device-copy check) does not parse it.
+    reading thread; a parse that fails raises its error at every read.
+
+    :meth:`all_tensors` in the thread that made it (the call, handing the record over: the
+    store looks for device tensors to copy) returns the tensors held, without parsing; in any
+    other thread it parses first. So the store's writer parses the call as soon as it takes it
+    from its queue (it sizes each record by its tensors), and the call's references are dropped
+    then, not when the batch is summarised: what unparsed calls hold is bounded by the queue.
     """
 
     _make: Callable[[], DetectionBatch] | None
@@ -111,6 +115,7 @@ class DeferredDetections(DetectionBatch):
     _batch: DetectionBatch | None
     _error: Exception | None
     _lock: threading.Lock
+    _maker: int
 
     def __init__(
         self,
@@ -125,6 +130,7 @@ class DeferredDetections(DetectionBatch):
         object.__setattr__(self, "_batch", None)
         object.__setattr__(self, "_error", None)
         object.__setattr__(self, "_lock", threading.Lock())
+        object.__setattr__(self, "_maker", threading.get_ident())
 
     @property
     def parsed(self) -> bool:
@@ -152,9 +158,9 @@ class DeferredDetections(DetectionBatch):
         return self._batch  # type: ignore[return-value]
 
     def all_tensors(self) -> list[Tensor]:
-        if self._batch is None:
+        if self._batch is None and threading.get_ident() == self._maker:
             return list(self._held)
-        return self._batch.all_tensors()
+        return self.resolve().all_tensors()
 
     def map_tensors(self, fn) -> DetectionBatch:
         return self.resolve().map_tensors(fn)
