@@ -124,13 +124,15 @@ class DeferredDetections(DetectionBatch):
         on_done: Callable[[], None] | None = None,
     ) -> None:
         # No DetectionBatch.__init__: every field is read from the parsed batch (properties below).
-        object.__setattr__(self, "_make", make)
-        object.__setattr__(self, "_held", held)
-        object.__setattr__(self, "_on_done", on_done)
-        object.__setattr__(self, "_batch", None)
-        object.__setattr__(self, "_error", None)
-        object.__setattr__(self, "_lock", threading.Lock())
-        object.__setattr__(self, "_maker", threading.get_ident())
+        self.__dict__.update(
+            _make=make,
+            _held=held,
+            _on_done=on_done,
+            _batch=None,
+            _error=None,
+            _lock=threading.Lock(),
+            _maker=threading.get_ident(),
+        )
 
     @property
     def parsed(self) -> bool:
@@ -205,9 +207,9 @@ del _name
 def deferrable(tensors: list[Tensor]) -> bool:
     """Whether a call holding ``tensors`` can be parsed later on another thread: all on the CPU
     and without autograd history (a graph would be kept alive until then)."""
-    return all(t.device.type == "cpu" and not t.requires_grad for t in tensors)
+    return all(t.is_cpu and not t.requires_grad for t in tensors)
 
 
 def nbytes(tensors: list[Tensor]) -> int:
     """Bytes of ``tensors`` (views counted at their own size)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.nbytes for t in tensors)
