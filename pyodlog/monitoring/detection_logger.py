@@ -237,7 +237,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
     #: on the call's (:mod:`pyodlog.monitoring.deferred`): the call keeps references to what its
     #: hooks captured and a copy of the returned boxes, scores and labels. Sound for a
     #: ``_parse_model_output`` that reads only the output, ``self._state`` and the model's
-    #: settings (the subclass contract); a family whose parse reads anything else sets it False.
+    #: stateless parts (e.g. its box coder; the subclass contract): it may run after the next
+    #: call began, or after ``close()`` gave the model its thresholds back. A family whose parse
+    #: reads anything else (or, when sampled out, the thresholds) sets it False.
     defer_sampled_out: bool = True
     #: The most bytes of captured tensors the not-yet-parsed sampled-out calls of one logger may
     #: hold (a writer that falls behind then sees the next ones parsed on their call path).
