@@ -242,7 +242,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
     #: reads anything else (or, when sampled out, the thresholds) sets it False.
     defer_sampled_out: bool = True
     #: The most bytes of captured tensors the not-yet-parsed sampled-out calls of one logger may
-    #: hold (a writer that falls behind then sees the next ones parsed on their call path).
+    #: hold (one call alone may hold more); past it, sampled-out calls are parsed on their path.
     max_deferred_bytes: int = 512 << 20
 
     def __init__(
