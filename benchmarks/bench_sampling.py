@@ -1,7 +1,7 @@
 """Sampling, aggregates and compact records (issue 22): the figures of benchmarks/RESULTS.md.
 
 1. Cost of a call: bare model vs a logged call (every call written) vs a sampled-out call
-   (``Sampling(rate=1e-9, keep_near_misses=False)``: its aggregates counted, no rows), paired (one call of each in
+   (``Sampling(rate=1e-9)``: its aggregates counted, no rows), paired (one call of each in
    rotation), wall time and the process's CPU time over every thread (the writer's included).
 2. The writer thread's work per call, by stage, on the same records: summary (every call),
    + rows (a kept call's ``record_to_columns``), + the segment append.
@@ -56,9 +56,9 @@ def call_costs(rotations: int, block: int = 4) -> None:
         "b",
         "sampled",
         sink=HDF5Store(folder / "b"),
-        # keep_near_misses=False: with near-misses logged (the default) every call of a random-
-        # weight model has some, and such a call is always kept: nothing would be sampled out.
-        sampling=pyodlog.Sampling(1e-9, keep_near_misses=False),
+        # The rate alone (the default policy): with keep_near_misses=True every call of a
+        # random-weight model has near-misses and is always kept: nothing would be sampled out.
+        sampling=pyodlog.Sampling(1e-9),
     )
     hot = pyodlog.create_logger(model, "b", "hot", sink=pyodlog.InMemorySink(max_records=1))
     variants = {

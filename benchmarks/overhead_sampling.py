@@ -3,13 +3,21 @@ a logged one).
 
 One call of each variant per rotation (order alternating), as benchmarks/overhead_paired.py:
 bare ``model(images)``; a logged call (every call written, default settings: near-misses,
-uncertainty, embeddings); a sampled-out call (``Sampling(1e-9, keep_near_misses=False)``: its
-draw fails before the model runs, so it records only what the always-on aggregates need). The
-writer thread runs beside, as in production. Printed: per variant the median time, and the
-overhead over bare of the sampled-out call as a fraction of the logged call's overhead; then,
-measured in the same calls, the median time of each logger's own work after the model answered
-(``_record_of_call`` and the submit, ``time.perf_counter`` around them): the part of the
-overhead the model's run-to-run noise does not hide.
+uncertainty, embeddings); a sampled-out call (``Sampling(1e-9)``: its draw fails before the
+model runs, so it records only what the always-on aggregates need, and on the CPU its parse is
+deferred to the store's writer thread, pyodlog.monitoring.deferred); and the same sampled-out
+call parsed on the call path (``defer_sampled_out = False``: what a sampled-out call cost
+before). The writer threads run beside, as in production. Printed:
+
+1. per variant the median call time, and the sampled-out overhead over bare against the logged
+   call's (the model's noise hides most of it);
+2. the logger's own work on the call path after the model answered (``_record_of_call`` and the
+   submit, timed around them in the same calls: wall, and the calling thread's CPU time): what
+   a serving thread waits for beyond the model;
+3. the sampled-out calls' parse on the writer thread (its CPU time there, per call);
+4. the machine's CPU per call (``time.process_time``, every thread of the process: the model,
+   the call's logging, the writer's summary, parse, rows and appends) over a block of calls of
+   each variant followed by ``wait_for_save``.
 
 Usage: python -m benchmarks.overhead_sampling MODEL BATCH ROTATIONS [CLOCK]
   CLOCK: wall (default) or thread (the calling thread's CPU time, one intra-op thread; see
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -35,18 +44,30 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
     model, images, folder = setup(name, batch, clock)
     logged = pyodlog.create_logger(model, "b", "logged", sink=HDF5Store(folder / "a"))
     sampled = pyodlog.create_logger(
-        model,
-        "b",
-        "sampled",
-        sink=HDF5Store(folder / "b"),
-        sampling=pyodlog.Sampling(1e-9, keep_near_misses=False),
+        model, "b", "sampled", sink=HDF5Store(folder / "b"), sampling=pyodlog.Sampling(1e-9)
     )
-    variants = {"bare": model, "logged": logged, "sampled out": sampled}
-    own: dict[str, list[float]] = {"logged": [], "sampled out": []}
-    for key in own:
-        logger = variants[key]
+    inline = pyodlog.create_logger(
+        model, "b", "inline", sink=HDF5Store(folder / "c"), sampling=pyodlog.Sampling(1e-9)
+    )
+    inline.defer_sampled_out = False  # the sampled-out call parsed on its path (as before)
+    loggers = {"logged": logged, "sampled out": sampled, "sampled, parsed on call": inline}
+    variants = {"bare": model, **loggers}
+    own: dict[str, list[tuple[float, float]]] = {key: [] for key in loggers}
+    for key, logger in loggers.items():
         for method in ("_record_of_call", "_submit_or_count"):
             setattr(logger, method, _timed(getattr(logger, method), own[key]))
+    writer_parse: list[float] = []  # thread CPU seconds of each parse off the calling thread
+    parse = sampled._parse_model_output
+
+    def parse_timed(*args, **kwargs):
+        t0 = time.thread_time()
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                writer_parse.append(time.thread_time() - t0)
+
+    sampled._parse_model_output = parse_timed
     with torch.inference_mode():
         timed = paired_rotation(
             {key: (lambda call=call: call(images)) for key, call in variants.items()},
@@ -54,8 +75,8 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
             warmup=1,
             clock=CLOCKS[clock],
         )
-    logged.wait_for_save()
-    sampled.wait_for_save()
+    for logger in loggers.values():
+        logger.wait_for_save()
     print(
         f"{name}, batch {batch}, {rotations} rotations (order alternating), clock {clock} "
         f"({torch.get_num_threads()} intra-op threads)"
@@ -64,38 +85,66 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
     for key in variants:
         median = timed.median(key)
         print(
-            f"{key:12s} median {median * 1e3:9.2f} ms  overhead {(median - bare) * 1e3:7.2f} ms  "
+            f"{key:24s} median {median * 1e3:9.2f} ms  overhead {(median - bare) * 1e3:7.2f} ms  "
             f"paired {timed.ratio(key, 'bare')}"
         )
-    for key, spent in own.items():
-        per_call = [a + b for a, b in zip(spent[0::2], spent[1::2])]
-        print(
-            f"{key:12s} the logger's own work after the model answered: median "
-            f"{statistics.median(per_call) * 1e3:.3f} ms per call ({len(per_call)} calls)"
-        )
-    over = {k: [r - 1 for r in timed.ratios(k, "bare")] for k in ("logged", "sampled out")}
+    over = {k: [r - 1 for r in timed.ratios(k, "bare")] for k in loggers}
     med = {k: sorted(v)[len(v) // 2] for k, v in over.items()}
     print(
-        f"sampled-out overhead / logged overhead (medians of the paired ratios - 1): "
-        f"{med['sampled out']:+.4f} / {med['logged']:+.4f}"
+        "overhead over bare (medians of the paired ratios - 1): "
+        + ", ".join(f"{k} {v:+.4f}" for k, v in med.items())
     )
+    per_call = {}
+    for key, spent in own.items():
+        # _record_of_call and its submit, in pairs (wall, thread CPU) per call
+        calls = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(spent[0::2], spent[1::2])]
+        wall = statistics.median(c[0] for c in calls)
+        cpu = statistics.median(c[1] for c in calls)
+        per_call[key] = (wall, cpu)
+        print(
+            f"{key:24s} the logger's own work on the call path: median {wall * 1e3:.3f} ms wall, "
+            f"{cpu * 1e3:.3f} ms thread CPU per call ({len(calls)} calls)"
+        )
+    for key in ("sampled out", "sampled, parsed on call"):
+        print(
+            f"call path, {key} / logged: {per_call[key][0] / per_call['logged'][0]:.3f} (wall), "
+            f"{per_call[key][1] / per_call['logged'][1]:.3f} (thread CPU)"
+        )
+    if writer_parse:
+        print(
+            f"sampled out: parse on the writer thread, median {statistics.median(writer_parse) * 1e3:.3f} "
+            f"ms thread CPU per call ({len(writer_parse)} calls)"
+        )
     print(
         f"written {logged.stats()['written']} calls; sampled out {sampled.stats()['sampled_out']} "
-        f"(written {sampled.stats()['written']})"
+        f"(written {sampled.stats()['written']}), parsed on call {inline.stats()['sampled_out']}"
     )
-    logged.close()
-    sampled.close()
+    # The machine's CPU per call: a block of calls of each variant, its writer's work included.
+    block = max(2, rotations)
+    with torch.inference_mode():
+        for key, call in variants.items():
+            t0 = time.process_time()
+            for _ in range(block):
+                call(images)
+            if key in loggers:
+                loggers[key].wait_for_save()
+            spent = (time.process_time() - t0) / block
+            print(
+                f"{key:24s} process CPU per call, writer included: {spent * 1e3:9.2f} ms ({block} calls)"
+            )
+    for logger in loggers.values():
+        logger.close()
 
 
-def _timed(method, spent: list[float]):
-    """``method`` adding its wall time to ``spent`` at each call (``clock`` independent)."""
+def _timed(method, spent: list[tuple[float, float]]):
+    """``method`` adding its (wall, thread CPU) time to ``spent`` at each call (``clock`` independent)."""
 
     def run(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return method(*args, **kwargs)
         finally:
-            spent.append(time.perf_counter() - t0)
+            spent.append((time.perf_counter() - t0, time.thread_time() - c0))
 
     return run
 

@@ -11,6 +11,7 @@ import torch
 
 import pyodlog
 from pyodlog.io.aggregates import summarize_call
+from pyodlog.monitoring.sampling import check_sampling
 from tests.helpers.records import open_store, synthetic_record
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
@@ -78,13 +79,17 @@ def test_random_draws_are_reproducible_from_their_seed():
 
 
 def test_near_misses_are_always_kept_when_the_record_has_them():
-    policy = pyodlog.Sampling(RARE)
+    policy = pyodlog.Sampling(RARE, keep_near_misses=True)
     record = peaked(0)
     assert policy.decide(summary_of(record), record.input_ids) is None
     record.detections.near_misses = SimpleNamespace(
         counts=torch.tensor([0, 2])
     )  # issue 14's near-misses
     assert policy.always_keeps(summary_of(record)) == "near_miss"
+    # Opt-in: the default policy (and sampling=0.01) is the rate alone.
+    assert pyodlog.Sampling(RARE).always_keeps(summary_of(record)) is None
+    assert pyodlog.Sampling(RARE).decide(summary_of(record), record.input_ids) is None
+    assert check_sampling(0.01).keep_near_misses is False
     assert policy.decide(summary_of(record), record.input_ids) == 1.0
     record.detections.near_misses = SimpleNamespace(counts=torch.tensor([0, 0]))
     assert policy.decide(summary_of(record), record.input_ids) is None
@@ -108,7 +113,7 @@ def test_a_real_logger_keeps_every_call_with_near_misses(tmp_path):
         sink=pyodlog.HDF5Store(tmp_path),
         score_thresh=0.0102,
         near_miss=8,
-        sampling=pyodlog.Sampling(RARE),
+        sampling=pyodlog.Sampling(RARE, keep_near_misses=True),
         metrics=False,
     )
     with torch.inference_mode():

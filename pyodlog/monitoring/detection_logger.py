@@ -16,8 +16,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from pyodlog.io.sink import Sink
+from pyodlog.io.sink import SegmentStore, Sink
 from pyodlog.io.thumbnails import check_log_images, thumbnail_source
+from pyodlog.monitoring.deferred import (
+    DeferredBudget,
+    DeferredDetections,
+    deferrable,
+    held_tensors,
+    nbytes,
+    torchvision_output_copy,
+)
 from pyodlog.monitoring.modes import refuse_cuda_graphs
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
 from pyodlog.monitoring.sampling import Sampling, check_sampling
@@ -225,6 +233,17 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
 
     #: Human-readable name of the model family, for error messages.
     family: str = ""
+    #: A call sampled out before its model ran is parsed on the store's writer thread rather than
+    #: on the call's (:mod:`pyodlog.monitoring.deferred`): the call keeps references to what its
+    #: hooks captured and a copy of the returned boxes, scores and labels. Sound for a
+    #: ``_parse_model_output`` that reads only the output, ``self._state`` and the model's
+    #: stateless parts (e.g. its box coder; the subclass contract): it may run after the next
+    #: call began, or after ``close()`` gave the model its thresholds back. A family whose parse
+    #: reads anything else (or, when sampled out, the thresholds) sets it False.
+    defer_sampled_out: bool = True
+    #: The most bytes of captured tensors the not-yet-parsed sampled-out calls of one logger may
+    #: hold (one call alone may hold more); past it, sampled-out calls are parsed on their path.
+    max_deferred_bytes: int = 512 << 20
 
     def __init__(
         self,
@@ -282,6 +301,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             raise ValueError(f"log_embeddings must be True or False, got {log_embeddings!r}")
         self.class_names = resolve_class_names(class_names, core, model_n_class)
         self._sampling = check_sampling(sampling)
+        self._deferred_budget = DeferredBudget(self.max_deferred_bytes)
         self._storage = check_storage(storage)
         # Schema keys filled in by a default (not by the user): an older result lacking them is
         # continued as it was written (monitoring/wiring.open_with_class_names).
@@ -581,7 +601,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             )
         if record is not None:
             record.sampling = decision
-            if not sampled_out:
+            if sampled_out:
+                self._count_sampled_out()
+            else:
                 self._attach_thumbnails(record, model_input)
             self._submit_or_count(record)
         return output
@@ -615,10 +637,16 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         try:
             features = self._end_capture(capture)
             ids, img_sizes, fields = identities()
-            with torch.no_grad():
-                detections = self._as_detection_batch(
-                    self._parse_model_output(output, img_sizes), img_sizes
-                )
+            detections = (
+                self._deferred_detections(capture, output, img_sizes)
+                if capture.sampled_out
+                else None
+            )
+            if detections is None:
+                with torch.no_grad():
+                    detections = self._as_detection_batch(
+                        self._parse_model_output(output, img_sizes), img_sizes
+                    )
             if targets is not None and len(targets["counts"]) != len(img_sizes):
                 raise ValueError(
                     f"targets has {len(targets['counts'])} entries but the call had {len(img_sizes)} "
@@ -638,6 +666,51 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         except Exception as error:
             self._logging_failed(error)
             return None
+
+    def _output_for_deferred_parse(self, output: Any) -> Any:
+        """A copy of the model's output that the parse may read later, after the caller changed
+        the output in place, or None when this output cannot be parsed later. The default:
+        torchvision's ``[{"boxes", "scores", "labels", ...}, ...]`` with those three cloned
+        (:func:`~pyodlog.monitoring.deferred.torchvision_output_copy`); None for anything else."""
+        return torchvision_output_copy(output)
+
+    def _deferred_detections(
+        self, capture: CallCapture, output: Any, img_sizes: list[tuple[int, int]]
+    ) -> DetectionBatch | None:
+        """A sampled-out call's detections, parsed when the store's writer first reads them
+        (:class:`~pyodlog.monitoring.deferred.DeferredDetections`), or None to parse them now:
+        the family opts out, the sink has no writer thread, the output is not one that can be
+        copied, a captured tensor is on a device or has autograd history, or the unparsed calls
+        already hold ``max_deferred_bytes``. Tensor references only: no copy of what the hooks
+        captured, no device access."""
+        if not self.defer_sampled_out or not isinstance(self._sink, SegmentStore):
+            return None
+        copy = self._output_for_deferred_parse(output)
+        if copy is None:
+            return None
+        held = [*held_tensors(capture.state), *held_tensors(copy)]
+        if not deferrable(held):
+            return None
+        size, budget = nbytes(held), self._deferred_budget
+        if not budget.take(size):
+            return None
+        current = self._current_call
+
+        def parse() -> DetectionBatch:
+            # The call's own captures current again, in the thread that reads the detections.
+            token = current.set(capture)
+            try:
+                with torch.no_grad():
+                    return self._as_detection_batch(
+                        self._parse_model_output(copy, img_sizes), img_sizes
+                    )
+            except Exception as error:
+                self._logging_failed(error)  # as on the call path; the store quarantines the call
+                raise
+            finally:
+                current.reset(token)
+
+        return DeferredDetections(parse, held, lambda: budget.give_back(size))
 
     def _submit_or_count(self, record: CallRecord) -> None:
         """Hands a record to the sink; a failure is counted and reported, never raised."""

@@ -52,9 +52,13 @@ def production_stats(logger: MonitoringLogger, stats: dict[str, Any]) -> dict[st
         sampled_out = getattr(logger, "_calls_sampled_out", 0)
         submitted_by_logger = getattr(logger, "_records_submitted", 0)
     stats["calls_seen"] = seen
-    stats["calls_sampled_out"] = sampled_out
-    # Stored: the writer's count for a segment store; what was handed over for another sink.
-    stats["calls_logged"] = stats.get("written", submitted_by_logger)
+    # Left out by sampling: the writer's count for a segment store (every call whose rows the
+    # policy left out, decided before the model ran or from its output); for another sink, which
+    # applies no policy, the calls the logger sampled out before their model ran.
+    stats["calls_sampled_out"] = stats.get("sampled_out", sampled_out)
+    # Stored: the writer's count for a segment store; what was handed over for another sink,
+    # less the calls sampled out.
+    stats["calls_logged"] = stats.get("written", submitted_by_logger - sampled_out)
     stats.setdefault("dropped", 0)
     stats.setdefault("dropped_by_reason", {})
     stats.setdefault("quarantined", 0)

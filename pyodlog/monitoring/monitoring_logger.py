@@ -145,6 +145,12 @@ class MonitoringLogger(metaclass=_ActivatesSinkWhenBuilt):
         with self._errors_lock:
             self._calls_seen += 1
 
+    def _count_sampled_out(self) -> None:
+        """One more call sampled out before its model ran (``stats()["calls_sampled_out"]`` of a
+        sink that applies no sampling policy itself; a segment store counts its own)."""
+        with self._errors_lock:
+            self._calls_sampled_out += 1
+
     @property
     def has_api_key(self) -> bool:
         """Whether an API key was given (the key itself is never exposed)."""

@@ -9,13 +9,21 @@ call's rows. A call that nothing can keep any more once its draw failed (no outp
 rule: near-misses not logged or not kept, no ``keep_uncertain``, no ``watch_classes``) is
 *sampled out before the model runs*: the logger then does only what the aggregates need (the
 detections, their logits and embeddings), without near-misses, ``target_layers`` features or
-thumbnails.
+thumbnails, and on the CPU leaves even that parse to the store's writer thread
+(:mod:`pyodlog.monitoring.deferred`).
 
-A call is always kept when it holds a near-miss, a detection whose uncertainty passes a
-threshold, a detection of a watched class, or when its ``dataset_type`` is not
-``"deploying"`` (each switchable); otherwise each of its images is drawn at ``rate`` (from a
-hash of its ``input_id`` when ``deterministic``, so reruns draw the same images whatever the
-batching) and the call is kept when one of them is. A kept call's images carry
+A call is always kept when its ``dataset_type`` is not ``"deploying"`` (default on: known
+before the call, it costs nothing), and, when asked, when it holds a near-miss, a detection
+whose uncertainty passes a threshold, or a detection of a watched class; otherwise each of its
+images is drawn at ``rate`` (from a hash of its ``input_id`` when ``deterministic``, so reruns
+draw the same images whatever the batching) and the call is kept when one of them is.
+
+The default is the rate alone (``sampling=0.01`` is ``Sampling(0.01)``: 1 % of the deploying
+calls; ``keep_near_misses`` is opt-in). With near-misses logged (``near_miss=32``, the
+default) nearly every call of a real detector holds one (the duplicates NMS suppressed, the
+candidates just under the threshold), so a near-miss rule on by default kept nearly every call
+and sampled nothing out; and a rule that looks at the output keeps every call undecided until
+its output is known, so none is sampled out before its model runs (the cheap path). A kept call's images carry
 ``sample_weight`` = 1 / the probability that the call was kept (1 for an always-kept call),
 so weighted counts and means over the kept rows are unbiased (Horvitz-Thompson).
 """
@@ -41,7 +49,10 @@ class Sampling:
     Args:
         rate: the probability that an image is drawn, in (0, 1] (1: keep every call).
         keep_near_misses: always keep a call that holds a near-miss (when near-misses are
-            logged; otherwise this never triggers).
+            logged; otherwise this never triggers). Default False: with ``near_miss=32`` (the
+            logger's default) nearly every call of a real detector holds a near-miss, so this
+            keeps nearly every call; use it with a small ``near_miss`` and a ``near_miss_floor``
+            close to the score threshold, or on a model whose near-misses are rare.
         keep_uncertain: ``{"entropy": e}`` keeps a call with a detection whose normalised
             entropy (entropy of its class probabilities / ln C, in [0, 1]) is ``>= e``;
             ``{"margin": m}`` one whose top-1 minus top-2 class probability is ``<= m``;
@@ -62,7 +73,7 @@ class Sampling:
         self,
         rate: float = 0.01,
         *,
-        keep_near_misses: bool = True,
+        keep_near_misses: bool = False,
         keep_uncertain: Mapping[str, float] | None = None,
         watch_classes: Iterable[int] = (),
         keep_other_dataset_types: bool = True,
@@ -277,7 +288,8 @@ class CallDecision:
 
 
 def check_sampling(value: Any) -> Sampling | None:
-    """``sampling=`` of ``create_logger``: None (every call), a rate in (0, 1], or a :class:`Sampling`."""
+    """``sampling=`` of ``create_logger``: None (every call), a rate in (0, 1] (``Sampling(rate)``:
+    the rate alone, other dataset types than ``"deploying"`` kept), or a :class:`Sampling`."""
     if value is None or isinstance(value, Sampling):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
