@@ -29,6 +29,7 @@ from pyodlog_collector.metrics import CONTENT_TYPE, CollectorMetrics
 from pyodlog_collector.storage import BodyReadError, CollectorStorage, SegmentKey
 from pyodlog_protocol import (
     API_PREFIX,
+    HEADER_FOLLOWS_PIECE,
     HEADER_PIECES_AHEAD,
     NAME_RULE,
     PROTOCOL_VERSION,
@@ -642,6 +643,21 @@ class CollectorHandler(BaseHTTPRequestHandler):
             )
         return values[0]
 
+    def _follows(self, offset: int) -> int | None:
+        """``X-Follows-Piece``: the offset of the piece before this one, on its way on another connection."""
+        values = self.headers.get_all(HEADER_FOLLOWS_PIECE) or []
+        if not values:
+            return None
+        value = parse_uint(values[0].strip(" \t")) if len(values) == 1 else None
+        if value is None or value >= offset:
+            raise _Reject(
+                400,
+                "invalid_header",
+                f"{HEADER_FOLLOWS_PIECE} must be given once, as the offset (ASCII digits) of the "
+                "piece before this one, below this piece's offset",
+            )
+        return value
+
     # -- methods ---------------------------------------------------------------------------------------
 
     def _dispatch(self, method) -> None:
@@ -766,6 +782,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
                 f"a request body may hold at most "
                 f"{self.server.max_request_bytes} bytes: upload the segment in smaller pieces",
             )
+        follows = self._follows(offset)
         storage = self.server.storage
         early = storage.check_piece(key, sha, offset, total, length, ahead=True)
         if early is not None:
@@ -776,7 +793,9 @@ class CollectorHandler(BaseHTTPRequestHandler):
             self.end_headers()
         try:
             self._body_read = True  # write_piece reads it, or the connection closes
-            outcome = storage.write_piece(key, sha, offset, total, self.rfile, length)
+            outcome = storage.write_piece(
+                key, sha, offset, total, self.rfile, length, follows=follows
+            )
         except BodyReadError as error:
             self.close_connection = True
             log.warning(

@@ -44,9 +44,11 @@ _STAGED_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.part")
 _PIECE_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.[0-9a-f]{16}\.piece")
 # Running SHA-256 states of staged uploads kept at most (a dropped one means one more read at commit).
 MAX_RUNNING_HASHES = 4096
-# A piece may start this far beyond what is staged, and waits this long for the bytes before it.
+# A piece may start this far beyond what is staged; it is held only while a piece before it is on its
+# way (being received, or announced by the client with X-Follows-Piece: then it waits at most
+# ANNOUNCED_WAIT seconds for that piece to begin arriving). A real gap is answered at once.
 AHEAD_BYTES = 256 << 20
-AHEAD_WAIT = 30.0
+ANNOUNCED_WAIT = 5.0
 
 
 class BodyReadError(Exception):
@@ -225,8 +227,10 @@ class CollectorStorage(SegmentStorageBase):
     Args:
         root: the collector's data folder (created if missing).
         max_segment_bytes: the largest segment accepted (announced ``total``).
-        ahead_bytes: how far beyond what is staged a piece may start; it waits at most
-            ``ahead_wait`` seconds (its body unread) for the bytes before it, then is a 409.
+        ahead_bytes: how far beyond what is staged a piece may start; it is held (its body
+            unread) only while a piece before it is on its way, else it is a 409 at once.
+        announced_wait: how long a piece announced as following another one
+            (``X-Follows-Piece``) waits for that piece to begin arriving.
         check_segments: check each complete upload with
             :func:`pyodlog_collector.segment_check.check_segment` (in a worker process)
             before it becomes visible (refused with 422 ``invalid_segment`` otherwise).
@@ -238,7 +242,7 @@ class CollectorStorage(SegmentStorageBase):
         max_segment_bytes: int = 8 << 30,
         check_segments: bool = True,
         ahead_bytes: int = AHEAD_BYTES,
-        ahead_wait: float = AHEAD_WAIT,
+        announced_wait: float = ANNOUNCED_WAIT,
     ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -256,9 +260,13 @@ class CollectorStorage(SegmentStorageBase):
         # (see _append_piece); read and changed under the segment's lock.
         self._appenders: dict[tuple[str, ...], int] = {}
         # Pieces in flight wait for the staged uploads to grow: every change is a new generation.
-        self.ahead_bytes, self.ahead_wait = int(ahead_bytes), float(ahead_wait)
+        self.ahead_bytes, self.announced_wait = int(ahead_bytes), float(announced_wait)
         self._progress = threading.Condition()
         self._generation = 0
+        # Upload id -> the offsets of its pieces inside write_piece now (received, or held), and the
+        # offsets of every piece that began while any was inside; under self._progress, dropped
+        # when the last one leaves.
+        self._arriving: dict[tuple[str, ...], tuple[list[int], set[int]]] = {}
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -330,6 +338,7 @@ class CollectorStorage(SegmentStorageBase):
         total: int,
         body: BinaryIO | io.BufferedIOBase,
         length: int,
+        follows: int | None = None,
     ) -> PieceResult:
         """Writes ``length`` bytes read from ``body`` at ``offset`` of the segment's ``total`` bytes.
 
@@ -338,54 +347,80 @@ class CollectorStorage(SegmentStorageBase):
         of its own first; only then, under the segment's lock, it joins the staged
         upload. Neither holds a lock while the body arrives, so a slow or stalled
         client delays nobody. Repeating a piece is harmless: a piece at an offset
-        below what is staged overwrites the same bytes. A piece up to
-        ``ahead_bytes`` beyond what is staged (pieces in flight on several
-        connections) waits, its body unread, for the bytes before it; one further
-        ahead, or still ahead after ``ahead_wait`` seconds, is refused (409, with
-        ``received``) so the client resumes at the right place. Every byte is hashed as it arrives, so the commit does not read
-        the upload again (unless a restart or overlapping pieces lost the running hash).
+        below what is staged overwrites the same bytes.
+
+        A piece that starts beyond what is staged (by at most ``ahead_bytes``: pieces
+        in flight on several connections) is held, its body unread, only while a piece
+        of the same upload that starts before it is inside this method (being received,
+        or itself held), and, when the client announced the piece it follows
+        (``follows``: that piece's offset), up to ``announced_wait`` seconds for that
+        piece to begin arriving. Otherwise, and as soon as none of that holds any
+        more, it is refused (409, with ``received``) so the client resumes at the
+        right place: a real gap is answered at once. Every byte is hashed as it
+        arrives, so the commit does not read the upload again (unless a restart or
+        overlapping pieces lost the running hash).
 
         Raises:
             BodyReadError: the body could not be read (nothing was staged).
             OSError: the collector cannot write.
         """
-        early = self.check_piece(key, sha256, offset, total, length, ahead=True)
-        if early is None and offset:
-            early = self._wait_for_predecessors(key, sha256, offset, total, length)
-        if early is not None:
-            self._drop_body(body, length)
-            return early
-        try:
-            return self._receive(key, sha256, offset, total, body, length)
-        finally:
-            self._notify()  # pieces waiting for this one look again
-
-    def _notify(self) -> None:
+        upload = self._upload_id(key, sha256)
         with self._progress:
+            active, begun = self._arriving.setdefault(upload, ([], set()))
+            active.append(offset)
+            begun.add(offset)
             self._generation += 1
             self._progress.notify_all()
+        try:
+            early = self.check_piece(key, sha256, offset, total, length, ahead=True)
+            if early is None and offset:
+                early = self._wait_for_predecessors(key, sha256, offset, total, length, follows)
+            if early is not None:
+                self._drop_body(body, length)
+                return early
+            return self._receive(key, sha256, offset, total, body, length)
+        finally:
+            with self._progress:  # pieces waiting for this one look again
+                active.remove(offset)
+                if not active:
+                    del self._arriving[upload]
+                self._generation += 1
+                self._progress.notify_all()
 
     def _wait_for_predecessors(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        length: int,
+        follows: int | None = None,
     ) -> PieceResult | None:
-        """Waits (no lock held, the body unread) until the staged upload reaches ``offset``.
+        """Holds a piece ahead (no lock held, the body unread) while a piece before it is on its way.
 
-        Returns None when it did; else the answer (409 ``offset_mismatch`` after
-        ``ahead_wait`` seconds, or the segment was stored meanwhile).
+        Returns None once the staged upload reaches ``offset``; else the answer: 409
+        ``offset_mismatch`` as soon as no piece before it is inside :meth:`write_piece`
+        (and the announced one, ``follows``, began or did not begin within
+        ``announced_wait`` seconds), or the segment was stored meanwhile.
         """
-        deadline = time.monotonic() + self.ahead_wait
+        upload = self._upload_id(key, sha256)
+        announced = follows is not None and follows < offset
+        deadline = time.monotonic() + self.announced_wait
         while True:
             with self._progress:
                 generation = self._generation
+                active, begun = self._arriving.get(upload, ([], set()))
+                before = any(o < offset for o in active)
+                awaited = announced and follows not in begun
             early = self.check_piece(key, sha256, offset, total, length)
             if early is None or early.body.get("error") != "offset_mismatch":
                 return early
             left = deadline - time.monotonic()
-            if left <= 0:
+            if not before and not (awaited and left > 0):
                 return early
             with self._progress:
                 if self._generation == generation:
-                    self._progress.wait(left)
+                    self._progress.wait(left if not before else None)
 
     @staticmethod
     def _drop_body(body: BinaryIO | io.BufferedIOBase, length: int) -> None:
