@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import random
 import sys
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, cast
 
 from pyodlog.io.reader import read_epochs
 from pyodlog.io.segment import read_checksum, segment_rank
-from pyodlog.sync.client import CollectorClient, FileRange, SyncConfig, SyncError, _is_count
+from pyodlog.sync.client import CollectorClient, SyncConfig, SyncError, _is_count
 from pyodlog.sync.state import SyncState
 from pyodlog_protocol.files import sha256_file
 
@@ -119,26 +120,34 @@ def _given_back(buffers: list[bytearray] | None):
 
 
 class _SegmentBytes:
-    """A closed segment's pieces, as request bodies that need no copy of the file in memory.
+    """A closed segment's pieces, as views handed to ``socket.sendall`` as they are.
 
-    Over plain HTTP (a loopback collector, or a trusted network) a piece is a
-    :class:`~pyodlog.sync.client.FileRange`: the connection hands it to ``sendfile(2)``,
-    so the bytes go from the page cache to the socket without entering this process
-    (no read, no copy, no mapping to fault in page by page), and a file truncated
-    meanwhile is a :class:`SyncError` (``sendfile`` finds its end), it cannot kill the
-    process. Over TLS the encryption reads the bytes in this process: there the pieces
-    are read (``preadv``) into reused buffers (``buffers``; three turn round, and at most
-    two pieces are on their way at once). Either way a file found shorter than at the
-    start is a :class:`SyncError`.
+    Over plain HTTP (a loopback collector, or a trusted network) the views are of the
+    file mapped into memory: only the kernel reads them (``send``), so a piece goes
+    from the page cache to the socket in one copy, and a file truncated meanwhile
+    makes ``send`` fail (EFAULT), it cannot kill the process. Over TLS the encryption
+    reads the bytes in this process, where a page past a truncated file's end is a
+    SIGBUS: there the pieces are read (``preadv``) into reused buffers (``buffers``;
+    three turn round, and at most two pieces are on their way at once). Either way a
+    file found shorter than at the start is a :class:`SyncError`.
     """
 
     def __init__(self, path: Path, size: int, buffers: list[bytearray] | None, chunk: int) -> None:
         self._path, self._size, self._buffers, self._chunk = path, size, buffers, chunk
         self._next = 0
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
 
     def __enter__(self) -> _SegmentBytes:
         self._fd = os.open(self._path, os.O_RDONLY)
+        if self._buffers is None and self._size:
+            try:
+                self._map = mmap.mmap(self._fd, self._size, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # shorter already, or cannot be mapped: read it
+                self._buffers = []
+            else:
+                self._view = memoryview(self._map)
         return self
 
     def _short(self, at: int) -> SyncError:
@@ -147,16 +156,16 @@ class _SegmentBytes:
             "bytes): a closed segment must not change"
         )
 
-    def piece(self, offset: int, length: int) -> memoryview | bytes | FileRange:
+    def piece(self, offset: int, length: int) -> memoryview | bytes:
         if length == 0:
             return b""
         assert self._fd is not None
-        if self._buffers is None:
-            now = os.fstat(self._fd).st_size
-            if now < offset + length:
-                raise self._short(now)
-            return FileRange(self._fd, offset, length, self._path.name, self._size)
-        if not self._buffers:
+        if self._view is not None:
+            if os.fstat(self._fd).st_size < offset + length:
+                raise self._short(os.fstat(self._fd).st_size)
+            return self._view[offset : offset + length]
+        assert self._buffers is not None
+        if not self._buffers:  # the file could not be mapped: read it as over TLS
             self._buffers.extend(bytearray(self._chunk) for _ in range(3))
         buffer = self._buffers[self._next % len(self._buffers)]
         self._next += 1
@@ -172,6 +181,12 @@ class _SegmentBytes:
         return view
 
     def __exit__(self, *exc: object) -> None:
+        if self._view is not None:
+            self._view.release()  # a piece still referenced keeps the mapping until it is collected
+            with contextlib.suppress(BufferError):
+                assert self._map is not None
+                self._map.close()
+            self._view = self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -390,16 +405,14 @@ class Syncer:
             if _is_count(ahead) and ahead >= chunk and size - offset > chunk
             else None
         )
-        in_flight: dict[int, tuple[memoryview | bytes | FileRange, Future]] = {}
+        in_flight: dict[int, tuple[memoryview | bytes, Future]] = {}
 
-        def send(
-            at: int, data: memoryview | bytes | FileRange, follows: int | None = None
-        ) -> tuple[int, dict]:
+        def send(at: int, data: memoryview | bytes, follows: int | None = None) -> tuple[int, dict]:
             return client.put_piece(
                 model, version, result, rank, path.name, sha, at, size, data, follows
             )
 
-        # sendfile(2) over plain HTTP, read into reused buffers over TLS (see _SegmentBytes).
+        # Mapped over plain HTTP, read into reused buffers over TLS (see _SegmentBytes).
         buffers = (
             _take_buffers(3 if pool is not None else 1, chunk)
             if not client.endpoint.startswith("http://")
@@ -688,7 +701,7 @@ class Syncer:
         }
 
 
-def _settle(in_flight: dict[int, tuple[memoryview | bytes | FileRange, Future]]) -> None:
+def _settle(in_flight: dict[int, tuple[memoryview | bytes, Future]]) -> None:
     """Waits for the pieces sent ahead and forgets them (their answers no longer matter)."""
     for _, future in in_flight.values():
         with contextlib.suppress(Exception):
