@@ -398,7 +398,8 @@ class CollectorStorage(SegmentStorageBase):
     ) -> PieceResult | None:
         """Holds a piece ahead (no lock held, the body unread) while a piece before it is on its way.
 
-        Returns None once the staged upload reaches ``offset``; else the answer: 409
+        Returns None once the staged upload reaches ``offset`` and no piece before it is inside
+        :meth:`write_piece` any more; else the answer: 409
         ``offset_mismatch`` as soon as no piece before it is inside :meth:`write_piece`
         (and the announced one, ``follows``, began or did not begin within
         ``announced_wait`` seconds), or the segment was stored meanwhile.
@@ -413,11 +414,16 @@ class CollectorStorage(SegmentStorageBase):
                 before = any(o < offset for o in active)
                 awaited = announced and follows not in begun
             early = self.check_piece(key, sha256, offset, total, length)
-            if early is None or early.body.get("error") != "offset_mismatch":
-                return early
             left = deadline - time.monotonic()
-            if not before and not (awaited and left > 0):
-                return early
+            if early is None:
+                # The bytes before it are staged; it goes on once no piece before it is still
+                # being written (so it appends, rather than copying the staged file).
+                if not before:
+                    return None
+            elif early.body.get("error") != "offset_mismatch" or (
+                not before and not (awaited and left > 0)
+            ):
+                return early  # stored meanwhile, or nothing before it is on its way any more
             with self._progress:
                 if self._generation == generation:
                     self._progress.wait(left if not before else None)

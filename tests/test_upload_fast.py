@@ -309,10 +309,13 @@ def test_a_piece_ahead_waits_for_the_bytes_before_it_and_then_is_appended(tmp_pa
     assert storage.ahead_bytes > 0  # announced on status answers (X-Pieces-Ahead)
     answers = {}
     tail = data[cut:]
+    # Announced as following the piece at 0 (as the Syncer does): held whichever comes first.
     ahead = threading.Thread(
         target=lambda: answers.setdefault(
             "tail",
-            storage.write_piece(key, digest, cut, len(data), io.BytesIO(tail), len(tail)),
+            storage.write_piece(
+                key, digest, cut, len(data), io.BytesIO(tail), len(tail), follows=0
+            ),
         )
     )
     ahead.start()
@@ -414,16 +417,15 @@ def test_a_piece_ahead_is_held_only_while_the_piece_before_it_is_arriving(
     url = collector.url + segment_path("m", "v", "r", 0, "seg.h5")
     assert put(url, KEY_A, data[:q], sha256=digest, offset=0, total=len(data)).status_code == 202
     middle, tail = data[q : 3 * q], data[3 * q :]
-    with (
-        _raw_put(collector.port, digest, q, len(data), len(middle)) as before,
-        _raw_put(collector.port, digest, 3 * q, len(data), len(tail)) as after,
-    ):
+    with _raw_put(collector.port, digest, q, len(data), len(middle)) as before:
         before.sendall(middle[: 3 * q // 4])  # the piece before: arriving, then stalled
         deadline = time.monotonic() + 10
         while _staged_size(collector) <= q and time.monotonic() < deadline:
             time.sleep(0.005)
         assert _staged_size(collector) > q
-        after.sendall(tail)  # the piece after it: held while the one before is arriving
+        # The piece after it (not announced): held while the one before is arriving.
+        after = _raw_put(collector.port, digest, 3 * q, len(data), len(tail))
+        after.sendall(tail)
         assert _no_answer_within(after, 0.5)
         started = time.monotonic()
         if predecessor == "arrives":
@@ -438,6 +440,7 @@ def test_a_piece_ahead_is_held_only_while_the_piece_before_it_is_arriving(
             status, body, _ = read_answer(after, False)
             assert (status, body) == (409, {"error": "offset_mismatch", "received": q})
         assert time.monotonic() - started < 3
+        after.close()
 
 
 def test_a_piece_announced_as_following_one_not_yet_arrived_waits_for_it(tmp_path, collector):
