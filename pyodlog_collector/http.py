@@ -30,6 +30,7 @@ from pyodlog_collector.storage import BodyReadError, CollectorStorage, SegmentKe
 from pyodlog_protocol import (
     API_PREFIX,
     HEADER_FOLLOWS_PIECE,
+    HEADER_MAX_REQUEST_BYTES,
     HEADER_PIECES_AHEAD,
     NAME_RULE,
     PROTOCOL_VERSION,
@@ -716,10 +717,11 @@ class CollectorHandler(BaseHTTPRequestHandler):
         if len(parts) == 5:
             key = self._segment_key(tenant, parts)
             ahead = getattr(storage, "ahead_bytes", 0)
+            headers = {HEADER_MAX_REQUEST_BYTES: str(self.server.max_request_bytes)}
+            if ahead:
+                headers[HEADER_PIECES_AHEAD] = str(ahead)
             return self._send_json(
-                200,
-                storage.status(key, self._query_sha(query, required=False)),
-                {HEADER_PIECES_AHEAD: str(ahead)} if ahead else None,
+                200, storage.status(key, self._query_sha(query, required=False)), headers
             )
         if len(parts) == 6 and parts[5] == "content":
             return self._send_content(self._segment_key(tenant, parts[:5]))

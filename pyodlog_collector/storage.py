@@ -361,7 +361,8 @@ class CollectorStorage(SegmentStorageBase):
         overlapping pieces lost the running hash).
 
         Raises:
-            BodyReadError: the body could not be read (nothing was staged).
+            BodyReadError: the body could not be read (what arrived of a piece appended to the
+                staged upload stays staged; nothing of any other).
             OSError: the collector cannot write.
         """
         upload = self._upload_id(key, sha256)
@@ -454,10 +455,9 @@ class CollectorStorage(SegmentStorageBase):
         length: int,
     ) -> PieceResult:
         """:meth:`write_piece` for a piece that starts within what is staged."""
-        if offset:
-            appended = self._append_piece(key, sha256, offset, total, body, length)
-            if appended is not None:
-                return appended
+        appended = self._append_piece(key, sha256, offset, total, body, length)
+        if appended is not None:
+            return appended
         folder = self._staging_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
         piece = folder / f"{key.segment_id}.{sha256}.{os.urandom(8).hex()}.piece"
@@ -507,15 +507,18 @@ class CollectorStorage(SegmentStorageBase):
     ) -> PieceResult | None:
         """Writes a piece that starts where the staged upload ends straight into the staged file.
 
-        One request at a time per upload appends (it is registered, under the
+        The first piece (offset 0, nothing staged) creates the staged file. One
+        request at a time per upload appends (it is registered, under the
         segment's lock, with the staged file's inode); it holds no lock while its
         body arrives. A piece that arrives meanwhile takes the other way, and
         replaces the staged file with a copy rather than changing it in place
         (:meth:`_apply`): an appender whose file was replaced wrote into a file
-        nobody sees any more, and answers with what is staged now. A body that does
-        not arrive whole is cut off again (nothing of it stays staged). Returns None
-        when the piece cannot be appended now (not at the end, or another request
-        is appending): the caller takes the other way.
+        nobody sees any more, and answers with what is staged now. A body that
+        breaks off (the client went away or stalled) keeps what arrived of it
+        staged, hashed: the client resumes at that byte, so the size of a piece
+        costs nothing when a connection fails (a write that fails cuts the piece
+        off again). Returns None when the piece cannot be appended now (not at
+        the end, or another request is appending): the caller takes the other way.
 
         Raises:
             BodyReadError: the body could not be read.
@@ -529,7 +532,10 @@ class CollectorStorage(SegmentStorageBase):
             try:
                 fd = os.open(staged, os.O_WRONLY)
             except FileNotFoundError:
-                return None
+                if offset:
+                    return None
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 info = os.fstat(fd)
                 if info.st_size != offset:
@@ -543,10 +549,10 @@ class CollectorStorage(SegmentStorageBase):
                 base = None
             self._appenders[upload] = info.st_ino
             self._set_running_hash(key, sha256, None)  # the staged file changes now
-        running = base[0].copy() if base is not None else None
+        running = base[0].copy() if base is not None else hashlib.sha256() if not offset else None
         failure: BodyReadError | None = None
+        written = 0
         try:
-            written = 0
             while written < length:
                 try:
                     block = body.read(min(READ_BLOCK, length - written))
@@ -571,9 +577,18 @@ class CollectorStorage(SegmentStorageBase):
             raise
         with self._lock(key):
             ours = self._end_append(
-                upload, fd, staged, info.st_ino, offset, base, cut=failure is not None
+                upload,
+                fd,
+                staged,
+                info.st_ino,
+                offset,
+                base,
+                cut=failure is not None and not written,
             )
             if failure is not None:
+                # What arrived stays staged (every block was written whole, then hashed).
+                if ours and written and running is not None:
+                    self._set_running_hash(key, sha256, (running, offset + written))
                 raise failure
             if not ours:  # replaced meanwhile: these bytes went nowhere
                 meta = self._stored_meta(key)

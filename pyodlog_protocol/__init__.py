@@ -17,6 +17,7 @@ __all__ = [
     "API_PREFIX",
     "HEADER_FOLLOWS_PIECE",
     "HEADER_IDEMPOTENCY_KEY",
+    "HEADER_MAX_REQUEST_BYTES",
     "HEADER_PIECES_AHEAD",
     "NAME_PATTERN",
     "NAME_RULE",
@@ -40,6 +41,8 @@ HEADER_PIECES_AHEAD = "X-Pieces-Ahead"
 #: On a piece sent ahead: the offset of the piece before it, which the client has on its way on another
 #: connection (the collector holds this piece a moment for that one to begin arriving).
 HEADER_FOLLOWS_PIECE = "X-Follows-Piece"
+#: On a segment's status answer: the largest request body (piece) the collector takes.
+HEADER_MAX_REQUEST_BYTES = "X-Max-Request-Bytes"
 
 #: Model, version, result, segment and tenant names: they become folder and file
 #: names on both sides, so only these characters, and never a leading '.' (no
