@@ -7,8 +7,9 @@ write-back does not decide the figure. The baseline is one PUT of the whole body
 checksum computed beforehand (both outside the timing); pyodlog's ``Syncer``
 takes the checksum from the segment's sidecar (written by the writer when it
 closed the segment; here by the same function, outside the timing), asks what
-the collector has, sends 8 MiB pieces (each resumable) read from the mapped
-file, and writes its acknowledgement marker. ``test_upload_paired`` alternates
+the collector has, sends pieces of ``SyncConfig.chunk_bytes`` (64 MiB; each
+resumable) from the mapped file, the next one on its way while the collector
+takes in the current one, and writes its acknowledgement marker. ``test_upload_paired`` alternates
 the two, round by round, and reports the median of the per-round ratios (the
 figure for RESULTS.md: the machine's load drifts between the separate groups).
 Also: how long the collector takes from process start to its first answer,
@@ -16,10 +17,15 @@ against starting a bare Python interpreter (stopping it is not timed).
 
     PYTHONPATH=. python -m pytest benchmarks/bench_upload.py -s -p no:cacheprovider \
         -o python_files='bench_*.py'
+
+Besides wall time, ``test_upload_paired`` prints the CPU time one upload costs, in this
+process and in the collector's (``clock_getcpuclockid``): on a loaded machine, where other
+processes take the cores in turn, it is the steadier figure of the two.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -46,6 +52,22 @@ from tests.helpers.collector_process import (
 )
 
 SIZE = 64 << 20
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) another process of this user has used so far."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clock = ctypes.c_int()
+    if libc.clock_getcpuclockid(pid, ctypes.byref(clock)):
+        raise OSError(f"clock_getcpuclockid({pid}) failed")
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+    spec = Timespec()
+    if libc.clock_gettime(clock.value, ctypes.byref(spec)):
+        raise OSError(ctypes.get_errno(), "clock_gettime")
+    return spec.sec + spec.nsec * 1e-9
 
 
 # The collector's root and the segment on tmpfs: the disk's write-back otherwise decides the figure (a
@@ -129,13 +151,26 @@ def test_upload_paired(collector, segment):
     data = segment.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     session = requests.Session()
-    config = SyncConfig(chunk_bytes=int(os.environ.get("PYODLOG_BENCH_CHUNK", 8 << 20)))
+    chunk = os.environ.get("PYODLOG_BENCH_CHUNK")  # default: SyncConfig's
+    config = SyncConfig(chunk_bytes=int(chunk)) if chunk else SyncConfig()
     client = CollectorClient(collector.url, Secret(KEY_A), config)
     rounds = int(os.environ.get("PYODLOG_BENCH_ROUNDS", 9))
 
-    def plain_put() -> float:
-        url = collector.url + segment_path("bench", "v1", uuid.uuid4().hex, 0, segment.name)
+    cpu: dict[str, list[tuple[float, float]]] = {"plain": [], "ours": []}
+
+    def timed(kind: str, run) -> float:
+        """Wall seconds of ``run()``; its CPU time here and in the collector goes to ``cpu[kind]``."""
+        here, there = time.process_time(), process_cpu_seconds(collector.proc.pid)
         start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+        cpu[kind].append(
+            (time.process_time() - here, process_cpu_seconds(collector.proc.pid) - there)
+        )
+        return seconds
+
+    def plain_put() -> None:
+        url = collector.url + segment_path("bench", "v1", uuid.uuid4().hex, 0, segment.name)
         answer = session.put(
             url,
             data=data,
@@ -143,30 +178,47 @@ def test_upload_paired(collector, segment):
             headers={"Authorization": f"Bearer {KEY_A}"},
             timeout=120,
         )
-        seconds = time.perf_counter() - start
         assert answer.status_code == 201
-        return seconds
 
-    def syncer_upload() -> float:
+    syncers: list[Syncer] = []
+
+    def new_syncer() -> None:  # outside the timing, like the baseline's digest
         shutil.rmtree(segment.parent / ".sync", ignore_errors=True)
-        syncer = Syncer(
+        syncers.append(Syncer(
             client, lambda: [segment], segment.parent, "bench", "v1", uuid.uuid4().hex, 0, None,
             config, auto=False,
-        )  # fmt: skip
-        start = time.perf_counter()
-        assert syncer.sync_once().segments == 1
-        return time.perf_counter() - start
+        ))  # fmt: skip
 
+    def syncer_upload() -> None:
+        assert syncers.pop().sync_once().segments == 1
+
+    new_syncer()
     plain_put(), syncer_upload()  # warm-up
-    pairs = [(plain_put(), syncer_upload()) for _ in range(rounds)]
+    pairs = []
+    for _ in range(rounds):
+        new_syncer()
+        pairs.append((timed("plain", plain_put), timed("ours", syncer_upload)))
     ratios = [p / s for p, s in pairs]
     plain = statistics.median(p for p, _ in pairs)
     ours = statistics.median(s for _, s in pairs)
     print(
-        f"\nupload {SIZE >> 20} MiB, pieces of {config.chunk_bytes >> 20} MiB, {rounds} paired rounds: "
-        f"requests.put {plain * 1e3:.1f} ms ({SIZE / plain / 1e6:.0f} MB/s), Syncer {ours * 1e3:.1f} ms "
-        f"({SIZE / ours / 1e6:.0f} MB/s); Syncer throughput / requests.put: median "
-        f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+        f"\nupload {SIZE >> 20} MiB, pieces of {config.chunk_bytes >> 20} MiB, {rounds} paired rounds, "
+        f"load average {os.getloadavg()[0]:.1f}: requests.put {plain * 1e3:.1f} ms "
+        f"({SIZE / plain / 1e6:.0f} MB/s), Syncer {ours * 1e3:.1f} ms ({SIZE / ours / 1e6:.0f} MB/s); "
+        f"Syncer throughput / requests.put: median {statistics.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+    )
+    # CPU time per upload, client + collector: what the two shared cores spend on one upload (steadier
+    # than wall time on a loaded machine, where other processes take the cores in turn).
+    medians = {
+        kind: (statistics.median(c for c, _ in v) * 1e3, statistics.median(s for _, s in v) * 1e3)
+        for kind, v in cpu.items()
+    }
+    (pc, ps), (oc, os_) = medians["plain"], medians["ours"]
+    print(
+        f"CPU per upload (medians): requests.put {pc:.1f} ms here + {ps:.1f} ms collector = "
+        f"{pc + ps:.1f} ms; Syncer {oc:.1f} ms + {os_:.1f} ms = {oc + os_:.1f} ms; "
+        f"CPU ratio requests.put / Syncer {(pc + ps) / (oc + os_):.3f}"
     )
 
 
@@ -180,8 +232,16 @@ def _serve(root: Path, keys: Path) -> tuple[float, CollectorProcess]:
     return seconds, server
 
 
-def test_collector_start_paired(tmp_path):
-    """The collector's start against a bare interpreter's, alternately (stopping is not timed)."""
+def test_collector_start_paired(tmp_path, monkeypatch):
+    """The collector's start against a bare interpreter's, alternately (stopping is not timed).
+
+    As installed: its modules' bytecode cached (``pip install`` compiles it; a source
+    checkout writes ``__pycache__`` on its first start). An environment with
+    ``PYTHONDONTWRITEBYTECODE=1`` compiles every module at every start instead: keep it
+    with ``PYODLOG_BENCH_BYTECODE=0``.
+    """
+    if os.environ.get("PYODLOG_BENCH_BYTECODE", "1") != "0":
+        monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
     keys = write_keys(tmp_path / "keys")
     bare, serve, stop = [], [], []
     for i in range(int(os.environ.get("PYODLOG_BENCH_ROUNDS", 9)) + 1):
@@ -194,8 +254,10 @@ def test_collector_start_paired(tmp_path):
         server.stop()
         stop.append(time.perf_counter() - start)
     bare, serve, stop = bare[1:], serve[1:], stop[1:]  # the first round warms the caches
+    cached = "cached" if "PYTHONDONTWRITEBYTECODE" not in os.environ else "compiled at each start"
     print(
-        f"\ncollector start to first answer: median {statistics.median(serve) * 1e3:.1f} ms "
+        f"\nload average {os.getloadavg()[0]:.1f}, bytecode {cached}: "
+        f"collector start to first answer: median {statistics.median(serve) * 1e3:.1f} ms "
         f"(min {min(serve) * 1e3:.1f}); bare interpreter (python -c pass) "
         f"{statistics.median(bare) * 1e3:.1f} ms; SIGTERM to exit {statistics.median(stop) * 1e3:.1f} ms"
     )

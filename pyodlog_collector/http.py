@@ -21,7 +21,6 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pyodlog_collector.keys import ApiKeys
@@ -39,6 +38,11 @@ from pyodlog_protocol import (
     parse_rank,
     parse_uint,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start time)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["CollectorServer", "make_server", "tls_context"]
 
@@ -228,6 +232,9 @@ class CollectorServer(ThreadingHTTPServer):
 
     def _sweep(self) -> None:
         interval = min(max(self.staging_ttl / 2, 0.05), 60.0)
+        # The first sweep waits a moment: it walks the whole root, and the first answers come first.
+        if self._stop.wait(min(interval, 1.0)):
+            return
         while True:
             try:
                 self.storage.expire_staged(

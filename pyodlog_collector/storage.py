@@ -27,13 +27,15 @@ import re
 import shutil
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
 
 from pyodlog_protocol import is_valid_name
 from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
 from pyodlog_protocol.layout import META, STAGING, meta_path, stored_segments_in
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start time)
 
 __all__ = ["BodyReadError", "CollectorStorage", "PieceResult", "SegmentKey"]
 
@@ -55,22 +57,33 @@ class BodyReadError(Exception):
     """The request body could not be read (the client went away or stalled): not a storage failure."""
 
 
-class SegmentKey(NamedTuple):
-    """Where a segment belongs: tenant, model, version, result, rank and segment id."""
+if TYPE_CHECKING:
+    # For the type checker only: the collector does not import typing's runtime (start time).
+    from typing import Any, BinaryIO, NamedTuple
 
-    tenant: str
-    model: str
-    version: str
-    result: str
-    rank: int
-    segment_id: str
+    class SegmentKey(NamedTuple):
+        """Where a segment belongs: tenant, model, version, result, rank and segment id."""
 
+        tenant: str
+        model: str
+        version: str
+        result: str
+        rank: int
+        segment_id: str
 
-class PieceResult(NamedTuple):
-    """What happened to an uploaded piece: an HTTP status and a JSON body."""
+    class PieceResult(NamedTuple):
+        """What happened to an uploaded piece: an HTTP status and a JSON body."""
 
-    status: int
-    body: dict[str, object]
+        status: int
+        body: dict[str, object]
+
+else:
+    SegmentKey = namedtuple("SegmentKey", "tenant model version result rank segment_id")
+    SegmentKey.__doc__ = (
+        "Where a segment belongs: tenant, model, version, result, rank and segment id."
+    )
+    PieceResult = namedtuple("PieceResult", "status body")
+    PieceResult.__doc__ = "What happened to an uploaded piece: an HTTP status and a JSON body."
 
 
 class _KeyedLocks:
