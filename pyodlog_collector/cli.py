@@ -15,7 +15,7 @@ pyodlog's own reader, which checks each one before reading any data.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib.machinery
 import json
 import logging
 import signal
@@ -179,7 +179,7 @@ def _serve(args) -> int:
         except ValueError as error:
             print(f"pyodlog serve: --storage {error}", file=sys.stderr)
             return 2
-        if importlib.util.find_spec("boto3") is None:
+        if importlib.machinery.PathFinder.find_spec("boto3") is None:
             print("pyodlog serve: --storage s3:// needs boto3: pip install boto3", file=sys.stderr)
             return 2
     elif isinstance(storage_arg, str):
@@ -189,7 +189,7 @@ def _serve(args) -> int:
     except KeyFileError as error:
         print(f"pyodlog serve: {error}", file=sys.stderr)
         return 2
-    if importlib.util.find_spec("h5py") is None:
+    if importlib.machinery.PathFinder.find_spec("h5py") is None:
         print(
             "pyodlog serve: h5py is not installed; the collector needs it to check uploaded "
             "segments: pip install h5py",

@@ -21,7 +21,6 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pyodlog_collector.keys import ApiKeys
@@ -29,6 +28,8 @@ from pyodlog_collector.metrics import CONTENT_TYPE, CollectorMetrics
 from pyodlog_collector.storage import BodyReadError, CollectorStorage, SegmentKey
 from pyodlog_protocol import (
     API_PREFIX,
+    HEADER_FOLLOWS_PIECE,
+    HEADER_MAX_REQUEST_BYTES,
     HEADER_PIECES_AHEAD,
     NAME_RULE,
     PROTOCOL_VERSION,
@@ -37,6 +38,11 @@ from pyodlog_protocol import (
     parse_rank,
     parse_uint,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start time)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["CollectorServer", "make_server", "tls_context"]
 
@@ -226,6 +232,9 @@ class CollectorServer(ThreadingHTTPServer):
 
     def _sweep(self) -> None:
         interval = min(max(self.staging_ttl / 2, 0.05), 60.0)
+        # The first sweep waits a moment: it walks the whole root, and the first answers come first.
+        if self._stop.wait(min(interval, 1.0)):
+            return
         while True:
             try:
                 self.storage.expire_staged(
@@ -642,6 +651,21 @@ class CollectorHandler(BaseHTTPRequestHandler):
             )
         return values[0]
 
+    def _follows(self, offset: int) -> int | None:
+        """``X-Follows-Piece``: the offset of the piece before this one, on its way on another connection."""
+        values = self.headers.get_all(HEADER_FOLLOWS_PIECE) or []
+        if not values:
+            return None
+        value = parse_uint(values[0].strip(" \t")) if len(values) == 1 else None
+        if value is None or value >= offset:
+            raise _Reject(
+                400,
+                "invalid_header",
+                f"{HEADER_FOLLOWS_PIECE} must be given once, as the offset (ASCII digits) of the "
+                "piece before this one, below this piece's offset",
+            )
+        return value
+
     # -- methods ---------------------------------------------------------------------------------------
 
     def _dispatch(self, method) -> None:
@@ -700,10 +724,11 @@ class CollectorHandler(BaseHTTPRequestHandler):
         if len(parts) == 5:
             key = self._segment_key(tenant, parts)
             ahead = getattr(storage, "ahead_bytes", 0)
+            headers = {HEADER_MAX_REQUEST_BYTES: str(self.server.max_request_bytes)}
+            if ahead:
+                headers[HEADER_PIECES_AHEAD] = str(ahead)
             return self._send_json(
-                200,
-                storage.status(key, self._query_sha(query, required=False)),
-                {HEADER_PIECES_AHEAD: str(ahead)} if ahead else None,
+                200, storage.status(key, self._query_sha(query, required=False)), headers
             )
         if len(parts) == 6 and parts[5] == "content":
             return self._send_content(self._segment_key(tenant, parts[:5]))
@@ -766,6 +791,7 @@ class CollectorHandler(BaseHTTPRequestHandler):
                 f"a request body may hold at most "
                 f"{self.server.max_request_bytes} bytes: upload the segment in smaller pieces",
             )
+        follows = self._follows(offset)
         storage = self.server.storage
         early = storage.check_piece(key, sha, offset, total, length, ahead=True)
         if early is not None:
@@ -776,7 +802,9 @@ class CollectorHandler(BaseHTTPRequestHandler):
             self.end_headers()
         try:
             self._body_read = True  # write_piece reads it, or the connection closes
-            outcome = storage.write_piece(key, sha, offset, total, self.rfile, length)
+            outcome = storage.write_piece(
+                key, sha, offset, total, self.rfile, length, follows=follows
+            )
         except BodyReadError as error:
             self.close_connection = True
             log.warning(

@@ -202,8 +202,12 @@ class S3CollectorStorage(SegmentStorageBase):
         total: int,
         body: BinaryIO,
         length: int,
+        follows: int | None = None,
     ) -> PieceResult:
         """Stores the piece as an object of its own; when the upload is complete, commits it.
+
+        ``follows`` (``X-Follows-Piece``) is not used: this storage holds no piece ahead of what
+        is staged (it announces no ``X-Pieces-Ahead``), such a piece is refused at once.
 
         Raises:
             BodyReadError: the body could not be read (nothing was staged).

@@ -27,13 +27,15 @@ import re
 import shutil
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
 
 from pyodlog_protocol import is_valid_name
 from pyodlog_protocol.files import READ_BLOCK, fsync_path, sha256_file
 from pyodlog_protocol.layout import META, STAGING, meta_path, stored_segments_in
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start time)
 
 __all__ = ["BodyReadError", "CollectorStorage", "PieceResult", "SegmentKey"]
 
@@ -44,31 +46,44 @@ _STAGED_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.part")
 _PIECE_NAME = re.compile(r"(?P<segment>.+)\.(?P<sha>[0-9a-f]{64})\.[0-9a-f]{16}\.piece")
 # Running SHA-256 states of staged uploads kept at most (a dropped one means one more read at commit).
 MAX_RUNNING_HASHES = 4096
-# A piece may start this far beyond what is staged, and waits this long for the bytes before it.
+# A piece may start this far beyond what is staged; it is held only while a piece before it is on its
+# way (being received, or announced by the client with X-Follows-Piece: then it waits at most
+# ANNOUNCED_WAIT seconds for that piece to begin arriving). A real gap is answered at once.
 AHEAD_BYTES = 256 << 20
-AHEAD_WAIT = 30.0
+ANNOUNCED_WAIT = 5.0
 
 
 class BodyReadError(Exception):
     """The request body could not be read (the client went away or stalled): not a storage failure."""
 
 
-class SegmentKey(NamedTuple):
-    """Where a segment belongs: tenant, model, version, result, rank and segment id."""
+if TYPE_CHECKING:
+    # For the type checker only: the collector does not import typing's runtime (start time).
+    from typing import Any, BinaryIO, NamedTuple
 
-    tenant: str
-    model: str
-    version: str
-    result: str
-    rank: int
-    segment_id: str
+    class SegmentKey(NamedTuple):
+        """Where a segment belongs: tenant, model, version, result, rank and segment id."""
 
+        tenant: str
+        model: str
+        version: str
+        result: str
+        rank: int
+        segment_id: str
 
-class PieceResult(NamedTuple):
-    """What happened to an uploaded piece: an HTTP status and a JSON body."""
+    class PieceResult(NamedTuple):
+        """What happened to an uploaded piece: an HTTP status and a JSON body."""
 
-    status: int
-    body: dict[str, object]
+        status: int
+        body: dict[str, object]
+
+else:
+    SegmentKey = namedtuple("SegmentKey", "tenant model version result rank segment_id")
+    SegmentKey.__doc__ = (
+        "Where a segment belongs: tenant, model, version, result, rank and segment id."
+    )
+    PieceResult = namedtuple("PieceResult", "status body")
+    PieceResult.__doc__ = "What happened to an uploaded piece: an HTTP status and a JSON body."
 
 
 class _KeyedLocks:
@@ -225,8 +240,10 @@ class CollectorStorage(SegmentStorageBase):
     Args:
         root: the collector's data folder (created if missing).
         max_segment_bytes: the largest segment accepted (announced ``total``).
-        ahead_bytes: how far beyond what is staged a piece may start; it waits at most
-            ``ahead_wait`` seconds (its body unread) for the bytes before it, then is a 409.
+        ahead_bytes: how far beyond what is staged a piece may start; it is held (its body
+            unread) only while a piece before it is on its way, else it is a 409 at once.
+        announced_wait: how long a piece announced as following another one
+            (``X-Follows-Piece``) waits for that piece to begin arriving.
         check_segments: check each complete upload with
             :func:`pyodlog_collector.segment_check.check_segment` (in a worker process)
             before it becomes visible (refused with 422 ``invalid_segment`` otherwise).
@@ -238,7 +255,7 @@ class CollectorStorage(SegmentStorageBase):
         max_segment_bytes: int = 8 << 30,
         check_segments: bool = True,
         ahead_bytes: int = AHEAD_BYTES,
-        ahead_wait: float = AHEAD_WAIT,
+        announced_wait: float = ANNOUNCED_WAIT,
     ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -256,9 +273,13 @@ class CollectorStorage(SegmentStorageBase):
         # (see _append_piece); read and changed under the segment's lock.
         self._appenders: dict[tuple[str, ...], int] = {}
         # Pieces in flight wait for the staged uploads to grow: every change is a new generation.
-        self.ahead_bytes, self.ahead_wait = int(ahead_bytes), float(ahead_wait)
+        self.ahead_bytes, self.announced_wait = int(ahead_bytes), float(announced_wait)
         self._progress = threading.Condition()
         self._generation = 0
+        # Upload id -> the offsets of its pieces inside write_piece now (received, or held), and the
+        # offsets of every piece that began while any was inside; under self._progress, dropped
+        # when the last one leaves.
+        self._arriving: dict[tuple[str, ...], tuple[list[int], set[int]]] = {}
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -330,6 +351,7 @@ class CollectorStorage(SegmentStorageBase):
         total: int,
         body: BinaryIO | io.BufferedIOBase,
         length: int,
+        follows: int | None = None,
     ) -> PieceResult:
         """Writes ``length`` bytes read from ``body`` at ``offset`` of the segment's ``total`` bytes.
 
@@ -338,54 +360,87 @@ class CollectorStorage(SegmentStorageBase):
         of its own first; only then, under the segment's lock, it joins the staged
         upload. Neither holds a lock while the body arrives, so a slow or stalled
         client delays nobody. Repeating a piece is harmless: a piece at an offset
-        below what is staged overwrites the same bytes. A piece up to
-        ``ahead_bytes`` beyond what is staged (pieces in flight on several
-        connections) waits, its body unread, for the bytes before it; one further
-        ahead, or still ahead after ``ahead_wait`` seconds, is refused (409, with
-        ``received``) so the client resumes at the right place. Every byte is hashed as it arrives, so the commit does not read
-        the upload again (unless a restart or overlapping pieces lost the running hash).
+        below what is staged overwrites the same bytes.
+
+        A piece that starts beyond what is staged (by at most ``ahead_bytes``: pieces
+        in flight on several connections) is held, its body unread, only while a piece
+        of the same upload that starts before it is inside this method (being received,
+        or itself held), and, when the client announced the piece it follows
+        (``follows``: that piece's offset), up to ``announced_wait`` seconds for that
+        piece to begin arriving. Otherwise, and as soon as none of that holds any
+        more, it is refused (409, with ``received``) so the client resumes at the
+        right place: a real gap is answered at once. Every byte is hashed as it
+        arrives, so the commit does not read the upload again (unless a restart or
+        overlapping pieces lost the running hash).
 
         Raises:
-            BodyReadError: the body could not be read (nothing was staged).
+            BodyReadError: the body could not be read (what arrived of a piece appended to the
+                staged upload stays staged; nothing of any other).
             OSError: the collector cannot write.
         """
-        early = self.check_piece(key, sha256, offset, total, length, ahead=True)
-        if early is None and offset:
-            early = self._wait_for_predecessors(key, sha256, offset, total, length)
-        if early is not None:
-            self._drop_body(body, length)
-            return early
-        try:
-            return self._receive(key, sha256, offset, total, body, length)
-        finally:
-            self._notify()  # pieces waiting for this one look again
-
-    def _notify(self) -> None:
+        upload = self._upload_id(key, sha256)
         with self._progress:
+            active, begun = self._arriving.setdefault(upload, ([], set()))
+            active.append(offset)
+            begun.add(offset)
             self._generation += 1
             self._progress.notify_all()
+        try:
+            early = self.check_piece(key, sha256, offset, total, length, ahead=True)
+            if early is None and offset:
+                early = self._wait_for_predecessors(key, sha256, offset, total, length, follows)
+            if early is not None:
+                self._drop_body(body, length)
+                return early
+            return self._receive(key, sha256, offset, total, body, length)
+        finally:
+            with self._progress:  # pieces waiting for this one look again
+                active.remove(offset)
+                if not active:
+                    del self._arriving[upload]
+                self._generation += 1
+                self._progress.notify_all()
 
     def _wait_for_predecessors(
-        self, key: SegmentKey, sha256: str, offset: int, total: int, length: int
+        self,
+        key: SegmentKey,
+        sha256: str,
+        offset: int,
+        total: int,
+        length: int,
+        follows: int | None = None,
     ) -> PieceResult | None:
-        """Waits (no lock held, the body unread) until the staged upload reaches ``offset``.
+        """Holds a piece ahead (no lock held, the body unread) while a piece before it is on its way.
 
-        Returns None when it did; else the answer (409 ``offset_mismatch`` after
-        ``ahead_wait`` seconds, or the segment was stored meanwhile).
+        Returns None once the staged upload reaches ``offset`` and no piece before it is inside
+        :meth:`write_piece` any more; else the answer: 409
+        ``offset_mismatch`` as soon as no piece before it is inside :meth:`write_piece`
+        (and the announced one, ``follows``, began or did not begin within
+        ``announced_wait`` seconds), or the segment was stored meanwhile.
         """
-        deadline = time.monotonic() + self.ahead_wait
+        upload = self._upload_id(key, sha256)
+        announced = follows is not None and follows < offset
+        deadline = time.monotonic() + self.announced_wait
         while True:
             with self._progress:
                 generation = self._generation
+                active, begun = self._arriving.get(upload, ([], set()))
+                before = any(o < offset for o in active)
+                awaited = announced and follows not in begun
             early = self.check_piece(key, sha256, offset, total, length)
-            if early is None or early.body.get("error") != "offset_mismatch":
-                return early
             left = deadline - time.monotonic()
-            if left <= 0:
-                return early
+            if early is None:
+                # The bytes before it are staged; it goes on once no piece before it is still
+                # being written (so it appends, rather than copying the staged file).
+                if not before:
+                    return None
+            elif early.body.get("error") != "offset_mismatch" or (
+                not before and not (awaited and left > 0)
+            ):
+                return early  # stored meanwhile, or nothing before it is on its way any more
             with self._progress:
                 if self._generation == generation:
-                    self._progress.wait(left)
+                    self._progress.wait(left if not before else None)
 
     @staticmethod
     def _drop_body(body: BinaryIO | io.BufferedIOBase, length: int) -> None:
@@ -413,10 +468,9 @@ class CollectorStorage(SegmentStorageBase):
         length: int,
     ) -> PieceResult:
         """:meth:`write_piece` for a piece that starts within what is staged."""
-        if offset:
-            appended = self._append_piece(key, sha256, offset, total, body, length)
-            if appended is not None:
-                return appended
+        appended = self._append_piece(key, sha256, offset, total, body, length)
+        if appended is not None:
+            return appended
         folder = self._staging_dir(key)
         folder.mkdir(parents=True, exist_ok=True)
         piece = folder / f"{key.segment_id}.{sha256}.{os.urandom(8).hex()}.piece"
@@ -466,15 +520,18 @@ class CollectorStorage(SegmentStorageBase):
     ) -> PieceResult | None:
         """Writes a piece that starts where the staged upload ends straight into the staged file.
 
-        One request at a time per upload appends (it is registered, under the
+        The first piece (offset 0, nothing staged) creates the staged file. One
+        request at a time per upload appends (it is registered, under the
         segment's lock, with the staged file's inode); it holds no lock while its
         body arrives. A piece that arrives meanwhile takes the other way, and
         replaces the staged file with a copy rather than changing it in place
         (:meth:`_apply`): an appender whose file was replaced wrote into a file
-        nobody sees any more, and answers with what is staged now. A body that does
-        not arrive whole is cut off again (nothing of it stays staged). Returns None
-        when the piece cannot be appended now (not at the end, or another request
-        is appending): the caller takes the other way.
+        nobody sees any more, and answers with what is staged now. A body that
+        breaks off (the client went away or stalled) keeps what arrived of it
+        staged, hashed: the client resumes at that byte, so the size of a piece
+        costs nothing when a connection fails (a write that fails cuts the piece
+        off again). Returns None when the piece cannot be appended now (not at
+        the end, or another request is appending): the caller takes the other way.
 
         Raises:
             BodyReadError: the body could not be read.
@@ -488,7 +545,10 @@ class CollectorStorage(SegmentStorageBase):
             try:
                 fd = os.open(staged, os.O_WRONLY)
             except FileNotFoundError:
-                return None
+                if offset:
+                    return None
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 info = os.fstat(fd)
                 if info.st_size != offset:
@@ -502,10 +562,10 @@ class CollectorStorage(SegmentStorageBase):
                 base = None
             self._appenders[upload] = info.st_ino
             self._set_running_hash(key, sha256, None)  # the staged file changes now
-        running = base[0].copy() if base is not None else None
+        running = base[0].copy() if base is not None else hashlib.sha256() if not offset else None
         failure: BodyReadError | None = None
+        written = 0
         try:
-            written = 0
             while written < length:
                 try:
                     block = body.read(min(READ_BLOCK, length - written))
@@ -530,9 +590,18 @@ class CollectorStorage(SegmentStorageBase):
             raise
         with self._lock(key):
             ours = self._end_append(
-                upload, fd, staged, info.st_ino, offset, base, cut=failure is not None
+                upload,
+                fd,
+                staged,
+                info.st_ino,
+                offset,
+                base,
+                cut=failure is not None and not written,
             )
             if failure is not None:
+                # What arrived stays staged (every block was written whole, then hashed).
+                if ours and written and running is not None:
+                    self._set_running_hash(key, sha256, (running, offset + written))
                 raise failure
             if not ours:  # replaced meanwhile: these bytes went nowhere
                 meta = self._stored_meta(key)

@@ -15,7 +15,9 @@ from urllib.parse import quote
 
 __all__ = [
     "API_PREFIX",
+    "HEADER_FOLLOWS_PIECE",
     "HEADER_IDEMPOTENCY_KEY",
+    "HEADER_MAX_REQUEST_BYTES",
     "HEADER_PIECES_AHEAD",
     "NAME_PATTERN",
     "NAME_RULE",
@@ -36,6 +38,11 @@ API_PREFIX = f"/v{PROTOCOL_VERSION}"
 HEADER_IDEMPOTENCY_KEY = "Idempotency-Key"
 #: On a segment's status answer: how far beyond ``received`` a piece may start (pieces in flight).
 HEADER_PIECES_AHEAD = "X-Pieces-Ahead"
+#: On a piece sent ahead: the offset of the piece before it, which the client has on its way on another
+#: connection (the collector holds this piece a moment for that one to begin arriving).
+HEADER_FOLLOWS_PIECE = "X-Follows-Piece"
+#: On a segment's status answer: the largest request body (piece) the collector takes.
+HEADER_MAX_REQUEST_BYTES = "X-Max-Request-Bytes"
 
 #: Model, version, result, segment and tenant names: they become folder and file
 #: names on both sides, so only these characters, and never a leading '.' (no

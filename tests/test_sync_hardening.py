@@ -13,7 +13,13 @@ import pytest
 from pyodlog.io import WriterConfig
 from pyodlog.sync import CollectorClient, SyncConfig, SyncError, check_api_key
 from pyodlog.sync.secret import Secret
-from tests.helpers.collector_process import KEY_A, CollectorProcess, FakeCollector, write_keys
+from tests.helpers.collector_process import (
+    KEY_A,
+    CollectorProcess,
+    FakeCollector,
+    FlakyProxy,
+    write_keys,
+)
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 from tests.test_sync import FAST, log_calls, make_logger
 
@@ -288,23 +294,58 @@ def test_upload_after_auto_sync_reports_what_the_collector_holds(tmp_path):
         server.stop()
 
 
-def test_a_piece_too_large_for_the_collector_is_a_configuration_error_not_a_refusal(tmp_path):
+def test_pieces_fit_the_largest_request_the_collector_announces(tmp_path):
     server = CollectorProcess(
         tmp_path / "collector", write_keys(tmp_path / "keys.txt"), ["--max-request-bytes", "64K"]
     ).start()
     try:
+        # chunk_bytes above the collector's limit: its status answer says X-Max-Request-Bytes.
         logger = make_logger(
             tmp_path / "local", server.url, sync=SyncConfig(**dict(FAST, chunk_bytes=1 << 20))
         )
         log_calls(logger, 1)
-        with pytest.raises(SyncError, match=r"HTTP 413 request_too_large.*chunk_bytes"):
+        summary = logger.upload()
+        assert summary.segments == 1 and not summary.refused
+        assert " 413 " not in server.log()
+        logger.close()
+    finally:
+        server.stop()
+
+
+class _BodyLimitProxy(FlakyProxy):
+    """A proxy in front of the collector that refuses request bodies above ``limit`` (413, HTML)."""
+
+    def __init__(self, upstream_port: int, limit: int) -> None:
+        self.limit = limit
+        super().__init__(upstream_port, failures=0)
+
+    def respond(self, handler, body):
+        if body is not None and len(body) > self.limit:
+            return (
+                413,
+                [("Content-Type", "text/html")],
+                b"<html>413 Request Entity Too Large</html>",
+            )
+        return super().respond(handler, body)
+
+
+def test_a_piece_too_large_for_a_proxy_is_a_configuration_error_not_a_refusal(tmp_path):
+    server = CollectorProcess(tmp_path / "collector", write_keys(tmp_path / "keys.txt")).start()
+    proxy = _BodyLimitProxy(server.port, 64 << 10)
+    try:
+        logger = make_logger(
+            tmp_path / "local", proxy.url, sync=SyncConfig(**dict(FAST, chunk_bytes=1 << 20))
+        )
+        log_calls(logger, 1)
+        with pytest.raises(SyncError, match=r"HTTP 413 http_413.*chunk_bytes"):
             logger.upload()
         assert logger.syncer.state.refused_names() == set()  # nothing recorded: fix the setting
         logger.close()
         fixed = make_logger(
-            tmp_path / "local", server.url, sync=SyncConfig(**dict(FAST, chunk_bytes=32 << 10))
+            tmp_path / "local", proxy.url, sync=SyncConfig(**dict(FAST, chunk_bytes=32 << 10))
         )
         assert fixed.upload().segments == 1
         fixed.close()
     finally:
+        proxy.close()
         server.stop()

@@ -309,10 +309,13 @@ def test_a_piece_ahead_waits_for_the_bytes_before_it_and_then_is_appended(tmp_pa
     assert storage.ahead_bytes > 0  # announced on status answers (X-Pieces-Ahead)
     answers = {}
     tail = data[cut:]
+    # Announced as following the piece at 0 (as the Syncer does): held whichever comes first.
     ahead = threading.Thread(
         target=lambda: answers.setdefault(
             "tail",
-            storage.write_piece(key, digest, cut, len(data), io.BytesIO(tail), len(tail)),
+            storage.write_piece(
+                key, digest, cut, len(data), io.BytesIO(tail), len(tail), follows=0
+            ),
         )
     )
     ahead.start()
@@ -324,23 +327,146 @@ def test_a_piece_ahead_waits_for_the_bytes_before_it_and_then_is_appended(tmp_pa
     assert (tmp_path / "root" / "t" / "m" / "v" / "r" / "seg.h5").read_bytes() == data
 
 
-def test_a_piece_ahead_whose_predecessor_never_comes_is_told_where_to_resume(tmp_path):
+def test_a_piece_ahead_whose_announced_predecessor_never_comes_is_told_where_to_resume(tmp_path):
     data = real_segment(6)
     cut = len(data) // 2
     digest = sha(data)
-    storage = CollectorStorage(tmp_path / "root", check_segments=False, ahead_wait=0.2)
+    storage = CollectorStorage(tmp_path / "root", check_segments=False, announced_wait=0.2)
     key = SegmentKey("t", "m", "v", "r", 0, "seg.h5")
     tail = io.BytesIO(data[cut:])
     started = time.monotonic()
-    answer = storage.write_piece(key, digest, cut, len(data), tail, len(data) - cut)
+    # Announced as following the piece at 0, which never begins: held announced_wait, then a 409.
+    answer = storage.write_piece(key, digest, cut, len(data), tail, len(data) - cut, follows=0)
     assert (answer.status, answer.body) == (409, {"error": "offset_mismatch", "received": 0})
     assert 0.2 <= time.monotonic() - started < 5
     assert tail.read() == b""  # its body was read (and dropped): the connection stays in step
-    # Further ahead than the collector holds pieces: refused at once.
+    # Not announced, nothing before it on its way: a real gap, refused at once.
+    started = time.monotonic()
+    answer = storage.write_piece(
+        key, digest, cut, len(data), io.BytesIO(data[cut:]), len(data) - cut
+    )
+    assert answer.status == 409 and time.monotonic() - started < 0.2
+    # Further ahead than the collector holds pieces: refused at once, announced or not.
     far = CollectorStorage(tmp_path / "root2", check_segments=False, ahead_bytes=cut - 1)
     started = time.monotonic()
-    answer = far.write_piece(key, digest, cut, len(data), io.BytesIO(data[cut:]), len(data) - cut)
+    answer = far.write_piece(
+        key, digest, cut, len(data), io.BytesIO(data[cut:]), len(data) - cut, follows=0
+    )
     assert answer.status == 409 and time.monotonic() - started < 0.2
+
+
+def _raw_put(port: int, digest: str, offset: int, total: int, length: int, headers=None):
+    """A PUT of a piece on a raw connection: the socket, its head sent, the body not yet."""
+    path = segment_path("m", "v", "r", 0, "seg.h5") + (
+        f"?sha256={digest}&offset={offset}&total={total}"
+    )
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = {"Authorization": f"Bearer {KEY_A}", "Content-Length": str(length), **(headers or {})}
+    sock.sendall(request("PUT", path, head))
+    return sock
+
+
+def _no_answer_within(sock: socket.socket, seconds: float) -> bool:
+    import select
+
+    readable, _, _ = select.select([sock], [], [], seconds)
+    return not readable
+
+
+def _staged_size(collector) -> int:
+    parts = list((collector.root / "tenant-a" / ".staging" / "m" / "v" / "r").glob("*.part"))
+    return parts[0].stat().st_size if parts else 0
+
+
+def test_a_real_gap_is_answered_at_once_by_the_collector(tmp_path, collector):
+    data = real_segment(4)
+    digest, half = sha(data), len(data) // 2
+    url = collector.url + segment_path("m", "v", "r", 0, "seg.h5")
+    assert put(url, KEY_A, data[:half], sha256=digest, offset=0, total=len(data)).status_code == 202
+    started = time.monotonic()
+    # Nothing before it on its way, nothing announced: not held (it used to wait 30 s).
+    gap = put(url, KEY_A, data[half + 10 :], sha256=digest, offset=half + 10, total=len(data))
+    assert gap.status_code == 409 and gap.json() == {"error": "offset_mismatch", "received": half}
+    assert time.monotonic() - started < 3
+    # A malformed announcement is refused, not guessed at.
+    bad = requests_put(url, data[half:], digest, half, len(data), {"X-Follows-Piece": str(half)})
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_header"
+    done = put(url, KEY_A, data[half:], sha256=digest, offset=half, total=len(data))
+    assert done.status_code == 201
+
+
+def requests_put(url, body, digest, offset, total, headers):
+    import requests
+
+    return requests.put(
+        url,
+        data=body,
+        params={"sha256": digest, "offset": offset, "total": total},
+        headers={"Authorization": f"Bearer {KEY_A}", **headers},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize("predecessor", ["arrives", "breaks off"])
+def test_a_piece_ahead_is_held_only_while_the_piece_before_it_is_arriving(
+    tmp_path, collector, predecessor
+):
+    # Pieces of whole MiB blocks of the collector's reads, so a stalled body shows in the staged file.
+    data = write_segment_of_size(tmp_path / "big.h5", 8 << 20).read_bytes()
+    digest, q = sha(data), 2 << 20
+    url = collector.url + segment_path("m", "v", "r", 0, "seg.h5")
+    assert put(url, KEY_A, data[:q], sha256=digest, offset=0, total=len(data)).status_code == 202
+    middle, tail = data[q : 3 * q], data[3 * q :]
+    with _raw_put(collector.port, digest, q, len(data), len(middle)) as before:
+        before.sendall(middle[: 3 * q // 4])  # the piece before: arriving, then stalled
+        deadline = time.monotonic() + 10
+        while _staged_size(collector) <= q and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _staged_size(collector) > q
+        # The piece after it (not announced): held while the one before is arriving.
+        after = _raw_put(collector.port, digest, 3 * q, len(data), len(tail))
+        after.sendall(tail)
+        assert _no_answer_within(after, 0.5)
+        started = time.monotonic()
+        if predecessor == "arrives":
+            before.sendall(middle[3 * q // 4 :])
+            assert read_answer(before, False)[:2] == (202, {"status": "partial", "received": 3 * q})
+            status, body, _ = read_answer(after, False)
+            assert (status, body["status"]) == (201, "stored")
+            stored = collector.root / "tenant-a" / "m" / "v" / "r" / "seg.h5"
+            assert stored.read_bytes() == data
+        else:
+            before.shutdown(socket.SHUT_RDWR)  # the client of the piece before went away
+            status, body, _ = read_answer(after, False)
+            # What arrived of the piece before stays staged: the client resumes from there.
+            arrived = q + 3 * q // 4
+            assert (status, body) == (409, {"error": "offset_mismatch", "received": arrived})
+        assert time.monotonic() - started < 3
+        after.close()
+    if predecessor == "breaks off":
+        rest = put(url, KEY_A, data[arrived:], sha256=digest, offset=arrived, total=len(data))
+        assert rest.status_code == 201
+        (stored,) = collector.segments("tenant-a", "m", "v", "r")
+        assert stored.read_bytes() == data
+
+
+def test_a_piece_announced_as_following_one_not_yet_arrived_waits_for_it(tmp_path, collector):
+    data = write_segment_of_size(tmp_path / "big.h5", 4 << 20).read_bytes()
+    digest, half = sha(data), len(data) // 2
+    url = collector.url + segment_path("m", "v", "r", 0, "seg.h5")
+    # The second piece reaches the collector before the first (two connections): announced, it is
+    # held for the first, which then arrives; the segment is stored once, verified.
+    with _raw_put(
+        collector.port, digest, half, len(data), len(data) - half, {"X-Follows-Piece": "0"}
+    ) as after:
+        after.sendall(data[half:])
+        assert _no_answer_within(after, 0.3)
+        first = put(url, KEY_A, data[:half], sha256=digest, offset=0, total=len(data))
+        status, body, _ = read_answer(after, False)
+    assert first.status_code == 202 and first.json()["received"] == half
+    assert (status, body["status"]) == (201, "stored")
+    (stored,) = collector.segments("tenant-a", "m", "v", "r")
+    assert stored.read_bytes() == data
 
 
 def test_pieces_in_flight_resume_after_the_collector_is_killed_mid_upload(

@@ -25,7 +25,9 @@ from urllib3.util.retry import Retry
 
 from pyodlog._checks import check_number
 from pyodlog_protocol import (
+    HEADER_FOLLOWS_PIECE,
     HEADER_IDEMPOTENCY_KEY,
+    HEADER_MAX_REQUEST_BYTES,
     HEADER_PIECES_AHEAD,
     is_loopback_host,
     parse_uint,
@@ -92,7 +94,11 @@ class SyncConfig:
         connect_timeout, read_timeout: seconds, per request.
         retries: retries of one request (connection errors, 429, 5xx).
         backoff: the first retry waits about this many seconds; each next one twice as long (plus jitter).
-        chunk_bytes: a segment is sent in pieces of this size (each resumable).
+        chunk_bytes: a segment is sent in pieces of at most this size (64 MiB; at most the
+            largest request body the collector announces, and at most 8 MiB over TLS, where
+            each piece is read into a buffer). An upload cut off resumes at the last byte the
+            collector kept, whatever the piece size; a proxy in front of the collector that
+            limits request bodies needs pieces below its limit.
         max_retry_interval: the background syncer waits at most this long between failed passes.
         close_timeout: ``close()`` waits this long for the last segments to be sent
             (whatever is left is sent by the next logger on the same result).
@@ -110,7 +116,7 @@ class SyncConfig:
     read_timeout: float = 60.0
     retries: int = 3
     backoff: float = 0.5
-    chunk_bytes: int = 8 << 20
+    chunk_bytes: int = 64 << 20
     max_retry_interval: float = 60.0
     close_timeout: float = 10.0
     progress: bool | None = None
@@ -249,6 +255,11 @@ class CollectorClient:
         if api_key is not None:
             session.auth = _BearerAuth(api_key)
         session.headers["User-Agent"] = "pyodlog-sync/1"
+        # The environment is read once, here: with trust_env, requests looks up the proxy variables
+        # (and ~/.netrc) again for every request (~0.2 ms each here, a good part of a piece's
+        # overhead). The CA bundle is passed with every request anyway (see self._verify).
+        session.proxies = requests.utils.get_environ_proxies(self.endpoint)
+        session.trust_env = False
         self._session = session
 
     def close(self) -> None:
@@ -394,13 +405,17 @@ class CollectorClient:
         """``{"status": "stored"|"partial"|"absent", "received": bytes, ["sha256": ...]}``.
 
         Plus ``"ahead"``: how far beyond ``received`` a piece may start, when the
-        collector holds pieces in flight (its ``X-Pieces-Ahead`` header; 0 otherwise).
+        collector holds pieces in flight (its ``X-Pieces-Ahead`` header; 0 otherwise),
+        and ``"max_request"``: the largest request body it takes (``X-Max-Request-Bytes``;
+        0 when not announced).
         """
         path = segment_path(model, version, result, rank, segment_id)
         response = self._request("GET", path, params={"sha256": sha256})
         answer = self._answer(response, "GET", path)
         ahead = parse_uint(response.headers.get(HEADER_PIECES_AHEAD, "0").strip())
         answer["ahead"] = ahead or 0
+        largest = parse_uint(response.headers.get(HEADER_MAX_REQUEST_BYTES, "0").strip())
+        answer["max_request"] = largest or 0
         state = answer.get("status")
         if state not in ("stored", "partial", "absent"):
             raise self._malformed("GET", path, f"'status' is {_short(state)}")
@@ -423,10 +438,14 @@ class CollectorClient:
         offset: int,
         total: int,
         data: bytes | memoryview | BinaryIO,
+        follows: int | None = None,
     ) -> tuple[int, dict[str, Any]]:
         """Sends bytes ``[offset, offset + len(data))`` of a segment; returns the status and JSON answer.
 
         A ``memoryview`` (of a mapped file) is handed to the socket as it is, without a copy.
+        ``follows``: the
+        offset of the piece before this one, which is on its way on another connection (pieces in
+        flight: ``X-Follows-Piece``, so the collector holds this one until that one arrived).
 
         201: stored (verified); 200: the collector had it; 202: partial
         (``received``); 409: ``offset_mismatch`` (resume at ``received``) or
@@ -434,12 +453,15 @@ class CollectorClient:
         other codes of :data:`REFUSALS`: refused. Any other answer raises :class:`SyncError`.
         """
         path = segment_path(model, version, result, rank, segment_id)
+        headers = {HEADER_IDEMPOTENCY_KEY: sha256, "Content-Type": "application/octet-stream"}
+        if follows is not None:
+            headers[HEADER_FOLLOWS_PIECE] = str(follows)
         response = self._request(
             "PUT",
             path,
             params={"sha256": sha256, "offset": offset, "total": total},
             data=data,
-            headers={HEADER_IDEMPOTENCY_KEY: sha256, "Content-Type": "application/octet-stream"},
+            headers=headers,
         )
         code = response.status_code
         if code not in (200, 201, 202) and code not in REFUSALS:

@@ -96,7 +96,9 @@ class _SidecarDoubt(Exception):
 # are faulted in on first use, which costs about as much as the copy into it.
 _FREE_BUFFERS: list[bytearray] = []
 _FREE_LOCK = threading.Lock()
-_MAX_FREE_BYTES = 32 << 20  # kept at most (three of the default 8 MiB pieces)
+_MAX_FREE_BYTES = 32 << 20  # kept at most (three pieces of TLS_PIECE_BYTES)
+#: Over TLS a piece is read into a buffer (three turn round): pieces there are at most this large.
+TLS_PIECE_BYTES = 8 << 20
 
 
 def _take_buffers(count: int, size: int) -> list[bytearray]:
@@ -393,8 +395,15 @@ class Syncer:
         restarted = False
         if progress is not None:
             progress.update(offset)
-        # A collector that keeps answering without progress must not keep us here forever.
+        # Pieces of chunk_bytes, at most the largest request body the collector announces, and
+        # over TLS at most TLS_PIECE_BYTES (they are read into buffers there, three of them).
         chunk = self.config.chunk_bytes
+        largest = status.get("max_request")
+        if _is_count(largest) and largest:
+            chunk = min(chunk, largest)
+        if not client.endpoint.startswith("http://"):
+            chunk = min(chunk, TLS_PIECE_BYTES)
+        # A collector that keeps answering without progress must not keep us here forever.
         rounds_left = 2 * (size // chunk + 1) + 16
         # A collector that holds a piece until the bytes before it arrived ("ahead", protocol
         # 1.1) gets the next piece while it takes in this one, on a second connection: no pause
@@ -407,8 +416,10 @@ class Syncer:
         )
         in_flight: dict[int, tuple[memoryview | bytes, Future]] = {}
 
-        def send(at: int, data: memoryview | bytes) -> tuple[int, dict]:
-            return client.put_piece(model, version, result, rank, path.name, sha, at, size, data)
+        def send(at: int, data: memoryview | bytes, follows: int | None = None) -> tuple[int, dict]:
+            return client.put_piece(
+                model, version, result, rank, path.name, sha, at, size, data, follows
+            )
 
         # Mapped over plain HTTP, read into reused buffers over TLS (see _SegmentBytes).
         buffers = (
@@ -441,7 +452,8 @@ class Syncer:
                         sent = (piece, pool.submit(send, offset, piece))
                     if after < size and after not in in_flight:
                         nxt = body.piece(after, min(chunk, size - after))
-                        in_flight[after] = (nxt, pool.submit(send, after, nxt))
+                        # Announced: the collector holds it while this piece is on its way.
+                        in_flight[after] = (nxt, pool.submit(send, after, nxt, offset))
                     code, answer = sent[1].result()
                 else:
                     code, answer = send(offset, piece)
