@@ -35,6 +35,7 @@ from pyodlog.ops.compression import (
     c_order_projection,
     matmul_one_thread,
 )
+from pyodlog.ops.uncertainty import SOFTMAX, detection_uncertainty
 from pyodlog.structures import CallRecord
 
 __all__ = [
@@ -75,8 +76,11 @@ _ROW = int(sum(_WIDTHS))
 def uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised entropy and margin of ``softmax(logits)`` per row of ``Tensor[N, C]``.
 
-    On the CPU the computation is :func:`uncertainty_np`'s (what the aggregates use); on a
-    device the same formula in PyTorch.
+    On the CPU the computation is :func:`uncertainty_np`'s (what the writer's aggregates use,
+    one thread, float32); on a device it is the fused operator's
+    (:func:`pyodlog.ops.detection_uncertainty`, what the call path logs as the ``entropy`` and
+    ``margin`` columns, in float64), with the entropy divided by ``ln C`` as here. The two agree
+    to float32 rounding (``tests/test_writer_summary.py``).
 
     Returns:
         ``(entropy, margin)``, float32 ``[N]``: entropy in nats divided by ``ln C`` (0: one
@@ -90,19 +94,9 @@ def uncertainty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if n == 0 or c == 0:
         empty = logits.new_zeros(n)
         return empty, empty + 1
-    log_p = torch.log_softmax(logits, dim=-1)
-    p = log_p.exp()
-    entropy = -(p * log_p.nan_to_num(0.0, 0.0, 0.0)).sum(-1)
-    entropy = entropy / math.log(c) if c > 1 else entropy * 0
-    if c > 1:
-        # top-1 minus top-2 without a sort: the row's maximum, then the maximum of the row with
-        # that one entry masked (the two values topk(2) gives).
-        first, where = p.max(dim=-1)
-        p.scatter_(1, where[:, None], -math.inf)  # p is ours (made above) and not used again
-        margin = first - p.max(dim=-1).values
-    else:
-        margin = torch.ones(n, dtype=p.dtype, device=p.device)
-    return entropy, margin
+    u = detection_uncertainty(logits, SOFTMAX)
+    entropy = u.entropy / math.log(c) if c > 1 else u.entropy * 0
+    return entropy, u.margin
 
 
 @dataclass
@@ -341,7 +335,11 @@ assert BINS["box_size"][1:-1] == [float(2**i) for i in range(1, 14)]  # _bucket_
 
 def uncertainty_np(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """:func:`uncertainty` of float32 rows ``[N, C]`` in numpy (one thread; a row's values do not
-    depend on the other rows).
+    depend on the other rows): the writer's computation for records without the ``entropy`` and
+    ``margin`` columns (those it has are used as logged). The fused operator
+    (:func:`pyodlog.ops.detection_uncertainty`, softmax heads) computes the same definition in
+    float64; it is not used here because on one thread it is slower than these float32 passes,
+    and it would run on the intra-op thread pool the model uses.
 
     With ``y = z - max z``, ``e = exp y`` and ``s = sum e``: entropy ``log s - sum(e y) / s``,
     margin ``(1 - exp y2) / s`` (``y2`` the second largest); rows where that is not finite

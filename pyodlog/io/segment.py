@@ -35,7 +35,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pyodlog.io.columns import ColumnBatch, encode_str
+from pyodlog.io.columns import ColumnBatch, encode_str, missing_fillable, pad_to_columns
 from pyodlog_protocol.files import (
     fsync_path as fsync_dir,  # a folder's fsync makes renames durable
 )
@@ -318,10 +318,23 @@ class SegmentWriter:
         self._lengths[name] = 0
 
     def accepts(self, batch: ColumnBatch) -> bool:
-        """Whether the batch has exactly this segment's columns."""
-        return (set(batch.numeric) | {"features_scale", "features_offset"}) == set(
-            self.numeric_columns
-        ) and sorted(batch.strings) == self.string_columns
+        """Whether the batch fits this segment's columns: each of its columns is one of the
+        segment's, with the same row shape and a dtype that converts exactly, and the segment's
+        columns it lacks are optional ones (filled as not logged, :func:`pad_to_columns`) or of a
+        group it has no rows of. A batch with a column the segment lacks needs a new segment."""
+        if not set(batch.strings) <= set(self.string_columns):
+            return False
+        for name, pieces in batch.numeric.items():
+            spec = self.numeric_columns.get(name)
+            if spec is None:
+                return False
+            dtype, row_shape = spec
+            piece = pieces[0]
+            if tuple(piece.shape[1:]) != tuple(row_shape) or not np.can_cast(
+                piece.dtype, dtype, "safe"
+            ):
+                return False
+        return missing_fillable(batch, set(self.numeric_columns), set(self.string_columns))
 
     def _append(self, name: str, values) -> None:
         """Appends an array, or a list of arrays, in whole chunks."""
@@ -369,6 +382,9 @@ class SegmentWriter:
     def append(self, batch: ColumnBatch) -> None:
         """Writes a batch (one resize + one write per column) and flushes it."""
         numeric, strings, payload = batch.finish()
+        # The first batch made the columns; a later one may lack optional ones (accepts()).
+        strings = dict(strings)
+        pad_to_columns(batch, numeric, strings, self.numeric_columns, self.string_columns)
         for name, pieces in numeric.items():
             base = _SHIFTS.get(name)
             if base is not None:
