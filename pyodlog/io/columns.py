@@ -599,22 +599,29 @@ def _align_optional_columns(batch: ColumnBatch, mark: tuple) -> None:
         ValueError: a column that is not optional lacks rows, or the record's rows of a column
             have another dtype or row shape than the batch's (the caller rolls the record back).
     """
-    before_counts, n_nm_before, rows_before = mark[3], mark[5], mark[6]  # see ColumnBatch.mark
-    before = {
+    pieces_before, before_counts, n_nm_before, rows_before = mark[0], mark[3], mark[5], mark[6]
+    before = {  # see ColumnBatch.mark
         "images": before_counts[0],
         "detections": before_counts[1],
         "near_misses": n_nm_before,
     }
-    after = {group: _group_rows(batch, group) for group in _ALIGNED_GROUPS}
-    for name in list(batch.numeric):
-        group = name.split("/", 1)[0]
-        if group not in after:
+    after = {
+        "images": batch.n_images,
+        "detections": batch.n_detections,
+        "near_misses": batch.n_near_misses,
+    }
+    row_counts = batch.row_counts
+    for name, pieces in batch.numeric.items():  # lists change below, never the dict
+        group = _GROUP_OF.get(name, "")
+        if group == "":
+            head = name.split("/", 1)[0]
+            group = _GROUP_OF[name] = head if head in after else None
+        if group is None:
             continue
-        pieces = batch.numeric[name]
-        have, had = batch.row_counts.get(name, 0), rows_before.get(name)
+        have, had = row_counts[name], rows_before.get(name)
         first = pieces[0]
         if had is not None:  # the record's pieces join the batch's: one dtype and row shape
-            for piece in pieces[max(1, mark[0].get(name, 0)) :]:
+            for piece in pieces[max(1, pieces_before.get(name, 0)) :]:
                 if piece.dtype != first.dtype or piece.shape[1:] != first.shape[1:]:
                     raise ValueError(
                         f"{name} rows of {piece.dtype} {piece.shape[1:]} cannot join the batch's "
@@ -635,12 +642,16 @@ def _align_optional_columns(batch: ColumnBatch, mark: tuple) -> None:
             start = _group_rows(batch, running) if running else 0
             fill = not_logged_rows(name, after[group] - have, first.dtype, first.shape[1:], start)
             pieces.append(fill)
-        batch.row_counts[name] = have + len(fill)
-        if batch.row_counts[name] != after[group]:
+        row_counts[name] = have + len(fill)
+        if row_counts[name] != after[group]:
             raise ValueError(
                 f"{name} has {have} rows of {after[group] - before[group]} new {group}: the call "
                 f"logged it for part of its rows only"
             )
+
+
+# Each column name's group among _ALIGNED_GROUPS (None: another group), found once.
+_GROUP_OF: dict[str, str | None] = {}
 
 
 def pad_to_columns(
