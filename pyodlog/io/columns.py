@@ -417,20 +417,15 @@ def _record_rows(
 def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
     """The ground truth of a call (``targets=``): ``targets/*`` rows and images ``gt_offset``/``gt_count``.
 
-    A batch has these columns as soon as one of its records has targets: the images of its
-    records without (before or after) get ``gt_count`` 0, so every image column has every row.
+    A call without targets adds none: in a batch where other calls have them, its images get
+    ``gt_count`` 0 and ``gt_logged`` 0 (:data:`NOT_LOGGED`, by :func:`_align_optional_columns`),
+    so every image column has every row.
     """
     targets = record.targets
-    has_columns = "images/gt_offset" in batch.numeric
-    if targets is None and not has_columns:
+    if targets is None:
         return
-    if not has_columns and batch.n_images:
-        # Images of earlier records of this batch had no targets.
-        batch.rows("images/gt_offset", np.zeros(batch.n_images, np.int64))
-        batch.rows("images/gt_count", np.zeros(batch.n_images, np.int64))
-        batch.rows("images/gt_logged", np.zeros(batch.n_images, np.int8))
-    base = sum(len(p) for p in batch.numeric.get("targets/labels", []))
-    counts = np.asarray(targets["counts"] if targets is not None else [0] * n, np.int64)
+    base = _group_rows(batch, "targets")
+    counts = np.asarray(targets["counts"], np.int64)
     if len(counts) != n:
         raise ValueError(f"targets has {len(counts)} entries for {n} images")
     batch.rows(
@@ -438,13 +433,9 @@ def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
     )
     batch.rows("images/gt_count", counts)
     # 1: the call passed targets (an image without objects has gt_count 0 too), 0: it did not.
-    batch.rows("images/gt_logged", np.full(n, 0 if targets is None else 1, np.int8))
-    boxes = (
-        _host(targets["boxes"]).astype(np.float32).reshape(-1, 4) if targets is not None else None
-    )
-    labels = _host(targets["labels"]).astype(np.int64).reshape(-1) if targets is not None else None
-    if boxes is None or labels is None:
-        boxes, labels = np.empty((0, 4), np.float32), np.empty(0, np.int64)
+    batch.rows("images/gt_logged", np.ones(n, np.int8))
+    boxes = _host(targets["boxes"]).astype(np.float32).reshape(-1, 4)
+    labels = _host(targets["labels"]).astype(np.int64).reshape(-1)
     if len(boxes) != int(counts.sum()) or len(labels) != len(boxes):
         raise ValueError(
             f"targets hold {len(boxes)} boxes and {len(labels)} labels, their counts say {int(counts.sum())}"
