@@ -227,18 +227,27 @@ def test_a_column_of_another_width_starts_a_new_segment(tmp_path):
         np.testing.assert_array_equal(part.numeric["detections/embeddings"], want)
 
 
-def test_calls_of_another_width_in_one_batch_are_quarantined_not_written_torn(tmp_path):
-    """Within one batch a column cannot change width: the call that differs is kept aside in
-    quarantine (counted), the others are written."""
+def test_calls_of_another_width_in_one_batch_are_split_into_segments_of_their_own(tmp_path):
+    """Within one batch a column cannot change width: the batch before the call that differs is
+    appended, and that call starts the next batch (and segment). Every call is written, in
+    order; before, the whole batch was quarantined."""
     store = open_store(tmp_path, N_CLASS, storage="float32", config=ONE_BATCH)
-    store.submit(synthetic_record(50, emb_dim=16))
-    store.submit(synthetic_record(51, emb_dim=24))
-    store.submit(synthetic_record(52, emb_dim=16))
+    records = [synthetic_record(50, emb_dim=16), synthetic_record(51, emb_dim=24)]
+    records.append(synthetic_record(52, emb_dim=16))
+    for record in records:
+        store.submit(record)
     store.wait_for_save()
     stats = store.stats()
     store.close()
-    assert stats["quarantined"] == 1 and stats["written"] == 2
-    assert len(read(tmp_path)) == 4
+    assert stats["quarantined"] == 0 and stats["written"] == 3
+    assert not (tmp_path / "m/v/r/quarantine").exists()
+    paths = segments(tmp_path)
+    assert len(paths) == 3
+    for path, record in zip(paths, records):
+        part = pyodlog.io.reader.read_segment(path)
+        want = valid(record.detections.embeddings, record.detections.counts)
+        np.testing.assert_array_equal(part.numeric["detections/embeddings"], want)
+        assert part.strings["images/input_id"] == record.input_ids
 
 
 def test_the_reader_aligns_segments_with_and_without_embeddings(tmp_path):

@@ -63,7 +63,14 @@ from pyodlog.io.thumbnails import encode_thumbnails
 from pyodlog.ops.compression import METHODS, compact_rows
 from pyodlog.structures import UNCERTAINTY_COLUMNS, CallRecord, NearMissBatch, RecordStorage
 
-__all__ = ["MAX_DIMS", "ColumnBatch", "decode_str", "encode_str", "record_to_columns"]
+__all__ = [
+    "MAX_DIMS",
+    "ColumnBatch",
+    "ColumnsDiffer",
+    "decode_str",
+    "encode_str",
+    "record_to_columns",
+]
 
 MAX_DIMS = 8
 FIELD_NUMPY = {
@@ -501,6 +508,12 @@ NEAR_MISS_COLUMNS = {
 
 # -- optional columns: what a row that did not log one gets -----------------------------------
 
+
+class ColumnsDiffer(ValueError):
+    """A record's rows of a column have another dtype or row shape than its batch's (e.g.
+    embeddings of another width): it needs a batch (and a segment) of its own."""
+
+
 #: The value a row gets in an optional column that its call did not log, when other rows of the
 #: same segment (or result) have that column: one table for the writer (records of one batch or
 #: segment logged with different options, e.g. two loggers on one result) and the reader
@@ -587,8 +600,9 @@ def _align_optional_columns(batch: ColumnBatch, mark: tuple) -> None:
     disagree and its segment would be read as damaged.
 
     Raises:
-        ValueError: a column that is not optional lacks rows, or the record's rows of a column
-            have another dtype or row shape than the batch's (the caller rolls the record back).
+        ValueError: a column that is not optional lacks rows; :class:`ColumnsDiffer`: the
+            record's rows of a column have another dtype or row shape than the batch's (the
+            caller rolls the record back).
     """
     pieces_before, before_counts, n_nm_before, rows_before = mark[0], mark[3], mark[5], mark[6]
     before = {  # see ColumnBatch.mark
@@ -614,7 +628,7 @@ def _align_optional_columns(batch: ColumnBatch, mark: tuple) -> None:
         if had is not None:  # the record's pieces join the batch's: one dtype and row shape
             for piece in pieces[max(1, pieces_before.get(name, 0)) :]:
                 if piece.dtype != first.dtype or piece.shape[1:] != first.shape[1:]:
-                    raise ValueError(
+                    raise ColumnsDiffer(
                         f"{name} rows of {piece.dtype} {piece.shape[1:]} cannot join the batch's "
                         f"{first.dtype} {first.shape[1:]}: the calls logged it differently"
                     )
