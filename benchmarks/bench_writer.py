@@ -7,11 +7,13 @@ the baseline writes the same tensors' bytes with ``write()`` and fsyncs.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,6 +239,58 @@ def _paired(
     return medians
 
 
+def _steps(case: str, reps: int = 12, calls: int = 32) -> None:
+    """The writer's steps for one batch (``calls`` calls, 256 images by default), each alone on
+    this thread, best of ``reps``: the raw write of the batch's bytes, the aggregate summary
+    (``summarize_calls``), the rows (``record_to_columns``) and the segment append with its
+    flush. What the writer thread does per batch, without the queue, the other thread or
+    the barrier (the end-to-end rounds above include those)."""
+    from pyodlog.io.aggregates import summarize_calls
+    from pyodlog.io.columns import ColumnBatch, record_to_columns
+    from pyodlog.io.segment import SegmentWriter
+
+    _, heavy, with_uncertainty = CASES[case]
+    records = _records(calls, heavy, with_uncertainty)
+    blobs = _blobs(records)
+    folder = tempfile.mkdtemp(dir=SHM)
+    best = {"raw write": math.inf, "summary": math.inf, "rows": math.inf, "append+flush": math.inf}
+    segment = None
+    try:
+        for _ in range(reps):
+            path = os.path.join(folder, "raw.bin")
+            t0 = time.perf_counter()
+            with open(path, "wb") as f:
+                for blob in blobs:
+                    f.write(blob)
+            t1 = time.perf_counter()
+            os.unlink(path)
+            summarize_calls(records, C)
+            t2 = time.perf_counter()
+            batch = ColumnBatch()
+            for r in records:
+                record_to_columns(r, batch, None, 1.0)
+            t3 = time.perf_counter()
+            if segment is None:
+                segment = SegmentWriter(Path(folder) / "seg.h5", {"n_class": C}, batch)
+            t4 = time.perf_counter()
+            segment.append(batch)
+            t5 = time.perf_counter()
+            for name, took in zip(best, (t1 - t0, t2 - t1, t3 - t2, t5 - t4)):
+                best[name] = min(best[name], took)
+    finally:
+        if segment is not None:
+            segment.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    raw = best["raw write"]
+    print(
+        f"{case}: one batch of {calls * B} images, best of {reps}: "
+        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items())
+        + f"; raw/append {raw / best['append+flush']:.2f}, raw/(all three) "
+        + f"{raw / (best['summary'] + best['rows'] + best['append+flush']):.2f}"
+    )
+    sys.stdout.flush()
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -264,7 +318,16 @@ if __name__ == "__main__":
         action="store_true",
         help="the store writes the logger's default compact records (the raw baseline: float32)",
     )
+    parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="instead: each of the writer's steps for one batch alone (best of 12)",
+    )
     args = parser.parse_args()
     print_header("pyodlog writer vs raw write() on tmpfs (benchmarks/bench_writer.py)")
+    if args.steps:
+        for name in CASES if args.case == "all" else [args.case]:
+            _steps(name)
+        sys.exit(0)
     for name in CASES if args.case == "all" else [args.case]:
         _paired(name, args.rounds, args.calls, args.profile, args.summary_thread, args.compact)

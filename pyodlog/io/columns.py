@@ -36,6 +36,13 @@ A segment holds three groups, each a set of equal-length columns:
   ``nm_max_detections``). Detections (and near-misses) may carry float32
   ``entropy``, ``margin`` and ``energy``.
 
+Optional columns (uncertainty, embeddings, near-misses and their envelope, ground truth,
+``sample_weight``, thumbnails) may be logged by some calls of a segment and not others (two
+loggers on one result, or calls with and without ``targets=``): every column of a group still has
+one row per row of the group, the rows of calls that did not log it filled as :data:`NOT_LOGGED`
+says (NaN floats, ``nm_k`` -1, ``gt_count`` 0, weight 1, no thumbnail bytes) — what the reader
+gives for segments written without the column, so the format is unchanged.
+
 Strings are stored as ragged bytes: a flat ``<name>.bytes`` uint8 column and a
 ``<name>.spans`` int64 [2] column (offset, length): SWMR appends need
 fixed-size types. Strings are stored losslessly: UTF-8 with ``surrogateescape``
@@ -56,7 +63,14 @@ from pyodlog.io.thumbnails import encode_thumbnails
 from pyodlog.ops.compression import METHODS, compact_rows
 from pyodlog.structures import UNCERTAINTY_COLUMNS, CallRecord, NearMissBatch, RecordStorage
 
-__all__ = ["MAX_DIMS", "ColumnBatch", "decode_str", "encode_str", "record_to_columns"]
+__all__ = [
+    "MAX_DIMS",
+    "ColumnBatch",
+    "ColumnsDiffer",
+    "decode_str",
+    "encode_str",
+    "record_to_columns",
+]
 
 MAX_DIMS = 8
 FIELD_NUMPY = {
@@ -109,8 +123,13 @@ class ColumnBatch:
     n_records: int = 0
     n_near_misses: int = 0
 
+    #: Rows of each numeric column so far (kept by :meth:`rows`; what :func:`record_to_columns`
+    #: aligns optional columns by).
+    row_counts: dict[str, int] = field(default_factory=dict)
+
     def rows(self, name: str, value: np.ndarray) -> None:
         self.numeric.setdefault(name, []).append(value)
+        self.row_counts[name] = self.row_counts.get(name, 0) + len(value)
 
     def text(self, name: str, values: list[str]) -> None:
         self.strings.setdefault(name, []).extend(values)
@@ -129,11 +148,13 @@ class ColumnBatch:
             (self.n_images, self.n_detections, self.n_features, self.n_qrows),
             (self.payload_bytes, self.n_records),
             self.n_near_misses,
+            dict(self.row_counts),
         )
 
     def rollback(self, mark: tuple) -> None:
         """Forgets every row added after :meth:`mark` (a record that failed half-way leaves no rows)."""
-        numeric, strings, payload, counts, (payload_bytes, n_records), n_near_misses = mark
+        numeric, strings, payload, counts, (payload_bytes, n_records), n_near_misses, rows = mark
+        self.row_counts = dict(rows)
         for table, lengths in ((self.numeric, numeric), (self.strings, strings)):
             for name in list(table):
                 if name in lengths:
@@ -224,6 +245,7 @@ def record_to_columns(
         _record_rows(record, batch, storage)
         if sample_weight is not None:
             batch.rows("images/sample_weight", np.full(len(record), sample_weight, np.float32))
+        _align_optional_columns(batch, mark)
     except BaseException:
         batch.rollback(mark)
         raise
@@ -402,20 +424,15 @@ def _record_rows(
 def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
     """The ground truth of a call (``targets=``): ``targets/*`` rows and images ``gt_offset``/``gt_count``.
 
-    A batch has these columns as soon as one of its records has targets: the images of its
-    records without (before or after) get ``gt_count`` 0, so every image column has every row.
+    A call without targets adds none: in a batch where other calls have them, its images get
+    ``gt_count`` 0 and ``gt_logged`` 0 (:data:`NOT_LOGGED`, by :func:`_align_optional_columns`),
+    so every image column has every row.
     """
     targets = record.targets
-    has_columns = "images/gt_offset" in batch.numeric
-    if targets is None and not has_columns:
+    if targets is None:
         return
-    if not has_columns and batch.n_images:
-        # Images of earlier records of this batch had no targets.
-        batch.rows("images/gt_offset", np.zeros(batch.n_images, np.int64))
-        batch.rows("images/gt_count", np.zeros(batch.n_images, np.int64))
-        batch.rows("images/gt_logged", np.zeros(batch.n_images, np.int8))
-    base = sum(len(p) for p in batch.numeric.get("targets/labels", []))
-    counts = np.asarray(targets["counts"] if targets is not None else [0] * n, np.int64)
+    base = _group_rows(batch, "targets")
+    counts = np.asarray(targets["counts"], np.int64)
     if len(counts) != n:
         raise ValueError(f"targets has {len(counts)} entries for {n} images")
     batch.rows(
@@ -423,13 +440,9 @@ def _target_rows(record: CallRecord, batch: ColumnBatch, n: int) -> None:
     )
     batch.rows("images/gt_count", counts)
     # 1: the call passed targets (an image without objects has gt_count 0 too), 0: it did not.
-    batch.rows("images/gt_logged", np.full(n, 0 if targets is None else 1, np.int8))
-    boxes = (
-        _host(targets["boxes"]).astype(np.float32).reshape(-1, 4) if targets is not None else None
-    )
-    labels = _host(targets["labels"]).astype(np.int64).reshape(-1) if targets is not None else None
-    if boxes is None or labels is None:
-        boxes, labels = np.empty((0, 4), np.float32), np.empty(0, np.int64)
+    batch.rows("images/gt_logged", np.ones(n, np.int8))
+    boxes = _host(targets["boxes"]).astype(np.float32).reshape(-1, 4)
+    labels = _host(targets["labels"]).astype(np.int64).reshape(-1)
     if len(boxes) != int(counts.sum()) or len(labels) != len(boxes):
         raise ValueError(
             f"targets hold {len(boxes)} boxes and {len(labels)} labels, their counts say {int(counts.sum())}"
@@ -491,3 +504,201 @@ NEAR_MISS_COLUMNS = {
     "suppressed_by": np.int64,
     "suppressor_iou": np.float32,
 }
+
+
+# -- optional columns: what a row that did not log one gets -----------------------------------
+
+
+class ColumnsDiffer(ValueError):
+    """A record's rows of a column have another dtype or row shape than its batch's (e.g.
+    embeddings of another width): it needs a batch (and a segment) of its own."""
+
+
+#: The value a row gets in an optional column that its call did not log, when other rows of the
+#: same segment (or result) have that column: one table for the writer (records of one batch or
+#: segment logged with different options, e.g. two loggers on one result) and the reader
+#: (segments written with different options). Floats not logged are NaN (uncertainty,
+#: embeddings: a NaN row; the near-miss envelope's floor and thresholds); the near-miss envelope
+#: says none was logged (``nm_count`` 0, ``nm_k`` -1, ``nm_max_detections`` -1); ground truth:
+#: none (``gt_count`` 0, ``gt_logged`` 0); ``sample_weight`` 1 (kept for sure). ``RUNNING``:
+#: an offset into another group, which continues that group's rows (zero rows of its own).
+RUNNING = "running"
+NOT_LOGGED: dict[str, Any] = {
+    "images/sample_weight": 1.0,
+    "images/nm_offset": RUNNING,
+    "images/nm_count": 0,
+    "images/nm_exhausted": 0,
+    "images/nm_floor": np.nan,
+    "images/nm_k": -1,
+    "images/nm_score_thresh": np.nan,
+    "images/nm_iou_thresh": np.nan,
+    "images/nm_max_detections": -1,
+    "images/gt_offset": RUNNING,
+    "images/gt_count": 0,
+    "images/gt_logged": 0,
+    **{
+        f"{group}/{name}": np.nan
+        for group in ("detections", "near_misses")
+        for name in (*UNCERTAINTY_COLUMNS, "embeddings", "embeddings_scale", "embeddings_offset")
+    },
+}
+#: What a running offset column counts rows of.
+RUNNING_OVER = {"images/nm_offset": "near_misses", "images/gt_offset": "targets"}
+#: Ragged bytes columns and what an image without a value gets.
+NOT_LOGGED_BLOBS: dict[str, bytes] = {"images/thumbnail": b""}
+#: bfloat16 NaN as the 16-bit pattern a compact bfloat16 column stores.
+_BF16_NAN = np.uint16(0x7FC0)
+
+
+def not_logged_rows(name: str, n: int, dtype: Any, row_shape: tuple, start: int = 0) -> np.ndarray:
+    """``n`` rows of column ``name`` (dtype, row shape) for rows that did not log it (:data:`NOT_LOGGED`).
+
+    ``start``: for a running offset column, the rows its group had before these (each row
+    continues there with zero rows of its own). Compact columns: a float16 or float32 column
+    gets NaN, a bfloat16 one (its uint16 pattern) NaN's pattern, uint8 codes 0 (their NaN
+    ``_scale``/``_offset`` make them NaN when widened).
+
+    Raises:
+        KeyError: ``name`` is not optional (its rows cannot be made up).
+    """
+    value = NOT_LOGGED[name]
+    dtype = np.dtype(dtype)
+    if value is RUNNING:
+        value = start
+    elif isinstance(value, float) and np.isnan(value):
+        if dtype == np.uint16:
+            value = _BF16_NAN
+        elif dtype.kind != "f":
+            value = 0
+    return np.full((n, *row_shape), value, dtype)
+
+
+def _group_rows(batch: ColumnBatch, group: str) -> int:
+    """Rows of a group of the batch so far (``targets``: by its labels)."""
+    if group == "images":
+        return batch.n_images
+    if group == "detections":
+        return batch.n_detections
+    if group == "near_misses":
+        return batch.n_near_misses
+    if group == "targets":  # from the pieces: a batch may be built without rows() (tests)
+        return sum(len(piece) for piece in batch.numeric.get("targets/labels", ()))
+    raise KeyError(group)
+
+
+_ALIGNED_GROUPS = ("images", "detections", "near_misses")
+
+
+def _align_optional_columns(batch: ColumnBatch, mark: tuple) -> None:
+    """After a record's rows: every image, detection and near-miss column has one row per row of
+    its group again.
+
+    A batch mixes records logged with different options (two loggers, or calls with and without
+    uncertainty, embeddings, near-misses, targets): an optional column that this record did not
+    log gets :func:`not_logged_rows` for its rows, and one that it is the first to log gets them
+    for the batch's earlier rows (put in front). Without this the batch's columns would
+    disagree and its segment would be read as damaged.
+
+    Raises:
+        ValueError: a column that is not optional lacks rows; :class:`ColumnsDiffer`: the
+            record's rows of a column have another dtype or row shape than the batch's (the
+            caller rolls the record back).
+    """
+    pieces_before, before_counts, n_nm_before, rows_before = mark[0], mark[3], mark[5], mark[6]
+    before = {  # see ColumnBatch.mark
+        "images": before_counts[0],
+        "detections": before_counts[1],
+        "near_misses": n_nm_before,
+    }
+    after = {
+        "images": batch.n_images,
+        "detections": batch.n_detections,
+        "near_misses": batch.n_near_misses,
+    }
+    row_counts = batch.row_counts
+    for name, pieces in batch.numeric.items():  # lists change below, never the dict
+        group = _GROUP_OF.get(name, "")
+        if group == "":
+            head = name.split("/", 1)[0]
+            group = _GROUP_OF[name] = head if head in after else None
+        if group is None:
+            continue
+        have, had = row_counts[name], rows_before.get(name)
+        first = pieces[0]
+        if had is not None:  # the record's pieces join the batch's: one dtype and row shape
+            for piece in pieces[max(1, pieces_before.get(name, 0)) :]:
+                if piece.dtype != first.dtype or piece.shape[1:] != first.shape[1:]:
+                    raise ColumnsDiffer(
+                        f"{name} rows of {piece.dtype} {piece.shape[1:]} cannot join the batch's "
+                        f"{first.dtype} {first.shape[1:]}: the calls logged it differently"
+                    )
+        if have == after[group]:
+            continue
+        if name not in NOT_LOGGED:
+            raise ValueError(
+                f"{name} has {have} rows for {after[group]} {group}: only optional columns "
+                f"({sorted(NOT_LOGGED)}) may be left out by a call"
+            )
+        running = RUNNING_OVER.get(name)
+        if had is None:  # first logged by this record: the batch's earlier rows had none
+            fill = not_logged_rows(name, before[group], first.dtype, first.shape[1:])
+            pieces.insert(0, fill)
+        else:  # this record did not log it
+            start = _group_rows(batch, running) if running else 0
+            fill = not_logged_rows(name, after[group] - have, first.dtype, first.shape[1:], start)
+            pieces.append(fill)
+        row_counts[name] = have + len(fill)
+        if row_counts[name] != after[group]:
+            raise ValueError(
+                f"{name} has {have} rows of {after[group] - before[group]} new {group}: the call "
+                f"logged it for part of its rows only"
+            )
+
+
+# Each column name's group among _ALIGNED_GROUPS (None: another group), found once.
+_GROUP_OF: dict[str, str | None] = {}
+
+
+def pad_to_columns(
+    batch: ColumnBatch,
+    numeric: dict[str, list[np.ndarray]],
+    strings: dict[str, list[Any]],
+    columns: dict[str, tuple[np.dtype, tuple]],
+    string_columns: list[str],
+) -> None:
+    """Adds to ``numeric``/``strings`` (what ``batch.finish()`` gave) the segment's ``columns``
+    the batch lacks, as not-logged rows (:data:`NOT_LOGGED`): a group the batch has no rows of
+    (features, targets, near-misses) gets none.
+
+    Raises:
+        KeyError: a missing column is not optional (check with :func:`missing_fillable` first).
+    """
+    for name, (dtype, row_shape) in columns.items():
+        if name in numeric or "/" not in name:
+            continue
+        group = name.split("/", 1)[0]
+        n = batch.n_features if group == "features" else _group_rows(batch, group)
+        if n == 0:
+            continue
+        running = RUNNING_OVER.get(name)
+        start = _group_rows(batch, running) if running else 0
+        numeric[name] = [not_logged_rows(name, n, dtype, row_shape, start)]
+    for name in string_columns:
+        if name not in strings:
+            strings[name] = [NOT_LOGGED_BLOBS[name]] * batch.n_images
+
+
+def missing_fillable(batch: ColumnBatch, columns: set[str], string_columns: set[str]) -> bool:
+    """Whether the columns of a segment (``columns``, ``string_columns``) that the batch lacks
+    can be filled for its rows (:func:`pad_to_columns`)."""
+    for name in columns.difference(batch.numeric):
+        if "/" not in name:
+            continue
+        group = name.split("/", 1)[0]
+        n = batch.n_features if group == "features" else _group_rows(batch, group)
+        if n and name not in NOT_LOGGED:
+            return False
+    return all(
+        name in NOT_LOGGED_BLOBS or not batch.n_images
+        for name in string_columns.difference(batch.strings)
+    )

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from pyodlog.io.aggregates import Aggregates
+from pyodlog.io.columns import NOT_LOGGED, NOT_LOGGED_BLOBS, not_logged_rows
 from pyodlog.io.rows import DEFAULT_CHUNK_ROWS, progress_bar, ranges
 from pyodlog.io.segment import (
     CHECKSUM_SUFFIX,
@@ -893,16 +894,11 @@ def merge_tables(
     for part in parts:
         for aggregates in part.aggregates:
             out.aggregates.append(aggregates.select(keep_epoch) if use_epoch_filter else aggregates)
-    weighted = any("images/sample_weight" in p.numeric for p in parts if p.n_images)
     parts = _aligned_optional_columns(parts)
     nm_base = 0
     for part in parts:
         if part.n_images == 0:
             continue
-        if with_targets:
-            part = _with_target_columns(part)
-        if weighted and "images/sample_weight" not in part.numeric:  # older or unsampled segments
-            part.numeric["images/sample_weight"] = np.ones(part.n_images, np.float32)
         epoch = part.numeric["images/n_epoch"]
         keep = (
             np.ones(part.n_images, bool)
@@ -982,33 +978,10 @@ def merge_tables(
         for k, texts in part.strings.items():
             picked = [texts[i] for i in (rows if k.startswith("images/") else feat_rows)]
             out.strings.setdefault(k, []).extend(picked)
-        # Thumbnails: segments with and without them (log_images turned on or off) stay aligned.
-        for k in _BLOBS:
-            column: list[Any] | None = out.strings.get(k)
-            missing = images_base + len(rows) - len(column) if column is not None else 0
-            if column is not None and missing:
-                if k in part.strings:  # the parts before this one had none: their rows come first
-                    column[:0] = [b""] * missing
-                else:
-                    column.extend([b""] * missing)
         images_base += len(rows)
         det_base += len(det_rows)
         out.attrs = dict(part.attrs)
     return out
-
-
-def _with_target_columns(part: Tables) -> Tables:
-    """A segment's tables with ground-truth columns (no targets per image) when it has none."""
-    if "images/gt_offset" in part.numeric:
-        return part
-    n = part.n_images
-    numeric = dict(part.numeric)
-    numeric["images/gt_offset"] = np.zeros(n, np.int64)
-    numeric["images/gt_count"] = np.zeros(n, np.int64)
-    numeric["images/gt_logged"] = np.zeros(n, np.int8)
-    numeric["targets/boxes"] = np.empty((0, 4), np.float32)
-    numeric["targets/labels"] = np.empty(0, np.int64)
-    return Tables(numeric, part.strings, part.payload, part.attrs)
 
 
 def _picked_rows(offset: np.ndarray, count: np.ndarray, base: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1020,41 +993,55 @@ def _picked_rows(offset: np.ndarray, count: np.ndarray, base: int) -> tuple[np.n
     return rows, new
 
 
-# What an image logged without near-misses (or uncertainty) gets when merged with images that have
-# them: no near-miss, an envelope that says none was logged (nm_k -1), NaN uncertainty.
-_NOT_LOGGED: dict[str, tuple[Any, np.dtype]] = {
-    "images/nm_offset": (0, _I64),
-    "images/nm_count": (0, _I64),
-    "images/nm_exhausted": (0, _I8),
-    "images/nm_floor": (np.nan, _F64),
-    "images/nm_k": (-1, _I64),
-    "images/nm_score_thresh": (np.nan, _F64),
-    "images/nm_iou_thresh": (np.nan, _F64),
-    "images/nm_max_detections": (-1, _I64),
-    "detections/entropy": (np.nan, _F32),
-    "detections/margin": (np.nan, _F32),
-    "detections/energy": (np.nan, _F32),
-}
+# What a row of a segment written without an optional column gets when merged with segments that
+# have it (pyodlog.io.columns.NOT_LOGGED, the writer's table): no near-miss, an envelope that says
+# none was logged (nm_k -1), NaN uncertainty and embeddings, no ground truth, sample weight 1.
+_NOT_LOGGED = NOT_LOGGED
+
+
+def _group_rows(part: Tables, group: str) -> int:
+    """Rows of a group of a segment's tables (0 for a group it does not have)."""
+    if group == "images":
+        return part.n_images
+    for name, values in part.numeric.items():
+        if name.startswith(group + "/"):
+            return len(values)
+    return 0
 
 
 def _aligned_optional_columns(parts: list[Tables]) -> list[Tables]:
-    """Parts where some segments have the optional near-miss/uncertainty columns and others not:
-    the others get them (filled as :data:`_NOT_LOGGED`), so that columns stay row-aligned."""
-    wanted = {k for p in parts if p.n_images for k in p.numeric if k in _NOT_LOGGED}
-    if not wanted:
+    """Parts where some segments have optional columns and others not (near-misses, uncertainty,
+    embeddings, ground truth, sample weights, thumbnails): the others get them, filled as not
+    logged (:data:`_NOT_LOGGED`; a group they have no rows of, e.g. ``targets``, with no rows),
+    so that columns stay row-aligned. The one place the reader aligns segments' columns."""
+    live = [p for p in parts if p.n_images]
+    specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+    for p in live:
+        for k, v in p.numeric.items():
+            if k in _NOT_LOGGED or k.startswith(("targets/", "near_misses/")):
+                specs.setdefault(k, (v.dtype, v.shape[1:]))
+    blobs = {k for p in live for k in p.strings if k in NOT_LOGGED_BLOBS}
+    if not specs and not blobs:
         return parts
     out = []
     for p in parts:
-        missing = wanted - set(p.numeric)
-        if not missing or not p.n_images:
+        missing = [k for k in specs if k not in p.numeric]
+        missing_blobs = [k for k in blobs if k not in p.strings]
+        if not p.n_images or (not missing and not missing_blobs):
             out.append(p)
             continue
         numeric = dict(p.numeric)
-        n_det = len(numeric.get("detections/scores", ()))
         for k in missing:
-            value, dtype = _NOT_LOGGED[k]
-            numeric[k] = np.full(p.n_images if k.startswith("images/") else n_det, value, dtype)
-        out.append(Tables(numeric, p.strings, p.payload, p.attrs))
+            dtype, row = specs[k]
+            n = _group_rows(p, k.split("/", 1)[0])
+            if n == 0:
+                numeric[k] = np.empty((0, *row), dtype)
+            elif k in _NOT_LOGGED:
+                numeric[k] = not_logged_rows(k, n, dtype, row)
+        strings: dict[str, list[Any]] = dict(p.strings)
+        for k in missing_blobs:
+            strings[k] = [NOT_LOGGED_BLOBS[k]] * p.n_images
+        out.append(Tables(numeric, strings, p.payload, p.attrs, p.aggregates))
     return out
 
 
@@ -1073,7 +1060,7 @@ def _empty_columns(
         for name, (dtypes, row) in _NUMERIC.items()
         if name not in ("detections/embeddings", "features_payload", "aggregates")
         and name not in _TARGET_COLUMNS
-        and name not in _NOT_LOGGED
+        and (name not in _NOT_LOGGED or name == "images/sample_weight")
         and not name.startswith("near_misses/")  # optional: absent unless logged
         and not (name.startswith("detections/") and name.endswith(("_scale", "_offset")))
     }

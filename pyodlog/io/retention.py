@@ -38,7 +38,7 @@ import numpy as np
 
 from pyodlog._checks import check_number
 from pyodlog.io.columns import ColumnBatch
-from pyodlog.io.segment import CHUNK_BYTES, SMALL_CHUNK_BYTES
+from pyodlog.io.segment import _rows_per_chunk
 
 __all__ = [
     "DEFAULT_FREE_FRACTION",
@@ -149,9 +149,8 @@ def default_budget(directory: Path) -> int:
 
 
 def _chunk_bytes(name: str, row_bytes: int) -> int:
-    target = CHUNK_BYTES if name == "features_payload" else SMALL_CHUNK_BYTES
-    rows = int(max(64, min(1 << 20, target // max(row_bytes, 1))))
-    return rows * max(row_bytes, 1)
+    # The segment's own rule; without the call's size it is the largest chunk the column can get.
+    return _rows_per_chunk(name, row_bytes) * max(row_bytes, 1)
 
 
 def append_bound(batch: ColumnBatch, new_segment: bool) -> int:

@@ -35,7 +35,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pyodlog.io.columns import ColumnBatch, encode_str
+from pyodlog.io.columns import ColumnBatch, encode_str, missing_fillable, pad_to_columns
 from pyodlog_protocol.files import (
     fsync_path as fsync_dir,  # a folder's fsync makes renames durable
 )
@@ -238,9 +238,36 @@ def quarantine_segment(path: Path, reason: object) -> Path:
     return target
 
 
-def _rows_per_chunk(name: str, row_bytes: int) -> int:
-    target = CHUNK_BYTES if name == "features_payload" else SMALL_CHUNK_BYTES
-    return int(max(64, min(1 << 20, target // max(row_bytes, 1))))
+# Columns with rows at least this wide (logits, embeddings) get chunks of WIDE_CHUNK_BYTES: a
+# batch of them is megabytes, written with a fourth as many write_direct_chunk calls.
+WIDE_ROW_BYTES = 256
+WIDE_CHUNK_BYTES = 256 << 10
+
+
+def _rows_per_chunk(name: str, row_bytes: int, piece_rows: int = 0) -> int:
+    """Rows per chunk of a column: about its target bytes (:data:`CHUNK_BYTES` for the feature
+    payload, :data:`WIDE_CHUNK_BYTES` for wide rows, :data:`SMALL_CHUNK_BYTES` else).
+
+    ``piece_rows``: rows of one call's piece of the column in the segment's first batch. When a
+    divisor of it lies between a quarter of the target and the target, that is the chunk: calls
+    of that size (every image at its quota, the common case under load; the same feature maps)
+    then fill whole chunks, written straight from the call's array, with no copy through the
+    column's tail buffer and no partial chunk written again at the next append.
+    """
+    if name == "features_payload":
+        target_bytes = CHUNK_BYTES
+    elif row_bytes >= WIDE_ROW_BYTES:
+        target_bytes = WIDE_CHUNK_BYTES
+    else:
+        target_bytes = SMALL_CHUNK_BYTES
+    target = int(max(64, min(1 << 20, target_bytes // max(row_bytes, 1))))
+    low = max(64, target // 4)
+    if piece_rows >= low:
+        # piece_rows / k for k = 1, 2, ...: the first whole one in [low, target] is the largest.
+        for k in range(max(1, -(-piece_rows // target)), piece_rows // low + 1):
+            if piece_rows % k == 0:
+                return piece_rows // k
+    return target
 
 
 class SegmentWriter:
@@ -287,11 +314,13 @@ class SegmentWriter:
         }
         self.string_columns = sorted(strings)
         for name, (dtype, row_shape) in self.numeric_columns.items():
-            self._create(name, dtype, row_shape)
+            self._create(name, dtype, row_shape, len(first.numeric[name][0]))
         for name in self.string_columns:
             self._create(name + ".bytes", np.uint8, ())
             self._create(name + ".spans", np.int64, (2,))
-        self._create("features_payload", np.uint8, ())
+        self._create(
+            "features_payload", np.uint8, (), len(first.payload[0]) if first.payload else 0
+        )
         self._create("aggregates", np.uint8, ())  # written at close (pyodlog.io.aggregates)
         for name in ("features_scale", "features_offset"):
             if name not in self.numeric_columns:
@@ -302,26 +331,44 @@ class SegmentWriter:
         os.replace(creating, self.part)
         self._sync_fd: int | None = None
 
-    def _create(self, name: str, dtype, row_shape) -> None:
+    def _create(self, name: str, dtype, row_shape, piece_rows: int = 0) -> None:
         row_bytes = int(np.dtype(dtype).itemsize * int(np.prod(row_shape, dtype=np.int64)))
         if not hasattr(self, "_datasets"):
             self._datasets: dict[str, Any] = {}
             self._lengths: dict[str, int] = {}
             self._tails: dict[str, np.ndarray] = {}
+            # Per column, fixed at creation: (rows per chunk, dtype, row shape), read once here
+            # rather than asked of h5py at every append.
+            self._layout: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
+        rows = _rows_per_chunk(name, row_bytes, piece_rows)
         self._datasets[name] = self._file.create_dataset(
             name,
             shape=(0, *row_shape),
             maxshape=(None, *row_shape),
             dtype=dtype,
-            chunks=(_rows_per_chunk(name, row_bytes), *row_shape),
+            chunks=(rows, *row_shape),
         )
+        self._layout[name] = (rows, np.dtype(dtype), tuple(row_shape))
         self._lengths[name] = 0
 
     def accepts(self, batch: ColumnBatch) -> bool:
-        """Whether the batch has exactly this segment's columns."""
-        return (set(batch.numeric) | {"features_scale", "features_offset"}) == set(
-            self.numeric_columns
-        ) and sorted(batch.strings) == self.string_columns
+        """Whether the batch fits this segment's columns: each of its columns is one of the
+        segment's, with the same row shape and a dtype that converts exactly, and the segment's
+        columns it lacks are optional ones (filled as not logged, :func:`pad_to_columns`) or of a
+        group it has no rows of. A batch with a column the segment lacks needs a new segment."""
+        if not set(batch.strings) <= set(self.string_columns):
+            return False
+        for name, pieces in batch.numeric.items():
+            spec = self.numeric_columns.get(name)
+            if spec is None:
+                return False
+            dtype, row_shape = spec
+            piece = pieces[0]
+            if tuple(piece.shape[1:]) != tuple(row_shape) or not np.can_cast(
+                piece.dtype, dtype, "safe"
+            ):
+                return False
+        return missing_fillable(batch, set(self.numeric_columns), set(self.string_columns))
 
     def _append(self, name: str, values) -> None:
         """Appends an array, or a list of arrays, in whole chunks."""
@@ -339,36 +386,50 @@ class SegmentWriter:
         total = sum(len(p) for p in pieces)
         if total == 0:
             return
-        ds = self._datasets[name]
-        rows = ds.chunks[0]
+        dsid = self._datasets[name].id
+        rows, dtype, row_shape = self._layout[name]
         tail = self._tails.get(name)
         if tail is None:
-            tail = self._tails[name] = np.zeros(ds.chunks, ds.dtype)
+            tail = self._tails[name] = np.zeros((rows, *row_shape), dtype)
         length = self._lengths[name]
-        ds.resize(length + total, axis=0)
+        dsid.set_extent(
+            (length + total, *row_shape)
+        )  # what Dataset.resize does, without its checks
         chunk, filled = divmod(length, rows)
-        zeros = (0,) * (len(ds.chunks) - 1)
+        zeros = (0,) * len(row_shape)
+        write = dsid.write_direct_chunk
         for piece in pieces:
-            piece = np.ascontiguousarray(piece, dtype=ds.dtype)
+            if piece.dtype != dtype or not piece.flags.c_contiguous:
+                piece = np.ascontiguousarray(piece, dtype=dtype)
             pos = 0
-            while pos < len(piece):
-                if filled == 0 and len(piece) - pos >= rows:
-                    ds.id.write_direct_chunk((chunk * rows, *zeros), piece[pos : pos + rows])
+            n = len(piece)
+            if filled == 0 and n >= rows:  # whole chunks straight from the piece
+                full = n - n % rows
+                for pos in range(0, full, rows):
+                    write((chunk * rows, *zeros), piece[pos : pos + rows])
+                    chunk += 1
+                pos = full
+            while pos < n:
+                if filled == 0 and n - pos >= rows:
+                    write((chunk * rows, *zeros), piece[pos : pos + rows])
                     chunk, pos = chunk + 1, pos + rows
                     continue
-                take = min(rows - filled, len(piece) - pos)
+                take = min(rows - filled, n - pos)
                 tail[filled : filled + take] = piece[pos : pos + take]
                 filled, pos = filled + take, pos + take
                 if filled == rows:
-                    ds.id.write_direct_chunk((chunk * rows, *zeros), tail)
+                    write((chunk * rows, *zeros), tail)
                     chunk, filled = chunk + 1, 0
         if filled:
-            ds.id.write_direct_chunk((chunk * rows, *zeros), tail)
+            write((chunk * rows, *zeros), tail)
         self._lengths[name] = length + total
 
     def append(self, batch: ColumnBatch) -> None:
         """Writes a batch (one resize + one write per column) and flushes it."""
         numeric, strings, payload = batch.finish()
+        # The first batch made the columns; a later one may lack optional ones (accepts()).
+        strings = dict(strings)
+        pad_to_columns(batch, numeric, strings, self.numeric_columns, self.string_columns)
         for name, pieces in numeric.items():
             base = _SHIFTS.get(name)
             if base is not None:

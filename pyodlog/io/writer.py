@@ -60,7 +60,7 @@ from pyodlog.io.aggregates import (
     summarize_calls,
     summary_fits,
 )
-from pyodlog.io.columns import ColumnBatch, record_to_columns
+from pyodlog.io.columns import ColumnBatch, ColumnsDiffer, record_to_columns
 from pyodlog.io.copier import DeviceCopier, PendingRecord
 from pyodlog.io.export import write_tables
 from pyodlog.io.reader import Tables, read_segment, trim_to_consistent
@@ -762,8 +762,33 @@ class RecordWriter:
                 continue
             try:
                 record_to_columns(call, self._pending, self.storage, weight)
+            except ColumnsDiffer as error:
+                if not self._split_for(call, weight):
+                    self._quarantine(call, 1, _input_ids_of(call), error)
             except Exception as error:
                 self._quarantine(call, 1, _input_ids_of(call), error)
+
+    def _split_for(self, call: CallRecord, weight: float | None) -> bool:
+        """A call whose columns cannot join the pending batch (e.g. embeddings of another
+        width): the pending batch is appended now and the call starts the next one (which goes
+        into a segment of its columns). False, and nothing changed for the call, when that
+        cannot be done now: a failed segment awaits its rollback, or the disk fails (the call
+        is then quarantined, as any call that cannot become rows)."""
+        if self._broken is not None or self.last_disk_error is not None:
+            return False
+        if self._pending.n_records:
+            try:
+                self._append_pending()
+            except OSError as error:  # the batch stays pending, retried as any
+                self._disk_failed(error)
+                return False
+            if self._pending.n_records:
+                return False
+        try:
+            record_to_columns(call, self._pending, self.storage, weight)
+        except Exception:
+            return False
+        return True
 
     def _aggregate_failed(self, error: Exception) -> None:
         """Counted (``stats()["aggregate_errors"]``); the first one is logged with its traceback."""
