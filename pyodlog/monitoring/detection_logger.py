@@ -485,7 +485,11 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         candidate each came from.
 
         Runs on the inference path: tensor operations only, no host sync, no
-        Python loop over detections (a loop over images is fine).
+        Python loop over detections (a loop over images is fine). On the CPU, for an output in
+        torchvision's format and a segment store, it runs on the store's writer thread after the
+        call returned (:attr:`defer_parse`): it reads the settings of its call then (``near_miss``,
+        ``near_miss_floor``, ``log_embeddings``, the model's :attr:`parse_settings` through
+        ``pyodlog.models.common.parts(self._core)``).
         """
 
     def _apply_nms_config(self, model: nn.Module, nms_config: NmsConfig) -> None:
