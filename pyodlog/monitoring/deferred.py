@@ -253,7 +253,7 @@ class FrozenView:
     @classmethod
     def of(cls, obj: Any, paths: Iterable[str]) -> FrozenView:
         """The view of ``obj`` with each dotted attribute path of ``paths`` fixed at its value now
-        (a path that does not resolve is left out)."""
+        (a path that does not resolve is left out; :func:`resolvable` leaves them out once)."""
         values: dict[str, Any] = {}
         nested: dict[str, list[str]] = {}
         for path in paths:
@@ -268,6 +268,20 @@ class FrozenView:
             if hasattr(obj, name)
         }
         return cls(obj, values, children)
+
+    @staticmethod
+    def resolvable(obj: Any, paths: Iterable[str]) -> tuple[str, ...]:
+        """The dotted attribute paths of ``paths`` that ``obj`` has."""
+
+        def has(path: str) -> bool:
+            target = obj
+            for name in path.split("."):
+                if not hasattr(target, name):
+                    return False
+                target = getattr(target, name)
+            return True
+
+        return tuple(path for path in paths if has(path))
 
     def settings(self) -> dict[str, Any]:
         """The fixed values, by dotted path."""

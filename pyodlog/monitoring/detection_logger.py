@@ -766,7 +766,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         settings = ParseSettings(
             self,
             self._core,
-            FrozenView.of(self._core, self.parse_settings),
+            FrozenView.of(self._core, self._parse_setting_paths()),
             self._near_miss,
             self._near_miss_floor,
             self._log_embeddings,
@@ -797,6 +797,15 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 current.reset(token)
 
         return DeferredDetections(parse, held, lambda: budget.give_back(size))
+
+    def _parse_setting_paths(self) -> tuple[str, ...]:
+        """:attr:`parse_settings` that the model has (found once: a path it lacks costs a failed
+        attribute lookup of ``nn.Module`` at every call)."""
+        found = self.__dict__.get("_parse_paths")
+        if found is None or found[0] != self.parse_settings:
+            found = (self.parse_settings, FrozenView.resolvable(self._core, self.parse_settings))
+            self.__dict__["_parse_paths"] = found
+        return found[1]
 
     def _submit_or_count(self, record: CallRecord) -> None:
         """Hands a record to the sink; a failure is counted and reported, never raised."""
