@@ -91,7 +91,7 @@ class DeferredBudget:
         self.max_bytes = int(max_bytes)
         self.held = 0
         self.deferred = 0  # calls deferred so far
-        self.refused = 0  # sampled-out calls parsed on the call path for want of budget
+        self.refused = 0  # calls parsed on the call path for want of budget
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> bool:
