@@ -261,7 +261,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         "roi_heads.nms_thresh",
         "roi_heads.detections_per_img",
     )
-    #: The most bytes of captured tensors the not-yet-parsed sampled-out calls of one logger may
+    #: The most bytes of captured tensors the not-yet-parsed calls of one logger may
     #: hold (one call alone may hold more); past it, calls are parsed on their path.
     max_deferred_bytes: int = 512 << 20
 
