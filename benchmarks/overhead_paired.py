@@ -8,8 +8,11 @@ The timing itself is pyodlog.demokit.timing.paired_rotation, which `make demo` u
 The loggers' hooks all sit on the one model; each logger's hooks act only
 inside its own calls (the naive logger's hook only stores a reference).
 
-Usage: .venv/bin/python -m benchmarks.overhead_paired MODEL BATCH ROTATIONS [CLOCK]
+Usage: .venv/bin/python -m benchmarks.overhead_paired MODEL BATCH ROTATIONS [CLOCK [on-call]]
   e.g. .venv/bin/python -m benchmarks.overhead_paired fasterrcnn_mobilenet_v3_large_320_fpn 1 40
+
+``on-call`` adds the two pyodlog variants with ``defer_parse = False``: every call parsed on the
+call path, as before deferall (by default a CPU call is parsed on the store's writer thread).
 
 CLOCK: ``wall`` (default: ``time.perf_counter``, torch's default threads, the writer thread
 running beside) or ``thread``: the calling thread's CPU time (``time.thread_time``) with one
@@ -49,7 +52,7 @@ def setup(name: str, batch: int, clock: str) -> tuple[torch.nn.Module, list[torc
     return model, images, Path(tempfile.mkdtemp())
 
 
-def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
+def main(name: str, batch: int, rotations: int, clock: str = "wall", *compare: str) -> None:
     model, images, folder = setup(name, batch, clock)
     variants = {
         "bare": model,
@@ -65,6 +68,24 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
         ),
         "naive h5py logger": NaiveLogger(model, folder / "naive.h5", FPN_LEVEL),
     }
+    if "on-call" in compare:
+        for key, version in (
+            ("pyodlog detections+logits", "v3"),
+            ("pyodlog +embeddings+FPN uint8", "v4"),
+        ):
+            before = variants[key]
+            logger = pyodlog.create_logger(
+                model,
+                "b",
+                version,
+                sink=HDF5Store(folder / version),
+                log_embeddings=before.log_embeddings,
+                target_layers={"fpn": {"path": FPN_LEVEL, "compression": "uint8"}}
+                if before.log_embeddings
+                else None,
+            )
+            logger.defer_parse = False
+            variants[f"{key[8:]}, on call"] = logger
     with torch.inference_mode():
         timed = paired_rotation(
             {key: (lambda call=call: call(images)) for key, call in variants.items()},
@@ -91,4 +112,4 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
 
 if __name__ == "__main__":
     print_header("benchmarks.overhead_paired")
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])

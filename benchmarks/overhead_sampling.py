@@ -7,14 +7,17 @@ uncertainty, embeddings); a sampled-out call (``Sampling(1e-9)``: its draw fails
 model runs, so it records only what the always-on aggregates need, and on the CPU its parse is
 deferred to the store's writer thread, pyodlog.monitoring.deferred); and the same sampled-out
 call parsed on the call path (``defer_sampled_out = False``: what a sampled-out call cost
-before). The writer threads run beside, as in production. Printed:
+before). Since deferall (issue 17) a logged call on the CPU is parsed on the writer thread too;
+``logged, parsed on call`` (``defer_parse = False``) is a logged call as before. The writer
+threads run beside, as in production. Printed:
 
 1. per variant the median call time, and the sampled-out overhead over bare against the logged
    call's (the model's noise hides most of it);
 2. the logger's own work on the call path after the model answered (``_record_of_call`` and the
    submit, timed around them in the same calls: wall, and the calling thread's CPU time): what
    a serving thread waits for beyond the model;
-3. the sampled-out calls' parse on the writer thread (its CPU time there, per call);
+3. the deferred calls' parse on the writer thread (its CPU time there, per call: logged and
+   sampled out);
 4. the machine's CPU per call (``time.process_time``, every thread of the process: the model,
    the call's logging, the writer's summary, parse, rows and appends) over a block of calls of
    each variant followed by ``wait_for_save``.
@@ -50,24 +53,25 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
         model, "b", "inline", sink=HDF5Store(folder / "c"), sampling=pyodlog.Sampling(1e-9)
     )
     inline.defer_sampled_out = False  # the sampled-out call parsed on its path (as before)
-    loggers = {"logged": logged, "sampled out": sampled, "sampled, parsed on call": inline}
+    logged_inline = pyodlog.create_logger(model, "b", "logged-inline", sink=HDF5Store(folder / "d"))
+    logged_inline.defer_parse = False  # a logged call parsed on its path (before deferall)
+    loggers = {
+        "logged": logged,
+        "logged, parsed on call": logged_inline,
+        "sampled out": sampled,
+        "sampled, parsed on call": inline,
+    }
     variants = {"bare": model, **loggers}
     own: dict[str, list[tuple[float, float]]] = {key: [] for key in loggers}
     for key, logger in loggers.items():
         for method in ("_record_of_call", "_submit_or_count"):
             setattr(logger, method, _timed(getattr(logger, method), own[key]))
-    writer_parse: list[float] = []  # thread CPU seconds of each parse off the calling thread
-    parse = sampled._parse_model_output
-
-    def parse_timed(*args, **kwargs):
-        t0 = time.thread_time()
-        try:
-            return parse(*args, **kwargs)
-        finally:
-            if threading.current_thread() is not threading.main_thread():
-                writer_parse.append(time.thread_time() - t0)
-
-    sampled._parse_model_output = parse_timed
+    # thread CPU seconds of each parse off the calling thread, per deferring logger
+    writer_parse: dict[str, list[float]] = {"logged": [], "sampled out": []}
+    for key, spent_parsing in writer_parse.items():
+        loggers[key]._parse_model_output = _parse_timed(
+            loggers[key]._parse_model_output, spent_parsing
+        )
     with torch.inference_mode():
         timed = paired_rotation(
             {key: (lambda call=call: call(images)) for key, call in variants.items()},
@@ -110,11 +114,18 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
             f"call path, {key} / logged: {per_call[key][0] / per_call['logged'][0]:.3f} (wall), "
             f"{per_call[key][1] / per_call['logged'][1]:.3f} (thread CPU)"
         )
-    if writer_parse:
-        print(
-            f"sampled out: parse on the writer thread, median {statistics.median(writer_parse) * 1e3:.3f} "
-            f"ms thread CPU per call ({len(writer_parse)} calls)"
-        )
+    print(
+        f"call path, logged / logged parsed on call: "
+        f"{per_call['logged'][0] / per_call['logged, parsed on call'][0]:.3f} (wall), "
+        f"{per_call['logged'][1] / per_call['logged, parsed on call'][1]:.3f} (thread CPU)"
+    )
+    for key, spent_parsing in writer_parse.items():
+        if spent_parsing:
+            print(
+                f"{key}: parse on the writer thread, median "
+                f"{statistics.median(spent_parsing) * 1e3:.3f} ms thread CPU per call "
+                f"({len(spent_parsing)} calls)"
+            )
     print(
         f"written {logged.stats()['written']} calls; sampled out {sampled.stats()['sampled_out']} "
         f"(written {sampled.stats()['written']}), parsed on call {inline.stats()['sampled_out']}"
@@ -134,6 +145,20 @@ def main(name: str, batch: int, rotations: int, clock: str = "wall") -> None:
             )
     for logger in loggers.values():
         logger.close()
+
+
+def _parse_timed(parse, spent: list[float]):
+    """``parse`` adding its thread CPU time to ``spent`` when it runs off the calling thread."""
+
+    def run(*args, **kwargs):
+        t0 = time.thread_time()
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            if threading.current_thread() is not threading.main_thread():
+                spent.append(time.thread_time() - t0)
+
+    return run
 
 
 def _timed(method, spent: list[tuple[float, float]]):

@@ -167,13 +167,15 @@ class _ThreadRecording:
         return super()._parse_model_output(model_output, img_sizes)
 
 
-def _rcnn_run(tmp_path, name, sampling, *, mutate=False, logger_class=None):
+def _rcnn_run(tmp_path, name, sampling, *, mutate=False, logger_class=None, defer_parse=True):
     torch.manual_seed(0)
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, box_score_thresh=0.01
     ).eval()
     cls = logger_class or type(
-        "RecordingRCNN", (_ThreadRecording, TorchvisionRCNNLogger), {"parse_threads": None}
+        "RecordingRCNN",
+        (_ThreadRecording, TorchvisionRCNNLogger),
+        {"parse_threads": None, "defer_parse": defer_parse},
     )
     logger = cls(
         model,
@@ -227,9 +229,9 @@ def _assert_same(a, b, where="aggregates"):
 
 
 def test_a_sampled_out_rcnn_call_is_parsed_on_the_writer_thread_with_the_same_aggregates(tmp_path):
-    _, full, full_threads = _rcnn_run(tmp_path, "full", None)
+    _, full, full_threads = _rcnn_run(tmp_path, "full", None, defer_parse=False)
     stats, sampled, threads = _rcnn_run(tmp_path, "sampled", pyodlog.Sampling(RARE), mutate=True)
-    assert full_threads == [True] * 6  # logged calls: parsed on the call path
+    assert full_threads == [True] * 6  # defer_parse=False: parsed on the call path
     assert threads == [False] * 6  # sampled out: parsed by the writer, not by the caller
     assert stats["sampled_out"] == 6 and stats["written"] == 0
     assert stats["logging_errors"] == 0 and stats["quarantined"] == 0

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import roi_align
 
+from pyodlog.monitoring.deferred import PARSE_SETTINGS
 from pyodlog.monitoring.modes import captured, refuse_cuda_graphs
 from pyodlog.ops.postprocess import postprocess_detections_near_miss
 from pyodlog.ops.uncertainty import detection_uncertainty
@@ -43,7 +44,13 @@ __all__ = [
 
 def parts(model: nn.Module) -> Any:
     """``model`` for reading its parts: torchvision's detectors keep them as plain attributes
-    (``roi_heads``, ``head``, ``box_coder``, …) that ``nn.Module`` does not declare."""
+    (``roi_heads``, ``head``, ``box_coder``, …) that ``nn.Module`` does not declare.
+
+    In a deferred parse (:mod:`pyodlog.monitoring.deferred`) of a call of ``model``: a view whose
+    thresholds (the logger's ``parse_settings``) are those of that call, whatever was set since."""
+    settings = PARSE_SETTINGS.get()
+    if settings is not None and settings.core is model:
+        return settings.view
     return model
 
 

@@ -1,4 +1,4 @@
-"""The detections of a sampled-out call, made off the call path (issue 22).
+"""The detections of a call, made off the call path (issue 22; logged calls too: issue 17).
 
 A call that sampling left out before its model ran writes no rows: only the always-on
 aggregates need its detections, their logits and embeddings, and those are summarised on the
@@ -9,19 +9,28 @@ and ``labels`` (a few hundred values), and hands over a :class:`DeferredDetectio
 runs when the writer first reads the detections, on the writer's thread. The aggregates are the
 same as if the call had been parsed on its path: the same function runs on the same tensors.
 
+A logged call (issue 17) is deferred the same way: its rows, near-misses, uncertainty columns and
+embeddings are those of a parse on the call path, because everything the parse reads that may
+change once the call returned is fixed at call time: the returned detections (copied), the hook
+captures (this call's own, never written again), and the settings (:class:`ParseSettings`: the
+logger's ``near_miss``, ``near_miss_floor``, ``log_embeddings`` and the model's thresholds, which
+a later logger, ``close()`` or the user may change). The call's sampling decision, input ids,
+image sizes, field values and targets are in the record, made at call time.
+
 Not deferred (parsed on the call path, as before): tensors on a device (a parse on another
 thread would need its own stream ordering), a call with autograd history, an output that is not
 torchvision's ``[{"boxes", "scores", "labels"}, ...]``, a family that opts out
-(``ObjectDetectionTorchLogger.defer_sampled_out = False``), and calls beyond the logger's bound on
+(``ObjectDetectionTorchLogger.defer_parse = False``, or ``defer_sampled_out = False``), and calls beyond the logger's bound on
 what unparsed calls may hold (``max_deferred_bytes``), so a writer that falls behind can never
 pin more memory than that.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -29,8 +38,11 @@ from torch import Tensor
 from pyodlog.structures import DetectionBatch
 
 __all__ = [
+    "PARSE_SETTINGS",
     "DeferredBudget",
     "DeferredDetections",
+    "FrozenView",
+    "ParseSettings",
     "deferrable",
     "held_tensors",
     "nbytes",
@@ -79,7 +91,7 @@ class DeferredBudget:
         self.max_bytes = int(max_bytes)
         self.held = 0
         self.deferred = 0  # calls deferred so far
-        self.refused = 0  # sampled-out calls parsed on the call path for want of budget
+        self.refused = 0  # calls parsed on the call path for want of budget
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> bool:
@@ -180,6 +192,14 @@ class DeferredDetections(DetectionBatch):
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __del__(self) -> None:
+        # Never parsed (the store dropped the record: queue full, disk budget): the bytes it held
+        # go back to the budget all the same.
+        done = self.__dict__.get("_on_done")
+        if done is not None:
+            self.__dict__["_on_done"] = None
+            done()
+
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled (a quarantined record) as the plain batch it stands for.
         return (_plain, (self.resolve(),))
@@ -213,3 +233,103 @@ def deferrable(tensors: list[Tensor]) -> bool:
 def nbytes(tensors: list[Tensor]) -> int:
     """Bytes of ``tensors`` (views counted at their own size)."""
     return sum(t.nbytes for t in tensors)
+
+
+class FrozenView:
+    """A read-only view of a model (or one of its parts) whose named settings keep the values they
+    had when the view was made; every other attribute is read from the object itself (its
+    stateless parts: box coders, heads). ``values``: ``{attribute: value}``; ``children``:
+    ``{attribute: FrozenView}`` for parts that hold frozen settings of their own."""
+
+    __slots__ = ("_children", "_obj", "_values")
+
+    def __init__(
+        self, obj: Any, values: dict[str, Any], children: dict[str, FrozenView] | None = None
+    ) -> None:
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_children", children or {})
+
+    @classmethod
+    def of(cls, obj: Any, paths: Iterable[str]) -> FrozenView:
+        """The view of ``obj`` with each dotted attribute path of ``paths`` fixed at its value now
+        (a path that does not resolve is left out; :func:`resolvable` leaves them out once)."""
+        values: dict[str, Any] = {}
+        nested: dict[str, list[str]] = {}
+        for path in paths:
+            head, _, rest = path.partition(".")
+            if rest:
+                nested.setdefault(head, []).append(rest)
+            elif hasattr(obj, head):
+                values[head] = getattr(obj, head)
+        children = {
+            name: cls.of(getattr(obj, name), sub)
+            for name, sub in nested.items()
+            if hasattr(obj, name)
+        }
+        return cls(obj, values, children)
+
+    @staticmethod
+    def resolvable(obj: Any, paths: Iterable[str]) -> tuple[str, ...]:
+        """The dotted attribute paths of ``paths`` that ``obj`` has."""
+
+        def has(path: str) -> bool:
+            target = obj
+            for name in path.split("."):
+                if not hasattr(target, name):
+                    return False
+                target = getattr(target, name)
+            return True
+
+        return tuple(path for path in paths if has(path))
+
+    def settings(self) -> dict[str, Any]:
+        """The fixed values, by dotted path."""
+        out = dict(self._values)
+        for name, child in self._children.items():
+            out.update({f"{name}.{k}": v for k, v in child.settings().items()})
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        children = object.__getattribute__(self, "_children")
+        if name in children:
+            return children[name]
+        return getattr(object.__getattribute__(self, "_obj"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"a deferred parse reads the model's settings as they were at call time; "
+            f"it cannot set {name!r}"
+        )
+
+    def __repr__(self) -> str:
+        return f"FrozenView({type(self._obj).__name__}, {self.settings()!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParseSettings:
+    """What a call's parse reads besides its output and captures, fixed at call time.
+
+    ``owner``: the logger; ``core``: its (unwrapped) model, and ``view`` its :class:`FrozenView`
+    (``pyodlog.models.common.parts(core)`` returns the view while this is current);
+    ``near_miss``, ``near_miss_floor``, ``log_embeddings``: the logger's (read through its
+    properties while this is current); ``autocast_dtype``: the calling thread's CPU autocast
+    dtype (None: autocast off), under which the parse runs."""
+
+    owner: Any
+    core: Any
+    view: FrozenView
+    near_miss: int
+    near_miss_floor: float | None
+    log_embeddings: bool
+    autocast_dtype: Any = None
+
+
+#: The settings of the deferred parse running in this context (None: no deferred parse; the
+#: logger's and the model's live values are read).
+PARSE_SETTINGS: contextvars.ContextVar[ParseSettings | None] = contextvars.ContextVar(
+    "pyodlog_parse_settings", default=None
+)

@@ -19,8 +19,11 @@ from torch import Tensor, nn
 from pyodlog.io.sink import SegmentStore, Sink
 from pyodlog.io.thumbnails import check_log_images, thumbnail_source
 from pyodlog.monitoring.deferred import (
+    PARSE_SETTINGS,
     DeferredBudget,
     DeferredDetections,
+    FrozenView,
+    ParseSettings,
     deferrable,
     held_tensors,
     nbytes,
@@ -233,16 +236,33 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
 
     #: Human-readable name of the model family, for error messages.
     family: str = ""
-    #: A call sampled out before its model ran is parsed on the store's writer thread rather than
-    #: on the call's (:mod:`pyodlog.monitoring.deferred`): the call keeps references to what its
-    #: hooks captured and a copy of the returned boxes, scores and labels. Sound for a
-    #: ``_parse_model_output`` that reads only the output, ``self._state`` and the model's
-    #: stateless parts (e.g. its box coder; the subclass contract): it may run after the next
-    #: call began, or after ``close()`` gave the model its thresholds back. A family whose parse
-    #: reads anything else (or, when sampled out, the thresholds) sets it False.
+    #: A call (logged or sampled out) on the CPU is parsed on the store's writer thread rather
+    #: than on the call's (:mod:`pyodlog.monitoring.deferred`): the call keeps references to what
+    #: its hooks captured, a copy of the returned boxes, scores and labels and the settings its
+    #: parse reads (``near_miss``, ``near_miss_floor``, ``log_embeddings``, and the model's
+    #: :attr:`parse_settings`, read through ``pyodlog.models.common.parts(self._core)``). Sound
+    #: for a ``_parse_model_output`` that reads only those, the output, ``self._state`` and the
+    #: model's stateless parts (e.g. its box coder; the subclass contract): it may run after the
+    #: next call began, or after ``close()`` gave the model its thresholds back. A family whose
+    #: parse reads anything else sets it False (every call is then parsed on its path).
+    defer_parse: bool = True
+    #: The attribute of release sampling2 (only sampled-out calls were deferred then), kept:
+    #: False opts the family out of deferral altogether, as ``defer_parse = False``.
     defer_sampled_out: bool = True
-    #: The most bytes of captured tensors the not-yet-parsed sampled-out calls of one logger may
-    #: hold (one call alone may hold more); past it, sampled-out calls are parsed on their path.
+    #: The model's settings a parse reads (dotted attribute paths from the unwrapped model; those
+    #: it lacks are skipped), fixed at call time for a deferred parse: torchvision's thresholds of
+    #: the one-stage heads and of R-CNN's ``roi_heads``.
+    parse_settings: tuple[str, ...] = (
+        "score_thresh",
+        "nms_thresh",
+        "detections_per_img",
+        "topk_candidates",
+        "roi_heads.score_thresh",
+        "roi_heads.nms_thresh",
+        "roi_heads.detections_per_img",
+    )
+    #: The most bytes of captured tensors the not-yet-parsed calls of one logger may
+    #: hold (one call alone may hold more); past it, calls are parsed on their path.
     max_deferred_bytes: int = 512 << 20
 
     def __init__(
@@ -352,6 +372,45 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                     self._close_monitoring()
             raise
 
+    # The settings a parse reads: those of its call while a deferred parse runs (fixed at call
+    # time, :class:`~pyodlog.monitoring.deferred.ParseSettings`), else the logger's own.
+
+    @property
+    def near_miss(self) -> int:
+        """Near-miss candidates logged per image (``near_miss=``)."""
+        settings = PARSE_SETTINGS.get()
+        if settings is not None and settings.owner is self:
+            return settings.near_miss
+        return self._near_miss
+
+    @near_miss.setter
+    def near_miss(self, value: int) -> None:
+        self._near_miss = value
+
+    @property
+    def near_miss_floor(self) -> float | None:
+        """The lowest score (exclusive) of a below-score near-miss (``near_miss_floor=``)."""
+        settings = PARSE_SETTINGS.get()
+        if settings is not None and settings.owner is self:
+            return settings.near_miss_floor
+        return self._near_miss_floor
+
+    @near_miss_floor.setter
+    def near_miss_floor(self, value: float | None) -> None:
+        self._near_miss_floor = value
+
+    @property
+    def log_embeddings(self) -> bool:
+        """Whether a per-detection embedding is logged (``log_embeddings=``)."""
+        settings = PARSE_SETTINGS.get()
+        if settings is not None and settings.owner is self:
+            return settings.log_embeddings
+        return self._log_embeddings
+
+    @log_embeddings.setter
+    def log_embeddings(self, value: bool) -> None:
+        self._log_embeddings = value
+
     def _init_rest(
         self,
         model_name: str,
@@ -426,7 +485,11 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         candidate each came from.
 
         Runs on the inference path: tensor operations only, no host sync, no
-        Python loop over detections (a loop over images is fine).
+        Python loop over detections (a loop over images is fine). On the CPU, for an output in
+        torchvision's format and a segment store, it runs on the store's writer thread after the
+        call returned (:attr:`defer_parse`): it reads the settings of its call then (``near_miss``,
+        ``near_miss_floor``, ``log_embeddings``, the model's :attr:`parse_settings` through
+        ``pyodlog.models.common.parts(self._core)``).
         """
 
     def _apply_nms_config(self, model: nn.Module, nms_config: NmsConfig) -> None:
@@ -637,11 +700,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         try:
             features = self._end_capture(capture)
             ids, img_sizes, fields = identities()
-            detections = (
-                self._deferred_detections(capture, output, img_sizes)
-                if capture.sampled_out
-                else None
-            )
+            detections = self._deferred_detections(capture, output, img_sizes)
             if detections is None:
                 with torch.no_grad():
                     detections = self._as_detection_batch(
@@ -677,13 +736,22 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
     def _deferred_detections(
         self, capture: CallCapture, output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch | None:
-        """A sampled-out call's detections, parsed when the store's writer first reads them
-        (:class:`~pyodlog.monitoring.deferred.DeferredDetections`), or None to parse them now:
-        the family opts out, the sink has no writer thread, the output is not one that can be
-        copied, a captured tensor is on a device or has autograd history, or the unparsed calls
-        already hold ``max_deferred_bytes``. Tensor references only: no copy of what the hooks
-        captured, no device access."""
-        if not self.defer_sampled_out or not isinstance(self._sink, SegmentStore):
+        """A call's detections (logged or sampled out), parsed when the store's writer first reads
+        them (:class:`~pyodlog.monitoring.deferred.DeferredDetections`), or None to parse them
+        now: the family opts out (``defer_parse``/``defer_sampled_out`` False), the sink has no
+        writer thread, the hooks captured nothing, the output is not one that can be copied, a captured tensor is on a device
+        or has autograd history, or the unparsed calls already hold ``max_deferred_bytes``.
+        Tensor references only: no copy of what the hooks captured, no device access; the
+        settings the parse reads are fixed now (:class:`~pyodlog.monitoring.deferred.ParseSettings`)."""
+        if (
+            not self.defer_parse
+            or not self.defer_sampled_out
+            or not isinstance(self._sink, SegmentStore)
+        ):
+            return None
+        if not capture.state:
+            # The hooks captured nothing (e.g. a model compiled before they were registered): the
+            # parse fails, and says why, now rather than on the writer.
             return None
         copy = self._output_for_deferred_parse(output)
         if copy is None:
@@ -695,12 +763,29 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         if not budget.take(size):
             return None
         current = self._current_call
+        settings = ParseSettings(
+            self,
+            self._core,
+            FrozenView.of(self._core, self._parse_setting_paths()),
+            self._near_miss,
+            self._near_miss_floor,
+            self._log_embeddings,
+            # Autocast is the calling thread's: the parse runs under the same (e.g. roi_align
+            # over bfloat16 features is computed in float32 under CPU autocast only).
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+        )
 
         def parse() -> DetectionBatch:
-            # The call's own captures current again, in the thread that reads the detections.
+            # The call's own captures and settings current again, in the thread that reads them.
             token = current.set(capture)
+            settings_token = PARSE_SETTINGS.set(settings)
+            autocast = (
+                contextlib.nullcontext()
+                if settings.autocast_dtype is None
+                else torch.autocast("cpu", dtype=settings.autocast_dtype)
+            )
             try:
-                with torch.no_grad():
+                with torch.no_grad(), autocast:
                     return self._as_detection_batch(
                         self._parse_model_output(copy, img_sizes), img_sizes
                     )
@@ -708,9 +793,19 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 self._logging_failed(error)  # as on the call path; the store quarantines the call
                 raise
             finally:
+                PARSE_SETTINGS.reset(settings_token)
                 current.reset(token)
 
         return DeferredDetections(parse, held, lambda: budget.give_back(size))
+
+    def _parse_setting_paths(self) -> tuple[str, ...]:
+        """:attr:`parse_settings` that the model has (found once: a path it lacks costs a failed
+        attribute lookup of ``nn.Module`` at every call)."""
+        found = self.__dict__.get("_parse_paths")
+        if found is None or found[0] != self.parse_settings:
+            found = (self.parse_settings, FrozenView.resolvable(self._core, self.parse_settings))
+            self.__dict__["_parse_paths"] = found
+        return found[1]
 
     def _submit_or_count(self, record: CallRecord) -> None:
         """Hands a record to the sink; a failure is counted and reported, never raised."""
