@@ -10,6 +10,7 @@
 // to whole vectors and cut into single-thread blocks): the value the detection
 // heads compute for all but those last elements of their own runs.
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -47,31 +48,48 @@ Activation parse_activation(c10::string_view name, const std::optional<at::Tenso
 
 namespace {
 
-// Every element through torch's vectorised sigmoid: padded to whole double vectors (64
-// elements covers every vector width and dtype) and cut into blocks that one thread runs
-// whole (at most 16,384 elements: below torch's parallel grain).
-at::Tensor vector_sigmoid(const at::Tensor& x) {
-  if (!x.is_cpu()) {
-    return at::sigmoid(x);
-  }
-  constexpr int64_t kPad = 64, kBlock = 16384;
-  const int64_t n = x.numel();
-  const int64_t padded = (n + kPad - 1) / kPad * kPad;
-  at::Tensor in = at::zeros({padded}, x.options());
-  in.narrow(0, 0, n).copy_(x.reshape(-1));
-  at::Tensor out = at::empty({padded}, x.options());
-  const int64_t n_blocks = (padded + kBlock - 1) / kBlock;
+constexpr int64_t kPad = 64;       // whole double vectors of every width and dtype
+constexpr int64_t kBlock = 16384;  // below torch's parallel grain: one thread runs a block whole
+
+int64_t padded_size(int64_t n) {
+  return (n + kPad - 1) / kPad * kPad;
+}
+
+// dst = sigmoid(src), 1-D, numel a multiple of kPad (dst may be src): torch's vectorised path for
+// every element, blocks in parallel.
+void sigmoid_blocks(const at::Tensor& src, const at::Tensor& dst) {
+  const int64_t n = src.numel();
+  const int64_t n_blocks = (n + kBlock - 1) / kBlock;
   // Inside a parallel region torch runs each sigmoid on the calling thread; the workers take
-  // the caller's thread-local state (inference mode: `out` may be an inference tensor).
+  // the caller's thread-local state (inference mode: `dst` may be an inference tensor).
   const at::ThreadLocalState caller;
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t start = b * kBlock, len = std::min(kBlock, padded - start);
-      at::Tensor o = out.narrow(0, start, len);
-      at::sigmoid_out(o, in.narrow(0, start, len));
+      const int64_t start = b * kBlock, len = std::min(kBlock, n - start);
+      at::Tensor o = dst.narrow(0, start, len);
+      at::sigmoid_out(o, src.narrow(0, start, len));
     }
   });
+}
+
+// Every element through torch's vectorised sigmoid (on the CPU: the run padded to whole vectors
+// and cut into single-thread blocks).
+at::Tensor vector_sigmoid(const at::Tensor& x) {
+  if (!x.is_cpu()) {
+    return at::sigmoid(x);
+  }
+  const at::Tensor in = x.contiguous().view(-1);
+  const int64_t n = in.numel(), n_full = n / kPad * kPad;
+  at::Tensor out = at::empty({padded_size(n)}, x.options());
+  if (n_full > 0) {
+    sigmoid_blocks(in.narrow(0, 0, n_full), out.narrow(0, 0, n_full));
+  }
+  if (n > n_full) {
+    at::Tensor tail = at::zeros({kPad}, x.options());
+    tail.narrow(0, 0, n - n_full).copy_(in.narrow(0, n_full, n - n_full));
+    sigmoid_blocks(tail, out.narrow(0, n_full, kPad));
+  }
   return out.narrow(0, 0, n).view(x.sizes());
 }
 
@@ -100,14 +118,15 @@ void check_activation_inputs(const at::Tensor& logits, const std::optional<at::T
 }
 
 // CPU: the rows with a logit above the row's bound (one read of the logits, nothing
-// activated), in row order.
+// activated; a row stops being read at its first logit above), in row order.
 template <typename S, typename T>
 std::vector<int64_t> live_rows_cpu(const S* logits, const S* centerness, int64_t n, int64_t c, int64_t first_label,
                                    double lower) {
   std::vector<char> live(n, 0);
   const T fixed = static_cast<T>(std::is_same_v<T, float> ? common::float_at_most(common::logit_of(lower))
                                                            : common::logit_of(lower));
-  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kChunk = 16;  // read in vector-sized chunks, stopping at the first hit
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       T bound = fixed;
       if (centerness != nullptr) {
@@ -116,8 +135,16 @@ std::vector<int64_t> live_rows_cpu(const S* logits, const S* centerness, int64_t
       }
       const S* row = logits + r * c;
       bool any = false;
-      for (int64_t k = first_label; k < c; ++k) {
-        any |= common::may_pass(static_cast<T>(row[k]), bound);
+      int64_t k = first_label;
+      for (; !any && k + kChunk <= c; k += kChunk) {
+        bool hit = false;
+        for (int64_t j = 0; j < kChunk; ++j) {
+          hit |= common::may_pass(static_cast<T>(row[k + j]), bound);
+        }
+        any = hit;
+      }
+      for (; !any && k < c; ++k) {
+        any = common::may_pass(static_cast<T>(row[k]), bound);
       }
       live[r] = any ? 1 : 0;
     }
@@ -129,6 +156,27 @@ std::vector<int64_t> live_rows_cpu(const S* logits, const S* centerness, int64_t
     }
   }
   return rows;
+}
+
+// The sigmoid of rows `rows` of `logits` [N, C] (contiguous, CPU): the rows copied side by side
+// into a buffer padded to whole vectors, activated in place. Returns [R, C].
+at::Tensor sigmoid_of_rows(const at::Tensor& logits, const std::vector<int64_t>& rows) {
+  const int64_t r_count = static_cast<int64_t>(rows.size()), c = logits.size(1);
+  const int64_t n = r_count * c;
+  at::Tensor buf = at::empty({padded_size(n)}, logits.options());
+  const size_t row_bytes = static_cast<size_t>(c) * logits.element_size();
+  const char* src = static_cast<const char*>(logits.data_ptr());
+  char* dst = static_cast<char*>(buf.data_ptr());
+  at::parallel_for(0, r_count, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::memcpy(dst + i * row_bytes, src + rows[i] * row_bytes, row_bytes);
+    }
+  });
+  if (buf.numel() > n) {
+    buf.narrow(0, n, buf.numel() - n).zero_();
+  }
+  sigmoid_blocks(buf, buf);
+  return buf.narrow(0, 0, n).view({r_count, c});
 }
 
 }  // namespace
@@ -166,6 +214,13 @@ std::tuple<at::Tensor, at::Tensor> activated_rows(const at::Tensor& logits, c10:
       }
     });
     rows = at::tensor(live, index_options);
+    if (static_cast<int64_t>(live.size()) < n) {
+      at::Tensor scores = sigmoid_of_rows(l, live);
+      if (a == Activation::kSigmoidCenterness) {
+        scores = at::sqrt(scores * vector_sigmoid(ctr.index_select(0, rows)).unsqueeze(1));
+      }
+      return {rows, scores};
+    }
   } else {
     // Other devices: exact scores of every pair (torch's kernels), the rows holding one above.
     const at::Tensor s = activate(logits, a, ctr);
