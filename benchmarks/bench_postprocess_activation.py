@@ -11,26 +11,51 @@ Paired rotation (each variant once per rotation, back to back), medians, on the 
 * ``call``: RetinaNet ResNet-50 (random weights), batch 1, 480x640: bare ``model(images)``
   against a logged call whose logger activates every anchor in PyTorch (the old path) and one
   that hands the raw logits to the operators (the new path), both with ``near_miss=32``.
+* ``parse``: the part of those logged calls that differs, alone: the logger's
+  ``_parse_model_output`` on the state one call captured (match the returned detections to
+  their anchors, logits, uncertainty, near-misses), old path against new, same call.
 
 Usage: .venv/bin/python -m benchmarks.bench_postprocess_activation [OP_ROTATIONS] [CALL_ROTATIONS]
+[--cpu-time]
+
+``--cpu-time``: one intra-op thread, each call timed by the calling thread's CPU time
+(``time.thread_time``) instead of the wall clock: on a shared, loaded machine it leaves out the
+time the process waits for a core (what it keeps: cache and memory contention).
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import pyodlog
-from benchmarks.bench_near_miss import paired
 from benchmarks.bench_overhead import _make
 from benchmarks.bench_postprocess import _inputs
 from benchmarks.environment import print_header
 from pyodlog.io import HDF5Store
 from pyodlog.models.torchvision_dense import RetinaNetLogger
 from pyodlog.ops import postprocess_detections_near_miss
+
+CLOCK: Callable[[], float] = time.perf_counter
+
+
+def paired(variants: dict, rotations: int) -> dict[str, float]:
+    """Medians of each variant, run once per rotation back to back (after one warm-up each)."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(rotations):
+        for name, fn in variants.items():
+            start = CLOCK()
+            fn()
+            times[name].append(CLOCK() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 class _SigmoidInPyTorch(RetinaNetLogger):
@@ -91,6 +116,28 @@ def call_times(rotations: int) -> dict[str, float]:
             },
             rotations,
         )
+        # The logger's own work on a call's captured state, old path against new: inside each
+        # logged call its _parse_model_output runs 3 times, timed; the loggers alternate calls.
+        parse_times: dict[str, list[float]] = {k: [] for k in loggers}
+        results = {}
+        for key, logger in loggers.items():
+            original = logger._parse_model_output
+
+            def timed(out, img_sizes, original=original, key=key):
+                for _ in range(3):
+                    start = CLOCK()
+                    results[key] = original(out, img_sizes)
+                    parse_times[key].append(CLOCK() - start)
+                return results[key]
+
+            logger._parse_model_output = timed  # type: ignore[method-assign]
+        for _ in range(rotations):
+            for logger in loggers.values():
+                logger(images)
+        old, new = results.values()
+        assert torch.equal(old.candidate_index, new.candidate_index)
+        assert torch.equal(old.near_misses.candidate_index, new.near_misses.candidate_index)
+        times.update({f"parse: {k}": statistics.median(v) for k, v in parse_times.items()})
     for logger in loggers.values():
         logger.close()
     return times
@@ -110,9 +157,17 @@ def main(op_rotations: int = 20, call_rotations: int = 5) -> None:
     bare = t.pop("bare")
     print(f"call retinanet_resnet50_fpn batch 1: bare {bare * 1e3:.1f} ms")
     for key, v in t.items():
-        print(f"  {key}: {v * 1e3:.1f} ms, {v / bare:.3f}x bare")
+        if not key.startswith("parse"):
+            print(f"  {key}: {v * 1e3:.1f} ms, {v / bare:.3f}x bare")
+    for key, v in t.items():
+        if key.startswith("parse"):
+            print(f"  {key}: {v * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":
     print_header("benchmarks.bench_postprocess_activation")
-    main(*(int(a) for a in sys.argv[1:]))
+    if "--cpu-time" in sys.argv:
+        torch.set_num_threads(1)
+        CLOCK = time.thread_time
+        print("timing: calling thread's CPU time, 1 intra-op thread")
+    main(*(int(a) for a in sys.argv[1:] if not a.startswith("--")))

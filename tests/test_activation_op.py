@@ -12,12 +12,15 @@ import pytest
 import torch
 from torchvision.models import detection
 
+import pyodlog
+from pyodlog import InMemorySink
 from pyodlog.ops import (
     activated_rows,
     postprocess_detections,
     postprocess_detections_near_miss,
 )
 from tests.helpers.detector_candidates import SMALL, images
+from tests.helpers.outputs import assert_outputs_equal, distinct_init, last_record
 
 THRESH = 0.05
 
@@ -325,3 +328,67 @@ def test_raw_logits_of_a_real_head_give_torchvisions_detections(name):
         assert torch.equal(det.labels[b, :n], want["labels"])
         assert torch.equal(det.boxes[b, :n], want["boxes"])
     assert total > 20 and int(out.near_misses.counts.sum()) > 0
+
+
+# -- the RetinaNet and FCOS loggers: raw logits to the operators, records unchanged ----------------
+
+
+def _logged(logger_class, model, imgs):
+    with logger_class(model, "m", "v1", sink=InMemorySink(), near_miss=16) as logger:
+        with torch.inference_mode():
+            out = logger(imgs)
+        return out, last_record(logger)
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_loggers_record_the_same_from_raw_logits(name):
+    """The fused path (only the anchors that can pass are activated) records exactly what the
+    old path (every anchor activated in PyTorch) records, in each of its three ways of feeding
+    the near-miss operator: raw logits (few anchors live), the live anchors' scores with the
+    others 0 (many live), all the scores (all live)."""
+    # (class-logit weight scale, bias, score_thresh): few, many and all anchors live.
+    if name == "retinanet":
+        build, fused_class = detection.retinanet_resnet50_fpn, pyodlog.RetinaNetLogger
+        settings = ((1e-3, -12.0, 0.2), (1e-3, -7.0, 0.2), (1e-3, -1.0, 0.2))
+    else:
+        build, fused_class = detection.fcos_resnet50_fpn, pyodlog.FCOSLogger
+        settings = ((0.1, -5.5, 0.2), (0.1, -4.0, 0.2), (0.1, -3.0, 0.05))
+
+    class OldPath(fused_class):
+        activation = None
+
+    ways = set()
+    original = fused_class._match_fused
+
+    def recording(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        _, scores, activation = result
+        if activation != "none":
+            ways.add("raw logits")
+        else:
+            ways.add("live scores, others 0" if (scores == 0).all(1).any() else "all scores")
+        return result
+
+    imgs = images(sizes=((200, 240), (180, 260)))
+    for scale, bias, thresh in settings:
+        torch.manual_seed(0)
+        model = distinct_init(build(weights=None, weights_backbone=None, **SMALL)).eval()
+        model.score_thresh = thresh
+        with torch.no_grad():
+            model.head.classification_head.cls_logits.weight *= scale
+            model.head.classification_head.cls_logits.bias.fill_(bias)
+        fused_class._match_fused = recording
+        try:
+            out_new, new = _logged(fused_class, model, imgs)
+        finally:
+            fused_class._match_fused = original
+        out_old, old = _logged(OldPath, model, imgs)
+        assert_outputs_equal(out_new, out_old)
+        a_nm, b_nm = new.detections.near_misses, old.detections.near_misses
+        for a, b in ((new.detections, old.detections), (a_nm, b_nm)):
+            for field in ("boxes", "scores", "labels", "logits", "candidate_index", "counts"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert torch.equal(x, y), field
+        assert torch.equal(a_nm.reason, b_nm.reason)
+        assert torch.equal(a_nm.suppressed_by, b_nm.suppressed_by)
+    assert ways == {"raw logits", "live scores, others 0", "all scores"}, ways

@@ -120,38 +120,58 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         boxes: Tensor,
         n_anchors: int,
         net_sizes: list[tuple[int, int]],
-    ) -> Tensor:
+        want_near_misses: bool,
+    ) -> tuple[Tensor, Tensor, str]:
         """:func:`match_detections` over the anchors that can hold a returned detection only.
 
-        Every returned score is at least the lowest one: the anchors none of whose logits can
-        reach it are left out (:func:`pyodlog.ops.activated_rows`), the others activated exactly
-        as the model does; the matches are mapped back to anchor rows.
+        Every returned score is at least the lowest one (and above the model's threshold): the
+        anchors none of whose logits can pass the lower of those, or of the near-miss floor, are
+        left out (:func:`pyodlog.ops.activated_rows`, one read of the logits), the others
+        activated exactly as the model does; the matches are mapped back to anchor rows.
+
+        Returns:
+            ``(candidates, scores, activation)``: what the near-miss operator is fed. When many
+            anchors were activated here, their scores (the others 0: they cannot pass the
+            operator's threshold, so none of its decisions changes) with ``"none"``; else the
+            raw logits with the family's activation (the operator reads them once more and
+            activates only the anchors it needs).
         """
+        assert self.activation is not None
         n_images = len(net_sizes)
+        n, n_classes = logits.shape
+        heads = _parts(self._core)
+        thresh = float(heads.score_thresh)
+        if want_near_misses:
+            floor = self.near_miss_floor
+            thresh = min(thresh, thresh / 2 if floor is None else float(floor))
         valid = (
             torch.arange(returned.scores.shape[1])[None, :] < returned.counts[:, None]
         ) & ~returned.scores.isnan()
-        if not bool(valid.any()):
-            return torch.full(returned.scores.shape, -1, dtype=torch.long)
-        lowest = float(returned.scores[valid].min())
-        thresh = math.nextafter(min(lowest, float(_parts(self._core).score_thresh)), -math.inf)
-        assert self.activation is not None
+        if bool(valid.any()):
+            thresh = min(thresh, float(returned.scores[valid].min()))
         live, live_scores = activated_rows(
-            logits, self.activation, thresh, self.first_label, centerness
+            logits, self.activation, math.nextafter(thresh, -math.inf), self.first_label, centerness
         )
-        if live.numel() == 0:
-            return torch.full(returned.scores.shape, -1, dtype=torch.long)
-        live_rows = torch.bincount(live // n_anchors, minlength=n_images).tolist()
-        matched = match_detections(
-            returned,
-            live_scores,
-            clip_and_resize(
-                boxes[live], live_rows, net_sizes, net_sizes, self._state["input_sizes"]
-            ),
-            live_rows,
-            first_label=self.first_label,
-        )
-        return torch.where(matched >= 0, live[matched.clamp(min=0)], matched)
+        matched = torch.full(returned.scores.shape, -1, dtype=torch.long)
+        if live.numel() and bool(valid.any()):
+            live_rows = torch.bincount(live // n_anchors, minlength=n_images).tolist()
+            matched = match_detections(
+                returned,
+                live_scores,
+                clip_and_resize(
+                    boxes[live], live_rows, net_sizes, net_sizes, self._state["input_sizes"]
+                ),
+                live_rows,
+                first_label=self.first_label,
+            )
+            matched = torch.where(matched >= 0, live[matched.clamp(min=0)], matched)
+        if not want_near_misses or 4 * live.numel() <= n:
+            return matched, logits, self.activation
+        if live.numel() == n:
+            return matched, live_scores, "none"
+        scores = live_scores.new_zeros((n, n_classes))
+        scores.index_copy_(0, live, live_scores)
+        return matched, scores, "none"
 
     def _anchor_levels(
         self, features: list[Tensor], n_anchors: int, device: torch.device
@@ -181,10 +201,17 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         # anchor's scores here).
         fused = self._fused(cls_logits, boxes)
         centerness = self._centerness(head) if fused else None
+        want_near_misses = bool(self.near_miss) and not self._sampled_out_now()
+        activation = "none"
         if fused:
-            scores = cls_logits.reshape(-1, n_classes)  # raw logits: the operators activate them
-            candidates = self._match_fused(
-                returned, scores, centerness, boxes, n_anchors, net_sizes
+            candidates, scores, activation = self._match_fused(
+                returned,
+                cls_logits.reshape(-1, n_classes),
+                centerness,
+                boxes,
+                n_anchors,
+                net_sizes,
+                want_near_misses,
             )
         else:
             scores = self._scores(head).reshape(-1, n_classes)
@@ -209,7 +236,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             )
         logits = gather_rows(cls_logits.reshape(-1, n_classes), candidates)
         near_misses = None
-        if self.near_miss and not self._sampled_out_now():  # sampled out: no rows
+        if want_near_misses:  # sampled out: no rows
             near_misses = self._near_misses(
                 returned,
                 candidates,
@@ -218,8 +245,8 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
                 rows,
                 img_sizes,
                 cls_logits.reshape(-1, n_classes),
-                activation=self.activation if fused else None,
-                centerness=centerness,
+                activation=activation,
+                centerness=centerness if activation != "none" else None,
             )
         return DetectionBatch(
             logged_boxes(returned, self._state["input_sizes"], img_sizes),
