@@ -26,12 +26,19 @@ THRESH = 0.05
 
 
 def torch_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """torch.sigmoid's vectorised value of every element: each row padded past its end, so that
-    none of its elements falls in the scalar tail of a run (torch computes the last < 2 vectors
-    of a contiguous run another way, which differs in the last bit now and then)."""
+    """torch.sigmoid's vectorised value of every element: each row padded past its end, and one
+    thread (one contiguous run), so that none of its elements falls in the scalar tail of a run
+    (torch computes the last < 2 vectors of a run another way, which differs in the last bit now
+    and then)."""
     flat = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
     pad = torch.zeros(flat.shape[0], 64, dtype=x.dtype)
-    return torch.sigmoid(torch.cat([flat, pad], 1))[:, : flat.shape[1]].reshape(x.shape)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = torch.sigmoid(torch.cat([flat, pad], 1))
+    finally:
+        torch.set_num_threads(threads)
+    return out[:, : flat.shape[1]].reshape(x.shape)
 
 
 def activate(logits, activation, centerness=None):
@@ -194,15 +201,24 @@ def test_rows_left_out_cannot_pass_and_scores_are_torchs():
                 assert len(rows) < len(logits) / 2  # the bound does skip rows
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("inference", [False, True])
-def test_large_inputs_are_activated_as_torch_does(inference):
-    # More than one block and more than a thread's run: every element on torch's vector path;
-    # the worker threads work in the caller's inference mode.
+def test_large_inputs_are_activated_as_torch_does(inference, threads):
+    # Several blocks (one per thread), each larger than torch's parallel grain: every element on
+    # torch's vector path; the worker threads work in the caller's inference mode.
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3001, 91, generator=g) * 3
-    with torch.inference_mode(inference):
-        _rows, scores = activated_rows(logits, "sigmoid", -1.0)
-    assert torch.equal(scores, torch_sigmoid(logits))
+    want = torch_sigmoid(logits)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode(inference):
+            every, scores = activated_rows(logits, "sigmoid", -1.0)
+            rows, some = activated_rows(logits, "sigmoid", 0.9)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(every, torch.arange(len(logits))) and torch.equal(scores, want)
+    assert torch.equal(some, want[rows])
 
 
 def test_bad_arguments_say_what_to_do():

@@ -7,8 +7,8 @@
 // that differs from it in the last bit for a few percent of inputs; which
 // elements those are depends on how the tensor is laid out and split between
 // threads. The scores here are always the vectorised path's (the run is padded
-// to whole vectors and cut into single-thread blocks): the value the detection
-// heads compute for all but those last elements of their own runs.
+// to whole vectors and cut into whole-vector blocks, one per thread): the value
+// the detection heads compute for all but those last elements of their own runs.
 #include <algorithm>
 #include <cstring>
 #include <cmath>
@@ -48,25 +48,36 @@ Activation parse_activation(c10::string_view name, const std::optional<at::Tenso
 
 namespace {
 
-constexpr int64_t kPad = 64;       // whole double vectors of every width and dtype
-constexpr int64_t kBlock = 16384;  // below torch's parallel grain: one thread runs a block whole
+constexpr int64_t kPad = 64;  // whole double vectors of every width and dtype
 
 int64_t padded_size(int64_t n) {
   return (n + kPad - 1) / kPad * kPad;
 }
 
 // dst = sigmoid(src), 1-D, numel a multiple of kPad (dst may be src): torch's vectorised path for
-// every element, blocks in parallel.
+// every element. One block per thread, each a multiple of kPad, run inside the parallel region
+// (where torch runs an operator on the calling thread, so that no block is split again and no
+// element falls in a scalar tail); with one thread, one block (torch does not split it either).
 void sigmoid_blocks(const at::Tensor& src, const at::Tensor& dst) {
   const int64_t n = src.numel();
-  const int64_t n_blocks = (n + kBlock - 1) / kBlock;
-  // Inside a parallel region torch runs each sigmoid on the calling thread; the workers take
-  // the caller's thread-local state (inference mode: `dst` may be an inference tensor).
+  if (n == 0) {
+    return;
+  }
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1) {
+    at::Tensor o = dst;
+    at::sigmoid_out(o, src);
+    return;
+  }
+  const int64_t block = std::max(kPad, padded_size((n + threads - 1) / threads));
+  const int64_t n_blocks = (n + block - 1) / block;
+  // The workers take the caller's thread-local state (inference mode: `dst` may be an inference
+  // tensor).
   const at::ThreadLocalState caller;
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t start = b * kBlock, len = std::min(kBlock, n - start);
+      const int64_t start = b * block, len = std::min(block, n - start);
       at::Tensor o = dst.narrow(0, start, len);
       at::sigmoid_out(o, src.narrow(0, start, len));
     }
