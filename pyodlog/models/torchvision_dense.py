@@ -153,6 +153,24 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             logits, self.activation, math.nextafter(thresh, -math.inf), self.first_label, centerness
         )
         matched = torch.full(returned.scores.shape, -1, dtype=torch.long)
+        if live.numel() == n and bool(valid.any()):  # every anchor live: nothing to map back
+            return (
+                match_detections(
+                    returned,
+                    live_scores,
+                    clip_and_resize(
+                        boxes,
+                        [n_anchors] * n_images,
+                        net_sizes,
+                        net_sizes,
+                        self._state["input_sizes"],
+                    ),
+                    [n_anchors] * n_images,
+                    first_label=self.first_label,
+                ),
+                live_scores,
+                "none",
+            )
         if live.numel() and bool(valid.any()):
             live_rows = torch.bincount(live // n_anchors, minlength=n_images).tolist()
             matched = match_detections(
