@@ -82,17 +82,20 @@ TORCH_LIBRARY_FRAGMENT(pyodlog, m) {
   m.def(
       "postprocess_detections(Tensor scores, Tensor boxes, Tensor image_index, Tensor net_sizes, "
       "Tensor orig_sizes, float score_thresh, float iou_thresh, int max_detections, int first_label=0, "
-      "float min_size=0., int topk=-1, Tensor? topk_group=None, bool topk_per_class=False, bool clip=True) "
+      "float min_size=0., int topk=-1, Tensor? topk_group=None, bool topk_per_class=False, bool clip=True, "
+      "str activation=\"none\", Tensor? centerness=None) "
       "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor candidates, Tensor counts)");
   // The same pass, also returning up to `near_miss` near-misses per image (see
   // ops/common/near_miss_math.h): below_score (above near_miss_floor),
   // suppressed (with the detection row that suppressed it and their IoU),
   // over_cap.
+  // Both take raw logits with `activation` (see ops/activation.cpp): "sigmoid", or
+  // "sigmoid_centerness" with one centerness logit per row; "none": scores already activated.
   m.def(
       "postprocess_detections_near_miss(Tensor scores, Tensor boxes, Tensor image_index, Tensor net_sizes, "
       "Tensor orig_sizes, float score_thresh, float iou_thresh, int max_detections, int near_miss, "
       "float near_miss_floor, int first_label=0, float min_size=0., int topk=-1, Tensor? topk_group=None, "
-      "bool topk_per_class=False, bool clip=True) "
+      "bool topk_per_class=False, bool clip=True, str activation=\"none\", Tensor? centerness=None) "
       "-> (Tensor boxes, Tensor scores, Tensor labels, Tensor candidates, Tensor counts, Tensor nm_boxes, "
       "Tensor nm_scores, Tensor nm_labels, Tensor nm_candidates, Tensor nm_reason, Tensor nm_suppressed_by, "
       "Tensor nm_suppressor_iou, Tensor nm_counts, Tensor nm_exhausted)");

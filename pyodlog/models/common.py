@@ -504,6 +504,8 @@ def near_misses_of(
     clip: bool = True,
     uncertainty_kind: int | None = None,
     embeddings: Callable[[Tensor], Tensor] | None = None,
+    activation: str = "none",
+    centerness: Tensor | None = None,
 ) -> NearMissBatch:
     """The near-misses of a batch, from the candidates the model post-processed (one fused pass).
 
@@ -532,6 +534,8 @@ def near_misses_of(
         uncertainty_kind: :data:`pyodlog.ops.uncertainty.SOFTMAX` or ``SIGMOID`` (None: no columns).
         embeddings: ``fn(rows)`` -> ``Tensor[B, K, E]`` embedding of candidate rows ``Tensor[B, K]``
             (-1 in padding), or None.
+        activation, centerness: with ``activation`` other than ``"none"``, ``scores`` are raw
+            logits the operator activates (see :func:`pyodlog.ops.postprocess_detections`).
 
     Returns:
         :class:`~pyodlog.structures.NearMissBatch`.
@@ -557,6 +561,8 @@ def near_misses_of(
         topk_group=topk_group,
         topk_per_class=topk_per_class,
         clip=clip,
+        activation=activation,
+        centerness=None if centerness is None else centerness.to(common),
     )
     det, nm = out.detections, out.near_misses
     n_images = len(rows_per_image)

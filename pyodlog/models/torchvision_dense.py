@@ -11,6 +11,7 @@ from by its box, score and label (:func:`pyodlog.models.common.match_detections`
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from pyodlog.models.common import (
 from pyodlog.models.common import parts as _parts
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import ObjectDetectionTorchLogger
+from pyodlog.ops.postprocess import activated_rows
 from pyodlog.ops.uncertainty import SIGMOID, SOFTMAX
 from pyodlog.structures import DetectionBatch, NearMissBatch
 
@@ -65,6 +67,11 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
     uncertainty_kind: int = SIGMOID
     #: The top-k runs per (image, class) (SSD) rather than per (image, FPN level) (RetinaNet, FCOS).
     topk_per_class = False
+    #: The activation ``_scores`` applies, as the fused operators apply it to raw logits
+    #: (:data:`pyodlog.ops.postprocess.ACTIVATIONS`), or None (SSD's softmax: ``_scores`` only).
+    #: With one, a CPU call activates only the anchors that can score above the threshold
+    #: instead of every anchor's logits.
+    activation: str | None = None
 
     def _register_model_hooks(self, model: nn.Module) -> None:
         parts = _parts(model)
@@ -92,6 +99,98 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
     def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _centerness(self, head: dict) -> Tensor | None:
+        """``Tensor[N]`` the centerness logit of each anchor (activation ``sigmoid_centerness``)."""
+        return None
+
+    def _fused(self, cls_logits: Tensor, boxes: Tensor) -> bool:
+        """Whether the raw logits go to the operators (CPU, same dtype as the boxes: under
+        autocast the model activates in its own dtype, which a cast here would change)."""
+        return (
+            self.activation is not None
+            and cls_logits.device.type == "cpu"
+            and cls_logits.dtype == boxes.dtype
+        )
+
+    def _match_fused(
+        self,
+        returned: ReturnedDetections,
+        logits: Tensor,
+        centerness: Tensor | None,
+        boxes: Tensor,
+        n_anchors: int,
+        net_sizes: list[tuple[int, int]],
+        want_near_misses: bool,
+    ) -> tuple[Tensor, Tensor, str]:
+        """:func:`match_detections` over the anchors that can hold a returned detection only.
+
+        Every returned score is at least the lowest one (and above the model's threshold): the
+        anchors none of whose logits can pass the lower of those, or of the near-miss floor, are
+        left out (:func:`pyodlog.ops.activated_rows`, one read of the logits), the others
+        activated exactly as the model does; the matches are mapped back to anchor rows.
+
+        Returns:
+            ``(candidates, scores, activation)``: what the near-miss operator is fed. When many
+            anchors were activated here, their scores (the others 0: they cannot pass the
+            operator's threshold, so none of its decisions changes) with ``"none"``; else the
+            raw logits with the family's activation (the operator reads them once more and
+            activates only the anchors it needs).
+        """
+        assert self.activation is not None
+        n_images = len(net_sizes)
+        n, n_classes = logits.shape
+        heads = _parts(self._core)
+        thresh = float(heads.score_thresh)
+        if want_near_misses:
+            floor = self.near_miss_floor
+            thresh = min(thresh, thresh / 2 if floor is None else float(floor))
+        valid = (
+            torch.arange(returned.scores.shape[1])[None, :] < returned.counts[:, None]
+        ) & ~returned.scores.isnan()
+        if bool(valid.any()):
+            thresh = min(thresh, float(returned.scores[valid].min()))
+        live, live_scores = activated_rows(
+            logits, self.activation, math.nextafter(thresh, -math.inf), self.first_label, centerness
+        )
+        matched = torch.full(returned.scores.shape, -1, dtype=torch.long)
+        if live.numel() == n and bool(valid.any()):  # every anchor live: nothing to map back
+            return (
+                match_detections(
+                    returned,
+                    live_scores,
+                    clip_and_resize(
+                        boxes,
+                        [n_anchors] * n_images,
+                        net_sizes,
+                        net_sizes,
+                        self._state["input_sizes"],
+                    ),
+                    [n_anchors] * n_images,
+                    first_label=self.first_label,
+                ),
+                live_scores,
+                "none",
+            )
+        if live.numel() and bool(valid.any()):
+            live_rows = torch.bincount(live // n_anchors, minlength=n_images).tolist()
+            matched = match_detections(
+                returned,
+                live_scores,
+                clip_and_resize(
+                    boxes[live], live_rows, net_sizes, net_sizes, self._state["input_sizes"]
+                ),
+                live_rows,
+                first_label=self.first_label,
+            )
+            matched = torch.where(matched >= 0, live[matched.clamp(min=0)], matched)
+        if not want_near_misses or 4 * live.numel() <= n:
+            return matched, logits, self.activation
+        if live.numel() == n:
+            return matched, live_scores, "none"
+        scores = live_scores.new_zeros((n, n_classes))
+        scores.index_copy_(0, live, live_scores)
+        return matched, scores, "none"
+
     def _anchor_levels(
         self, features: list[Tensor], n_anchors: int, device: torch.device
     ) -> Tensor:
@@ -115,15 +214,32 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         net_sizes = self._state["net_sizes"]
         rows = [n_anchors] * n_images
         # The model's candidates as it returns them: scores activated as it does, boxes decoded,
-        # clipped to the network input and resized to the input images.
-        scores = self._scores(head).reshape(-1, n_classes)
-        candidates = match_detections(
-            returned,
-            scores,
-            clip_and_resize(boxes, rows, net_sizes, net_sizes, self._state["input_sizes"]),
-            rows,
-            first_label=self.first_label,
-        )
+        # clipped to the network input and resized to the input images. On the CPU the raw logits
+        # go to the operators, which activate only the anchors that can pass (no pass over every
+        # anchor's scores here).
+        fused = self._fused(cls_logits, boxes)
+        centerness = self._centerness(head) if fused else None
+        want_near_misses = bool(self.near_miss) and not self._sampled_out_now()
+        activation = "none"
+        if fused:
+            candidates, scores, activation = self._match_fused(
+                returned,
+                cls_logits.reshape(-1, n_classes),
+                centerness,
+                boxes,
+                n_anchors,
+                net_sizes,
+                want_near_misses,
+            )
+        else:
+            scores = self._scores(head).reshape(-1, n_classes)
+            candidates = match_detections(
+                returned,
+                scores,
+                clip_and_resize(boxes, rows, net_sizes, net_sizes, self._state["input_sizes"]),
+                rows,
+                first_label=self.first_label,
+            )
         first_row = torch.arange(n_images, device=device) * n_anchors
         local = local_index(candidates, first_row)
         embeddings = None
@@ -138,7 +254,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             )
         logits = gather_rows(cls_logits.reshape(-1, n_classes), candidates)
         near_misses = None
-        if self.near_miss and not self._sampled_out_now():  # sampled out: no rows
+        if want_near_misses:  # sampled out: no rows
             near_misses = self._near_misses(
                 returned,
                 candidates,
@@ -147,6 +263,8 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
                 rows,
                 img_sizes,
                 cls_logits.reshape(-1, n_classes),
+                activation=activation,
+                centerness=centerness if activation != "none" else None,
             )
         return DetectionBatch(
             logged_boxes(returned, self._state["input_sizes"], img_sizes),
@@ -170,8 +288,13 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         rows: list[int],
         img_sizes: list[tuple[int, int]],
         logits: Tensor,
+        activation: str | None = None,
+        centerness: Tensor | None = None,
     ) -> NearMissBatch:
-        """The near-misses of the anchors the model post-processed, with its own settings."""
+        """The near-misses of the anchors the model post-processed, with its own settings.
+
+        With ``activation``, ``scores`` are the raw logits and the operator activates them.
+        """
         model = _parts(self._core)
         features = self._state["features"]
         net_sizes = self._state["net_sizes"]
@@ -217,6 +340,8 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             topk_per_class=self.topk_per_class,
             uncertainty_kind=self.uncertainty_kind,
             embeddings=embeddings,
+            activation=activation or "none",
+            centerness=centerness,
         )
 
 
@@ -225,6 +350,7 @@ class RetinaNetLogger(_DenseHeadLogger):
     """torchvision RetinaNet (v1 and v2): sigmoid class scores per anchor; logits are the anchor's class row."""
 
     family = "torchvision RetinaNet (v1, v2)"
+    activation = "sigmoid"
 
     @staticmethod
     def detect(model: nn.Module) -> bool:
@@ -248,6 +374,7 @@ class FCOSLogger(_DenseHeadLogger):
     """
 
     family = "torchvision FCOS"
+    activation = "sigmoid_centerness"
 
     @staticmethod
     def detect(model: nn.Module) -> bool:
@@ -258,6 +385,9 @@ class FCOSLogger(_DenseHeadLogger):
 
     def _scores(self, head: dict) -> Tensor:
         return torch.sqrt(torch.sigmoid(head["cls_logits"]) * torch.sigmoid(head["bbox_ctrness"]))
+
+    def _centerness(self, head: dict) -> Tensor | None:
+        return head["bbox_ctrness"].reshape(-1)
 
     def _decode(self, regression: Tensor, anchors: Tensor) -> Tensor:
         return _parts(self._core).box_coder.decode(regression, anchors)

@@ -17,6 +17,7 @@ from pyodlog.ops.postprocess import (
     NearMisses,
     PostprocessedDetections,
     PostprocessedWithNearMisses,
+    activated_rows,
     postprocess_detections,
     postprocess_detections_near_miss,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "PostprocessedDetections",
     "PostprocessedWithNearMisses",
     "Uncertainty",
+    "activated_rows",
     "batched_nms",
     "compress_features",
     "decompress_features",

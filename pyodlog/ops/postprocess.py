@@ -10,6 +10,7 @@ from torch import Tensor
 from pyodlog._extension import assert_has_ops, register_fake
 
 __all__ = [
+    "ACTIVATIONS",
     "BELOW_SCORE",
     "OVER_CAP",
     "REASONS",
@@ -17,6 +18,7 @@ __all__ = [
     "NearMisses",
     "PostprocessedDetections",
     "PostprocessedWithNearMisses",
+    "activated_rows",
     "postprocess_detections",
     "postprocess_detections_near_miss",
 ]
@@ -58,6 +60,8 @@ def postprocess_detections(
     topk_group: Tensor | None = None,
     topk_per_class: bool = False,
     clip: bool = True,
+    activation: str = "none",
+    centerness: Tensor | None = None,
 ) -> PostprocessedDetections:
     """Runs the post-processing of a detection head for a whole batch in one call.
 
@@ -75,13 +79,23 @@ def postprocess_detections(
        :func:`pyodlog.ops.scale_boxes`, no clipping after scaling).
 
     With the settings below it reproduces torchvision's detectors exactly when
-    fed their candidates (``scores`` already activated, ``boxes`` decoded):
+    fed their candidates (``scores`` activated, or raw logits with ``activation``;
+    ``boxes`` decoded):
 
     ==========================  =================================================
     Faster/Mask/Keypoint R-CNN  ``boxes [N, C, 4]``, ``first_label=1``, ``min_size=1e-2``
     RetinaNet, FCOS             ``topk=topk_candidates``, ``topk_group=image * L + level``
     SSD, SSDlite                ``first_label=1``, ``topk=topk_candidates``, ``topk_per_class=True``
     ==========================  =================================================
+
+    ``activation="sigmoid"`` (RetinaNet) or ``"sigmoid_centerness"`` (FCOS: ``sqrt(sigmoid(logit)
+    * sigmoid(centerness))``, ``centerness`` one logit per candidate) takes raw logits as
+    ``scores``: on the CPU the operator reads them once, skips the candidates none of whose
+    logits can pass the threshold (a bound in logit space with a wide margin) and activates the
+    others only; each score is torch's own float activation (its vectorised path, the value
+    ``torch.sigmoid`` gives every element but the last < 2 vectors of a contiguous run) and is
+    compared with ``score_thresh`` as the heads compare it, so a score equal to the threshold
+    fails. On other devices every pair is activated by torch's kernel first (no host sync).
 
     Outputs are padded to ``max_detections``. On CUDA the kernel synchronises with the host once:
     counting the (candidate, class) pairs above ``score_thresh`` (``nonzero``) sizes the work. The
@@ -105,9 +119,12 @@ def postprocess_detections(
         topk_group: ``Tensor[N]`` int64 top-k group of each candidate (e.g. FPN level).
         topk_per_class: the top-k runs per (group, class).
         clip: clip boxes to the network input before everything else.
+        activation: ``"none"`` (``scores`` are activated scores), ``"sigmoid"`` or
+            ``"sigmoid_centerness"`` (``scores`` are raw logits).
+        centerness: ``Tensor[N]`` (or ``[N, 1]``) centerness logits, with ``"sigmoid_centerness"`` only.
 
     Returns:
-        :class:`PostprocessedDetections`.
+        :class:`PostprocessedDetections`; the scores are activated.
     """
     assert_has_ops()
     return PostprocessedDetections(
@@ -126,6 +143,8 @@ def postprocess_detections(
             topk_group,
             bool(topk_per_class),
             bool(clip),
+            str(activation),
+            centerness,
         )
     )
 
@@ -146,10 +165,13 @@ def _postprocess_detections_fake(
     topk_group=None,
     topk_per_class=False,
     clip=True,
+    activation="none",
+    centerness=None,
 ):
     torch._check(
         scores.dim() == 2, lambda: f"scores must have shape [N, C], got {tuple(scores.shape)}"
     )
+    _check_activation(activation, centerness)
     torch._check(boxes.dtype == scores.dtype, lambda: "boxes and scores must have the same dtype")
     torch._check(
         net_sizes.dim() == 2 and net_sizes.shape[1] == 2, lambda: "net_sizes must have shape [B, 2]"
@@ -163,6 +185,65 @@ def _postprocess_detections_fake(
         scores.new_empty((n_images, max_detections), dtype=torch.long),
         scores.new_empty((n_images,), dtype=torch.long),
     )
+
+
+# -- activation ----------------------------------------------------------------------------------
+
+#: The activations the post-processing operators apply to raw logits (``activation=``).
+ACTIVATIONS = ("none", "sigmoid", "sigmoid_centerness")
+
+
+def _check_activation(activation: str, centerness: Tensor | None) -> None:
+    torch._check(
+        activation in ACTIVATIONS,
+        lambda: f"activation must be one of {ACTIVATIONS}, got {activation!r}",
+    )
+    torch._check(
+        (centerness is not None) == (activation == "sigmoid_centerness"),
+        lambda: "centerness is given with activation 'sigmoid_centerness' only",
+    )
+
+
+def activated_rows(
+    logits: Tensor,
+    activation: str,
+    thresh: float,
+    first_label: int = 0,
+    centerness: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The rows of raw class logits that may score above ``thresh``, and their activated scores.
+
+    On the CPU one read of ``logits`` (no activation) finds the rows with a logit above a bound in
+    logit space, set below ``thresh`` with a wide margin (2 % of it plus 1e-6): a superset of the
+    rows holding a pair (class ``>= first_label``) whose score exceeds ``thresh``. Only those rows
+    are activated, each score exactly as :func:`postprocess_detections` computes it (torch's own
+    float activation). On other devices every row is activated and the rows are exact.
+
+    Args:
+        logits: ``Tensor[N, C]`` raw class logits.
+        activation: ``"sigmoid"`` or ``"sigmoid_centerness"`` (``"none"``: ``logits`` are scores).
+        thresh: the score a pair must exceed.
+        first_label: classes below this are ignored (background).
+        centerness: ``Tensor[N]`` centerness logits, with ``"sigmoid_centerness"`` only.
+
+    Returns:
+        ``(rows, scores)``: ``Tensor[R]`` int64 ascending rows and ``Tensor[R, C]`` their scores.
+    """
+    assert_has_ops()
+    rows, scores = torch.ops.pyodlog.activated_rows.default(
+        logits, str(activation), float(thresh), int(first_label), centerness
+    )
+    return rows, scores
+
+
+@register_fake("pyodlog::activated_rows")
+def _activated_rows_fake(logits, activation, thresh, first_label=0, centerness=None):
+    torch._check(
+        logits.dim() == 2, lambda: f"logits must have shape [N, C], got {tuple(logits.shape)}"
+    )
+    _check_activation(activation, centerness)
+    r = torch.library.get_ctx().new_dynamic_size()
+    return logits.new_empty((r,), dtype=torch.long), logits.new_empty((r, logits.shape[1]))
 
 
 # -- near-misses ---------------------------------------------------------------------------------
@@ -232,6 +313,8 @@ def postprocess_detections_near_miss(
     topk_group: Tensor | None = None,
     topk_per_class: bool = False,
     clip: bool = True,
+    activation: str = "none",
+    centerness: Tensor | None = None,
 ) -> PostprocessedWithNearMisses:
     """:func:`postprocess_detections` that also returns up to ``near_miss`` near-misses per image.
 
@@ -250,7 +333,8 @@ def postprocess_detections_near_miss(
     Args:
         near_miss: near-misses kept per image (>= 0; 0 returns none).
         near_miss_floor: the lowest score (exclusive) a ``below_score`` near-miss may have.
-        Others: as :func:`postprocess_detections`.
+        Others: as :func:`postprocess_detections` (``activation``: raw logits in, activated
+            scores out; on the CPU only the candidates that can pass the floor are activated).
 
     Returns:
         :class:`PostprocessedWithNearMisses`.
@@ -273,6 +357,8 @@ def postprocess_detections_near_miss(
         topk_group,
         bool(topk_per_class),
         bool(clip),
+        str(activation),
+        centerness,
     )
     return PostprocessedWithNearMisses(PostprocessedDetections(*out[:5]), NearMisses(*out[5:]))
 
@@ -295,9 +381,20 @@ def _postprocess_detections_near_miss_fake(
     topk_group=None,
     topk_per_class=False,
     clip=True,
+    activation="none",
+    centerness=None,
 ):
     detections = _postprocess_detections_fake(
-        scores, boxes, image_index, net_sizes, orig_sizes, score_thresh, iou_thresh, max_detections
+        scores,
+        boxes,
+        image_index,
+        net_sizes,
+        orig_sizes,
+        score_thresh,
+        iou_thresh,
+        max_detections,
+        activation=activation,
+        centerness=centerness,
     )
     torch._check(near_miss >= 0, lambda: "near_miss must be >= 0")
     n_images, k = net_sizes.shape[0], near_miss

@@ -317,29 +317,38 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
       }
     }
   });
-  std::vector<int64_t> kept_positions;  // by_label position of each kept pair, in compacted order
-  size_t n_kept = 0;
+  // The kept pairs, ranked as 16-byte references (visiting key, by_label position): the first
+  // max_detections are the detections, the next K (with near-misses) the over_cap candidates;
+  // only those are ordered (selection, then a sort of max_detections + K references).
+  struct Ref {
+    uint64_t visit;
+    int64_t at;
+  };
+  std::vector<Ref> ranked;
+  ranked.reserve(by_label.size());
   for (size_t i = 0; i < by_label.size(); ++i) {
     if (kept[i]) {
-      pairs[n_kept++] = by_label[i];
-      if (near_misses) {
-        kept_positions.push_back(static_cast<int64_t>(i));
-      }
+      ranked.push_back({by_label[i].visit, static_cast<int64_t>(i)});
     }
   }
-  pairs.resize(n_kept);
-
-  const size_t n_out = std::min<size_t>(pairs.size(), static_cast<size_t>(config.max_detections));
-  if (!near_misses) {
-    std::partial_sort(pairs.begin(), pairs.begin() + n_out, pairs.end(), visits_before<T>);
-  } else {
-    // The first n_out kept pairs are detections, the rest over_cap; of those only the first K
-    // can be near-misses, so only max_detections + K are ranked.
-    for (size_t i = 0; i < n_kept; ++i) {
-      pairs[i].group = kept_positions[i];  // remember where each came from
+  const size_t n_kept = ranked.size();
+  const auto rank_before = [&](const Ref& a, const Ref& b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return a.visit < b.visit;  // float keys order exactly
+    } else {
+      return visits_before<T>(by_label[a.at], by_label[b.at]);
     }
-    const size_t n_ranked = std::min<size_t>(pairs.size(), n_out + static_cast<size_t>(nm->k));
-    std::partial_sort(pairs.begin(), pairs.begin() + n_ranked, pairs.end(), visits_before<T>);
+  };
+  const size_t n_out = std::min<size_t>(n_kept, static_cast<size_t>(config.max_detections));
+  const size_t n_ranked = std::min<size_t>(n_kept, n_out + (near_misses ? static_cast<size_t>(nm->k) : 0));
+  if (n_ranked < n_kept && n_ranked > 0) {
+    std::nth_element(ranked.begin(), ranked.begin() + (n_ranked - 1), ranked.end(), rank_before);
+  }
+  std::sort(ranked.begin(), ranked.begin() + n_ranked, rank_before);
+  pairs.resize(n_ranked);
+  for (size_t i = 0; i < n_ranked; ++i) {
+    pairs[i] = by_label[ranked[i].at];
+    pairs[i].group = ranked[i].at;  // where it came from (a suppressor's row)
   }
   for (size_t i = 0; i < n_out; ++i) {
     const Pair<T>& p = pairs[i];
@@ -357,73 +366,106 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     return;
   }
 
-  // Near-misses: every pair that is not a detection, the first K in visiting order.
-  std::vector<int64_t> detection_row(by_label.size(), -1);  // by_label position -> detection row
-  for (size_t i = 0; i < n_out; ++i) {
-    detection_row[pairs[i].group] = static_cast<int64_t>(i);
-  }
-  struct Miss {
-    Pair<T> pair;
-    uint8_t reason;
-    int64_t suppressed_by;
-    float iou;
-  };
-  // Each reason contributes its own first K (any of the first K overall is among them).
+  // Near-misses: every pair that is not a detection, the first K in visiting order. Each reason
+  // contributes its own first K (any of the first K overall is among them), picked and ranked as
+  // 16-byte references (visiting key, reason, position), the pairs themselves never moved.
   const size_t k = static_cast<size_t>(nm->k);
-  std::vector<int64_t> suppressed;
-  for (size_t i = 0; i < by_label.size(); ++i) {
-    if (!kept[i]) {
-      suppressed.push_back(static_cast<int64_t>(i));
+  struct MissRef {
+    uint64_t visit;
+    uint32_t at;  // position in below / by_label / pairs, by reason
+    uint8_t reason;
+  };
+  const auto pair_of = [&](const MissRef& m) -> const Pair<T>& {
+    return m.reason == common::kBelowScore ? below[m.at] : m.reason == common::kSuppressed ? by_label[m.at] : pairs[m.at];
+  };
+  const auto ref_before = [&](const MissRef& a, const MissRef& b) {
+    if constexpr (std::is_same_v<T, float>) {
+      return a.visit < b.visit;  // float keys order exactly
+    } else {
+      return visits_before<T>(pair_of(a), pair_of(b));
     }
+  };
+  std::vector<MissRef> misses;
+  misses.reserve(below.size() + 2 * k);
+  for (size_t i = 0; i < below.size(); ++i) {
+    misses.push_back({below[i].visit, static_cast<uint32_t>(i), common::kBelowScore});
   }
-  const size_t n_suppressed = suppressed.size();
-  if (suppressed.size() > k) {
-    std::nth_element(suppressed.begin(), suppressed.begin() + (k - 1), suppressed.end(),
-                     [&](int64_t a, int64_t b) { return visits_before<T>(by_label[a], by_label[b]); });
-    suppressed.resize(k);
-  }
-  const size_t n_over_cap = pairs.size() - n_out;
-  const size_t over_cap_end = std::min<size_t>(pairs.size(), n_out + k);
-  std::vector<Miss> misses;
-  misses.reserve(below.size() + suppressed.size() + (over_cap_end - n_out));
-  for (const Pair<T>& p : below) {
-    misses.push_back({p, common::kBelowScore, -1, NAN});
-  }
-  // A suppressed pair's suppressor: the first kept pair of its class, in visiting order, that
-  // overlaps it beyond the threshold (kept before it, so greedy NMS's own), found for the K
-  // that can be near-misses only, with the CUDA kernel's arithmetic (common::suppresses).
-  for (const int64_t i : suppressed) {
-    const Pair<T>& p = by_label[i];
-    int64_t by = -1;
-    T v = T(0);
-    for (int64_t j = label_starts[p.label]; j < i; ++j) {  // kept before it
-      if (kept[j] && common::suppresses(by_label[j].box, p.box, threshold, &v)) {
-        by = j;
+  // Holds the first k refs offered (a max-heap on the visiting order: its front visits last);
+  // returns false when `r` visits after all of them (it cannot enter).
+  const auto offer = [&](std::vector<MissRef>& heap, const MissRef& r) {
+    if (heap.size() < k) {
+      heap.push_back(r);
+      std::push_heap(heap.begin(), heap.end(), ref_before);
+      return true;
+    }
+    if (!ref_before(r, heap.front())) {
+      return false;
+    }
+    std::pop_heap(heap.begin(), heap.end(), ref_before);
+    heap.back() = r;
+    std::push_heap(heap.begin(), heap.end(), ref_before);
+    return true;
+  };
+  std::vector<MissRef> held;
+  held.reserve(k);
+  // Suppressed: the first K of the pairs NMS removed. A class's pairs lie in visiting order,
+  // so once one of them cannot enter, none of the class's later ones can.
+  const size_t n_suppressed = by_label.size() - n_kept;
+  for (int64_t c = 0; c < n_labels && n_suppressed > 0; ++c) {
+    for (int64_t i = label_starts[c]; i < label_starts[c + 1]; ++i) {
+      if (!kept[i] && !offer(held, {by_label[i].visit, static_cast<uint32_t>(i), common::kSuppressed})) {
         break;
       }
     }
-    misses.push_back({p, common::kSuppressed, by >= 0 ? detection_row[by] : -1, by >= 0 ? static_cast<float>(v) : NAN});
   }
-  for (size_t i = n_out; i < over_cap_end; ++i) {
-    misses.push_back({pairs[i], common::kOverCap, -1, NAN});
+  misses.insert(misses.end(), held.begin(), held.end());
+  held.clear();
+  // Over the cap: the first K of the kept pairs after the detections, ranked above.
+  const size_t n_over_cap = n_kept - n_out;
+  for (size_t i = n_out; i < pairs.size(); ++i) {
+    misses.push_back({pairs[i].visit, static_cast<uint32_t>(i), common::kOverCap});
   }
   const size_t n_misses = n_below + n_suppressed + n_over_cap;  // every near-miss, counted
-  const size_t n_nm = std::min<size_t>(misses.size(), static_cast<size_t>(nm->k));
-  const auto miss_before = [](const Miss& a, const Miss& b) { return visits_before<T>(a.pair, b.pair); };
-  std::partial_sort(misses.begin(), misses.begin() + n_nm, misses.end(), miss_before);
+  const size_t n_nm = std::min<size_t>(misses.size(), k);
+  std::partial_sort(misses.begin(), misses.begin() + n_nm, misses.end(), ref_before);
+
+  // A suppressed pair's suppressor: the first kept pair of its class, in visiting order, that
+  // overlaps it beyond the threshold (kept before it, so greedy NMS's own), found for the
+  // near-misses only, with the CUDA kernel's arithmetic (common::suppresses); its detection row
+  // (-1 when it was itself cut by max_detections).
+  std::vector<int64_t> detection_row;
   for (size_t i = 0; i < n_nm; ++i) {
-    const Miss& m = misses[i];
+    const MissRef& m = misses[i];
+    const Pair<T>& p = pair_of(m);
+    int64_t by = -1;
+    float by_iou = NAN;
+    if (m.reason == common::kSuppressed) {
+      if (detection_row.empty()) {
+        detection_row.assign(by_label.size(), -1);  // by_label position -> detection row
+        for (size_t d = 0; d < n_out; ++d) {
+          detection_row[pairs[d].group] = static_cast<int64_t>(d);
+        }
+      }
+      T v = T(0);
+      for (int64_t j = label_starts[p.label]; j < static_cast<int64_t>(m.at); ++j) {  // kept before it
+        if (kept[j] && common::suppresses(by_label[j].box, p.box, threshold, &v)) {
+          by = detection_row[j];
+          by_iou = static_cast<float>(v);
+          break;
+        }
+      }
+    }
     B in[4];
-    for (int k = 0; k < 4; ++k) {
-      in[k] = static_cast<B>(m.pair.box[k]);
+    for (int c = 0; c < 4; ++c) {
+      in[c] = static_cast<B>(p.box[c]);
     }
     common::scale_box(in, nm->boxes + 4 * i, ratio_w, ratio_h, /*clip=*/false, 0.0f, 0.0f);
-    nm->scores[i] = static_cast<S>(m.pair.score);
-    nm->labels[i] = m.pair.label;
-    nm->candidates[i] = m.pair.row;
+    nm->scores[i] = static_cast<S>(p.score);
+    nm->labels[i] = p.label;
+    nm->candidates[i] = p.row;
     nm->reason[i] = m.reason;
-    nm->suppressed_by[i] = m.suppressed_by;
-    nm->iou[i] = m.iou;
+    nm->suppressed_by[i] = by;
+    nm->iou[i] = by_iou;
   }
   *nm->count = static_cast<int64_t>(n_nm);
   *nm->exhausted = n_misses > n_nm;

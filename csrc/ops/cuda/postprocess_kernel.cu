@@ -308,6 +308,7 @@ PostprocessNearMissResult postprocess_cuda(const at::Tensor& scores, const at::T
 TORCH_LIBRARY_IMPL(pyodlog, CUDA, m) {
   m.impl("postprocess_detections", &postprocess_detections_op<postprocess_cuda>);
   m.impl("postprocess_detections_near_miss", &postprocess_detections_near_miss_op<postprocess_cuda>);
+  m.impl("activated_rows", &activated_rows);  // torch's own activation, then the rows above (ops/activation.cpp)
 }
 
 }  // namespace cuda
