@@ -370,7 +370,8 @@ def profile_points(
     included) in one logged call: each call is profiled on its own
     and the fastest call's figure is kept, as robust to other load as a shared machine allows.
     cProfile adds its own cost per Python call, the same at every point; the model's run is in no
-    function's figure.
+    function's figure. The output is parsed on the call (``defer_parse = False``) so that its parts
+    show.
     """
     rows: dict[str, list[float]] = {label: [] for label in PROFILED}
     for batch, detections in points:
@@ -378,6 +379,9 @@ def profile_points(
         images = _images(batch)
         folder = Path(tempfile.mkdtemp(prefix="pyodlog-curves-"))
         lg = _loggers(model, folder, detections)["+embeddings+FPN uint8"]
+        # The parse on the calling thread, where cProfile sees it (by default the writer thread
+        # parses a CPU call: the same functions, off the call's latency but not off the machine).
+        lg.defer_parse = False
         best = {label: float("inf") for label in PROFILED}
         try:
             with torch.inference_mode():
