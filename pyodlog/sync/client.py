@@ -260,6 +260,13 @@ class CollectorClient:
         # overhead). The CA bundle is passed with every request anyway (see self._verify).
         session.proxies = requests.utils.get_environ_proxies(self.endpoint)
         session.trust_env = False
+        if self.config.ca_bundle is None:
+            # Without trust_env requests no longer reads REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE itself:
+            # read here, once, as it did (SyncConfig.ca_bundle's default), so a private CA given
+            # in the environment still verifies the collector (a ca_bundle given still wins).
+            self._verify = (
+                os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+            )
         self._session = session
 
     def close(self) -> None:
