@@ -291,3 +291,27 @@ def test_tied_below_score_pairs_across_classes_keep_visiting_order(device, per_c
     nm = out.near_misses
     assert int(nm.counts[0]) == 1 and bool(nm.exhausted[0])
     assert (int(nm.candidates[0, 0]), int(nm.labels[0, 0])) == (1, 1)
+
+
+@pytest.mark.parametrize("n_above", [4, 5, 6, 9])
+@pytest.mark.parametrize("below_first", [False, True])
+def test_below_pairs_around_the_point_where_they_stop_mattering(device, n_above, below_first):
+    # max_detections 2 + K 3: with more than 5 pairs above the threshold, no below pair can be a
+    # near-miss and the budget is exhausted; the CPU stops collecting below pairs there. At 4 or
+    # 5 above pairs the below pairs still decide the near-misses and the exhausted flag.
+    n_below = 3
+    scores = torch.zeros(n_above + n_below, 2)
+    above = torch.linspace(0.9, 0.6, n_above)
+    below = torch.tensor([0.45, 0.3, 0.2])
+    if below_first:
+        scores[:n_below, 1], scores[n_below:, 0] = below, above
+    else:
+        scores[:n_above, 0], scores[n_above:, 1] = above, below
+    n = n_above + n_below
+    boxes = torch.tensor([[i * 100.0, 0.0, i * 100.0 + 50, 50.0] for i in range(n)])  # disjoint
+    image_index = torch.zeros(n, dtype=torch.long)
+    for k in (3, 4):
+        out, _ = run_nm(scores, boxes, image_index, 1, device, max_detections=2, near_miss=k)
+        ref = reference(scores, boxes, image_index, 1, 0.5, 0.5, 2, k, 0.1)
+        out = type(out)(*(type(o)(*(t.cpu() for t in o)) for o in out))
+        assert_like_reference(out, ref)

@@ -435,3 +435,44 @@ def test_one_image_alone_gives_the_same_detections(device, family):
         assert torch.equal(out.boxes[0, :n].cpu(), expected["boxes"])
         picked = out.candidates[0, :n].cpu()  # rows of this call's input
         assert torch.equal(scores[picked, out.labels[0, :n].cpu()], expected["scores"])
+
+
+@pytest.mark.parametrize("score_thresh", [0.05, 0.5, 0.97])
+def test_block_scan_of_many_classes_with_nan_and_inf_scores(device, score_thresh):
+    # 91 classes from label 1: the CPU compares scores 32 at a time (blocks 1-32, 33-64 and a
+    # short 65-90); NaN never passes, +inf always does, wherever they fall in a block. The result
+    # equals torchvision's batched NMS over the pairs above the threshold, and float64 input
+    # (compared one score at a time) gives the same detections.
+    from torchvision.ops import batched_nms
+
+    g = torch.Generator().manual_seed(7)
+    n, c = 120, 91
+    scores = torch.rand(n, c, generator=g)
+    flat = scores.view(-1)
+    flat[torch.randint(0, n * c, (300,), generator=g)] = float("nan")
+    flat[torch.randint(0, n * c, (5,), generator=g)] = float("inf")
+    scores[:, 32] = float("nan")  # a block's first column
+    scores[3, 64] = float("inf")  # and another's (one: tied infinities have no single order)
+    xy = torch.rand(n, c, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + torch.rand(n, c, 2, generator=g) * 60 + 1], -1)
+    size = torch.tensor([[300, 300]])
+    kwargs = dict(score_thresh=score_thresh, iou_thresh=0.5, max_detections=50, first_label=1)
+    index = torch.zeros(n, dtype=torch.long)
+    out = postprocess_detections(
+        scores.to(device),
+        boxes.to(device),
+        index.to(device),
+        size.to(device),
+        size.to(device),
+        **kwargs,
+    )
+    wide = postprocess_detections(scores.double(), boxes.double(), index, size, size, **kwargs)
+    pairs = (scores[:, 1:] > score_thresh).nonzero()
+    rows, labels = pairs[:, 0], pairs[:, 1] + 1
+    keep = batched_nms(boxes[rows, labels], scores[rows, labels], labels, 0.5)[:50]
+    m = int(out.counts[0])
+    assert m == len(keep) == int(wide.counts[0])
+    got = sorted(zip(out.candidates[0, :m].tolist(), out.labels[0, :m].tolist()))
+    assert got == sorted(zip(rows[keep].tolist(), labels[keep].tolist()))
+    assert torch.equal(out.candidates[0, :m].cpu(), wide.candidates[0, :m])
+    assert torch.equal(out.labels[0, :m].cpu(), wide.labels[0, :m])

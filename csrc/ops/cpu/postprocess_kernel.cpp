@@ -4,8 +4,13 @@
 // batched_nms, and the best max_detections written out scaled to the original
 // image size.
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -81,10 +86,18 @@ uint64_t keep_topk(std::vector<uint64_t>& keys, int64_t topk, const S* scores) {
 // the pairs under the raised floor skip their box check. `seen` counts the pairs
 // held (more than k when pruned: the near-miss budget is then exhausted whatever
 // the exact count).
+//
+// Pairs above the score threshold visit before every below pair, and all but max_detections of
+// them end up suppressed or over the cap: once more than max_detections + k pairs above the
+// threshold are collected, no below pair can be among the first k near-misses (and the budget
+// is exhausted), so the collector is `closed` and the rest of the scan filters as it would
+// without near-misses.
 struct BelowCollector {
   int64_t k = 0;
   std::vector<uint64_t> keys;
   size_t seen = 0;
+  size_t close_above = 0;  // close once the pairs collected above the threshold exceed this
+  bool closed = false;
 };
 
 // Holds `key` among `keys`, the best `k` so far (all when k <= 0): past 2k held keys,
@@ -103,6 +116,31 @@ T hold_best(std::vector<uint64_t>& keys, uint64_t key, int64_t k, const S* score
   return worst_score > cutoff ? worst_score : cutoff;
 }
 
+// Scores scanned per block in collect_group (the bits of a pass mask).
+constexpr int64_t kScanBlock = 32;
+
+// Bit i set where scores[i] passes `thresh` (common::passes_score: NaN never does), i < n <= 32.
+template <typename T, typename S>
+uint32_t pass_mask(const S* scores, int64_t n, T thresh) {
+  uint32_t mask = 0;
+#if defined(__SSE2__)
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<T, float>) {
+    if (n == kScanBlock) {  // 8 ordered compares of 4 (cmpgt is false for NaN, as `>` is)
+      const __m128 t = _mm_set1_ps(thresh);
+      for (int i = 0; i < 8; ++i) {
+        const __m128 passes = _mm_cmpgt_ps(_mm_loadu_ps(scores + 4 * i), t);
+        mask |= static_cast<uint32_t>(_mm_movemask_ps(passes)) << (4 * i);
+      }
+      return mask;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    mask |= static_cast<uint32_t>(static_cast<T>(scores[i]) > thresh) << i;
+  }
+  return mask;
+}
+
 // Collects, for the rows of one top-k group, the visiting keys of the pairs that
 // pass the score filter (and min_size), keeping only the best `topk` of them
 // (all when topk <= 0). Only keys are handled here (8 bytes a pair): a dense
@@ -118,38 +156,53 @@ void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_
   T cutoff = score_thresh;
   T below_cutoff = score_thresh;  // with `below`: score_thresh is the floor
   for (const int64_t* r = rows_begin; r != rows_end; ++r) {
+    if (below != nullptr && scratch.size() > below->close_above) {
+      // No below pair can be a near-miss any more (see BelowCollector): filter as without.
+      below->closed = true;
+      below->keys.clear();
+      below = nullptr;
+      cutoff = above_thresh;
+    }
     const int64_t row = *r;
     const S* row_scores = scores + row * n_classes;
-    for (int64_t c = first_label; c < last_label; ++c) {
-      const T score = static_cast<T>(row_scores[c]);
-      bool is_below = false;
-      if (below != nullptr) {
-        if (!common::passes_score(score, below_cutoff)) {
+    // Scores are compared a block at a time with the lowest filter in force, and only those
+    // that pass it are visited (the filters only rise while a block is visited, and each pair
+    // is checked again against them): most pairs of a trained head fail.
+    for (int64_t block = first_label; block < last_label; block += kScanBlock) {
+      const int64_t block_end = std::min(block + kScanBlock, last_label);
+      for (uint32_t mask = pass_mask(row_scores + block, block_end - block, below != nullptr ? below_cutoff : cutoff);
+           mask != 0; mask &= mask - 1) {
+        const int64_t c = block + __builtin_ctz(mask);
+        const T score = static_cast<T>(row_scores[c]);
+        bool is_below = false;
+        if (below != nullptr) {
+          if (!common::passes_score(score, below_cutoff)) {
+            continue;
+          }
+          is_below = !common::passes_score(score, above_thresh);
+        } else if (!common::passes_score(score, cutoff)) {
           continue;
         }
-        is_below = !common::passes_score(score, above_thresh);
-      } else if (!common::passes_score(score, cutoff)) {
-        continue;
-      }
-      if (min_size > T(0)) {
-        T box[4];
-        const B* b = per_class_boxes ? boxes + (row * n_classes + c) * 4 : boxes + row * 4;
-        for (int k = 0; k < 4; ++k) {
-          box[k] = static_cast<T>(b[k]);
+        if (min_size > T(0)) {
+          T box[4];
+          const B* b = per_class_boxes ? boxes + (row * n_classes + c) * 4 : boxes + row * 4;
+          for (int k = 0; k < 4; ++k) {
+            box[k] = static_cast<T>(b[k]);
+          }
+          if (clip) {
+            common::clip_box(box, net_w, net_h);
+          }
+          if (!common::large_enough(box, min_size)) {
+            continue;
+          }
         }
-        if (clip) {
-          common::clip_box(box, net_w, net_h);
+        const uint64_t key = visit_of(score, static_cast<uint32_t>(row * n_classes + c));
+        if (is_below) {
+          ++below->seen;
+          below_cutoff = hold_best<T, S>(below->keys, key, below->k, scores, below_cutoff);
+        } else {
+          cutoff = hold_best<T, S>(scratch, key, topk, scores, cutoff);
         }
-        if (!common::large_enough(box, min_size)) {
-          continue;
-        }
-      }
-      const uint64_t key = visit_of(score, static_cast<uint32_t>(row * n_classes + c));
-      if (is_below) {
-        ++below->seen;
-        below_cutoff = hold_best<T, S>(below->keys, key, below->k, scores, below_cutoff);
-      } else {
-        cutoff = hold_best<T, S>(scratch, key, topk, scores, cutoff);
       }
     }
   }
@@ -209,6 +262,7 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   // fate does not depend on them); with top-k they are ranked with the others first.
   BelowCollector below_collector;
   below_collector.k = near_misses ? nm->k : 0;
+  below_collector.close_above = static_cast<size_t>(config.max_detections) + static_cast<size_t>(below_collector.k);
   BelowCollector* below_sink = near_misses && topk == 0 ? &below_collector : nullptr;
   for (size_t g = 0; g + 1 < group_starts.size(); ++g) {
     const int64_t* begin = grouped_rows.data() + group_starts[g];
@@ -406,8 +460,15 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     std::push_heap(heap.begin(), heap.end(), ref_before);
     return true;
   };
+  // Over the cap: the first K of the kept pairs after the detections, ranked above. They seed
+  // the heap, so that a suppressed pair must visit before them to enter (one comparison for
+  // most classes).
   std::vector<MissRef> held;
   held.reserve(k);
+  for (size_t i = n_out; i < pairs.size(); ++i) {
+    held.push_back({pairs[i].visit, static_cast<uint32_t>(i), common::kOverCap});
+  }
+  std::make_heap(held.begin(), held.end(), ref_before);
   // Suppressed: the first K of the pairs NMS removed. A class's pairs lie in visiting order,
   // so once one of them cannot enter, none of the class's later ones can.
   const size_t n_suppressed = by_label.size() - n_kept;
@@ -419,13 +480,10 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
     }
   }
   misses.insert(misses.end(), held.begin(), held.end());
-  held.clear();
-  // Over the cap: the first K of the kept pairs after the detections, ranked above.
   const size_t n_over_cap = n_kept - n_out;
-  for (size_t i = n_out; i < pairs.size(); ++i) {
-    misses.push_back({pairs[i].visit, static_cast<uint32_t>(i), common::kOverCap});
-  }
-  const size_t n_misses = n_below + n_suppressed + n_over_cap;  // every near-miss, counted
+  // Every near-miss, counted (a closed below collector stopped counting its pairs: the above
+  // ones alone then exceed K).
+  const size_t n_misses = n_below + n_suppressed + n_over_cap;
   const size_t n_nm = std::min<size_t>(misses.size(), k);
   std::partial_sort(misses.begin(), misses.begin() + n_nm, misses.end(), ref_before);
 
