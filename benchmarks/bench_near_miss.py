@@ -10,11 +10,13 @@ cancels in the ratios), medians:
   ``near_miss`` (detections + logits, uncertainty on), batch 1, 480x640 images.
 * storage: bytes per image of the detections and near-miss rows of the logged call.
 
-Usage: .venv/bin/python -m benchmarks.bench_near_miss [OP_ROTATIONS] [CALL_ROTATIONS] [--cpu-time]
+Usage: .venv/bin/python -m benchmarks.bench_near_miss [OP_ROTATIONS] [CALL_ROTATIONS] [--cpu-time] [--densities]
 
 ``CALL_ROTATIONS`` 0 skips the calls. ``--cpu-time``: one intra-op thread, each run timed by the
 calling thread's CPU time (``time.thread_time``): on a shared, loaded machine the wall clock of
 a 2-thread run measures mostly the wait for a core (and OpenMP's barriers), this does not.
+``--densities``: also the operator's ratio on the Faster R-CNN head made sparser and sparser
+(the background logit raised, as in a trained head): :func:`op_ratio_by_density`.
 """
 
 from __future__ import annotations
@@ -79,6 +81,54 @@ def op_ratio(family: str, rotations: int) -> dict[str, float]:
     )
 
 
+# Background-logit offsets for the density sweep: 0 is the benchmark's random head (about 1,500
+# pairs above the threshold per image); the larger, the fewer pairs pass, as in a trained head.
+DENSITY_OFFSETS = (0.0, 7.0, 9.0, 11.0, 13.0)
+
+
+def op_ratio_by_density(rotations: int) -> list[tuple[float, float, float, dict[str, float]]]:
+    """The Faster R-CNN head's operator, with vs without near-misses, as the head grows sparse.
+
+    The class logits are redrawn (seeded) with ``offset`` added to the background class, so
+    that fewer (candidate, class) pairs pass the score threshold and the floor; boxes, proposals
+    and sizes stay the benchmark's. Returns (offset, pairs above the threshold per image, pairs
+    between floor and threshold per image, median times).
+    """
+    _, activate_decode, image_index, net, orig, kwargs = _inputs("fasterrcnn")
+    probabilities, boxes = activate_decode()
+    n_images = int(image_index.max()) + 1
+    thresh = kwargs["score_thresh"]
+    floor = thresh / 2
+    out = []
+    for offset in DENSITY_OFFSETS:
+        logits = torch.randn(probabilities.shape, generator=torch.Generator().manual_seed(1)) * 2
+        logits[:, 0] += offset
+        scores = torch.softmax(logits, -1)
+        foreground = scores[:, 1:]
+        above = float((foreground > thresh).sum()) / n_images
+        below = float(((foreground > floor) & (foreground <= thresh)).sum()) / n_images
+        times = paired(
+            {
+                "without": lambda s=scores: postprocess_detections(
+                    s, boxes, image_index, net, orig, **kwargs
+                ),
+                "with": lambda s=scores: postprocess_detections_near_miss(
+                    s,
+                    boxes,
+                    image_index,
+                    net,
+                    orig,
+                    near_miss=DEFAULT_NEAR_MISS,
+                    near_miss_floor=floor,
+                    **kwargs,
+                ),
+            },
+            rotations,
+        )
+        out.append((offset, above, below, times))
+    return out
+
+
 def call_ratio(name: str, rotations: int) -> tuple[dict[str, float], dict[str, float]]:
     model = _make(name)
     images = [torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(1))]
@@ -118,6 +168,14 @@ def main(op_rotations: int = 30, call_rotations: int = 10) -> None:
             f"op {family} batch 8: without {t['without'] * 1e3:.2f} ms, with K={DEFAULT_NEAR_MISS} "
             f"{t['with'] * 1e3:.2f} ms, ratio {t['with'] / t['without']:.3f}"
         )
+    if "--densities" in sys.argv:
+        for offset, above, below, t in op_ratio_by_density(op_rotations):
+            print(
+                f"op fasterrcnn batch 8, background +{offset:g}: {above:.0f} pairs/image above the "
+                f"threshold, {below:.0f} between floor and threshold: without "
+                f"{t['without'] * 1e3:.3f} ms, with {t['with'] * 1e3:.3f} ms, ratio "
+                f"{t['with'] / t['without']:.3f}, +{(t['with'] - t['without']) / 8 * 1e6:.1f} us/image"
+            )
     for name in ("fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn"):
         if call_rotations <= 0:
             break

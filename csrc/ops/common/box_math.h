@@ -11,6 +11,10 @@
 
 #if defined(__CUDACC__)
 #define PYODLOG_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Host code inlines them as the device code does: the CPU kernels call them per pair in their
+// scan loops, where GCC otherwise leaves e.g. clip_box as a call.
+#define PYODLOG_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define PYODLOG_HOST_DEVICE inline
 #endif

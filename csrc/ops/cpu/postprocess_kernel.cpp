@@ -264,6 +264,9 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   below_collector.k = near_misses ? nm->k : 0;
   below_collector.close_above = static_cast<size_t>(config.max_detections) + static_cast<size_t>(below_collector.k);
   BelowCollector* below_sink = near_misses && topk == 0 ? &below_collector : nullptr;
+  if (below_sink != nullptr) {
+    below_collector.keys.reserve(static_cast<size_t>(2 * nm->k));  // hold_best holds at most 2k
+  }
   for (size_t g = 0; g + 1 < group_starts.size(); ++g) {
     const int64_t* begin = grouped_rows.data() + group_starts[g];
     const int64_t* end = grouped_rows.data() + group_starts[g + 1];
@@ -485,7 +488,10 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   // ones alone then exceed K).
   const size_t n_misses = n_below + n_suppressed + n_over_cap;
   const size_t n_nm = std::min<size_t>(misses.size(), k);
-  std::partial_sort(misses.begin(), misses.begin() + n_nm, misses.end(), ref_before);
+  if (n_nm < misses.size()) {
+    std::nth_element(misses.begin(), misses.begin() + n_nm, misses.end(), ref_before);
+  }
+  std::sort(misses.begin(), misses.begin() + n_nm, ref_before);
 
   // A suppressed pair's suppressor: the first kept pair of its class, in visiting order, that
   // overlaps it beyond the threshold (kept before it, so greedy NMS's own), found for the
