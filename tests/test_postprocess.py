@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from pyodlog.ops import postprocess_detections
+from pyodlog.ops import postprocess_detections, postprocess_detections_near_miss
 from tests.helpers.detector_candidates import FAMILIES, candidates_of
 
 
@@ -476,3 +476,61 @@ def test_block_scan_of_many_classes_with_nan_and_inf_scores(device, score_thresh
     assert got == sorted(zip(rows[keep].tolist(), labels[keep].tolist()))
     assert torch.equal(out.candidates[0, :m].cpu(), wide.candidates[0, :m])
     assert torch.equal(out.labels[0, :m].cpu(), wide.labels[0, :m])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("thresh", [0.3, 0.05, 0.7])
+def test_narrow_scores_meet_the_threshold_as_torch_compares_them(device, dtype, thresh):
+    # torchvision's heads keep `scores > score_thresh` with scores in the model's dtype: torch
+    # rounds the Python float to float16/bfloat16 first (0.3 -> 0.30005 in float16). Scores at
+    # that rounded value and its neighbours, one per class on disjoint boxes: exactly the pairs
+    # torch passes are detections, for the plain and the near-miss operator, and the pairs at or
+    # below it are below_score near-misses.
+    at = torch.tensor(thresh, dtype=dtype)
+    step = torch.finfo(dtype).eps * float(at)
+    values = torch.tensor(
+        [float(at) - 2 * step, float(at) - step, float(at), float(at) + step, float(at) + 2 * step]
+    ).to(dtype)
+    n = len(values)
+    scores = torch.diag(values).to(dtype)  # row i holds value i in class i
+    boxes = torch.tensor([[i * 20.0, 0.0, i * 20.0 + 10, 10.0] for i in range(n)]).to(dtype)
+    index = torch.zeros(n, dtype=torch.long)
+    size = torch.tensor([[200, 200]])
+    passes = (values > thresh).nonzero().squeeze(1).tolist()  # torch's own comparison
+    assert 0 < len(passes) < n
+    args = [t.to(device) for t in (scores, boxes, index, size, size)]
+    out = postprocess_detections(*args, thresh, 0.5, 10)
+    m = int(out.counts[0])
+    assert sorted(out.candidates[0, :m].tolist()) == passes
+    det, nm = postprocess_detections_near_miss(
+        *args, thresh, 0.5, 10, near_miss=8, near_miss_floor=thresh / 2
+    )
+    assert sorted(det.candidates[0, : int(det.counts[0])].tolist()) == passes
+    below = nm.candidates[0, : int(nm.counts[0])].tolist()
+    assert sorted(below) == [i for i in range(n) if i not in passes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_narrow_logits_activated_in_the_operator_meet_the_threshold_as_torch_compares_them(
+    device, dtype
+):
+    # RetinaNet in float16: `torch.sigmoid(logits) > score_thresh`, both in float16. Logits
+    # whose sigmoid lands on the rounded threshold (above 0.3 itself) and next to it.
+    thresh = 0.3
+    grid = torch.linspace(-1.5, 0.5, 4001).to(dtype).unique()
+    activated = torch.sigmoid(grid)
+    at = torch.tensor(thresh, dtype=dtype)
+    assert float(at) > thresh
+    logits = grid[
+        (activated >= at - 2 * torch.finfo(dtype).eps * float(at)) & (activated <= at * 1.01)
+    ]
+    n = len(logits)
+    assert n >= 3 and bool((torch.sigmoid(logits) == at).any())
+    scores = torch.full((n, n), -20.0, dtype=dtype)
+    scores[torch.arange(n), torch.arange(n)] = logits
+    boxes = torch.tensor([[i * 20.0, 0.0, i * 20.0 + 10, 10.0] for i in range(n)]).to(dtype)
+    size = torch.tensor([[200, 20 * n + 20]])
+    passes = (torch.sigmoid(logits) > thresh).nonzero().squeeze(1).tolist()
+    args = [t.to(device) for t in (scores, boxes, torch.zeros(n, dtype=torch.long), size, size)]
+    out = postprocess_detections(*args, thresh, 0.5, 100, activation="sigmoid")
+    assert sorted(out.candidates[0, : int(out.counts[0])].tolist()) == passes

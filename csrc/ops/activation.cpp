@@ -246,13 +246,32 @@ std::tuple<at::Tensor, at::Tensor> activated_rows(const at::Tensor& logits, c10:
   return {rows, activate(picked, a, picked_ctr)};
 }
 
+double compared_threshold(double thresh, at::ScalarType scores_dtype) {
+  // torch compares a tensor with a Python float in the tensor's dtype: the float is rounded to it
+  // first (c10::Half / c10::BFloat16 from the float, as torch converts the scalar).
+  switch (scores_dtype) {
+    case at::kHalf:
+      return static_cast<float>(c10::Half(static_cast<float>(thresh)));
+    case at::kBFloat16:
+      return static_cast<float>(c10::BFloat16(static_cast<float>(thresh)));
+    default:
+      return thresh;
+  }
+}
+
 PostprocessNearMissResult postprocess_activated(PostprocessImpl impl, const at::Tensor& scores,
                                                 const at::Tensor& boxes, const at::Tensor& image_index,
                                                 const at::Tensor& net_sizes, const at::Tensor& orig_sizes,
-                                                const PostprocessConfig& config, int64_t near_miss,
-                                                double near_miss_floor, const std::optional<at::Tensor>& topk_group,
+                                                const PostprocessConfig& requested, int64_t near_miss,
+                                                double requested_floor, const std::optional<at::Tensor>& topk_group,
                                                 c10::string_view activation,
                                                 const std::optional<at::Tensor>& centerness) {
+  // Scores of a narrower dtype than float32 are compared with the thresholds as torchvision's heads
+  // compare them (`scores > score_thresh` on a float16 or bfloat16 tensor): with the thresholds
+  // rounded to that dtype. The kernels compare in float32, where those values are exact.
+  PostprocessConfig config = requested;
+  config.score_thresh = compared_threshold(requested.score_thresh, scores.scalar_type());
+  const double near_miss_floor = compared_threshold(requested_floor, scores.scalar_type());
   const Activation a = parse_activation(activation, centerness);
   if (a == Activation::kNone) {
     return impl(scores, boxes, image_index, net_sizes, orig_sizes, config, near_miss, near_miss_floor, topk_group);

@@ -74,7 +74,12 @@ std::tuple<at::Tensor, at::Tensor> activated_rows(const at::Tensor& logits, c10:
                                                   double thresh, int64_t first_label,
                                                   const std::optional<at::Tensor>& centerness);
 
-// A device's implementation behind the activation: on the CPU only the rows activated_rows keeps
+// `thresh` as torch compares a tensor of `scores_dtype` with it: rounded to float16 or bfloat16
+// for those dtypes (then exact in float32), unchanged otherwise.
+double compared_threshold(double thresh, at::ScalarType scores_dtype);
+
+// A device's implementation behind the activation (and the thresholds rounded as
+// compared_threshold says for the scores' dtype): on the CPU only the rows activated_rows keeps
 // are activated and post-processed (the candidates mapped back to rows of `scores`); elsewhere
 // the whole tensor is activated with torch's own kernels first (no host synchronisation).
 PostprocessNearMissResult postprocess_activated(PostprocessImpl impl, const at::Tensor& scores,
