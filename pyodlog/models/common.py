@@ -235,6 +235,15 @@ def returned_detections(output: Any, n_images: int, method: str) -> ReturnedDete
         )
     lengths = [int(o["scores"].shape[0]) for o in output]
     device = output[0]["scores"].device
+    if len(output) == 1:  # one image: nothing to pad (copies all the same, as pad_sequence makes)
+        o = output[0]
+        return ReturnedDetections(
+            o["boxes"].reshape(1, -1, 4).clone(),
+            o["scores"].reshape(1, -1).clone(),
+            o["labels"].reshape(1, -1).to(torch.long, copy=True),
+            host_tensor(lengths, torch.long, device),
+            lengths,
+        )
     boxes = pad_sequence([o["boxes"].reshape(-1, 4) for o in output], batch_first=True)
     scores = pad_sequence([o["scores"] for o in output], batch_first=True)
     labels = pad_sequence(
@@ -341,11 +350,14 @@ def _bits(t: Tensor) -> Tensor:
 
 
 def _box_key(boxes: Tensor) -> Tensor:
-    """A 64-bit hash of each box's four coordinates: ``Tensor[..., 4]`` -> ``Tensor[...]``."""
-    bits = _bits(boxes)
-    key = _mix(bits[..., 0])
-    for i in (1, 2, 3):
-        key = _mix(key ^ bits[..., i])
+    """A 64-bit hash of each box's four coordinates: ``Tensor[..., 4]`` -> ``Tensor[...]``.
+
+    The coordinates' bytes are read as 64-bit words (two per float32 box, one per float16 or
+    bfloat16 box, four per float64 box): one mix per word, not one per coordinate."""
+    words = boxes.contiguous().view(torch.int64)
+    key = _mix(words[..., 0])
+    for i in range(1, words.shape[-1]):
+        key = _mix(key ^ words[..., i])
     return key
 
 
