@@ -14,7 +14,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torchvision.models import detection
-from torchvision.ops import roi_align
 
 import pyodlog
 from pyodlog import InMemorySink
@@ -185,28 +184,6 @@ def test_pair_boxes_with_nan_scores_and_no_pair_above_the_lowest_score():
     assert lazy.tolist() == full.tolist() == [[0, -1, 2], [-1, -1, -1], [-1, -1, -1]]
 
 
-def _every_level(features, boxes, level, padded_size):
-    """The RoI features as pooled before: every RoI on every level, then the RoI's level picked."""
-    b, d, _ = boxes.shape
-    batch_index = torch.arange(b, dtype=boxes.dtype)[:, None, None].expand(b, d, 1)
-    rois = torch.cat([batch_index, boxes], dim=2).reshape(-1, 5).to(features[0].dtype)
-    pooled = torch.stack(
-        [
-            roi_align(
-                f,
-                rois,
-                output_size=1,
-                spatial_scale=f.shape[-1] / padded_size[1],
-                sampling_ratio=2,
-                aligned=True,
-            ).flatten(1)
-            for f in features
-        ]
-    )
-    picked = pooled[level.reshape(-1).clamp(min=0), torch.arange(b * d)]
-    return torch.where((level.reshape(-1) >= 0)[:, None], picked, 0.0).reshape(b, d, -1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_roi_pooled_on_its_own_level_equals_pooling_every_level(dtype):
     g = torch.Generator().manual_seed(0)
@@ -221,7 +198,7 @@ def test_each_roi_pooled_on_its_own_level_equals_pooling_every_level(dtype):
     level[1, 25:] = -1  # padding
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         got = level_roi_features(features, boxes, level, padded)
-        want = _every_level(features, boxes, level, padded)
+        want = level_roi_features(features, boxes, level, padded, every_level=True)
     assert got.dtype == want.dtype
     assert torch.equal(got, want)
     assert bool((got[1, 25:] == 0).all())

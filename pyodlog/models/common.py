@@ -122,8 +122,24 @@ def local_index(candidates: Tensor, first_row: Tensor) -> Tensor:
     return torch.where(candidates >= 0, candidates - first_row[:, None], candidates)
 
 
+def _pool_1x1(feature: Tensor, rois: Tensor, padded_size: tuple[int, int]) -> Tensor:
+    """RoIAlign of ``rois`` to 1x1 (2x2 samples) on one level's map: ``Tensor[R, F]``."""
+    return roi_align(
+        feature,
+        rois,
+        output_size=1,
+        spatial_scale=feature.shape[-1] / padded_size[1],
+        sampling_ratio=2,
+        aligned=True,
+    ).flatten(1)
+
+
 def level_roi_features(
-    features: list[Tensor], boxes: Tensor, level: Tensor, padded_size: tuple[int, int]
+    features: list[Tensor],
+    boxes: Tensor,
+    level: Tensor,
+    padded_size: tuple[int, int],
+    every_level: bool = False,
 ) -> Tensor:
     """An RoI-pooled feature per detection from the FPN level it was detected on.
 
@@ -132,6 +148,9 @@ def level_roi_features(
         boxes: ``Tensor[B, D, 4]`` xyxy in network-input coordinates.
         level: ``Tensor[B, D]`` level of each detection (-1 in padding).
         padded_size: (h, w) of the padded batch the features were computed on.
+        every_level: pool every RoI on every level and pick its own (what a device does, with
+            no compaction); on the CPU, by default, each RoI is pooled on its level only (the
+            same values).
 
     Returns:
         ``Tensor[B, D, F]``: RoIAlign to 1x1 (2x2 samples) on the level's map.
@@ -143,7 +162,7 @@ def level_roi_features(
         b, d, 1
     )
     rois = torch.cat([batch_index, boxes], dim=2).reshape(-1, 5).to(features[0].dtype)
-    if boxes.device.type == "cpu":
+    if boxes.device.type == "cpu" and not every_level:
         # Each RoI pooled on its own level only (RoIAlign pools each RoI on its own: the same
         # values as pooling every RoI on every level and picking), a fifth of the work on five
         # levels. (On a device the compaction would wait for it: every level pooled, as below.)
@@ -153,32 +172,12 @@ def level_roi_features(
             index = (flat == lvl).nonzero().squeeze(1)
             # (Every level pooled, an empty one too: the output's dtype is roi_align's, e.g.
             # float32 for bfloat16 features under CPU autocast.)
-            pooled_level = roi_align(
-                f,
-                rois.index_select(0, index),
-                output_size=1,
-                spatial_scale=f.shape[-1] / padded_size[1],
-                sampling_ratio=2,
-                aligned=True,
-            ).flatten(1)
-            parts.append((index, pooled_level))
+            parts.append((index, _pool_1x1(f, rois.index_select(0, index), padded_size)))
         out = parts[0][1].new_zeros((b * d, parts[0][1].shape[1]))
         for index, pooled_level in parts:
             out.index_copy_(0, index, pooled_level)
         return out.reshape(b, d, -1)
-    pooled = torch.stack(
-        [
-            roi_align(
-                f,
-                rois,
-                output_size=1,
-                spatial_scale=f.shape[-1] / padded_size[1],
-                sampling_ratio=2,
-                aligned=True,
-            ).flatten(1)
-            for f in features
-        ]
-    )  # [L, B*D, F]
+    pooled = torch.stack([_pool_1x1(f, rois, padded_size) for f in features])  # [L, B*D, F]
     flat_level = level.reshape(-1).clamp(min=0)
     picked = pooled[flat_level, torch.arange(b * d, device=boxes.device)]
     return torch.where(
