@@ -39,6 +39,10 @@ def _build(name: str, init: str) -> torch.nn.Module:
         model = detection.fasterrcnn_mobilenet_v3_large_320_fpn(box_score_thresh=0.01, **small)
     elif name == "retinanet":
         model = detection.retinanet_resnet50_fpn(score_thresh=0.01, **small)
+    elif name == "ssdlite":
+        model = detection.ssdlite320_mobilenet_v3_large(
+            score_thresh=0.01, weights=None, weights_backbone=None
+        )
     else:
         model = detection.fcos_resnet50_fpn(score_thresh=0.01, **small)
     if init == "distinct":
@@ -59,7 +63,7 @@ def _same(a: torch.Tensor | None, b: torch.Tensor | None, where: str) -> None:
 
 
 @pytest.mark.parametrize("init", ["torchvision", "distinct"])
-@pytest.mark.parametrize("name", ["fasterrcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("name", ["fasterrcnn", "retinanet", "fcos", "ssdlite"])
 def test_a_sampled_out_parse_records_exactly_what_a_logged_parse_records(name, init):
     model = _build(name, init)
     g = torch.Generator().manual_seed(4)
@@ -118,7 +122,9 @@ def test_a_sampled_out_parse_records_exactly_what_a_logged_parse_records(name, i
     # boxes; far fewer with torchvision's initialisation (the benchmark's models).
     detections = int(full.counts.sum())
     assert 0 < parse_rows["sampled out"] <= parse_rows["logged"] + detections, boxes_decoded
-    if init == "torchvision":
+    if init == "torchvision" and name != "ssdlite":
+        # (SSDlite's softmax over 91 classes at this initialisation puts a pair of nearly every
+        # anchor above the lowest returned score: every anchor is decoded, as before.)
         assert parse_rows["sampled out"] < parse_rows["logged"] / 4, boxes_decoded
 
 

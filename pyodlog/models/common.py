@@ -375,8 +375,9 @@ class PairBoxes:
     full boxes nothing else reads (a sampled-out call: no near-misses) passes this instead.
 
     ``of(image, rows, labels)``: ``Tensor[P, 4]``, the boxes of pairs ``(rows[i], labels[i])``
-    (rows within ``image``'s candidates, in ascending order), computed as the full tensor computes them, element by
-    element (torchvision's box coders and :func:`clip_and_resize` are elementwise);
+    (rows within ``image``'s candidates, in ascending order), computed as the full tensor
+    computes them, element by element (torchvision's box coders and :func:`clip_and_resize` are
+    elementwise);
     ``full()``: the full boxes (``Tensor[N, 4]`` or ``[N, C, 4]``, :func:`match_detections`'s
     ``boxes``), which the match falls back to on CUDA and when a detection finds no pair.
     """

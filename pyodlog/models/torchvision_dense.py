@@ -127,8 +127,10 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
 
         Every returned score is at least the lowest one (and above the model's threshold): the
         anchors none of whose logits can pass the lower of those, or of the near-miss floor (the
-        lowest returned score alone when no near-misses are wanted), are left out (:func:`pyodlog.ops.activated_rows`, one read of the logits), the others
-        activated exactly as the model does; the matches are mapped back to anchor rows.
+        lowest returned score alone when no near-misses are wanted), are left out
+        (:func:`pyodlog.ops.activated_rows`, one read of the logits), the others activated
+        exactly as the model does; the matches are mapped back to anchor rows. ``boxes``: the
+        decoded anchors, or :class:`_AnchorBoxes` (decoded for the pairs the match reads).
 
         Returns:
             ``(candidates, scores, activation)``: what the near-miss operator is fed. When many
@@ -233,7 +235,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             else None
         )
         boxes: Any = lazy if lazy is not None else self._decode(regression, anchors)
-        fused = self._fused(cls_logits, regression)
+        fused = self._fused(cls_logits, regression)  # (the box coders decode in its dtype)
         centerness = self._centerness(head) if fused else None
         activation = "none"
         if fused:
