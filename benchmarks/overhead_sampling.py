@@ -24,7 +24,9 @@ threads run beside, as in production. Printed:
 
 Usage: python -m benchmarks.overhead_sampling MODEL BATCH ROTATIONS [CLOCK]
   CLOCK: wall (default) or thread (the calling thread's CPU time, one intra-op thread; see
-  benchmarks/overhead_paired.py).
+  benchmarks/overhead_paired.py); ``cpu``: the total CPU per call each logger adds over the bare
+  model, call path + its store's threads (:func:`cpu_main`); ``profile``: cProfile of the writer
+  thread's parse of ROTATIONS sampled-out calls (:func:`profile_main`).
 """
 
 from __future__ import annotations
@@ -174,6 +176,158 @@ def _timed(method, spent: list[tuple[float, float]]):
     return run
 
 
+def _thread_cpu() -> dict[int, tuple[str, float]]:
+    """Every live thread but the calling one: ident -> (name, its CPU seconds so far)."""
+    out = {}
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.ident is None:
+            continue
+        try:
+            clock = time.pthread_getcpuclockid(thread.ident)
+            out[thread.ident] = (thread.name, time.clock_gettime(clock))
+        except (OSError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+    return out
+
+
+def cpu_main(name: str, batch: int, rotations: int) -> None:
+    """Total CPU per call a logger adds over the bare model, logged vs sampled out (sampled).
+
+    One intra-op thread, so the model and the call path run on the calling thread. Per call:
+
+    * **call path**: the calling thread's CPU time of the logger's call (``time.thread_time``)
+      minus that of the model's forward inside it (a pre-hook and a hook on the model's root
+      module, the same for bare calls): the logger's own work before and after the model
+      (sampling draw, captures, record, submit);
+    * **other threads**: the CPU time (``pthread_getcpuclockid``) of every thread whose name holds
+      the logger's result folder (its store's writer and summary helper, retention), summed over
+      the whole run (every rotation, then the final ``wait_for_save``: its last flush included)
+      and divided by the calls made.
+
+    Calls in paired rotations (bare, logged, sampled out; order alternating). The writer threads
+    run beside, as in production (no barrier per call: a barrier flushes and fsyncs).
+    Added CPU = median call path + other threads per call; the ratio printed is
+    (sampled out - bare) / (logged - bare) of that added CPU.
+    """
+    model, images, folder = setup(name, batch, "thread")
+    logged = pyodlog.create_logger(model, "b", "logged", sink=HDF5Store(folder / "a"))
+    sampled = pyodlog.create_logger(
+        model, "b", "sampled", sink=HDF5Store(folder / "b"), sampling=pyodlog.Sampling(1e-9)
+    )
+    loggers = {"logged": logged, "sampled out": sampled}
+    variants = {"bare": model, **loggers}
+    forward: list[float] = []
+    model.register_forward_pre_hook(lambda *_: forward.append(time.thread_time()))
+    model.register_forward_hook(lambda *_: forward.append(time.thread_time() - forward.pop()))
+    call_path: dict[str, list[float]] = {key: [] for key in variants}
+    model_cpu: dict[str, list[float]] = {key: [] for key in variants}
+
+    def run(key: str) -> None:
+        t0 = time.thread_time()
+        variants[key](images)
+        spent = time.thread_time() - t0
+        inner = forward.pop()
+        call_path[key].append(spent - inner)
+        model_cpu[key].append(inner)
+
+    keys = list(variants)
+    with torch.inference_mode():
+        for key in keys:  # warm-up
+            run(key)
+        for logger in loggers.values():
+            logger.wait_for_save()
+        for values in (*call_path.values(), *model_cpu.values()):
+            values.clear()
+        before = _thread_cpu()
+        for i in range(rotations):
+            for key in keys if i % 2 == 0 else keys[::-1]:
+                run(key)
+        for logger in loggers.values():
+            logger.wait_for_save()
+        after = _thread_cpu()
+    folders = {key: logger.sink.directory.name for key, logger in loggers.items()}
+    threads: dict[str, float] = {key: 0.0 for key in variants}
+    unattributed = 0.0
+    for ident, (thread, cpu) in after.items():
+        spent = cpu - before.get(ident, (thread, 0.0))[1]
+        owner = [key for key, folder_name in folders.items() if folder_name in thread]
+        if owner:
+            threads[owner[0]] += spent
+        else:
+            unattributed += spent
+    print(
+        f"{name}, batch {batch}, {rotations} rotations (order alternating), CPU per call, "
+        f"{torch.get_num_threads()} intra-op thread(s)"
+    )
+    added = {}
+    for key in variants:
+        path = statistics.median(call_path[key])
+        other = threads[key] / rotations
+        added[key] = path + other
+        print(
+            f"{key:12s} model forward median {statistics.median(model_cpu[key]) * 1e3:9.2f} ms  "
+            f"call path {path * 1e3:7.3f} ms  other threads {other * 1e3:7.3f} ms  "
+            f"added {added[key] * 1e3:7.3f} ms"
+        )
+    print(f"threads of no logger: {unattributed * 1e3:.1f} ms over the run")
+    ratio = (added["sampled out"] - added["bare"]) / (added["logged"] - added["bare"])
+    print(f"(sampled out - bare) / (logged - bare), added CPU per call: {ratio:.4f}")
+    print(
+        f"written {logged.stats()['written']} calls; sampled out {sampled.stats()['sampled_out']}"
+    )
+    for logger in loggers.values():
+        logger.close()
+
+
+def profile_main(name: str, batch: int, calls: int) -> None:
+    """cProfile (and thread CPU time) of the writer thread's parse of sampled-out calls."""
+    import cProfile
+    import io
+    import pstats
+
+    model, images, folder = setup(name, batch, "thread")
+    sampled = pyodlog.create_logger(
+        model, "b", "sampled", sink=HDF5Store(folder / "b"), sampling=pyodlog.Sampling(1e-9)
+    )
+    profiler = cProfile.Profile()
+    spent: list[float] = []
+    parse = sampled._parse_model_output
+
+    def run(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            return parse(*args, **kwargs)
+        t0 = time.thread_time()
+        profiler.enable()
+        try:
+            return parse(*args, **kwargs)
+        finally:
+            profiler.disable()
+            spent.append(time.thread_time() - t0)
+
+    with torch.inference_mode():
+        sampled(images)  # warm-up, not profiled
+        sampled.wait_for_save()
+        sampled._parse_model_output = run
+        for _ in range(calls):
+            sampled(images)
+            sampled.wait_for_save()
+    print(
+        f"{name}, batch {batch}: writer-thread parse of a sampled-out call, thread CPU "
+        f"(profiler off: see the thread_time of the 'cpu' mode; with it on) median "
+        f"{statistics.median(spent) * 1e3:.3f} ms over {len(spent)} calls"
+    )
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+    print(text.getvalue())
+    sampled.close()
+
+
 if __name__ == "__main__":
     print_header("benchmarks.overhead_sampling")
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])
+    mode = sys.argv[4] if len(sys.argv) > 4 else "wall"
+    if mode == "cpu":
+        cpu_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    elif mode == "profile":
+        profile_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), mode)

@@ -19,6 +19,7 @@ from pyodlog.ops.uncertainty import detection_uncertainty
 from pyodlog.structures import NearMissBatch
 
 __all__ = [
+    "PairBoxes",
     "ReturnedDetections",
     "captured",
     "clip_and_resize",
@@ -112,6 +113,8 @@ def gather_rows(table: Tensor, candidates: Tensor) -> Tensor:
         return table.new_zeros((b, d, *width))
     valid = candidates >= 0
     rows = table.index_select(0, candidates.clamp(min=0).reshape(-1)).reshape(b, d, *width)
+    if candidates.device.type == "cpu" and bool(valid.all()):
+        return rows  # nothing to zero (the CPU reads the mask for free; a device would wait)
     mask = valid.reshape(b, d, *([1] * len(width)))
     return torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 
@@ -121,8 +124,24 @@ def local_index(candidates: Tensor, first_row: Tensor) -> Tensor:
     return torch.where(candidates >= 0, candidates - first_row[:, None], candidates)
 
 
+def _pool_1x1(feature: Tensor, rois: Tensor, padded_size: tuple[int, int]) -> Tensor:
+    """RoIAlign of ``rois`` to 1x1 (2x2 samples) on one level's map: ``Tensor[R, F]``."""
+    return roi_align(
+        feature,
+        rois,
+        output_size=1,
+        spatial_scale=feature.shape[-1] / padded_size[1],
+        sampling_ratio=2,
+        aligned=True,
+    ).flatten(1)
+
+
 def level_roi_features(
-    features: list[Tensor], boxes: Tensor, level: Tensor, padded_size: tuple[int, int]
+    features: list[Tensor],
+    boxes: Tensor,
+    level: Tensor,
+    padded_size: tuple[int, int],
+    every_level: bool = False,
 ) -> Tensor:
     """An RoI-pooled feature per detection from the FPN level it was detected on.
 
@@ -131,6 +150,9 @@ def level_roi_features(
         boxes: ``Tensor[B, D, 4]`` xyxy in network-input coordinates.
         level: ``Tensor[B, D]`` level of each detection (-1 in padding).
         padded_size: (h, w) of the padded batch the features were computed on.
+        every_level: pool every RoI on every level and pick its own (what a device does, with
+            no compaction); on the CPU, by default, each RoI is pooled on its level only (the
+            same values).
 
     Returns:
         ``Tensor[B, D, F]``: RoIAlign to 1x1 (2x2 samples) on the level's map.
@@ -142,19 +164,22 @@ def level_roi_features(
         b, d, 1
     )
     rois = torch.cat([batch_index, boxes], dim=2).reshape(-1, 5).to(features[0].dtype)
-    pooled = torch.stack(
-        [
-            roi_align(
-                f,
-                rois,
-                output_size=1,
-                spatial_scale=f.shape[-1] / padded_size[1],
-                sampling_ratio=2,
-                aligned=True,
-            ).flatten(1)
-            for f in features
-        ]
-    )  # [L, B*D, F]
+    if boxes.device.type == "cpu" and not every_level:
+        # Each RoI pooled on its own level only (RoIAlign pools each RoI on its own: the same
+        # values as pooling every RoI on every level and picking), a fifth of the work on five
+        # levels. (On a device the compaction would wait for it: every level pooled, as below.)
+        flat = level.reshape(-1)
+        parts = []
+        for lvl, f in enumerate(features):
+            index = (flat == lvl).nonzero().squeeze(1)
+            # (Every level pooled, an empty one too: the output's dtype is roi_align's, e.g.
+            # float32 for bfloat16 features under CPU autocast.)
+            parts.append((index, _pool_1x1(f, rois.index_select(0, index), padded_size)))
+        out = parts[0][1].new_zeros((b * d, parts[0][1].shape[1]))
+        for index, pooled_level in parts:
+            out.index_copy_(0, index, pooled_level)
+        return out.reshape(b, d, -1)
+    pooled = torch.stack([_pool_1x1(f, rois, padded_size) for f in features])  # [L, B*D, F]
     flat_level = level.reshape(-1).clamp(min=0)
     picked = pooled[flat_level, torch.arange(b * d, device=boxes.device)]
     return torch.where(
@@ -211,6 +236,15 @@ def returned_detections(output: Any, n_images: int, method: str) -> ReturnedDete
         )
     lengths = [int(o["scores"].shape[0]) for o in output]
     device = output[0]["scores"].device
+    if len(output) == 1:  # one image: nothing to pad (copies all the same, as pad_sequence makes)
+        o = output[0]
+        return ReturnedDetections(
+            o["boxes"].reshape(1, -1, 4).clone(),
+            o["scores"].reshape(1, -1).clone(),
+            o["labels"].reshape(1, -1).to(torch.long, copy=True),
+            host_tensor(lengths, torch.long, device),
+            lengths,
+        )
     boxes = pad_sequence([o["boxes"].reshape(-1, 4) for o in output], batch_first=True)
     scores = pad_sequence([o["scores"] for o in output], batch_first=True)
     labels = pad_sequence(
@@ -317,11 +351,14 @@ def _bits(t: Tensor) -> Tensor:
 
 
 def _box_key(boxes: Tensor) -> Tensor:
-    """A 64-bit hash of each box's four coordinates: ``Tensor[..., 4]`` -> ``Tensor[...]``."""
-    bits = _bits(boxes)
-    key = _mix(bits[..., 0])
-    for i in (1, 2, 3):
-        key = _mix(key ^ bits[..., i])
+    """A 64-bit hash of each box's four coordinates: ``Tensor[..., 4]`` -> ``Tensor[...]``.
+
+    The coordinates' bytes are read as 64-bit words (two per float32 box, one per float16 or
+    bfloat16 box, four per float64 box): one mix per word, not one per coordinate."""
+    words = boxes.contiguous().view(torch.int64)
+    key = _mix(words[..., 0])
+    for i in range(1, words.shape[-1]):
+        key = _mix(key ^ words[..., i])
     return key
 
 
@@ -329,10 +366,35 @@ def _box_key(boxes: Tensor) -> Tensor:
 _SPARE_SLOTS = 1024
 
 
+class PairBoxes:
+    """Candidate boxes a match computes only for the (candidate, class) pairs it reads.
+
+    :func:`match_detections` reads the box of each pair scoring at least an image's lowest
+    returned score: a few hundred, where the full ``Tensor[N, C, 4]`` of a two-stage detector
+    decodes every class of every proposal and a one-stage detector every anchor. A call whose
+    full boxes nothing else reads (a sampled-out call: no near-misses) passes this instead.
+
+    ``of(image, rows, labels)``: ``Tensor[P, 4]``, the boxes of pairs ``(rows[i], labels[i])``
+    (rows within ``image``'s candidates, in ascending order), computed as the full tensor
+    computes them, element by element (torchvision's box coders and :func:`clip_and_resize` are
+    elementwise);
+    ``full()``: the full boxes (``Tensor[N, 4]`` or ``[N, C, 4]``, :func:`match_detections`'s
+    ``boxes``), which the match falls back to on CUDA and when a detection finds no pair.
+    """
+
+    __slots__ = ("full", "of")
+
+    def __init__(
+        self, of: Callable[[int, Tensor, Tensor], Tensor], full: Callable[[], Tensor]
+    ) -> None:
+        self.of = of
+        self.full = full
+
+
 def match_detections(
     returned: ReturnedDetections,
     scores: Tensor,
-    boxes: Tensor,
+    boxes: Tensor | PairBoxes,
     rows_per_image: Sequence[int],
     first_label: int = 0,
 ) -> Tensor:
@@ -366,7 +428,10 @@ def match_detections(
             the coordinates of ``boxes``.
         scores: ``Tensor[N, C]`` activated class scores, computed exactly as the model does.
         boxes: ``Tensor[N, 4]`` or ``Tensor[N, C, 4]`` candidate boxes as the model
-            returns them (clipped and resized: :func:`clip_and_resize`).
+            returns them (clipped and resized: :func:`clip_and_resize`), or a
+            :class:`PairBoxes` that computes only the boxes of the pairs keyed (on the CPU;
+            when a detection that is not NaN stays unmatched, the match is made again on
+            ``full()``, so the rows are those of the full boxes).
         rows_per_image: candidate rows of each image (image 0's first).
         first_label: classes below this are never detected (background).
 
@@ -380,16 +445,27 @@ def match_detections(
     if d == 0 or scores.shape[0] == 0:
         return out
     n_class = scores.shape[1]
-    per_class = boxes.dim() == 3
+    lazy = boxes if isinstance(boxes, PairBoxes) else None
+    if lazy is not None and device.type != "cpu":
+        boxes, lazy = lazy.full(), None  # CUDA keys every pair (no compaction): all the boxes
     # Compared in the precision the model produced: the narrower of the returned and the
     # candidates' dtype (a model that casts its output down, e.g. to bfloat16, returns values the
     # float32 candidates only equal once rounded the same way; widening is exact either way).
     scores = scores.to(_narrower(scores.dtype, returned.scores.dtype))
-    boxes = boxes.to(_narrower(boxes.dtype, returned.boxes.dtype))
+    if lazy is None:
+        assert isinstance(boxes, Tensor)
+        per_class = boxes.dim() == 3
+        boxes = boxes.to(_narrower(boxes.dtype, returned.boxes.dtype))
     det_scores = returned.scores.to(scores.dtype)
-    det_boxes = returned.boxes.to(boxes.dtype)
+    det_boxes = returned.boxes
+    if lazy is None:
+        assert isinstance(boxes, Tensor)
+        det_boxes = det_boxes.to(boxes.dtype)
     det_labels = returned.labels
-    det_key = _mix(_mix(_box_key(det_boxes) ^ det_labels) ^ _bits(det_scores))  # [B, D]
+    det_score_bits = _bits(det_scores)
+    det_key = (  # [B, D] (with PairBoxes: per image, once the candidates' box dtype is known)
+        _mix(_mix(_box_key(det_boxes) ^ det_labels) ^ det_score_bits) if lazy is None else None
+    )
     valid = torch.arange(d, device=device)[None, :] < returned.counts[:, None]
     labels = torch.arange(first_label, n_class, device=device)
     start = 0
@@ -419,10 +495,20 @@ def match_detections(
             pair = torch.arange(keep.numel(), device=device)
         n_pairs = img_scores.numel()
         row, cls = pair // labels.shape[0], pair % labels.shape[0]
-        img_boxes = boxes[rows]
-        box_key = _box_key(img_boxes[row, cls + first_label] if per_class else img_boxes[row])
+        if lazy is not None:
+            if pair.numel() == 0:
+                continue  # no pair scores as high as a returned detection: none matches
+            pair_boxes = lazy.of(b, row, cls + first_label)
+            box_dtype = _narrower(pair_boxes.dtype, returned.boxes.dtype)
+            pair_boxes, img_det_boxes = pair_boxes.to(box_dtype), det_boxes[b].to(box_dtype)
+            img_det_key = _mix(_mix(_box_key(img_det_boxes) ^ det_labels[b]) ^ det_score_bits[b])
+        else:
+            assert isinstance(boxes, Tensor) and det_key is not None
+            img_boxes, img_det_boxes, img_det_key = boxes[rows], det_boxes[b], det_key[b]
+            pair_boxes = img_boxes[row, cls + first_label] if per_class else img_boxes[row]
+        box_key = _box_key(pair_boxes)
         pair_key = _mix(_mix(box_key ^ labels[cls]) ^ _bits(img_scores[pair]))
-        sorted_keys, _ = det_key[b].sort()
+        sorted_keys, _ = img_det_key.sort()
         pos = torch.searchsorted(sorted_keys, pair_key).clamp(max=d - 1)
         hit = sorted_keys[pos] == pair_key
         if device.type != "cpu":
@@ -435,18 +521,24 @@ def match_detections(
         best = torch.full((d + spare,), n_pairs, dtype=torch.long, device=device)
         miss = d if spare == 1 else d + (pair & (spare - 1))
         best.scatter_reduce_(0, torch.where(hit, pos, miss), pair, "amin", include_self=True)
-        found = best[torch.searchsorted(sorted_keys, det_key[b])]  # [D] pair index or sentinel
+        found = best[torch.searchsorted(sorted_keys, img_det_key)]  # [D] pair index or sentinel
         ok = found < n_pairs
         found = found.clamp(max=n_pairs - 1)
         f_row, f_cls = found // labels.shape[0], found % labels.shape[0] + first_label
-        f_box = img_boxes[f_row, f_cls] if per_class else img_boxes[f_row]
+        if lazy is not None:  # the found pair's box: among the pairs keyed (ascending)
+            f_box = pair_boxes[torch.searchsorted(pair, found).clamp(max=pair.numel() - 1)]
+        else:
+            f_box = img_boxes[f_row, f_cls] if per_class else img_boxes[f_row]
         ok &= (
             valid[b]
             & (f_cls == det_labels[b])
             & (_bits(scores[rows][f_row, f_cls]) == _bits(det_scores[b]))
-            & (_bits(f_box) == _bits(det_boxes[b])).all(-1)
+            & (_bits(f_box) == _bits(img_det_boxes)).all(-1)
         )
         out[b] = torch.where(ok, f_row + rows.start, -1)
+    if lazy is not None and bool((valid & (out < 0) & ~det_scores.isnan()).any()):
+        # A detection no pair reproduced: made again on the full boxes (the rows are theirs).
+        return match_detections(returned, scores, lazy.full(), rows_per_image, first_label)
     return out
 
 

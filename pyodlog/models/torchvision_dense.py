@@ -21,6 +21,7 @@ from torchvision.models.detection.retinanet import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from pyodlog.models.common import (
+    PairBoxes,
     ReturnedDetections,
     captured,
     clip_and_resize,
@@ -117,7 +118,7 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         returned: ReturnedDetections,
         logits: Tensor,
         centerness: Tensor | None,
-        boxes: Tensor,
+        boxes: Tensor | _AnchorBoxes,
         n_anchors: int,
         net_sizes: list[tuple[int, int]],
         want_near_misses: bool,
@@ -125,9 +126,11 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         """:func:`match_detections` over the anchors that can hold a returned detection only.
 
         Every returned score is at least the lowest one (and above the model's threshold): the
-        anchors none of whose logits can pass the lower of those, or of the near-miss floor, are
-        left out (:func:`pyodlog.ops.activated_rows`, one read of the logits), the others
-        activated exactly as the model does; the matches are mapped back to anchor rows.
+        anchors none of whose logits can pass the lower of those, or of the near-miss floor (the
+        lowest returned score alone when no near-misses are wanted), are left out
+        (:func:`pyodlog.ops.activated_rows`, one read of the logits), the others activated
+        exactly as the model does; the matches are mapped back to anchor rows. ``boxes``: the
+        decoded anchors, or :class:`_AnchorBoxes` (decoded for the pairs the match reads).
 
         Returns:
             ``(candidates, scores, activation)``: what the near-miss operator is fed. When many
@@ -148,7 +151,10 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             torch.arange(returned.scores.shape[1])[None, :] < returned.counts[:, None]
         ) & ~returned.scores.isnan()
         if bool(valid.any()):
-            thresh = min(thresh, float(returned.scores[valid].min()))
+            lowest = float(returned.scores[valid].min())
+            # Without near-misses the match alone reads the scores: only pairs scoring at least
+            # the lowest returned score can match, so only anchors that can reach it are activated.
+            thresh = min(thresh, lowest) if want_near_misses else lowest
         live, live_scores = activated_rows(
             logits, self.activation, math.nextafter(thresh, -math.inf), self.first_label, centerness
         )
@@ -164,7 +170,9 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
                         net_sizes,
                         net_sizes,
                         self._state["input_sizes"],
-                    ),
+                    )
+                    if isinstance(boxes, Tensor)
+                    else boxes.of_rows(None),
                     [n_anchors] * n_images,
                     first_label=self.first_label,
                 ),
@@ -178,7 +186,9 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
                 live_scores,
                 clip_and_resize(
                     boxes[live], live_rows, net_sizes, net_sizes, self._state["input_sizes"]
-                ),
+                )
+                if isinstance(boxes, Tensor)
+                else boxes.of_rows(live, live_rows),
                 live_rows,
                 first_label=self.first_label,
             )
@@ -209,17 +219,24 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         n_images, n_anchors, n_classes = cls_logits.shape
         device = cls_logits.device
         anchors = torch.stack(self._state["anchors"]).reshape(-1, 4)
-        boxes = self._decode(head["bbox_regression"].reshape(-1, 4), anchors)
+        regression = head["bbox_regression"].reshape(-1, 4)
         features = self._state["features"]
         net_sizes = self._state["net_sizes"]
         rows = [n_anchors] * n_images
+        want_near_misses = bool(self.near_miss) and not self._sampled_out_now()
         # The model's candidates as it returns them: scores activated as it does, boxes decoded,
         # clipped to the network input and resized to the input images. On the CPU the raw logits
         # go to the operators, which activate only the anchors that can pass (no pass over every
-        # anchor's scores here).
-        fused = self._fused(cls_logits, boxes)
+        # anchor's scores here). Without near-misses (a sampled-out call, or none asked for) on
+        # the CPU, only the anchors the match and the embeddings read are decoded.
+        lazy = (
+            _AnchorBoxes(self, regression, anchors, n_anchors)
+            if not want_near_misses and cls_logits.device.type == "cpu"
+            else None
+        )
+        boxes: Any = lazy if lazy is not None else self._decode(regression, anchors)
+        fused = self._fused(cls_logits, regression)  # (the box coders decode in its dtype)
         centerness = self._centerness(head) if fused else None
-        want_near_misses = bool(self.near_miss) and not self._sampled_out_now()
         activation = "none"
         if fused:
             candidates, scores, activation = self._match_fused(
@@ -236,7 +253,9 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             candidates = match_detections(
                 returned,
                 scores,
-                clip_and_resize(boxes, rows, net_sizes, net_sizes, self._state["input_sizes"]),
+                clip_and_resize(boxes, rows, net_sizes, net_sizes, self._state["input_sizes"])
+                if lazy is None
+                else lazy.of_rows(None),
                 rows,
                 first_label=self.first_label,
             )
@@ -245,8 +264,12 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         embeddings = None
         if self.log_embeddings and self.fpn_embeddings:
             levels = self._anchor_levels(features, n_anchors, device)
-            net_boxes = gather_rows(
-                clip_and_resize(boxes, rows, net_sizes, net_sizes, net_sizes), candidates
+            net_boxes = (
+                gather_rows(
+                    clip_and_resize(boxes, rows, net_sizes, net_sizes, net_sizes), candidates
+                )
+                if lazy is None
+                else lazy.of_candidates(candidates)
             )
             level_of = torch.where(local >= 0, levels[local.clamp(min=0)], local)
             embeddings = level_roi_features(
@@ -343,6 +366,68 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
             activation=activation or "none",
             centerness=centerness,
         )
+
+
+class _AnchorBoxes:
+    """A one-stage call's anchor boxes, decoded for the anchors asked for only (the box coders
+    and :func:`clip_and_resize` are elementwise: the same values as decoding every anchor)."""
+
+    def __init__(
+        self, logger: _DenseHeadLogger, regression: Tensor, anchors: Tensor, n_anchors: int
+    ) -> None:
+        self.logger = logger
+        self.regression = regression  # [B * A, 4]
+        self.anchors = anchors  # [B * A, 4]
+        self.n_anchors = n_anchors
+
+    def decoded(self, flat: Tensor) -> Tensor:
+        """``Tensor[R, 4]``: the decoded boxes of flat anchor rows ``flat`` (network input)."""
+        return self.logger._decode(
+            self.regression.index_select(0, flat), self.anchors.index_select(0, flat)
+        )
+
+    def full(self) -> Tensor:
+        return self.logger._decode(self.regression, self.anchors)
+
+    def of_rows(self, live: Tensor | None, live_rows: list[int] | None = None) -> PairBoxes:
+        """The :class:`PairBoxes` of a match over every anchor (``live`` None) or over the anchor
+        rows ``live`` (ascending, ``live_rows`` of them per image), clipped and resized as the
+        model returns them."""
+        state = self.logger._state
+        net_sizes, input_sizes = state["net_sizes"], state["input_sizes"]
+        n_images = len(net_sizes)
+        counts = [self.n_anchors] * n_images if live_rows is None else live_rows
+        first = [sum(counts[:i]) for i in range(n_images)]
+
+        def of(image: int, rows: Tensor, labels: Tensor) -> Tensor:
+            # Class-agnostic boxes: each anchor decoded once, however many of its classes are
+            # asked for (rows come in ascending order).
+            unique, inverse = torch.unique_consecutive(rows, return_inverse=True)
+            flat = unique + first[image]
+            if live is not None:
+                flat = live.index_select(0, flat)
+            size = net_sizes[image]
+            boxes = clip_and_resize(
+                self.decoded(flat), [flat.shape[0]], [size], [size], [input_sizes[image]]
+            )
+            return boxes.index_select(0, inverse)
+
+        def full() -> Tensor:
+            boxes = self.full() if live is None else self.full()[live]
+            return clip_and_resize(boxes, counts, net_sizes, net_sizes, input_sizes)
+
+        return PairBoxes(of, full)
+
+    def of_candidates(self, candidates: Tensor) -> Tensor:
+        """``gather_rows`` of the boxes clipped to the network input, for ``candidates``
+        ``Tensor[B, D]`` (flat anchor rows, -1 in padding: zeros there)."""
+        b, d = candidates.shape
+        net_sizes = self.logger._state["net_sizes"]
+        if candidates.numel() == 0 or self.regression.shape[0] == 0:
+            return self.regression.new_zeros((b, d, 4))
+        boxes = self.decoded(candidates.clamp(min=0).reshape(-1))
+        boxes = clip_and_resize(boxes, [d] * b, net_sizes, net_sizes, net_sizes).reshape(b, d, 4)
+        return torch.where((candidates >= 0)[..., None], boxes, torch.zeros((), dtype=boxes.dtype))
 
 
 @register_logger(priority=10)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from pyodlog.models.common import (
+    PairBoxes,
     captured,
     clip_and_resize,
     first_rows,
@@ -93,25 +95,32 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         device = class_logits.device
         n_rows, n_class = class_logits.shape
         counts = [int(p.shape[0]) for p in proposals]
+        want_near_misses = bool(self.near_miss) and not self._sampled_out_now()
+        net_sizes, input_sizes = self._state["net_sizes"], self._state["input_sizes"]
         # Exactly RoIHeads.postprocess_detections' scores and boxes, then GeneralizedRCNN's resize.
         # (decode returns [0, C * 4] for no proposal at all: the reshape makes it [0, C, 4].)
-        boxes = heads.box_coder.decode(self._state["box_regression"], proposals).reshape(
-            n_rows, n_class, 4
+        boxes = (
+            heads.box_coder.decode(self._state["box_regression"], proposals).reshape(
+                n_rows, n_class, 4
+            )
+            if want_near_misses
+            else None
         )
         scores = F.softmax(class_logits, -1)
-        candidates = match_detections(
-            returned,
-            scores,
-            clip_and_resize(
-                boxes,
+        if boxes is not None:
+            match_boxes: Any = clip_and_resize(boxes, counts, net_sizes, net_sizes, input_sizes)
+        else:
+            # No near-misses (a sampled-out call, or none asked for): only the boxes of the pairs
+            # the match reads are decoded (a few hundred of the N * C).
+            match_boxes = _pair_boxes(
+                heads.box_coder,
+                self._state["box_regression"],
+                proposals,
                 counts,
-                self._state["net_sizes"],
-                self._state["net_sizes"],
-                self._state["input_sizes"],
-            ),
-            counts,
-            first_label=1,
-        )
+                net_sizes,
+                input_sizes,
+            )
+        candidates = match_detections(returned, scores, match_boxes, counts, first_label=1)
         embeddings = (
             gather_rows(self._state["box_features"].flatten(1), candidates)
             if self.log_embeddings
@@ -119,7 +128,8 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         )
         logits = gather_rows(class_logits, candidates)
         near_misses = None
-        if self.near_miss and not self._sampled_out_now():  # sampled out: no rows
+        if want_near_misses:  # sampled out: no rows
+            assert boxes is not None
             box_features = self._state["box_features"].flatten(1)
             near_misses = near_misses_of(
                 returned,
@@ -127,8 +137,8 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
                 scores,
                 boxes,
                 counts,
-                self._state["net_sizes"],
-                self._state["input_sizes"],
+                net_sizes,
+                input_sizes,
                 img_sizes,
                 class_logits,
                 k=self.near_miss,
@@ -155,3 +165,36 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
             near_misses=near_misses,
             **with_uncertainty(logits, SOFTMAX),
         )
+
+
+def _pair_boxes(
+    box_coder: Any,
+    box_regression: Tensor,
+    proposals: list[Tensor],
+    counts: list[int],
+    net_sizes: list[tuple[int, int]],
+    input_sizes: list[tuple[int, int]],
+) -> PairBoxes:
+    """The boxes of (proposal, class) pairs as ``RoIHeads.postprocess_detections`` decodes and
+    ``GeneralizedRCNN`` resizes them, computed for the pairs asked for only (``decode_single`` and
+    :func:`clip_and_resize` are elementwise: the same values as the full ``[N, C, 4]``)."""
+    concat = torch.cat(proposals)
+    n_rows = concat.shape[0]
+    codes = box_regression.reshape(n_rows, -1, 4)
+    n_class = codes.shape[1]
+    first = [sum(counts[:i]) for i in range(len(counts))]
+
+    def of(image: int, rows: Tensor, labels: Tensor) -> Tensor:
+        rows = rows + first[image]
+        decoded = box_coder.decode_single(
+            codes.reshape(-1, 4).index_select(0, rows * n_class + labels),
+            concat.index_select(0, rows),
+        )
+        size = net_sizes[image]
+        return clip_and_resize(decoded, [decoded.shape[0]], [size], [size], [input_sizes[image]])
+
+    def full() -> Tensor:
+        boxes = box_coder.decode(box_regression, proposals).reshape(n_rows, n_class, 4)
+        return clip_and_resize(boxes, counts, net_sizes, net_sizes, input_sizes)
+
+    return PairBoxes(of, full)
