@@ -53,7 +53,9 @@ def reference(scores, boxes, image_index, n_images, thresh, iou, max_det, k, flo
                 continue
             for q in kept.get(lab, []):
                 v = _iou(bx[q[2]], bx[r])
-                if v > np.float32(iou):
+                # The float32 IoU against the threshold as a double, as torchvision's NMS (and
+                # the operator) compare it: an IoU of float32(0.3) = 0.30000001 suppresses at 0.3.
+                if float(v) > iou:
                     misses.append((p, SUPPRESSED, q, v))
                     break
             else:
@@ -315,3 +317,22 @@ def test_below_pairs_around_the_point_where_they_stop_mattering(device, n_above,
         ref = reference(scores, boxes, image_index, 1, 0.5, 0.5, 2, k, 0.1)
         out = type(out)(*(type(o)(*(t.cpu() for t in o)) for o in out))
         assert_like_reference(out, ref)
+
+
+def test_reference_and_operator_suppress_at_an_iou_equal_to_the_float32_threshold(device):
+    # IoU of these boxes is float32(0.3) = 0.30000001192..., above 0.3 as a double: torchvision's
+    # NMS suppresses the second box at iou_thresh=0.3, and so must the operator and the reference.
+    from torchvision.ops import nms
+
+    boxes = torch.tensor([[3.75, 2.75, 11.25, 13.25], [5.75, 4.75, 10.25, 10.0]])
+    scores = torch.tensor([[0.9], [0.8]])
+    assert _iou(boxes[0].numpy(), boxes[1].numpy()) == np.float32(0.3)
+    assert nms(boxes, scores[:, 0], 0.3).tolist() == [0]
+    image_index = torch.zeros(2, dtype=torch.long)
+    out, _ = run_nm(
+        scores, boxes, image_index, 1, device, iou_thresh=0.3, near_miss=4, near_miss_floor=0.1
+    )
+    ref = reference(scores, boxes, image_index, 1, 0.5, 0.3, 5, 4, 0.1)
+    assert ref[0][0] == [(0, 0)]
+    out = type(out)(*(type(o)(*(t.cpu() for t in o)) for o in out))
+    assert_like_reference(out, ref)
