@@ -57,9 +57,11 @@ def paired(variants: dict, rotations: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def op_ratio(family: str, rotations: int) -> dict[str, float]:
-    _, activate_decode, image_index, net, orig, kwargs = _inputs(family)
-    scores, boxes = activate_decode()
+def _with_vs_without(
+    scores, boxes, image_index, net, orig, kwargs, rotations: int
+) -> dict[str, float]:
+    """The operator on these candidates without near-misses and with K = DEFAULT_NEAR_MISS
+    (floor: half the score threshold), paired."""
     floor = kwargs["score_thresh"] / 2
     return paired(
         {
@@ -79,6 +81,12 @@ def op_ratio(family: str, rotations: int) -> dict[str, float]:
         },
         rotations,
     )
+
+
+def op_ratio(family: str, rotations: int) -> dict[str, float]:
+    _, activate_decode, image_index, net, orig, kwargs = _inputs(family)
+    scores, boxes = activate_decode()
+    return _with_vs_without(scores, boxes, image_index, net, orig, kwargs, rotations)
 
 
 # Background-logit offsets for the density sweep: 0 is the benchmark's random head (about 1,500
@@ -107,24 +115,7 @@ def op_ratio_by_density(rotations: int) -> list[tuple[float, float, float, dict[
         foreground = scores[:, 1:]
         above = float((foreground > thresh).sum()) / n_images
         below = float(((foreground > floor) & (foreground <= thresh)).sum()) / n_images
-        times = paired(
-            {
-                "without": lambda s=scores: postprocess_detections(
-                    s, boxes, image_index, net, orig, **kwargs
-                ),
-                "with": lambda s=scores: postprocess_detections_near_miss(
-                    s,
-                    boxes,
-                    image_index,
-                    net,
-                    orig,
-                    near_miss=DEFAULT_NEAR_MISS,
-                    near_miss_floor=floor,
-                    **kwargs,
-                ),
-            },
-            rotations,
-        )
+        times = _with_vs_without(scores, boxes, image_index, net, orig, kwargs, rotations)
         out.append((offset, above, below, times))
     return out
 
