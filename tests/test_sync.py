@@ -18,7 +18,7 @@ from tests.helpers.collector_process import (
     KEY_A,
     CollectorProcess,
     FlakyProxy,
-    make_tls_files,
+    start_tls_collector,
     write_keys,
 )
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
@@ -414,12 +414,7 @@ def test_upload_shows_a_progress_bar_when_asked(tmp_path, collector, capsys):
 
 
 def test_https_is_verified_and_a_private_ca_can_be_given(tmp_path):
-    ca, cert, key = make_tls_files(tmp_path / "tls")
-    server = CollectorProcess(
-        tmp_path / "collector",
-        write_keys(tmp_path / "keys.txt"),
-        ["--tls-cert", str(cert), "--tls-key", str(key)],
-    ).start()
+    server, ca = start_tls_collector(tmp_path)
     try:
         assert server.url.startswith("https://")
         endpoint = f"https://localhost:{server.port}"

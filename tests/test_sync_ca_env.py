@@ -8,19 +8,14 @@ from __future__ import annotations
 import pytest
 
 from pyodlog.sync import SyncConfig, SyncError
-from tests.helpers.collector_process import CollectorProcess, make_tls_files, write_keys
+from tests.helpers.collector_process import make_tls_files, start_tls_collector
 from tests.test_sync import FAST, log_calls, make_logger
 
 
 @pytest.mark.parametrize("variable", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
 def test_a_private_ca_in_the_environment_verifies_the_collector(tmp_path, monkeypatch, variable):
-    ca, cert, key = make_tls_files(tmp_path / "tls")
+    server, ca = start_tls_collector(tmp_path)
     other_ca, _, _ = make_tls_files(tmp_path / "other")
-    server = CollectorProcess(
-        tmp_path / "collector",
-        write_keys(tmp_path / "keys.txt"),
-        ["--tls-cert", str(cert), "--tls-key", str(key)],
-    ).start()
     try:
         endpoint = f"https://localhost:{server.port}"
         monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)

@@ -351,3 +351,15 @@ def make_tls_files(folder: Path) -> tuple[Path, Path, Path]:
         ext,
     )
     return ca, cert, key
+
+
+def start_tls_collector(folder: Path) -> tuple[CollectorProcess, Path]:
+    """A collector serving HTTPS with a throwaway certificate (files under ``folder``), started;
+    returns it and the CA that verifies it."""
+    ca, cert, key = make_tls_files(folder / "tls")
+    server = CollectorProcess(
+        folder / "collector",
+        write_keys(folder / "keys.txt"),
+        ["--tls-cert", str(cert), "--tls-key", str(key)],
+    ).start()
+    return server, ca
