@@ -90,14 +90,13 @@ uint64_t keep_topk(std::vector<uint64_t>& keys, int64_t topk, const S* scores) {
 // Pairs above the score threshold visit before every below pair, and all but max_detections of
 // them end up suppressed or over the cap: once more than max_detections + k pairs above the
 // threshold are collected, no below pair can be among the first k near-misses (and the budget
-// is exhausted), so the collector is `closed` and the rest of the scan filters as it would
+// is exhausted), so the scan drops the collector there and filters the rest as it would
 // without near-misses.
 struct BelowCollector {
   int64_t k = 0;
   std::vector<uint64_t> keys;
   size_t seen = 0;
-  size_t close_above = 0;  // close once the pairs collected above the threshold exceed this
-  bool closed = false;
+  size_t close_above = 0;  // dropped once the pairs collected above the threshold exceed this
 };
 
 // Holds `key` among `keys`, the best `k` so far (all when k <= 0): past 2k held keys,
@@ -158,7 +157,6 @@ void collect_group(const S* scores, const B* boxes, bool per_class_boxes, int64_
   for (const int64_t* r = rows_begin; r != rows_end; ++r) {
     if (below != nullptr && scratch.size() > below->close_above) {
       // No below pair can be a near-miss any more (see BelowCollector): filter as without.
-      below->closed = true;
       below->keys.clear();
       below = nullptr;
       cutoff = above_thresh;
@@ -484,7 +482,7 @@ void postprocess_image(const S* scores, const B* boxes, bool per_class_boxes, in
   }
   misses.insert(misses.end(), held.begin(), held.end());
   const size_t n_over_cap = n_kept - n_out;
-  // Every near-miss, counted (a closed below collector stopped counting its pairs: the above
+  // Every near-miss, counted (a dropped below collector stopped counting its pairs: the above
   // ones alone then exceed K).
   const size_t n_misses = n_below + n_suppressed + n_over_cap;
   const size_t n_nm = std::min<size_t>(misses.size(), k);
