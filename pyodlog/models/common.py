@@ -452,14 +452,12 @@ def match_detections(
     # candidates' dtype (a model that casts its output down, e.g. to bfloat16, returns values the
     # float32 candidates only equal once rounded the same way; widening is exact either way).
     scores = scores.to(_narrower(scores.dtype, returned.scores.dtype))
-    if lazy is None:
-        assert isinstance(boxes, Tensor)
-        per_class = boxes.dim() == 3
-        boxes = boxes.to(_narrower(boxes.dtype, returned.boxes.dtype))
     det_scores = returned.scores.to(scores.dtype)
     det_boxes = returned.boxes
     if lazy is None:
         assert isinstance(boxes, Tensor)
+        per_class = boxes.dim() == 3
+        boxes = boxes.to(_narrower(boxes.dtype, returned.boxes.dtype))
         det_boxes = det_boxes.to(boxes.dtype)
     det_labels = returned.labels
     det_score_bits = _bits(det_scores)
