@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+import pyodlog
 from pyodlog.ops import postprocess_detections, postprocess_detections_near_miss
 from pyodlog.ops.postprocess import BELOW_SCORE, OVER_CAP, SUPPRESSED
 from tests.helpers.detector_candidates import FAMILIES, candidates_of
+
+CUDA = torch.cuda.is_available() and pyodlog.build_info()["cuda"]
 
 
 @functools.cache
@@ -336,3 +339,53 @@ def test_reference_and_operator_suppress_at_an_iou_equal_to_the_float32_threshol
     assert ref[0][0] == [(0, 0)]
     out = type(out)(*(type(o)(*(t.cpu() for t in o)) for o in out))
     assert_like_reference(out, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU present")
+@pytest.mark.parametrize("per_class_boxes", [False, True])
+@pytest.mark.parametrize("topk_per_class", [False, True])
+def test_a_dense_head_cut_by_the_top_k_gives_the_cpu_result_on_cuda(
+    per_class_boxes, topk_per_class
+):
+    """On CUDA the pairs the top-k cuts leave the operator before NMS (a compaction), and boxes
+    of class-agnostic heads are clipped and checked per row: the result is the CPU kernel's,
+    field by field, with most pairs cut, tied scores, boxes under min_size and NaN boxes."""
+    g = torch.Generator().manual_seed(11)
+    n_images, n, c, levels = 3, 4000, 9, 4
+    scores = (torch.rand(n, c, generator=g) * 16).round() / 16  # many exact ties
+    shape = (n, c, 2) if per_class_boxes else (n, 2)
+    xy = torch.rand(shape, generator=g) * 300
+    wh = torch.rand(shape, generator=g) * 60
+    boxes = torch.cat([xy, xy + wh], -1)  # some narrower than min_size
+    boxes[::97] = float("nan")
+    image_index = torch.randint(0, n_images, (n,), generator=g)
+    topk_group = image_index * levels + torch.arange(n) % levels
+    net = torch.tensor([[256, 320], [300, 300], [320, 256]])
+    orig = torch.tensor([[512, 640], [300, 300], [160, 128]])
+
+    def run(device):
+        out = postprocess_detections_near_miss(
+            scores.to(device),
+            boxes.to(device),
+            image_index.to(device),
+            net.to(device),
+            orig.to(device),
+            0.3,
+            0.5,
+            20,
+            25,
+            0.1,
+            min_size=2.0,
+            topk=15 if topk_per_class else 40,
+            topk_group=topk_group.to(device),
+            topk_per_class=topk_per_class,
+        )
+        return [t.cpu() for part in out for t in part]
+
+    got, want = run("cuda"), run("cpu")
+    assert int(want[4].sum()) > 0 and int(want[-2].sum()) > 0  # detections and near-misses
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) or (
+            a.is_floating_point() and torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)
+        )

@@ -500,12 +500,20 @@ def match_detections(
             box_dtype = _narrower(pair_boxes.dtype, returned.boxes.dtype)
             pair_boxes, img_det_boxes = pair_boxes.to(box_dtype), det_boxes[b].to(box_dtype)
             img_det_key = _mix(_mix(_box_key(img_det_boxes) ^ det_labels[b]) ^ det_score_bits[b])
+            box_key = _box_key(pair_boxes)
         else:
             assert isinstance(boxes, Tensor) and det_key is not None
             img_boxes, img_det_boxes, img_det_key = boxes[rows], det_boxes[b], det_key[b]
-            pair_boxes = img_boxes[row, cls + first_label] if per_class else img_boxes[row]
-        box_key = _box_key(pair_boxes)
-        pair_key = _mix(_mix(box_key ^ labels[cls]) ^ _bits(img_scores[pair]))
+            if per_class:
+                box_key = _box_key(img_boxes[row, cls + first_label])
+            elif device.type == "cpu":
+                box_key = _box_key(img_boxes[row])
+            else:
+                # Every pair keyed (no compaction): each box hashed once, not once per class (the
+                # same keys; a one-stage head at 800 px has 91 classes on each of ~160 k anchors).
+                box_key = _box_key(img_boxes)[row]
+        pair_scores = img_scores[pair] if device.type == "cpu" else img_scores  # (CUDA: every pair)
+        pair_key = _mix(_mix(box_key ^ labels[cls]) ^ _bits(pair_scores))
         sorted_keys, _ = img_det_key.sort()
         pos = torch.searchsorted(sorted_keys, pair_key).clamp(max=d - 1)
         hit = sorted_keys[pos] == pair_key

@@ -44,13 +44,57 @@ __global__ void admit_pairs_kernel(T* __restrict__ box, const int64_t* __restric
 }
 
 // Rank of each sorted position inside its run of equal keys (keys ascending): its position
-// minus the first position of its key, found by a binary search per position. (A cummax
-// over the run starts gives the same ranks, but PyTorch's CUDA cummax of one long row is a
-// single-block scan: on an H200 it took 345 ms for the ~11 M pairs of one RetinaNet call at
-// 800 px, 71 % of the logged call's GPU time.)
+// minus the first position of its run. Runs are numbered by a scan of the run-start flags
+// (a device-wide scan, as PyTorch's cumsum makes it), each run's first position written by the
+// one thread that starts it, then read back per position: a few streaming passes. (PyTorch's
+// CUDA cummax of one long row is a single-block scan: 345 ms for the ~11 M pairs of one
+// RetinaNet call at 800 px on an H200; a binary search per position, 27 dependent loads
+// each, came next.)
+__global__ void run_start_kernel(const int64_t* __restrict__ key, int64_t n, int64_t* __restrict__ starts) {
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n;
+       q += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    starts[q] = (q == 0 || key[q] != key[q - 1]) ? 1 : 0;
+  }
+}
+
+__global__ void run_first_kernel(const int64_t* __restrict__ key, const int64_t* __restrict__ run, int64_t n,
+                                 int64_t* __restrict__ first) {
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n;
+       q += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    if (q == 0 || key[q] != key[q - 1]) {
+      first[run[q]] = q;
+    }
+  }
+}
+
+__global__ void rank_in_run_kernel(const int64_t* __restrict__ run, const int64_t* __restrict__ first, int64_t n,
+                                   int64_t* __restrict__ rank) {
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n;
+       q += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    rank[q] = q - first[run[q]];
+  }
+}
+
 inline at::Tensor rank_in_runs(const at::Tensor& sorted_key) {
   const at::Tensor key = sorted_key.contiguous();
-  return at::arange(key.size(0), key.options()) - at::searchsorted(key, key);
+  const int64_t n = key.size(0);
+  at::Tensor rank = at::empty_like(key);
+  if (n == 0) {
+    return rank;
+  }
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor starts = at::empty_like(key);
+  run_start_kernel<<<blocks_for(n), kThreads, 0, stream>>>(key.data_ptr<int64_t>(), n, starts.data_ptr<int64_t>());
+  AT_CUDA_CHECK(cudaGetLastError());
+  const at::Tensor run = starts.cumsum(0).sub_(1);  // the run of each position, from 0
+  at::Tensor first = at::empty_like(key);           // the first position of each run (runs <= n)
+  run_first_kernel<<<blocks_for(n), kThreads, 0, stream>>>(key.data_ptr<int64_t>(), run.data_ptr<int64_t>(), n,
+                                                           first.data_ptr<int64_t>());
+  AT_CUDA_CHECK(cudaGetLastError());
+  rank_in_run_kernel<<<blocks_for(n), kThreads, 0, stream>>>(run.data_ptr<int64_t>(), first.data_ptr<int64_t>(), n,
+                                                             rank.data_ptr<int64_t>());
+  AT_CUDA_CHECK(cudaGetLastError());
+  return rank;
 }
 
 template <typename T, typename S>
@@ -179,24 +223,33 @@ PostprocessNearMissResult postprocess_cuda(const at::Tensor& scores, const at::T
   const at::Tensor fg_scores = scores.narrow(1, first_label, n_fg).to(compute);
   const double collect = want && near_miss_floor < score_thresh ? near_miss_floor : score_thresh;
   const at::Tensor pair = fg_scores.reshape({-1}).gt(at::Scalar(collect)).nonzero().squeeze(1);
-  const int64_t n_pairs = pair.size(0);
+  int64_t n_pairs = pair.size(0);
   if (n_pairs == 0) {
     return join_results(result, misses);
   }
-  const at::Tensor row = pair.div(n_fg, "floor");
-  const at::Tensor label = pair.remainder(n_fg).add_(first_label);
-  const at::Tensor score = fg_scores.reshape({-1}).index_select(0, pair);
-  const at::Tensor image = image_of_row.index_select(0, row);
-  at::Tensor box = boxes.dim() == 3 ? boxes.to(compute).index({row, label}) : boxes.to(compute).index_select(0, row);
-  box = box.contiguous();
-  at::Tensor admitted = at::empty({n_pairs}, scores.options().dtype(at::kBool));
+  at::Tensor row = pair.div(n_fg, "floor");
+  at::Tensor label = pair.remainder(n_fg).add_(first_label);
+  at::Tensor score = fg_scores.reshape({-1}).index_select(0, pair);
+  at::Tensor image = image_of_row.index_select(0, row);
   const auto stream = at::cuda::getCurrentCUDAStream();
+  // Clipped and checked per candidate row when the boxes are class-agnostic (the same values as
+  // per pair: one box serves all of a row's classes), per pair otherwise. A row's boxes are
+  // gathered for its pairs only once the top-k has cut the pairs down.
+  const bool per_class_boxes = boxes.dim() == 3;
+  at::Tensor box = per_class_boxes ? boxes.to(compute).index({row, label}).contiguous()
+                                   : boxes.to(compute, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+  const int64_t n_boxes = box.size(0);
+  const at::Tensor box_image = per_class_boxes ? image : image_of_row.contiguous();
+  at::Tensor admitted = at::empty({n_boxes}, scores.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(compute, "admit_pairs", [&] {
-    admit_pairs_kernel<scalar_t><<<blocks_for(n_pairs), kThreads, 0, stream>>>(
-        box.data_ptr<scalar_t>(), image.data_ptr<int64_t>(), net.data_ptr<float>(), n_pairs, config.clip,
+    admit_pairs_kernel<scalar_t><<<blocks_for(n_boxes), kThreads, 0, stream>>>(
+        box.data_ptr<scalar_t>(), box_image.data_ptr<int64_t>(), net.data_ptr<float>(), n_boxes, config.clip,
         static_cast<scalar_t>(config.min_size), admitted.data_ptr<bool>());
   });
   AT_CUDA_CHECK(cudaGetLastError());
+  if (!per_class_boxes) {
+    admitted = admitted.index_select(0, row);
+  }
   const int64_t none = std::numeric_limits<int64_t>::max();
   const at::Tensor none_t = at::full({}, none, row.options());
 
@@ -212,7 +265,30 @@ PostprocessNearMissResult postprocess_cuda(const at::Tensor& scores, const at::T
     at::Tensor keep = at::empty_like(admitted);
     keep.index_copy_(0, order, in_topk);
     admitted = admitted.logical_and(keep);
+    // A pair the top-k cut is neither a detection nor a near-miss: from here on only the
+    // admitted pairs take part (at most topk per group; a second host sync, which turns every
+    // later sort over all the pairs above the floor, millions for a dense head with a low
+    // threshold, into one over those few).
+    const at::Tensor live = admitted.nonzero().squeeze(1);
+    if (live.size(0) < n_pairs) {
+      row = row.index_select(0, live);
+      label = label.index_select(0, live);
+      score = score.index_select(0, live);
+      image = image.index_select(0, live);
+      if (per_class_boxes) {
+        box = box.index_select(0, live);
+      }
+      n_pairs = live.size(0);
+      admitted = at::ones({n_pairs}, admitted.options());
+      if (n_pairs == 0) {
+        return join_results(result, misses);
+      }
+    }
   }
+  if (!per_class_boxes) {
+    box = box.index_select(0, row);
+  }
+  box = box.contiguous();
   // Pairs at or below score_thresh (collected for near-misses only) take no part in NMS.
   const at::Tensor above = want ? score.gt(at::Scalar(score_thresh)) : at::ones_like(admitted);
   const at::Tensor in_nms = admitted.logical_and(above);
