@@ -7,11 +7,13 @@
 # copier_trace.json.gz, profiles.tgz; with KEEP_SO=1 the built extension, so that a second call
 # can skip the build).
 # Usage (repository root, on the GPU machine):  OUT=/some/dir bash benchmarks/gpu_session.sh [PREBUILT.so]
+# (TEST_PATHS, TESTS_S, TRUTH_S and gpu_truth's GPU_TRUTH_* variables narrow a later call.)
 set -u
 OUT=${OUT:-/tmp/pyodlog-gpu}
 PY=${PY:-python3}
 TESTS_S=${TESTS_S:-240}
 TRUTH_S=${TRUTH_S:-240}
+TEST_PATHS=${TEST_PATHS:-tests}  # a later call of the same session may run the touched files only
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
@@ -42,7 +44,8 @@ fi
 $PY -c "import pyodlog, json; print(json.dumps(pyodlog.build_info()))" || exit 1
 
 since "CUDA tests"
-timeout "$TESTS_S" $PY -m pytest tests -m cuda -p no:cacheprovider -q -rfE --timeout 150 -n 8 \
+# shellcheck disable=SC2086  # TEST_PATHS: several paths
+timeout "$TESTS_S" $PY -m pytest $TEST_PATHS -m cuda -p no:cacheprovider -q -rfE --timeout 150 -n 8 \
   --continue-on-collection-errors --junitxml="$OUT/cuda-tests.xml" >"$OUT/cuda-tests.log" 2>&1
 echo "pytest exit code $?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/cuda-tests.log" | tail -60

@@ -28,6 +28,8 @@ waited for, as in production. Random weights with a low score threshold, so ever
 image has its full quota of detections (100 for Faster R-CNN, 300 for RetinaNet).
 
 Usage: python -m benchmarks.gpu_truth OUT_DIR [BUDGET_SECONDS]
+  (GPU_TRUTH_SECTIONS=postprocess,end_to_end runs those sections only; GPU_TRUTH_MODELS=
+  retinanet_resnet50_fpn the end-to-end models named only; GPU_TRUTH_ROTATIONS the rotations.)
   (GPU_TRUTH_DRY=1 runs every section on the CPU at toy sizes: a check of the script itself,
   so that minutes of GPU time are not lost to a typo; its figures mean nothing.)
 """
@@ -302,6 +304,12 @@ MODELS = {
 }
 
 
+def _models() -> list[str]:
+    """The end-to-end models: all of MODELS, or those GPU_TRUTH_MODELS names (comma-separated)."""
+    wanted = os.environ.get("GPU_TRUTH_MODELS")
+    return [m for m in MODELS if not wanted or m in wanted.split(",")]
+
+
 def _device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
 
@@ -481,7 +489,7 @@ def section_end_to_end(folder: Path, out_dir: Path, rotations: int, compile_too:
 
     out = {}
     images = _images()
-    for name in MODELS:
+    for name in _models():
         model = _model(name)
         variants = {
             "bare": model,
@@ -586,6 +594,9 @@ def main(out_dir: Path, budget: float) -> None:
             60,
         ),
     ]
+    wanted = os.environ.get("GPU_TRUTH_SECTIONS")  # e.g. "postprocess,end_to_end" (default: all)
+    if wanted:
+        sections = [s for s in sections if s[0] in wanted.split(",")]
     for key, run, needs in sections:
         if left() < needs:
             results[key] = {"skipped": f"{left():.0f} s of the budget left, {needs} s needed"}
