@@ -97,8 +97,9 @@ def postprocess_detections(
     compared with ``score_thresh`` as the heads compare it, so a score equal to the threshold
     fails. On other devices every pair is activated by torch's kernel first (no host sync).
 
-    Outputs are padded to ``max_detections``. On CUDA the kernel synchronises with the host once:
-    counting the (candidate, class) pairs above ``score_thresh`` (``nonzero``) sizes the work. The
+    Outputs are padded to ``max_detections``. On CUDA the kernel synchronises with the host once,
+    counting the (candidate, class) pairs above ``score_thresh`` (``nonzero``) to size the work,
+    and with ``topk`` once more, counting the pairs the top-k keeps (the rest leave before NMS). The
     family loggers log the detections the model returned (see
     :func:`pyodlog.models.common.match_detections`); with ``near_miss`` they run
     :func:`postprocess_detections_near_miss` on the model's candidates for the near-misses.

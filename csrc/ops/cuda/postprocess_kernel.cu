@@ -3,9 +3,9 @@
 // helpers as the CPU kernel (common::passes_score, clip_box, large_enough, the
 // group NMS of batched_nms, scale_box).
 //
-// One host synchronisation remains: the number of (candidate, class) pairs that
-// pass the score filter, which sizes the working arrays (as torchvision's own
-// post-processing does on every image).
+// Host synchronisations: the number of (candidate, class) pairs that pass the
+// score filter, which sizes the working arrays (as torchvision's own
+// post-processing does on every image), and with a top-k the number it keeps.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
