@@ -191,7 +191,8 @@ def _thread_cpu() -> dict[int, tuple[str, float]]:
 
 
 def cpu_main(name: str, batch: int, rotations: int) -> None:
-    """Total CPU per call a logger adds over the bare model, logged vs sampled out (sampled).
+    """Total CPU per call a logger adds over the bare model, logged vs sampled out (sampled), and
+    sampled out with ``Sampling(sampled_out_aggregates="output")`` (its output not parsed).
 
     One intra-op thread, so the model and the call path run on the calling thread. Per call:
 
@@ -214,7 +215,14 @@ def cpu_main(name: str, batch: int, rotations: int) -> None:
     sampled = pyodlog.create_logger(
         model, "b", "sampled", sink=HDF5Store(folder / "b"), sampling=pyodlog.Sampling(1e-9)
     )
-    loggers = {"logged": logged, "sampled out": sampled}
+    output_only = pyodlog.create_logger(
+        model,
+        "b",
+        "output",
+        sink=HDF5Store(folder / "e"),
+        sampling=pyodlog.Sampling(1e-9, sampled_out_aggregates="output"),
+    )
+    loggers = {"logged": logged, "sampled out": sampled, "output only": output_only}
     variants = {"bare": model, **loggers}
     forward: list[float] = []
     model.register_forward_pre_hook(lambda *_: forward.append(time.thread_time()))
@@ -272,6 +280,11 @@ def cpu_main(name: str, batch: int, rotations: int) -> None:
     print(f"threads of no logger: {unattributed * 1e3:.1f} ms over the run")
     ratio = (added["sampled out"] - added["bare"]) / (added["logged"] - added["bare"])
     print(f"(sampled out - bare) / (logged - bare), added CPU per call: {ratio:.4f}")
+    ratio = (added["output only"] - added["bare"]) / (added["logged"] - added["bare"])
+    print(
+        '(sampled out, sampled_out_aggregates="output" - bare) / (logged - bare), added CPU per '
+        f"call: {ratio:.4f}"
+    )
     print(
         f"written {logged.stats()['written']} calls; sampled out {sampled.stats()['sampled_out']}"
     )

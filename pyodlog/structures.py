@@ -214,6 +214,10 @@ class DetectionBatch:
         entropy, margin, energy: ``Tensor[B, D]`` float32 uncertainty of each detection, or None
             (:func:`pyodlog.ops.detection_uncertainty`).
         near_misses: the batch's :class:`NearMissBatch`, or None (not logged).
+        output_only: the model's returned boxes, scores and labels only, unparsed (a call
+            sampled out with ``Sampling(sampled_out_aggregates="output")``): ``logits`` has no
+            columns, ``candidate_index`` is -1, no embeddings nor uncertainty. Such a batch is
+            summarised into the aggregates, never written as rows.
     """
 
     box_format: ClassVar[str] = BOX_FORMAT
@@ -230,6 +234,7 @@ class DetectionBatch:
     margin: Tensor | None = None
     energy: Tensor | None = None
     near_misses: NearMissBatch | None = None
+    output_only: bool = False
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])

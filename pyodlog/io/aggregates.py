@@ -13,6 +13,11 @@ fixed-size counts, whether or not sampling keeps its rows:
   count, sum and sum of outer products of a seeded random projection of the embeddings to
   :data:`SKETCH_DIM` dimensions (so the running mean and covariance of that projection).
 
+A call sampled out with ``Sampling(sampled_out_aggregates="output")`` is not parsed: it adds
+everything above but the entropy and margin histograms and the embedding sketch, which then
+count the kept calls' detections only (their totals fall short of ``detections`` by the
+sampled-out calls' detections).
+
 Everything is a sum, so aggregates merge exactly (counts) or up to float64 rounding
 (sketch sums) across calls, segments, ranks and processes, in any order. The writer keeps
 one :class:`Aggregates` in memory and writes it into each segment it closes (the
@@ -449,12 +454,23 @@ def summarize_calls(records: list[CallRecord], n_class: int) -> CallsSummary:
     entropy_of: list[np.ndarray] = []
     margin_of: list[np.ndarray] = []
     z_of: list[tuple[int, np.ndarray]] = []  # records with embeddings: their sketch projection
+    internals_of: list[np.ndarray] = []  # per detection: its uncertainty is known (parsed)
     for i, record in enumerate(records):
         part = _RecordRows(record.detections)
         counts_of.append(part.counts)
         labels_of.append(part.rows(part.det.labels).astype(np.int64, copy=False))
         scores_of.append(part.rows(part.det.scores).astype(np.float32, copy=False))
         boxes_of.append(part.rows(part.det.boxes).astype(np.float32, copy=False).reshape(-1, 4))
+        if getattr(part.det, "output_only", False):
+            # What the model returned only (a call sampled out with
+            # sampled_out_aggregates="output"): no uncertainty to count (NaN here, which no
+            # sampling rule keeps, and left out of the entropy and margin histograms below).
+            unknown = np.full(len(labels_of[-1]), np.nan, np.float32)
+            entropy_of.append(unknown)
+            margin_of.append(unknown)
+            internals_of.append(np.zeros(len(unknown), bool))
+            continue
+        internals_of.append(np.ones(len(labels_of[-1]), bool))
         entropy, margin = part.column("entropy"), part.column("margin")
         if entropy is not None and n_class > 1:
             entropy = entropy / np.float32(math.log(n_class))  # the logged column is in nats
@@ -489,10 +505,17 @@ def summarize_calls(records: list[CallRecord], n_class: int) -> CallsSummary:
             * np.maximum(boxes[:, 3] - boxes[:, 1], np.float32(0))
         )
     base = (det_group * classes + cls) * _ROW
+    internals = cat(internals_of, np.zeros(0, bool))
+    parsed = slice(None) if bool(internals.all()) else internals  # (the usual case: a view)
     index = np.concatenate(
         [
-            base + (start + _bucket_np(values, name))
-            for name, start, values in zip(_HISTS, _STARTS, (scores, entropy_all, margin_all, size))
+            base[rows] + (start + _bucket_np(values[rows], name))
+            for name, start, values, rows in zip(
+                _HISTS,
+                _STARTS,
+                (scores, entropy_all, margin_all, size),
+                (slice(None), parsed, parsed, slice(None)),
+            )
         ]
     )
     hist = np.bincount(index, minlength=n_groups * classes * _ROW)

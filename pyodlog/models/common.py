@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -16,11 +16,12 @@ from pyodlog.monitoring.deferred import PARSE_SETTINGS
 from pyodlog.monitoring.modes import captured, refuse_cuda_graphs
 from pyodlog.ops.postprocess import postprocess_detections_near_miss
 from pyodlog.ops.uncertainty import detection_uncertainty
-from pyodlog.structures import NearMissBatch
+from pyodlog.structures import DetectionBatch, NearMissBatch
 
 __all__ = [
     "PairBoxes",
     "ReturnedDetections",
+    "UncertaintyColumns",
     "captured",
     "clip_and_resize",
     "first_rows",
@@ -32,6 +33,7 @@ __all__ = [
     "logged_boxes",
     "match_detections",
     "near_misses_of",
+    "output_only_batch",
     "refuse_cuda_graphs",
     "returned_detections",
     "rows_of_images",
@@ -548,6 +550,30 @@ def match_detections(
     return out
 
 
+def output_only_batch(
+    output: Any, model_input: Any, img_sizes: Sequence[tuple[int, int]], method: str
+) -> DetectionBatch:
+    """A torchvision detector's returned detections alone, copied, boxes in ``img_sizes``
+    coordinates: what a call sampled out with ``Sampling(sampled_out_aggregates="output")``
+    adds to the aggregates (no parse: no logits, candidates, embeddings nor uncertainty).
+
+    Raises:
+        TypeError: ``output`` is not one ``{"boxes", "scores", "labels"}`` dict per image.
+    """
+    returned = returned_detections(output, len(img_sizes), method)
+    b, d = returned.scores.shape
+    return DetectionBatch(
+        logged_boxes(returned, image_sizes_of(model_input), img_sizes),
+        returned.scores,
+        returned.labels,
+        returned.scores.new_zeros((b, d, 0)),
+        torch.full((b, d), -1, dtype=torch.long, device=returned.scores.device),
+        returned.counts,
+        list(img_sizes),
+        output_only=True,
+    )
+
+
 def logged_boxes(
     returned: ReturnedDetections,
     input_sizes: Sequence[tuple[int, int]],
@@ -570,12 +596,21 @@ def image_sizes_of(images: Any) -> list[tuple[int, int]]:
 # -- near-misses and uncertainty ------------------------------------------------------------------
 
 
-def with_uncertainty(logits: Tensor, kind: int | None) -> dict[str, Tensor]:
+class UncertaintyColumns(TypedDict, total=False):
+    """The uncertainty keyword arguments of a :class:`~pyodlog.structures.DetectionBatch`."""
+
+    entropy: Tensor
+    margin: Tensor
+    energy: Tensor
+
+
+def with_uncertainty(logits: Tensor, kind: int | None) -> UncertaintyColumns:
     """``{"entropy", "margin", "energy"}`` of logit rows (:func:`pyodlog.ops.detection_uncertainty`),
     or ``{}`` when ``kind`` is None (a family that does not say how its head activates)."""
     if kind is None:
         return {}
-    return detection_uncertainty(logits, kind)._asdict()
+    u = detection_uncertainty(logits, kind)
+    return {"entropy": u.entropy, "margin": u.margin, "energy": u.energy}
 
 
 def near_misses_of(

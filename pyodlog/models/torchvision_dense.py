@@ -32,6 +32,7 @@ from pyodlog.models.common import (
     logged_boxes,
     match_detections,
     near_misses_of,
+    output_only_batch,
     returned_detections,
     with_uncertainty,
 )
@@ -206,6 +207,13 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
     ) -> Tensor:
         """``Tensor[A]``: the FPN level of each anchor of an image."""
         return _levels(tuple(int(f.shape[-2] * f.shape[-1]) for f in features), n_anchors, device)
+
+    def _output_only_detections(
+        self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
+    ) -> DetectionBatch:
+        return output_only_batch(
+            output, model_input, img_sizes, f"{type(self).__name__}._output_only_detections"
+        )
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]

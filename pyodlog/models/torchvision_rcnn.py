@@ -21,6 +21,7 @@ from pyodlog.models.common import (
     logged_boxes,
     match_detections,
     near_misses_of,
+    output_only_batch,
     returned_detections,
     with_uncertainty,
 )
@@ -81,6 +82,13 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
     def _on_box_predictor(self, module, inputs, output) -> None:
         self._state["box_features"] = inputs[0]
         self._state["class_logits"], self._state["box_regression"] = output
+
+    def _output_only_detections(
+        self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
+    ) -> DetectionBatch:
+        return output_only_batch(
+            output, model_input, img_sizes, f"{type(self).__name__}._output_only_detections"
+        )
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]

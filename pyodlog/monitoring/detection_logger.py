@@ -661,6 +661,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 dataset_type,
                 timestamp,
                 targets=targets,
+                output_only_of=model_input
+                if decision is not None and decision.output_only
+                else None,
             )
         if record is not None:
             record.sampling = decision
@@ -688,6 +691,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         dataset_type: str,
         timestamp: float,
         targets: dict[str, Any] | None = None,
+        output_only_of: Any = None,
     ) -> CallRecord | None:
         """The record of a call whose model answered, or None (the failure counted and reported).
 
@@ -695,12 +699,20 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         family may learn them only from the output). From here on the call returns the model's
         output whatever logging does. ``targets`` is the call's checked ground truth
         (:func:`~pyodlog.monitoring.validation.check_targets`), logged beside the detections.
+        ``output_only_of``: the model's input, for a call sampled out with aggregates of its
+        output only (:meth:`_output_only_detections`; the output is then not parsed).
         """
         self._count_call_seen()
         try:
             features = self._end_capture(capture)
             ids, img_sizes, fields = identities()
-            detections = self._deferred_detections(capture, output, img_sizes)
+            detections = (
+                None
+                if output_only_of is None
+                else self._output_only_detections(output, output_only_of, img_sizes)
+            )
+            if detections is None:
+                detections = self._deferred_detections(capture, output, img_sizes)
             if detections is None:
                 with torch.no_grad():
                     detections = self._as_detection_batch(
@@ -725,6 +737,16 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         except Exception as error:
             self._logging_failed(error)
             return None
+
+    def _output_only_detections(
+        self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
+    ) -> DetectionBatch | None:
+        """A sampled-out call's detections as the model returned them, unparsed
+        (:attr:`DetectionBatch.output_only <pyodlog.structures.DetectionBatch>`: its boxes in
+        ``img_sizes`` coordinates, scores and labels, copied), for
+        ``Sampling(sampled_out_aggregates="output")``; or None where the family cannot read
+        them without its parse (the default: the call is then parsed, as with ``"all"``)."""
+        return None
 
     def _output_for_deferred_parse(self, output: Any) -> Any:
         """A copy of the model's output that the parse may read later, after the caller changed
