@@ -169,3 +169,38 @@ def test_the_setting_is_checked_shown_and_kept():
     assert not CallDecision(policy, drawn=True, sampled_out=False).output_only
     assert CallDecision(policy, drawn=False, sampled_out=True).output_only
     assert not CallDecision(pyodlog.Sampling(0.1), drawn=False, sampled_out=True).output_only
+
+
+@pytest.mark.parametrize("case", ["no detections", "bfloat16 autocast, a NaN image"])
+def test_empty_and_low_precision_outputs_are_counted(tmp_path, case):
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None,
+        weights_backbone=None,
+        box_score_thresh=0.999 if case == "no detections" else 0.0,
+    ).eval()
+    logger = pyodlog.create_logger(
+        model,
+        "m",
+        "e",
+        sink=pyodlog.HDF5Store(tmp_path / "e"),
+        sampling=pyodlog.Sampling(RARE, sampled_out_aggregates="output"),
+        metrics=False,
+    )
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 150, 200, generator=g), torch.full((3, 120, 160), float("nan"))]
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", torch.bfloat16, enabled=case != "no detections"),
+    ):
+        out = logger(images)
+    logger.wait_for_save()
+    stats = logger.stats()
+    directory = logger.sink.directory
+    logger.close()
+    assert stats["logging_errors"] == stats["aggregate_errors"] == 0
+    totals = pyodlog.open_result(directory).aggregates().totals()
+    counts = [len(o["scores"]) for o in out]
+    assert (totals["calls"], totals["images"], totals["detections"]) == (1, 2, sum(counts))
+    assert sum(totals["score"]) == sum(totals["box_size"]) == sum(counts)
+    assert sum(totals["entropy"]) == 0 and sum(totals["detections_per_image"]) == 2
