@@ -51,6 +51,10 @@ MAX_RUNNING_HASHES = 4096
 # ANNOUNCED_WAIT seconds for that piece to begin arriving). A real gap is answered at once.
 AHEAD_BYTES = 256 << 20
 ANNOUNCED_WAIT = 5.0
+# The longest a piece is held for a piece before it still on its way (a client sending the piece
+# before it slowly, or stalled until its connection times out): then it is told where to resume
+# (409 with ``received``), so no request waits on another one's timeout.
+HOLD_TIMEOUT = 60.0
 
 
 class BodyReadError(Exception):
@@ -244,6 +248,8 @@ class CollectorStorage(SegmentStorageBase):
             unread) only while a piece before it is on its way, else it is a 409 at once.
         announced_wait: how long a piece announced as following another one
             (``X-Follows-Piece``) waits for that piece to begin arriving.
+        hold_timeout: the longest a piece is held while a piece before it is on its way; then it
+            is answered 409 ``offset_mismatch`` with ``received`` (the client resumes there).
         check_segments: check each complete upload with
             :func:`pyodlog_collector.segment_check.check_segment` (in a worker process)
             before it becomes visible (refused with 422 ``invalid_segment`` otherwise).
@@ -256,6 +262,7 @@ class CollectorStorage(SegmentStorageBase):
         check_segments: bool = True,
         ahead_bytes: int = AHEAD_BYTES,
         announced_wait: float = ANNOUNCED_WAIT,
+        hold_timeout: float = HOLD_TIMEOUT,
     ) -> None:
         self.root = Path(root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -274,6 +281,7 @@ class CollectorStorage(SegmentStorageBase):
         self._appenders: dict[tuple[str, ...], int] = {}
         # Pieces in flight wait for the staged uploads to grow: every change is a new generation.
         self.ahead_bytes, self.announced_wait = int(ahead_bytes), float(announced_wait)
+        self.hold_timeout = float(hold_timeout)
         self._progress = threading.Condition()
         self._generation = 0
         # Upload id -> the offsets of its pieces inside write_piece now (received, or held), and the
@@ -416,11 +424,15 @@ class CollectorStorage(SegmentStorageBase):
         :meth:`write_piece` any more; else the answer: 409
         ``offset_mismatch`` as soon as no piece before it is inside :meth:`write_piece`
         (and the announced one, ``follows``, began or did not begin within
-        ``announced_wait`` seconds), or the segment was stored meanwhile.
+        ``announced_wait`` seconds), or the segment was stored meanwhile. Held
+        ``hold_timeout`` seconds at most: then it goes on if the bytes before it are staged
+        (a copy of the staged file, rather than an append), else it is that 409.
         """
         upload = self._upload_id(key, sha256)
         announced = follows is not None and follows < offset
-        deadline = time.monotonic() + self.announced_wait
+        started = time.monotonic()
+        deadline = started + self.announced_wait
+        give_up = started + self.hold_timeout
         while True:
             with self._progress:
                 generation = self._generation
@@ -428,19 +440,22 @@ class CollectorStorage(SegmentStorageBase):
                 before = any(o < offset for o in active)
                 awaited = announced and follows not in begun
             early = self.check_piece(key, sha256, offset, total, length)
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left, held_left = deadline - now, give_up - now
+            if held_left <= 0:
+                before = False  # held long enough: a piece before it still on its way is slow
             if early is None:
                 # The bytes before it are staged; it goes on once no piece before it is still
                 # being written (so it appends, rather than copying the staged file).
                 if not before:
                     return None
             elif early.body.get("error") != "offset_mismatch" or (
-                not before and not (awaited and left > 0)
+                not before and not (awaited and left > 0 and held_left > 0)
             ):
                 return early  # stored meanwhile, or nothing before it is on its way any more
             with self._progress:
                 if self._generation == generation:
-                    self._progress.wait(left if not before else None)
+                    self._progress.wait(min(left, held_left) if not before else held_left)
 
     @staticmethod
     def _drop_body(body: BinaryIO | io.BufferedIOBase, length: int) -> None:

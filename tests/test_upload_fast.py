@@ -355,6 +355,61 @@ def test_a_piece_ahead_whose_announced_predecessor_never_comes_is_told_where_to_
     assert answer.status == 409 and time.monotonic() - started < 0.2
 
 
+def test_a_piece_held_behind_a_stalled_one_is_told_where_to_resume_after_the_hold_timeout(
+    tmp_path,
+):
+    """A piece before it that stalls mid-body (a slow client) holds a later piece at most
+    ``hold_timeout`` seconds, not until the stalled request's own timeout."""
+    import threading
+
+    data = real_segment(6)
+    cut = len(data) // 2
+    digest = sha(data)
+    storage = CollectorStorage(tmp_path / "root", check_segments=False, hold_timeout=0.5)
+    key = SegmentKey("t", "m", "v", "r", 0, "seg.h5")
+    release = threading.Event()
+
+    class StalledBody(io.RawIOBase):
+        """The head's body: its first 1000 bytes, then nothing until released."""
+
+        def __init__(self) -> None:
+            self.sent = 0
+
+        def read(self, n: int = -1) -> bytes:
+            if self.sent >= 1000:
+                release.wait(30)
+            limit = cut if release.is_set() else 1000
+            end = limit if n is None or n < 0 else min(limit, self.sent + n)
+            block = data[self.sent : end]
+            self.sent += len(block)
+            return block
+
+    answers = {}
+    head = threading.Thread(
+        target=lambda: answers.setdefault(
+            "head", storage.write_piece(key, digest, 0, len(data), StalledBody(), cut)
+        )
+    )
+    head.start()
+    time.sleep(0.2)  # the head is inside write_piece, stalled after 1000 bytes
+    started = time.monotonic()
+    tail = io.BytesIO(data[cut:])
+    answer = storage.write_piece(key, digest, cut, len(data), tail, len(data) - cut, follows=0)
+    held = time.monotonic() - started
+    assert answer.status == 409 and answer.body["error"] == "offset_mismatch"
+    assert answer.body["received"] < cut
+    assert 0.5 <= held < 5, held
+    assert tail.read() == b""  # its body was read (and dropped): the connection stays in step
+    release.set()
+    head.join(30)
+    assert answers["head"].status == 202
+    done = storage.write_piece(
+        key, digest, cut, len(data), io.BytesIO(data[cut:]), len(data) - cut, follows=0
+    )
+    assert done.status == 201
+    assert (tmp_path / "root" / "t" / "m" / "v" / "r" / "seg.h5").read_bytes() == data
+
+
 def _raw_put(port: int, digest: str, offset: int, total: int, length: int, headers=None):
     """A PUT of a piece on a raw connection: the socket, its head sent, the body not yet."""
     path = segment_path("m", "v", "r", 0, "seg.h5") + (
