@@ -145,7 +145,9 @@ class NearMissBatch:
     (near-misses below the score threshold are above it), ``k`` (the budget per image),
     ``exhausted`` (``Tensor[B]`` bool: an image had more near-misses than ``k``) and the
     thresholds the detections were made with (``score_thresh``, ``iou_thresh``,
-    ``max_detections``).
+    ``max_detections``), and ``score_dtype``: the dtype the model compared its scores with the
+    thresholds in (``"float16"`` or ``"bfloat16"`` for a half-precision head, whose thresholds
+    round to that dtype; replay compares as it did).
     """
 
     boxes: Tensor
@@ -167,6 +169,7 @@ class NearMissBatch:
     entropy: Tensor | None = None
     margin: Tensor | None = None
     energy: Tensor | None = None
+    score_dtype: str = "float32"
 
     _TENSORS: ClassVar[tuple[str, ...]] = (
         "boxes",
@@ -216,8 +219,9 @@ class DetectionBatch:
         near_misses: the batch's :class:`NearMissBatch`, or None (not logged).
         output_only: the model's returned boxes, scores and labels only, unparsed (a call
             sampled out with ``Sampling(sampled_out_aggregates="output")``): ``logits`` has no
-            columns, ``candidate_index`` is -1, no embeddings nor uncertainty. Such a batch is
-            summarised into the aggregates, never written as rows.
+            columns, ``candidate_index`` is -1, no embeddings nor uncertainty. A store
+            summarises such a batch into the aggregates and never writes it as rows (an
+            ``InMemorySink`` keeps the record as it is).
     """
 
     box_format: ClassVar[str] = BOX_FORMAT

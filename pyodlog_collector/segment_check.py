@@ -120,6 +120,8 @@ _NUMERIC.update(
         "near_misses/suppressor_iou": ("<f4", ()),
     }
 )
+# Segment format 5: the dtype each image's model compared its scores in (replay rounds to it).
+_NUMERIC["images/nm_score_dtype"] = ("|u1", ())
 # String columns, stored as '<name>.bytes' (uint8) and '<name>.spans' (int64 [offset, length]).
 _STRINGS = (
     "images/input_id",

@@ -102,7 +102,7 @@ def test_the_segment_holds_near_misses_per_the_contract(tmp_path):
     assert {SUPPRESSED, OVER_CAP} <= seen
 
 
-def test_segments_are_format_4_and_mixed_results_stay_aligned(tmp_path):
+def test_segments_are_format_5_and_mixed_results_stay_aligned(tmp_path):
     model = rcnn()
     with pyodlog.create_logger(
         model, "m", "v", result_name="r", auto_sync=False, near_miss=0
@@ -115,10 +115,12 @@ def test_segments_are_format_4_and_mixed_results_stay_aligned(tmp_path):
         lg(images(1))
     for segment in result_dir().glob("seg-*.h5"):
         with h5py.File(segment, "r") as f:
-            assert f.attrs["segment_format"] == SEGMENT_FORMAT == 4
+            assert f.attrs["segment_format"] == SEGMENT_FORMAT == 5
     result = pyodlog.open_result(result_dir(), strict=True)
     assert len(result) == 4
     assert result.images["nm_k"].tolist() == [-1, -1, 8, 8]
+    # A float32 head (0), and the images logged without near-misses read as not logged (0).
+    assert result.images["nm_score_dtype"].tolist() == [0, 0, 0, 0]
     assert result.images["nm_count"].tolist()[:2] == [0, 0]
     assert all(len(v) == 0 for v in result.image_near_misses(0).values())
     assert len(result.image_near_misses(2)["scores"]) == 8

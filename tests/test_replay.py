@@ -172,3 +172,66 @@ def test_sweep_counts_what_replay_returns(tmp_path):
             counts = np.bincount(rep.detections["labels"], minlength=len(got))
             assert got["detections"].tolist() == counts[: len(got)].tolist()
             assert int(got["detections"].sum()) == int(rep.counts.sum())
+
+
+def test_a_bfloat16_head_replays_its_thresholds_rounded_to_bfloat16(tmp_path):
+    """Under bfloat16 autocast RetinaNet compares bfloat16 scores with the threshold rounded to
+    bfloat16 (segment format 5 records the dtype per image): a threshold just below a logged
+    score rounds up to it, so that score is not above it, as in the model."""
+    torch.manual_seed(0)
+    model = FAMILIES["retinanet_resnet50_fpn"]().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logger = pyodlog.create_logger(model, "m", "bf16", auto_sync=False, near_miss=4000)
+        with torch.no_grad():
+            out = logger(images())
+        data = pyodlog.open_result(logger.export(tmp_path))
+        logger.close()
+    assert out[0]["scores"].dtype == torch.bfloat16
+    assert data.images["nm_score_dtype"].tolist() == [2, 2]
+    scores = np.asarray(data.detections["scores"])
+    s = float(np.median(scores))  # a bfloat16 value, logged exactly in float32
+    just_below = float(np.nextafter(np.float32(s), np.float32(0)))
+    assert float(torch.tensor(just_below).to(torch.bfloat16)) == s  # (what the model compares with)
+    at, below = data.replay(score_thresh=s), data.replay(score_thresh=just_below)
+    assert below.exact.all()
+    for i in range(len(data)):
+        assert torch.equal(at[i].scores, below[i].scores)
+        assert not bool((below[i].scores == s).any())
+    # What a float32 comparison keeps (the dtype not recorded, as in a segment of format 4).
+    data.images["nm_score_dtype"][:] = 0
+    as_float32 = data.replay(score_thresh=just_below)
+    assert sum(int((as_float32[i].scores == s).sum()) for i in range(len(data))) > 0
+
+
+def test_the_golden_segment_of_format_4_still_reads_and_replays(tmp_path):
+    """A segment of format 4 (near-misses, no nm_score_dtype: compared in float32) reads and
+    replays as it did when it was written (tests/golden/make_segment_format4.py)."""
+    import gzip
+    import json
+    import shutil
+    from pathlib import Path
+
+    from pyodlog.io.segment import write_checksum
+
+    golden = Path(__file__).parent / "golden"
+    want = json.loads((golden / "segment-format4.json").read_text())
+    folder = tmp_path / "golden4"
+    folder.mkdir()
+    with (
+        gzip.open(golden / "segment-format4.h5.gz") as src,
+        open(folder / want["segment"], "wb") as dst,
+    ):
+        shutil.copyfileobj(src, dst)
+    write_checksum(folder / want["segment"])  # the sidecar is not part of the golden file
+    res = pyodlog.open_result(folder, strict=True)
+    assert res.images["input_id"] == want["input_id"]
+    assert res.images["det_count"].tolist() == want["det_count"]
+    assert res.images["nm_count"].tolist() == want["nm_count"]
+    assert "nm_score_dtype" not in res.images  # format 5 added it: replay compares in float32
+    np.testing.assert_array_equal(res.detections["scores"], np.asarray(want["scores"], np.float32))
+    np.testing.assert_array_equal(
+        res.near_misses["scores"], np.asarray(want["nm_scores"], np.float32)
+    )
+    assert res.near_misses["reason"].tolist() == want["nm_reason"]
+    replayed = res.replay(score_thresh=want["replay_score_thresh"])
+    assert [replayed[i].scores.tolist() for i in range(len(replayed))] == want["replay_scores"]

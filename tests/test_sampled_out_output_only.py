@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 import pyodlog
+from pyodlog.models.torchvision_rcnn import TorchvisionRCNNLogger
 from pyodlog.monitoring.sampling import CallDecision
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
@@ -204,3 +205,82 @@ def test_empty_and_low_precision_outputs_are_counted(tmp_path, case):
     assert (totals["calls"], totals["images"], totals["detections"]) == (1, 2, sum(counts))
     assert sum(totals["score"]) == sum(totals["box_size"]) == sum(counts)
     assert sum(totals["entropy"]) == 0 and sum(totals["detections_per_image"]) == 2
+
+
+class _CollapseLabels(TorchvisionRCNNLogger):
+    """A deployment's subclass whose parse maps every class to 1 ("object")."""
+
+    def _parse_model_output(self, model_output, img_sizes):
+        batch = super()._parse_model_output(model_output, img_sizes)
+        batch.labels = torch.where(batch.labels >= 0, torch.ones_like(batch.labels), batch.labels)
+        return batch
+
+
+class _DictInput(TorchvisionRCNNLogger):
+    """A subclass called with ``{"images": [...]}``."""
+
+    def _call_image_sizes(self, model_input, kwargs):
+        return super()._call_image_sizes(model_input["images"], kwargs)
+
+    def _run_model(self, model_input):
+        return self.model(model_input["images"])
+
+
+@pytest.mark.parametrize("cls", [_CollapseLabels, _DictInput])
+def test_a_subclass_that_reads_its_calls_otherwise_is_parsed(tmp_path, cls):
+    """The output-only reader is the family's own: a subclass that changes the parse, the input
+    or how the model runs has its sampled-out calls parsed (its aggregates as with "all")."""
+    totals = {}
+    for mode in ("all", "output"):
+        logger = cls(
+            _model("fasterrcnn"),
+            "m",
+            mode,
+            sink=pyodlog.HDF5Store(tmp_path / mode),
+            sampling=pyodlog.Sampling(RARE, sampled_out_aggregates=mode),
+            metrics=False,
+        )
+        g = torch.Generator().manual_seed(1)
+        with torch.inference_mode():
+            for i in range(2):
+                images = [torch.rand(3, 150, 200, generator=g)]
+                logger({"images": images} if cls is _DictInput else images, input_ids=[f"x{i}"])
+        logger.wait_for_save()
+        stats = logger.stats()
+        assert stats["logging_errors"] == 0 and stats["calls_sampled_out"] == 2
+        directory = logger.sink.directory
+        logger.close()
+        aggregates = pyodlog.open_result(directory).aggregates()
+        totals[mode] = (aggregates.totals(), aggregates.totals(label=1))
+    for a, o in zip(totals["all"], totals["output"]):
+        for key in (*EXACT, "entropy", "margin", "box_size"):
+            assert a[key] == o[key], key
+    assert totals["output"][0]["detections"] > 0
+    if cls is _CollapseLabels:
+        assert totals["output"][1]["detections"] == totals["output"][0]["detections"]
+
+
+def test_a_sampled_out_call_whose_summary_fails_is_never_written(tmp_path, monkeypatch):
+    """Counted in aggregate_errors and left out: its record (no logits) never becomes rows."""
+    import pyodlog.io.writer as writer
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected summary fault")
+
+    monkeypatch.setattr(writer, "summarize_calls", failing)
+    monkeypatch.setattr(writer, "summarize_call", failing)
+    logger = pyodlog.create_logger(
+        _model("fasterrcnn"),
+        "m",
+        "v",
+        sink=pyodlog.HDF5Store(tmp_path / "v"),
+        sampling=pyodlog.Sampling(RARE, sampled_out_aggregates="output"),
+        metrics=False,
+    )
+    with torch.inference_mode():
+        logger([torch.rand(3, 150, 200)], input_ids=["a"])
+    logger.wait_for_save()
+    stats = logger.stats()
+    logger.close()
+    assert (stats["sampled_out"], stats["quarantined"], stats["written"]) == (1, 0, 0)
+    assert stats["aggregate_errors"] >= 1

@@ -33,7 +33,7 @@ A segment holds three groups, each a set of equal-length columns:
   ``suppressor_iou`` (float32, NaN if none); images then have ``nm_offset``,
   ``nm_count`` and the replay envelope (``nm_floor``, ``nm_k``,
   ``nm_exhausted``, ``nm_score_thresh``, ``nm_iou_thresh``,
-  ``nm_max_detections``). Detections (and near-misses) may carry float32
+  ``nm_max_detections``; format 5: ``nm_score_dtype``, see :data:`SCORE_DTYPES`). Detections (and near-misses) may carry float32
   ``entropy``, ``margin`` and ``energy``.
 
 Optional columns (uncertainty, embeddings, near-misses and their envelope, ground truth,
@@ -65,6 +65,8 @@ from pyodlog.structures import UNCERTAINTY_COLUMNS, CallRecord, NearMissBatch, R
 
 __all__ = [
     "MAX_DIMS",
+    "SCORE_DTYPES",
+    "SCORE_DTYPE_CODES",
     "ColumnBatch",
     "ColumnsDiffer",
     "decode_str",
@@ -73,6 +75,11 @@ __all__ = [
 ]
 
 MAX_DIMS = 8
+#: ``images/nm_score_dtype`` (segment format 5): the dtype the model compared its scores with the
+#: thresholds in, by code. 0: float32 (or not logged: a segment of format 4 or older; a float64
+#: model's scores are stored as float32 and replayed so).
+SCORE_DTYPES = {0: "float32", 1: "float16", 2: "bfloat16"}
+SCORE_DTYPE_CODES = {name: code for code, name in SCORE_DTYPES.items()}
 FIELD_NUMPY = {
     "int32": np.int32,
     "int64": np.int64,
@@ -474,6 +481,8 @@ def _near_miss_rows(
     batch.rows("images/nm_score_thresh", np.full(n, float(nm.score_thresh), np.float64))
     batch.rows("images/nm_iou_thresh", np.full(n, float(nm.iou_thresh), np.float64))
     batch.rows("images/nm_max_detections", np.full(n, int(nm.max_detections), np.int64))
+    code = SCORE_DTYPE_CODES.get(getattr(nm, "score_dtype", "float32"), 0)
+    batch.rows("images/nm_score_dtype", np.full(n, code, np.uint8))
 
     def rows(t: torch.Tensor, dtype) -> np.ndarray:
         return _host(t)[valid].astype(dtype, copy=False)
@@ -533,6 +542,7 @@ NOT_LOGGED: dict[str, Any] = {
     "images/nm_score_thresh": np.nan,
     "images/nm_iou_thresh": np.nan,
     "images/nm_max_detections": -1,
+    "images/nm_score_dtype": 0,
     "images/gt_offset": RUNNING,
     "images/gt_count": 0,
     "images/gt_logged": 0,

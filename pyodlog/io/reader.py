@@ -136,6 +136,8 @@ _NUMERIC: dict[str, tuple[set[np.dtype], tuple[int | None, ...]]] = {
     "images/nm_score_thresh": ({_F64}, ()),
     "images/nm_iou_thresh": ({_F64}, ()),
     "images/nm_max_detections": ({_I64}, ()),
+    # segment format 5: the dtype the model compared its scores in (optional: format 4 has none)
+    "images/nm_score_dtype": ({_U8}, ()),
     "near_misses/boxes": ({_F32}, (4,)),
     "near_misses/scores": ({_F32}, ()),
     "near_misses/labels": ({_I64}, ()),

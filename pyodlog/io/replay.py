@@ -8,7 +8,8 @@ logged. Replaying the model's post-processing (score filter, per-class greedy NM
 ``max_detections_per_image``) on that pool gives exactly what the model would have returned with
 those thresholds, as long as the request lies inside that **envelope**:
 
-* ``score_thresh >= floor`` (compared in float32, as the model compares its float32 scores); any
+* ``score_thresh >= floor`` (compared as the model compared its scores: in float32, or for a
+  float16/bfloat16 head -- segment format 5 records it -- with both rounded to that dtype); any
   ``iou_thresh``; any ``max_detections_per_image``;
 * an image logged without near-misses (``near_miss=0``, or a file of an older pyodlog) is exact
   only for ``score_thresh >=`` the logged threshold, the logged ``iou_thresh`` and at most the
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pyodlog.io.columns import SCORE_DTYPES
 from pyodlog.ops.nms import batched_nms
 from pyodlog.structures import UNCERTAINTY_COLUMNS, DetectionOutput
 
@@ -59,6 +61,8 @@ class Envelope:
         near_misses: whether near-misses were logged for the image.
         exhausted: whether its near-miss budget ``K`` was exhausted.
         k: the budget (-1 where near-misses were not logged).
+        score_dtype: uint8 code of the dtype the model compared its scores in
+            (:data:`pyodlog.io.columns.SCORE_DTYPES`; 0, float32, where not logged).
     """
 
     floor: np.ndarray
@@ -68,6 +72,21 @@ class Envelope:
     near_misses: np.ndarray
     exhausted: np.ndarray
     k: np.ndarray
+    score_dtype: np.ndarray
+
+
+def _as_compared(thresholds: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Per image, a threshold as its model compared it with its scores: rounded to the dtype it
+    compared in (torch rounds a Python float to the tensor's dtype: 0.3 is 0.30005 in float16),
+    as float32 (exact). Scores, stored as float32, are compared with it in float32: the same
+    answers as the model's comparison in its dtype."""
+    wide = np.asarray(thresholds, np.float64)
+    out = wide.astype(np.float32)
+    for code, name in SCORE_DTYPES.items():
+        sel = codes == code
+        if name != "float32" and sel.any():
+            out[sel] = torch.from_numpy(wide[sel]).to(getattr(torch, name)).float().numpy()
+    return out
 
 
 def _column(images: dict, name: str, n: int, fill: Any, dtype) -> np.ndarray:
@@ -101,6 +120,7 @@ def envelope(data: Any) -> Envelope:
         near_misses=near,
         exhausted=exhausted,
         k=k,
+        score_dtype=_column(images, "nm_score_dtype", n, 0, np.uint8),
     )
 
 
@@ -153,12 +173,12 @@ def _check(
     asked: str,
 ) -> np.ndarray:
     """Per image whether the request is inside the envelope; raises outside it when ``strict``."""
-    s32 = score.astype(np.float32)
-    inside_pool = env.near_misses & (s32 >= env.floor.astype(np.float32))
+    s32 = _as_compared(score, env.score_dtype)
+    inside_pool = env.near_misses & (s32 >= _as_compared(env.floor, env.score_dtype))
     logged_known = ~np.isnan(env.score_thresh)
     subset = (
         logged_known
-        & (s32 >= env.score_thresh.astype(np.float32))
+        & (s32 >= _as_compared(env.score_thresh, env.score_dtype))
         & (iou == env.iou_thresh)
         & (cap <= env.max_detections)
     )
@@ -210,9 +230,10 @@ def _thresholds(data: Any, env: Envelope, score_thresh, iou_thresh, max_detectio
     return score, iou, cap
 
 
-def _kept(pool: _Pool, score: np.ndarray, iou: np.ndarray) -> np.ndarray:
-    """Positions (in the pool) kept by the score filter and per-class NMS, in pool order."""
-    above = pool.score > score.astype(np.float32)[pool.image]
+def _kept(pool: _Pool, compared: np.ndarray, iou: np.ndarray) -> np.ndarray:
+    """Positions (in the pool) kept by the score filter and per-class NMS, in pool order
+    (``compared``: each image's score threshold as its model compared it, :func:`_as_compared`)."""
+    above = pool.score > compared[pool.image]
     kept = np.zeros(len(pool.score), bool)
     n_class = int(pool.label.max(initial=0)) + 1
     for value in np.unique(iou[pool.image[above]]) if above.any() else []:
@@ -328,7 +349,7 @@ def replay(
         )
     exact = _check(data, env, score, iou, cap, strict, asked)
     pool = _pool(data)
-    kept = _kept(pool, score, iou)
+    kept = _kept(pool, _as_compared(score, env.score_dtype), iou)
     pos = np.flatnonzero(kept)
     rank = _rank_in_image(pool.image[pos])
     pos = pos[rank < cap[pool.image[pos]]]
@@ -397,11 +418,13 @@ def sweep(
             exact &= _check(data, env, np.full(n, s), iou, cap, strict, asked)
         # One NMS at the lowest score threshold: at a higher one, the kept pairs are those of it
         # above that threshold, ranked as before (greedy NMS is prefix-consistent).
-        kept = np.flatnonzero(_kept(pool, np.full(n, s_grid.min()), iou))
+        lowest = _as_compared(np.full(n, s_grid.min()), env.score_dtype)
+        kept = np.flatnonzero(_kept(pool, lowest, iou))
         image, label, sc = pool.image[kept], pool.label[kept], pool.score[kept]
         rank = _rank_in_image(image)
         within_cap = rank < cap[image]
-        alive = (sc[None, :] > s_grid.astype(np.float32)[:, None]) & within_cap[None, :]  # [S, K]
+        compared = np.stack([_as_compared(np.full(n, s), env.score_dtype) for s in scores])
+        alive = (sc[None, :] > compared[:, image]) & within_cap[None, :]  # [S, K]
         counts = np.zeros((len(scores), n_class), np.int64)
         images_with = np.zeros((len(scores), n_class), np.int64)
         for si in range(len(scores)):  # a handful of grid points, vectorised over detections

@@ -12,7 +12,8 @@ Segment format (the ``segment_format`` file attribute): 1 (no attribute) is
 pyodlog 0.1.0's layout without a checksum; 2 adds the SHA-256 sidecar; 3 adds
 compact logits/embeddings, ``images/sample_weight`` and the ``aggregates``
 dataset; 4 may add the ``near_misses`` group, the images' ``nm_*`` columns and
-the detections' uncertainty columns (docs/file-format.md). All are read; a
+the detections' uncertainty columns; 5 adds ``images/nm_score_dtype`` (the dtype
+the model compared its scores in, for replay) (docs/file-format.md). All are read; a
 segment that lost its sidecar (a crash between the rename and the sidecar) is
 read unverified.
 """
@@ -61,7 +62,8 @@ log = logging.getLogger("pyodlog")
 # 3: compact logits/embeddings (float16, bfloat16, uint8 + scale/offset), images/sample_weight,
 # the aggregates dataset (pyodlog.io.aggregates); docs/file-format.md.
 # 4: near-miss candidates (the near_misses group, images nm_*), uncertainty columns.
-SEGMENT_FORMAT = 4
+# 5: images/nm_score_dtype (a float16/bfloat16 head's thresholds round to its dtype in replay).
+SEGMENT_FORMAT = 5
 CHECKSUM_SUFFIX = ".sha256"
 _READ_BLOCK = 1 << 20
 # What each open segment of this process has completed and flushed, by real

@@ -1254,7 +1254,9 @@ def _summarize_and_sample(calls: list[CallRecord], n_class: int) -> _Summarized:
     for call, summary in zip(calls, summaries):
         weight: float | None = 1.0
         policy = getattr(call, "sampling", None)
-        if policy is not None and summary is not None:
+        if _sampled_out_before_its_model(call):
+            weight = None  # never rows, whether its summary could be made or not
+        elif policy is not None and summary is not None:
             try:
                 weight = policy.decide(summary, list(call.input_ids))
             except Exception as error:
@@ -1264,13 +1266,22 @@ def _summarize_and_sample(calls: list[CallRecord], n_class: int) -> _Summarized:
     return _Summarized(weights, summaries, batch, todo if batch is not None else [], errors)
 
 
+def _sampled_out_before_its_model(call: Any) -> bool:
+    """The call's draw failed before its model ran and nothing could keep it
+    (:attr:`pyodlog.monitoring.sampling.CallDecision.sampled_out`): it never becomes rows (an
+    output-only record could not: it holds no logits)."""
+    return bool(getattr(getattr(call, "sampling", None), "sampled_out", False))
+
+
 def _summaries_of(calls: list[CallRecord], n_class: int) -> _Summarized:
     """:func:`_summarize_and_sample`; if even that fails, every call is kept and left uncounted
-    (the error is reported; a call that cannot become rows is quarantined later)."""
+    (the error is reported; a call that cannot become rows is quarantined later), but for the
+    calls sampled out before their model ran (never rows)."""
     try:
         return _summarize_and_sample(calls, n_class)
     except Exception as error:
-        return _Summarized([1.0] * len(calls), [None] * len(calls), None, [], [error])
+        weights = [None if _sampled_out_before_its_model(c) else 1.0 for c in calls]
+        return _Summarized(weights, [None] * len(calls), None, [], [error])
 
 
 def _record_nbytes(call: CallRecord) -> int:

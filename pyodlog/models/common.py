@@ -22,6 +22,7 @@ __all__ = [
     "PairBoxes",
     "ReturnedDetections",
     "UncertaintyColumns",
+    "as_compared",
     "captured",
     "clip_and_resize",
     "first_rows",
@@ -551,19 +552,36 @@ def match_detections(
 
 
 def output_only_batch(
-    output: Any, model_input: Any, img_sizes: Sequence[tuple[int, int]], method: str
-) -> DetectionBatch:
+    logger: Any,
+    family: type,
+    output: Any,
+    img_sizes: Sequence[tuple[int, int]],
+) -> DetectionBatch | None:
     """A torchvision detector's returned detections alone, copied, boxes in ``img_sizes``
     coordinates: what a call sampled out with ``Sampling(sampled_out_aggregates="output")``
     adds to the aggregates (no parse: no logits, candidates, embeddings nor uncertainty).
 
+    None (the call is then parsed) when ``logger`` changes how its ``family`` reads a call: it
+    overrides the parse (e.g. to remap labels), the input sizes or how the model is run.
+
     Raises:
         TypeError: ``output`` is not one ``{"boxes", "scores", "labels"}`` dict per image.
     """
-    returned = returned_detections(output, len(img_sizes), method)
+    cls = type(logger)
+    if any(
+        getattr(cls, name) is not getattr(family, name)
+        for name in ("_parse_model_output", "_call_image_sizes", "_run_model")
+    ):
+        return None
+    input_sizes = logger._state.get("input_sizes")  # the sizes the model resizes its boxes to
+    if input_sizes is None:
+        return None
+    returned = returned_detections(
+        output, len(img_sizes), f"{cls.__name__}._output_only_detections"
+    )
     b, d = returned.scores.shape
     return DetectionBatch(
-        logged_boxes(returned, image_sizes_of(model_input), img_sizes),
+        logged_boxes(returned, input_sizes, img_sizes),
         returned.scores,
         returned.labels,
         returned.scores.new_zeros((b, d, 0)),
@@ -602,6 +620,14 @@ class UncertaintyColumns(TypedDict, total=False):
     entropy: Tensor
     margin: Tensor
     energy: Tensor
+
+
+def as_compared(threshold: float, dtype: torch.dtype) -> float:
+    """``threshold`` as torch compares it with a tensor of ``dtype`` (``scores > threshold``):
+    rounded to ``dtype`` when that is narrower than float64 (exactly representable afterwards)."""
+    if dtype == torch.float64 or not dtype.is_floating_point:
+        return float(threshold)
+    return float(torch.tensor(float(threshold), dtype=torch.float64).to(dtype).item())
 
 
 def with_uncertainty(logits: Tensor, kind: int | None) -> UncertaintyColumns:
@@ -677,17 +703,20 @@ def near_misses_of(
     floor = score_thresh / 2 if floor is None else floor
     # Under autocast a head's scores and decoded boxes can differ in dtype: the operator takes one.
     common = torch.promote_types(scores.dtype, boxes.dtype)
+    # The model compares its scores with its thresholds in the scores' own dtype (torch rounds
+    # the threshold to it: 0.3 is 0.30005 in float16); rounded so here, the operator compares
+    # the promoted scores as the model did.
     out = postprocess_detections_near_miss(
         scores.to(common),
         boxes.to(common),
         rows_of_images(rows_per_image, device),
         sizes_tensor(net_sizes, device),
         sizes_tensor(input_sizes, device),
-        score_thresh,
+        as_compared(score_thresh, scores.dtype),
         iou_thresh,
         max_detections,
         k,
-        floor,
+        as_compared(floor, scores.dtype),
         first_label=first_label,
         min_size=min_size,
         topk=topk,
@@ -743,4 +772,5 @@ def near_misses_of(
         max_detections=int(max_detections),
         embeddings=None if embeddings is None else embeddings(nm.candidates),
         **with_uncertainty(nm_logits, uncertainty_kind),
+        score_dtype=str(scores.dtype).removeprefix("torch."),
     )

@@ -85,10 +85,8 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
 
     def _output_only_detections(
         self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
-    ) -> DetectionBatch:
-        return output_only_batch(
-            output, model_input, img_sizes, f"{type(self).__name__}._output_only_detections"
-        )
+    ) -> DetectionBatch | None:
+        return output_only_batch(self, TorchvisionRCNNLogger, output, img_sizes)
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]

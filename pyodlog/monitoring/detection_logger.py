@@ -706,11 +706,12 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         try:
             features = self._end_capture(capture)
             ids, img_sizes, fields = identities()
-            detections = (
-                None
-                if output_only_of is None
-                else self._output_only_detections(output, output_only_of, img_sizes)
-            )
+            detections = None
+            if output_only_of is not None:
+                try:
+                    detections = self._output_only_detections(output, output_only_of, img_sizes)
+                except Exception:  # what the family's parse makes of it (and reports) instead
+                    detections = None
             if detections is None:
                 detections = self._deferred_detections(capture, output, img_sizes)
             if detections is None:

@@ -28,15 +28,23 @@ int64_t blocks_for(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
 }
 
-// Clips each passing pair's box to its network input and checks its size.
+// Clips each box (of a passing pair, or of a candidate row when the boxes are class-agnostic)
+// to its network input and checks its size. A row of an image index outside [0, n_images) is
+// never admitted (and its size never read): only rows with a passing pair are checked on the
+// CPU, where such an index is refused.
 template <typename T>
 __global__ void admit_pairs_kernel(T* __restrict__ box, const int64_t* __restrict__ image, const float* __restrict__ net,
-                                   int64_t n_pairs, bool clip, T min_size, bool* __restrict__ admitted) {
+                                   int64_t n_images, int64_t n_pairs, bool clip, T min_size,
+                                   bool* __restrict__ admitted) {
   for (int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; p < n_pairs;
        p += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     T* b = box + 4 * p;
+    const int64_t i = image[p];
+    if (i < 0 || i >= n_images) {
+      admitted[p] = false;
+      continue;
+    }
     if (clip) {
-      const int64_t i = image[p];
       common::clip_box(b, static_cast<T>(net[2 * i + 1]), static_cast<T>(net[2 * i]));
     }
     admitted[p] = common::large_enough(b, min_size);
@@ -219,7 +227,7 @@ PostprocessNearMissResult postprocess_cuda(const at::Tensor& scores, const at::T
   const int64_t n_fg = n_classes - first_label;
 
   // Pairs above the score threshold (with near-misses: above the floor), in
-  // (row, class) order. The one host sync.
+  // (row, class) order. The first host sync (a top-k adds the second, below).
   const at::Tensor fg_scores = scores.narrow(1, first_label, n_fg).to(compute);
   const double collect = want && near_miss_floor < score_thresh ? near_miss_floor : score_thresh;
   const at::Tensor pair = fg_scores.reshape({-1}).gt(at::Scalar(collect)).nonzero().squeeze(1);
@@ -243,7 +251,7 @@ PostprocessNearMissResult postprocess_cuda(const at::Tensor& scores, const at::T
   at::Tensor admitted = at::empty({n_boxes}, scores.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(compute, "admit_pairs", [&] {
     admit_pairs_kernel<scalar_t><<<blocks_for(n_boxes), kThreads, 0, stream>>>(
-        box.data_ptr<scalar_t>(), box_image.data_ptr<int64_t>(), net.data_ptr<float>(), n_boxes, config.clip,
+        box.data_ptr<scalar_t>(), box_image.data_ptr<int64_t>(), net.data_ptr<float>(), n_images, n_boxes, config.clip,
         static_cast<scalar_t>(config.min_size), admitted.data_ptr<bool>());
   });
   AT_CUDA_CHECK(cudaGetLastError());
