@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import shutil
 from pathlib import Path
 
 import h5py
@@ -14,13 +12,11 @@ import torch
 
 import pyodlog
 from pyodlog.io.aggregates import uncertainty
-from pyodlog.io.segment import write_checksum
 from pyodlog.ops.compression import compact_rows, random_projection, widen_rows
 from pyodlog_collector.segment_check import check_segment
+from tests.helpers.golden import expected, unpack_golden
 from tests.helpers.records import open_store, synthetic_record, valid_rows
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
-
-GOLDEN = Path(__file__).parent / "golden"
 
 # (n_class, embedding width) of each family with an embedding, as create_logger logs them.
 FAMILIES = {
@@ -234,15 +230,9 @@ def test_the_collector_accepts_a_compact_segment(tmp_path):
 
 def test_the_golden_segment_of_format_3_still_reads(tmp_path):
     """A segment written by this version (compact rows, sample weights, aggregates) reads back as recorded."""
-    want = json.loads((GOLDEN / "segment-format3.json").read_text())
+    want = expected("segment-format3.json")
     folder = tmp_path / "golden"
-    folder.mkdir()
-    with (
-        gzip.open(GOLDEN / "segment-format3.h5.gz") as src,
-        open(folder / want["segment"], "wb") as dst,
-    ):
-        shutil.copyfileobj(src, dst)
-    write_checksum(folder / want["segment"])  # the sidecar is not part of the golden file
+    unpack_golden("segment-format3.h5.gz", folder, want["segment"], checksum=True)
     res = pyodlog.open_result(folder, strict=True)
     assert res.images["input_id"] == want["input_id"]
     assert res.images["sample_weight"].tolist() == want["sample_weight"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from pathlib import Path
 
@@ -14,10 +12,10 @@ import torch
 from torchvision.models import detection
 
 import pyodlog
-from pyodlog.io.segment import SEGMENT_FORMAT, write_checksum
+from pyodlog.io.segment import SEGMENT_FORMAT
 from pyodlog.ops.postprocess import BELOW_SCORE, OVER_CAP, SUPPRESSED
-
-GOLDEN = Path(__file__).resolve().parent / "golden"
+from tests.helpers.golden import expected as golden_expected
+from tests.helpers.golden import unpack_golden
 
 
 def rcnn():
@@ -138,9 +136,7 @@ def result_dir() -> Path:
 
 def test_a_file_of_pyodlog_0_1_0_has_no_near_misses_and_replays_only_itself(tmp_path):
     directory = tmp_path / "golden" / "v1" / "run"
-    directory.mkdir(parents=True)
-    with gzip.open(GOLDEN / "segment-0.1.0.h5.gz") as src:
-        (directory / "seg-golden.h5").write_bytes(src.read())
+    unpack_golden("segment-0.1.0.h5.gz", directory, "seg-golden.h5", checksum=False)
     result = pyodlog.open_result(directory, strict=True)
     assert result.near_misses == {} and "entropy" not in result.detections
     assert result.image_near_misses(0) == {}
@@ -172,12 +168,9 @@ def test_a_segment_with_only_part_of_the_near_miss_columns_is_refused(tmp_path):
 def test_a_format_2_segment_reads_as_before_without_near_misses(tmp_path):
     """Written before near-misses existed (tests/golden/README.md): read unchanged, no near-miss
     or uncertainty column, and replay gives back its detections."""
-    expected = json.loads((GOLDEN / "segment-format2.json").read_text())
+    expected = golden_expected("segment-format2.json")
     directory = tmp_path / "golden2" / "v1" / "run"
-    directory.mkdir(parents=True)
-    with gzip.open(GOLDEN / "segment-format2.h5.gz") as src:
-        (directory / "seg-golden2.h5").write_bytes(src.read())
-    write_checksum(directory / "seg-golden2.h5")  # the sidecar its writer wrote (not kept here)
+    unpack_golden("segment-format2.h5.gz", directory, "seg-golden2.h5", checksum=True)
     with h5py.File(directory / "seg-golden2.h5", "r") as f:
         assert f.attrs["segment_format"] == 2
     result = pyodlog.open_result(directory, strict=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from pyodlog.io.export import write_tables
 from pyodlog.io.reader import read_segment
 from pyodlog.io.segment import CHECKSUM_SUFFIX, SEGMENT_FORMAT, write_checksum
 from tests.helpers import ROOT
+from tests.helpers.golden import unpack_golden
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
 
 HERE = Path(__file__).resolve().parent
@@ -595,9 +595,7 @@ def test_random_bit_flips_never_change_the_data_silently(tmp_path):
 
 def golden_result(tmp_path) -> Path:
     directory = tmp_path / "golden" / "v1" / "run"
-    directory.mkdir(parents=True)
-    with gzip.open(GOLDEN / "segment-0.1.0.h5.gz") as src:
-        (directory / "seg-golden.h5").write_bytes(src.read())
+    unpack_golden("segment-0.1.0.h5.gz", directory, "seg-golden.h5", checksum=False)
     return directory
 
 

@@ -9,6 +9,7 @@ from torchvision.models import detection
 
 import pyodlog
 from pyodlog.io.replay import envelope
+from tests.helpers.golden import expected, unpack_golden
 from tests.helpers.outputs import distinct_init
 
 SMALL = dict(min_size=256, max_size=416)
@@ -206,23 +207,9 @@ def test_a_bfloat16_head_replays_its_thresholds_rounded_to_bfloat16(tmp_path):
 def test_the_golden_segment_of_format_4_still_reads_and_replays(tmp_path):
     """A segment of format 4 (near-misses, no nm_score_dtype: compared in float32) reads and
     replays as it did when it was written (tests/golden/make_segment_format4.py)."""
-    import gzip
-    import json
-    import shutil
-    from pathlib import Path
-
-    from pyodlog.io.segment import write_checksum
-
-    golden = Path(__file__).parent / "golden"
-    want = json.loads((golden / "segment-format4.json").read_text())
+    want = expected("segment-format4.json")
     folder = tmp_path / "golden4"
-    folder.mkdir()
-    with (
-        gzip.open(golden / "segment-format4.h5.gz") as src,
-        open(folder / want["segment"], "wb") as dst,
-    ):
-        shutil.copyfileobj(src, dst)
-    write_checksum(folder / want["segment"])  # the sidecar is not part of the golden file
+    unpack_golden("segment-format4.h5.gz", folder, want["segment"], checksum=True)
     res = pyodlog.open_result(folder, strict=True)
     assert res.images["input_id"] == want["input_id"]
     assert res.images["det_count"].tolist() == want["det_count"]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +13,8 @@ from PIL import Image
 import pyodlog
 from pyodlog.io.columns import ColumnBatch, record_to_columns
 from pyodlog.io.thumbnails import encode_thumbnails
+from tests.helpers.golden import unpack_golden
 from tests.helpers.tiny_models import TinyDetector, TinyDetectorLogger
-
-GOLDEN = Path(__file__).parent / "golden"
 
 
 def model() -> TinyDetector:
@@ -80,9 +77,7 @@ def test_without_log_images_there_is_no_column_and_old_files_read_as_none(tmp_pa
     assert result.thumbnail(0) is None
     # pyodlog 0.1.0's layout (format 1) has no thumbnail column: still readable.
     directory = tmp_path / "golden" / "v1" / "run"
-    directory.mkdir(parents=True)
-    with gzip.open(GOLDEN / "segment-0.1.0.h5.gz", "rb") as src:
-        (directory / "seg-golden.h5").write_bytes(src.read())
+    unpack_golden("segment-0.1.0.h5.gz", directory, "seg-golden.h5", checksum=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         old = pyodlog.open_result(directory)
