@@ -366,3 +366,46 @@ def test_detect_does_not_import_ultralytics():
         "assert 'ultralytics' not in sys.modules, 'ultralytics was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_sampling_draws_before_predict_and_output_aggregates_count_every_call(yolo, tmp_path):
+    """Sampling with the YOLO wrapper: the draw is made before predict runs (the source's image
+    count is known), so a sampled-out call is not parsed with ``sampled_out_aggregates="output"``
+    and its aggregates are the Results' own: the same exact counts as a parsed call's."""
+    kwargs = dict(imgsz=IMGSZ, conf=0.3, iou=0.5, verbose=False)
+    totals = {}
+    for mode in ("all", "output"):
+        logger = pyodlog.create_logger(
+            yolo,
+            "m",
+            mode,
+            sink=pyodlog.HDF5Store(tmp_path / mode),
+            sampling=pyodlog.Sampling(0.4, sampled_out_aggregates=mode),
+            metrics=False,
+        )
+        parsed = []  # the detections computed from the head (one predictor batch each)
+        original = logger._detections
+        logger._detections = lambda *a, _p=parsed, _o=original, **k: _p.append(1) or _o(*a, **k)
+        for seed in range(4):
+            imgs = np_images(seed)
+            logger(imgs, input_ids=[f"{seed}-{i}" for i in range(len(imgs))], batch=2, **kwargs)
+        logger.wait_for_save()
+        stats = logger.stats()
+        directory = logger.sink.directory
+        logger.close()
+        result = open_result(directory)
+        totals[mode] = (stats, result.aggregates(), len(result.detections["scores"]), len(parsed))
+    (a_stats, a, a_rows, a_parsed), (o_stats, o, o_rows, o_parsed) = totals["all"], totals["output"]
+    assert a_stats["calls_sampled_out"] == o_stats["calls_sampled_out"] > 0
+    assert a_stats["logging_errors"] == o_stats["logging_errors"] == 0
+    # The head's detections are computed for every call with "all", for no sampled-out call with
+    # "output".
+    per_call = a_parsed // 4
+    assert per_call >= 1 and a_parsed == 4 * per_call
+    assert o_parsed == per_call * (4 - o_stats["calls_sampled_out"])
+    assert a_rows == o_rows > 0
+    for label in (None, 0, 1):
+        ta, to = a.totals(label=label), o.totals(label=label)
+        for key in ("calls", "images", "detections", "sampled_calls", "score", "box_size"):
+            assert ta[key] == to[key], (label, key)
+    assert sum(o.totals()["entropy"]) == o_rows < sum(a.totals()["entropy"])

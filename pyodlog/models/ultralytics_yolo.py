@@ -41,6 +41,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import roi_align
 
 from pyodlog.models.common import gather_rows, host_tensor, local_index, with_uncertainty
@@ -342,18 +343,29 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         except Exception as error:  # never into predict(): the call goes on, unlogged
             capture.fail(error)
 
+    def _reads_results(self) -> bool:
+        """Whether a sampled-out call's aggregates can be read from ``predict``'s ``Results``
+        alone (``sampled_out_aggregates="output"``): not for a subclass with a parse of its own."""
+        cls, family = type(self), UltralyticsYOLOLogger
+        return all(
+            getattr(cls, name) is getattr(family, name)
+            for name in ("_parse_model_output", "_collect_batch", "_detections")
+        )
+
     def _collect_batch(self, capture, predictor) -> None:
         forward = capture.state.pop("forward", None)
         if forward is None:
             raise RuntimeError("the YOLO predictor ran no PyTorch forward that pyodlog could hook")
-        orig_sizes = [(int(r.orig_shape[0]), int(r.orig_shape[1])) for r in predictor.results]
-        with torch.no_grad():  # the batch's detections now: its head outputs can go
-            detections = self._detections(forward, orig_sizes, _nms_args(vars(predictor.args)))
-        capture.state.setdefault("batches", []).append(detections)
         # This batch's run of each target layer is its last one (a GPU warm-up runs before it).
         capture.state.setdefault("layer_runs", []).append(
             {spec.alias: len(capture.raw.get(spec.alias, ())) - 1 for spec in self._layer_specs}
         )
+        if capture.output_only:  # its aggregates come from the Results: no detections computed
+            return
+        orig_sizes = [(int(r.orig_shape[0]), int(r.orig_shape[1])) for r in predictor.results]
+        with torch.no_grad():  # the batch's detections now: its head outputs can go
+            detections = self._detections(forward, orig_sizes, _nms_args(vars(predictor.args)))
+        capture.state.setdefault("batches", []).append(detections)
 
     def _end_capture(self, capture) -> dict:
         """Keeps one run of each target layer per predictor batch, the batches concatenated."""
@@ -419,7 +431,19 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
         # Checked before predict runs when the source's image count is known.
         targets = check_targets(raw_targets, n_known, self.n_class) if n_known is not None else None
         timestamp = time.time()
-        with self._call_capture() as capture:
+        # Sampling's draw before predict runs, when the source says how many images it holds (a
+        # folder or a stream is drawn by the writer, from the output): a call nothing can keep
+        # any more records only what the always-on aggregates need (README "Sampling").
+        drawn_ids: list[str] | None = None
+        decision = None
+        if self._sampling is not None and n_known is not None:
+            drawn_ids = check_input_ids(input_ids, n_known) or [
+                uuid.uuid4().hex for _ in range(n_known)
+            ]
+            decision = self._sampling.before_call(dataset_type, drawn_ids, False)
+        sampled_out = decision is not None and decision.sampled_out
+        output_only = decision is not None and decision.output_only and self._reads_results()
+        with self._call_capture(sampled_out, output_only) as capture:
             yolo: Any = self.model
             output = yolo.predict(model_input, **predict_kwargs)
 
@@ -428,9 +452,12 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
                 # input_ids is then a logging failure: the call still returns its output).
                 img_sizes = [(int(r.orig_shape[0]), int(r.orig_shape[1])) for r in output]
                 n_images = len(img_sizes)
-                ids = check_input_ids(input_ids, n_images) or [
-                    uuid.uuid4().hex for _ in range(n_images)
-                ]
+                ids = (
+                    drawn_ids
+                    if drawn_ids is not None and len(drawn_ids) == n_images
+                    else check_input_ids(input_ids, n_images)
+                    or [uuid.uuid4().hex for _ in range(n_images)]
+                )
                 return ids, img_sizes, check_field_values(self._field_specs, field_kwargs, n_images)
 
             record = None
@@ -441,11 +468,63 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
                 self._logging_failed(error)
             else:
                 record = self._record_of_call(
-                    capture, output, identities, dataset_type, timestamp, targets=targets
+                    capture,
+                    output,
+                    identities,
+                    dataset_type,
+                    timestamp,
+                    targets=targets,
+                    output_only_of=model_input if output_only else None,
                 )
         if record is not None:
+            if decision is not None:
+                record.sampling = decision
+                if sampled_out:
+                    self._count_sampled_out()
             self._submit_or_count(record)
         return output
+
+    def _output_only_detections(
+        self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
+    ) -> DetectionBatch | None:
+        """``predict``'s ``Results`` alone (their boxes, scores and classes, copied: the values
+        the parse logs), for a call sampled out with ``sampled_out_aggregates="output"``; None
+        (parsed) for a subclass with a parse of its own, or an output of another kind."""
+        if not self._reads_results():
+            return None
+        fields: list[tuple[Tensor, Tensor, Tensor]] = []
+        for result in output:
+            found = getattr(result, "boxes", None)
+            xyxy, conf, cls = (getattr(found, k, None) for k in ("xyxy", "conf", "cls"))
+            if not all(isinstance(t, Tensor) for t in (xyxy, conf, cls)):
+                return None
+            fields.append((cast(Tensor, xyxy), cast(Tensor, conf), cast(Tensor, cls)))
+        if not fields or len(fields) != len(img_sizes):
+            return None
+        lengths = [int(f[1].shape[0]) for f in fields]
+        # One [n, 6] row per detection (copies): the box, its score and its class.
+        data = pad_sequence(
+            [
+                torch.cat([x.float(), c.float()[:, None], k.float()[:, None]], 1)
+                for x, c, k in fields
+            ],
+            batch_first=True,
+        )
+        b, d = data.shape[:2]
+        valid = (
+            torch.arange(d, device=data.device)[None, :]
+            < host_tensor(lengths, torch.long, data.device)[:, None]
+        )
+        return DetectionBatch(
+            data[..., :4],
+            data[..., 4],
+            torch.where(valid, data[..., 5].long(), -1),
+            data.new_zeros((b, d, 0)),
+            torch.full((b, d), -1, dtype=torch.long, device=data.device),
+            host_tensor(lengths, torch.long, data.device),
+            list(img_sizes),
+            output_only=True,
+        )
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]

@@ -83,9 +83,12 @@ class CallCapture:
             :meth:`ObjectDetectionTorchTracer._end_capture` raises it after the model answered).
         sampled_out: sampling left this call out before the model ran: only what the always-on
             aggregates need is captured (no ``target_layers`` feature is compressed).
+        output_only: besides, its aggregates are those of the model's output alone
+            (``Sampling(sampled_out_aggregates="output")``): a family may skip the work its parse
+            would read.
     """
 
-    __slots__ = ("captured", "capturing", "error", "raw", "sampled_out", "state")
+    __slots__ = ("captured", "capturing", "error", "output_only", "raw", "sampled_out", "state")
 
     def __init__(self) -> None:
         self.state: dict[str, Any] = {}
@@ -94,6 +97,7 @@ class CallCapture:
         self.capturing = True
         self.error: Exception | None = None
         self.sampled_out = False
+        self.output_only = False
 
     def fail(self, error: Exception) -> None:
         """A hook failed: keep the first error and stop capturing (this call will not be logged)."""
@@ -200,15 +204,19 @@ class ObjectDetectionTorchTracer:
         return capture is not None and capture.sampled_out
 
     @contextmanager
-    def _call_capture(self, sampled_out: bool = False) -> Iterator[CallCapture]:
+    def _call_capture(
+        self, sampled_out: bool = False, output_only: bool = False
+    ) -> Iterator[CallCapture]:
         """Makes a new :class:`CallCapture` current for the ``with`` block, and drops it after.
 
         The block runs the model and then reads the capture (``_end_capture``,
         ``_parse_model_output``); the capture is dropped also when it raises.
-        ``sampled_out``: sampling left the call out before the model runs.
+        ``sampled_out``: sampling left the call out before the model runs (``output_only``: with
+        aggregates of its output alone).
         """
         capture = CallCapture()
         capture.sampled_out = sampled_out
+        capture.output_only = output_only
         token = self._current_call.set(capture)
         self._calls_made = True
         try:
