@@ -190,6 +190,25 @@ def _thread_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
+def loggers_thread_cpu(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], loggers: dict
+) -> tuple[dict[str, float], float]:
+    """The CPU seconds each logger's threads (named after its result folder: its store's writer,
+    summary helper, retention) spent between two :func:`_thread_cpu` snapshots, and what the
+    threads of no logger spent."""
+    folders = {key: logger.sink.directory.name for key, logger in loggers.items()}
+    threads = dict.fromkeys(loggers, 0.0)
+    unattributed = 0.0
+    for ident, (thread, cpu) in after.items():
+        spent = cpu - before.get(ident, (thread, 0.0))[1]
+        owner = [key for key, folder_name in folders.items() if folder_name in thread]
+        if owner:
+            threads[owner[0]] += spent
+        else:
+            unattributed += spent
+    return threads, unattributed
+
+
 def cpu_main(name: str, batch: int, rotations: int) -> None:
     """Total CPU per call a logger adds over the bare model, logged vs sampled out (sampled), and
     sampled out with ``Sampling(sampled_out_aggregates="output")`` (its output not parsed).
@@ -253,16 +272,8 @@ def cpu_main(name: str, batch: int, rotations: int) -> None:
         for logger in loggers.values():
             logger.wait_for_save()
         after = _thread_cpu()
-    folders = {key: logger.sink.directory.name for key, logger in loggers.items()}
-    threads: dict[str, float] = {key: 0.0 for key in variants}
-    unattributed = 0.0
-    for ident, (thread, cpu) in after.items():
-        spent = cpu - before.get(ident, (thread, 0.0))[1]
-        owner = [key for key, folder_name in folders.items() if folder_name in thread]
-        if owner:
-            threads[owner[0]] += spent
-        else:
-            unattributed += spent
+    threads, unattributed = loggers_thread_cpu(before, after, loggers)
+    threads["bare"] = 0.0
     print(
         f"{name}, batch {batch}, {rotations} rotations (order alternating), CPU per call, "
         f"{torch.get_num_threads()} intra-op thread(s)"

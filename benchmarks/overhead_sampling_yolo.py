@@ -27,7 +27,7 @@ import torch
 import pyodlog
 from benchmarks.bench_family_yolo import PREDICT, _images
 from benchmarks.environment import print_header
-from benchmarks.overhead_sampling import _thread_cpu
+from benchmarks.overhead_sampling import _thread_cpu, loggers_thread_cpu
 from pyodlog.io import HDF5Store
 from tests.test_family_yolo import build_yolo
 
@@ -101,13 +101,7 @@ def main(batch: int, rotations: int, class_bias: float = -7.0) -> None:
     for lg in loggers.values():
         lg.wait_for_save()
     after = _thread_cpu()
-    folders = {key: lg.sink.directory.name for key, lg in loggers.items()}
-    threads = dict.fromkeys(loggers, 0.0)
-    for ident, (thread, cpu) in after.items():
-        spent = cpu - before.get(ident, (thread, 0.0))[1]
-        for key, name in folders.items():
-            if name in thread:
-                threads[key] += spent
+    threads, _ = loggers_thread_cpu(before, after, loggers)
     print(
         f"yolov8n 640, batch {batch}, {rotations} rotations, class bias {class_bias}: the "
         "logger's own CPU per call (calling thread, outside predict and in its callbacks)"
