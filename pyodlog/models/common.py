@@ -35,10 +35,12 @@ __all__ = [
     "match_detections",
     "near_misses_of",
     "output_only_batch",
+    "reads_calls_as",
     "refuse_cuda_graphs",
     "returned_detections",
     "rows_of_images",
     "sizes_tensor",
+    "torchvision_output_only",
     "with_uncertainty",
 ]
 
@@ -551,37 +553,22 @@ def match_detections(
     return out
 
 
-def output_only_batch(
-    logger: Any,
-    family: type,
-    output: Any,
-    img_sizes: Sequence[tuple[int, int]],
-) -> DetectionBatch | None:
-    """A torchvision detector's returned detections alone, copied, boxes in ``img_sizes``
-    coordinates: what a call sampled out with ``Sampling(sampled_out_aggregates="output")``
-    adds to the aggregates (no parse: no logits, candidates, embeddings nor uncertainty).
-
-    None (the call is then parsed) when ``logger`` changes how its ``family`` reads a call: it
-    overrides the parse (e.g. to remap labels), the input sizes or how the model is run.
-
-    Raises:
-        TypeError: ``output`` is not one ``{"boxes", "scores", "labels"}`` dict per image.
-    """
+def reads_calls_as(logger: Any, family: type, methods: Sequence[str]) -> bool:
+    """Whether ``logger`` reads a call as its ``family`` does: it overrides none of ``methods``
+    (e.g. a subclass whose parse remaps labels does not; its output alone is not what it logs)."""
     cls = type(logger)
-    if any(
-        getattr(cls, name) is not getattr(family, name)
-        for name in ("_parse_model_output", "_call_image_sizes", "_run_model")
-    ):
-        return None
-    input_sizes = logger._state.get("input_sizes")  # the sizes the model resizes its boxes to
-    if input_sizes is None:
-        return None
-    returned = returned_detections(
-        output, len(img_sizes), f"{cls.__name__}._output_only_detections"
-    )
+    return all(getattr(cls, name) is getattr(family, name) for name in methods)
+
+
+def output_only_batch(
+    returned: ReturnedDetections, boxes: Tensor, img_sizes: Sequence[tuple[int, int]]
+) -> DetectionBatch:
+    """A model's returned detections alone (``boxes`` in ``img_sizes`` coordinates): what a call
+    sampled out with ``Sampling(sampled_out_aggregates="output")`` adds to the aggregates (no
+    parse: no logits, candidates, embeddings nor uncertainty)."""
     b, d = returned.scores.shape
     return DetectionBatch(
-        logged_boxes(returned, input_sizes, img_sizes),
+        boxes,
         returned.scores,
         returned.labels,
         returned.scores.new_zeros((b, d, 0)),
@@ -590,6 +577,29 @@ def output_only_batch(
         list(img_sizes),
         output_only=True,
     )
+
+
+def torchvision_output_only(
+    logger: Any, family: type, output: Any, img_sizes: Sequence[tuple[int, int]]
+) -> DetectionBatch | None:
+    """:func:`output_only_batch` of a torchvision detector's ``[{"boxes", "scores", "labels"}]``
+    (copied), or None (the call is then parsed) for a ``logger`` that reads its calls otherwise
+    than its ``family`` (its parse, its input sizes or how it runs the model).
+
+    Raises:
+        TypeError: ``output`` is not one ``{"boxes", "scores", "labels"}`` dict per image.
+    """
+    if not reads_calls_as(
+        logger, family, ("_parse_model_output", "_call_image_sizes", "_run_model")
+    ):
+        return None
+    input_sizes = logger._state.get("input_sizes")  # the sizes the model resizes its boxes to
+    if input_sizes is None:
+        return None
+    returned = returned_detections(
+        output, len(img_sizes), f"{type(logger).__name__}._output_only_detections"
+    )
+    return output_only_batch(returned, logged_boxes(returned, input_sizes, img_sizes), img_sizes)
 
 
 def logged_boxes(

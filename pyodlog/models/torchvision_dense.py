@@ -32,8 +32,8 @@ from pyodlog.models.common import (
     logged_boxes,
     match_detections,
     near_misses_of,
-    output_only_batch,
     returned_detections,
+    torchvision_output_only,
     with_uncertainty,
 )
 from pyodlog.models.common import parts as _parts
@@ -209,9 +209,9 @@ class _DenseHeadLogger(ObjectDetectionTorchLogger):
         return _levels(tuple(int(f.shape[-2] * f.shape[-1]) for f in features), n_anchors, device)
 
     def _output_only_detections(
-        self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
+        self, output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch | None:
-        return output_only_batch(self, _DenseHeadLogger, output, img_sizes)
+        return torchvision_output_only(self, _DenseHeadLogger, output, img_sizes)
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]

@@ -21,8 +21,8 @@ from pyodlog.models.common import (
     logged_boxes,
     match_detections,
     near_misses_of,
-    output_only_batch,
     returned_detections,
+    torchvision_output_only,
     with_uncertainty,
 )
 from pyodlog.models.common import parts as _parts
@@ -84,9 +84,9 @@ class TorchvisionRCNNLogger(ObjectDetectionTorchLogger):
         self._state["class_logits"], self._state["box_regression"] = output
 
     def _output_only_detections(
-        self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
+        self, output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch | None:
-        return output_only_batch(self, TorchvisionRCNNLogger, output, img_sizes)
+        return torchvision_output_only(self, TorchvisionRCNNLogger, output, img_sizes)
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]

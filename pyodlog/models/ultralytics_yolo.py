@@ -41,10 +41,17 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import roi_align
 
-from pyodlog.models.common import gather_rows, host_tensor, local_index, with_uncertainty
+from pyodlog.models.common import (
+    gather_rows,
+    host_tensor,
+    local_index,
+    output_only_batch,
+    reads_calls_as,
+    returned_detections,
+    with_uncertainty,
+)
 from pyodlog.models.registry import register_logger
 from pyodlog.monitoring.detection_logger import (
     NmsConfig,
@@ -346,10 +353,8 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
     def _reads_results(self) -> bool:
         """Whether a sampled-out call's aggregates can be read from ``predict``'s ``Results``
         alone (``sampled_out_aggregates="output"``): not for a subclass with a parse of its own."""
-        cls, family = type(self), UltralyticsYOLOLogger
-        return all(
-            getattr(cls, name) is getattr(family, name)
-            for name in ("_parse_model_output", "_collect_batch", "_detections")
+        return reads_calls_as(
+            self, UltralyticsYOLOLogger, ("_parse_model_output", "_collect_batch", "_detections")
         )
 
     def _collect_batch(self, capture, predictor) -> None:
@@ -474,57 +479,32 @@ class UltralyticsYOLOLogger(ObjectDetectionTorchLogger):
                     dataset_type,
                     timestamp,
                     targets=targets,
-                    output_only_of=model_input if output_only else None,
                 )
         if record is not None:
-            if decision is not None:
-                record.sampling = decision
-                if sampled_out:
-                    self._count_sampled_out()
-            self._submit_or_count(record)
+            self._hand_over(record, decision)
         return output
 
     def _output_only_detections(
-        self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
+        self, output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch | None:
         """``predict``'s ``Results`` alone (their boxes, scores and classes, copied: the values
         the parse logs), for a call sampled out with ``sampled_out_aggregates="output"``; None
         (parsed) for a subclass with a parse of its own, or an output of another kind."""
         if not self._reads_results():
             return None
-        fields: list[tuple[Tensor, Tensor, Tensor]] = []
+        returned = []
         for result in output:
             found = getattr(result, "boxes", None)
             xyxy, conf, cls = (getattr(found, k, None) for k in ("xyxy", "conf", "cls"))
             if not all(isinstance(t, Tensor) for t in (xyxy, conf, cls)):
                 return None
-            fields.append((cast(Tensor, xyxy), cast(Tensor, conf), cast(Tensor, cls)))
-        if not fields or len(fields) != len(img_sizes):
+            returned.append({"boxes": cast(Tensor, xyxy).float(), "scores": conf, "labels": cls})
+        if not returned:
             return None
-        lengths = [int(f[1].shape[0]) for f in fields]
-        # One [n, 6] row per detection (copies): the box, its score and its class.
-        data = pad_sequence(
-            [
-                torch.cat([x.float(), c.float()[:, None], k.float()[:, None]], 1)
-                for x, c, k in fields
-            ],
-            batch_first=True,
+        detections = returned_detections(
+            returned, len(img_sizes), f"{type(self).__name__}._output_only_detections"
         )
-        b, d = data.shape[:2]
-        valid = (
-            torch.arange(d, device=data.device)[None, :]
-            < host_tensor(lengths, torch.long, data.device)[:, None]
-        )
-        return DetectionBatch(
-            data[..., :4],
-            data[..., 4],
-            torch.where(valid, data[..., 5].long(), -1),
-            data.new_zeros((b, d, 0)),
-            torch.full((b, d), -1, dtype=torch.long, device=data.device),
-            host_tensor(lengths, torch.long, data.device),
-            list(img_sizes),
-            output_only=True,
-        )
+        return output_only_batch(detections, detections.boxes, img_sizes)
 
     def _parse_model_output(
         self, model_output: Any, img_sizes: list[tuple[int, int]]

@@ -31,7 +31,7 @@ from pyodlog.monitoring.deferred import (
 )
 from pyodlog.monitoring.modes import refuse_cuda_graphs
 from pyodlog.monitoring.monitoring_logger import MonitoringLogger
-from pyodlog.monitoring.sampling import Sampling, check_sampling
+from pyodlog.monitoring.sampling import CallDecision, Sampling, check_sampling
 from pyodlog.monitoring.tracer import CallCapture, ObjectDetectionTorchTracer
 from pyodlog.monitoring.validation import (
     check_class_names,
@@ -651,8 +651,9 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             else self._sampling.before_call(dataset_type, ids, self.near_miss > 0)
         )
         sampled_out = decision is not None and decision.sampled_out
+        output_only = decision is not None and decision.output_only
         # This call's own hook captures (self._state): calls in other threads have theirs.
-        with self._call_capture(sampled_out) as capture:
+        with self._call_capture(sampled_out, output_only) as capture:
             output = self._run_model(model_input)
             record = self._record_of_call(
                 capture,
@@ -661,18 +662,23 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
                 dataset_type,
                 timestamp,
                 targets=targets,
-                output_only_of=model_input
-                if decision is not None and decision.output_only
-                else None,
             )
         if record is not None:
-            record.sampling = decision
-            if sampled_out:
-                self._count_sampled_out()
-            else:
-                self._attach_thumbnails(record, model_input)
-            self._submit_or_count(record)
+            self._hand_over(record, decision, model_input)
         return output
+
+    def _hand_over(
+        self, record: CallRecord, decision: CallDecision | None, model_input: Any = None
+    ) -> None:
+        """A call's record to the sink, with its sampling decision made before the model ran (a
+        call it sampled out is counted; a kept one gets its thumbnails, from ``model_input``)."""
+        if decision is not None:
+            record.sampling = decision
+        if decision is not None and decision.sampled_out:
+            self._count_sampled_out()
+        elif model_input is not None:
+            self._attach_thumbnails(record, model_input)
+        self._submit_or_count(record)
 
     def _attach_thumbnails(self, record: CallRecord, model_input: Any) -> None:
         """With ``log_images``: what the writer makes the thumbnails from (a reference on the CPU)."""
@@ -691,7 +697,6 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         dataset_type: str,
         timestamp: float,
         targets: dict[str, Any] | None = None,
-        output_only_of: Any = None,
     ) -> CallRecord | None:
         """The record of a call whose model answered, or None (the failure counted and reported).
 
@@ -699,17 +704,17 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
         family may learn them only from the output). From here on the call returns the model's
         output whatever logging does. ``targets`` is the call's checked ground truth
         (:func:`~pyodlog.monitoring.validation.check_targets`), logged beside the detections.
-        ``output_only_of``: the model's input, for a call sampled out with aggregates of its
-        output only (:meth:`_output_only_detections`; the output is then not parsed).
+        A call sampled out with aggregates of its output alone (``capture.output_only``) is not
+        parsed where the family reads its output alone (:meth:`_output_only_detections`).
         """
         self._count_call_seen()
         try:
             features = self._end_capture(capture)
             ids, img_sizes, fields = identities()
             detections = None
-            if output_only_of is not None:
+            if capture.output_only:
                 try:
-                    detections = self._output_only_detections(output, output_only_of, img_sizes)
+                    detections = self._output_only_detections(output, img_sizes)
                 except Exception:  # what the family's parse makes of it (and reports) instead
                     detections = None
             if detections is None:
@@ -740,7 +745,7 @@ class ObjectDetectionTorchLogger(MonitoringLogger, ObjectDetectionTorchTracer, m
             return None
 
     def _output_only_detections(
-        self, output: Any, model_input: Any, img_sizes: list[tuple[int, int]]
+        self, output: Any, img_sizes: list[tuple[int, int]]
     ) -> DetectionBatch | None:
         """A sampled-out call's detections as the model returned them, unparsed
         (:attr:`DetectionBatch.output_only <pyodlog.structures.DetectionBatch>`: its boxes in

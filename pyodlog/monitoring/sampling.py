@@ -70,12 +70,13 @@ class Sampling:
             always-on aggregates. ``"all"`` (default): everything, as a kept call (its output is
             parsed: each detection matched to its candidate for its logits and embedding), so the
             entropy and margin histograms and the embedding sketch count every call; it costs
-            about 0.4-0.5 of a logged call's CPU. ``"output"``: only what the model returned
-            (calls, images, detections, the score, box-size and detections-per-image histograms:
-            every call, exactly); its output is not parsed, so the entropy and margin histograms
-            and the embedding sketch count the kept calls only; it costs a few percent of a
-            logged call. (A family whose output cannot be read without its hooks, e.g. YOLO or
-            DETR, parses as with ``"all"``.)
+            0.3-0.7 of a logged call's CPU. ``"output"``: only what the model returned (calls,
+            images, detections, the score, box-size and detections-per-image histograms: every
+            call, exactly); its output is not parsed, so the entropy and margin histograms and
+            the embedding sketch count the kept calls only; it costs 0.05-0.16 of a logged
+            call's CPU (README "What a sampled-out call costs"). (A family whose output the
+            logger cannot read without its parse, e.g. DETR or a custom one, parses as with
+            ``"all"``.)
 
     Raises:
         ValueError: an argument out of range (the message names it).

@@ -65,11 +65,11 @@ __global__ void run_start_kernel(const int64_t* __restrict__ key, int64_t n, int
   }
 }
 
-__global__ void run_first_kernel(const int64_t* __restrict__ key, const int64_t* __restrict__ run, int64_t n,
+__global__ void run_first_kernel(const int64_t* __restrict__ starts, const int64_t* __restrict__ run, int64_t n,
                                  int64_t* __restrict__ first) {
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < n;
        q += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    if (q == 0 || key[q] != key[q - 1]) {
+    if (starts[q]) {
       first[run[q]] = q;
     }
   }
@@ -96,7 +96,7 @@ inline at::Tensor rank_in_runs(const at::Tensor& sorted_key) {
   AT_CUDA_CHECK(cudaGetLastError());
   const at::Tensor run = starts.cumsum(0).sub_(1);  // the run of each position, from 0
   at::Tensor first = at::empty_like(key);           // the first position of each run (runs <= n)
-  run_first_kernel<<<blocks_for(n), kThreads, 0, stream>>>(key.data_ptr<int64_t>(), run.data_ptr<int64_t>(), n,
+  run_first_kernel<<<blocks_for(n), kThreads, 0, stream>>>(starts.data_ptr<int64_t>(), run.data_ptr<int64_t>(), n,
                                                            first.data_ptr<int64_t>());
   AT_CUDA_CHECK(cudaGetLastError());
   rank_in_run_kernel<<<blocks_for(n), kThreads, 0, stream>>>(run.data_ptr<int64_t>(), first.data_ptr<int64_t>(), n,
