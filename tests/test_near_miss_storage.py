@@ -12,7 +12,7 @@ import torch
 from torchvision.models import detection
 
 import pyodlog
-from pyodlog.io.segment import SEGMENT_FORMAT
+from pyodlog.io.segment import SEGMENT_FORMAT, write_checksum
 from pyodlog.ops.postprocess import BELOW_SCORE, OVER_CAP, SUPPRESSED
 from tests.helpers.golden import expected as golden_expected
 from tests.helpers.golden import unpack_golden
@@ -205,3 +205,34 @@ def test_near_misses_are_stored_in_the_detections_precision_and_the_collector_ac
     result = pyodlog.open_result(result_dir(), strict=True)
     assert result.near_misses["logits"].dtype == np.float32  # widened on read
     assert result.near_misses["logits"].shape[1] == result.detections["logits"].shape[1]
+
+
+def test_a_score_dtype_column_of_another_type_or_an_unknown_code_is_refused(tmp_path):
+    """images/nm_score_dtype (format 5) read only as pyodlog writes it: uint8, codes 0-2."""
+    model = rcnn()
+    with pyodlog.create_logger(
+        model, "m", "v", result_name="r", auto_sync=False, near_miss=4
+    ) as lg:
+        lg(images())
+    segment = next(result_dir().glob("seg-*.h5"))
+    original = segment.read_bytes()
+
+    def rewritten(change):
+        segment.write_bytes(original)
+        with h5py.File(segment, "a") as f:
+            change(f)
+        write_checksum(segment)
+
+    def as_float(f):
+        values = f["images/nm_score_dtype"][()]
+        del f["images/nm_score_dtype"]
+        f.create_dataset("images/nm_score_dtype", data=values.astype(np.float64))
+
+    rewritten(as_float)
+    with pytest.raises(pyodlog.CorruptResultError, match="nm_score_dtype"):
+        pyodlog.open_result(result_dir(), strict=True)
+    rewritten(lambda f: f["images/nm_score_dtype"].__setitem__(0, 7))
+    result = pyodlog.open_result(result_dir(), strict=True)  # the rows read; replay refuses
+    assert result.images["nm_score_dtype"].tolist()[:1] == [7]
+    with pytest.raises(pyodlog.CorruptResultError, match=r"nm_score_dtype holds \[7\]"):
+        result.replay(score_thresh=0.5)
