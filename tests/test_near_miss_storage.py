@@ -208,7 +208,8 @@ def test_near_misses_are_stored_in_the_detections_precision_and_the_collector_ac
 
 
 def test_a_score_dtype_column_of_another_type_or_an_unknown_code_is_refused(tmp_path):
-    """images/nm_score_dtype (format 5) read only as pyodlog writes it: uint8, codes 0-2."""
+    """images/nm_score_dtype (format 5) read only as pyodlog writes it: uint8, codes 0-2 (replay
+    could not know how a model of another code rounded its thresholds)."""
     model = rcnn()
     with pyodlog.create_logger(
         model, "m", "v", result_name="r", auto_sync=False, near_miss=4
@@ -232,7 +233,5 @@ def test_a_score_dtype_column_of_another_type_or_an_unknown_code_is_refused(tmp_
     with pytest.raises(pyodlog.CorruptResultError, match="nm_score_dtype"):
         pyodlog.open_result(result_dir(), strict=True)
     rewritten(lambda f: f["images/nm_score_dtype"].__setitem__(0, 7))
-    result = pyodlog.open_result(result_dir(), strict=True)  # the rows read; replay refuses
-    assert result.images["nm_score_dtype"].tolist()[:1] == [7]
     with pytest.raises(pyodlog.CorruptResultError, match=r"nm_score_dtype holds \[7\]"):
-        result.replay(score_thresh=0.5)
+        pyodlog.open_result(result_dir(), strict=True)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from pyodlog.io.aggregates import Aggregates
-from pyodlog.io.columns import NOT_LOGGED, NOT_LOGGED_BLOBS, not_logged_rows
+from pyodlog.io.columns import NOT_LOGGED, NOT_LOGGED_BLOBS, SCORE_DTYPES, not_logged_rows
 from pyodlog.io.rows import DEFAULT_CHUNK_ROWS, progress_bar, ranges
 from pyodlog.io.segment import (
     CHECKSUM_SUFFIX,
@@ -477,6 +477,13 @@ def _to_tables(
     if near_miss and near_miss != _NEAR_MISS_REQUIRED:
         raise CorruptResultError(
             f"{label}: it has near-miss columns but lacks {sorted(_NEAR_MISS_REQUIRED - near_miss)}"
+        )
+    codes = tables.numeric.get("images/nm_score_dtype")
+    unknown = [] if codes is None else np.setdiff1d(codes, list(SCORE_DTYPES)).tolist()
+    if unknown:  # replay would have to guess how the model rounded its thresholds
+        raise CorruptResultError(
+            f"{label}: images/nm_score_dtype holds {unknown}, not a score dtype pyodlog writes "
+            f"({SCORE_DTYPES}, by code)"
         )
     return tables
 

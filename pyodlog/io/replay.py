@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from pyodlog.io.columns import SCORE_DTYPES
-from pyodlog.io.reader import CorruptResultError
 from pyodlog.ops.nms import batched_nms
 from pyodlog.structures import UNCERTAINTY_COLUMNS, DetectionOutput
 
@@ -111,13 +110,6 @@ def envelope(data: Any) -> Envelope:
         has = nm_count > 0
         # Near-misses are stored in visiting order: an image's last one has its lowest score.
         lowest[has] = scores[(nm_offset + nm_count - 1)[has]]
-    score_dtype = _column(images, "nm_score_dtype", n, 0, np.uint8)
-    unknown = np.setdiff1d(score_dtype, list(SCORE_DTYPES))
-    if len(unknown):  # a file of another writer: no threshold rounding to guess
-        raise CorruptResultError(
-            f"images/nm_score_dtype holds {unknown.tolist()}: the score dtypes pyodlog writes are "
-            f"{SCORE_DTYPES} (by code); this result cannot be replayed"
-        )
     eff = np.where(exhausted, np.maximum(floor, lowest), floor)
     eff = np.where(near, eff, np.inf).astype(np.float64)
     return Envelope(
@@ -128,7 +120,7 @@ def envelope(data: Any) -> Envelope:
         near_misses=near,
         exhausted=exhausted,
         k=k,
-        score_dtype=score_dtype,
+        score_dtype=_column(images, "nm_score_dtype", n, 0, np.uint8),
     )
 
 
